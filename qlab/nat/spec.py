@@ -1,0 +1,158 @@
+"""NAT behaviour as data: one `NatSpec` in RFC 4787 terms, rendered by every backend.
+
+The presets below are the vocabulary of the CLI, the notebooks and the results; their names are
+fixed. Each backend renders the same spec: the netns lab as an nftables ruleset
+(`qlab.nat.nftables`), the simulator as its own NAT engine (`qlab.backends.sim`), the cloud NAT
+instances with the nftables renderer again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+
+
+class Mapping(str, Enum):
+    """How the NAT picks the public endpoint for an internal endpoint (RFC 4787 §4.1)."""
+
+    EIM = "EIM"  # endpoint-independent: one mapping per internal ip:port
+    ADM = "ADM"  # address-dependent: a new mapping per remote IP
+    APDM = "APDM"  # address-and-port-dependent: a new mapping per remote ip:port ("symmetric")
+
+
+class Filtering(str, Enum):
+    """Which inbound packets a mapping admits (RFC 4787 §5)."""
+
+    EIF = "EIF"  # anyone may send to a mapped port
+    ADF = "ADF"  # only remote IPs the inside host has sent to
+    APDF = "APDF"  # only remote ip:port pairs the inside host has sent to
+
+
+class PortAllocation(str, Enum):
+    """How the public port of a new mapping is chosen (RFC 4787 §4.2)."""
+
+    PRESERVE = "preserve"  # the internal port when free
+    SEQUENTIAL = "sequential"  # the next port of a counter (predictable)
+    RANDOM = "random"  # a random free port
+
+
+@dataclass(frozen=True)
+class NatSpec:
+    """One NAT's UDP behaviour.
+
+    `binding_timeout` is the mapping lifetime in seconds, refreshed by outbound traffic only
+    (RFC 4787 REQ-6). `hairpinning` says whether an inside host may reach another inside host
+    through its public mapping, seen from the public address (REQ-9). `sequential_base` is the first
+    port handed out when `ports` is sequential. A spec with `nat=False` is no NAT at all (`public`).
+    """
+
+    name: str
+    nat: bool = True
+    mapping: Mapping = Mapping.EIM
+    filtering: Filtering = Filtering.EIF
+    ports: PortAllocation = PortAllocation.PRESERVE
+    binding_timeout: float = 120.0
+    hairpinning: bool = True
+    sequential_base: int = 40000
+    sequential_count: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.binding_timeout <= 0:
+            raise ValueError(f"NatSpec {self.name!r}: binding_timeout must be > 0, got {self.binding_timeout}")
+        if not 1024 <= self.sequential_base <= 65535 - self.sequential_count:
+            raise ValueError(f"NatSpec {self.name!r}: sequential port range out of bounds")
+
+    @property
+    def endpoint_dependent(self) -> bool:
+        """True for NATs whose mapping depends on the destination (the "hard" NATs)."""
+        return self.nat and self.mapping is not Mapping.EIM
+
+    @property
+    def classic_name(self) -> str:
+        return CLASSIC_NAMES.get(self.name, self.name)
+
+    def with_timeout(self, seconds: float) -> NatSpec:
+        return replace(self, binding_timeout=seconds)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("mapping", "filtering", "ports"):
+            d[k] = d[k].value
+        return d
+
+
+PRESETS: dict[str, NatSpec] = {
+    "public": NatSpec("public", nat=False, hairpinning=False),
+    "full_cone": NatSpec("full_cone", mapping=Mapping.EIM, filtering=Filtering.EIF),
+    "restricted_cone": NatSpec("restricted_cone", mapping=Mapping.EIM, filtering=Filtering.ADF),
+    "port_restricted": NatSpec("port_restricted", mapping=Mapping.EIM, filtering=Filtering.APDF),
+    "symmetric": NatSpec(
+        "symmetric", mapping=Mapping.APDM, filtering=Filtering.APDF, ports=PortAllocation.RANDOM, hairpinning=False
+    ),
+    "symmetric_seq": NatSpec(
+        "symmetric_seq",
+        mapping=Mapping.APDM,
+        filtering=Filtering.APDF,
+        ports=PortAllocation.SEQUENTIAL,
+        hairpinning=False,
+    ),
+}
+
+CLASSIC_NAMES = {
+    "public": "no NAT",
+    "full_cone": "Full Cone",
+    "restricted_cone": "Restricted Cone",
+    "port_restricted": "Port Restricted",
+    "symmetric": "Symmetric",
+    "symmetric_seq": "Symmetric, predictable",
+}
+
+PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
+
+
+def preset(name: str) -> NatSpec:
+    """The preset called `name`, or a ValueError that lists the valid names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown NAT preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}") from None
+
+
+def parse_presets(text: str) -> list[str]:
+    """`all` or a comma-separated list of preset names, validated, in table order."""
+    if text.strip() == "all":
+        return list(PRESET_NAMES)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError("no NAT preset given")
+    for n in names:
+        preset(n)
+    return names
+
+
+# Expected outcome per (Agent NAT, Connector NAT), from ../shared/DESIGN.md.
+# D = direct by simultaneous open; D> = direct once the endpoint-dependent side sent first and the
+# other answered the observed (peer-reflexive) source; P = direct only with port prediction;
+# B = relay unless birthday-paradox probing is switched on; R = relay.
+_EXPECTED_ROWS = {
+    "public": "D D D D D> D>",
+    "full_cone": "D D D D D> D>",
+    "restricted_cone": "D D D D D> D>",
+    "port_restricted": "D D D D P B",
+    "symmetric_seq": "D> D> D> P R R",
+    "symmetric": "D> D> D> B R R",
+}
+_COLS = ("public", "full_cone", "restricted_cone", "port_restricted", "symmetric_seq", "symmetric")
+EXPECTED: dict[tuple[str, str], str] = {
+    (a, c): code for a, row in _EXPECTED_ROWS.items() for c, code in zip(_COLS, row.split(), strict=True)
+}
+
+
+def expected_outcome(agent_nat: str, connector_nat: str) -> str:
+    """The expected-outcome code of a cell: D, D>, P, B or R (see EXPECTED)."""
+    return EXPECTED[(preset(agent_nat).name, preset(connector_nat).name)]
+
+
+def expects_direct(agent_nat: str, connector_nat: str, *, birthday: bool = False) -> bool:
+    code = expected_outcome(agent_nat, connector_nat)
+    return code in ("D", "D>", "P") or (birthday and code == "B")

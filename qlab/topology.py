@@ -1,0 +1,193 @@
+"""Backend-neutral lab topologies: who sits where, behind which NAT, over which links.
+
+A `Topology` is data. The netns backend renders it as namespaces, veths, bridges and nftables; the
+simulator as virtual hosts and NAT routers. Both use the same address plan, so a trial record reads
+the same on every backend. "The internet" is TEST-NET-3 (203.0.113.0/24), which exists only inside
+the lab.
+
+Scenarios:
+- `pair`: the Agent behind one NAT, the Connector behind another (the 6 x 6 matrix);
+- `same_lan`: Agent and Connector on one LAN behind one NAT (LAN candidates must win);
+- `double_nat`: the Agent's home NAT sits behind a carrier NAT (CGN) on a 100.64.0.0/24 segment;
+- `multi_agent`: several Agents behind the Agent-side NAT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qlab.nat.spec import NatSpec, preset
+from qlab.profiles import IDEAL, LinkProfile, NetProfile, profile
+
+INTERNET = "internet"
+INTERNET_CIDR = "203.0.113.0/24"
+INTERMEDIATE_IPS = ("203.0.113.10", "203.0.113.11")
+INTERMEDIATE_PORT = 4433
+INTERMEDIATE_ALT_PORT = 4434
+CONNECTOR_PORT = 4434
+SCENARIOS = ("pair", "same_lan", "double_nat", "multi_agent")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A broadcast domain (a bridge): the internet, a site LAN or a carrier network."""
+
+    name: str
+    cidr: str
+    gateway: str | None = None  # the router's address on this segment; None for the internet
+
+
+@dataclass(frozen=True)
+class Router:
+    """A NAT router between an upstream segment (its WAN) and one downstream segment (its LAN)."""
+
+    name: str
+    nat: NatSpec
+    wan_segment: str
+    wan_ip: str
+    lan_segment: str
+    lan_ip: str
+    uplink: LinkProfile = IDEAL
+    upstream_gateway: str | None = None  # default route when the WAN is not the internet
+
+
+@dataclass(frozen=True)
+class Host:
+    """An end host with one interface on one segment (it may carry several addresses)."""
+
+    name: str
+    segment: str
+    ips: tuple[str, ...]
+    link: LinkProfile = IDEAL
+    gateway: str | None = None
+
+    @property
+    def ip(self) -> str:
+        return self.ips[0]
+
+
+@dataclass(frozen=True)
+class Topology:
+    scenario: str
+    agent_nat: str
+    connector_nat: str
+    profile: NetProfile
+    segments: tuple[Segment, ...]
+    routers: tuple[Router, ...]
+    hosts: tuple[Host, ...]
+    agents: tuple[str, ...] = ("agent",)
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(f"no host {name!r} in this topology (hosts: {', '.join(h.name for h in self.hosts)})")
+
+    def router(self, name: str) -> Router:
+        for r in self.routers:
+            if r.name == name:
+                return r
+        raise KeyError(f"no router {name!r} in this topology")
+
+    def router_of(self, host: str) -> Router | None:
+        seg = self.host(host).segment
+        return next((r for r in self.routers if r.lan_segment == seg), None)
+
+    @property
+    def intermediate(self) -> Host:
+        return self.host("intermediate")
+
+    @property
+    def node_names(self) -> list[str]:
+        return [r.name for r in self.routers] + [h.name for h in self.hosts]
+
+
+def _site(
+    side: str, nat_name: str, index: int, uplink: LinkProfile, hosts: list[str], wan_segment: str = INTERNET,
+    wan_ip: str | None = None, upstream_gateway: str | None = None,
+) -> tuple[list[Segment], list[Router], list[Host]]:
+    """One site: hosts on a LAN behind a NAT router, or hosts directly on the internet (`public`)."""
+    spec = preset(nat_name)
+    if not spec.nat:
+        ips = [f"203.0.113.{20 + 10 * index + k}" for k in range(len(hosts))]
+        return [], [], [Host(h, INTERNET, (ip,), link=uplink) for h, ip in zip(hosts, ips, strict=True)]
+    lan = Segment(f"lan-{side}", f"10.{index}.0.0/24", gateway=f"10.{index}.0.1")
+    router = Router(
+        f"nat-{side}", spec, wan_segment, wan_ip or f"203.0.113.{100 + index}", lan.name, lan.gateway or "",
+        uplink=uplink, upstream_gateway=upstream_gateway,
+    )
+    lan_hosts = [Host(h, lan.name, (f"10.{index}.0.{2 + k}",), gateway=lan.gateway) for k, h in enumerate(hosts)]
+    return [lan], [router], lan_hosts
+
+
+def build(
+    agent_nat: str = "public",
+    connector_nat: str = "public",
+    *,
+    scenario: str = "pair",
+    profile_name: str = "lan",
+    agents: int = 1,
+    carrier_nat: str = "port_restricted",
+) -> Topology:
+    """The topology for a scenario. Names are validated here, with errors that list the choices."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}")
+    if not 1 <= agents <= 50:
+        raise ValueError("agents must be between 1 and 50")
+    prof = profile(profile_name)
+    preset(agent_nat)
+    preset(connector_nat)
+    agent_names = ["agent"] + [f"agent{i}" for i in range(2, agents + 1)]
+    if scenario != "multi_agent" and agents != 1:
+        raise ValueError("several agents need scenario 'multi_agent'")
+
+    segments: list[Segment] = [Segment(INTERNET, INTERNET_CIDR)]
+    routers: list[Router] = []
+    hosts: list[Host] = [Host("intermediate", INTERNET, INTERMEDIATE_IPS, link=prof.intermediate)]
+
+    if scenario == "same_lan":
+        s, r, h = _site("a", agent_nat, 1, prof.agent, ["agent", "connector"])
+        connector_nat = agent_nat
+        segments += s
+        routers += r
+        hosts += h
+    elif scenario == "double_nat":
+        cgn = preset(carrier_nat)
+        if not cgn.nat:
+            raise ValueError("the carrier NAT of a double NAT cannot be 'public'")
+        carrier = Segment("carrier", "100.64.0.0/24", gateway="100.64.0.1")
+        segments.append(carrier)
+        routers.append(Router("cgnat", cgn, INTERNET, "203.0.113.103", carrier.name, "100.64.0.1", uplink=prof.agent))
+        s, r, h = _site("a", agent_nat, 1, IDEAL, ["agent"], wan_segment=carrier.name, wan_ip="100.64.0.2",
+                        upstream_gateway="100.64.0.1")
+        if not r:
+            raise ValueError("double_nat needs a home NAT on the agent side (agent NAT cannot be 'public')")
+        segments += s
+        routers += r
+        hosts += h
+        s, r, h = _site("c", connector_nat, 2, prof.connector, ["connector"])
+        segments += s
+        routers += r
+        hosts += h
+    else:
+        for side, nat, idx, link, names in (
+            ("a", agent_nat, 1, prof.agent, agent_names),
+            ("c", connector_nat, 2, prof.connector, ["connector"]),
+        ):
+            s, r, h = _site(side, nat, idx, link, names)
+            segments += s
+            routers += r
+            hosts += h
+
+    return Topology(
+        scenario=scenario,
+        agent_nat=agent_nat,
+        connector_nat=connector_nat,
+        profile=prof,
+        segments=tuple(segments),
+        routers=tuple(routers),
+        hosts=tuple(hosts),
+        agents=tuple(agent_names),
+        meta={"carrier_nat": carrier_nat if scenario == "double_nat" else None},
+    )
