@@ -9,10 +9,10 @@ instances with the nftables renderer again.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from enum import Enum
+from enum import StrEnum
 
 
-class Mapping(str, Enum):
+class Mapping(StrEnum):
     """How the NAT picks the public endpoint for an internal endpoint (RFC 4787 §4.1)."""
 
     EIM = "EIM"  # endpoint-independent: one mapping per internal ip:port
@@ -20,7 +20,7 @@ class Mapping(str, Enum):
     APDM = "APDM"  # address-and-port-dependent: a new mapping per remote ip:port ("symmetric")
 
 
-class Filtering(str, Enum):
+class Filtering(StrEnum):
     """Which inbound packets a mapping admits (RFC 4787 §5)."""
 
     EIF = "EIF"  # anyone may send to a mapped port
@@ -28,7 +28,7 @@ class Filtering(str, Enum):
     APDF = "APDF"  # only remote ip:port pairs the inside host has sent to
 
 
-class PortAllocation(str, Enum):
+class PortAllocation(StrEnum):
     """How the public port of a new mapping is chosen (RFC 4787 §4.2)."""
 
     PRESERVE = "preserve"  # the internal port when free

@@ -1,0 +1,161 @@
+"""The qlab CA: a deployment's own trust root, its leaf certificates and its shared secret.
+
+`qlab certs init DIR` writes `ca.pem` (public, every client pins it), `ca.key`, a leaf for the
+Intermediate (`intermediate.pem/.key`, name `intermediate.qlab`) and one for the Connector's P2P
+listener (`connector.pem/.key`, name `connector.qlab`), and `secret` (the per-deployment secret a
+client needs to register or relay). Keys are EC P-256; leaves are CA-signed with CA:FALSE and
+serverAuth, which both aioquic and qh3 accept. Clients verify against the CA: there is no
+"verify off" switch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from aioquic.quic.configuration import QuicConfiguration
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from qlab import wire
+
+INTERMEDIATE_NAME = "intermediate.qlab"
+CONNECTOR_NAME = "connector.qlab"
+LEAVES = {"intermediate": INTERMEDIATE_NAME, "connector": CONNECTOR_NAME}
+VALID_DAYS = 825
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "qlab"), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def make_ca(cn: str = "qlab CA") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def make_leaf(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, dns_name: str, extra_ips: tuple[str, ...] = ()
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(dns_name), x509.DNSName("localhost")]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1", *extra_ips)]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(dns_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def init_dir(directory: str | os.PathLike, *, force: bool = False) -> Path:
+    """Create a CA, both leaves and a secret in `directory`. Refuses to overwrite unless `force`."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    existing = [p.name for p in d.iterdir() if p.name in {"ca.pem", "ca.key", "secret"}]
+    if existing and not force:
+        raise FileExistsError(f"{d} already holds a qlab CA ({', '.join(sorted(existing))}); use --force to replace it")
+    ca_cert, ca_key = make_ca()
+    _write(d / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(d / "ca.key", _pem_key(ca_key), 0o600)
+    for stem, dns in LEAVES.items():
+        cert, key = make_leaf(ca_cert, ca_key, dns)
+        _write(d / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        _write(d / f"{stem}.key", _pem_key(key), 0o600)
+    _write(d / "secret", secrets.token_hex(32).encode() + b"\n", 0o600)
+    return d
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a role loads from a certs directory."""
+
+    directory: Path
+    ca_pem: bytes
+    secret: bytes
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Credentials:
+        d = Path(directory)
+        missing = [n for n in ("ca.pem", "secret") if not (d / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{d}: missing {', '.join(missing)} (create it with `qlab certs init {d}`)")
+        secret = (d / "secret").read_bytes().strip()
+        if len(secret) < 16:
+            raise ValueError(f"{d / 'secret'}: the secret is too short (need >= 16 bytes)")
+        return cls(d, (d / "ca.pem").read_bytes(), secret)
+
+    def server_config(self, leaf: str, **kw) -> QuicConfiguration:
+        """A server configuration with the `leaf` certificate (intermediate or connector)."""
+        cfg = quic_config(is_client=False, **kw)
+        cfg.load_cert_chain(self.directory / f"{leaf}.pem", self.directory / f"{leaf}.key")
+        return cfg
+
+    def client_config(self, server_name: str, **kw) -> QuicConfiguration:
+        cfg = quic_config(is_client=True, **kw)
+        cfg.server_name = server_name
+        cfg.load_verify_locations(cadata=self.ca_pem)
+        return cfg
+
+
+def quic_config(*, is_client: bool, idle_timeout: float = 30.0, qlog_dir: str | None = None) -> QuicConfiguration:
+    from qlab.endpoint import CID_LENGTH, MAX_DATAGRAM_SIZE
+
+    cfg = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[wire.ALPN],
+        max_datagram_frame_size=65536,
+        max_datagram_size=MAX_DATAGRAM_SIZE,
+        idle_timeout=idle_timeout,
+        connection_id_length=CID_LENGTH,
+    )
+    if qlog_dir:
+        from aioquic.quic.logger import QuicFileLogger
+
+        os.makedirs(qlog_dir, exist_ok=True)
+        cfg.quic_logger = QuicFileLogger(qlog_dir)
+    return cfg
+
+
+def new_session_key() -> bytes:
+    return secrets.token_bytes(wire.KEY_LEN)

@@ -1,0 +1,250 @@
+"""`qlab` command line: the roles as processes, certificates, and (via sub-modules) the lab tools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from qlab import __version__
+
+
+def parse_addr(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT, or HOST alone when a default port exists."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if text.startswith("[") and "]" in text:
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+        sep = ":" if port else ""
+    elif not sep or (":" in host):  # a bare IPv6 address or no port
+        host, port = (text, "") if default_port is not None else (host, port)
+    if not port:
+        if default_port is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+        port = str(default_port)
+    try:
+        p = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: port {port!r} is not a number") from None
+    if not 0 <= p <= 65535 or not host:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT with a port in 0..65535")
+    return host, p
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if verbose < 2:
+        logging.getLogger("quic").setLevel(logging.WARNING)
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], object]) -> int:
+    """Run `main(stop)`; SIGTERM and SIGINT set `stop` so the role shuts down cleanly."""
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        result = await main(stop)  # type: ignore[misc]
+        return int(result or 0)
+
+    return asyncio.run(runner())
+
+
+def _creds(args: argparse.Namespace):
+    from qlab.certs import Credentials
+
+    return Credentials.load(args.certs)
+
+
+# --- roles ---------------------------------------------------------------------------------------
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from qlab.certs import init_dir
+
+    d = init_dir(args.dir, force=args.force)
+    print(f"qlab CA, leaves (intermediate.qlab, connector.qlab) and a deployment secret written to {d}")
+    return 0
+
+
+def cmd_intermediate(args: argparse.Namespace) -> int:
+    from qlab import intermediate
+    from qlab.net import RealNet
+
+    creds = _creds(args)
+    listen = [args.listen] + list(args.alt or [])
+    return _run_until_signal(
+        lambda stop: intermediate.run(RealNet(), creds, listen, metrics_addr=args.metrics, stop=stop)
+    )
+
+
+def cmd_connector(args: argparse.Namespace) -> int:
+    from qlab.connector import Connector
+    from qlab.net import RealNet
+
+    creds = _creds(args)
+
+    async def main(stop: asyncio.Event) -> int:
+        c = Connector(
+            RealNet(), creds, args.intermediate, service=args.service, forward=args.forward, name=args.name,
+            host=args.bind, p2p_port=args.p2p_port,
+        )
+        await c.start()
+        fatal = asyncio.ensure_future(c.failed.wait())
+        done, _ = await asyncio.wait([fatal, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        c.close()
+        await asyncio.sleep(0.05)  # let CONNECTION_CLOSE leave
+        if fatal in done and c.fatal is not None:
+            print(f"qlab connector: {c.fatal}", file=sys.stderr)
+            return 2
+        return 0
+
+    return _run_until_signal(main)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from qlab.agent import Agent, ping
+    from qlab.client import Refused
+    from qlab.net import RealNet
+
+    creds = _creds(args)
+
+    async def main(stop: asyncio.Event) -> int:
+        agent = Agent(RealNet(), creds, args.intermediate, name=args.name, host=args.bind, port=args.port)
+        try:
+            await agent.start(timeout=args.timeout)
+            session = await agent.open_session(args.service, timeout=args.timeout)
+            sizes = None
+            if args.sizes:
+                sizes = [session.max_payload if s == "max" else int(s) for s in args.sizes.split(",")]
+            result = await ping(session, args.ping, interval=args.interval / 1000, size=args.size, sizes=sizes)
+            result.update(agent=args.name, service=args.service, observed=agent.link.observed)
+            print(json.dumps(result), flush=True)
+            return 0
+        except Refused as exc:
+            print(f"qlab agent: refused by the Intermediate: {exc}", file=sys.stderr)
+            return 2
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            print(f"qlab agent: {type(exc).__name__}: {exc or 'timed out'}", file=sys.stderr)
+            return 3
+        finally:
+            agent.close()
+            await asyncio.sleep(0.02)
+
+    return _run_until_signal(main)
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from qlab.echo import EchoServer
+    from qlab.net import RealNet
+
+    async def main(stop: asyncio.Event) -> int:
+        srv = EchoServer(RealNet())
+        addr = await srv.start(*args.listen)
+        logging.getLogger("qlab.echo").info("UDP echo on %s:%d", *addr)
+        await stop.wait()
+        srv.close()
+        return 0
+
+    return _run_until_signal(main)
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qlab", description="A lab for QUIC NAT traversal.")
+    p.add_argument("--version", action="version", version=f"qlab {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for QUIC internals)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("certs", help="the deployment's CA, leaf certificates and secret")
+    csub = c.add_subparsers(dest="certs_command", required=True)
+    ci = csub.add_parser("init", help="create a CA, leaves for intermediate.qlab and connector.qlab, and a secret")
+    ci.add_argument("dir")
+    ci.add_argument("--force", action="store_true", help="replace an existing CA")
+    ci.set_defaults(func=cmd_certs_init)
+
+    i = sub.add_parser("intermediate", help="run the Intermediate Server")
+    i.add_argument("--listen", type=lambda s: parse_addr(s, 4433), default=("0.0.0.0", 4433), help="HOST:PORT (4433)")
+    i.add_argument("--alt", type=parse_addr, action="append",
+                   help="extra HOST:PORT for NAT classification (repeat: alternate port, alternate IP, both)")
+    i.add_argument("--certs", required=True, help="directory made by `qlab certs init`")
+    i.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
+    i.set_defaults(func=cmd_intermediate)
+
+    cn = sub.add_parser("connector", help="run an App Connector")
+    cn.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True)
+    cn.add_argument("--service", required=True)
+    cn.add_argument("--forward", type=parse_addr, required=True, help="HOST:PORT of the application (UDP)")
+    cn.add_argument("--p2p-port", type=int, default=4434, help="the one UDP port for everything (4434; 0 = any)")
+    cn.add_argument("--bind", default="0.0.0.0")
+    cn.add_argument("--name", default="connector")
+    cn.add_argument("--certs", required=True)
+    cn.set_defaults(func=cmd_connector)
+
+    a = sub.add_parser("agent", help="run an Agent: open a session and send echo probes through it")
+    a.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True)
+    a.add_argument("--service", required=True)
+    a.add_argument("--ping", type=int, default=10, help="number of echo probes")
+    a.add_argument("--size", type=int, default=64, help="payload bytes per probe")
+    a.add_argument("--sizes", default=None, help="comma-separated payload sizes to send once each ('max' allowed)")
+    a.add_argument("--interval", type=float, default=20.0, help="ms between probes")
+    a.add_argument("--timeout", type=float, default=5.0, help="seconds for connect and session setup")
+    a.add_argument("--bind", default="0.0.0.0")
+    a.add_argument("--port", type=int, default=0)
+    a.add_argument("--name", default="agent")
+    a.add_argument("--certs", required=True)
+    a.set_defaults(func=cmd_agent)
+
+    e = sub.add_parser("echo", help="run the lab's application: a UDP echo")
+    e.add_argument("--listen", type=lambda s: parse_addr(s, 9999), default=("127.0.0.1", 9999))
+    e.set_defaults(func=cmd_echo)
+
+    for module in _EXTENSIONS:
+        module(sub)
+    return p
+
+
+def _register_extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Command groups that live in their own modules (lab, trial, campaign, report, cloud...)."""
+    regs: list[Callable] = []
+    for mod in ("qlab.backends.netns_cli", "qlab.cloud.cli", "qlab.commands"):
+        try:
+            m = __import__(mod, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not mod.startswith(exc.name):
+                raise
+            continue
+        regs.append(m.register)
+    return regs
+
+
+_EXTENSIONS = _register_extensions()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"qlab: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,182 @@
+"""The Agent's and the Connector's link to the Intermediate: hello, QAD, requests, reconnects.
+
+Both roles keep one QUIC connection to the Intermediate on their one shared socket. This class owns
+that connection: it authenticates with the deployment secret, records every OBSERVED_ADDRESS (QAD),
+matches replies to requests, and reconnects with capped exponential backoff when the Intermediate
+goes away. Role-specific control messages are handed to the role's `on_message`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+from qlab import wire
+from qlab.certs import INTERMEDIATE_NAME, Credentials
+from qlab.endpoint import Connection, Endpoint, Handler
+from qlab.net import Addr
+
+log = logging.getLogger("qlab.client")
+
+HANDSHAKE_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 5.0
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+
+
+class Refused(Exception):
+    """The Intermediate answered NACK: the reason is final (bad secret, unknown service...)."""
+
+    def __init__(self, code: wire.NackCode, reason: str) -> None:
+        super().__init__(f"{code.name.lower()}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class IntermediateLink(Handler):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        intermediate: Addr,
+        creds: Credentials,
+        role: wire.Role,
+        name: str,
+        on_message: Callable[[wire.Message], None] | None = None,
+        on_up: Callable[[], None] | None = None,
+        on_datagram: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.intermediate = intermediate
+        self.creds = creds
+        self.role = role
+        self.name = name
+        self.on_message = on_message or (lambda m: None)
+        self.on_up = on_up
+        self.on_datagram_cb = on_datagram
+        self.conn: Connection | None = None
+        self.client_id: int | None = None
+        self.max_relay_payload = 0
+        self.observed: Addr | None = None
+        self.observed_history: list[Addr] = []
+        self.observed_changed = asyncio.Event()
+        self._welcome: asyncio.Future | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next_req = 1
+        self._closed = False
+        self.reconnects = 0
+        self.up = asyncio.Event()
+        self.lost = asyncio.Event()
+
+    # -- connection lifecycle -------------------------------------------------------------------
+    async def connect(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Connect and authenticate once. Raises Refused (final) or ConnectionError/TimeoutError."""
+        loop = asyncio.get_running_loop()
+        cfg = self.creds.client_config(INTERMEDIATE_NAME)
+        self._welcome = loop.create_future()
+        self.conn = self.endpoint.connect(self.intermediate, cfg, self)
+        async with asyncio.timeout(timeout):
+            await self.conn.handshake_done
+            await self._welcome
+        self.up.set()
+        if self.on_up is not None:
+            self.on_up()
+
+    async def run_forever(self, first_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Stay connected: reconnect with capped exponential backoff (with jitter) after a loss.
+        A NACK on hello is final and raised."""
+        delay = BACKOFF_MIN
+        while not self._closed:
+            try:
+                self.lost.clear()
+                await self.connect(first_timeout)
+                delay = BACKOFF_MIN
+                await self.lost.wait()
+                log.warning("lost the Intermediate (%s); reconnecting", self.conn.close_reason if self.conn else "")
+            except Refused:
+                raise
+            except (ConnectionError, TimeoutError) as exc:
+                log.info("Intermediate %s:%d not reachable (%s); retry in %.1fs", *self.intermediate, exc, delay)
+            self.up.clear()
+            if self.conn is not None:
+                self.conn.close()
+            if self._closed:
+                break
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, BACKOFF_MAX)
+            self.reconnects += 1
+
+    def close(self) -> None:
+        self._closed = True
+        if self.conn is not None:
+            self.conn.close(reason="bye")
+
+    # -- requests -------------------------------------------------------------------------------
+    def next_req(self) -> int:
+        req = self._next_req
+        self._next_req = req % 0xFFFF + 1
+        return req
+
+    async def request(self, msg: wire.Message, timeout: float = REQUEST_TIMEOUT) -> wire.Message:
+        """Send a message with a `req` field and wait for the reply carrying the same `req`."""
+        if self.conn is None or self.conn.closed:
+            raise ConnectionError("not connected to the Intermediate")
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[msg.req] = fut  # type: ignore[attr-defined]
+        self.conn.send_control(msg)
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await fut
+        finally:
+            self._pending.pop(msg.req, None)  # type: ignore[attr-defined]
+        if isinstance(reply, wire.Nack):
+            raise Refused(reply.code, reply.reason)
+        return reply
+
+    def send(self, msg: wire.Message) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.send_control(msg)
+
+    # -- Handler --------------------------------------------------------------------------------
+    def on_handshake(self, conn: Connection) -> None:
+        conn.send_control(wire.Hello(wire.VERSION, self.role, self.name, wire.hello_auth(self.creds.secret, self.role, self.name)))
+
+    def on_control(self, conn: Connection, msg: wire.Message) -> None:
+        if isinstance(msg, wire.Welcome):
+            self.client_id = msg.client_id
+            self.max_relay_payload = msg.max_relay_payload
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_result(msg)
+        elif isinstance(msg, wire.ObservedAddress):
+            addr = (msg.addr[0], msg.addr[1])
+            if addr != self.observed:
+                log.info("QAD: %s observed at %s:%d", self.name, *addr)
+                self.observed = addr
+                self.observed_history.append(addr)
+                self.observed_changed.set()
+        elif isinstance(msg, wire.Nack) and msg.req == 0:
+            # a refusal of the hello itself
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_exception(Refused(msg.code, msg.reason))
+        elif hasattr(msg, "req") and msg.req in self._pending:  # type: ignore[attr-defined]
+            fut = self._pending[msg.req]  # type: ignore[attr-defined]
+            if not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, wire.Ping):
+            conn.send_control(wire.Pong(msg.nonce))
+        else:
+            self.on_message(msg)
+
+    def on_datagram(self, conn: Connection, data: bytes) -> None:
+        if self.on_datagram_cb is not None:
+            self.on_datagram_cb(data)
+
+    def on_closed(self, conn: Connection, reason: str) -> None:
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(ConnectionError(f"connection closed: {reason}"))
+            self._welcome.exception()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"connection closed: {reason}"))
+        self.up.clear()
+        self.lost.set()

@@ -1,0 +1,246 @@
+"""The App Connector: fronts a private application and accepts direct P2P QUIC on the same socket.
+
+ONE socket carries the client connection to the Intermediate (whose NAT mapping QAD reports), the
+punch probes, and the server-role P2P connections from Agents. Per session and per path it keeps one
+UDP socket towards the application, so a reply from the app goes back over the path its request
+came on: the relay or the direct connection (the seed system sent every reply through the relay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from qlab import wire
+from qlab.certs import Credentials
+from qlab.client import IntermediateLink, Refused
+from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
+from qlab.net import Addr, DatagramSocket, Net
+
+log = logging.getLogger("qlab.connector")
+
+
+@dataclass
+class ConnectorSession:
+    id: int
+    key: bytes
+    agent: str
+    service: str
+    max_payload: int
+    direct: Connection | None = None
+    app_socks: dict[str, DatagramSocket] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=lambda: {"relay_in": 0, "relay_out": 0, "direct_in": 0, "direct_out": 0})
+    punch: object | None = None  # the traversal state of this session, when punching
+
+
+class Connector:
+    def __init__(
+        self,
+        net: Net,
+        creds: Credentials,
+        intermediate: Addr,
+        *,
+        service: str,
+        forward: Addr,
+        name: str = "connector",
+        host: str = "0.0.0.0",
+        p2p_port: int = 4434,
+    ) -> None:
+        self.net = net
+        self.creds = creds
+        self.service = service
+        self.forward = forward
+        self.name = name
+        self.host = host
+        self.p2p_port = p2p_port
+        self.sessions: dict[int, ConnectorSession] = {}
+        self.endpoint = Endpoint(
+            net,
+            server_config=creds.server_config("connector"),
+            server_handler=lambda conn: _DirectConn(self, conn),
+            raw_handler=self._on_raw,
+        )
+        self.link = IntermediateLink(
+            self.endpoint, intermediate, creds, wire.Role.CONNECTOR, name,
+            on_message=self._on_message, on_up=self._on_up, on_datagram=self._on_relay,
+        )
+        self.registered = asyncio.Event()
+        self.raw_hooks: list[Callable[[bytes, Addr], bool]] = []
+        self.message_hooks: list[Callable[[wire.Message], bool]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self.fatal: BaseException | None = None
+        self.failed = asyncio.Event()  # set with `fatal` when the Intermediate refuses us for good
+
+    async def start(self) -> Addr:
+        addr = await self.endpoint.bind(self.host, self.p2p_port)
+        self._spawn(self._stay_connected())
+        return addr
+
+    async def _stay_connected(self) -> None:
+        try:
+            await self.link.run_forever()
+        except Refused as exc:
+            log.error("the Intermediate refused this connector: %s", exc)
+            self.fatal = exc
+            self.failed.set()
+            self.registered.set()  # wake waiters; they check `fatal`
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def _on_up(self) -> None:
+        self.registered.clear()
+        self._spawn(self._register())
+
+    async def _register(self) -> None:
+        try:
+            await self.link.request(wire.Register(self.link.next_req(), self.service))
+        except Refused as exc:
+            log.error("registration of %s refused: %s", self.service, exc)
+            self.fatal = exc
+            self.failed.set()
+        except (ConnectionError, TimeoutError) as exc:
+            log.warning("registration of %s failed: %s", self.service, exc)
+            return
+        else:
+            log.info("registered service %s", self.service)
+        self.registered.set()
+
+    async def wait_registered(self, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            await self.registered.wait()
+        if self.fatal is not None:
+            raise self.fatal
+
+    def close(self) -> None:
+        self.link.close()
+        for t in list(self._tasks):
+            t.cancel()
+        for s in list(self.sessions.values()):
+            self._end_session(s)
+        self.endpoint.close()
+
+    # -- signaling ------------------------------------------------------------------------------
+    def _on_message(self, msg: wire.Message) -> None:
+        for hook in self.message_hooks:
+            if hook(msg):
+                return
+        if isinstance(msg, wire.SessionNew):
+            self.sessions[msg.session] = ConnectorSession(msg.session, msg.key, msg.agent, msg.service, msg.max_payload)
+            log.info("session %08x from agent %s", msg.session, msg.agent)
+        elif isinstance(msg, wire.SessionClosed):
+            s = self.sessions.pop(msg.session, None)
+            if s is not None:
+                self._end_session(s)
+        else:
+            log.debug("unhandled %s", type(msg).__name__)
+
+    def _end_session(self, s: ConnectorSession) -> None:
+        for sock in s.app_socks.values():
+            sock.close()
+        s.app_socks.clear()
+        if s.direct is not None:
+            s.direct.close(reason="session closed")
+
+    def _on_raw(self, data: bytes, addr: Addr) -> None:
+        for hook in self.raw_hooks:
+            if hook(data, addr):
+                return
+
+    # -- application forwarding -----------------------------------------------------------------
+    def _on_relay(self, data: bytes) -> None:
+        try:
+            sid, payload = wire.decode_app(data)
+        except wire.WireError:
+            return
+        s = self.sessions.get(sid)
+        if s is None:
+            return
+        s.counters["relay_in"] += 1
+        self._spawn_or_send(s, "relay", payload)
+
+    def to_app(self, s: ConnectorSession, path: str, payload: bytes) -> None:
+        self._spawn_or_send(s, path, payload)
+
+    def _spawn_or_send(self, s: ConnectorSession, path: str, payload: bytes) -> None:
+        sock = s.app_socks.get(path)
+        if sock is not None:
+            sock.sendto(payload, self.forward)
+        else:
+            self._spawn(self._open_app_socket(s, path, payload))
+
+    async def _open_app_socket(self, s: ConnectorSession, path: str, first: bytes) -> None:
+        if path not in s.app_socks:
+            host = "::" if ":" in self.forward[0] else "0.0.0.0"
+            s.app_socks[path] = await self.net.bind_udp(host, 0, lambda batch: self._from_app(s, path, batch))
+        s.app_socks[path].sendto(first, self.forward)
+
+    def _from_app(self, s: ConnectorSession, path: str, batch: list[tuple[bytes, Addr]]) -> None:
+        for payload, src in batch:
+            if src != self.forward:
+                continue  # only the application may answer on this socket
+            self.send_to_agent(s, path, payload)
+
+    def send_to_agent(self, s: ConnectorSession, path: str, payload: bytes) -> None:
+        """Reply on `path`; a dead direct path falls back to the relay."""
+        data = wire.encode_app(s.id, payload)
+        try:
+            if path == "direct" and s.direct is not None and not s.direct.closed:
+                s.direct.send_datagram(data)
+                s.counters["direct_out"] += 1
+                return
+            if self.link.conn is not None:
+                self.link.conn.send_datagram(data)
+                s.counters["relay_out"] += 1
+        except DatagramTooLarge as exc:
+            log.warning("reply from the application dropped: %s", exc)
+
+
+class _DirectConn(Handler):
+    """A direct P2P connection from an Agent: it must name its session and prove the session key."""
+
+    def __init__(self, connector: Connector, conn: Connection) -> None:
+        self.c = connector
+        self.conn = conn
+        self.session: ConnectorSession | None = None
+
+    def on_control(self, conn: Connection, msg: wire.Message) -> None:
+        if isinstance(msg, wire.DirectHello) and self.session is None:
+            s = self.c.sessions.get(msg.session)
+            if s is None or not hmac.compare_digest(msg.auth, wire.direct_auth(s.key, msg.session)):
+                conn.send_control(wire.Nack(0, wire.NackCode.UNAUTHENTICATED, "unknown session or bad proof"))
+                conn.close(0x102, "unauthenticated")
+                return
+            if s.direct is not None and s.direct is not conn:
+                s.direct.close(reason="replaced by a newer direct connection")
+            s.direct = conn
+            self.session = s
+            conn.send_control(wire.Ack(0))
+            log.info("session %08x: direct connection from %s:%d", s.id, *(conn.peer_addr or ("?", 0)))
+        elif isinstance(msg, wire.Ping):
+            conn.send_control(wire.Pong(msg.nonce))
+        elif self.session is None:
+            conn.close(0x102, "DirectHello first")
+
+    def on_datagram(self, conn: Connection, data: bytes) -> None:
+        s = self.session
+        if s is None:
+            return
+        try:
+            sid, payload = wire.decode_app(data)
+        except wire.WireError:
+            return
+        if sid != s.id:
+            return
+        s.counters["direct_in"] += 1
+        self.c.to_app(s, "direct", payload)
+
+    def on_closed(self, conn: Connection, reason: str) -> None:
+        if self.session is not None and self.session.direct is conn:
+            self.session.direct = None

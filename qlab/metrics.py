@@ -1,0 +1,82 @@
+"""Counters and gauges in Prometheus text format, served with /healthz on a local HTTP port.
+
+A deliberately small HTTP/1.0 responder on asyncio streams: two GET paths, bounded request size and
+read time, so a scraper or a health check cannot hold the role up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable
+
+
+class Metrics:
+    def __init__(self, prefix: str = "qlab") -> None:
+        self.prefix = prefix
+        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self.gauges: dict[str, Callable[[], float]] = {}
+        self.help: dict[str, str] = {}
+
+    def inc(self, name: str, value: float = 1, **labels: str) -> None:
+        self.counters[(name, tuple(sorted(labels.items())))] += value
+
+    def get(self, name: str, **labels: str) -> float:
+        return self.counters.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def gauge(self, name: str, fn: Callable[[], float], help_text: str = "") -> None:
+        self.gauges[name] = fn
+        if help_text:
+            self.help[name] = help_text
+
+    def render(self) -> str:
+        lines: list[str] = []
+        seen: set[str] = set()
+        for (name, labels), value in sorted(self.counters.items()):
+            full = f"{self.prefix}_{name}"
+            if full not in seen:
+                seen.add(full)
+                lines.append(f"# TYPE {full} counter")
+            lab = ",".join(f'{k}="{v}"' for k, v in labels)
+            lines.append(f"{full}{{{lab}}} {value:g}" if lab else f"{full} {value:g}")
+        for name, fn in sorted(self.gauges.items()):
+            full = f"{self.prefix}_{name}"
+            if name in self.help:
+                lines.append(f"# HELP {full} {self.help[name]}")
+            lines.append(f"# TYPE {full} gauge")
+            lines.append(f"{full} {fn():g}")
+        return "\n".join(lines) + "\n"
+
+
+async def serve_http(host: str, port: int, metrics: Metrics, healthy: Callable[[], bool]) -> asyncio.Server:
+    """Serve GET /metrics and GET /healthz (200 when `healthy()`, else 503)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readuntil(b"\r\n\r\n")
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            return
+        line = request.split(b"\r\n", 1)[0].decode("latin-1", "replace").split()
+        path = line[1] if len(line) >= 2 else ""
+        if len(line) < 2 or line[0] != "GET":
+            status, body, ctype = "405 Method Not Allowed", "only GET\n", "text/plain"
+        elif path == "/metrics":
+            status, body, ctype = "200 OK", metrics.render(), "text/plain; version=0.0.4"
+        elif path == "/healthz":
+            ok = healthy()
+            status, body, ctype = ("200 OK", "ok\n", "text/plain") if ok else ("503 Service Unavailable", "unhealthy\n", "text/plain")
+        else:
+            status, body, ctype = "404 Not Found", "not found\n", "text/plain"
+        data = body.encode()
+        writer.write(
+            f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+            + data
+        )
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, host, port, limit=8192)

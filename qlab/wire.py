@@ -1,0 +1,658 @@
+"""qlab/1: every message, typed, with encode/decode and no I/O.
+
+Three channels carry qlab/1 (docs/protocol.md has the byte layouts):
+- the control stream, a client-initiated bidirectional QUIC stream: length-framed messages
+  (`u16 length | u8 type | body`), reliable and ordered;
+- QUIC DATAGRAM frames: relayed and direct application payloads (`u8 type | u32 session | payload`);
+- raw UDP probes with the QUIC fixed bit (0x40) clear, so the endpoint never mistakes them for QUIC:
+  hole-punch probes authenticated with the session key, and NAT-classification tests.
+
+Every decoder raises `WireError` (and only that) on malformed input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import struct
+from dataclasses import dataclass, field, fields
+from enum import IntEnum
+from typing import Any, ClassVar
+
+VERSION = 1
+ALPN = "qlab/1"
+MAX_CONTROL_MESSAGE = 16 * 1024
+MAX_CANDIDATES = 32
+KEY_LEN = 32
+MAC_LEN = 16
+
+
+class WireError(ValueError):
+    """Malformed or unacceptable qlab/1 input. The only exception a decoder raises."""
+
+
+class Role(IntEnum):
+    AGENT = 1
+    CONNECTOR = 2
+    PROBE = 3  # NAT classifier / monitoring: QAD and change-requests only
+
+
+class NackCode(IntEnum):
+    UNAUTHENTICATED = 1
+    BAD_VERSION = 2
+    NOT_ALLOWED = 3
+    NO_SUCH_SERVICE = 4
+    NO_CONNECTOR = 5
+    NO_SUCH_SESSION = 6
+    NOT_SESSION_PARTY = 7
+    MALFORMED = 8
+    TOO_LARGE = 9
+    RATE_LIMITED = 10
+    BAD_STATE = 11
+    PEER_GONE = 12
+
+
+class CandidateKind(IntEnum):
+    HOST = 0
+    SRFLX = 1  # server-reflexive: what the Intermediate observed (QAD)
+    PRFLX = 2  # peer-reflexive: where a peer's probe actually came from
+    PREDICTED = 3  # a guessed port of a sequential-port symmetric NAT
+    RELAY = 4
+
+
+class NatKind(IntEnum):
+    """What a side learned about its own NAT from QAD (sent in offers)."""
+
+    UNKNOWN = 0
+    NONE = 1  # observed address equals a host address
+    EIM = 2  # same mapping towards both Intermediate addresses
+    EDM_SEQUENTIAL = 3  # endpoint-dependent, ports step by a small delta
+    EDM_RANDOM = 4  # endpoint-dependent, ports unpredictable
+
+
+# --- primitive codecs ------------------------------------------------------------------------
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise WireError(f"truncated: need {n} bytes at offset {self.pos}, have {len(self.data) - self.pos}")
+        b = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return b
+
+    def unpack(self, fmt: str) -> tuple:
+        s = struct.Struct(fmt)
+        return s.unpack(self.take(s.size))
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise WireError(f"{len(self.data) - self.pos} trailing bytes")
+
+
+class _Codec:
+    def put(self, out: bytearray, value: Any) -> None:
+        raise NotImplementedError
+
+    def get(self, r: _Reader) -> Any:
+        raise NotImplementedError
+
+
+class _Int(_Codec):
+    def __init__(self, fmt: str) -> None:
+        self.s = struct.Struct(fmt)
+        self.max = (1 << (8 * self.s.size)) - 1
+
+    def put(self, out: bytearray, value: int) -> None:
+        if not isinstance(value, int) or not 0 <= value <= self.max:
+            raise WireError(f"integer {value!r} out of range 0..{self.max}")
+        out += self.s.pack(value)
+
+    def get(self, r: _Reader) -> int:
+        return r.unpack(self.s.format)[0]
+
+
+U8, U16, U32, U64 = _Int("!B"), _Int("!H"), _Int("!I"), _Int("!Q")
+
+
+class _Str(_Codec):
+    """u8 length + UTF-8; names are 1..255 bytes of printable text."""
+
+    def __init__(self, allow_empty: bool = False) -> None:
+        self.allow_empty = allow_empty
+
+    def put(self, out: bytearray, value: str) -> None:
+        b = value.encode("utf-8")
+        if len(b) > 255 or (not b and not self.allow_empty):
+            raise WireError(f"string of {len(b)} bytes does not fit (1..255)")
+        out.append(len(b))
+        out += b
+
+    def get(self, r: _Reader) -> str:
+        n = r.take(1)[0]
+        if n == 0 and not self.allow_empty:
+            raise WireError("empty name")
+        try:
+            s = r.take(n).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WireError(f"invalid UTF-8: {exc}") from None
+        if not self.allow_empty and not s.isprintable():
+            raise WireError("name has unprintable characters")
+        return s
+
+
+NAME, TEXT = _Str(), _Str(allow_empty=True)
+
+
+class _Bytes(_Codec):
+    def __init__(self, exact: int | None = None) -> None:
+        self.exact = exact
+
+    def put(self, out: bytearray, value: bytes) -> None:
+        if len(value) > 255 or (self.exact is not None and len(value) != self.exact):
+            raise WireError(f"byte string of length {len(value)} not allowed")
+        out.append(len(value))
+        out += value
+
+    def get(self, r: _Reader) -> bytes:
+        n = r.take(1)[0]
+        if self.exact is not None and n != self.exact:
+            raise WireError(f"expected {self.exact} bytes, got {n}")
+        return bytes(r.take(n))
+
+
+KEY = _Bytes(KEY_LEN)
+BLOB = _Bytes()
+
+
+class _Addr(_Codec):
+    """family u8 (4 or 6) | address | port u16. IPv4-mapped IPv6 is sent as IPv4."""
+
+    def put(self, out: bytearray, value: tuple[str, int]) -> None:
+        host, port = value
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise WireError(f"not an IP address: {host!r}") from None
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if not 0 <= port <= 0xFFFF:
+            raise WireError(f"port {port} out of range")
+        out.append(ip.version)
+        out += ip.packed
+        out += struct.pack("!H", port)
+
+    def get(self, r: _Reader) -> tuple[str, int]:
+        fam = r.take(1)[0]
+        if fam == 4:
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(r.take(4))
+        elif fam == 6:
+            ip = ipaddress.IPv6Address(r.take(16))
+        else:
+            raise WireError(f"unknown address family {fam}")
+        (port,) = r.unpack("!H")
+        return str(ip), port
+
+
+ADDR = _Addr()
+
+
+class _Optional(_Codec):
+    def __init__(self, inner: _Codec) -> None:
+        self.inner = inner
+
+    def put(self, out: bytearray, value: Any) -> None:
+        if value is None:
+            out.append(0)
+        else:
+            out.append(1)
+            self.inner.put(out, value)
+
+    def get(self, r: _Reader) -> Any:
+        flag = r.take(1)[0]
+        if flag == 0:
+            return None
+        if flag != 1:
+            raise WireError(f"bad optional flag {flag}")
+        return self.inner.get(r)
+
+
+class _Enum(_Codec):
+    def __init__(self, enum: type[IntEnum]) -> None:
+        self.enum = enum
+
+    def put(self, out: bytearray, value: IntEnum) -> None:
+        U8.put(out, int(value))
+
+    def get(self, r: _Reader) -> IntEnum:
+        v = r.take(1)[0]
+        try:
+            return self.enum(v)
+        except ValueError:
+            raise WireError(f"unknown {self.enum.__name__} {v}") from None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kind: CandidateKind
+    addr: tuple[str, int]
+    priority: int = 0
+
+
+class _Candidates(_Codec):
+    def put(self, out: bytearray, value: list[Candidate] | tuple[Candidate, ...]) -> None:
+        if len(value) > MAX_CANDIDATES:
+            raise WireError(f"too many candidates ({len(value)} > {MAX_CANDIDATES})")
+        out.append(len(value))
+        for c in value:
+            U8.put(out, int(c.kind))
+            U32.put(out, c.priority)
+            ADDR.put(out, c.addr)
+
+    def get(self, r: _Reader) -> tuple[Candidate, ...]:
+        n = r.take(1)[0]
+        if n > MAX_CANDIDATES:
+            raise WireError(f"too many candidates ({n})")
+        out = []
+        for _ in range(n):
+            kind = _Enum(CandidateKind).get(r)
+            prio = U32.get(r)
+            out.append(Candidate(kind, ADDR.get(r), prio))
+        return tuple(out)
+
+
+CANDIDATES = _Candidates()
+
+
+class _Ports(_Codec):
+    """u8 count | u16 ports — predicted ports to try."""
+
+    def put(self, out: bytearray, value: tuple[int, ...]) -> None:
+        if len(value) > 64:
+            raise WireError("too many ports")
+        out.append(len(value))
+        for p in value:
+            U16.put(out, p)
+
+    def get(self, r: _Reader) -> tuple[int, ...]:
+        n = r.take(1)[0]
+        if n > 64:
+            raise WireError("too many ports")
+        return tuple(U16.get(r) for _ in range(n))
+
+
+PORTS = _Ports()
+
+
+# --- control messages ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[int] = 0
+    FIELDS: ClassVar[tuple[_Codec, ...]] = ()
+
+    def encode(self) -> bytes:
+        body = bytearray([self.TYPE])
+        for codec, f in zip(self.FIELDS, fields(self), strict=True):
+            codec.put(body, getattr(self, f.name))
+        if len(body) > MAX_CONTROL_MESSAGE:
+            raise WireError(f"{type(self).__name__} too large ({len(body)} bytes)")
+        return struct.pack("!H", len(body)) + bytes(body)
+
+
+_REGISTRY: dict[int, type[Message]] = {}
+
+
+def _message(type_id: int, *codecs: _Codec):
+    def deco(cls: type[Message]) -> type[Message]:
+        cls = dataclass(frozen=True)(cls)
+        cls.TYPE = type_id
+        cls.FIELDS = codecs
+        if len(fields(cls)) != len(codecs):
+            raise TypeError(f"{cls.__name__}: {len(fields(cls))} fields, {len(codecs)} codecs")
+        _REGISTRY[type_id] = cls
+        return cls
+
+    return deco
+
+
+@_message(0x01, U8, _Enum(Role), NAME, BLOB)
+class Hello(Message):
+    """Client -> Intermediate, first message: protocol version, role, name and the auth tag."""
+
+    version: int
+    role: Role
+    name: str
+    auth: bytes
+
+
+@_message(0x02, U8, U32, U16)
+class Welcome(Message):
+    """Intermediate -> client: accepted; the client's id and the relay payload limit it will forward."""
+
+    version: int
+    client_id: int
+    max_relay_payload: int
+
+
+@_message(0x03, U32, ADDR)
+class ObservedAddress(Message):
+    """QUIC Address Discovery: the address the Intermediate sees this client at, sent on connect
+    and again whenever it changes (sequence numbers increase)."""
+
+    seq: int
+    addr: tuple[str, int]
+
+
+@_message(0x04, U16, NAME)
+class Register(Message):
+    req: int
+    service: str
+
+
+@_message(0x05, U16)
+class Ack(Message):
+    req: int
+
+
+@_message(0x06, U16, _Enum(NackCode), TEXT)
+class Nack(Message):
+    req: int
+    code: NackCode
+    reason: str
+
+
+@_message(0x07, U16, NAME)
+class OpenSession(Message):
+    """Agent -> Intermediate: a session to `service`, relayed at once."""
+
+    req: int
+    service: str
+
+
+@_message(0x08, U16, U32, KEY, NAME, U16)
+class SessionOpened(Message):
+    """Intermediate -> Agent: the session id, its key (authenticates probes and the direct path),
+    the Connector's name and the largest application payload the relay carries for it."""
+
+    req: int
+    session: int
+    key: bytes
+    connector: str
+    max_payload: int
+
+
+@_message(0x09, U32, KEY, NAME, NAME, U16)
+class SessionNew(Message):
+    """Intermediate -> Connector: an Agent opened a session to one of its services."""
+
+    session: int
+    key: bytes
+    agent: str
+    service: str
+    max_payload: int
+
+
+@_message(0x0B, U32, KEY)
+class DirectHello(Message):
+    """Agent -> Connector, first message on a direct P2P connection: which session, and
+    HMAC-SHA256(session key, "qlab/1 direct" | session) to prove it belongs to it."""
+
+    session: int
+    auth: bytes
+
+
+@_message(0x0A, U32, _Enum(NackCode), TEXT)
+class SessionClosed(Message):
+    session: int
+    code: NackCode
+    reason: str
+
+
+@_message(0x10, U32, _Enum(NatKind), CANDIDATES)
+class Offer(Message):
+    """Agent -> Intermediate -> Connector: the Agent's NAT verdict and candidates."""
+
+    session: int
+    nat: NatKind
+    candidates: tuple[Candidate, ...]
+
+
+@_message(0x11, U32, _Enum(NatKind), CANDIDATES)
+class Answer(Message):
+    """Connector -> Intermediate -> Agent (as part of StartPunch): the Connector's side."""
+
+    session: int
+    nat: NatKind
+    candidates: tuple[Candidate, ...]
+
+
+@_message(0x12, U32, U16, _Enum(NatKind), CANDIDATES, PORTS, U16)
+class StartPunch(Message):
+    """Intermediate -> both sides: the peer's NAT and candidates, when to start (ms from receipt,
+    computed from each side's RTT so the probes cross), predicted ports to try and the number of
+    extra mappings a birthday-mode sender should open (0 = off)."""
+
+    session: int
+    delay_ms: int
+    peer_nat: NatKind
+    peer_candidates: tuple[Candidate, ...]
+    predicted_ports: tuple[int, ...]
+    birthday: int
+
+
+@_message(0x13, U32, U8, _Optional(ADDR), U16)
+class PunchResult(Message):
+    """Either side -> Intermediate -> peer: whether a pair worked, which address, and how many
+    probes were sent."""
+
+    session: int
+    success: int
+    addr: tuple[str, int] | None
+    probes: int
+
+
+@_message(0x14, U32, _Enum(NackCode), TEXT)
+class SessionError(Message):
+    session: int
+    code: NackCode
+    message: str
+
+
+@_message(0x20, U16, U8, U8, U64)
+class ChangeRequest(Message):
+    """Client -> Intermediate (RFC 5780 style): send a raw Test probe carrying `nonce` to my
+    observed address from the alternate IP and/or port."""
+
+    req: int
+    alt_ip: int
+    alt_port: int
+    nonce: int
+
+
+@_message(0x21, U16, ADDR, ADDR)
+class ServerInfo(Message):
+    """Intermediate -> client on request (req echoed): its primary and alternate addresses."""
+
+    req: int
+    primary: tuple[str, int]
+    alternate: tuple[str, int]
+
+
+@_message(0x22, U16)
+class ServerInfoRequest(Message):
+    req: int
+
+
+@_message(0x23, U32)
+class Ping(Message):
+    """Either way on the control stream; answered with Pong (liveness and stream RTT)."""
+
+    nonce: int
+
+
+@_message(0x24, U32)
+class Pong(Message):
+    nonce: int
+
+
+def decode_message(data: bytes) -> Message:
+    """One control message body (type byte + fields, without the length prefix)."""
+    if not data:
+        raise WireError("empty message")
+    cls = _REGISTRY.get(data[0])
+    if cls is None:
+        raise WireError(f"unknown message type 0x{data[0]:02x}")
+    r = _Reader(data)
+    r.take(1)
+    try:
+        values = [codec.get(r) for codec in cls.FIELDS]
+    except WireError:
+        raise
+    except (ValueError, struct.error) as exc:  # ipaddress etc.
+        raise WireError(f"{cls.__name__}: {exc}") from None
+    r.end()
+    return cls(*values)
+
+
+class ControlFramer:
+    """Reassembles length-framed control messages from stream data, bounded in size."""
+
+    def __init__(self, limit: int = 4 * MAX_CONTROL_MESSAGE) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buf += data
+        if len(self._buf) > self._limit:
+            raise WireError("control stream buffer overflow")
+        out: list[Message] = []
+        while len(self._buf) >= 2:
+            (n,) = struct.unpack_from("!H", self._buf)
+            if n == 0 or n > MAX_CONTROL_MESSAGE:
+                raise WireError(f"bad control frame length {n}")
+            if len(self._buf) < 2 + n:
+                break
+            body = bytes(self._buf[2 : 2 + n])
+            del self._buf[: 2 + n]
+            out.append(decode_message(body))
+        return out
+
+
+# --- datagrams ---------------------------------------------------------------------------------
+
+DGRAM_APP = 0x30  # application payload within a session (relay or direct)
+DGRAM_HEADER = 5
+
+
+def encode_app(session: int, payload: bytes) -> bytes:
+    return struct.pack("!BI", DGRAM_APP, session) + payload
+
+
+def decode_app(data: bytes) -> tuple[int, bytes]:
+    if len(data) < DGRAM_HEADER or data[0] != DGRAM_APP:
+        raise WireError("not an application datagram")
+    (session,) = struct.unpack_from("!I", data, 1)
+    return session, data[DGRAM_HEADER:]
+
+
+# --- raw probes (QUIC fixed bit clear) ---------------------------------------------------------
+
+PROBE_REQUEST = 0x21
+PROBE_RESPONSE = 0x22
+CLASSIFY_TEST = 0x23
+_PROBE = struct.Struct("!BBIQ")  # type, version, session, txn
+
+
+def is_raw(first_byte: int) -> bool:
+    """True when a datagram is not QUIC (fixed bit 0x40 clear; long-header VN excluded by caller)."""
+    return not first_byte & 0x40
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A hole-punch probe or its response. `observed` (responses only) is where the request came from."""
+
+    kind: int
+    session: int
+    txn: int
+    observed: tuple[str, int] | None = None
+    extra: bytes = field(default=b"", compare=False)
+
+
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).digest()[:MAC_LEN]
+
+
+def encode_probe(probe: Probe, key: bytes) -> bytes:
+    if probe.kind not in (PROBE_REQUEST, PROBE_RESPONSE):
+        raise WireError(f"bad probe kind {probe.kind}")
+    body = bytearray(_PROBE.pack(probe.kind, VERSION, probe.session, probe.txn))
+    if probe.kind == PROBE_RESPONSE:
+        _Optional(ADDR).put(body, probe.observed)
+    return bytes(body) + _mac(key, bytes(body))
+
+
+def probe_session(data: bytes) -> int:
+    """The session id of a probe, read before the key is known (to look the key up)."""
+    if len(data) < _PROBE.size + MAC_LEN or data[0] not in (PROBE_REQUEST, PROBE_RESPONSE):
+        raise WireError("not a probe")
+    return struct.unpack_from("!I", data, 2)[0]
+
+
+def decode_probe(data: bytes, key: bytes) -> Probe:
+    """Verify and decode a probe; WireError for anything malformed or not signed with `key`."""
+    if len(data) < _PROBE.size + MAC_LEN:
+        raise WireError("probe too short")
+    body, mac = data[:-MAC_LEN], data[-MAC_LEN:]
+    if not hmac.compare_digest(mac, _mac(key, body)):
+        raise WireError("probe authentication failed")
+    r = _Reader(body)
+    kind, version, session, txn = r.unpack(_PROBE.format)
+    if kind not in (PROBE_REQUEST, PROBE_RESPONSE):
+        raise WireError(f"bad probe kind {kind}")
+    if version != VERSION:
+        raise WireError(f"probe version {version} unsupported")
+    observed = _Optional(ADDR).get(r) if kind == PROBE_RESPONSE else None
+    r.end()
+    return Probe(kind, session, txn, observed)
+
+
+def encode_classify_test(nonce: int, sent_from: tuple[str, int]) -> bytes:
+    out = bytearray(struct.pack("!BBQ", CLASSIFY_TEST, VERSION, nonce))
+    ADDR.put(out, sent_from)
+    return bytes(out)
+
+
+def decode_classify_test(data: bytes) -> tuple[int, tuple[str, int]]:
+    r = _Reader(data)
+    kind, version, nonce = r.unpack("!BBQ")
+    if kind != CLASSIFY_TEST or version != VERSION:
+        raise WireError("not a classify test")
+    addr = ADDR.get(r)
+    r.end()
+    return nonce, addr
+
+
+# --- authentication ----------------------------------------------------------------------------
+
+
+def hello_auth(secret: bytes, role: Role, name: str) -> bytes:
+    """The HELLO tag: HMAC-SHA256(secret, "qlab/1 hello" | role | name). Sent inside TLS 1.3."""
+    return hmac.new(secret, b"qlab/1 hello\x00" + bytes([int(role)]) + name.encode(), hashlib.sha256).digest()
+
+
+def check_hello(secret: bytes, hello: Hello) -> bool:
+    return hmac.compare_digest(hello.auth, hello_auth(secret, hello.role, hello.name))
+
+
+def direct_auth(key: bytes, session: int) -> bytes:
+    return hmac.new(key, b"qlab/1 direct\x00" + struct.pack("!I", session), hashlib.sha256).digest()
