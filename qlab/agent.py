@@ -15,7 +15,7 @@ from qlab import wire
 from qlab.certs import Credentials
 from qlab.client import IntermediateLink
 from qlab.echo import EchoProbe
-from qlab.endpoint import Connection, DatagramTooLarge, Endpoint
+from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
 from qlab.net import Addr, Net
 
 log = logging.getLogger("qlab.agent")
@@ -65,6 +65,13 @@ class AgentSession:
         self.counters[f"{path}_out"] += 1
         return path
 
+    def on_direct_pong(self, nonce: int) -> None:
+        """Hook for the path manager (liveness of the direct path)."""
+
+    def on_direct_lost(self, reason: str) -> None:
+        """Hook for the path manager: the direct connection is gone; traffic goes to the relay."""
+        self.active_path = "relay"
+
     def deliver(self, payload: bytes, path: str) -> None:
         self.counters[f"{path}_in"] += 1
         self.on_payload(payload, path)
@@ -108,6 +115,26 @@ class Agent:
         self.sessions[s.id] = s
         return s
 
+    async def connect_direct(self, session: AgentSession, addr: Addr, timeout: float = 3.0) -> Connection:
+        """Open the direct QUIC connection to the Connector at `addr` from the shared socket and
+        prove the session key; the session's `direct` path is set once the Connector accepts."""
+        from qlab.certs import CONNECTOR_NAME
+
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+        handler = _DirectClient(session, accepted)
+        conn = self.endpoint.connect(addr, self.creds.client_config(CONNECTOR_NAME), handler)
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.handshake_done
+                conn.send_control(wire.DirectHello(session.id, wire.direct_auth(session.key, session.id)))
+                await accepted
+        except BaseException:
+            self.endpoint.abandon(conn, "direct connection attempt failed")
+            raise
+        session.direct = conn
+        return conn
+
     def close(self) -> None:
         for s in self.sessions.values():
             if s.direct is not None:
@@ -140,6 +167,41 @@ class Agent:
         for hook in self.raw_hooks:
             if hook(data, addr):
                 return
+
+
+class _DirectClient(Handler):
+    """The Agent's side of a direct connection: waits for the Connector's Ack, then carries the
+    session's application datagrams."""
+
+    def __init__(self, session: AgentSession, accepted: asyncio.Future) -> None:
+        self.session = session
+        self.accepted = accepted
+
+    def on_control(self, conn: Connection, msg: wire.Message) -> None:
+        if isinstance(msg, wire.Ack) and not self.accepted.done():
+            self.accepted.set_result(True)
+        elif isinstance(msg, wire.Nack) and not self.accepted.done():
+            self.accepted.set_exception(ConnectionRefusedError(f"connector refused the direct path: {msg.reason}"))
+        elif isinstance(msg, wire.Ping):
+            conn.send_control(wire.Pong(msg.nonce))
+        elif isinstance(msg, wire.Pong):
+            self.session.on_direct_pong(msg.nonce)
+
+    def on_datagram(self, conn: Connection, data: bytes) -> None:
+        try:
+            sid, payload = wire.decode_app(data)
+        except wire.WireError:
+            return
+        if sid == self.session.id:
+            self.session.deliver(payload, "direct")
+
+    def on_closed(self, conn: Connection, reason: str) -> None:
+        if not self.accepted.done():
+            self.accepted.set_exception(ConnectionError(f"direct connection closed: {reason}"))
+            self.accepted.exception()
+        if self.session.direct is conn:
+            self.session.direct = None
+            self.session.on_direct_lost(reason)
 
 
 async def ping(

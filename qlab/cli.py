@@ -99,9 +99,17 @@ def cmd_connector(args: argparse.Namespace) -> int:
             host=args.bind, p2p_port=args.p2p_port,
         )
         await c.start()
+        http = None
+        if args.metrics is not None:
+            from qlab.metrics import serve_http
+
+            http = await serve_http(*args.metrics, c.metrics, lambda: c.link.up.is_set())
+            logging.getLogger("qlab.connector").info("metrics on http://%s:%d/metrics", *args.metrics)
         fatal = asyncio.ensure_future(c.failed.wait())
         done, _ = await asyncio.wait([fatal, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         c.close()
+        if http is not None:
+            http.close()
         await asyncio.sleep(0.05)  # let CONNECTION_CLOSE leave
         if fatal in done and c.fatal is not None:
             print(f"qlab connector: {c.fatal}", file=sys.stderr)
@@ -189,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--p2p-port", type=int, default=4434, help="the one UDP port for everything (4434; 0 = any)")
     cn.add_argument("--bind", default="0.0.0.0")
     cn.add_argument("--name", default="connector")
+    cn.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
     cn.add_argument("--certs", required=True)
     cn.set_defaults(func=cmd_connector)
 

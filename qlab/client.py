@@ -23,6 +23,8 @@ log = logging.getLogger("qlab.client")
 HANDSHAKE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 5.0
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+KEEPALIVE = 2.0  # a Ping on the control stream this often...
+DEAD_AFTER = 6.0  # ...and the Intermediate is given up when it has said nothing for this long
 
 
 class Refused(Exception):
@@ -65,6 +67,10 @@ class IntermediateLink(Handler):
         self._next_req = 1
         self._closed = False
         self.reconnects = 0
+        self.keepalive = KEEPALIVE
+        self.dead_after = DEAD_AFTER
+        self.last_rx = 0.0
+        self._keepalive_task: asyncio.Task | None = None
         self.up = asyncio.Event()
         self.lost = asyncio.Event()
 
@@ -79,8 +85,28 @@ class IntermediateLink(Handler):
             await self.conn.handshake_done
             await self._welcome
         self.up.set()
+        self.last_rx = loop.time()
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+        self._keepalive_task = loop.create_task(self._keep_alive(self.conn))
         if self.on_up is not None:
             self.on_up()
+
+    async def _keep_alive(self, conn: Connection) -> None:
+        """Ping the Intermediate and give the connection up when it stays silent (a killed
+        Intermediate sends no CONNECTION_CLOSE; QUIC's idle timeout alone would take 30 s)."""
+        loop = asyncio.get_running_loop()
+        nonce = 0
+        while not conn.closed:
+            await asyncio.sleep(self.keepalive)
+            if conn.closed:
+                break
+            if loop.time() - self.last_rx > self.dead_after:
+                log.warning("the Intermediate has been silent for %.1fs; giving the connection up", self.dead_after)
+                self.endpoint.abandon(conn, "intermediate unresponsive")
+                break
+            nonce = (nonce + 1) & 0xFFFFFFFF
+            conn.send_control(wire.Ping(nonce))
 
     async def run_forever(self, first_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         """Stay connected: reconnect with capped exponential backoff (with jitter) after a loss.
@@ -108,6 +134,8 @@ class IntermediateLink(Handler):
 
     def close(self) -> None:
         self._closed = True
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
         if self.conn is not None:
             self.conn.close(reason="bye")
 
@@ -142,6 +170,7 @@ class IntermediateLink(Handler):
         conn.send_control(wire.Hello(wire.VERSION, self.role, self.name, wire.hello_auth(self.creds.secret, self.role, self.name)))
 
     def on_control(self, conn: Connection, msg: wire.Message) -> None:
+        self.last_rx = asyncio.get_running_loop().time()
         if isinstance(msg, wire.Welcome):
             self.client_id = msg.client_id
             self.max_relay_payload = msg.max_relay_payload
@@ -164,16 +193,23 @@ class IntermediateLink(Handler):
                 fut.set_result(msg)
         elif isinstance(msg, wire.Ping):
             conn.send_control(wire.Pong(msg.nonce))
+        elif isinstance(msg, wire.Pong):
+            pass  # liveness only: last_rx is already updated
         else:
             self.on_message(msg)
 
     def on_datagram(self, conn: Connection, data: bytes) -> None:
+        self.last_rx = asyncio.get_running_loop().time()
         if self.on_datagram_cb is not None:
             self.on_datagram_cb(data)
 
     def on_closed(self, conn: Connection, reason: str) -> None:
         if self._welcome is not None and not self._welcome.done():
-            self._welcome.set_exception(ConnectionError(f"connection closed: {reason}"))
+            if reason in ("unauthenticated", "bad version"):  # the NACK itself may not have arrived
+                code = wire.NackCode.UNAUTHENTICATED if reason == "unauthenticated" else wire.NackCode.BAD_VERSION
+                self._welcome.set_exception(Refused(code, "closed by the Intermediate"))
+            else:
+                self._welcome.set_exception(ConnectionError(f"connection closed: {reason}"))
             self._welcome.exception()
         for fut in self._pending.values():
             if not fut.done():

@@ -18,6 +18,7 @@ from qlab import wire
 from qlab.certs import Credentials
 from qlab.client import IntermediateLink, Refused
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
+from qlab.metrics import Metrics
 from qlab.net import Addr, DatagramSocket, Net
 
 log = logging.getLogger("qlab.connector")
@@ -72,6 +73,9 @@ class Connector:
         self.message_hooks: list[Callable[[wire.Message], bool]] = []
         self._tasks: set[asyncio.Task] = set()
         self.fatal: BaseException | None = None
+        self.metrics = Metrics()
+        self.metrics.gauge("sessions", lambda: len(self.sessions), "open sessions")
+        self.metrics.gauge("direct_sessions", lambda: sum(1 for s in self.sessions.values() if s.direct), "sessions with a direct path")
         self.failed = asyncio.Event()  # set with `fatal` when the Intermediate refuses us for good
 
     async def start(self) -> Addr:
@@ -163,6 +167,7 @@ class Connector:
         if s is None:
             return
         s.counters["relay_in"] += 1
+        self.metrics.inc("datagrams_in_total", path="relay")
         self._spawn_or_send(s, "relay", payload)
 
     def to_app(self, s: ConnectorSession, path: str, payload: bytes) -> None:
@@ -194,10 +199,12 @@ class Connector:
             if path == "direct" and s.direct is not None and not s.direct.closed:
                 s.direct.send_datagram(data)
                 s.counters["direct_out"] += 1
+                self.metrics.inc("datagrams_out_total", path="direct")
                 return
             if self.link.conn is not None:
                 self.link.conn.send_datagram(data)
                 s.counters["relay_out"] += 1
+                self.metrics.inc("datagrams_out_total", path="relay")
         except DatagramTooLarge as exc:
             log.warning("reply from the application dropped: %s", exc)
 
@@ -215,7 +222,7 @@ class _DirectConn(Handler):
             s = self.c.sessions.get(msg.session)
             if s is None or not hmac.compare_digest(msg.auth, wire.direct_auth(s.key, msg.session)):
                 conn.send_control(wire.Nack(0, wire.NackCode.UNAUTHENTICATED, "unknown session or bad proof"))
-                conn.close(0x102, "unauthenticated")
+                conn.close_soon(wire.CLOSE_UNAUTHENTICATED, "unauthenticated")
                 return
             if s.direct is not None and s.direct is not conn:
                 s.direct.close(reason="replaced by a newer direct connection")
@@ -226,7 +233,7 @@ class _DirectConn(Handler):
         elif isinstance(msg, wire.Ping):
             conn.send_control(wire.Pong(msg.nonce))
         elif self.session is None:
-            conn.close(0x102, "DirectHello first")
+            conn.close(wire.CLOSE_UNAUTHENTICATED, "DirectHello first")
 
     def on_datagram(self, conn: Connection, data: bytes) -> None:
         s = self.session
@@ -239,6 +246,7 @@ class _DirectConn(Handler):
         if sid != s.id:
             return
         s.counters["direct_in"] += 1
+        self.c.metrics.inc("datagrams_in_total", path="direct")
         self.c.to_app(s, "direct", payload)
 
     def on_closed(self, conn: Connection, reason: str) -> None:

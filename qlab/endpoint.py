@@ -118,6 +118,11 @@ class Connection:
             self.quic.close(error_code=error_code, reason_phrase=reason)
             self.endpoint.mark(self)
 
+    def close_soon(self, error_code: int, reason: str, delay: float = 0.2) -> None:
+        """Close after `delay`, so that control messages just queued (a NACK) reach the peer
+        first: aioquic drops unsent stream data once a connection is closing."""
+        asyncio.get_running_loop().call_later(delay, self.close, error_code, reason)
+
     @property
     def rtt(self) -> float | None:
         """QUIC's smoothed RTT in seconds, once measured."""
@@ -203,23 +208,26 @@ class Endpoint:
                     except Exception:  # a role bug must not take the socket down
                         log.exception("raw handler failed")
                 continue
-            try:
-                header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
-            except ValueError:
-                self.stats["dropped_malformed"] += 1
-                continue
-            conn = self.by_cid.get(header.destination_cid)
-            if conn is None:
+            if not first & 0x80:  # short header: the DCID is the next CID_LENGTH bytes (hot path)
+                conn = self.by_cid.get(data[1 : 1 + CID_LENGTH])
+            else:
+                try:
+                    header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+                except ValueError:
+                    self.stats["dropped_malformed"] += 1
+                    continue
+                conn = self.by_cid.get(header.destination_cid)
                 if (
-                    self.server_config is not None
+                    conn is None
+                    and self.server_config is not None
                     and header.packet_type == QuicPacketType.INITIAL
                     and len(data) >= 1200
                     and len(header.destination_cid) >= 8
                 ):
                     conn = self._accept(header.destination_cid, addr)
-                else:
-                    self.stats["dropped_unknown"] += 1
-                    continue
+            if conn is None:
+                self.stats["dropped_unknown"] += 1
+                continue
             try:
                 conn.quic.receive_datagram(data, addr, now=now)
             except Exception:  # aioquic should not raise here; never let one peer break the rest
@@ -294,7 +302,7 @@ class Endpoint:
                 msgs = conn.framer.feed(ev.data)
             except wire.WireError as exc:
                 log.info("closing %s: malformed control stream: %s", conn, exc)
-                conn.close(error_code=0x101, reason=f"malformed control message: {exc}")
+                conn.close(error_code=wire.CLOSE_MALFORMED, reason=f"malformed control message: {exc}")
                 return
             for msg in msgs:
                 handler.on_control(conn, msg)
@@ -355,6 +363,14 @@ class Endpoint:
         if conn.quic._state == QuicConnectionState.TERMINATED:
             self._process(conn)  # deliver ConnectionTerminated
             self._terminated(conn, conn.close_reason or "terminated")
+
+    def abandon(self, conn: Connection, reason: str) -> None:
+        """Give a connection up now (peer unresponsive): send CONNECTION_CLOSE once and forget it,
+        without waiting out the closing period."""
+        conn.close(reason=reason)
+        self._process(conn)
+        self._transmit(conn)
+        self._terminated(conn, reason)
 
     def _on_timer(self, conn: Connection) -> None:
         conn.timer = None

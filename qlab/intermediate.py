@@ -73,6 +73,10 @@ class Intermediate:
         m = self.metrics
         m.gauge("clients", lambda: len(self.clients), "connected and authenticated clients")
         m.gauge("sessions", lambda: len(self.sessions), "open relay/signaling sessions")
+        self.relayed = {"to_connector": 0, "to_agent": 0}
+        self.relayed_bytes = {"to_connector": 0, "to_agent": 0}
+        m.counter_source("relayed_datagrams_total", "direction", lambda: self.relayed)
+        m.counter_source("relayed_bytes_total", "direction", lambda: self.relayed_bytes)
         m.gauge("services", lambda: sum(1 for v in self.services.values() if v), "services with a Connector")
 
     async def listen(self, addrs: list[Addr]) -> list[Addr]:
@@ -169,7 +173,7 @@ class _ServerConn(Handler):
             if not isinstance(msg, wire.Hello):
                 s.error("before_hello")
                 conn.send_control(wire.Nack(0, wire.NackCode.UNAUTHENTICATED, "say HELLO first"))
-                conn.close(0x102, "unauthenticated")
+                conn.close_soon(wire.CLOSE_UNAUTHENTICATED, "unauthenticated")
                 return
             self._hello(msg)
             return
@@ -188,14 +192,14 @@ class _ServerConn(Handler):
         if msg.version != wire.VERSION:
             s.error("bad_version")
             conn.send_control(wire.Nack(0, wire.NackCode.BAD_VERSION, f"server speaks qlab/{wire.VERSION}"))
-            conn.close(0x103, "bad version")
+            conn.close_soon(wire.CLOSE_BAD_VERSION, "bad version")
             return
         if not wire.check_hello(s.creds.secret, msg):
             s.error("unauthenticated")
             s.metrics.inc("auth_failures_total")
             log.warning("refused %s %r from %s: bad secret", msg.role.name.lower(), msg.name, conn.peer_addr)
             conn.send_control(wire.Nack(0, wire.NackCode.UNAUTHENTICATED, "bad deployment secret"))
-            conn.close(0x102, "unauthenticated")
+            conn.close_soon(wire.CLOSE_UNAUTHENTICATED, "unauthenticated")
             return
         cid = s._new_id(s.clients)
         self.client = Client(cid, conn, msg.role, msg.name, self.listener)
@@ -374,8 +378,8 @@ class _ServerConn(Handler):
         direction = "to_connector" if to_connector else "to_agent"
         if ok:
             sess.relayed[direction] += 1
-            m.inc("relayed_datagrams_total", direction=direction)
-            m.inc("relayed_bytes_total", len(data) - wire.DGRAM_HEADER, direction=direction)
+            s.relayed[direction] += 1
+            s.relayed_bytes[direction] += len(data) - wire.DGRAM_HEADER
         else:
             m.inc("relay_dropped_total", direction=direction)
 

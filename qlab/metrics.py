@@ -18,12 +18,18 @@ class Metrics:
         self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
         self.gauges: dict[str, Callable[[], float]] = {}
         self.help: dict[str, str] = {}
+        self.sources: dict[str, Callable[[], dict[str, float]]] = {}
 
     def inc(self, name: str, value: float = 1, **labels: str) -> None:
         self.counters[(name, tuple(sorted(labels.items())))] += value
 
     def get(self, name: str, **labels: str) -> float:
         return self.counters.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def counter_source(self, name: str, label: str, fn: Callable[[], dict[str, float]]) -> None:
+        """A counter kept by the caller in plain ints (hot paths), read at scrape time as
+        {label value: count}."""
+        self.sources[name] = lambda: {(label, k): v for k, v in fn().items()}  # type: ignore[misc]
 
     def gauge(self, name: str, fn: Callable[[], float], help_text: str = "") -> None:
         self.gauges[name] = fn
@@ -40,6 +46,11 @@ class Metrics:
                 lines.append(f"# TYPE {full} counter")
             lab = ",".join(f'{k}="{v}"' for k, v in labels)
             lines.append(f"{full}{{{lab}}} {value:g}" if lab else f"{full} {value:g}")
+        for name, fn in sorted(self.sources.items()):
+            full = f"{self.prefix}_{name}"
+            lines.append(f"# TYPE {full} counter")
+            for (label, key), value in sorted(fn().items()):
+                lines.append(f'{full}{{{label}="{key}"}} {value:g}')
         for name, fn in sorted(self.gauges.items()):
             full = f"{self.prefix}_{name}"
             if name in self.help:

@@ -28,6 +28,12 @@ KEY_LEN = 32
 MAC_LEN = 16
 
 
+# QUIC application close codes used by qlab/1
+CLOSE_MALFORMED = 0x101
+CLOSE_UNAUTHENTICATED = 0x102
+CLOSE_BAD_VERSION = 0x103
+
+
 class WireError(ValueError):
     """Malformed or unacceptable qlab/1 input. The only exception a decoder raises."""
 

@@ -1,0 +1,36 @@
+"""Shared fixtures. HOME and the Jupyter/IPython/matplotlib dirs point at a temporary folder so
+nothing a test runs writes into the user's home."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = tempfile.mkdtemp(prefix="qlab-test-home-")
+for var, sub in (
+    ("HOME", ""),
+    ("IPYTHONDIR", ".ipython"),
+    ("JUPYTER_CONFIG_DIR", ".jupyter"),
+    ("JUPYTER_DATA_DIR", ".local/share/jupyter"),
+    ("JUPYTER_RUNTIME_DIR", ".local/share/jupyter/runtime"),
+    ("MPLCONFIGDIR", ".config/matplotlib"),
+):
+    os.environ[var] = str(Path(_HOME, sub))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def certs_dir(tmp_path_factory) -> Path:
+    from qlab.certs import init_dir
+
+    return init_dir(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="session")
+def creds(certs_dir):
+    from qlab.certs import Credentials
+
+    return Credentials.load(certs_dir)
