@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 
 from qlab import wire
@@ -22,19 +23,34 @@ log = logging.getLogger("qlab.agent")
 
 
 class AgentSession:
-    def __init__(self, agent: Agent, msg: wire.SessionOpened, service: str) -> None:
+    """One session to a service. Usable on the relay at once: the Agent proposes the session id,
+    so application datagrams may follow the OpenSession in the same flight."""
+
+    def __init__(self, agent: Agent, session_id: int, service: str) -> None:
         self.agent = agent
-        self.id = msg.session
-        self.key = msg.key
-        self.connector = msg.connector
+        self.id = session_id
         self.service = service
-        self.relay_max_payload = msg.max_payload
+        self.key: bytes | None = None
+        self.connector: str | None = None
+        self.relay_max_payload = agent.link.max_relay_payload
+        self.opened: asyncio.Future = asyncio.get_running_loop().create_future()
         self.direct: Connection | None = None
         self.active_path = "relay"
         self.on_payload: Callable[[bytes, str], None] = lambda payload, path: None
         self.counters = {"relay_out": 0, "relay_in": 0, "direct_out": 0, "direct_in": 0}
+        self.bytes = {"relay_out": 0, "relay_in": 0, "direct_out": 0, "direct_in": 0}
         self.closed: str | None = None
         self.punch: object | None = None  # traversal state, when punching
+        self.path: object | None = None  # the path manager, when one runs
+
+    def _opened(self, msg: wire.SessionOpened) -> None:
+        self.key = msg.key
+        self.connector = msg.connector
+        self.relay_max_payload = msg.max_payload
+
+    async def wait_open(self, timeout: float = 5.0) -> AgentSession:
+        await asyncio.wait_for(asyncio.shield(self.opened), timeout)
+        return self
 
     @property
     def max_payload(self) -> int:
@@ -63,17 +79,24 @@ class AgentSession:
         if not ok:
             return None
         self.counters[f"{path}_out"] += 1
+        self.bytes[f"{path}_out"] += len(payload)
         return path
 
     def on_direct_pong(self, nonce: int) -> None:
-        """Hook for the path manager (liveness of the direct path)."""
+        if self.path is not None:
+            self.path.on_rx("direct")  # type: ignore[attr-defined]
 
     def on_direct_lost(self, reason: str) -> None:
-        """Hook for the path manager: the direct connection is gone; traffic goes to the relay."""
+        """The direct connection is gone: traffic goes to the relay (the path manager is told)."""
         self.active_path = "relay"
+        if self.path is not None:
+            self.path.lost(reason)  # type: ignore[attr-defined]
 
     def deliver(self, payload: bytes, path: str) -> None:
         self.counters[f"{path}_in"] += 1
+        self.bytes[f"{path}_in"] += len(payload)
+        if self.path is not None:
+            self.path.on_rx(path)  # type: ignore[attr-defined]
         self.on_payload(payload, path)
 
 
@@ -101,6 +124,7 @@ class Agent:
         )
         self.raw_hooks: list[Callable[[bytes, Addr], bool]] = []
         self.message_hooks: list[Callable[[wire.Message], bool]] = []
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self, timeout: float = 5.0) -> Addr:
         """Bind the one socket and connect to the Intermediate (raises Refused on a bad secret)."""
@@ -108,16 +132,53 @@ class Agent:
         await self.link.connect(timeout)
         return addr
 
-    async def open_session(self, service: str, timeout: float = 5.0) -> AgentSession:
-        reply = await self.link.request(wire.OpenSession(self.link.next_req(), service), timeout)
-        assert isinstance(reply, wire.SessionOpened)
-        s = AgentSession(self, reply, service)
-        self.sessions[s.id] = s
+    def begin_session(
+        self, service: str, nat: wire.NatKind = wire.NatKind.UNKNOWN, candidates: tuple[wire.Candidate, ...] = ()
+    ) -> AgentSession:
+        """Open a session without waiting: relay sends work immediately; `session.opened`
+        completes (or fails with Refused) when the Intermediate answers."""
+        sid = 0
+        while sid == 0 or sid in self.sessions:
+            sid = secrets.randbits(32)
+        s = AgentSession(self, sid, service)
+        self.sessions[sid] = s
+        msg = wire.OpenSession(self.link.next_req(), sid, service, nat, candidates)
+
+        async def wait_reply() -> None:
+            try:
+                reply = await self.link.request(msg)
+            except BaseException as exc:
+                self.sessions.pop(sid, None)
+                s.closed = str(exc)
+                if not s.opened.done():
+                    s.opened.set_exception(exc)
+                    s.opened.exception()
+                return
+            assert isinstance(reply, wire.SessionOpened)
+            s._opened(reply)
+            if not s.opened.done():
+                s.opened.set_result(s)
+
+        self._tasks.add(t := asyncio.get_running_loop().create_task(wait_reply()))
+        t.add_done_callback(self._tasks.discard)
         return s
 
-    async def connect_direct(self, session: AgentSession, addr: Addr, timeout: float = 3.0) -> Connection:
+    async def open_session(self, service: str, timeout: float = 5.0, **offer) -> AgentSession:
+        s = self.begin_session(service, **offer)
+        try:
+            return await s.wait_open(timeout)
+        except BaseException:
+            self.sessions.pop(s.id, None)
+            raise
+
+    async def connect_direct(
+        self, session: AgentSession, addr: Addr, timeout: float = 3.0,
+        on_handshake: Callable[[Connection], None] | None = None,
+    ) -> Connection:
         """Open the direct QUIC connection to the Connector at `addr` from the shared socket and
-        prove the session key; the session's `direct` path is set once the Connector accepts."""
+        prove the session key; the session's `direct` path is set once the Connector accepts.
+        `on_handshake` runs right after the DirectHello is queued (datagrams sent then ride the
+        same flight; the Connector holds them until the hello is verified)."""
         from qlab.certs import CONNECTOR_NAME
 
         loop = asyncio.get_running_loop()
@@ -127,15 +188,22 @@ class Agent:
         try:
             async with asyncio.timeout(timeout):
                 await conn.handshake_done
+                assert session.key is not None, "the session is not open yet"
                 conn.send_control(wire.DirectHello(session.id, wire.direct_auth(session.key, session.id)))
+                session.direct = conn
+                if on_handshake is not None:
+                    on_handshake(conn)
                 await accepted
         except BaseException:
+            if session.direct is conn:
+                session.direct = None
             self.endpoint.abandon(conn, "direct connection attempt failed")
             raise
-        session.direct = conn
         return conn
 
     def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
         for s in self.sessions.values():
             if s.direct is not None:
                 s.direct.close(reason="agent closing")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from qlab import wire
 from qlab.certs import Credentials
 from qlab.client import IntermediateLink, Refused
-from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
+from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler, HeldDatagrams
 from qlab.metrics import Metrics
 from qlab.net import Addr, DatagramSocket, Net
 
@@ -35,6 +35,8 @@ class ConnectorSession:
     app_socks: dict[str, DatagramSocket] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"relay_in": 0, "relay_out": 0, "direct_in": 0, "direct_out": 0})
     punch: object | None = None  # the traversal state of this session, when punching
+    agent_nat: wire.NatKind = wire.NatKind.UNKNOWN
+    agent_candidates: tuple[wire.Candidate, ...] = ()
 
 
 class Connector:
@@ -71,6 +73,8 @@ class Connector:
         self.registered = asyncio.Event()
         self.raw_hooks: list[Callable[[bytes, Addr], bool]] = []
         self.message_hooks: list[Callable[[wire.Message], bool]] = []
+        self.session_hooks: list[Callable[[ConnectorSession], None]] = []
+        self.held = HeldDatagrams()
         self._tasks: set[asyncio.Task] = set()
         self.fatal: BaseException | None = None
         self.metrics = Metrics()
@@ -136,8 +140,14 @@ class Connector:
             if hook(msg):
                 return
         if isinstance(msg, wire.SessionNew):
-            self.sessions[msg.session] = ConnectorSession(msg.session, msg.key, msg.agent, msg.service, msg.max_payload)
+            s = ConnectorSession(msg.session, msg.key, msg.agent, msg.service, msg.max_payload,
+                                 agent_nat=msg.nat, agent_candidates=msg.candidates)
+            self.sessions[msg.session] = s
             log.info("session %08x from agent %s", msg.session, msg.agent)
+            for data in self.held.take(asyncio.get_running_loop().time(), msg.session):
+                self._on_relay(data)
+            for hook in self.session_hooks:
+                hook(s)
         elif isinstance(msg, wire.SessionClosed):
             s = self.sessions.pop(msg.session, None)
             if s is not None:
@@ -165,6 +175,7 @@ class Connector:
             return
         s = self.sessions.get(sid)
         if s is None:
+            self.held.hold(asyncio.get_running_loop().time(), sid, data)  # SessionNew may follow in this packet
             return
         s.counters["relay_in"] += 1
         self.metrics.inc("datagrams_in_total", path="relay")
@@ -216,6 +227,7 @@ class _DirectConn(Handler):
         self.c = connector
         self.conn = conn
         self.session: ConnectorSession | None = None
+        self.held = HeldDatagrams(limit=16)
 
     def on_control(self, conn: Connection, msg: wire.Message) -> None:
         if isinstance(msg, wire.DirectHello) and self.session is None:
@@ -229,6 +241,8 @@ class _DirectConn(Handler):
             s.direct = conn
             self.session = s
             conn.send_control(wire.Ack(0))
+            for data in self.held.take(asyncio.get_running_loop().time(), 0):
+                self.on_datagram(conn, data)
             log.info("session %08x: direct connection from %s:%d", s.id, *(conn.peer_addr or ("?", 0)))
         elif isinstance(msg, wire.Ping):
             conn.send_control(wire.Pong(msg.nonce))
@@ -238,6 +252,7 @@ class _DirectConn(Handler):
     def on_datagram(self, conn: Connection, data: bytes) -> None:
         s = self.session
         if s is None:
+            self.held.hold(asyncio.get_running_loop().time(), 0, data)  # the DirectHello is in this flight
             return
         try:
             sid, payload = wire.decode_app(data)

@@ -38,6 +38,32 @@ class DatagramTooLarge(ValueError):
     """A payload larger than the connection can carry in one QUIC DATAGRAM frame."""
 
 
+class HeldDatagrams:
+    """Datagrams that arrived just before the control message that makes them valid.
+
+    aioquic writes DATAGRAM frames before STREAM frames in a packet, so a session's first relayed
+    datagram can be processed before the message that opens the session. A receiver holds a few,
+    for a short time, and replays them when the session appears; the rest are dropped.
+    """
+
+    def __init__(self, limit: int = 32, max_age: float = 2.0) -> None:
+        self.limit = limit
+        self.max_age = max_age
+        self.items: list[tuple[float, int, bytes]] = []
+
+    def hold(self, now: float, key: int, data: bytes) -> bool:
+        self.items = [i for i in self.items if now - i[0] <= self.max_age]
+        if len(self.items) >= self.limit:
+            return False
+        self.items.append((now, key, data))
+        return True
+
+    def take(self, now: float, key: int) -> list[bytes]:
+        out = [d for t, k, d in self.items if k == key and now - t <= self.max_age]
+        self.items = [i for i in self.items if i[1] != key and now - i[0] <= self.max_age]
+        return out
+
+
 class Handler:
     """What a role does with a connection's events. Methods run inside the endpoint's batch."""
 

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 
 from qlab import wire
 from qlab.certs import Credentials, new_session_key
-from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
+from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler, HeldDatagrams
 from qlab.metrics import Metrics
 from qlab.net import Addr, Net
 
 log = logging.getLogger("qlab.intermediate")
 
-PUNCH_MARGIN_MS = 20  # extra time so both StartPunch messages arrive before the common start
-DEFAULT_PREDICTED_PORTS = 8
+PUNCH_MARGIN_MS = 2  # slack for RTT estimates when timing the common punch start
 
 
 @dataclass
@@ -116,6 +115,10 @@ class Intermediate:
                 return ep
         return None
 
+    @staticmethod
+    def loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
     def error(self, kind: str) -> None:
         self.metrics.inc("errors_total", kind=kind)
 
@@ -152,6 +155,7 @@ class _ServerConn(Handler):
         self.conn = conn
         self.listener = listener
         self.client: Client | None = None
+        self.held = HeldDatagrams()
 
     # -- QAD ------------------------------------------------------------------------------------
     def _send_observed(self) -> None:
@@ -229,21 +233,27 @@ class _ServerConn(Handler):
         if c.role != wire.Role.AGENT:
             self.conn.send_control(wire.Nack(msg.req, wire.NackCode.NOT_ALLOWED, "only agents open sessions"))
             return
+        if msg.session == 0 or msg.session in s.sessions:
+            self.conn.send_control(wire.Nack(msg.req, wire.NackCode.BAD_STATE, "session id taken; pick another"))
+            return
         conn_c = s.connector_for(msg.service)
         if conn_c is None:
             s.error("no_connector")
             self.conn.send_control(wire.Nack(msg.req, wire.NackCode.NO_CONNECTOR, f"no connector for {msg.service!r}"))
             return
-        sid = s._new_id(s.sessions)
+        sid = msg.session
         key = new_session_key()
         limit = min(self.conn.max_app_payload, conn_c.conn.max_app_payload)
         sess = Session(sid, msg.service, c.id, conn_c.id, key, time.time())
+        sess.offer = wire.Offer(sid, msg.nat, msg.candidates)
         s.sessions[sid] = sess
         c.sessions.add(sid)
         conn_c.sessions.add(sid)
         s.metrics.inc("sessions_total")
-        conn_c.conn.send_control(wire.SessionNew(sid, key, c.name, msg.service, limit))
+        conn_c.conn.send_control(wire.SessionNew(sid, key, c.name, msg.service, limit, msg.nat, msg.candidates))
         self.conn.send_control(wire.SessionOpened(msg.req, sid, key, conn_c.name, limit))
+        for data in self.held.take(self.s.loop_time(), sid):
+            self.on_datagram(self.conn, data)
 
     def _session_for(self, c: Client, sid: int, req: int = 0) -> Session | None:
         sess = self.s.sessions.get(sid)
@@ -293,12 +303,11 @@ class _ServerConn(Handler):
             connector.id: (connector.conn.rtt or 0.1) / 2,
         }
         latest = max(half.values())
-        for me, peer_msg, peer in ((agent, sess.answer, connector), (connector, sess.offer, agent)):
+        for me, peer_msg in ((agent, sess.answer), (connector, sess.offer)):
             delay = int((latest - half[me.id]) * 1000) + PUNCH_MARGIN_MS
-            predicted = _predict_ports(peer_msg.nat, peer.conn.peer_addr)
             birthday = self.s.birthday_ports if peer_msg.nat == wire.NatKind.EIM and _is_hard(sess, me) else 0
             me.conn.send_control(
-                wire.StartPunch(sess.id, min(delay, 5000), peer_msg.nat, peer_msg.candidates, predicted, birthday)
+                wire.StartPunch(sess.id, min(delay, 5000), peer_msg.nat, peer_msg.candidates, birthday)
             )
         self.s.metrics.inc("punches_started_total")
 
@@ -358,6 +367,8 @@ class _ServerConn(Handler):
             s.error("datagram_malformed")
             return
         sess = s.sessions.get(sid)
+        if sess is None and c.role == wire.Role.AGENT and self.held.hold(s.loop_time(), sid, data):
+            return  # the OpenSession carrying this id is probably in the same packet
         if sess is None or c.id not in (sess.agent, sess.connector):
             s.error("datagram_foreign_session")
             return
@@ -386,14 +397,6 @@ class _ServerConn(Handler):
     def on_closed(self, conn: Connection, reason: str) -> None:
         if self.client is not None:
             self.s.drop_client(self.client, reason)
-
-
-def _predict_ports(nat: wire.NatKind, observed: Addr | None) -> tuple[int, ...]:
-    """For a sequential-port symmetric NAT, the ports its next mappings will most likely get."""
-    if nat != wire.NatKind.EDM_SEQUENTIAL or observed is None:
-        return ()
-    base = observed[1]
-    return tuple(p for p in range(base + 1, base + 1 + DEFAULT_PREDICTED_PORTS) if p <= 0xFFFF)
 
 
 def _is_hard(sess: Session, me: Client) -> bool:

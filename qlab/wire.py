@@ -277,26 +277,6 @@ class _Candidates(_Codec):
 CANDIDATES = _Candidates()
 
 
-class _Ports(_Codec):
-    """u8 count | u16 ports — predicted ports to try."""
-
-    def put(self, out: bytearray, value: tuple[int, ...]) -> None:
-        if len(value) > 64:
-            raise WireError("too many ports")
-        out.append(len(value))
-        for p in value:
-            U16.put(out, p)
-
-    def get(self, r: _Reader) -> tuple[int, ...]:
-        n = r.take(1)[0]
-        if n > 64:
-            raise WireError("too many ports")
-        return tuple(U16.get(r) for _ in range(n))
-
-
-PORTS = _Ports()
-
-
 # --- control messages ------------------------------------------------------------------------
 
 
@@ -376,18 +356,22 @@ class Nack(Message):
     reason: str
 
 
-@_message(0x07, U16, NAME)
+@_message(0x07, U16, U32, NAME, _Enum(NatKind), CANDIDATES)
 class OpenSession(Message):
-    """Agent -> Intermediate: a session to `service`, relayed at once."""
+    """Agent -> Intermediate: open `session` (an id the Agent proposes, so relay datagrams can
+    follow in the same flight) to `service`, with the Agent's offer (NAT verdict, candidates)."""
 
     req: int
+    session: int
     service: str
+    nat: NatKind
+    candidates: tuple[Candidate, ...]
 
 
 @_message(0x08, U16, U32, KEY, NAME, U16)
 class SessionOpened(Message):
-    """Intermediate -> Agent: the session id, its key (authenticates probes and the direct path),
-    the Connector's name and the largest application payload the relay carries for it."""
+    """Intermediate -> Agent: the session is open; its key (authenticates probes and the direct
+    path), the Connector's name and the largest application payload the relay carries for it."""
 
     req: int
     session: int
@@ -396,15 +380,17 @@ class SessionOpened(Message):
     max_payload: int
 
 
-@_message(0x09, U32, KEY, NAME, NAME, U16)
+@_message(0x09, U32, KEY, NAME, NAME, U16, _Enum(NatKind), CANDIDATES)
 class SessionNew(Message):
-    """Intermediate -> Connector: an Agent opened a session to one of its services."""
+    """Intermediate -> Connector: an Agent opened a session to one of its services, with its offer."""
 
     session: int
     key: bytes
     agent: str
     service: str
     max_payload: int
+    nat: NatKind
+    candidates: tuple[Candidate, ...]
 
 
 @_message(0x0B, U32, KEY)
@@ -425,7 +411,8 @@ class SessionClosed(Message):
 
 @_message(0x10, U32, _Enum(NatKind), CANDIDATES)
 class Offer(Message):
-    """Agent -> Intermediate -> Connector: the Agent's NAT verdict and candidates."""
+    """Agent -> Intermediate -> Connector: a new offer on an open session (another upgrade attempt
+    after a failed punch or a lost direct path)."""
 
     session: int
     nat: NatKind
@@ -441,17 +428,16 @@ class Answer(Message):
     candidates: tuple[Candidate, ...]
 
 
-@_message(0x12, U32, U16, _Enum(NatKind), CANDIDATES, PORTS, U16)
+@_message(0x12, U32, U16, _Enum(NatKind), CANDIDATES, U16)
 class StartPunch(Message):
-    """Intermediate -> both sides: the peer's NAT and candidates, when to start (ms from receipt,
-    computed from each side's RTT so the probes cross), predicted ports to try and the number of
-    extra mappings a birthday-mode sender should open (0 = off)."""
+    """Intermediate -> both sides: the peer's NAT and candidates (including the ports it predicts
+    for itself), and when to start (ms from receipt, from each side's RTT so that the probes
+    cross); `birthday` is the number of extra mappings a birthday-mode sender opens (0 = off)."""
 
     session: int
     delay_ms: int
     peer_nat: NatKind
     peer_candidates: tuple[Candidate, ...]
-    predicted_ports: tuple[int, ...]
     birthday: int
 
 

@@ -1,0 +1,206 @@
+"""Virtual time: an asyncio event loop whose clock jumps to the next timer when nothing is runnable.
+
+A trial on the simulator is mostly waiting (link delays, retransmission and keepalive timers, NAT
+binding timeouts). `VirtualTimeLoop` makes that waiting free: its `time()` is a number it owns, and
+its selector, instead of blocking for `timeout` seconds, advances that number by `timeout` and
+returns at once. A 30 s idle timeout then costs microseconds of wall time, and what happens depends
+only on the order of events, never on machine load. aioquic gets `now` from `loop.time()` through
+its caller, so QUIC timers follow the virtual clock too.
+
+Two ways a simulation can go wrong are reported instead of hanging:
+- `SimulationDeadlock`: nothing is ready, no timer is scheduled and no outside work (an executor
+  job) is pending, so the loop would wait forever;
+- `SimulationLimitExceeded`: the run went past `max_time` virtual seconds or `max_iterations` loop
+  iterations (a livelock such as a task spinning on `sleep(0)`, or a timer that keeps rescheduling).
+
+The loop is a `SelectorEventLoop` on every OS (Windows' default Proactor loop cannot be driven this
+way). Its selector polls a real selector with a zero timeout, so `call_soon_threadsafe` and executor
+results still arrive; virtual time never waits for them unless nothing else is left to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import selectors
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_MAX_TIME = 7 * 24 * 3600.0  # virtual seconds per loop; a week is far beyond any trial
+DEFAULT_MAX_ITERATIONS = 50_000_000  # loop iterations per loop; ~minutes of wall time
+EXTERNAL_WAIT = 60.0  # wall seconds to wait for an executor job when nothing else can run
+CLOCK_RESOLUTION = 1e-9  # timers within 1 ns of "now" are due (absorbs float rounding of jumps)
+
+
+class SimulationError(RuntimeError):
+    """Base class of the virtual loop's own errors."""
+
+
+class SimulationDeadlock(SimulationError):
+    """Nothing can ever happen again, yet the loop was asked to keep running."""
+
+
+class SimulationLimitExceeded(SimulationError):
+    """The run passed its bound on virtual time or loop iterations."""
+
+
+class _VirtualSelector(selectors.BaseSelector):
+    """A selector that never blocks: a wait of `timeout` becomes a jump of the virtual clock.
+
+    Registrations go to a real selector (the loop's self-pipe lives there), which is polled with a
+    zero timeout on every iteration.
+    """
+
+    def __init__(self) -> None:
+        self._real = selectors.DefaultSelector()
+        self.loop: VirtualTimeLoop | None = None
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._real.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._real.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._real.modify(fileobj, events, data)
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return self._real.get_map()
+
+    def close(self) -> None:
+        self._real.close()
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        loop = self.loop
+        assert loop is not None, "selector used before its loop was attached"
+        loop._count_iteration()
+        ready = self._real.select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:
+            if loop._external_jobs:
+                # Only outside work (a thread) can wake us: wait for it in real time, clock frozen.
+                ready = self._real.select(EXTERNAL_WAIT)
+                if ready:
+                    return ready
+            raise SimulationDeadlock(loop._deadlock_report())
+        loop._advance(timeout)
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop on a virtual clock (see the module docstring).
+
+    `start` is the clock's value at creation. `max_time` bounds how far the clock may run past
+    `start` and `max_iterations` how many loop iterations may run; `None` disables a bound. `seed`
+    feeds `self.rng`, a `random.Random` for simulation code that has no seed of its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        start: float = 0.0,
+        max_time: float | None = DEFAULT_MAX_TIME,
+        max_iterations: int | None = DEFAULT_MAX_ITERATIONS,
+        seed: int | str | None = 0,
+    ) -> None:
+        selector = _VirtualSelector()
+        super().__init__(selector)
+        selector.loop = self
+        self._clock_resolution = CLOCK_RESOLUTION
+        self._now = float(start)
+        self._start = float(start)
+        self.max_time = max_time
+        self.max_iterations = max_iterations
+        self.iterations = 0
+        self.rng = random.Random(seed)
+        self._external_jobs = 0
+        self._external_lock = threading.Lock()
+
+    # -- the clock ----------------------------------------------------------------------------
+    def time(self) -> float:
+        return self._now
+
+    @property
+    def elapsed(self) -> float:
+        """Virtual seconds since the loop was created."""
+        return self._now - self._start
+
+    def _advance(self, seconds: float) -> None:
+        now = self._now + seconds
+        if self.max_time is not None and now - self._start > self.max_time:
+            raise SimulationLimitExceeded(
+                f"virtual time would pass max_time={self.max_time:g} s (next timer at t={now:.6f}); "
+                "a timer keeps rescheduling itself, or raise max_time for a longer run"
+            )
+        self._now = now
+
+    def _count_iteration(self) -> None:
+        self.iterations += 1
+        if self.max_iterations is not None and self.iterations > self.max_iterations:
+            raise SimulationLimitExceeded(
+                f"more than max_iterations={self.max_iterations} loop iterations at t={self._now:.6f} "
+                "(virtual time stopped advancing: something is spinning, e.g. a loop over sleep(0))"
+            )
+
+    def _deadlock_report(self) -> str:
+        tasks = [t for t in asyncio.all_tasks(self) if not t.done()]
+        shown = "; ".join(_describe_task(t) for t in tasks[:8])
+        more = f" (+{len(tasks) - 8} more)" if len(tasks) > 8 else ""
+        return (
+            f"simulation deadlock at t={self._now:.6f}: nothing is ready and no timer is scheduled, "
+            f"so nothing can happen again, but {len(tasks)} task(s) still wait: {shown}{more}"
+        )
+
+    # -- outside work: keep the deadlock detector from firing while a thread may still call back --
+    def _external_begin(self) -> None:
+        with self._external_lock:
+            self._external_jobs += 1
+
+    def _external_end(self, *_: Any) -> None:
+        with self._external_lock:
+            self._external_jobs -= 1
+
+    def run_in_executor(self, executor: Any, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        fut = super().run_in_executor(executor, func, *args)
+        self._external_begin()
+        fut.add_done_callback(self._external_end)
+        return fut
+
+    async def shutdown_default_executor(self, *args: Any) -> None:
+        self._external_begin()
+        try:
+            await super().shutdown_default_executor(*args)
+        finally:
+            self._external_end()
+
+
+def _describe_task(task: asyncio.Task) -> str:
+    coro = task.get_coro()
+    frame = getattr(coro, "cr_frame", None)
+    where = f" at {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}" if frame else ""
+    name = getattr(coro, "__qualname__", repr(coro))
+    return f"{task.get_name()} {name}{where}"
+
+
+def loop_factory(**kwargs: Any) -> Callable[[], VirtualTimeLoop]:
+    """A factory for `asyncio.Runner(loop_factory=...)` with VirtualTimeLoop options bound."""
+    return lambda: VirtualTimeLoop(**kwargs)
+
+
+def run(
+    main: Coroutine[Any, Any, T],
+    *,
+    seed: int | str | None = 0,
+    start: float = 0.0,
+    max_time: float | None = DEFAULT_MAX_TIME,
+    max_iterations: int | None = DEFAULT_MAX_ITERATIONS,
+    debug: bool | None = None,
+) -> T:
+    """Run `main` to completion on a fresh VirtualTimeLoop, like `asyncio.run`."""
+    factory = loop_factory(start=start, max_time=max_time, max_iterations=max_iterations, seed=seed)
+    with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
+        return runner.run(main)

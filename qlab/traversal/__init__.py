@@ -1,0 +1,1 @@
+"""NAT traversal: NAT detection, candidates, hole punching and path management."""

@@ -1,0 +1,473 @@
+"""Traversal for real sessions: NAT detection, offers and answers, punching, the direct
+connection, and the path manager that keeps traffic on the best verified path.
+
+`AgentTraversal` and `ConnectorTraversal` attach to the roles through their hooks (control
+messages, raw datagrams, new sessions); the roles stay usable without them (relay only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import statistics
+from dataclasses import dataclass, field
+
+from qlab import wire
+from qlab.agent import Agent, AgentSession
+from qlab.connector import Connector, ConnectorSession
+from qlab.endpoint import Connection
+from qlab.net import Addr
+from qlab.traversal.detect import Detection, detect_nat_kind
+from qlab.traversal.punch import (
+    PunchConfig,
+    Puncher,
+    PunchRunner,
+    both_endpoint_dependent,
+    gather,
+    host_ips_for,
+)
+
+log = logging.getLogger("qlab.traversal")
+
+
+@dataclass
+class TraversalConfig:
+    punch: PunchConfig = field(default_factory=PunchConfig)
+    direct_timeout: float = 3.0  # QUIC handshake + DirectHello on the punched pair
+    keepalive: float = 0.5  # direct-path ping interval (below any NAT binding timeout in use)
+    failover: float = 2.0  # a silent direct path is abandoned for the relay within this bound
+    retry_after: float = 5.0  # a new upgrade attempt this long after a failed punch or a lost path
+    max_attempts: int = 3  # upgrade attempts per session (the first included)
+    slack_ratio: float = 0.10  # direct is "not worse" when p50 <= relay p50 * (1 + ratio) + slack_ms
+    slack_ms: float = 2.0
+    detect_timeout: float = 2.0
+
+
+async def detect(link, endpoint, creds, name: str, host_ips: list[str], timeout: float) -> Detection:
+    """Ask the Intermediate for its listeners and compare QAD answers from the shared socket."""
+    observed = link.observed
+    if observed is None:
+        return Detection(wire.NatKind.UNKNOWN, [])
+    try:
+        info = await link.request(wire.ServerInfoRequest(link.next_req()), timeout)
+        listeners = (info.primary, info.alternate) if isinstance(info, wire.ServerInfo) else None
+    except (TimeoutError, ConnectionError):
+        listeners = None
+    return await detect_nat_kind(endpoint, creds, name, observed, listeners, host_ips, timeout=timeout)
+
+
+# --- path manager ------------------------------------------------------------------------------
+
+
+class PathManager:
+    """Chooses the Agent's path per session: relay until the direct path is verified (an echo came
+    back over it) and not worse than the relay; keeps the direct path alive; abandons it for the
+    relay within `failover` seconds when it goes silent; asks for another upgrade later."""
+
+    def __init__(self, session: AgentSession, config: TraversalConfig, on_lost=None) -> None:
+        self.s = session
+        self.cfg = config
+        self.loop = asyncio.get_running_loop()
+        self.t0 = self.loop.time()
+        self.events: list[dict] = []
+        self.rtts: dict[str, list[float]] = {"relay": [], "direct": []}
+        self.verified_at: float | None = None
+        self.last_direct_rx = 0.0
+        self.on_lost = on_lost
+        self._watch: asyncio.Task | None = None
+        session.path = self
+
+    def event(self, kind: str, detail: str = "") -> None:
+        t = round((self.loop.time() - self.t0) * 1000, 3)
+        self.events.append({"t_ms": t, "event": kind, "detail": detail})
+        log.info("session %08x: %s %s", self.s.id, kind, detail)
+
+    def median(self, path: str) -> float | None:
+        v = self.rtts[path]
+        return statistics.median(v) if v else None
+
+    def observe_rtt(self, path: str, rtt: float) -> None:
+        self.rtts[path].append(rtt)
+        if path == "direct":
+            self.last_direct_rx = self.loop.time()
+            if self.verified_at is None:
+                self.verified_at = self.loop.time()
+                self.event("direct_verified", f"first echo over the direct path, rtt {rtt * 1000:.2f} ms")
+            self._decide()
+
+    def on_rx(self, path: str) -> None:
+        if path == "direct":
+            self.last_direct_rx = self.loop.time()
+
+    def not_worse(self) -> bool:
+        d, r = self.median("direct"), self.median("relay")
+        if d is None:
+            return False
+        if r is None:
+            return True
+        return d * 1000 <= r * 1000 * (1 + self.cfg.slack_ratio) + self.cfg.slack_ms
+
+    def _decide(self) -> None:
+        if self.s.direct is None or self.s.direct.closed or self.verified_at is None:
+            return
+        good = self.not_worse()
+        if good and self.s.active_path != "direct":
+            self.s.active_path = "direct"
+            r = self.median("relay")
+            self.event("switch_to_direct", f"direct p50 {self.median('direct') * 1000:.2f} ms vs relay "
+                       + (f"{r * 1000:.2f} ms" if r is not None else "unmeasured"))
+        elif not good and self.s.active_path == "direct":
+            self.s.active_path = "relay"
+            self.event("switch_to_relay", "direct path slower than the relay")
+
+    def direct_up(self, conn: Connection) -> None:
+        self.last_direct_rx = self.loop.time()
+        self.event("direct_connected", f"QUIC to {conn.peer_addr[0]}:{conn.peer_addr[1]}" if conn.peer_addr else "")
+        if self._watch is None or self._watch.done():
+            self._watch = self.loop.create_task(self._keep_alive(conn))
+
+    async def _keep_alive(self, conn: Connection) -> None:
+        nonce = 0
+        dead_after = self.cfg.failover - self.cfg.keepalive
+        step = min(self.cfg.keepalive, dead_after / 2)
+        last_ping = 0.0
+        while not conn.closed and self.s.direct is conn:
+            await asyncio.sleep(step)
+            now = self.loop.time()
+            if now - self.last_direct_rx > dead_after:
+                self.lost(f"no answer on the direct path for {now - self.last_direct_rx:.2f}s")
+                self.s.agent.endpoint.abandon(conn, "direct path lost")
+                return
+            if now - last_ping >= self.cfg.keepalive:
+                nonce = (nonce + 1) & 0xFFFFFFFF
+                conn.send_control(wire.Ping(nonce))
+                last_ping = now
+
+    def lost(self, reason: str) -> None:
+        if self.s.active_path == "direct":
+            self.s.active_path = "relay"
+        self.s.direct = None
+        self.verified_at = None
+        self.event("direct_lost", f"{reason}; traffic continues over the relay")
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+
+# --- agent side --------------------------------------------------------------------------------
+
+
+class SessionTraversal:
+    """The Agent's traversal state of one session."""
+
+    def __init__(self, owner: AgentTraversal, session: AgentSession) -> None:
+        self.owner = owner
+        self.session = session
+        self.path = PathManager(session, owner.cfg, on_lost=self._lost)
+        self.runner: PunchRunner | None = None
+        self.puncher: Puncher | None = None
+        self.attempts = 0
+        self.reason: str | None = None
+        self.peer_nat: wire.NatKind = wire.NatKind.UNKNOWN
+        self.peer_candidates: tuple[wire.Candidate, ...] = ()
+        self.peer_result: wire.PunchResult | None = None
+        self.working: Addr | None = None
+        self.working_kind: wire.CandidateKind | None = None
+        self.probes_sent = 0
+        self.punch_started_at: float | None = None
+        self.punch_ms: float | None = None
+        self.settled = asyncio.Event()  # direct verified, or given up on this attempt
+        self._tasks: set[asyncio.Task] = set()
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def new_puncher(self) -> Puncher:
+        key = self.session.key or b""
+        self.puncher = Puncher(self.session.id, key, self.owner.candidates, (), self.owner.cfg.punch)
+        return self.puncher
+
+    def on_start_punch(self, msg: wire.StartPunch) -> None:
+        self.attempts += 1
+        self.peer_nat = msg.peer_nat
+        self.peer_candidates = msg.peer_candidates
+        own = self.owner.detection.kind
+        if both_endpoint_dependent(own, msg.peer_nat):
+            self.reason = (f"both sides are behind endpoint-dependent NATs (agent {own.name}, connector "
+                           f"{msg.peer_nat.name}): staying on the relay without punching")
+            self.path.event("punch_skipped", self.reason)
+            self.owner.agent.link.send(wire.PunchResult(self.session.id, 0, None, 0))
+            self.settled.set()
+            return
+        p = self.puncher if self.puncher is not None and self.puncher.started_at is None else self.new_puncher()
+        if not p.key and self.session.key:
+            p.key = self.session.key
+        p.set_peer(msg.peer_candidates)
+        loop = asyncio.get_running_loop()
+        self.punch_started_at = loop.time() + msg.delay_ms / 1000
+        self.path.event("punch_start", f"{len(p.targets)} targets, start in {msg.delay_ms} ms, peer NAT {msg.peer_nat.name}")
+        self.runner = PunchRunner(p, self.owner.agent.endpoint.send_raw, self._punch_done)
+        self.runner.start(msg.delay_ms / 1000)
+
+    def on_probe(self, data: bytes, addr: Addr) -> bool:
+        if self.puncher is None:
+            if self.session.key is None:
+                return False
+            self.new_puncher()
+        if self.runner is None:  # the peer started first: answer, it opens its NAT for us
+            try:
+                out = self.puncher.receive(data, addr, asyncio.get_running_loop().time())
+            except wire.WireError:
+                return False
+            for d, a in out:
+                self.owner.agent.endpoint.send_raw(d, a)
+            return True
+        return self.runner.receive(data, addr)
+
+    def _punch_done(self, p: Puncher) -> None:
+        self.probes_sent += p.probes_sent
+        link = self.owner.agent.link
+        if p.success is None:
+            self.reason = f"hole punch failed: {p.failed}" + _hint(self.owner.detection.kind, self.peer_nat)
+            self.path.event("punch_failed", self.reason)
+            link.send(wire.PunchResult(self.session.id, 0, None, min(p.probes_sent, 0xFFFF)))
+            self.settled.set()
+            self._retry_later()
+            return
+        loop = asyncio.get_running_loop()
+        self.working, self.working_kind = p.success.addr, p.success.kind
+        self.punch_ms = (p.success.at - (self.punch_started_at or p.success.at)) * 1000
+        self.path.event("punch_ok", f"{p.success.kind.name.lower()} {p.success.addr[0]}:{p.success.addr[1]} via "
+                        f"{p.success.via} after {self.punch_ms:.1f} ms")
+        link.send(wire.PunchResult(self.session.id, 1, p.success.addr, min(p.probes_sent, 0xFFFF)))
+        del loop
+        self._spawn(self._connect(p.success.addr))
+
+    async def _connect(self, addr: Addr) -> None:
+        agent = self.owner.agent
+        try:
+            conn = await agent.connect_direct(self.session, addr, self.owner.cfg.direct_timeout,
+                                              on_handshake=self.owner.on_direct_handshake(self.session))
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            self.reason = f"direct QUIC connection to {addr[0]}:{addr[1]} failed: {exc or type(exc).__name__}"
+            self.path.event("direct_failed", self.reason)
+            self.settled.set()
+            self._retry_later()
+            return
+        self.reason = None
+        self.path.direct_up(conn)
+
+    def _lost(self, reason: str) -> None:
+        self.reason = f"direct path lost: {reason}"
+        self._retry_later()
+
+    def _retry_later(self) -> None:
+        if self.attempts >= self.owner.cfg.max_attempts or self.session.closed:
+            return
+
+        async def retry() -> None:
+            await asyncio.sleep(self.owner.cfg.retry_after)
+            if self.session.direct is None and not self.session.closed:
+                self.path.event("upgrade_retry", f"attempt {self.attempts + 1}")
+                self.puncher = None
+                self.runner = None
+                self.owner.agent.link.send(
+                    wire.Offer(self.session.id, self.owner.detection.kind, self.owner.candidates))
+
+        self._spawn(retry())
+
+    def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self.runner is not None:
+            self.runner.cancel()
+        self.path.close()
+
+
+def _hint(own: wire.NatKind, peer: wire.NatKind) -> str:
+    hard = (wire.NatKind.EDM_RANDOM, wire.NatKind.EDM_SEQUENTIAL)
+    if (own == wire.NatKind.EDM_RANDOM or peer == wire.NatKind.EDM_RANDOM) and (own in hard or peer in hard):
+        return " (an endpoint-dependent NAT with random ports on one side and filtering on the other)"
+    return ""
+
+
+class AgentTraversal:
+    """Attach to an Agent: detects its NAT once, offers candidates with every session, punches on
+    StartPunch and upgrades sessions to a direct path."""
+
+    def __init__(self, agent: Agent, config: TraversalConfig | None = None) -> None:
+        self.agent = agent
+        self.cfg = config or TraversalConfig()
+        self.detection = Detection(wire.NatKind.UNKNOWN, [])
+        self.candidates: tuple[wire.Candidate, ...] = ()
+        self.sessions: dict[int, SessionTraversal] = {}
+        self.direct_handshake_hooks: list = []
+        agent.message_hooks.append(self._on_message)
+        agent.raw_hooks.append(self._on_raw)
+
+    async def prepare(self) -> Detection:
+        """Run after `agent.start()`: classify the own NAT via QAD and gather candidates."""
+        host_ips = host_ips_for(self.agent.endpoint.local_address, self.agent.net.host_addresses())
+        self.detection = await detect(self.agent.link, self.agent.endpoint, self.agent.creds, self.agent.name,
+                                      host_ips, self.cfg.detect_timeout)
+        self.candidates = gather(host_ips, self.agent.endpoint.local_address[1], self.agent.link.observed,
+                                 self.detection.kind, self.detection.last_port)
+        return self.detection
+
+    def begin(self, service: str) -> SessionTraversal:
+        session = self.agent.begin_session(service, self.detection.kind, self.candidates)
+        st = SessionTraversal(self, session)
+        self.sessions[session.id] = st
+        return st
+
+    def on_direct_handshake(self, session: AgentSession):
+        def hook(conn: Connection) -> None:
+            for h in self.direct_handshake_hooks:
+                h(session, conn)
+
+        return hook
+
+    def _on_message(self, msg: wire.Message) -> bool:
+        st = self.sessions.get(getattr(msg, "session", -1))
+        if st is None:
+            return False
+        if isinstance(msg, wire.StartPunch):
+            st.on_start_punch(msg)
+            return True
+        if isinstance(msg, wire.PunchResult):
+            st.peer_result = msg
+            return True
+        return False
+
+    def _on_raw(self, data: bytes, addr: Addr) -> bool:
+        try:
+            sid = wire.probe_session(data)
+        except wire.WireError:
+            return False
+        st = self.sessions.get(sid)
+        return st.on_probe(data, addr) if st is not None else False
+
+    def close(self) -> None:
+        for st in self.sessions.values():
+            st.close()
+
+
+# --- connector side ----------------------------------------------------------------------------
+
+
+class ConnectorTraversal:
+    """Attach to a Connector: detects its NAT after each (re)connection, answers offers, punches."""
+
+    def __init__(self, connector: Connector, config: TraversalConfig | None = None) -> None:
+        self.c = connector
+        self.cfg = config or TraversalConfig()
+        self.detection = Detection(wire.NatKind.UNKNOWN, [])
+        self.candidates: tuple[wire.Candidate, ...] = ()
+        self.ready = asyncio.Event()
+        self.runners: dict[int, PunchRunner] = {}
+        self.punchers: dict[int, Puncher] = {}
+        self.results: dict[int, dict] = {}
+        self._tasks: set[asyncio.Task] = set()
+        connector.message_hooks.append(self._on_message)
+        connector.raw_hooks.append(self._on_raw)
+        connector.session_hooks.append(self._on_session)
+        prev_up = connector.link.on_up
+
+        def on_up() -> None:
+            if prev_up is not None:
+                prev_up()
+            self.ready.clear()
+            self._spawn(self.prepare())
+
+        connector.link.on_up = on_up
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def prepare(self) -> None:
+        host_ips = host_ips_for(self.c.endpoint.local_address, self.c.net.host_addresses())
+        try:
+            self.detection = await detect(self.c.link, self.c.endpoint, self.c.creds, self.c.name, host_ips,
+                                          self.cfg.detect_timeout)
+        finally:
+            self.candidates = gather(host_ips, self.c.endpoint.local_address[1], self.c.link.observed,
+                                     self.detection.kind, self.detection.last_port)
+            self.ready.set()
+
+    def _answer(self, s: ConnectorSession) -> None:
+        async def answer() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ready.wait(), self.cfg.detect_timeout * 3)
+            self.punchers[s.id] = Puncher(s.id, s.key, self.candidates, (), self.cfg.punch)
+            self.c.link.send(wire.Answer(s.id, self.detection.kind, self.candidates))
+
+        self._spawn(answer())
+
+    def _on_session(self, s: ConnectorSession) -> None:
+        self._answer(s)
+
+    def _on_message(self, msg: wire.Message) -> bool:
+        sid = getattr(msg, "session", None)
+        s = self.c.sessions.get(sid) if sid is not None else None
+        if s is None:
+            return False
+        if isinstance(msg, wire.Offer):
+            s.agent_nat, s.agent_candidates = msg.nat, msg.candidates
+            old = self.runners.pop(s.id, None)
+            if old is not None:
+                old.cancel()
+            self._answer(s)
+            return True
+        if isinstance(msg, wire.StartPunch):
+            if both_endpoint_dependent(self.detection.kind, msg.peer_nat):
+                return True
+            p = self.punchers.get(s.id)
+            if p is None or p.started_at is not None:
+                p = self.punchers[s.id] = Puncher(s.id, s.key, self.candidates, (), self.cfg.punch)
+            p.set_peer(msg.peer_candidates)
+            r = PunchRunner(p, self.c.endpoint.send_raw, lambda p, sid=s.id: self._done(sid, p))
+            self.runners[s.id] = r
+            r.start(msg.delay_ms / 1000)
+            return True
+        if isinstance(msg, wire.PunchResult):
+            self.results.setdefault(s.id, {})["agent"] = msg
+            return True
+        return False
+
+    def _done(self, sid: int, p: Puncher) -> None:
+        self.results.setdefault(sid, {})["own"] = p
+        ok = p.success is not None
+        self.c.link.send(wire.PunchResult(sid, int(ok), p.success.addr if ok else None, min(p.probes_sent, 0xFFFF)))
+
+    def _on_raw(self, data: bytes, addr: Addr) -> bool:
+        try:
+            sid = wire.probe_session(data)
+        except wire.WireError:
+            return False
+        r = self.runners.get(sid)
+        if r is not None:
+            return r.receive(data, addr)
+        p = self.punchers.get(sid)
+        if p is None:
+            return False
+        try:
+            out = p.receive(data, addr, asyncio.get_running_loop().time())
+        except wire.WireError:
+            return False
+        for d, a in out:
+            self.c.endpoint.send_raw(d, a)
+        return True
+
+    def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for r in self.runners.values():
+            r.cancel()
