@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if args.command not in ("intermediate", "connector", "agent", "echo") and not args.verbose:
+        logging.getLogger("qlab").setLevel(logging.WARNING)  # lab commands print results, not role chatter
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

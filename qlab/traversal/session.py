@@ -76,6 +76,7 @@ class PathManager:
         self.last_direct_rx = 0.0
         self.on_lost = on_lost
         self._watch: asyncio.Task | None = None
+        self.closed = False
         session.path = self
 
     def event(self, kind: str, detail: str = "") -> None:
@@ -145,6 +146,8 @@ class PathManager:
                 last_ping = now
 
     def lost(self, reason: str) -> None:
+        if self.closed:
+            return
         if self.s.active_path == "direct":
             self.s.active_path = "relay"
         self.s.direct = None
@@ -154,6 +157,7 @@ class PathManager:
             self.on_lost(reason)
 
     def close(self) -> None:
+        self.closed = True
         if self._watch is not None:
             self._watch.cancel()
 

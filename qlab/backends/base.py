@@ -1,0 +1,123 @@
+"""What a backend gives a trial: for each host of a topology, a `Net`; an event loop to run on;
+and a few fault hooks. The roles never know which backend they run on.
+
+Backends:
+- `sim`: qlab's simulated network with its own NAT engine and virtual time (`qlab.backends.sim`);
+- `netns`: Linux network namespaces, kernel NAT (`qlab.backends.netns`), sockets made in each
+  host's namespace from this one process;
+- `loopback`: every host on its own 127.0.0.x address, no NAT and no delay (quick checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
+
+from qlab.net import RealNet, RealSocket, Receiver
+from qlab.topology import Topology
+
+T = TypeVar("T")
+
+
+class Environment(Protocol):
+    topology: Topology
+
+    def net(self, host: str) -> Any: ...
+
+    def addresses(self, host: str) -> list[str]: ...
+
+    def block(self, router: str, ip: str, port: int | None = None) -> None: ...
+
+    def unblock(self, router: str, ip: str, port: int | None = None) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+    parallel: bool  # trials of a campaign may run in several processes
+
+    @contextmanager
+    def environment(self, topology: Topology, seed: int) -> Iterator[Environment]: ...
+
+    def run(self, env: Environment, main: Callable[[], Awaitable[T]]) -> T: ...
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run here; the message says what is missing."""
+
+
+# --- loopback ----------------------------------------------------------------------------------
+
+
+class LoopbackNet(RealNet):
+    """Kernel sockets on one loopback address: a wildcard bind becomes a bind to that address."""
+
+    def __init__(self, ip: str) -> None:
+        self.ip = ip
+
+    async def bind_udp(self, host: str, port: int, receiver: Receiver) -> RealSocket:
+        if host in ("0.0.0.0", "::", ""):
+            host = self.ip
+        return await super().bind_udp(host, port, receiver)
+
+    def host_addresses(self) -> list[str]:
+        return [self.ip]
+
+
+class LoopbackEnvironment:
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        base = int(ipaddress.IPv4Address("127.0.0.1"))
+        # distinct 127.x addresses per host (the whole 127/8 is local), the Intermediate gets two
+        self.ips: dict[str, list[str]] = {}
+        n = 0
+        for h in topology.hosts:
+            self.ips[h.name] = [str(ipaddress.IPv4Address(base + 0x10000 + n + i)) for i in range(len(h.ips))]
+            n += len(h.ips)
+
+    def net(self, host: str) -> LoopbackNet:
+        return LoopbackNet(self.ips[host][0])
+
+    def addresses(self, host: str) -> list[str]:
+        return self.ips[host]
+
+    def block(self, router: str, ip: str, port: int | None = None) -> None:
+        raise BackendUnavailable("the loopback backend has no routers to block traffic in")
+
+    unblock = block
+
+
+class LoopbackBackend:
+    name = "loopback"
+    parallel = True
+
+    @contextmanager
+    def environment(self, topology: Topology, seed: int) -> Iterator[LoopbackEnvironment]:
+        if topology.routers:
+            raise BackendUnavailable(
+                "the loopback backend has no NAT: use --backend sim or --backend netns for NAT presets")
+        if topology.profile.ideal is False:
+            raise BackendUnavailable("the loopback backend cannot add delay or loss: use sim or netns")
+        yield LoopbackEnvironment(topology)
+
+    def run(self, env: LoopbackEnvironment, main: Callable[[], Awaitable[T]]) -> T:
+        return asyncio.run(main())  # type: ignore[arg-type]
+
+
+BACKENDS = ("sim", "netns", "loopback")
+
+
+def get_backend(name: str) -> Backend:
+    if name == "loopback":
+        return LoopbackBackend()
+    if name == "sim":
+        from qlab.backends.sim_backend import SimBackend
+
+        return SimBackend()
+    if name == "netns":
+        from qlab.backends.netns_backend import NetnsBackend
+
+        return NetnsBackend()
+    raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

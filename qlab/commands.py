@@ -1,0 +1,68 @@
+"""`qlab trial`, `qlab classify` and `qlab report`: the lab-level commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from qlab.nat.spec import PRESET_NAMES
+from qlab.profiles import PROFILE_NAMES
+from qlab.topology import SCENARIOS
+
+
+def _preset(text: str) -> str:
+    if text not in PRESET_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown NAT preset {text!r}; choose one of: {', '.join(PRESET_NAMES)}")
+    return text
+
+
+def add_trial_options(p: argparse.ArgumentParser, default_backend: str = "sim") -> None:
+    p.add_argument("--backend", default=default_backend, choices=("sim", "netns", "loopback"))
+    p.add_argument("--profile", default="wan-20ms", choices=PROFILE_NAMES, help="link profile")
+    p.add_argument("--scenario", default="pair", choices=SCENARIOS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=20, help="echo samples per path")
+    p.add_argument("--echo-interval", type=float, default=20.0, help="ms between echo probes")
+    p.add_argument("--punch-timeout", type=float, default=3.0, help="seconds")
+    p.add_argument("--birthday", type=int, default=0, help="birthday-mode mappings (0 = off)")
+    p.add_argument("--certs", default=None, help="certs dir (default: the lab's own CA in ~/.cache/qlab)")
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from qlab.trial import TrialSpec, run_trial
+
+    spec = TrialSpec(
+        backend=args.backend, agent_nat=args.agent_nat, connector_nat=args.connector_nat, profile=args.profile,
+        scenario=args.scenario, seed=args.seed, samples=args.samples, echo_interval=args.echo_interval / 1000,
+        punch_timeout=args.punch_timeout, blackhole=args.blackhole, birthday=args.birthday,
+    )
+    result = run_trial(spec, certs_dir=args.certs)
+    print(json.dumps(result.to_dict(), indent=None if args.compact else 1))
+    return 0 if result.outcome != "failed" else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qlab.trial import TrialSpec, run_trial
+
+    spec = TrialSpec(backend=args.backend, agent_nat="public", connector_nat="public", profile="lan")
+    r = run_trial(spec)
+    print(f"qlab {r.backend} trial {r.agent_nat} <-> {r.connector_nat}: {r.outcome} "
+          f"(expected {r.expected}, {'as expected' if r.as_expected else 'NOT as expected'})")
+    print(f"  ttfb {r.ttfb_ms} ms, ttd {r.ttd_ms} ms; RTT p50 relay {r.rtt_relay_p50_ms} ms vs direct "
+          f"{r.rtt_direct_p50_ms} ms ({r.measured_with})")
+    return 0 if r.as_expected else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("trial", help="run one hole-punch trial and print its JSON record")
+    t.add_argument("--agent-nat", type=_preset, default="port_restricted")
+    t.add_argument("--connector-nat", type=_preset, default="port_restricted")
+    t.add_argument("--blackhole", action="store_true", help="drop the direct path mid-trial (fallback test)")
+    t.add_argument("--compact", action="store_true", help="one line of JSON")
+    add_trial_options(t)
+    t.set_defaults(func=cmd_trial)
+
+    r = sub.add_parser("report", help="run the default campaigns and publish the HTML report")
+    r.add_argument("--backend", default="loopback", choices=("sim", "netns", "loopback"))
+    r.set_defaults(func=cmd_report)
+

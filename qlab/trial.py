@@ -1,0 +1,406 @@
+"""One hole-punch trial: the three roles in a fresh lab state, relay first, punching alongside,
+direct once verified; measured the same way on both paths; one `TrialResult`.
+
+Timeline (t0 = the Agent asks for a session, after registration and NAT detection):
+- echo probes go out over the active path every `echo_interval` from t0 (relay first);
+- `ttfb`: the first echo back over the relay; `ttd`: the first echo back over the direct path,
+  sent right after the direct QUIC handshake (the path is then verified);
+- measurement: `samples` echo probes on each path, interleaved, same size and rate;
+- proof: the relay is switched off for this session at the Intermediate and `verify_echoes` more
+  probes must come back over the direct path (`direct_verified`);
+- optionally the direct path is blackholed in the Agent's NAT router: traffic must continue over
+  the relay within the path manager's failover bound, and the gap in echoes is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from qlab import __version__, wire
+from qlab.agent import Agent
+from qlab.backends.base import Environment, get_backend
+from qlab.certs import Credentials, init_dir
+from qlab.connector import Connector
+from qlab.echo import EchoProbe, EchoServer
+from qlab.intermediate import Intermediate
+from qlab.nat.spec import expected_outcome
+from qlab.topology import CONNECTOR_PORT, INTERMEDIATE_ALT_PORT, INTERMEDIATE_PORT, build
+from qlab.traversal.punch import PunchConfig
+from qlab.traversal.session import AgentTraversal, ConnectorTraversal, TraversalConfig
+
+log = logging.getLogger("qlab.trial")
+
+APP_PORT = 9999
+OUTCOMES = ("direct_lan", "direct_wan", "direct_predicted", "relay", "failed")
+
+
+@dataclass
+class TrialSpec:
+    """Everything that defines a trial (and nothing measured)."""
+
+    backend: str = "sim"
+    agent_nat: str = "port_restricted"
+    connector_nat: str = "port_restricted"
+    profile: str = "wan-20ms"
+    scenario: str = "pair"
+    seed: int = 0
+    echo_interval: float = 0.02
+    echo_size: int = 64
+    samples: int = 20
+    verify_echoes: int = 10
+    punch_timeout: float = 3.0
+    blackhole: bool = False
+    birthday: int = 0
+    agents: int = 1
+    carrier_nat: str = "port_restricted"
+    trial_id: str = ""
+    campaign_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.trial_id:
+            self.trial_id = secrets.token_hex(6)
+        for name, lo, hi in (("samples", 1, 10000), ("verify_echoes", 1, 10000), ("echo_size", 16, 1200)):
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}, got {v}")
+        if not 0.001 <= self.echo_interval <= 5:
+            raise ValueError("echo_interval must be between 1 ms and 5 s")
+        if not 0.1 <= self.punch_timeout <= 60:
+            raise ValueError("punch_timeout must be between 0.1 and 60 s")
+
+
+@dataclass
+class TrialResult:
+    """One trial's record: the same fields on every backend (docs/results.md)."""
+
+    trial_id: str
+    campaign_id: str
+    backend: str
+    scenario: str
+    agent_nat: str
+    connector_nat: str
+    profile: str
+    seed: int
+    qlab_version: str
+    started_at: float
+    duration_s: float
+    expected: str
+    outcome: str
+    reason: str
+    as_expected: bool
+    direct_verified: bool
+    agent_nat_detected: str
+    connector_nat_detected: str
+    agent_candidates: list[str]
+    connector_candidates: list[str]
+    agent_probes: int
+    connector_probes: int
+    predicted_ports: list[int]
+    working_pair: str
+    punch_ms: float | None
+    ttfb_ms: float | None
+    ttd_ms: float | None
+    rtt_relay_p50_ms: float | None
+    rtt_relay_p95_ms: float | None
+    rtt_relay_loss: float | None
+    rtt_relay_n: int
+    rtt_direct_p50_ms: float | None
+    rtt_direct_p95_ms: float | None
+    rtt_direct_loss: float | None
+    rtt_direct_n: int
+    relay_bytes_out: int
+    relay_bytes_in: int
+    direct_bytes_out: int
+    direct_bytes_in: int
+    verify_sent: int
+    verify_received: int
+    failover_ms: float | None
+    echo_gap_ms: float | None
+    path_events: list[dict]
+    measured_with: str
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fmt(c: wire.Candidate) -> str:
+    return f"{c.kind.name.lower()}:{c.addr[0]}:{c.addr[1]}"
+
+
+def is_direct(outcome: str) -> bool:
+    return outcome.startswith("direct")
+
+
+def judge(expected: str, outcome: str, scenario: str, birthday: bool) -> bool:
+    if outcome == "failed":
+        return False
+    if scenario == "same_lan":
+        return outcome == "direct_lan"
+    if expected in ("D", "D>"):
+        return outcome in ("direct_wan", "direct_lan")
+    if expected == "P":
+        return outcome == "direct_predicted"
+    if expected == "B":
+        return is_direct(outcome) if birthday else outcome == "relay"
+    return outcome == "relay"
+
+
+async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_dir: str | None = None) -> TrialResult:
+    """Run one trial with the roles on `env`'s hosts (inside the backend's running loop)."""
+    loop = asyncio.get_running_loop()
+    started = time.time()
+    w0 = loop.time()
+    topo = env.topology
+    inter_ips = env.addresses("intermediate")
+    connector_ip = env.addresses("connector")[0]
+    listen = [(inter_ips[0], INTERMEDIATE_PORT), (inter_ips[0], INTERMEDIATE_ALT_PORT)]
+    if len(inter_ips) > 1:
+        listen += [(inter_ips[1], INTERMEDIATE_PORT), (inter_ips[1], INTERMEDIATE_ALT_PORT)]
+    cfg = TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout))
+    srv = Intermediate(env.net("intermediate"), creds, birthday_ports=spec.birthday)
+    echo = EchoServer(env.net("connector"))
+    connector = agent = None
+    ct = at = None
+    st = None
+    error = ""
+    probe = EchoProbe(loop.time, spec.echo_size)
+    measure = {"verify_sent": 0, "verify_received": 0, "failover_ms": None, "echo_gap_ms": None}
+    try:
+        await srv.listen(listen)
+        await echo.start(connector_ip, APP_PORT)
+        connector = Connector(env.net("connector"), creds, listen[0], service="echo", forward=(connector_ip, APP_PORT),
+                              name="connector", p2p_port=CONNECTOR_PORT)
+        ct = ConnectorTraversal(connector, cfg)
+        await connector.start()
+        await connector.wait_registered(10)
+        await asyncio.wait_for(ct.ready.wait(), 10)
+        agent = Agent(env.net("agent"), creds, listen[0], name="agent")
+        at = AgentTraversal(agent, cfg)
+        await agent.start(10)
+        await at.prepare()
+
+        # t0: the session opens; echoes go out over the active path from now on
+        t0 = loop.time()
+        st = at.begin("echo")
+        session = st.session
+        session.on_payload = probe.receive
+        probe.on_reply = lambda path, rtt, seq: st.path.observe_rtt(path, rtt)
+
+        def first_direct_echo(s, conn) -> None:
+            payload = probe.make("direct")
+            if s.send(payload, "direct") is None:
+                probe.unsend(payload)
+
+        at.direct_handshake_hooks.append(first_direct_echo)
+
+        def send_echo(path: str | None = None) -> None:
+            p = path or session.active_path
+            payload = probe.make(p)
+            try:
+                if session.send(payload, p) is None:
+                    probe.unsend(payload)
+            except Exception:
+                probe.unsend(payload)
+                raise
+
+        settle_by = t0 + spec.punch_timeout + cfg.direct_timeout + 2.0
+        while loop.time() < settle_by:
+            send_echo()
+            if (st.path.verified_at is not None and session.active_path == "direct") or st.settled.is_set():
+                break
+            await asyncio.sleep(spec.echo_interval)
+        # stragglers over the relay so ttfb exists even when the punch settled at once
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(session.opened, 5)
+
+        # measurement: same probe, interleaved on both paths
+        direct_up = session.direct is not None and not session.direct.closed and st.path.verified_at is not None
+        paths = ["relay", "direct"] if direct_up else ["relay"]
+        base = {p: probe.paths[p].sent for p in paths}
+        for _ in range(spec.samples):
+            for p in paths:
+                send_echo(p)
+                await asyncio.sleep(spec.echo_interval / len(paths))
+        await _drain(probe, loop, 1.0 + 4 * (st.path.median("relay") or 0.2))
+
+        # proof: switch the relay off for this session, the direct path must keep answering
+        if direct_up and session.active_path == "direct":
+            srv.relay_blocked.add(session.id)
+            before_rx = probe.paths["direct"].received
+            before_tx = probe.paths["direct"].sent
+            for _ in range(spec.verify_echoes):
+                send_echo("direct")
+                await asyncio.sleep(spec.echo_interval)
+            await _drain(probe, loop, 1.0 + 4 * (st.path.median("direct") or 0.2))
+            measure["verify_sent"] = probe.paths["direct"].sent - before_tx
+            measure["verify_received"] = probe.paths["direct"].received - before_rx
+            srv.relay_blocked.discard(session.id)
+            if spec.blackhole:
+                measure.update(await _blackhole(env, topo, st, session, probe, send_echo, spec, loop))
+        del base
+    except Exception as exc:  # recorded, never dropped: a failing trial is a result too
+        log.exception("trial %s failed", spec.trial_id)
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        for closer in (at, ct):
+            if closer is not None:
+                closer.close()
+        for role in (agent, connector):
+            if role is not None:
+                role.close()
+        srv.close()
+        echo.close()
+        await asyncio.sleep(0)
+    return _result(spec, env, started, loop.time() - w0, st, at, ct, probe, measure, error,
+                   t0 if st is not None else None)
+
+
+async def _drain(probe: EchoProbe, loop, wait: float) -> None:
+    deadline = loop.time() + wait
+    while probe.pending() and loop.time() < deadline:
+        probe.replied.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(probe.replied.wait(), max(0.0, deadline - loop.time()))
+    for seq in list(probe.outstanding):  # what did not come back by now is lost
+        del probe.outstanding[seq]
+
+
+async def _blackhole(env, topo, st, session, probe, send_echo, spec, loop) -> dict:
+    """Drop the direct path in the Agent's NAT router; traffic must move to the relay."""
+    router = topo.router_of("agent")
+    peer = st.working
+    if router is None or peer is None:
+        return {"failover_ms": None, "echo_gap_ms": None}
+    replies: list[tuple[float, str]] = []
+    prev = probe.on_reply
+
+    def on_reply(path, rtt, seq):
+        replies.append((loop.time(), path))
+        prev(path, rtt, seq)
+
+    probe.on_reply = on_reply
+    t_block = loop.time()
+    env.block(router.name, peer[0], peer[1])
+    try:
+        end = t_block + st.owner.cfg.failover + 1.5
+        while loop.time() < end:
+            send_echo()
+            await asyncio.sleep(spec.echo_interval)
+        await _drain(probe, loop, 1.0)
+    finally:
+        env.unblock(router.name, peer[0], peer[1])
+        probe.on_reply = prev
+    lost = [e for e in st.path.events if e["event"] == "direct_lost"]
+    failover = None
+    if lost:
+        failover = lost[-1]["t_ms"] - (t_block - st.path.t0) * 1000
+    after = [t for t, p in replies if p == "relay"]
+    last_before = max((t for t, p in replies if p == "direct"), default=t_block)
+    gap = (after[0] - min(last_before, t_block)) * 1000 if after else None
+    return {"failover_ms": failover, "echo_gap_ms": gap}
+
+
+def _result(spec, env, started, duration, st, at, ct, probe, measure, error, t0) -> TrialResult:
+    expected = expected_outcome(spec.agent_nat, spec.connector_nat)
+    relay, direct = probe.paths["relay"], probe.paths["direct"]
+    rs, ds = relay.summary(), direct.summary()
+    verified = measure["verify_sent"] > 0 and measure["verify_received"] == measure["verify_sent"]
+    reason = ""
+    outcome = "failed"
+    working = ""
+    predicted: list[int] = []
+    if at is not None:
+        predicted = [c.addr[1] for c in at.candidates if c.kind == wire.CandidateKind.PREDICTED]
+    if ct is not None:
+        predicted += [c.addr[1] for c in ct.candidates if c.kind == wire.CandidateKind.PREDICTED]
+    if st is not None and verified:
+        working = f"{st.working[0]}:{st.working[1]}" if st.working else ""
+        agent_pred = {c.addr for c in st.owner.candidates if c.kind == wire.CandidateKind.PREDICTED}
+        peer_pred = {c.addr for c in st.peer_candidates if c.kind == wire.CandidateKind.PREDICTED}
+        peer_used = st.peer_result.addr if st.peer_result is not None and st.peer_result.success else None
+        conn_res = ct.results.get(st.session.id, {}).get("own") if ct is not None else None
+        conn_learned = set(conn_res.learned) if conn_res is not None else set()
+        if st.working_kind == wire.CandidateKind.HOST:
+            outcome = "direct_lan"
+        elif st.working in peer_pred or (peer_used in agent_pred) or (conn_learned & agent_pred) or (
+            conn_res is not None and conn_res.success is not None and conn_res.success.kind == wire.CandidateKind.PREDICTED
+        ):
+            outcome = "direct_predicted"
+        else:
+            outcome = "direct_wan"
+    elif relay.received > 0:
+        outcome = "relay"
+        if st is not None and st.path.verified_at is not None and not verified:
+            reason = (f"the direct path did not carry {measure['verify_sent']} echoes with the relay switched off "
+                      f"({measure['verify_received']} came back)")
+        else:
+            reason = (st.reason if st is not None and st.reason else "") or "no direct path was verified"
+    else:
+        reason = error or "no echo came back over any path"
+    if error and outcome != "failed":
+        reason = f"{reason}; error after connecting: {error}" if reason else f"error after connecting: {error}"
+    ttfb = (relay.first_reply_at - t0) * 1000 if t0 is not None and relay.first_reply_at else None
+    ttd = (direct.first_reply_at - t0) * 1000 if t0 is not None and direct.first_reply_at and is_direct(outcome) else None
+    sess = st.session if st is not None else None
+    agent_nat_detected = at.detection.kind.name if at is not None else "UNKNOWN"
+    conn_nat_detected = ct.detection.kind.name if ct is not None else "UNKNOWN"
+    conn_probes = 0
+    if ct is not None and sess is not None:
+        own = ct.results.get(sess.id, {}).get("own")
+        conn_probes = own.probes_sent if own is not None else 0
+    return TrialResult(
+        trial_id=spec.trial_id, campaign_id=spec.campaign_id, backend=spec.backend, scenario=spec.scenario,
+        agent_nat=spec.agent_nat, connector_nat=spec.connector_nat, profile=spec.profile, seed=spec.seed,
+        qlab_version=__version__, started_at=started, duration_s=round(duration, 4), expected=expected,
+        outcome=outcome, reason=reason, as_expected=judge(expected, outcome, spec.scenario, spec.birthday > 0),
+        direct_verified=verified, agent_nat_detected=agent_nat_detected, connector_nat_detected=conn_nat_detected,
+        agent_candidates=[_fmt(c) for c in at.candidates] if at is not None else [],
+        connector_candidates=[_fmt(c) for c in ct.candidates] if ct is not None else [],
+        agent_probes=st.probes_sent if st is not None else 0, connector_probes=conn_probes,
+        predicted_ports=predicted, working_pair=working,
+        punch_ms=round(st.punch_ms, 3) if st is not None and st.punch_ms is not None else None,
+        ttfb_ms=_r(ttfb), ttd_ms=_r(ttd),
+        rtt_relay_p50_ms=rs["p50_ms"], rtt_relay_p95_ms=rs["p95_ms"], rtt_relay_loss=rs["loss"], rtt_relay_n=rs["n"],
+        rtt_direct_p50_ms=ds["p50_ms"], rtt_direct_p95_ms=ds["p95_ms"], rtt_direct_loss=ds["loss"], rtt_direct_n=ds["n"],
+        relay_bytes_out=sess.bytes["relay_out"] if sess else 0, relay_bytes_in=sess.bytes["relay_in"] if sess else 0,
+        direct_bytes_out=sess.bytes["direct_out"] if sess else 0, direct_bytes_in=sess.bytes["direct_in"] if sess else 0,
+        verify_sent=measure["verify_sent"], verify_received=measure["verify_received"],
+        failover_ms=_r(measure["failover_ms"]), echo_gap_ms=_r(measure["echo_gap_ms"]),
+        path_events=st.path.events if st is not None else [],
+        measured_with=(f"echo probe, {spec.echo_size} B payload through the Connector to a UDP echo app, "
+                       f"{spec.samples} samples per path interleaved every {spec.echo_interval * 1000:g} ms, "
+                       f"backend {spec.backend}, profile {spec.profile}"),
+        error=error,
+    )
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def run_trial(spec: TrialSpec, *, certs_dir: str | None = None) -> TrialResult:
+    """Build the topology, bring the backend up, run one trial, tear everything down."""
+    topo = build(spec.agent_nat, spec.connector_nat, scenario=spec.scenario, profile_name=spec.profile,
+                 agents=spec.agents, carrier_nat=spec.carrier_nat)
+    backend = get_backend(spec.backend)
+    creds = Credentials.load(certs_dir or default_certs())
+    with backend.environment(topo, spec.seed) as env:
+        return backend.run(env, lambda: run_in(env, spec, creds))
+
+
+def default_certs() -> str:
+    """The lab's own CA for trials (created once under the user's cache directory)."""
+    d = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qlab", "lab-certs")
+    if not os.path.exists(os.path.join(d, "secret")):
+        with contextlib.suppress(FileExistsError):
+            init_dir(d)
+    return d
