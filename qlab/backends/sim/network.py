@@ -1,0 +1,621 @@
+"""The virtual network: hosts, NAT routers and links built from a `qlab.topology.Topology`.
+
+Every host and router of the topology exists here with the same addresses. A host reaches hosts on
+its own segment directly and everything else through its gateway; a router NATs between its LAN and
+its WAN (a double NAT is a router whose WAN is another router's LAN). Each attachment of a node to a
+segment has a link with the topology's profile, one `Wire` per direction: one-way delay, jitter,
+loss and an optional rate (serialization delay behind a drop-tail queue). Delays are `loop.call_at`
+timers, so on a `VirtualTimeLoop` they cost no wall time.
+
+Roles get a `SimNet` per host (`SimNetwork.net(name)`), which implements `qlab.net.Net`: the same
+Intermediate, Connector and Agent code runs here and on kernel sockets.
+
+Every random choice (ephemeral ports, NAT ports, jitter, loss) comes from a `random.Random` derived
+from the network's seed and the name of the thing choosing, so one seed fixes a whole run and
+changing one link does not reshuffle the NAT's ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import heapq
+import ipaddress
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qlab.backends.sim.clock import CLOCK_RESOLUTION
+from qlab.backends.sim.nat import NatEngine, Verdict
+from qlab.profiles import IDEAL, LinkProfile
+from qlab.topology import Host, Router, Topology
+
+Addr = tuple[str, int]
+Receiver = Callable[[list[tuple[bytes, Addr]]], None]
+Tracer = Callable[[str, str, "Packet"], None]
+
+RECV_BATCH = 256  # datagrams handed to a receiver per call, as qlab.net.RealSocket does
+QUEUE_LIMIT = 1000  # packets waiting on a rate-limited wire before drop-tail (netem's default limit)
+UDP_IP_OVERHEAD = 28  # IPv4 + UDP header bytes, counted in serialization delay
+MAX_UDP_PAYLOAD = 65507
+EPHEMERAL_PORTS = (32768, 60999)  # Linux ip_local_port_range
+DEFAULT_TTL = 16
+WILDCARDS = ("", "0.0.0.0", "::")
+
+
+@dataclass(slots=True, eq=False)
+class Packet:
+    """A UDP datagram in flight. NAT rewrites src/dst in place; `next_hop` is set by routing."""
+
+    src: Addr
+    dst: Addr
+    data: bytes
+    ttl: int = DEFAULT_TTL
+    next_hop: str = ""
+    sent_at: float = 0.0
+
+
+class Wire:
+    """One direction of a link: loss, then the rate queue, then delay +- jitter, then `sink`.
+
+    In-flight packets sit in a heap keyed by (arrival, sequence), with one loop timer for the
+    earliest: equal arrival times keep FIFO order, and jitter may reorder as netem does.
+    """
+
+    __slots__ = ("name", "profile", "rng", "sink", "network", "_heap", "_seq", "_timer", "_timer_at",
+                 "_busy_until", "_queue")
+
+    def __init__(self, network: SimNetwork, name: str, profile: LinkProfile, sink: Callable[[Packet], None]) -> None:
+        self.network = network
+        self.name = name
+        self.profile = profile
+        self.rng = network._rng("wire", name)
+        self.sink = sink
+        self._heap: list[tuple[float, int, Packet]] = []
+        self._seq = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._busy_until = 0.0
+        self._queue: deque[float] = deque()  # departure times of packets still in the rate queue
+
+    def send(self, pkt: Packet) -> None:
+        p = self.profile
+        if p.loss and self.rng.random() < p.loss:
+            self.network._drop(self.name, "loss", pkt)
+            return
+        if p.delay_ms == 0 and p.jitter_ms == 0 and p.rate_mbit is None:
+            self.sink(pkt)
+            return
+        loop = self.network.loop
+        now = loop.time()
+        t = now
+        if p.rate_mbit is not None:
+            q = self._queue
+            while q and q[0] <= now:
+                q.popleft()
+            if len(q) >= self.network.queue_limit:
+                self.network._drop(self.name, "queue", pkt)
+                return
+            t = max(now, self._busy_until) + (len(pkt.data) + UDP_IP_OVERHEAD) * 8 / (p.rate_mbit * 1e6)
+            self._busy_until = t
+            q.append(t)
+        delay = p.delay_ms / 1000.0
+        if p.jitter_ms:
+            delay = max(0.0, delay + self.rng.uniform(-p.jitter_ms, p.jitter_ms) / 1000.0)
+        arrival = t + delay
+        heapq.heappush(self._heap, (arrival, self._seq, pkt))
+        self._seq += 1
+        if arrival < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(arrival, self._fire)
+            self._timer_at = arrival
+
+    def _fire(self) -> None:
+        loop = self.network.loop
+        due_by = loop.time() + CLOCK_RESOLUTION
+        heap = self._heap
+        due: list[Packet] = []
+        while heap and heap[0][0] <= due_by:
+            due.append(heapq.heappop(heap)[2])
+        if heap:
+            self._timer_at = heap[0][0]
+            self._timer = loop.call_at(self._timer_at, self._fire)
+        else:
+            self._timer, self._timer_at = None, math.inf
+        for pkt in due:
+            self.sink(pkt)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._heap)
+
+
+class Attachment:
+    """A node's interface on a segment: its addresses there and a wire each way."""
+
+    def __init__(self, network: SimNetwork, node: Node, segment: Segment, ips: tuple[str, ...],
+                 profile: LinkProfile) -> None:
+        self.node = node
+        self.segment = segment
+        self.ips = ips
+        self.up = Wire(network, f"{node.name}>{segment.name}", profile, segment.forward)
+        self.down = Wire(network, f"{segment.name}>{node.name}", profile, lambda p: node.receive(p, self))
+        segment.attach(self)
+
+
+class Segment:
+    """A broadcast domain: delivers a packet to the attachment that owns its next hop."""
+
+    def __init__(self, network: SimNetwork, name: str, cidr: str) -> None:
+        self.network = network
+        self.name = name
+        self.net = ipaddress.ip_network(cidr)
+        self.owners: dict[str, Attachment] = {}
+
+    def attach(self, att: Attachment) -> None:
+        for ip in att.ips:
+            if ip in self.owners:
+                raise ValueError(f"address {ip} on segment {self.name} is used twice")
+            self.owners[ip] = att
+
+    def on_link(self, ip: str) -> bool:
+        return ipaddress.ip_address(ip) in self.net
+
+    def forward(self, pkt: Packet) -> None:
+        att = self.owners.get(pkt.next_hop)
+        if att is None:
+            self.network._drop(self.name, "no_route", pkt)
+            return
+        att.down.send(pkt)
+
+
+class Node:
+    """Something attached to segments that can take a packet in."""
+
+    name: str
+
+    def __init__(self, network: SimNetwork, name: str) -> None:
+        self.network = network
+        self.name = name
+        self.blocked: set[tuple[str, int | None]] = set()
+        self.counters: Counter[str] = Counter()
+        self._routes: dict[str, tuple[Attachment, str] | None] = {}
+
+    def receive(self, pkt: Packet, att: Attachment) -> None:
+        raise NotImplementedError
+
+    def is_blocked(self, *addrs: Addr) -> bool:
+        if not self.blocked:
+            return False
+        return any((a[0], None) in self.blocked or a in self.blocked for a in addrs)
+
+    def route(self, dst_ip: str) -> tuple[Attachment, str] | None:
+        """(attachment, next hop) towards `dst_ip`: on-link directly, else via the gateway."""
+        try:
+            return self._routes[dst_ip]
+        except KeyError:
+            pass
+        result = None
+        try:
+            for att in self._attachments():
+                if att.segment.on_link(dst_ip):
+                    result = (att, dst_ip)
+                    break
+            else:
+                gw = self._gateway()
+                if gw is not None:
+                    result = gw
+        except ValueError:  # not an IP address: nothing routes it
+            result = None
+        self._routes[dst_ip] = result
+        return result
+
+    def _attachments(self) -> list[Attachment]:
+        raise NotImplementedError
+
+    def _gateway(self) -> tuple[Attachment, str] | None:
+        raise NotImplementedError
+
+    def _send(self, pkt: Packet) -> None:
+        r = self.route(pkt.dst[0])
+        if r is None:
+            self.network._drop(self.name, "no_route", pkt)
+            return
+        att, pkt.next_hop = r
+        att.up.send(pkt)
+
+
+class SimHost(Node):
+    """An end host: one interface (possibly several addresses) and its UDP sockets."""
+
+    def __init__(self, network: SimNetwork, spec: Host, segment: Segment) -> None:
+        super().__init__(network, spec.name)
+        self.spec = spec
+        self.ips = tuple(spec.ips)
+        self.iface = Attachment(network, self, segment, self.ips, spec.link)
+        self.gateway = spec.gateway
+        self.sockets: dict[tuple[str, int], SimSocket] = {}  # (ip or "0.0.0.0", port) -> socket
+        self.port_rng = network._rng("ephemeral", spec.name)
+
+    def _attachments(self) -> list[Attachment]:
+        return [self.iface]
+
+    def _gateway(self) -> tuple[Attachment, str] | None:
+        return (self.iface, self.gateway) if self.gateway else None
+
+    # -- sockets ------------------------------------------------------------------------------
+    def bind(self, host: str, port: int, receiver: Receiver) -> SimSocket:
+        ip = "0.0.0.0" if host in WILDCARDS else host
+        if ip != "0.0.0.0" and ip not in self.ips:
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot bind UDP {host}:{port}: address not on host {self.name}")
+        if not 0 <= port <= 65535:
+            raise OverflowError(f"bind(): port must be 0-65535, got {port}")
+        if port == 0:
+            port = self._ephemeral(ip)
+        elif not self._port_free(ip, port):
+            raise OSError(errno.EADDRINUSE, f"cannot bind UDP {host}:{port}: Address already in use")
+        sock = SimSocket(self, ip, port, host, receiver)
+        self.sockets[(ip, port)] = sock
+        return sock
+
+    def _port_free(self, ip: str, port: int) -> bool:
+        if ip == "0.0.0.0":
+            return not any(p == port for _, p in self.sockets)
+        return (ip, port) not in self.sockets and ("0.0.0.0", port) not in self.sockets
+
+    def _ephemeral(self, ip: str) -> int:
+        lo, hi = EPHEMERAL_PORTS
+        for _ in range(64):
+            port = self.port_rng.randint(lo, hi)
+            if self._port_free(ip, port):
+                return port
+        for port in range(lo, hi + 1):
+            if self._port_free(ip, port):
+                return port
+        raise OSError(errno.EADDRINUSE, f"no free ephemeral UDP port on host {self.name}")
+
+    # -- packets ------------------------------------------------------------------------------
+    def output(self, pkt: Packet) -> None:
+        self.network._count_send(self.name, pkt)
+        if self.is_blocked(pkt.dst):
+            self.network._drop(self.name, "blocked", pkt)
+            return
+        dst_ip = pkt.dst[0]
+        if dst_ip in self.ips or dst_ip.startswith("127."):
+            self.network.loop.call_soon(self.input, pkt)  # loopback: no link, never synchronous
+            return
+        self._send(pkt)
+
+    def receive(self, pkt: Packet, att: Attachment) -> None:
+        self.input(pkt)
+
+    def input(self, pkt: Packet) -> None:
+        ip, port = pkt.dst
+        if ip.startswith("127."):
+            ip = self.ips[0]
+        if ip not in self.ips:
+            self.network._drop(self.name, "not_for_host", pkt)
+            return
+        if self.is_blocked(pkt.src):
+            self.network._drop(self.name, "blocked", pkt)
+            return
+        sock = self.sockets.get((ip, port)) or self.sockets.get(("0.0.0.0", port))
+        if sock is None:
+            self.network._drop(self.name, "no_socket", pkt)
+            return
+        sock._deliver(pkt)
+
+
+class SimRouter(Node):
+    """A NAT router between its WAN segment and its LAN segment, running a `NatEngine`."""
+
+    def __init__(self, network: SimNetwork, spec: Router, wan: Segment, lan: Segment) -> None:
+        super().__init__(network, spec.name)
+        self.spec = spec
+        self.wan_ip = spec.wan_ip
+        self.lan_ip = spec.lan_ip
+        self.wan = Attachment(network, self, wan, (spec.wan_ip,), spec.uplink)
+        self.lan = Attachment(network, self, lan, (spec.lan_ip,), IDEAL)
+        self.upstream = spec.upstream_gateway
+        self.engine = NatEngine(spec.nat, spec.wan_ip, network._rng("nat", spec.name)) if spec.nat.nat else None
+
+    def _attachments(self) -> list[Attachment]:
+        return [self.lan, self.wan]
+
+    def _gateway(self) -> tuple[Attachment, str] | None:
+        return (self.wan, self.upstream) if self.upstream else None
+
+    def receive(self, pkt: Packet, att: Attachment) -> None:
+        pkt.ttl -= 1
+        if pkt.ttl <= 0:
+            self.network._drop(self.name, "ttl", pkt)
+            return
+        if self.is_blocked(pkt.src, pkt.dst):
+            self.network._drop(self.name, "blocked", pkt)
+            return
+        if att is self.lan:
+            self._from_lan(pkt)
+        else:
+            self._from_wan(pkt)
+
+    def _from_lan(self, pkt: Packet) -> None:
+        dst_ip = pkt.dst[0]
+        now = self.network.loop.time()
+        eng = self.engine
+        if dst_ip == self.lan_ip or (dst_ip == self.wan_ip and eng is None):
+            self.network._drop(self.name, "to_router", pkt)
+            return
+        if self.lan.segment.on_link(dst_ip):
+            self._send(pkt)  # already on the LAN: hand it back (a host that routed via us)
+            return
+        if eng is None:
+            self._send(pkt)
+            return
+        if dst_ip == self.wan_ip:
+            res = eng.hairpin(pkt.src, pkt.dst[1], now)
+            if isinstance(res, Verdict):
+                self.network._drop(self.name, res.value, pkt)
+                return
+            pkt.src, pkt.dst = res
+            if self.is_blocked(pkt.src, pkt.dst):
+                self.network._drop(self.name, "blocked", pkt)
+                return
+            self.network._count(self.name, "hairpinned")
+            self._send(pkt)
+            return
+        mapped = eng.outbound(pkt.src, pkt.dst, now)
+        if isinstance(mapped, Verdict):
+            self.network._drop(self.name, mapped.value, pkt)
+            return
+        pkt.src = mapped
+        self._send(pkt)
+
+    def _from_wan(self, pkt: Packet) -> None:
+        eng = self.engine
+        if eng is None:
+            if self.lan.segment.on_link(pkt.dst[0]):
+                self._send(pkt)
+            else:
+                self.network._drop(self.name, "no_route", pkt)
+            return
+        if pkt.dst[0] != self.wan_ip:
+            self.network._drop(self.name, "not_for_router", pkt)
+            return
+        inside = eng.inbound(pkt.src, pkt.dst[1], self.network.loop.time())
+        if isinstance(inside, Verdict):
+            self.network._drop(self.name, inside.value, pkt)
+            return
+        pkt.dst = inside
+        if self.is_blocked(pkt.dst):
+            self.network._drop(self.name, "blocked", pkt)
+            return
+        self._send(pkt)
+
+
+class SimSocket:
+    """A bound UDP socket on a simulated host (qlab.net.DatagramSocket)."""
+
+    def __init__(self, host: SimHost, ip: str, port: int, bound_as: str, receiver: Receiver) -> None:
+        self._host = host
+        self._ip = ip
+        self._port = port
+        self._bound_as = "0.0.0.0" if bound_as == "" else bound_as
+        self._receiver = receiver
+        self._pending: list[tuple[bytes, Addr]] = []
+        self._flush_scheduled = False
+        self.closed = False
+        self.sent = 0
+        self.received = 0
+        self.send_errors = 0
+
+    @property
+    def local_address(self) -> Addr:
+        return self._bound_as, self._port
+
+    def sendto(self, data: bytes, addr: Addr) -> None:
+        if self.closed:
+            return
+        if len(data) > MAX_UDP_PAYLOAD:
+            self.send_errors += 1  # EMSGSIZE on a kernel socket; RealSocket counts and drops it too
+            return
+        host = self._host
+        src_ip = self._ip if self._ip != "0.0.0.0" else host.ips[0]
+        dst = (str(addr[0]), int(addr[1]))
+        if dst[0] in host.ips or dst[0].startswith("127."):
+            src_ip = dst[0] if self._ip == "0.0.0.0" else src_ip
+        self.sent += 1
+        host.output(Packet((src_ip, self._port), dst, bytes(data), sent_at=host.network.loop.time()))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._pending.clear()
+            if self._host.sockets.get((self._ip, self._port)) is self:
+                del self._host.sockets[(self._ip, self._port)]
+
+    def _deliver(self, pkt: Packet) -> None:
+        self.received += 1
+        self._host.network._count_delivery(self._host.name, pkt)
+        self._pending.append((pkt.data, pkt.src))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._host.network.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed or not self._pending:
+            return
+        batch = self._pending[:RECV_BATCH]
+        del self._pending[:RECV_BATCH]
+        if self._pending:
+            self._flush_scheduled = True
+            self._host.network.loop.call_soon(self._flush)
+        self._receiver(batch)
+
+    def __repr__(self) -> str:
+        return f"<SimSocket {self._host.name} {self._bound_as}:{self._port}{' closed' if self.closed else ''}>"
+
+
+class SimNet:
+    """A role's view of the virtual network from one host (implements qlab.net.Net)."""
+
+    def __init__(self, network: SimNetwork, host: SimHost) -> None:
+        self.network = network
+        self.host = host
+
+    async def bind_udp(self, host: str, port: int, receiver: Receiver) -> SimSocket:
+        self.network._attach_loop(asyncio.get_running_loop())
+        return self.host.bind(host, port, receiver)
+
+    def host_addresses(self) -> list[str]:
+        return list(self.host.ips)
+
+    def __repr__(self) -> str:
+        return f"<SimNet {self.host.name} {','.join(self.host.ips)}>"
+
+
+class SimNetwork:
+    """The virtual network of one topology, with fault hooks and counters.
+
+    `seed` fixes every random choice. Use it on one event loop (the first `bind_udp` ties it to the
+    running loop); on a `VirtualTimeLoop` every delay is virtual.
+    """
+
+    def __init__(self, topology: Topology, seed: int | str = 0, *, queue_limit: int = QUEUE_LIMIT) -> None:
+        self.topology = topology
+        self.seed = seed
+        self.queue_limit = queue_limit
+        self.counters: Counter[str] = Counter()
+        self.trace: Tracer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.segments: dict[str, Segment] = {s.name: Segment(self, s.name, s.cidr) for s in topology.segments}
+        self.routers: dict[str, SimRouter] = {}
+        self.hosts: dict[str, SimHost] = {}
+        for r in topology.routers:
+            self.routers[r.name] = SimRouter(self, r, self._segment(r.wan_segment), self._segment(r.lan_segment))
+        for h in topology.hosts:
+            self.hosts[h.name] = SimHost(self, h, self._segment(h.segment))
+        self._nets: dict[str, SimNet] = {}
+
+    def _segment(self, name: str) -> Segment:
+        try:
+            return self.segments[name]
+        except KeyError:
+            raise ValueError(f"topology names segment {name!r} but does not define it") from None
+
+    def _rng(self, purpose: str, name: str) -> random.Random:
+        return random.Random(f"qlab-sim/{self.seed}/{purpose}/{name}")
+
+    # -- the loop -----------------------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("SimNetwork has no event loop yet: bind a socket from inside the loop first")
+        return self._loop
+
+    def _attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is None or self._loop.is_closed():
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("this SimNetwork is already used on another event loop; build one per loop")
+
+    # -- what roles use -----------------------------------------------------------------------
+    def net(self, host_name: str) -> SimNet:
+        """The `Net` of host `host_name` (e.g. "agent", "connector", "intermediate")."""
+        if host_name not in self.hosts:
+            raise KeyError(f"no host {host_name!r} (hosts: {', '.join(self.hosts)})")
+        if host_name not in self._nets:
+            self._nets[host_name] = SimNet(self, self.hosts[host_name])
+        return self._nets[host_name]
+
+    # -- fault hooks --------------------------------------------------------------------------
+    def _node(self, name: str) -> Node:
+        node = self.routers.get(name) or self.hosts.get(name)
+        if node is None:
+            raise KeyError(f"no router or host {name!r} (nodes: {', '.join([*self.routers, *self.hosts])})")
+        return node
+
+    def _router(self, name: str) -> SimRouter:
+        r = self.routers.get(name)
+        if r is None:
+            raise KeyError(f"no router {name!r} (routers: {', '.join(self.routers) or 'none'})")
+        return r
+
+    def block(self, node_name: str, ip: str, port: int | None = None) -> None:
+        """Blackhole, at a router (or host), every packet to or from ip[:port] (any port when None)."""
+        self._node(node_name).blocked.add((ip, port))
+
+    def unblock(self, node_name: str, ip: str | None = None, port: int | None = None) -> None:
+        """Undo `block(node_name, ip, port)`; with no ip, lift every block on that node."""
+        node = self._node(node_name)
+        if ip is None:
+            node.blocked.clear()
+        else:
+            node.blocked.discard((ip, port))
+
+    def flush_nat(self, router_name: str) -> None:
+        """Forget every binding of a router's NAT (rebinding: the next packet gets a new mapping)."""
+        eng = self._router(router_name).engine
+        if eng is not None:
+            eng.flush()
+
+    def set_binding_timeout(self, router_name: str, seconds: float) -> None:
+        eng = self._router(router_name).engine
+        if eng is None:
+            raise ValueError(f"router {router_name!r} does no NAT")
+        eng.set_binding_timeout(seconds)
+
+    def set_link(self, node_name: str, profile: LinkProfile) -> None:
+        """Change a host's link or a router's uplink, both directions, from now on."""
+        node = self._node(node_name)
+        att = node.wan if isinstance(node, SimRouter) else node.iface  # type: ignore[attr-defined]
+        att.up.profile = profile
+        att.down.profile = profile
+
+    def nat(self, router_name: str) -> NatEngine:
+        eng = self._router(router_name).engine
+        if eng is None:
+            raise ValueError(f"router {router_name!r} does no NAT")
+        return eng
+
+    # -- counters -----------------------------------------------------------------------------
+    def _count_send(self, node: str, pkt: Packet) -> None:
+        self.counters["sent"] += 1
+        if self.trace is not None:
+            self.trace("send", node, pkt)
+
+    def _count_delivery(self, node: str, pkt: Packet) -> None:
+        self.counters["delivered"] += 1
+        if self.trace is not None:
+            self.trace("deliver", node, pkt)
+
+    def _count(self, node: str, what: str) -> None:
+        self.counters[what] += 1
+
+    def _drop(self, where: str, reason: str, pkt: Packet) -> None:
+        self.counters["dropped"] += 1
+        self.counters[f"dropped.{reason}"] += 1
+        if self.trace is not None:
+            self.trace(f"drop:{reason}", where, pkt)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Drops per reason (loss, queue, no_route, no_socket, blocked, nat_filtered, ...)."""
+        return {k.split(".", 1)[1]: v for k, v in sorted(self.counters.items()) if k.startswith("dropped.")}
+
+    def stats(self) -> dict:
+        """Counters plus each NAT's binding table size, for trial records and debugging."""
+        return {
+            "sent": self.counters["sent"],
+            "delivered": self.counters["delivered"],
+            "dropped": self.dropped,
+            "hairpinned": self.counters["hairpinned"],
+            "nat": {
+                name: {"bindings": len(r.engine.bindings()), "created": r.engine.bindings_created}
+                for name, r in self.routers.items()
+                if r.engine is not None
+            },
+        }
