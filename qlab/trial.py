@@ -324,16 +324,11 @@ def _result(spec, env, started, duration, st, at, ct, probe, measure, error, t0)
         predicted += [c.addr[1] for c in ct.candidates if c.kind == wire.CandidateKind.PREDICTED]
     if st is not None and verified:
         working = f"{st.working[0]}:{st.working[1]}" if st.working else ""
-        agent_pred = {c.addr for c in st.owner.candidates if c.kind == wire.CandidateKind.PREDICTED}
-        peer_pred = {c.addr for c in st.peer_candidates if c.kind == wire.CandidateKind.PREDICTED}
-        peer_used = st.peer_result.addr if st.peer_result is not None and st.peer_result.success else None
         conn_res = ct.results.get(st.session.id, {}).get("own") if ct is not None else None
-        conn_learned = set(conn_res.learned) if conn_res is not None else set()
-        if st.working_kind == wire.CandidateKind.HOST:
-            outcome = "direct_lan"
-        elif st.working in peer_pred or (peer_used in agent_pred) or (conn_learned & agent_pred) or (
-            conn_res is not None and conn_res.success is not None and conn_res.success.kind == wire.CandidateKind.PREDICTED
-        ):
+        conn_kind = conn_res.success.kind if conn_res is not None and conn_res.success is not None else None
+        if st.working_kind == wire.CandidateKind.HOST and st.peer_nat != wire.NatKind.NONE:
+            outcome = "direct_lan"  # a private host address of a peer behind a NAT: same LAN
+        elif wire.CandidateKind.PREDICTED in (st.working_kind, conn_kind):
             outcome = "direct_predicted"
         else:
             outcome = "direct_wan"

@@ -76,6 +76,7 @@ class PunchConfig:
     timeout: float = 3.0  # give up after this long without a working pair
     linger: float = 1.0  # keep answering/probing this long after success (the peer may still need us)
     nominate_wait: float = 0.01  # after a WAN success, how long a same-LAN host pair may still win
+    predict_after: float = 0.06  # predicted ports are a fallback: probed only if nothing worked by then
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Puncher:
     best: Success | None = None
     failed: str | None = None
     learned: list[Addr] = field(default_factory=list)
+    deferred: dict[Addr, wire.CandidateKind] = field(default_factory=dict)  # predicted, not yet probed
     _next_round: float = 0.0
 
     def __post_init__(self) -> None:
@@ -116,9 +118,12 @@ class Puncher:
         self.peer = peer
         own_addrs = {c.addr for c in self.own}
         for c in sorted(peer, key=lambda c: -c.priority):
-            if c.kind == wire.CandidateKind.RELAY or c.addr in own_addrs:
+            if c.kind == wire.CandidateKind.RELAY or c.addr in own_addrs or c.addr in self.targets:
                 continue
-            self.targets.setdefault(c.addr, c.kind)
+            if c.kind == wire.CandidateKind.PREDICTED:
+                self.deferred.setdefault(c.addr, c.kind)
+            else:
+                self.targets[c.addr] = c.kind
 
     # -- time -----------------------------------------------------------------------------------
     def start(self, now: float) -> list[tuple[bytes, Addr]]:
@@ -150,6 +155,9 @@ class Puncher:
         if now < self._next_round:
             return []
         self._next_round = now + self.config.interval
+        if self.deferred and now - self.started_at >= self.config.predict_after:
+            self.targets.update(self.deferred)  # nothing worked yet: try the predicted ports too
+            self.deferred.clear()
         out = []
         for addr in self.targets:
             txn = secrets.randbits(64)
@@ -171,7 +179,9 @@ class Puncher:
             out.append((wire.encode_probe(resp, self.key), addr))
             self.responses_sent += 1
             if addr not in self.targets:
-                # peer-reflexive: the peer's NAT gave it a mapping we were not told about
+                # peer-reflexive: the peer's NAT gave it a mapping we were not told about (or one
+                # we predicted but had not probed yet: the peer found us, prediction did not)
+                self.deferred.pop(addr, None)
                 self.targets[addr] = wire.CandidateKind.PRFLX
                 self.learned.append(addr)
                 if self.success is None and self.failed is None and self.started_at is not None:

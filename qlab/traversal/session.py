@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -213,6 +214,7 @@ class SessionTraversal:
         if not p.key and self.session.key:
             p.key = self.session.key
         p.set_peer(msg.peer_candidates)
+        p.config = _with_prediction_delay(self.owner.cfg.punch, self.owner.agent.link.conn)
         loop = asyncio.get_running_loop()
         self.punch_started_at = loop.time() + msg.delay_ms / 1000
         self.path.event("punch_start", f"{len(p.targets)} targets, start in {msg.delay_ms} ms, peer NAT {msg.peer_nat.name}")
@@ -292,6 +294,13 @@ class SessionTraversal:
         if self.runner is not None:
             self.runner.cancel()
         self.path.close()
+
+
+def _with_prediction_delay(cfg: PunchConfig, conn: Connection | None) -> PunchConfig:
+    """Predicted ports wait until a peer-reflexive request would have arrived: about one RTT to
+    the Intermediate (the direct path is rarely longer), and at least three probe rounds."""
+    rtt = conn.rtt if conn is not None and conn.rtt is not None else 0.0
+    return dataclasses.replace(cfg, predict_after=max(cfg.predict_after, 3 * cfg.interval, rtt))
 
 
 def _hint(own: wire.NatKind, peer: wire.NatKind) -> str:
@@ -437,6 +446,7 @@ class ConnectorTraversal:
             if p is None or p.started_at is not None:
                 p = self.punchers[s.id] = Puncher(s.id, s.key, self.candidates, (), self.cfg.punch)
             p.set_peer(msg.peer_candidates)
+            p.config = _with_prediction_delay(self.cfg.punch, self.c.link.conn)
             r = PunchRunner(p, self.c.endpoint.send_raw, lambda p, sid=s.id: self._done(sid, p))
             self.runners[s.id] = r
             r.start(msg.delay_ms / 1000)

@@ -1,0 +1,43 @@
+"""The `sim` backend for trials: a SimNetwork per trial, run on the virtual-time loop."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from qlab.backends import sim
+from qlab.topology import Topology
+
+T = TypeVar("T")
+
+
+class SimEnvironment:
+    def __init__(self, topology: Topology, seed: int) -> None:
+        self.topology = topology
+        self.seed = seed
+        self.network = sim.SimNetwork(topology, seed=seed)
+
+    def net(self, host: str) -> sim.SimNet:
+        return self.network.net(host)
+
+    def addresses(self, host: str) -> list[str]:
+        return list(self.topology.host(host).ips)
+
+    def block(self, router: str, ip: str, port: int | None = None) -> None:
+        self.network.block(router, ip, port)
+
+    def unblock(self, router: str, ip: str, port: int | None = None) -> None:
+        self.network.unblock(router, ip, port)
+
+
+class SimBackend:
+    name = "sim"
+    parallel = True
+
+    @contextmanager
+    def environment(self, topology: Topology, seed: int) -> Iterator[SimEnvironment]:
+        yield SimEnvironment(topology, seed)
+
+    def run(self, env: SimEnvironment, main: Callable[[], Awaitable[T]]) -> T:
+        return sim.run(main(), seed=env.seed)  # type: ignore[arg-type]
