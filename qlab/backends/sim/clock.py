@@ -15,7 +15,9 @@ Two ways a simulation can go wrong are reported instead of hanging:
 
 The loop is a `SelectorEventLoop` on every OS (Windows' default Proactor loop cannot be driven this
 way). Its selector polls a real selector with a zero timeout, so `call_soon_threadsafe` and executor
-results still arrive; virtual time never waits for them unless nothing else is left to do.
+results still arrive. Work in an executor (`run_in_executor`) takes no virtual time: while a job is
+outstanding and nothing is ready, the loop waits for it in real time with the clock frozen. Other
+threads are not tracked: virtual time runs on without them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ T = TypeVar("T")
 
 DEFAULT_MAX_TIME = 7 * 24 * 3600.0  # virtual seconds per loop; a week is far beyond any trial
 DEFAULT_MAX_ITERATIONS = 50_000_000  # loop iterations per loop; ~minutes of wall time
-EXTERNAL_WAIT = 60.0  # wall seconds to wait for an executor job when nothing else can run
+EXTERNAL_WAIT = 60.0  # wall seconds the clock stays frozen waiting for an executor job
 CLOCK_RESOLUTION = 1e-9  # timers within 1 ns of "now" are due (absorbs float rounding of jumps)
 
 
@@ -80,12 +82,12 @@ class _VirtualSelector(selectors.BaseSelector):
         ready = self._real.select(0)
         if ready or timeout == 0:
             return ready
+        if loop._external_jobs:
+            # An executor job runs in real time and takes no virtual time: wait for it, clock frozen.
+            ready = self._real.select(EXTERNAL_WAIT)
+            if ready:
+                return ready
         if timeout is None:
-            if loop._external_jobs:
-                # Only outside work (a thread) can wake us: wait for it in real time, clock frozen.
-                ready = self._real.select(EXTERNAL_WAIT)
-                if ready:
-                    return ready
             raise SimulationDeadlock(loop._deadlock_report())
         loop._advance(timeout)
         return []
@@ -179,11 +181,17 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
 
 def _describe_task(task: asyncio.Task) -> str:
-    coro = task.get_coro()
+    """Task name, its coroutine and where the innermost awaiting coroutine is suspended."""
+    coro: Any = task.get_coro()
+    chain = [getattr(coro, "__qualname__", repr(coro))]
     frame = getattr(coro, "cr_frame", None)
-    where = f" at {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}" if frame else ""
-    name = getattr(coro, "__qualname__", repr(coro))
-    return f"{task.get_name()} {name}{where}"
+    inner = getattr(coro, "cr_await", None)
+    while inner is not None and getattr(inner, "cr_frame", None) is not None:
+        chain.append(inner.__qualname__)
+        frame = inner.cr_frame
+        inner = getattr(inner, "cr_await", None)
+    where = f" at {frame.f_code.co_filename.replace(chr(92), '/').rsplit('/', 1)[-1]}:{frame.f_lineno}" if frame else ""
+    return f"{task.get_name()} {' -> '.join(chain)}{where}"
 
 
 def loop_factory(**kwargs: Any) -> Callable[[], VirtualTimeLoop]:

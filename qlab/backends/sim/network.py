@@ -531,6 +531,10 @@ class SimNetwork:
             self._nets[host_name] = SimNet(self, self.hosts[host_name])
         return self._nets[host_name]
 
+    def addresses(self, host_name: str) -> list[str]:
+        """The host's own addresses (what its `Net.host_addresses()` returns)."""
+        return self.net(host_name).host_addresses()
+
     # -- fault hooks --------------------------------------------------------------------------
     def _node(self, name: str) -> Node:
         node = self.routers.get(name) or self.hosts.get(name)

@@ -1,0 +1,307 @@
+"""The NAT engine, packet by packet through the virtual network, for every preset: the mapped
+addresses a socket gets, who may send back in, hairpinning, binding lifetime, port allocation.
+
+The expectations are the kernel lab's measurements (shared/reference/nat-lab.md §3.7, §5, §6).
+The Intermediate host plays an RFC 5780-style reflector on 203.0.113.10/.11 x 3478/3479: it answers
+every datagram with the source address it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from qlab import topology
+from qlab.backends import sim
+from qlab.backends.sim.nat import NatEngine, Verdict
+from qlab.nat.spec import PRESET_NAMES, Filtering, Mapping, NatSpec, PortAllocation, preset
+
+Addr = tuple[str, int]
+A, B = topology.INTERMEDIATE_IPS  # 203.0.113.10, 203.0.113.11
+P1, P2 = 3478, 3479
+
+
+class Lab:
+    """A reflector on the Intermediate and UDP clients on inside hosts, with received datagrams logged."""
+
+    def __init__(self, network: sim.SimNetwork) -> None:
+        self.network = network
+        self.refl: dict[Addr, sim.SimSocket] = {}
+        self.seen_by_refl: list[tuple[Addr, Addr]] = []  # (reflector address, observed source)
+        self.inbox: dict[str, list[tuple[bytes, Addr]]] = {}
+
+    async def start(self) -> None:
+        inter = self.network.net("intermediate")
+        for ip in (A, B):
+            for port in (P1, P2):
+                self.refl[(ip, port)] = await inter.bind_udp(ip, port, self._reflector((ip, port)))
+
+    def _reflector(self, me: Addr):
+        def on(batch: list[tuple[bytes, Addr]]) -> None:
+            for data, src in batch:
+                self.seen_by_refl.append((me, src))
+                if data == b"stun":
+                    self.refl[me].sendto(f"{src[0]}:{src[1]}".encode(), src)
+        return on
+
+    async def client(self, host: str, port: int = 5000, name: str | None = None) -> sim.SimSocket:
+        name = name or host
+        box = self.inbox.setdefault(name, [])
+        return await self.network.net(host).bind_udp("0.0.0.0", port, box.extend)
+
+    async def mapped(self, sock: sim.SimSocket, server: Addr, name: str) -> Addr:
+        """Ask the reflector at `server` which address `sock` is seen from."""
+        box = self.inbox[name]
+        n = len(box)
+        sock.sendto(b"stun", server)
+        await asyncio.sleep(0.05)
+        answers = [d for d, src in box[n:] if src == server]
+        assert answers, f"no reflector answer from {server}"
+        ip, port = answers[-1].decode().rsplit(":", 1)
+        return ip, int(port)
+
+    def received_from(self, name: str, src: Addr) -> int:
+        return sum(1 for _, s in self.inbox[name] if s == src)
+
+
+def pair(agent_nat: str, connector_nat: str = "public", **kw) -> sim.SimNetwork:
+    return sim.SimNetwork(topology.build(agent_nat, connector_nat, **kw), seed=kw.pop("seed", 1))
+
+
+# mapping seen from one socket towards (A,P1), (B,P1), (B,P2); and which outside sources reach it after
+# it sent only to (A,P1): same ip:port, same IP other port, other IP.
+EXPECT = {
+    #                  mapping    same-ip:port other-port other-ip
+    "public":          ("none",   True,        True,      True),
+    "full_cone":       ("EIM",    True,        True,      True),
+    "restricted_cone": ("EIM",    True,        True,      False),
+    "port_restricted": ("EIM",    True,        False,     False),
+    "symmetric":       ("APDM",   True,        False,     False),
+    "symmetric_seq":   ("APDM",   True,        False,     False),
+}
+
+
+def test_expectations_cover_every_preset() -> None:
+    assert set(EXPECT) == set(PRESET_NAMES)
+
+
+@pytest.mark.parametrize("nat", PRESET_NAMES)
+def test_mapping_and_filtering_per_preset(nat: str) -> None:
+    network = pair(nat)
+    lab = Lab(network)
+    agent_ip = network.topology.host("agent").ip
+
+    async def main() -> tuple[list[Addr], dict[str, bool]]:
+        await lab.start()
+        s = await lab.client("agent", 5000)
+        maps = [await lab.mapped(s, srv, "agent") for srv in ((A, P1), (B, P1), (B, P2))]
+        # a fresh socket that has sent only to (A, P1); then three outside sources try to reach it
+        s2 = await lab.client("agent", 6000, name="probe")
+        m = await lab.mapped(s2, (A, P1), "probe")
+        reach = {}
+        for label, src in (("same", (A, P1)), ("other_port", (A, P2)), ("other_ip", (B, P1))):
+            lab.refl[src].sendto(label.encode(), m)
+            await asyncio.sleep(0.05)
+            reach[label] = any(d == label.encode() for d, _ in lab.inbox["probe"])
+        return maps, reach
+
+    maps, reach = sim.run(main())
+    mapping, same, other_port, other_ip = EXPECT[nat]
+    assert reach == {"same": same, "other_port": other_port, "other_ip": other_ip}
+    public_ip = agent_ip if nat == "public" else network.topology.router("nat-a").wan_ip
+    assert {ip for ip, _ in maps} == {public_ip}
+    ports = [p for _, p in maps]
+    if mapping in ("none", "EIM"):
+        assert ports == [5000, 5000, 5000]  # EIM with the port preserved (nat-lab §3.7)
+    else:
+        assert len(set(ports)) == 3  # a new public port per destination
+    if nat == "symmetric_seq":
+        assert ports == [40000, 40001, 40002]
+    if nat == "symmetric":
+        assert 5000 not in ports and all(1024 <= p <= 65535 for p in ports)
+    if nat != "public":
+        expected_drop = {"nat_filtered"} if not (same and other_port and other_ip) else set()
+        assert set(network.dropped) == expected_drop
+
+
+@pytest.mark.parametrize("nat", [n for n in PRESET_NAMES if n != "public"])
+def test_no_port_overloading_for_two_inside_hosts_on_one_port(nat: str) -> None:
+    """RFC 4787 REQ-3: hostA and hostA2 both on :5000 never share a public port (unlike plain
+    MASQUERADE, nat-lab P6); an EIM NAT keeps each one's mapping for every destination."""
+    network = sim.SimNetwork(topology.build(nat, "public", scenario="multi_agent", agents=2), seed=3)
+    lab = Lab(network)
+
+    async def main() -> tuple[list[Addr], list[Addr]]:
+        await lab.start()
+        s1 = await lab.client("agent", 5000)
+        s2 = await lab.client("agent2", 5000)
+        m1 = [await lab.mapped(s1, srv, "agent") for srv in ((A, P1), (B, P2))]
+        m2 = [await lab.mapped(s2, srv, "agent2") for srv in ((A, P1), (B, P2))]
+        return m1, m2
+
+    m1, m2 = sim.run(main())
+    assert not {p for _, p in m1} & {p for _, p in m2}
+    if preset(nat).mapping is Mapping.EIM:
+        assert m1 == [("203.0.113.101", 5000)] * 2  # the first one keeps its port
+        assert m2[0] == m2[1] and m2[0][1] != 5000  # the second gets one other port, for all destinations
+
+
+@pytest.mark.parametrize("nat", [n for n in PRESET_NAMES if n != "public"])
+def test_hairpinning_shows_the_public_source(nat: str) -> None:
+    """Two hosts behind one NAT send to each other's public mapping (nat-lab §5, hairpin table)."""
+    network = sim.SimNetwork(topology.build(nat, "public", scenario="multi_agent", agents=2), seed=2)
+    lab = Lab(network)
+
+    async def main() -> tuple[Addr, Addr, list[tuple[bytes, Addr]], list[tuple[bytes, Addr]]]:
+        await lab.start()
+        s1 = await lab.client("agent", 5000)
+        s2 = await lab.client("agent2", 6000)
+        m1 = await lab.mapped(s1, (A, P1), "agent")
+        m2 = await lab.mapped(s2, (A, P1), "agent2")
+        n1, n2 = len(lab.inbox["agent"]), len(lab.inbox["agent2"])
+        s1.sendto(b"to-2", m2)
+        s2.sendto(b"to-1", m1)
+        await asyncio.sleep(0.05)
+        return m1, m2, lab.inbox["agent"][n1:], lab.inbox["agent2"][n2:]
+
+    m1, m2, got1, got2 = sim.run(main())
+    if preset(nat).hairpinning:
+        assert got2 == [(b"to-2", m1)]  # seen from the sender's public mapping, not 10.1.0.2
+        assert got1 == [(b"to-1", m2)]
+        assert network.counters["hairpinned"] == 2
+    else:
+        assert got1 == got2 == []
+        assert network.dropped["nat_no_hairpin"] == 2
+
+
+@pytest.mark.parametrize("nat", ["full_cone", "restricted_cone", "port_restricted", "symmetric", "symmetric_seq"])
+def test_binding_expires_after_idle_and_only_outbound_refreshes(nat: str) -> None:
+    network = pair(nat)
+    network.set_binding_timeout("nat-a", 3.0)
+    lab = Lab(network)
+
+    async def main() -> dict[str, bool | Addr]:
+        loop = asyncio.get_running_loop()
+        await lab.start()
+        s = await lab.client("agent", 5000)
+        out: dict[str, bool | Addr] = {}
+        m = await lab.mapped(s, (A, P1), "agent")  # last outbound at ~t0
+        t_out = loop.time() - 0.05
+
+        async def probe(label: str, at: float, to: Addr = m) -> bool:
+            await asyncio.sleep(max(0.0, at - loop.time()))
+            lab.refl[(A, P1)].sendto(label.encode(), to)
+            await asyncio.sleep(0.001)
+            return any(d == label.encode() for d, _ in lab.inbox["agent"])
+
+        # inbound every second does not keep the binding alive (RFC 4787 REQ-6, nft set `update`)
+        out["t+1"] = await probe("t+1", t_out + 1.0)
+        out["t+2"] = await probe("t+2", t_out + 2.0)
+        out["t+2.9"] = await probe("t+2.9", t_out + 2.9)
+        out["t+3.1"] = await probe("t+3.1", t_out + 3.1)
+        # outbound keepalives every 2 s for 10 s do keep it
+        s.sendto(b"ka", (A, P1))
+        m_after = await lab.mapped(s, (A, P1), "agent")
+        out["new_mapping"] = m_after
+        out["old_mapping"] = m
+        for _ in range(5):
+            await asyncio.sleep(2.0)
+            s.sendto(b"ka", (A, P1))
+        out["after_keepalives"] = await probe("late", loop.time() + 2.5, m_after)
+        return out
+
+    out = sim.run(main())
+    assert out["t+1"] and out["t+2"] and out["t+2.9"]
+    assert not out["t+3.1"]
+    assert network.dropped["nat_no_mapping"] == 1
+    assert out["after_keepalives"]
+    if nat == "symmetric_seq":
+        assert out["new_mapping"][1] == out["old_mapping"][1] + 1  # a new binding takes the next port
+    elif preset(nat).ports is PortAllocation.PRESERVE:
+        assert out["new_mapping"] == out["old_mapping"]  # the preserved port is free again
+
+
+def test_sequential_ports_count_up_across_sockets_and_hosts() -> None:
+    network = sim.SimNetwork(topology.build("symmetric_seq", "public", scenario="multi_agent", agents=2), seed=9)
+    lab = Lab(network)
+
+    async def main() -> list[int]:
+        await lab.start()
+        s1 = await lab.client("agent", 5000)
+        s1b = await lab.client("agent", 5001, name="agent-b")
+        s2 = await lab.client("agent2", 5000)
+        ports = [(await lab.mapped(s1, (A, P1), "agent"))[1], (await lab.mapped(s1, (B, P1), "agent"))[1]]
+        ports.append((await lab.mapped(s1, (A, P1), "agent"))[1])  # existing binding: same port
+        ports.append((await lab.mapped(s1b, (A, P1), "agent-b"))[1])
+        ports.append((await lab.mapped(s2, (A, P2), "agent2"))[1])
+        return ports
+
+    assert sim.run(main()) == [40000, 40001, 40000, 40002, 40003]
+
+
+def test_double_nat_is_seen_from_the_carrier_nat() -> None:
+    network = sim.SimNetwork(topology.build("full_cone", "public", scenario="double_nat"), seed=1)
+    lab = Lab(network)
+
+    async def main() -> Addr:
+        await lab.start()
+        s = await lab.client("agent", 5000)
+        return await lab.mapped(s, (A, P1), "agent")
+
+    assert sim.run(main()) == ("203.0.113.103", 5000)
+    (home,) = network.nat("nat-a").bindings()
+    assert home.internal == ("10.1.0.2", 5000) and home.public_port == 5000
+    (cgn,) = network.nat("cgnat").bindings()
+    assert cgn.internal == ("100.64.0.2", 5000)
+
+
+# -- the engine alone, with explicit instants -------------------------------------------------
+
+
+def test_engine_address_dependent_mapping_and_filtering() -> None:
+    spec = NatSpec("adm", mapping=Mapping.ADM, filtering=Filtering.ADF, ports=PortAllocation.RANDOM)
+    eng = NatEngine(spec, "198.51.100.1", random.Random(1))
+    inside = ("10.0.0.2", 7000)
+    a = eng.outbound(inside, ("203.0.113.10", 1), 0.0)
+    a2 = eng.outbound(inside, ("203.0.113.10", 2), 0.0)
+    b = eng.outbound(inside, ("203.0.113.11", 1), 0.0)
+    assert a == a2 != b  # same remote IP shares a mapping, another IP gets its own
+    assert eng.inbound(("203.0.113.10", 99), a[1], 1.0) == inside  # ADF: any port of a sent-to IP
+    assert eng.inbound(("203.0.113.11", 1), a[1], 1.0) is Verdict.FILTERED  # that IP has its own mapping
+    assert eng.inbound(("203.0.113.12", 1), 4242, 1.0) is Verdict.NO_MAPPING
+
+
+def test_engine_permissions_expire_per_remote() -> None:
+    eng = NatEngine(preset("restricted_cone").with_timeout(10.0), "198.51.100.1")
+    inside = ("10.0.0.2", 7000)
+    eng.outbound(inside, ("203.0.113.10", 1), 0.0)
+    eng.outbound(inside, ("203.0.113.11", 1), 8.0)  # refreshes the binding, and permits .11 only from t=8
+    assert eng.inbound(("203.0.113.11", 5), 7000, 17.0) == inside
+    assert eng.inbound(("203.0.113.10", 5), 7000, 12.0) is Verdict.FILTERED  # .10's permission is 12 s old
+    assert eng.inbound(("203.0.113.11", 5), 7000, 18.0) is Verdict.NO_MAPPING  # binding gone at t=18
+
+
+def test_engine_sequential_range_exhausts_and_recovers() -> None:
+    spec = NatSpec("tiny", mapping=Mapping.APDM, filtering=Filtering.APDF, ports=PortAllocation.SEQUENTIAL,
+                   sequential_base=50000, sequential_count=2, binding_timeout=5.0)
+    eng = NatEngine(spec, "198.51.100.1")
+    inside = ("10.0.0.2", 7000)
+    assert eng.outbound(inside, ("203.0.113.10", 1), 0.0) == ("198.51.100.1", 50000)
+    assert eng.outbound(inside, ("203.0.113.10", 2), 0.0) == ("198.51.100.1", 50001)
+    assert eng.outbound(inside, ("203.0.113.10", 3), 1.0) is Verdict.PORTS_EXHAUSTED
+    assert eng.outbound(inside, ("203.0.113.10", 3), 5.0) == ("198.51.100.1", 50000)  # expired ports reused
+    eng.flush()
+    assert eng.bindings() == []
+    assert eng.outbound(inside, ("203.0.113.10", 9), 6.0) == ("198.51.100.1", 50000)  # counter restarts
+
+
+def test_engine_preserved_port_taken_falls_back_to_random_and_public_is_rejected() -> None:
+    eng = NatEngine(preset("full_cone"), "198.51.100.1", random.Random(4))
+    assert eng.outbound(("10.0.0.2", 7000), ("203.0.113.10", 1), 0.0) == ("198.51.100.1", 7000)
+    other = eng.outbound(("10.0.0.3", 7000), ("203.0.113.10", 1), 0.0)
+    assert isinstance(other, tuple) and other[1] != 7000
+    assert eng.inbound(("203.0.113.99", 1), other[1], 0.5) == ("10.0.0.3", 7000)  # EIF
+    with pytest.raises(ValueError, match="not a NAT"):
+        NatEngine(preset("public"), "198.51.100.1")
