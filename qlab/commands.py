@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
+from qlab.cli_util import parse_addr
 from qlab.nat.spec import PRESET_NAMES
 from qlab.profiles import PROFILE_NAMES
 from qlab.topology import SCENARIOS
@@ -41,6 +43,39 @@ def cmd_trial(args: argparse.Namespace) -> int:
     return 0 if result.outcome != "failed" else 1
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    """Classify a NAT: in a lab (`--backend sim|netns --nat PRESET`), or from this machine against
+    a deployed Intermediate (`--intermediate HOST:PORT --certs DIR`)."""
+    if args.intermediate:
+        out = asyncio.run(_classify_field(args))
+    else:
+        from qlab.trial import run_classify
+
+        out = run_classify(args.backend, args.nat, profile=args.profile, seed=args.seed, certs_dir=args.certs)
+    print(json.dumps(out, indent=1))
+    return 0 if out.get("preset") else 1
+
+
+async def _classify_field(args: argparse.Namespace) -> dict:
+    from qlab.certs import Credentials
+    from qlab.endpoint import Endpoint
+    from qlab.net import RealNet
+    from qlab.traversal.detect import classify
+    from qlab.traversal.punch import host_ips_for
+
+    if not args.certs:
+        raise ValueError("--certs DIR (the deployment's ca.pem and secret) is needed with --intermediate")
+    net = RealNet()
+    ep = Endpoint(net)
+    await ep.bind("0.0.0.0", 0)
+    try:
+        v = await classify(ep, Credentials.load(args.certs), args.intermediate,
+                           host_ips_for(ep.local_address, net.host_addresses()))
+    finally:
+        ep.close()
+    return {**v.to_dict(), "backend": "field"}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from qlab.trial import TrialSpec, run_trial
 
@@ -61,6 +96,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--compact", action="store_true", help="one line of JSON")
     add_trial_options(t)
     t.set_defaults(func=cmd_trial)
+
+    c = sub.add_parser("classify", help="classify a NAT (RFC 5780 style, on qlab's own QAD)")
+    c.add_argument("--nat", type=_preset, default="port_restricted", help="the preset to put in front (lab)")
+    c.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), default=None,
+                   help="classify this machine's NAT against a deployed Intermediate instead")
+    add_trial_options(c)
+    c.set_defaults(func=cmd_classify)
 
     r = sub.add_parser("report", help="run the default campaigns and publish the HTML report")
     r.add_argument("--backend", default="loopback", choices=("sim", "netns", "loopback"))

@@ -399,3 +399,38 @@ def default_certs() -> str:
         with contextlib.suppress(FileExistsError):
             init_dir(d)
     return d
+
+
+async def classify_in(env: Environment, creds: Credentials, host: str = "agent") -> dict:
+    """Run an Intermediate with its four listeners and classify `host`'s NAT from its socket."""
+    from qlab.endpoint import Endpoint
+    from qlab.traversal.detect import classify
+    from qlab.traversal.punch import host_ips_for
+
+    inter_ips = env.addresses("intermediate")
+    listen = [(ip, port) for ip in inter_ips[:2] for port in (INTERMEDIATE_PORT, INTERMEDIATE_ALT_PORT)]
+    srv = Intermediate(env.net("intermediate"), creds)
+    net = env.net(host)
+    ep = Endpoint(net)
+    try:
+        await srv.listen(listen)
+        await ep.bind("0.0.0.0", 0)
+        host_ips = host_ips_for(ep.local_address, net.host_addresses())
+        verdict = await classify(ep, creds, listen[0], host_ips)
+        return verdict.to_dict()
+    finally:
+        ep.close()
+        srv.close()
+        await asyncio.sleep(0)
+
+
+def run_classify(backend_name: str, nat: str, *, profile: str = "lan", seed: int = 0,
+                 certs_dir: str | None = None) -> dict:
+    """`qlab classify` in a lab: the Agent host behind `nat`, classified from inside."""
+    topo = build(nat, "public", profile_name=profile)
+    backend = get_backend(backend_name)
+    creds = Credentials.load(certs_dir or default_certs())
+    with backend.environment(topo, seed) as env:
+        out = backend.run(env, lambda: classify_in(env, creds, "agent"))
+    out.update(backend=backend_name, configured=nat, correct=out.get("preset") == nat)
+    return out

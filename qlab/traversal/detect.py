@@ -211,6 +211,33 @@ async def classify(
         async with QadSession(endpoint, intermediate, creds, name) as main:
             obs_primary = await main.observed(timeout)
             primary, alternate = await server_listeners(main, timeout)
+            # filtering first, before this socket sends anything to the other listeners (which would
+            # open the NAT's filter towards them): test probes from another IP+port, then another port
+            public = obs_primary[0] in host_ips and obs_primary[1] == local[1]
+            filtering = "none" if public else "unknown"
+            if not public:
+                async def change(alt_ip: int, alt_port: int) -> bool:
+                    nonce = secrets.randbits(64)
+                    tests[nonce] = loop.create_future()
+                    try:
+                        reply = await main.request(wire.ChangeRequest(main.next_req(), alt_ip, alt_port, nonce), timeout)
+                    except (TimeoutError, ConnectionError):
+                        return False
+                    if isinstance(reply, wire.Nack):
+                        notes.append(f"change request ip={alt_ip} port={alt_port} refused: {reply.reason}")
+                        return False
+                    try:
+                        await asyncio.wait_for(tests[nonce], filter_wait)
+                        return True
+                    except TimeoutError:
+                        return False
+
+                if alternate != primary and await change(1, 1):
+                    filtering = "EIF"
+                elif await change(0, 1):
+                    filtering = "ADF"
+                else:
+                    filtering = "APDF"
             others = _other_listeners(primary, alternate)
             observed: dict[str, Addr] = {"primary": obs_primary}
             for label, addr in others.items():
@@ -239,31 +266,6 @@ async def classify(
                 else:
                     kind = nat_kind_from(local, [], order)
                     ports = "sequential" if kind == wire.NatKind.EDM_SEQUENTIAL else "random"
-            # filtering: ask for test probes from another IP+port, then from another port only
-            filtering = "none" if mapping == "none" else "unknown"
-            if mapping != "none":
-                async def change(alt_ip: int, alt_port: int) -> bool:
-                    nonce = secrets.randbits(64)
-                    tests[nonce] = loop.create_future()
-                    try:
-                        reply = await main.request(wire.ChangeRequest(main.next_req(), alt_ip, alt_port, nonce), timeout)
-                    except (TimeoutError, ConnectionError):
-                        return False
-                    if isinstance(reply, wire.Nack):
-                        notes.append(f"change request ip={alt_ip} port={alt_port} refused: {reply.reason}")
-                        return False
-                    try:
-                        await asyncio.wait_for(tests[nonce], filter_wait)
-                        return True
-                    except TimeoutError:
-                        return False
-
-                if "alt_ip_port" in observed and await change(1, 1):
-                    filtering = "EIF"
-                elif await change(0, 1):
-                    filtering = "ADF"
-                else:
-                    filtering = "APDF"
             # hairpinning: a probe to our own mapping comes back to us?
             hairpin: bool | None = None
             if mapping != "none":

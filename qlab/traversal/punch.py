@@ -65,6 +65,12 @@ def gather(
     return tuple(out[: wire.MAX_CANDIDATES])
 
 
+def lan_candidates(own: tuple[wire.Candidate, ...], peer: tuple[wire.Candidate, ...]) -> tuple[wire.Candidate, ...]:
+    """The peer's host candidates that may share a LAN with one of ours (same /24 or /64)."""
+    mine = {_prefix(c.addr[0]) for c in own if c.kind == wire.CandidateKind.HOST}
+    return tuple(c for c in peer if c.kind == wire.CandidateKind.HOST and _prefix(c.addr[0]) in mine)
+
+
 def both_endpoint_dependent(a: wire.NatKind, b: wire.NatKind) -> bool:
     hard = (wire.NatKind.EDM_RANDOM, wire.NatKind.EDM_SEQUENTIAL)
     return a in hard and b in hard
@@ -199,10 +205,10 @@ class Puncher:
         return out
 
     def _lan_possible(self) -> bool:
-        """Whether a peer host candidate shares an IPv4 /24 (or an IPv6 /64) with one of ours: only
-        then is a LAN pair worth waiting for after a WAN pair worked."""
-        own = {_prefix(c.addr[0]) for c in self.own if c.kind == wire.CandidateKind.HOST}
-        return any(k == wire.CandidateKind.HOST and _prefix(a[0]) in own for a, k in self.targets.items())
+        """Whether a peer host candidate shares a LAN prefix with one of ours: only then is a LAN
+        pair worth waiting for after a WAN pair worked."""
+        hosts = tuple(wire.Candidate(k, a) for a, k in self.targets.items() if k == wire.CandidateKind.HOST)
+        return bool(lan_candidates(self.own, hosts))
 
     def _works(self, addr: Addr, now: float, via: str) -> None:
         if self.success is not None or self.failed is not None:

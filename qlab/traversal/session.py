@@ -27,6 +27,7 @@ from qlab.traversal.punch import (
     both_endpoint_dependent,
     gather,
     host_ips_for,
+    lan_candidates,
 )
 
 log = logging.getLogger("qlab.traversal")
@@ -132,7 +133,7 @@ class PathManager:
     async def _keep_alive(self, conn: Connection) -> None:
         nonce = 0
         dead_after = self.cfg.failover - self.cfg.keepalive
-        step = min(self.cfg.keepalive, dead_after / 2)
+        step = min(self.cfg.keepalive, dead_after) / 4  # detection within dead_after + step
         last_ping = 0.0
         while not conn.closed and self.s.direct is conn:
             await asyncio.sleep(step)
@@ -203,7 +204,8 @@ class SessionTraversal:
         self.peer_nat = msg.peer_nat
         self.peer_candidates = msg.peer_candidates
         own = self.owner.detection.kind
-        if both_endpoint_dependent(own, msg.peer_nat):
+        lan_only = both_endpoint_dependent(own, msg.peer_nat)
+        if lan_only and not lan_candidates(self.owner.candidates, msg.peer_candidates):
             self.reason = (f"both sides are behind endpoint-dependent NATs (agent {own.name}, connector "
                            f"{msg.peer_nat.name}): staying on the relay without punching")
             self.path.event("punch_skipped", self.reason)
@@ -213,7 +215,7 @@ class SessionTraversal:
         p = self.puncher if self.puncher is not None and self.puncher.started_at is None else self.new_puncher()
         if not p.key and self.session.key:
             p.key = self.session.key
-        p.set_peer(msg.peer_candidates)
+        p.set_peer(lan_candidates(self.owner.candidates, msg.peer_candidates) if lan_only else msg.peer_candidates)
         p.config = _with_prediction_delay(self.owner.cfg.punch, self.owner.agent.link.conn)
         loop = asyncio.get_running_loop()
         self.punch_started_at = loop.time() + msg.delay_ms / 1000
@@ -440,12 +442,15 @@ class ConnectorTraversal:
             self._answer(s)
             return True
         if isinstance(msg, wire.StartPunch):
+            peer = msg.peer_candidates
             if both_endpoint_dependent(self.detection.kind, msg.peer_nat):
-                return True
+                peer = lan_candidates(self.candidates, peer)  # only a shared LAN can work
+                if not peer:
+                    return True
             p = self.punchers.get(s.id)
             if p is None or p.started_at is not None:
                 p = self.punchers[s.id] = Puncher(s.id, s.key, self.candidates, (), self.cfg.punch)
-            p.set_peer(msg.peer_candidates)
+            p.set_peer(peer)
             p.config = _with_prediction_delay(self.cfg.punch, self.c.link.conn)
             r = PunchRunner(p, self.c.endpoint.send_raw, lambda p, sid=s.id: self._done(sid, p))
             self.runners[s.id] = r

@@ -1,0 +1,206 @@
+"""Hole punching and path management: the sans-IO puncher, and whole trials on the simulator
+(every NAT pair, same LAN, fallback) and on real loopback sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlab import wire
+from qlab.nat.spec import EXPECTED, PRESET_NAMES
+from qlab.traversal.punch import PunchConfig, Puncher, gather, lan_candidates
+from qlab.trial import TrialSpec, is_direct, run_classify, run_trial
+
+KEY = b"k" * 32
+C = wire.CandidateKind
+
+
+def cand(kind, ip, port):
+    return wire.Candidate(kind, (ip, port), 1)
+
+
+def exchange(a: Puncher, a_addr, b: Puncher, b_addr, rounds: int = 10, nat=lambda src, dst: src):
+    """Deliver each side's output to the other (through an optional source-rewriting `nat`)."""
+    t = 0.0
+    out_a, out_b = a.start(t), b.start(t)
+    for _ in range(rounds):
+        t += a.config.interval
+        nxt_a, nxt_b = [], []
+        for data, dst in out_a:
+            if dst == b_addr:
+                nxt_b += b.receive(data, nat(a_addr, dst), t)
+        for data, dst in out_b:
+            if dst == a_addr:
+                nxt_a += a.receive(data, nat(b_addr, dst), t)
+        out_a = nxt_a + a.poll(t)
+        out_b = nxt_b + b.poll(t)
+    return a, b
+
+
+def test_punchers_find_each_other_and_answer_where_probes_came_from():
+    a_addr, b_addr = ("198.51.100.1", 1000), ("198.51.100.2", 2000)
+    a = Puncher(7, KEY, (cand(C.SRFLX, *a_addr),), (cand(C.SRFLX, *b_addr),))
+    b = Puncher(7, KEY, (cand(C.SRFLX, *b_addr),), (cand(C.SRFLX, *a_addr),))
+    exchange(a, a_addr, b, b_addr)
+    assert a.success and a.success.addr == b_addr and a.success.kind == C.SRFLX
+    assert b.success and b.success.addr == a_addr
+    assert a.probes_sent >= 1 and a.responses_sent >= 1
+
+
+def test_peer_reflexive_address_is_learned_and_used():
+    """The peer's NAT maps it to a port nobody signalled (symmetric): the side that receives its
+    probe answers that address and adopts it."""
+    a_addr, b_signalled, b_real = ("198.51.100.1", 1000), ("198.51.100.2", 2000), ("198.51.100.2", 3333)
+    a = Puncher(7, KEY, (cand(C.SRFLX, *a_addr),), (cand(C.SRFLX, *b_signalled),))
+    b = Puncher(7, KEY, (cand(C.SRFLX, *b_real),), (cand(C.SRFLX, *a_addr),))
+    # b's packets leave from b_real; a's packets to b_signalled are lost
+    t = 0.0
+    a.start(t)
+    for data, dst in b.start(t):
+        out = a.receive(data, b_real, t)
+        assert any(d == b_real for _, d in out), "a must answer the address the probe came from"
+        for d2, dst2 in out:
+            if dst2 == b_real:
+                b.receive(d2, a_addr, t)
+    assert a.learned == [b_real] and a.targets[b_real] == C.PRFLX
+    assert a.success is not None and a.success.addr == b_real and a.success.kind == C.PRFLX
+    assert b.success is not None and b.success.addr == a_addr
+
+
+def test_probes_with_a_wrong_key_or_session_are_rejected():
+    a = Puncher(7, KEY, (), (cand(C.SRFLX, "198.51.100.2", 1),))
+    forged = wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, 7, 1), b"x" * 32)
+    with pytest.raises(wire.WireError):
+        a.receive(forged, ("198.51.100.9", 9), 0.0)
+    other = wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, 8, 1), KEY)
+    with pytest.raises(wire.WireError):
+        a.receive(other, ("198.51.100.9", 9), 0.0)
+    unsolicited = wire.encode_probe(wire.Probe(wire.PROBE_RESPONSE, 7, 12345, ("1.2.3.4", 5)), KEY)
+    with pytest.raises(wire.WireError, match="no request"):
+        a.receive(unsolicited, ("198.51.100.9", 9), 0.0)
+    assert a.success is None
+
+
+def test_timeout_gives_a_reason_and_stops_probing():
+    a = Puncher(7, KEY, (), (cand(C.SRFLX, "198.51.100.2", 1),), PunchConfig(interval=0.02, timeout=0.1))
+    a.start(0.0)
+    t, sent = 0.0, 0
+    while t < 1.0:
+        t += 0.02
+        sent += len(a.poll(t))
+    assert a.failed and "no working pair" in a.failed
+    assert a.poll(2.0) == [] and a.next_timer() is None
+    assert 4 <= a.probes_sent <= 7
+
+
+def test_predicted_ports_are_a_fallback():
+    a = Puncher(7, KEY, (), (cand(C.SRFLX, "198.51.100.2", 40000), cand(C.PREDICTED, "198.51.100.2", 40001)),
+                PunchConfig(interval=0.02, predict_after=0.06))
+    first = a.start(0.0)
+    assert [d for _, d in first] == [("198.51.100.2", 40000)]
+    later = []
+    for i in range(1, 5):
+        later += a.poll(0.02 * i)
+    assert ("198.51.100.2", 40001) in [d for _, d in later]
+
+
+def test_candidates_never_include_unusable_host_addresses():
+    cands = gather(["0.0.0.0", "127.0.0.1", "169.254.1.1", "10.1.0.2"], 4434, ("203.0.113.101", 4434),
+                   wire.NatKind.EDM_SEQUENTIAL, last_port=40010)
+    kinds = [(c.kind, c.addr) for c in cands]
+    assert kinds[0] == (C.HOST, ("10.1.0.2", 4434))
+    assert (C.SRFLX, ("203.0.113.101", 4434)) in kinds
+    assert [a[1] for k, a in kinds if k == C.PREDICTED] == list(range(40011, 40019))
+    prios = [c.priority for c in cands]
+    assert prios == sorted(prios, reverse=True), "LAN before WAN before predicted"
+    assert lan_candidates(cands, (cand(C.HOST, "10.1.0.7", 1), cand(C.HOST, "10.2.0.7", 1))) == (
+        cand(C.HOST, "10.1.0.7", 1),)
+
+
+# --- whole trials on the simulator ---------------------------------------------------------------
+
+CELLS = [(a, c) for a in PRESET_NAMES for c in PRESET_NAMES]
+
+
+@pytest.mark.parametrize("agent_nat,connector_nat", CELLS, ids=[f"{a}-{c}" for a, c in CELLS])
+def test_matrix_cell_on_sim_gives_expected_outcome(agent_nat, connector_nat):
+    for seed in (1, 2, 3):
+        r = run_trial(TrialSpec(backend="sim", agent_nat=agent_nat, connector_nat=connector_nat,
+                                profile="wan-20ms", seed=seed, samples=5, verify_echoes=5))
+        assert r.error == "", r.error
+        assert r.outcome != "failed", "every trial must end connected"
+        assert r.as_expected, f"{agent_nat} x {connector_nat} seed {seed}: {r.outcome} ({r.reason}), expected {r.expected}"
+        assert is_direct(r.outcome) == r.direct_verified, "no cell is direct unless direct_verified"
+        assert r.ttfb_ms is not None and r.rtt_relay_n > 0
+        if r.outcome == "relay":
+            assert r.reason, "every non-direct outcome has a reason"
+
+
+def test_sim_trials_are_deterministic():
+    spec = dict(backend="sim", agent_nat="port_restricted", connector_nat="symmetric_seq", profile="jittery",
+                seed=42, samples=5, verify_echoes=5)
+    a, b = run_trial(TrialSpec(**spec)).to_dict(), run_trial(TrialSpec(**spec)).to_dict()
+    for k in ("outcome", "ttfb_ms", "ttd_ms", "rtt_direct_p50_ms", "rtt_relay_p95_ms", "working_pair",
+              "agent_candidates", "connector_candidates"):
+        assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("nat", PRESET_NAMES)
+def test_same_lan_ends_direct_lan(nat):
+    r = run_trial(TrialSpec(backend="sim", agent_nat=nat, connector_nat=nat, scenario="same_lan", samples=5,
+                            verify_echoes=5))
+    if nat == "public":
+        assert r.outcome == "direct_wan"  # two public hosts: their own addresses are not a LAN
+    else:
+        assert r.outcome == "direct_lan", r.reason
+        assert r.working_pair.startswith("10.1.0.")
+
+
+def test_time_to_first_byte_and_to_direct_on_easy_nats():
+    """Targets from the issue: ttfb <= 1.25 x relay RTT; ttd <= 1.25 x (relay RTT + 2 x direct RTT)."""
+    for a, c in (("full_cone", "port_restricted"), ("port_restricted", "port_restricted"), ("public", "full_cone")):
+        r = run_trial(TrialSpec(backend="sim", agent_nat=a, connector_nat=c, profile="wan-20ms", samples=10))
+        assert r.ttfb_ms <= 1.25 * r.rtt_relay_p50_ms, r.ttfb_ms
+        assert r.ttd_ms <= 1.25 * (r.rtt_relay_p50_ms + 2 * r.rtt_direct_p50_ms), (r.ttd_ms, r.path_events)
+
+
+def test_blackholed_direct_path_falls_back_to_relay_within_the_bound():
+    r = run_trial(TrialSpec(backend="sim", agent_nat="port_restricted", connector_nat="full_cone",
+                            profile="wan-20ms", blackhole=True, samples=5))
+    assert r.outcome == "direct_wan"
+    assert r.failover_ms is not None and 0 < r.failover_ms <= 2000
+    assert r.echo_gap_ms is not None and r.echo_gap_ms <= 2000 + 2 * r.rtt_relay_p50_ms
+    events = [e["event"] for e in r.path_events]
+    assert events.index("direct_lost") > events.index("switch_to_direct")
+
+
+def test_both_endpoint_dependent_stays_on_relay_without_burning_time():
+    r = run_trial(TrialSpec(backend="sim", agent_nat="symmetric", connector_nat="symmetric_seq", samples=5))
+    assert r.outcome == "relay" and "endpoint-dependent" in r.reason
+    assert r.agent_probes == 0 and r.connector_probes == 0
+
+
+@pytest.mark.parametrize("nat", PRESET_NAMES)
+def test_classifier_names_every_preset_on_sim(nat):
+    out = run_classify("sim", nat)
+    assert out["preset"] == nat, out
+
+
+def test_expected_table_is_complete():
+    assert len(EXPECTED) == 36
+
+
+# --- real sockets ---------------------------------------------------------------------------------
+
+
+def test_loopback_trial_goes_direct_on_real_sockets():
+    r = run_trial(TrialSpec(backend="loopback", agent_nat="public", connector_nat="public", profile="lan", samples=10))
+    assert r.outcome == "direct_wan" and r.direct_verified, r.reason
+    assert r.verify_received == r.verify_sent == 10
+    assert r.rtt_direct_n >= 10 and r.rtt_relay_n >= 10
+
+
+def test_loopback_backend_refuses_nat_presets_with_a_clear_error():
+    from qlab.backends.base import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="no NAT"):
+        run_trial(TrialSpec(backend="loopback", agent_nat="full_cone", connector_nat="public", profile="lan"))
