@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _register_extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Command groups that live in their own modules (lab, trial, campaign, report, cloud...)."""
     regs: list[Callable] = []
-    for mod in ("qlab.backends.netns_cli", "qlab.cloud.cli", "qlab.commands"):
+    for mod in ("qlab.commands", "qlab.campaign_cli", "qlab.backends.netns_cli", "qlab.cloud.cli"):
         try:
             m = __import__(mod, fromlist=["register"])
         except ModuleNotFoundError as exc:

@@ -76,18 +76,6 @@ async def _classify_field(args: argparse.Namespace) -> dict:
     return {**v.to_dict(), "backend": "field"}
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from qlab.trial import TrialSpec, run_trial
-
-    spec = TrialSpec(backend=args.backend, agent_nat="public", connector_nat="public", profile="lan")
-    r = run_trial(spec)
-    print(f"qlab {r.backend} trial {r.agent_nat} <-> {r.connector_nat}: {r.outcome} "
-          f"(expected {r.expected}, {'as expected' if r.as_expected else 'NOT as expected'})")
-    print(f"  ttfb {r.ttfb_ms} ms, ttd {r.ttd_ms} ms; RTT p50 relay {r.rtt_relay_p50_ms} ms vs direct "
-          f"{r.rtt_direct_p50_ms} ms ({r.measured_with})")
-    return 0 if r.as_expected else 1
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("trial", help="run one hole-punch trial and print its JSON record")
     t.add_argument("--agent-nat", type=_preset, default="port_restricted")
@@ -103,8 +91,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="classify this machine's NAT against a deployed Intermediate instead")
     add_trial_options(c)
     c.set_defaults(func=cmd_classify)
-
-    r = sub.add_parser("report", help="run the default campaigns and publish the HTML report")
-    r.add_argument("--backend", default="loopback", choices=("sim", "netns", "loopback"))
-    r.set_defaults(func=cmd_report)
-
