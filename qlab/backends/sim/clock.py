@@ -34,6 +34,7 @@ T = TypeVar("T")
 DEFAULT_MAX_TIME = 7 * 24 * 3600.0  # virtual seconds per loop; a week is far beyond any trial
 DEFAULT_MAX_ITERATIONS = 50_000_000  # loop iterations per loop; ~minutes of wall time
 EXTERNAL_WAIT = 60.0  # wall seconds the clock stays frozen waiting for an executor job
+REAL_POLL_EVERY = 64  # while callbacks are ready, poll real fds (self-pipe) every this many iterations
 CLOCK_RESOLUTION = 1e-9  # timers within 1 ns of "now" are due (absorbs float rounding of jumps)
 
 
@@ -78,7 +79,9 @@ class _VirtualSelector(selectors.BaseSelector):
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         loop = self.loop
         assert loop is not None, "selector used before its loop was attached"
-        loop._count_iteration()
+        n = loop._count_iteration()
+        if timeout == 0 and n % REAL_POLL_EVERY:
+            return []  # busy: callbacks are ready; look at real fds only now and then
         ready = self._real.select(0)
         if ready or timeout == 0:
             return ready
@@ -140,13 +143,14 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             )
         self._now = now
 
-    def _count_iteration(self) -> None:
+    def _count_iteration(self) -> int:
         self.iterations += 1
         if self.max_iterations is not None and self.iterations > self.max_iterations:
             raise SimulationLimitExceeded(
                 f"more than max_iterations={self.max_iterations} loop iterations at t={self._now:.6f} "
                 "(virtual time stopped advancing: something is spinning, e.g. a loop over sleep(0))"
             )
+        return self.iterations
 
     def _deadlock_report(self) -> str:
         tasks = [t for t in asyncio.all_tasks(self) if not t.done()]

@@ -60,12 +60,13 @@ class Packet:
 class Wire:
     """One direction of a link: loss, then the rate queue, then delay +- jitter, then `sink`.
 
-    In-flight packets sit in a heap keyed by (arrival, sequence), with one loop timer for the
-    earliest: equal arrival times keep FIFO order, and jitter may reorder as netem does.
+    Without jitter, in-flight packets sit in a heap keyed by (arrival, sequence) with one loop timer
+    for the earliest, so packets arriving at the same instant keep FIFO order and share a timer. With
+    jitter every packet gets its own timer and may overtake another, as netem reorders.
     """
 
     __slots__ = ("name", "profile", "rng", "sink", "network", "_heap", "_seq", "_timer", "_timer_at",
-                 "_busy_until", "_queue")
+                 "_busy_until", "_queue", "_jittered")
 
     def __init__(self, network: SimNetwork, name: str, profile: LinkProfile, sink: Callable[[Packet], None]) -> None:
         self.network = network
@@ -79,6 +80,7 @@ class Wire:
         self._timer_at = math.inf
         self._busy_until = 0.0
         self._queue: deque[float] = deque()  # departure times of packets still in the rate queue
+        self._jittered = 0  # packets in flight on their own timers
 
     def send(self, pkt: Packet) -> None:
         p = self.profile
@@ -104,6 +106,9 @@ class Wire:
         delay = p.delay_ms / 1000.0
         if p.jitter_ms:
             delay = max(0.0, delay + self.rng.uniform(-p.jitter_ms, p.jitter_ms) / 1000.0)
+            self._jittered += 1
+            loop.call_at(t + delay, self._arrive, pkt)
+            return
         arrival = t + delay
         heapq.heappush(self._heap, (arrival, self._seq, pkt))
         self._seq += 1
@@ -128,9 +133,14 @@ class Wire:
         for pkt in due:
             self.sink(pkt)
 
+    def _arrive(self, pkt: Packet) -> None:
+        self._jittered -= 1
+        self.sink(pkt)
+
     @property
     def in_flight(self) -> int:
-        return len(self._heap)
+        """Packets on the wire now (the rate queue included)."""
+        return len(self._heap) + self._jittered
 
 
 class Attachment:
@@ -154,6 +164,7 @@ class Segment:
         self.name = name
         self.net = ipaddress.ip_network(cidr)
         self.owners: dict[str, Attachment] = {}
+        self._on_link: dict[str, bool] = {}
 
     def attach(self, att: Attachment) -> None:
         for ip in att.ips:
@@ -162,7 +173,12 @@ class Segment:
             self.owners[ip] = att
 
     def on_link(self, ip: str) -> bool:
-        return ipaddress.ip_address(ip) in self.net
+        """Whether `ip` is inside this segment's prefix (ValueError if it is not an IP address)."""
+        try:
+            return self._on_link[ip]
+        except KeyError:
+            on = self._on_link[ip] = ipaddress.ip_address(ip) in self.net
+            return on
 
     def forward(self, pkt: Packet) -> None:
         att = self.owners.get(pkt.next_hop)
