@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import socket
 import struct
@@ -29,7 +30,11 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 
 def normalize_addr(addr: tuple) -> Addr:
     """(host, port) with IPv4-mapped IPv6 turned back into IPv4 and scope/flow info dropped."""
-    host, port = addr[0], int(addr[1])
+    return _normalize_host(addr[0], int(addr[1]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalize_host(host: str, port: int) -> Addr:  # hot path: every received datagram
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
