@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import ipaddress
 import socket
@@ -137,6 +136,10 @@ def interface_addresses() -> list[str]:
 
     Never unspecified, loopback or link-local (those would be wrong candidates for a peer).
     """
+    try:
+        import fcntl  # POSIX only; elsewhere there are no interface addresses to offer
+    except ImportError:
+        return []
     out: list[str] = []
     with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, name in socket.if_nameindex():

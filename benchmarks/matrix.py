@@ -1,0 +1,113 @@
+"""The full 6 x 6 NAT matrix, N trials per cell, on a backend: the success table, the time-to-direct
+and time-to-first-byte ratios, and (on sim) the speed target.
+
+- sim (issue 5): 1,080 trials (30 per cell) in <= 60 s of wall time on a 2-core machine, trials
+  spread over worker processes;
+- netns (issue 4): every cell as expected; on endpoint-independent cells the median ttd
+  <= 1.25 x (relay RTT + 2 x direct RTT) and the median ttfb <= 1.25 x relay RTT.
+
+    .venv/bin/python benchmarks/matrix.py [--backend sim|netns] [--trials 30] [--workers N] [--out FILE.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qlab.nat.spec import PRESET_NAMES  # noqa: E402
+from qlab.trial import TrialSpec, default_certs, run_trial  # noqa: E402
+
+TARGET_S = 60.0
+
+
+EIM = {"public", "full_cone", "restricted_cone", "port_restricted"}
+
+
+def one(job: tuple[str, str, str, str, int, str]) -> dict:
+    logging.disable(logging.CRITICAL)
+    backend, profile, a, c, seed, certs = job
+    r = run_trial(TrialSpec(backend=backend, agent_nat=a, connector_nat=c, profile=profile, seed=seed),
+                  certs_dir=certs)
+    return r.to_dict()
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="sim", choices=("sim", "netns"))
+    ap.add_argument("--profile", default="wan-20ms")
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--workers", type=int, default=None, help="processes (sim: cpu count; netns: 1)")
+    ap.add_argument("--out", default=None, help="write every trial record as CSV here")
+    args = ap.parse_args()
+    workers = args.workers or (os.cpu_count() or 1 if args.backend == "sim" else 1)
+    certs = default_certs()
+    cells = [(a, c) for a in PRESET_NAMES for c in PRESET_NAMES]
+    jobs = [(args.backend, args.profile, a, c, 1000 * i + k, certs) for k in range(args.trials)
+            for i, (a, c) in enumerate(cells)]
+    t0 = time.perf_counter()
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(one, jobs, chunksize=4))
+    else:
+        results = [one(j) for j in jobs]
+    wall = time.perf_counter() - t0
+    by_cell: dict[tuple[str, str], list[dict]] = {cell: [] for cell in cells}
+    for r in results:
+        by_cell[(r["agent_nat"], r["connector_nat"])].append(r)
+    print(f"backend {args.backend}, profile {args.profile}, {args.trials} trials per cell, {workers} worker(s)")
+    print("cells: as-expected/N and the most frequent outcome")
+    print(f"{'agent/connector':<18}" + "".join(f"{c[:12]:>14}" for c in PRESET_NAMES))
+    short = {"direct_wan": "wan", "direct_lan": "lan", "direct_predicted": "pred"}
+    for a in PRESET_NAMES:
+        row = []
+        for c in PRESET_NAMES:
+            rs = by_cell[(a, c)]
+            top = Counter(r["outcome"] for r in rs).most_common(1)[0][0]
+            row.append(f"{sum(r['as_expected'] for r in rs):>3}/{len(rs)} {short.get(top, top):>5}")
+        print(f"{a:<18}" + "".join(f"{x:>14}" for x in row))
+    n = len(results)
+    good = sum(r["as_expected"] for r in results)
+    connected = sum(r["outcome"] != "failed" for r in results)
+    unverified = sum(r["outcome"].startswith("direct") and not r["direct_verified"] for r in results)
+    print(f"\n{n} trials: {good} as expected ({100 * good / n:.1f}%), {connected} connected "
+          f"({100 * connected / n:.1f}%), {unverified} direct without direct_verified")
+    easy = [r for r in results if r["agent_nat"] in EIM and r["connector_nat"] in EIM and r["ttd_ms"] is not None]
+    if easy:
+        ttd = median([r["ttd_ms"] for r in easy])
+        bound = median([r["rtt_relay_p50_ms"] + 2 * r["rtt_direct_p50_ms"] for r in easy])
+        ttfb = median([r["ttfb_ms"] for r in easy if r["ttfb_ms"] is not None])
+        relay = median([r["rtt_relay_p50_ms"] for r in easy])
+        print(f"endpoint-independent cells (N={len(easy)}): median ttd {ttd:.1f} ms vs relay+2*direct RTT "
+              f"{bound:.1f} ms -> ratio {ttd / bound:.2f} (target <= 1.25)")
+        print(f"  median ttfb {ttfb:.1f} ms vs relay RTT {relay:.1f} ms -> ratio {ttfb / relay:.2f} (target <= 1.25)")
+    print(f"wall {wall:.1f} s = {n / wall:.1f} trials/s", end="")
+    if args.backend == "sim":
+        print(f"; 1,080-trial target {TARGET_S:.0f} s -> {(wall * 1080 / n) / TARGET_S:.2f} x the target time "
+              "(<= 1.00 meets it)")
+    else:
+        print()
+    if args.out:
+        import csv
+
+        with open(args.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(results[0]))
+            w.writeheader()
+            w.writerows(results)
+        print(f"records: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The `netns` backend for trials: a kernel NAT lab per trial (or per cell, reset between trials),
+with every role's socket created inside its host's namespace from this one process.
+
+The roles run on real kernel sockets through the kernel's NAT (nftables) and the lab's links; only
+the process is shared, which lets a trial switch the relay off for its session and blackhole a path
+in a NAT router directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from qlab.net import SOCKET_BUFFER, RealSocket, Receiver
+from qlab.topology import Topology
+
+T = TypeVar("T")
+
+
+class NetnsNet:
+    """Kernel UDP sockets created in one lab host's network namespace."""
+
+    def __init__(self, lab, host: str) -> None:
+        self.lab = lab
+        self.host = host
+
+    async def bind_udp(self, host: str, port: int, receiver: Receiver) -> RealSocket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = self.lab.socket(self.host, family, socket.SOCK_DGRAM)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        sock.setblocking(False)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"{self.host}: cannot bind UDP {host}:{port}: {exc.strerror}") from None
+        return RealSocket(sock, receiver, asyncio.get_running_loop())
+
+    def host_addresses(self) -> list[str]:
+        return list(self.lab.topology.host(self.host).ips)
+
+
+class NetnsEnvironment:
+    def __init__(self, lab) -> None:
+        self.lab = lab
+        self.topology: Topology = lab.topology
+
+    def net(self, host: str) -> NetnsNet:
+        return NetnsNet(self.lab, host)
+
+    def addresses(self, host: str) -> list[str]:
+        return list(self.topology.host(host).ips)
+
+    def block(self, router: str, ip: str, port: int | None = None) -> None:
+        self.lab.block(router, ip, port)
+
+    def unblock(self, router: str, ip: str, port: int | None = None) -> None:
+        self.lab.unblock(router, ip, port)
+
+
+class NetnsBackend:
+    name = "netns"
+    parallel = False  # trials share the kernel and both cores: one lab at a time keeps timings honest
+
+    @contextmanager
+    def environment(self, topology: Topology, seed: int) -> Iterator[NetnsEnvironment]:
+        from qlab.backends.netns import Lab, check_requirements
+
+        check_requirements()
+        with Lab(topology) as lab:
+            yield NetnsEnvironment(lab)
+
+    def run(self, env: NetnsEnvironment, main: Callable[[], Awaitable[T]]) -> T:
+        return asyncio.run(main())  # type: ignore[arg-type]
