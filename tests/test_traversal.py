@@ -55,7 +55,7 @@ def test_peer_reflexive_address_is_learned_and_used():
     # b's packets leave from b_real; a's packets to b_signalled are lost
     t = 0.0
     a.start(t)
-    for data, dst in b.start(t):
+    for data, _ in b.start(t):
         out = a.receive(data, b_real, t)
         assert any(d == b_real for _, d in out), "a must answer the address the probe came from"
         for d2, dst2 in out:
