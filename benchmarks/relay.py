@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import contextlib
+
 from qlab.agent import Agent  # noqa: E402
 from qlab.certs import Credentials, init_dir  # noqa: E402
 from qlab.echo import EchoProbe, percentile  # noqa: E402
@@ -43,10 +45,8 @@ async def sequential_rtt(session, path: str, n: int, size: int) -> list[float]:
     for _ in range(n):
         probe.replied.clear()
         session.send(probe.make(path), path)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(probe.replied.wait(), 1.0)
-        except TimeoutError:
-            pass
     return [r * 1000 for r in probe.paths[path].rtts]
 
 
@@ -70,10 +70,8 @@ async def blast(session, path: str, seconds: float, size: int, window: int) -> d
                 not_queued += 1
                 break
         probe.replied.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(probe.replied.wait(), 0.05)
-        except TimeoutError:
-            pass
     await asyncio.sleep(0.3)
     st = probe.paths[path]
     return {"requests": st.sent, "replies": st.received, "seconds": seconds, "not_queued": not_queued}
