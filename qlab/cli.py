@@ -57,11 +57,13 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 def cmd_intermediate(args: argparse.Namespace) -> int:
     from qlab import intermediate
     from qlab.net import RealNet
+    from qlab.policy import AccessPolicy
 
     creds = _creds(args)
+    policy = AccessPolicy.load(args.policy) if args.policy else None
     listen = [args.listen] + list(args.alt or [])
     return _run_until_signal(
-        lambda stop: intermediate.run(RealNet(), creds, listen, metrics_addr=args.metrics, stop=stop)
+        lambda stop: intermediate.run(RealNet(), creds, listen, metrics_addr=args.metrics, stop=stop, policy=policy)
     )
 
 
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra HOST:PORT for NAT classification (repeat: alternate port, alternate IP, both)")
     i.add_argument("--certs", required=True, help="directory made by `qlab certs init`")
     i.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
+    i.add_argument("--policy", default=None, help="JSON access policy (per-client secrets and services)")
     i.set_defaults(func=cmd_intermediate)
 
     cn = sub.add_parser("connector", help="run an App Connector")

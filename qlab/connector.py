@@ -79,6 +79,7 @@ class Connector:
         self.fatal: BaseException | None = None
         self.metrics = Metrics()
         self.metrics.gauge("sessions", lambda: len(self.sessions), "open sessions")
+        self.metrics.counter_source("udp_datagrams_total", "what", lambda: dict(self.endpoint.stats))
         self.metrics.gauge("direct_sessions", lambda: sum(1 for s in self.sessions.values() if s.direct), "sessions with a direct path")
         self.failed = asyncio.Event()  # set with `fatal` when the Intermediate refuses us for good
 

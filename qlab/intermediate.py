@@ -22,6 +22,7 @@ from qlab.certs import Credentials, new_session_key
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler, HeldDatagrams
 from qlab.metrics import Metrics
 from qlab.net import Addr, Net
+from qlab.policy import AccessPolicy, ClientLimits
 
 log = logging.getLogger("qlab.intermediate")
 
@@ -35,6 +36,7 @@ class Client:
     role: wire.Role
     name: str
     listener: int
+    limits: ClientLimits
     services: set[str] = field(default_factory=set)
     sessions: set[int] = field(default_factory=set)
     observed_seq: int = 0
@@ -56,9 +58,14 @@ class Session:
 class Intermediate:
     """All state of one Intermediate; `listeners` are its endpoints (primary first)."""
 
-    def __init__(self, net: Net, creds: Credentials, *, relay_enabled: bool = True, birthday_ports: int = 0) -> None:
+    def __init__(
+        self, net: Net, creds: Credentials, *, relay_enabled: bool = True, birthday_ports: int = 0,
+        policy: AccessPolicy | None = None, rate_limits: dict[str, tuple[float, float]] | None = None,
+    ) -> None:
         self.net = net
         self.creds = creds
+        self.policy = policy or AccessPolicy()
+        self.rate_limits = rate_limits
         self.metrics = Metrics()
         self.listeners: list[Endpoint] = []
         self.listener_addrs: list[Addr] = []
@@ -76,6 +83,7 @@ class Intermediate:
         self.relayed_bytes = {"to_connector": 0, "to_agent": 0}
         m.counter_source("relayed_datagrams_total", "direction", lambda: self.relayed)
         m.counter_source("relayed_bytes_total", "direction", lambda: self.relayed_bytes)
+        m.counter_source("udp_datagrams_total", "what", self._socket_stats)
         m.gauge("services", lambda: sum(1 for v in self.services.values() if v), "services with a Connector")
 
     async def listen(self, addrs: list[Addr]) -> list[Addr]:
@@ -92,6 +100,15 @@ class Intermediate:
     def close(self) -> None:
         for ep in self.listeners:
             ep.close()
+
+    def _socket_stats(self) -> dict[str, float]:
+        """Datagrams seen by all listeners: received, sent, raw (non-QUIC), dropped malformed or
+        for an unknown connection."""
+        out: dict[str, float] = {}
+        for ep in self.listeners:
+            for k, v in ep.stats.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     # -- helpers --------------------------------------------------------------------------------
     def _new_id(self, taken: dict) -> int:
@@ -183,6 +200,16 @@ class _ServerConn(Handler):
             return
         name = type(msg).__name__
         s.metrics.inc("control_messages_total", type=name)
+        now = s.loop_time()
+        kind = _LIMIT_KIND.get(name)
+        if not c.limits.allow("control", now) or (kind is not None and not c.limits.allow(kind, now)):
+            s.metrics.inc("rate_limited_total", kind=kind or "control")
+            what = kind or "control messages"
+            if hasattr(msg, "req"):
+                conn.send_control(wire.Nack(msg.req, wire.NackCode.RATE_LIMITED, f"too many {what}; slow down"))
+            elif hasattr(msg, "session"):
+                conn.send_control(wire.SessionError(msg.session, wire.NackCode.RATE_LIMITED, f"too many {what}"))
+            return
         handler = getattr(self, f"_on_{name}", None)
         if handler is None:
             s.error("unexpected_message")
@@ -198,15 +225,22 @@ class _ServerConn(Handler):
             conn.send_control(wire.Nack(0, wire.NackCode.BAD_VERSION, f"server speaks qlab/{wire.VERSION}"))
             conn.close_soon(wire.CLOSE_BAD_VERSION, "bad version")
             return
-        if not wire.check_hello(s.creds.secret, msg):
+        secret = s.policy.secret_for(msg, s.creds.secret)
+        if not wire.check_hello(secret, msg):
             s.error("unauthenticated")
             s.metrics.inc("auth_failures_total")
             log.warning("refused %s %r from %s: bad secret", msg.role.name.lower(), msg.name, conn.peer_addr)
             conn.send_control(wire.Nack(0, wire.NackCode.UNAUTHENTICATED, "bad deployment secret"))
             conn.close_soon(wire.CLOSE_UNAUTHENTICATED, "unauthenticated")
             return
+        refused = s.policy.admits(msg)
+        if refused is not None:
+            s.error("not_allowed")
+            conn.send_control(wire.Nack(0, wire.NackCode.NOT_ALLOWED, refused))
+            conn.close_soon(wire.CLOSE_UNAUTHENTICATED, "unauthenticated")
+            return
         cid = s._new_id(s.clients)
-        self.client = Client(cid, conn, msg.role, msg.name, self.listener)
+        self.client = Client(cid, conn, msg.role, msg.name, self.listener, ClientLimits(s.loop_time(), s.rate_limits))
         s.clients[cid] = self.client
         s.metrics.inc("hellos_total", role=msg.role.name.lower())
         conn.send_control(wire.Welcome(wire.VERSION, cid, conn.max_app_payload))
@@ -215,6 +249,10 @@ class _ServerConn(Handler):
 
     def _on_Register(self, c: Client, msg: wire.Register) -> None:
         s = self.s
+        if not s.policy.may_use(c.name, c.role, msg.service):
+            s.error("not_allowed")
+            self.conn.send_control(wire.Nack(msg.req, wire.NackCode.NOT_ALLOWED, f"{c.name} may not use {msg.service!r}"))
+            return
         if c.role == wire.Role.CONNECTOR:
             ids = s.services.setdefault(msg.service, [])
             if c.id in ids:
@@ -232,6 +270,10 @@ class _ServerConn(Handler):
         s = self.s
         if c.role != wire.Role.AGENT:
             self.conn.send_control(wire.Nack(msg.req, wire.NackCode.NOT_ALLOWED, "only agents open sessions"))
+            return
+        if not s.policy.may_use(c.name, c.role, msg.service):
+            s.error("not_allowed")
+            self.conn.send_control(wire.Nack(msg.req, wire.NackCode.NOT_ALLOWED, f"{c.name} may not reach {msg.service!r}"))
             return
         if msg.session == 0 or msg.session in s.sessions:
             self.conn.send_control(wire.Nack(msg.req, wire.NackCode.BAD_STATE, "session id taken; pick another"))
@@ -399,6 +441,11 @@ class _ServerConn(Handler):
             self.s.drop_client(self.client, reason)
 
 
+_LIMIT_KIND = {
+    "Register": "register", "OpenSession": "session", "Offer": "session", "ChangeRequest": "change_request",
+}
+
+
 def _is_hard(sess: Session, me: Client) -> bool:
     """Whether `me` is behind an endpoint-dependent NAT (from its own offer or answer)."""
     msg = sess.offer if me.id == sess.agent else sess.answer
@@ -407,10 +454,10 @@ def _is_hard(sess: Session, me: Client) -> bool:
 
 async def run(
     net: Net, creds: Credentials, listen: list[Addr], *, metrics_addr: Addr | None = None,
-    stop: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None, policy: AccessPolicy | None = None,
 ) -> None:
     """Run an Intermediate until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
-    server = Intermediate(net, creds)
+    server = Intermediate(net, creds, policy=policy)
     await server.listen(listen)
     http = None
     if metrics_addr is not None:
