@@ -32,10 +32,16 @@ CID_LENGTH = 8  # every connection on a socket shares it: short headers carry no
 MAX_DATAGRAM_SIZE = 1350  # UDP payload of QUIC packets; fits any path with a 1400+ MTU
 DATAGRAM_OVERHEAD = 40  # short header, packet number, AEAD tag and DATAGRAM frame header, with margin
 MAX_PENDING_DATAGRAMS = 1024  # per connection: aioquic's queue is unbounded, ours is not
+MAX_HALF_OPEN = 1024  # server connections still in their handshake, per socket
 
 
 class DatagramTooLarge(ValueError):
     """A payload larger than the connection can carry in one QUIC DATAGRAM frame."""
+
+
+def _decrypted_any(quic: QuicConnection) -> bool:
+    """Whether any packet of this connection has been decrypted (aioquic keeps it per space)."""
+    return any(sp.largest_received_packet >= 0 for sp in getattr(quic, "_spaces", {}).values())
 
 
 class HeldDatagrams:
@@ -181,7 +187,9 @@ class Endpoint:
         self._dirty: dict[Connection, None] = {}
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.stats = {"rx": 0, "tx": 0, "raw_rx": 0, "dropped_unknown": 0, "dropped_malformed": 0}
+        self.stats = {"rx": 0, "tx": 0, "raw_rx": 0, "dropped_unknown": 0, "dropped_malformed": 0,
+                      "dropped_half_open_cap": 0}
+        self.max_half_open = MAX_HALF_OPEN
 
     async def bind(self, host: str, port: int) -> Addr:
         self._loop = asyncio.get_running_loop()
@@ -222,6 +230,7 @@ class Endpoint:
         loop = self._loop
         assert loop is not None
         now = loop.time()
+        fresh = False
         for data, addr in batch:
             self.stats["rx"] += 1
             first = data[0] if data else 0
@@ -250,7 +259,11 @@ class Endpoint:
                     and len(data) >= 1200
                     and len(header.destination_cid) >= 8
                 ):
+                    if self._half_open() >= self.max_half_open:
+                        self.stats["dropped_half_open_cap"] += 1
+                        continue
                     conn = self._accept(header.destination_cid, addr)
+                    fresh = True
             if conn is None:
                 self.stats["dropped_unknown"] += 1
                 continue
@@ -260,6 +273,13 @@ class Endpoint:
                 log.exception("receive_datagram failed")
                 self.stats["dropped_malformed"] += 1
                 continue
+            if fresh:
+                fresh = False
+                if not _decrypted_any(conn.quic):
+                    # a junk Initial: keep no state for it (no memory for floods of them)
+                    self._forget(conn)
+                    self.stats["dropped_malformed"] += 1
+                    continue
             self._dirty[conn] = None
         self._flush()
 
@@ -273,6 +293,17 @@ class Endpoint:
         self._add_cid(conn, quic.host_cid)
         self.connections.add(conn)
         return conn
+
+    def _half_open(self) -> int:
+        return sum(1 for c in self.connections if not c.is_client and not c.established)
+
+    def _forget(self, conn: Connection) -> None:
+        for cid in conn.cids:
+            if self.by_cid.get(cid) is conn:
+                del self.by_cid[cid]
+        conn.cids.clear()
+        self.connections.discard(conn)
+        conn.closed = True
 
     def mark(self, conn: Connection) -> None:
         """Note that `conn` has something to send; flush soon, once, for everything marked."""

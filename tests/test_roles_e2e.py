@@ -22,6 +22,7 @@ class Deployment:
     port: int
     metrics_port: int
     certs: str
+    connector_port: int = 0
 
     def agent(self, *args: str, certs: str | None = None, name: str = "agent") -> Proc:
         return Proc(
@@ -57,7 +58,7 @@ def start_deployment(certs: str) -> Deployment:
         name="connector",
     )
     conn.wait_for("registered service echo")
-    return Deployment(inter, conn, echo, port, mport, certs)
+    return Deployment(inter, conn, echo, port, mport, certs, cport)
 
 
 @pytest.fixture(scope="module")
