@@ -125,6 +125,11 @@ class Agent:
         self.raw_hooks: list[Callable[[bytes, Addr], bool]] = []
         self.message_hooks: list[Callable[[wire.Message], bool]] = []
         self._tasks: set[asyncio.Task] = set()
+        self.link.on_reply = self._on_reply
+
+    def _on_reply(self, msg: wire.Message) -> None:
+        if isinstance(msg, wire.SessionOpened) and msg.session in self.sessions:
+            self.sessions[msg.session]._opened(msg)
 
     async def start(self, timeout: float = 5.0) -> Addr:
         """Bind the one socket and connect to the Intermediate (raises Refused on a bad secret)."""
@@ -294,7 +299,7 @@ async def ping(
             errors.append(str(exc))
         await asyncio.sleep(interval)
     deadline = loop.time() + wait
-    while probe.pending() and loop.time() < deadline:
+    while probe.pending() and deadline - loop.time() > 1e-6:  # (float-safe on virtual time)
         probe.replied.clear()
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time())):

@@ -56,6 +56,7 @@ class IntermediateLink(Handler):
         self.on_message = on_message or (lambda m: None)
         self.on_up = on_up
         self.on_datagram_cb = on_datagram
+        self.on_reply: Callable[[wire.Message], None] | None = None
         self.conn: Connection | None = None
         self.client_id: int | None = None
         self.max_relay_payload = 0
@@ -188,6 +189,8 @@ class IntermediateLink(Handler):
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_exception(Refused(msg.code, msg.reason))
         elif hasattr(msg, "req") and msg.req in self._pending:  # type: ignore[attr-defined]
+            if self.on_reply is not None:
+                self.on_reply(msg)  # now, before later messages of this batch (StartPunch needs the key)
             fut = self._pending[msg.req]  # type: ignore[attr-defined]
             if not fut.done():
                 fut.set_result(msg)

@@ -410,6 +410,10 @@ class Endpoint:
             n += 1
         self.stats["tx"] += n
         at = conn.quic.get_timer()
+        if at is not None and at <= loop.time():
+            # aioquic can leave a loss timer at exactly `now` (float rounding in its loss check): a
+            # real clock creeps past it, a virtual one would spin. Re-arm a microsecond later.
+            at = loop.time() + 1e-6
         if at != conn.timer_at:
             if conn.timer is not None:
                 conn.timer.cancel()

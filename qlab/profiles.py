@@ -80,7 +80,10 @@ PROFILES: dict[str, NetProfile] = {
     "lan": NetProfile("lan", description="no added delay or loss (kernel speed)"),
     "wan-20ms": _wan("wan-20ms", 5, 5, 10, desc="direct RTT 20 ms, relay RTT 60 ms"),
     "intercontinental": _wan("intercontinental", 40, 40, 20, desc="direct RTT 160 ms, relay RTT 240 ms"),
+    "lossy-1pct": _wan("lossy-1pct", 5, 5, 10, loss=0.01, desc="wan-20ms with 1% loss each way on every access link"),
     "lossy-2pct": _wan("lossy-2pct", 5, 5, 10, loss=0.02, desc="wan-20ms with 2% loss each way on every access link"),
+    "lossy-5pct": _wan("lossy-5pct", 5, 5, 10, loss=0.05, desc="wan-20ms with 5% loss each way on every access link"),
+    "lossy-20pct": _wan("lossy-20pct", 5, 5, 10, loss=0.20, desc="wan-20ms with 20% loss each way on every access link"),
     "jittery": _wan("jittery", 5, 5, 10, jitter=2.0, desc="wan-20ms with 2 ms jitter on every access link"),
 }
 

@@ -33,6 +33,10 @@ class Environment(Protocol):
 
     def unblock(self, router: str, ip: str, port: int | None = None) -> None: ...
 
+    def set_binding_timeout(self, router: str, seconds: float) -> None: ...
+
+    def flush_nat(self, router: str) -> None: ...
+
 
 class Backend(Protocol):
     name: str
@@ -87,6 +91,11 @@ class LoopbackEnvironment:
         raise BackendUnavailable("the loopback backend has no routers to block traffic in")
 
     unblock = block
+
+    def set_binding_timeout(self, router: str, seconds: float) -> None:
+        raise BackendUnavailable("the loopback backend has no NAT")
+
+    flush_nat = block  # type: ignore[assignment]
 
 
 class LoopbackBackend:

@@ -60,6 +60,12 @@ class NetnsEnvironment:
     def block(self, router: str, ip: str, port: int | None = None) -> None:
         self.lab.block(router, ip, port)
 
+    def set_binding_timeout(self, router: str, seconds: float) -> None:
+        self.lab.set_binding_timeout(router, seconds)
+
+    def flush_nat(self, router: str) -> None:
+        self.lab.flush_nat(router)
+
     def unblock(self, router: str, ip: str, port: int | None = None) -> None:
         self.lab.unblock(router, ip, port)
 

@@ -27,6 +27,12 @@ class SimEnvironment:
     def block(self, router: str, ip: str, port: int | None = None) -> None:
         self.network.block(router, ip, port)
 
+    def set_binding_timeout(self, router: str, seconds: float) -> None:
+        self.network.set_binding_timeout(router, seconds)
+
+    def flush_nat(self, router: str) -> None:
+        self.network.flush_nat(router)
+
     def unblock(self, router: str, ip: str, port: int | None = None) -> None:
         self.network.unblock(router, ip, port)
 

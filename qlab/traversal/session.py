@@ -263,7 +263,7 @@ class SessionTraversal:
             conn = await agent.connect_direct(self.session, addr, self.owner.cfg.direct_timeout,
                                               on_handshake=self.owner.on_direct_handshake(self.session))
         except (TimeoutError, ConnectionError, OSError) as exc:
-            self.reason = f"direct QUIC connection to {addr[0]}:{addr[1]} failed: {exc or type(exc).__name__}"
+            self.reason = f"direct QUIC connection to {addr[0]}:{addr[1]} failed: {str(exc) or type(exc).__name__}"
             self.path.event("direct_failed", self.reason)
             self.settled.set()
             self._retry_later()
