@@ -1,0 +1,383 @@
+"""The kernel NAT lab: a `Topology` rendered as Linux network namespaces, veths, bridges and one
+nftables ruleset per NAT router (from the same NatSpec the simulator implements).
+
+Layout: a hub namespace holds the "internet" bridge (203.0.113.0/24, which exists only inside the
+lab); every router and public host has an uplink into it; each router holds its LAN bridge and its
+LAN hosts hang off it; a carrier NAT's LAN is the home router's uplink segment. Links with a delay
+or loss profile are TAP pairs bridged by a `tapwire` process (this kernel has no netem); the others
+are veths.
+
+Names are `qlab-<run id>-<node>`, so several labs coexist and `down_all()` finds what a crash left
+behind. Wire processes die with the process that made the lab; a lab made by `qlab lab up` records
+its wires in /run/qlab/<run id>.json so `qlab lab down` can stop them later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlab.nat.nftables import conntrack_sysctls, render
+from qlab.nat.spec import NatSpec
+from qlab.profiles import LinkProfile
+from qlab.topology import INTERNET, Topology
+
+PREFIX = "qlab-"
+STATE_DIR = Path(os.environ.get("QLAB_STATE_DIR", "/run/qlab"))
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class LabUnavailable(RuntimeError):
+    """The lab cannot run on this machine; the message says exactly what is missing."""
+
+
+def check_requirements(need_tun: bool = True) -> None:
+    missing = [tool for tool in ("ip", "nft", "conntrack") if shutil.which(tool) is None]
+    if missing:
+        raise LabUnavailable(
+            f"the netns lab needs {', '.join(missing)} (Debian: apt-get install nftables conntrack iproute2)")
+    if os.geteuid() != 0:
+        raise LabUnavailable(
+            "the netns lab needs root (CAP_NET_ADMIN to create namespaces, veths and nftables rules); "
+            "run with sudo, or use --backend sim, which needs no privilege")
+    if not os.path.isdir("/proc/self/ns") or not os.path.exists("/proc/self/ns/net"):
+        raise LabUnavailable("this kernel has no network namespaces (/proc/self/ns/net is missing)")
+    if need_tun and not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        raise LabUnavailable("link profiles with delay or loss need /dev/net/tun (read/write) for the TAP wires")
+
+
+def _run(argv: list[str], *, input: str | None = None, check: bool = True, timeout: float = 20) -> str:
+    p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:6])}{' ...' if len(argv) > 6 else ''} failed: {p.stderr.strip()}")
+    return p.stdout
+
+
+def _batch(ns: str, commands: list[str]) -> None:
+    if commands:
+        _run(["ip", "-n", ns, "-batch", "-"], input="\n".join(commands) + "\n")
+
+
+def _sysctl(ns: str, values: dict[str, str]) -> None:
+    args = [f"{k}={v}" for k, v in values.items()]
+    _run(["ip", "netns", "exec", ns, "sysctl", "-qw", *args])
+
+
+@dataclass
+class Wire:
+    proc: subprocess.Popen
+    ns_a: str
+    ns_b: str
+
+
+@dataclass
+class Lab:
+    topology: Topology
+    run_id: str = ""
+    persistent: bool = False  # wires outlive this process (the CLI's `lab up`)
+    namespaces: dict[str, str] = field(default_factory=dict)
+    wires: list[Wire] = field(default_factory=list)
+    up_seconds: float | None = None
+    _specs: dict[str, NatSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            self.run_id = secrets.token_hex(3)
+        if not self.run_id.isalnum() or len(self.run_id) > 8:
+            raise ValueError("run id: 1-8 letters or digits")
+        self.hub = f"{PREFIX}{self.run_id}-hub"
+        for name in self.topology.node_names:
+            self.namespaces[name] = f"{PREFIX}{self.run_id}-{name}"[:60]
+        self._specs = {r.name: r.nat for r in self.topology.routers}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def netns(self, host: str) -> str:
+        try:
+            return self.namespaces[host]
+        except KeyError:
+            raise KeyError(f"no node {host!r} in this lab (nodes: {', '.join(self.namespaces)})") from None
+
+    def up(self) -> Lab:
+        t0 = time.monotonic()
+        topo = self.topology
+        needs_wire = any(not link.ideal for link in self._links().values())
+        check_requirements(need_tun=needs_wire)
+        for ns in [self.hub, *self.namespaces.values()]:
+            _run(["ip", "netns", "add", ns])
+        cmds: dict[str, list[str]] = {ns: ["link set lo up"] for ns in [self.hub, *self.namespaces.values()]}
+        cmds[self.hub] += ["link add br0 type bridge", "link set br0 up"]
+        # router LAN bridges
+        for r in topo.routers:
+            ns = self.netns(r.name)
+            plen = self._plen(r.lan_segment)
+            cmds[ns] += ["link add lan type bridge", "link set lan up", f"addr add {r.lan_ip}/{plen} dev lan"]
+        wires: list[tuple[str, str, str, str, LinkProfile]] = []
+        # uplinks: routers' WAN, and hosts' single interface
+        for idx, (node, (segment, ifname, ips, plen, link)) in enumerate(self._attachments().items()):
+            ns = self.netns(node)
+            up_ns, up_dev = self._segment_owner(segment)
+            port = f"u{idx}"
+            if link.ideal:
+                _run(["ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", port, "netns", up_ns])
+                cmds[up_ns].append(f"link set {port} master {up_dev} up")
+            else:
+                wires.append((ns, ifname, up_ns, port, link))
+            for ip in ips:
+                cmds[ns].append(f"addr add {ip}/{plen} dev {ifname}")
+        self._start_wires(wires)
+        for _ns, _if, up_ns, port, _link in wires:
+            cmds[up_ns].append(f"link set {port} master {self._segment_owner_dev(up_ns)} up")
+        for node, attachment in self._attachments().items():
+            ns = self.netns(node)
+            cmds[ns].append(f"link set {attachment[1]} up")
+            gw = self._gateway(node)
+            if gw:
+                cmds[ns].append(f"route add default via {gw}")
+        for ns, c in cmds.items():
+            _batch(ns, c)
+        for r in topo.routers:
+            ns = self.netns(r.name)
+            _sysctl(ns, {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.send_redirects": "0",
+                         "net.ipv4.conf.lan.send_redirects": "0"})
+            self._load_nat(r.name)
+        self.up_seconds = time.monotonic() - t0
+        self._save_state()
+        return self
+
+    def down(self) -> None:
+        for w in self.wires:
+            if w.proc.poll() is None:
+                w.proc.terminate()
+        for w in self.wires:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.proc.wait(5)
+            if w.proc.poll() is None:
+                w.proc.kill()
+        self.wires.clear()
+        for ns in [*self.namespaces.values(), self.hub]:
+            _run(["ip", "netns", "del", ns], check=False)
+        with contextlib.suppress(FileNotFoundError):
+            (STATE_DIR / f"{self.run_id}.json").unlink()
+
+    # -- topology helpers -----------------------------------------------------------------------
+    def _plen(self, segment: str) -> int:
+        seg = next(s for s in self.topology.segments if s.name == segment)
+        return int(seg.cidr.split("/")[1])
+
+    def _attachments(self) -> dict[str, tuple[str, str, tuple[str, ...], int, LinkProfile]]:
+        """node -> (segment, interface name, addresses, prefix length, link profile)."""
+        out = {}
+        for r in self.topology.routers:
+            out[r.name] = (r.wan_segment, "wan", (r.wan_ip,), self._plen(r.wan_segment), r.uplink)
+        for h in self.topology.hosts:
+            out[h.name] = (h.segment, "eth0", h.ips, self._plen(h.segment), h.link)
+        return out
+
+    def _links(self) -> dict[str, LinkProfile]:
+        return {node: a[4] for node, a in self._attachments().items()}
+
+    def _segment_owner(self, segment: str) -> tuple[str, str]:
+        """(namespace, bridge) of a segment: the hub's br0 for the internet, else the router whose LAN it is."""
+        if segment == INTERNET:
+            return self.hub, "br0"
+        r = next(r for r in self.topology.routers if r.lan_segment == segment)
+        return self.netns(r.name), "lan"
+
+    def _segment_owner_dev(self, ns: str) -> str:
+        return "br0" if ns == self.hub else "lan"
+
+    def _gateway(self, node: str) -> str | None:
+        for r in self.topology.routers:
+            if r.name == node:
+                return r.upstream_gateway
+        h = self.topology.host(node)
+        return h.gateway
+
+    def _start_wires(self, wires: list[tuple[str, str, str, str, LinkProfile]]) -> None:
+        procs = []
+        for i, (ns, ifname, up_ns, port, link) in enumerate(wires):
+            argv = [sys.executable, "-m", "qlab.backends.tapwire", "--ns-a", ns, "--if-a", ifname, "--ns-b", up_ns,
+                    "--if-b", port, "--delay", str(link.delay_ms), "--jitter", str(link.jitter_ms),
+                    "--loss", str(link.loss), "--seed", str(i)]
+            if not self.persistent:
+                argv.append("--die-with-parent")
+            p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=self.persistent)
+            self.wires.append(Wire(p, ns, up_ns))
+            procs.append(p)
+        deadline = time.monotonic() + 15
+        for p in procs:
+            line = ""
+            while time.monotonic() < deadline and not line:
+                if p.poll() is not None:
+                    raise RuntimeError(f"a link wire failed to start: {p.stderr.read().strip()}")
+                ready, _, _ = select.select([p.stdout], [], [], 0.2)
+                if ready:
+                    line = p.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError("a link wire did not become ready within 15 s")
+
+    # -- NAT ------------------------------------------------------------------------------------
+    def ruleset(self, router: str) -> str:
+        r = self.topology.router(router)
+        lan = next(s for s in self.topology.segments if s.name == r.lan_segment)
+        return render(self._specs[router], wan_if="wan", lan_if="lan", wan_ip=r.wan_ip, lan_cidr=lan.cidr)
+
+    def _load_nat(self, router: str) -> None:
+        ns = self.netns(router)
+        _sysctl(ns, conntrack_sysctls(self._specs[router]))
+        _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=self.ruleset(router))
+
+    def flush_nat(self, router: str) -> None:
+        """Forget every mapping of one router: reload its ruleset (sets and counters start empty)
+        and flush its conntrack table."""
+        ns = self.netns(router)
+        _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=self.ruleset(router))
+        _run(["ip", "netns", "exec", ns, "conntrack", "-F"], check=False)
+
+    def reset_nat(self) -> None:
+        """Fresh NAT state on every router (between trials), without rebuilding the lab."""
+        for r in self.topology.routers:
+            self.flush_nat(r.name)
+
+    def set_binding_timeout(self, router: str, seconds: float) -> None:
+        self._specs[router] = self._specs[router].with_timeout(seconds)
+        self._load_nat(router)
+
+    def block(self, router: str, ip: str, port: int | None = None) -> None:
+        """Blackhole forwarded traffic to or from ip[:port] in a router."""
+        ns = self.netns(router)
+        _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=_BLOCK_TABLE)
+        if port is None:
+            elem = f"add element ip qlab_block hosts {{ {ip} }}"
+        else:
+            elem = f"add element ip qlab_block endpoints {{ {ip} . {port} }}"
+        _run(["ip", "netns", "exec", ns, "nft", elem])
+
+    def unblock(self, router: str, ip: str | None = None, port: int | None = None) -> None:
+        ns = self.netns(router)
+        if ip is None:
+            _run(["ip", "netns", "exec", ns, "nft", "delete", "table", "ip", "qlab_block"], check=False)
+            return
+        elem = (f"delete element ip qlab_block hosts {{ {ip} }}" if port is None
+                else f"delete element ip qlab_block endpoints {{ {ip} . {port} }}")
+        _run(["ip", "netns", "exec", ns, "nft", elem], check=False)
+
+    # -- using the lab --------------------------------------------------------------------------
+    def socket(self, host: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM) -> socket.socket:
+        """A socket created inside `host`'s namespace (the socket keeps it; this thread comes back)."""
+        here = os.open("/proc/self/ns/net", os.O_RDONLY)
+        there = os.open(f"/run/netns/{self.netns(host)}", os.O_RDONLY)
+        try:
+            if _libc.setns(there, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns failed")
+            try:
+                return socket.socket(family, type)
+            finally:
+                _libc.setns(here, CLONE_NEWNET)
+        finally:
+            os.close(here)
+            os.close(there)
+
+    def popen(self, host: str, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.netns(host), *argv], **kw)
+
+    def run(self, host: str, argv: list[str], timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.netns(host), *argv], timeout=timeout, **kw)
+
+    def status(self) -> dict:
+        t = self.topology
+        return {
+            "run_id": self.run_id, "scenario": t.scenario, "agent_nat": t.agent_nat, "connector_nat": t.connector_nat,
+            "profile": t.profile.name, "up_seconds": self.up_seconds,
+            "namespaces": dict(self.namespaces), "wires": [w.proc.pid for w in self.wires],
+            "hosts": {h.name: list(h.ips) for h in t.hosts},
+            "routers": {r.name: {"nat": r.nat.name, "wan": r.wan_ip, "lan": r.lan_ip} for r in t.routers},
+        }
+
+    def _save_state(self) -> None:
+        with contextlib.suppress(OSError):
+            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            state = {**self.status(), "hub": self.hub, "persistent": self.persistent,
+                     "topology_args": {"agent_nat": self.topology.agent_nat,
+                                       "connector_nat": self.topology.connector_nat,
+                                       "scenario": self.topology.scenario, "profile": self.topology.profile.name,
+                                       "agents": len(self.topology.agents)}}
+            tmp = STATE_DIR / f".{self.run_id}.json.tmp"
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, STATE_DIR / f"{self.run_id}.json")
+
+
+_BLOCK_TABLE = """table ip qlab_block {
+  set hosts { type ipv4_addr; }
+  set endpoints { type ipv4_addr . inet_service; }
+  chain fwd {
+    type filter hook forward priority filter - 10; policy accept;
+    ip daddr @hosts drop
+    ip saddr @hosts drop
+    ip daddr . udp dport @endpoints drop
+    ip saddr . udp sport @endpoints drop
+  }
+}
+"""
+
+
+def lab_namespaces() -> list[str]:
+    out = _run(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+
+
+def down_all() -> list[str]:
+    """Remove every qlab namespace and wire process left behind (after a crash, say)."""
+    removed: list[str] = []
+    if STATE_DIR.is_dir():
+        for f in STATE_DIR.glob("*.json"):
+            with contextlib.suppress(Exception):
+                for pid in json.loads(f.read_text()).get("wires", []):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        if "tapwire" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                            os.kill(pid, signal.SIGTERM)
+            f.unlink(missing_ok=True)
+    for ns in lab_namespaces():
+        _run(["ip", "netns", "del", ns], check=False)
+        removed.append(ns)
+    # wires whose state file was lost
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if "qlab.backends.tapwire" in (pid_dir / "cmdline").read_text(errors="replace"):
+                os.kill(int(pid_dir.name), signal.SIGTERM)
+    return removed
+
+
+def saved_labs() -> list[dict]:
+    if not STATE_DIR.is_dir():
+        return []
+    out = []
+    for f in sorted(STATE_DIR.glob("*.json")):
+        with contextlib.suppress(Exception):
+            out.append(json.loads(f.read_text()))
+    return out

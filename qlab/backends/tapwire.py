@@ -1,0 +1,115 @@
+"""A userspace link between two network namespaces, with delay, jitter and loss.
+
+This machine's kernel has no netem (`tc qdisc ... netem`: "Specified qdisc kind is unknown"), so a
+link with a profile is two TAP devices, one in each namespace, and this small process copying frames
+between them through a delay queue (measured at about +0.3 ms per traversal, nat-lab.md §7).
+
+    python -m qlab.backends.tapwire --ns-a NS --if-a NAME --ns-b NS --if-b NAME \
+        [--delay MS] [--jitter MS] [--loss P] [--seed N] [--die-with-parent]
+
+It prints "ready" once both devices exist, and ends on SIGTERM (or with its parent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import heapq
+import os
+import random
+import select
+import signal
+import struct
+import sys
+import time
+from contextlib import contextmanager, suppress
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextmanager
+def in_netns(name: str):
+    """Run the body in network namespace `name` (this thread only), then come back."""
+    here = os.open("/proc/self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        setns(there)
+        yield
+    finally:
+        setns(here)
+        os.close(here)
+        os.close(there)
+
+
+def open_tap(ns: str, ifname: str) -> int:
+    with in_netns(ns):
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), IFF_TAP | IFF_NO_PI))
+    return fd
+
+
+def run(a: int, b: int, delay: float, jitter: float, loss: float, rng: random.Random) -> None:
+    queue: list[tuple[float, int, int, bytes]] = []
+    seq = 0
+    other = {a: b, b: a}
+    while True:
+        now = time.monotonic()
+        timeout = max(0.0, queue[0][0] - now) if queue else 1.0
+        ready, _, _ = select.select([a, b], [], [], timeout)
+        now = time.monotonic()
+        for fd in ready:
+            for _ in range(64):
+                try:
+                    frame = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                if loss and rng.random() < loss:
+                    continue
+                d = delay + (rng.uniform(-jitter, jitter) if jitter else 0.0)
+                seq += 1
+                heapq.heappush(queue, (now + max(0.0, d), seq, other[fd], frame))
+        now = time.monotonic()
+        while queue and queue[0][0] <= now:
+            _, _, out, frame = heapq.heappop(queue)
+            with suppress(OSError):  # the device is gone or full: a lost frame
+                os.write(out, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ns-a", required=True)
+    ap.add_argument("--if-a", required=True)
+    ap.add_argument("--ns-b", required=True)
+    ap.add_argument("--if-b", required=True)
+    ap.add_argument("--delay", type=float, default=0.0, help="one-way ms")
+    ap.add_argument("--jitter", type=float, default=0.0, help="ms, uniform +-")
+    ap.add_argument("--loss", type=float, default=0.0, help="probability per frame per direction")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--die-with-parent", action="store_true")
+    args = ap.parse_args(argv)
+    if args.die_with_parent:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    a = open_tap(args.ns_a, args.if_a)
+    b = open_tap(args.ns_b, args.if_b)
+    print("ready", flush=True)
+    with suppress(KeyboardInterrupt):
+        run(a, b, args.delay / 1000, args.jitter / 1000, args.loss, random.Random(args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""NatSpec -> an nftables ruleset: what the netns lab's routers and the AWS NAT instances load.
+
+The ruleset replaces only its own table (`table ip qlab_nat`), so other tables (the lab's fault
+injection) survive a reload. Rendering is deterministic: the same spec and interfaces give the same
+bytes on every backend. Recipes and pitfalls: ../shared/reference/nat-lab.md (§3, P1-P7):
+- the router drops unsolicited input (P1), or conntrack confirms it and steals the port;
+- endpoint-independent mapping needs explicit maps (conntrack alone maps per 5-tuple); a port already
+  owned by another inside endpoint is re-picked at random, never overloaded (P6);
+- sequential ports use a typed map (P3: `numgen ... offset` is byte-swapped in nft 1.0.6);
+- `ct original proto-src` needs `meta l4proto udp` first (P4); hairpin SNAT matches the LAN prefix
+  because `iifname` never matches in postrouting (P2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from qlab.nat.spec import Filtering, Mapping, NatSpec, PortAllocation
+
+TABLE = "qlab_nat"
+
+
+def _timeout(spec: NatSpec) -> str:
+    return f"{max(1, round(spec.binding_timeout))}s"
+
+
+def conntrack_sysctls(spec: NatSpec) -> dict[str, str]:
+    """Per-namespace conntrack UDP timeouts: for conntrack-only mappings (symmetric) they are the
+    binding lifetime; for the cone types the map timeouts are, and conntrack must not outlive them."""
+    t = str(max(1, round(spec.binding_timeout)))
+    return {"net.netfilter.nf_conntrack_udp_timeout": t, "net.netfilter.nf_conntrack_udp_timeout_stream": t}
+
+
+def render(spec: NatSpec, *, wan_if: str, lan_if: str, wan_ip: str, lan_cidr: str) -> str:
+    """The full ruleset for one router. ValueError for behaviour this renderer cannot express."""
+    if not spec.nat:
+        raise ValueError(f"NatSpec {spec.name!r} is not a NAT: nothing to render")
+    ipaddress.IPv4Address(wan_ip)
+    lan = ipaddress.IPv4Network(lan_cidr, strict=False)
+    if spec.mapping == Mapping.ADM:
+        raise ValueError("the nftables renderer does not implement address-dependent mapping (ADM)")
+    if spec.mapping == Mapping.APDM and spec.filtering != Filtering.APDF:
+        raise ValueError("an endpoint-dependent (APDM) mapping can only filter APDF with conntrack")
+    if spec.mapping == Mapping.EIM and spec.ports == PortAllocation.SEQUENTIAL:
+        raise ValueError("sequential port allocation is only rendered for APDM mapping")
+    head = [
+        f"# qlab NAT {spec.name}: mapping {spec.mapping.value}, filtering {spec.filtering.value}, ports "
+        f"{spec.ports.value}, binding timeout {_timeout(spec)}, hairpinning {'on' if spec.hairpinning else 'off'}",
+        f"table ip {TABLE}",
+        f"delete table ip {TABLE}",
+        f"table ip {TABLE} {{",
+    ]
+    if spec.mapping == Mapping.EIM:
+        body = _eim(spec, wan_if, lan_if, wan_ip, str(lan))
+    else:
+        body = _apdm(spec, wan_if, lan_if, wan_ip, str(lan))
+    body += _filter(wan_if, lan_if)
+    return "\n".join(head + body + ["}", ""])
+
+
+def _eim(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list[str]:
+    t = _timeout(spec)
+    admit = {
+        Filtering.EIF: "",
+        Filtering.ADF: "udp dport . ip saddr @permit_a ",
+        Filtering.APDF: "udp dport . ip saddr . udp sport @permit_ap ",
+    }[spec.filtering]
+    first_pick = "masquerade random" if spec.ports == PortAllocation.RANDOM else "masquerade"
+    lines = [
+        "  # mapped port -> internal ip.port, and back: the endpoint-independent binding",
+        f"  map emap {{ type inet_service : ipv4_addr . inet_service; flags dynamic,timeout; timeout {t}; }}",
+        f"  map imap {{ type ipv4_addr . inet_service : inet_service; flags dynamic,timeout; timeout {t}; }}",
+        "  # who the inside endpoint has sent to: the filter state (address, address and port)",
+        f"  set permit_a {{ type inet_service . ipv4_addr; flags dynamic,timeout; timeout {t}; }}",
+        f"  set permit_ap {{ type inet_service . ipv4_addr . inet_service; flags dynamic,timeout; timeout {t}; }}",
+        "  chain pre {",
+        "    type nat hook prerouting priority dstnat; policy accept;",
+        f'    iifname "{wan}" ip daddr {wan_ip} {admit}dnat ip to udp dport map @emap',
+    ]
+    if spec.hairpinning:
+        lines.append(f'    iifname "{lan}" ip daddr {wan_ip} dnat ip to udp dport map @emap')
+    lines += [
+        "  }",
+        "  chain post {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        f'    oifname "{wan}" ip saddr . udp sport @imap snat ip to {wan_ip} : ip saddr . udp sport map @imap',
+        f'    oifname "{wan}" udp sport @emap masquerade random',
+        f'    oifname "{wan}" {first_pick}',
+    ]
+    if spec.hairpinning:
+        lines += [
+            f'    oifname "{lan}" ip saddr {lan_cidr} ct status dnat ip saddr . udp sport @imap '
+            f"snat ip to {wan_ip} : ip saddr . udp sport map @imap",
+            f'    oifname "{lan}" ip saddr {lan_cidr} ct status dnat snat ip to {wan_ip}',
+        ]
+    lines += [
+        "  }",
+        "  chain track {",
+        "    type filter hook postrouting priority srcnat + 10; policy accept;",
+        f'    oifname "{wan}" ct direction original update @emap {{ udp sport : ct original ip saddr . ct original proto-src }}',
+        f'    oifname "{wan}" meta l4proto udp ct direction original update @imap '
+        "{ ct original ip saddr . ct original proto-src : udp sport }",
+        f'    oifname "{wan}" ct direction reply update @emap {{ udp sport : ct reply ip saddr . ct reply proto-src }}',
+        f'    oifname "{wan}" meta l4proto udp ct direction reply update @imap '
+        "{ ct reply ip saddr . ct reply proto-src : udp sport }",
+        f'    oifname "{wan}" update @permit_a {{ udp sport . ip daddr }}',
+        f'    oifname "{wan}" update @permit_ap {{ udp sport . ip daddr . udp dport }}',
+        "  }",
+    ]
+    return lines
+
+
+def _apdm(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list[str]:
+    lines: list[str] = []
+    if spec.ports == PortAllocation.SEQUENTIAL:
+        base, n = spec.sequential_base, spec.sequential_count
+        elements = ", ".join(f"{i} : {base + i}" for i in range(n))
+        lines += [
+            "  # a new public port per new flow, counting up: predictable",
+            f"  map seq {{ typeof numgen inc mod {n} : udp sport; elements = {{ {elements} }} }}",
+        ]
+    lines += [
+        "  chain pre {",
+        "    type nat hook prerouting priority dstnat; policy accept;",
+        "  }",
+        "  chain post {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+    ]
+    if spec.ports == PortAllocation.SEQUENTIAL:
+        lines.append(
+            f'    oifname "{wan}" meta l4proto udp snat ip to {wan_ip} : numgen inc mod {spec.sequential_count} map @seq'
+        )
+        lines.append(f'    oifname "{wan}" masquerade')
+    elif spec.ports == PortAllocation.RANDOM:
+        lines.append(f'    oifname "{wan}" masquerade random')
+    else:
+        lines.append(f'    oifname "{wan}" masquerade')
+    lines.append("  }")
+    return lines
+
+
+def _filter(wan: str, lan: str) -> list[str]:
+    return [
+        "  chain forward_f {",
+        "    type filter hook forward priority filter; policy drop;",
+        "    ct state established,related accept",
+        f'    iifname "{lan}" oifname "{wan}" accept',
+        f'    iifname "{lan}" oifname "{lan}" accept',
+        "    ct status dnat accept",
+        "  }",
+        "  chain input_f {",
+        "    type filter hook input priority filter; policy drop;",
+        '    iifname "lo" accept',
+        "    ct state established,related accept",
+        f'    iifname "{lan}" accept',
+        "    icmp type echo-request accept",
+        "  }",
+    ]
