@@ -40,6 +40,7 @@ class Client:
     services: set[str] = field(default_factory=set)
     sessions: set[int] = field(default_factory=set)
     observed_seq: int = 0
+    announced: wire.Announce | None = None
 
 
 @dataclass
@@ -296,6 +297,15 @@ class _ServerConn(Handler):
         self.conn.send_control(wire.SessionOpened(msg.req, sid, key, conn_c.name, limit))
         for data in self.held.take(self.s.loop_time(), sid):
             self.on_datagram(self.conn, data)
+        if conn_c.announced is not None:  # the Connector's side is known: punch now
+            sess.answer = wire.Answer(sid, conn_c.announced.nat, conn_c.announced.candidates)
+            self._start_punch(sess, c, conn_c)
+
+    def _on_Announce(self, c: Client, msg: wire.Announce) -> None:
+        if c.role != wire.Role.CONNECTOR:
+            self.conn.send_control(wire.Nack(0, wire.NackCode.NOT_ALLOWED, "only connectors announce candidates"))
+            return
+        c.announced = msg
 
     def _session_for(self, c: Client, sid: int, req: int = 0) -> Session | None:
         sess = self.s.sessions.get(sid)

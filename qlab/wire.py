@@ -459,6 +459,16 @@ class SessionError(Message):
     message: str
 
 
+@_message(0x15, _Enum(NatKind), CANDIDATES)
+class Announce(Message):
+    """Connector -> Intermediate: its NAT verdict and candidates, the same for every session on its
+    one socket. With them the Intermediate starts the punch the moment an Agent opens a session
+    (no Offer/Answer round trip); sent again whenever they change."""
+
+    nat: NatKind
+    candidates: tuple[Candidate, ...]
+
+
 @_message(0x20, U16, U8, U8, U64)
 class ChangeRequest(Message):
     """Client -> Intermediate (RFC 5780 style): send a raw Test probe carrying `nonce` to my

@@ -388,6 +388,7 @@ class ConnectorTraversal:
         self.runners: dict[int, PunchRunner] = {}
         self.punchers: dict[int, Puncher] = {}
         self.results: dict[int, dict] = {}
+        self.announced = False
         self._tasks: set[asyncio.Task] = set()
         connector.message_hooks.append(self._on_message)
         connector.raw_hooks.append(self._on_raw)
@@ -398,6 +399,7 @@ class ConnectorTraversal:
             if prev_up is not None:
                 prev_up()
             self.ready.clear()
+            self.announced = False
             self._spawn(self.prepare())
 
         connector.link.on_up = on_up
@@ -415,19 +417,25 @@ class ConnectorTraversal:
         finally:
             self.candidates = gather(host_ips, self.c.endpoint.local_address[1], self.c.link.observed,
                                      self.detection.kind, self.detection.last_port)
+            self.c.link.send(wire.Announce(self.detection.kind, self.candidates))
+            self.announced = True
             self.ready.set()
 
     def _answer(self, s: ConnectorSession) -> None:
         async def answer() -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ready.wait(), self.cfg.detect_timeout * 3)
-            self.punchers[s.id] = Puncher(s.id, s.key, self.candidates, (), self.cfg.punch)
+            self.punchers.setdefault(s.id, Puncher(s.id, s.key, self.candidates, (), self.cfg.punch))
             self.c.link.send(wire.Answer(s.id, self.detection.kind, self.candidates))
 
         self._spawn(answer())
 
     def _on_session(self, s: ConnectorSession) -> None:
-        self._answer(s)
+        if self.announced:
+            # the Intermediate already has our candidates and starts the punch itself
+            self.punchers[s.id] = Puncher(s.id, s.key, self.candidates, (), self.cfg.punch)
+        else:
+            self._answer(s)
 
     def _on_message(self, msg: wire.Message) -> bool:
         sid = getattr(msg, "session", None)
