@@ -1,0 +1,203 @@
+"""The kernel NAT lab: every preset's behaviour at the packet level, hairpinning, binding timeouts,
+link-profile RTTs, scenarios, and teardown that leaves nothing behind."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+
+import pytest
+
+from qlab.backends.netns import Lab, lab_namespaces
+from qlab.nat.nftables import render
+from qlab.nat.spec import PRESET_NAMES, Mapping, NatSpec, preset
+from qlab.topology import build
+from tests.netns_support import netns_ok  # noqa: F401  (fixture)
+
+NATTED = [p for p in PRESET_NAMES if p != "public"]
+I1, I2 = "203.0.113.10", "203.0.113.11"
+
+
+def recv(sock: socket.socket, timeout: float = 0.5) -> tuple[bytes, tuple] | None:
+    r, _, _ = select.select([sock], [], [], timeout)
+    return sock.recvfrom(2048) if r else None
+
+
+def observed(lab: Lab, inside: socket.socket, servers: dict, target: tuple) -> tuple[str, int]:
+    """Send from `inside` to the server socket at `target`; return the source it saw."""
+    inside.sendto(b"map", target)
+    got = recv(servers[target], 2.0)
+    assert got is not None, f"nothing reached {target}"
+    return got[1]
+
+
+def servers_for(lab: Lab) -> dict:
+    out = {}
+    for ip in (I1, I2):
+        for port in (3478, 3479):
+            s = lab.socket("intermediate")
+            s.bind((ip, port))
+            out[(ip, port)] = s
+    return out
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def test_rendering_is_deterministic_and_expresses_each_preset():
+    args = dict(wan_if="wan", lan_if="lan", wan_ip="203.0.113.101", lan_cidr="10.1.0.0/24")
+    texts = {n: render(preset(n), **args) for n in NATTED}
+    assert all(render(preset(n), **args) == t for n, t in texts.items())
+    assert "@permit_a dnat" not in texts["full_cone"] and "@permit_ap" in texts["port_restricted"]
+    assert "udp dport . ip saddr @permit_a dnat" in texts["restricted_cone"]
+    assert "udp dport . ip saddr . udp sport @permit_ap dnat" in texts["port_restricted"]
+    assert "masquerade random" in texts["symmetric"] and "@emap" not in texts["symmetric"]
+    assert "numgen inc mod 1000 map @seq" in texts["symmetric_seq"] and "999 : 40999" in texts["symmetric_seq"]
+    for t in texts.values():
+        assert "chain input_f" in t and "policy drop" in t  # pitfall P1
+        assert "flush ruleset" not in t  # replaces only its own table
+    assert "timeout 120s" in texts["full_cone"]
+    assert "timeout 7s" in render(preset("full_cone").with_timeout(7), **args)
+    with pytest.raises(ValueError, match="ADM"):
+        render(NatSpec("adm", mapping=Mapping.ADM), **args)
+    with pytest.raises(ValueError):
+        render(preset("public"), **args)
+
+
+# --- behaviour in the kernel ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nat", NATTED)
+def test_preset_mapping_and_filtering_in_the_kernel(netns_ok, nat):
+    spec = preset(nat)
+    with Lab(build(nat, "public")) as lab:
+        servers = servers_for(lab)
+        inside = lab.socket("agent")
+        inside.bind(("0.0.0.0", 5000))
+        # mapping: one socket towards three destinations
+        m = [observed(lab, inside, servers, t) for t in ((I1, 3478), (I2, 3478), (I1, 3479))]
+        assert {a[0] for a in m} == {"203.0.113.101"}
+        ports = [a[1] for a in m]
+        if spec.mapping == Mapping.EIM:
+            assert ports == [5000, 5000, 5000], ports  # endpoint-independent, port preserved
+        elif nat == "symmetric_seq":
+            assert len(set(ports)) == 3 and ports[1] - ports[0] == 1 and ports[2] - ports[1] == 1, ports
+        else:
+            assert len(set(ports)) == 3, ports  # a new random port per destination
+        # filtering: fresh state, the inside host has sent to (I1, 3478) only
+        lab.reset_nat()
+        mapped = observed(lab, inside, servers, (I1, 3478))
+        admitted = {}
+        for src in ((I1, 3478), (I1, 3479), (I2, 3478)):
+            servers[src].sendto(b"in", mapped)
+            admitted[src] = recv(inside, 0.4) is not None
+        expect = {
+            "full_cone": (True, True, True), "restricted_cone": (True, True, False),
+            "port_restricted": (True, False, False), "symmetric": (True, False, False),
+            "symmetric_seq": (True, False, False),
+        }[nat]
+        assert tuple(admitted.values()) == expect, admitted
+
+
+@pytest.mark.parametrize("nat", ["full_cone", "port_restricted", "symmetric"])
+def test_hairpinning(netns_ok, nat):
+    with Lab(build(nat, "public", scenario="multi_agent", agents=2)) as lab:
+        servers = servers_for(lab)
+        a, b = lab.socket("agent"), lab.socket("agent2")
+        a.bind(("0.0.0.0", 5000))
+        b.bind(("0.0.0.0", 6000))
+        ma = observed(lab, a, servers, (I1, 3478))
+        mb = observed(lab, b, servers, (I1, 3478))
+        for _ in range(3):  # both sides send, as in a punch
+            a.sendto(b"a", mb)
+            b.sendto(b"b", ma)
+        got = recv(b, 0.5)
+        if preset(nat).hairpinning:
+            assert got is not None and got[1] == ma, got  # the peer sees the public mapping
+        else:
+            assert got is None
+
+
+def test_binding_timeout_is_honoured(netns_ok):
+    with Lab(build("port_restricted", "public")) as lab:
+        lab.set_binding_timeout("nat-a", 2)
+        servers = servers_for(lab)
+        idle, busy = lab.socket("agent"), lab.socket("agent")
+        idle.bind(("0.0.0.0", 5000))
+        busy.bind(("0.0.0.0", 5001))
+        m_idle = observed(lab, idle, servers, (I1, 3478))
+        m_busy = observed(lab, busy, servers, (I1, 3478))
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:  # only `busy` refreshes its mapping
+            busy.sendto(b"keepalive", (I1, 3478))
+            time.sleep(0.5)
+        servers[(I1, 3478)].sendto(b"late", m_idle)
+        servers[(I1, 3478)].sendto(b"late", m_busy)
+        assert recv(idle, 0.5) is None, "an idle mapping outlived its 2 s binding timeout"
+        got = recv(busy, 0.5)
+        while got is not None and got[0] != b"late":
+            got = recv(busy, 0.5)
+        assert got is not None, "a refreshed mapping must keep admitting"
+
+
+def _echo_rtt(lab: Lab, client_host: str, server_host: str, server_ip: str, n: int = 10) -> float:
+    srv = lab.socket(server_host)
+    srv.bind((server_ip, 7000))
+    cli = lab.socket(client_host)
+    rtts = []
+    for i in range(n + 2):
+        t = time.monotonic()
+        cli.sendto(b"%d" % i, (server_ip, 7000))
+        got = recv(srv, 2)
+        assert got is not None
+        srv.sendto(got[0], got[1])
+        assert recv(cli, 2) is not None
+        if i >= 2:  # the first packets also resolve neighbours
+            rtts.append((time.monotonic() - t) * 1000)
+    return sorted(rtts)[len(rtts) // 2]
+
+
+def test_link_profile_rtt_within_tolerance(netns_ok):
+    with Lab(build("full_cone", "public", profile_name="wan-20ms")) as lab:
+        prof = lab.topology.profile
+        direct = _echo_rtt(lab, "agent", "connector", lab.topology.host("connector").ip)
+        to_intermediate = _echo_rtt(lab, "agent", "intermediate", I1)
+        for measured, configured in ((direct, prof.direct_rtt_ms), (to_intermediate, 2 * (prof.agent.delay_ms + prof.intermediate.delay_ms))):
+            tolerance = max(0.10 * configured, 2.0)
+            assert abs(measured - configured) <= tolerance, (measured, configured)
+        print(f"\nwan-20ms: direct RTT {direct:.2f} ms (configured {prof.direct_rtt_ms}), agent-intermediate "
+              f"{to_intermediate:.2f} ms (configured 30); lab up in {lab.up_seconds:.3f} s")
+
+
+@pytest.mark.parametrize("scenario", ["same_lan", "double_nat", "multi_agent"])
+def test_scenarios_come_up_and_route(netns_ok, scenario):
+    topo = build("port_restricted", "full_cone", scenario=scenario, agents=3 if scenario == "multi_agent" else 1)
+    with Lab(topo) as lab:
+        servers = servers_for(lab)
+        for h in topo.agents:
+            s = lab.socket(h)
+            mapped = observed(lab, s, servers, (I1, 3478))
+            expected_ip = "203.0.113.103" if scenario == "double_nat" else "203.0.113.101"
+            assert mapped[0] == expected_ip
+        if scenario == "same_lan":
+            assert _echo_rtt(lab, "agent", "connector", topo.host("connector").ip, n=3) < 5
+
+
+def test_teardown_leaves_nothing_even_on_error(netns_ok):
+    before = set(lab_namespaces())
+    with pytest.raises(RuntimeError, match="boom"), Lab(build("symmetric", "full_cone", profile_name="wan-20ms")) as lab:
+        wires = [w.proc for w in lab.wires]
+        assert wires and all(p.poll() is None for p in wires)
+        assert set(lab.namespaces.values()) <= set(lab_namespaces())
+        raise RuntimeError("boom")
+    assert set(lab_namespaces()) == before
+    assert all(p.poll() is not None for p in wires)
+
+
+def test_two_labs_at_once_do_not_clash(netns_ok):
+    with Lab(build("full_cone", "public")) as a, Lab(build("symmetric", "public")) as b:
+        assert not set(a.namespaces.values()) & set(b.namespaces.values())
+        sa, sb = servers_for(a), servers_for(b)
+        ia, ib = a.socket("agent"), b.socket("agent")
+        assert observed(a, ia, sa, (I1, 3478))[0] == observed(b, ib, sb, (I1, 3478))[0] == "203.0.113.101"
