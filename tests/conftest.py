@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.netns_support import netns_ok  # noqa: F401  (a fixture for every test module)
+
 _HOME = tempfile.mkdtemp(prefix="qlab-test-home-")
 for var, sub in (
     ("HOME", ""),

@@ -13,7 +13,6 @@ from qlab.backends.netns import Lab, lab_namespaces
 from qlab.nat.nftables import render
 from qlab.nat.spec import PRESET_NAMES, Mapping, NatSpec, preset
 from qlab.topology import build
-from tests.netns_support import netns_ok  # noqa: F401  (fixture)
 
 NATTED = [p for p in PRESET_NAMES if p != "public"]
 I1, I2 = "203.0.113.10", "203.0.113.11"

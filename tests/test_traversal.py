@@ -204,3 +204,23 @@ def test_loopback_backend_refuses_nat_presets_with_a_clear_error():
 
     with pytest.raises(BackendUnavailable, match="no NAT"):
         run_trial(TrialSpec(backend="loopback", agent_nat="full_cone", connector_nat="public", profile="lan"))
+
+
+async def test_a_probe_during_the_start_delay_does_not_cancel_the_start():
+    """Regression: a peer probe arriving before our delayed start used to cancel the start timer."""
+    import asyncio
+
+    from qlab.traversal.punch import PunchRunner
+
+    sent: list = []
+    done: list = []
+    peer = ("198.51.100.2", 4434)
+    p = Puncher(7, KEY, (), (cand(C.HOST, *peer),), PunchConfig(interval=0.01, timeout=0.2))
+    r = PunchRunner(p, lambda d, a: sent.append(a), done.append)
+    r.start(0.05)
+    req = wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, 7, 99), KEY)
+    assert r.receive(req, peer)  # answered at once
+    await asyncio.wait_for(r.finished, 2)
+    assert p.started_at is not None and done == [p], "the runner started and reported"
+    assert sent.count(peer) >= 2 and p.probes_sent >= 2  # the answer, then our own rounds
+    assert p.failed  # nobody answered our probes: a clean timeout, not a hang

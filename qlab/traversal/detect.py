@@ -266,19 +266,24 @@ async def classify(
                 else:
                     kind = nat_kind_from(local, [], order)
                     ports = "sequential" if kind == wire.NatKind.EDM_SEQUENTIAL else "random"
-            # hairpinning: a probe to our own mapping comes back to us?
+            # hairpinning: from a second socket on this host, a probe to the first socket's mapping
+            # (as in RFC 5780; the same socket would clash with its own conntrack entry)
             hairpin: bool | None = None
             if mapping != "none":
                 nonce = secrets.randbits(64)
                 tests[nonce] = loop.create_future()
-                for _ in range(3):
-                    endpoint.send_raw(wire.encode_classify_test(nonce, local), obs_primary)
-                    try:
-                        await asyncio.wait_for(asyncio.shield(tests[nonce]), filter_wait / 3)
-                        hairpin = True
-                        break
-                    except TimeoutError:
-                        hairpin = False
+                second = await endpoint.net.bind_udp("0.0.0.0" if ":" not in local[0] else "::", 0, lambda batch: None)
+                try:
+                    for _ in range(3):
+                        second.sendto(wire.encode_classify_test(nonce, second.local_address), obs_primary)
+                        try:
+                            await asyncio.wait_for(asyncio.shield(tests[nonce]), filter_wait / 3)
+                            hairpin = True
+                            break
+                        except TimeoutError:
+                            hairpin = False
+                finally:
+                    second.close()
     finally:
         endpoint.raw_handler = prev_raw
     key: tuple = (mapping, filtering) if mapping in ("none", "EIM") else (mapping, filtering, ports)

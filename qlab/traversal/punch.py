@@ -279,8 +279,8 @@ class PunchRunner:
             log.debug("dropped probe from %s:%d: %s", *addr, exc)
             return False
         self._send(out)
-        if not self._reported:
-            self._arm()
+        if not self._reported and self.p.started_at is not None:  # before the start only answer: the
+            self._arm()  # start timer is still pending and must not be cancelled
         return True
 
     def cancel(self) -> None:
