@@ -92,6 +92,7 @@ class Lab:
     wires: list[Wire] = field(default_factory=list)
     up_seconds: float | None = None
     _specs: dict[str, NatSpec] = field(default_factory=dict)
+    _blocking: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -271,7 +272,9 @@ class Lab:
     def block(self, router: str, ip: str, port: int | None = None) -> None:
         """Blackhole forwarded traffic to or from ip[:port] in a router."""
         ns = self.netns(router)
-        _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=_BLOCK_TABLE)
+        if router not in self._blocking:  # once: re-adding the table would duplicate its rules
+            _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=_BLOCK_TABLE)
+            self._blocking.add(router)
         if port is None:
             elem = f"add element ip qlab_block hosts {{ {ip} }}"
         else:
@@ -282,6 +285,7 @@ class Lab:
         ns = self.netns(router)
         if ip is None:
             _run(["ip", "netns", "exec", ns, "nft", "delete", "table", "ip", "qlab_block"], check=False)
+            self._blocking.discard(router)
             return
         elem = (f"delete element ip qlab_block hosts {{ {ip} }}" if port is None
                 else f"delete element ip qlab_block endpoints {{ {ip} . {port} }}")
@@ -335,8 +339,8 @@ class Lab:
 _BLOCK_TABLE = """table ip qlab_block {
   set hosts { type ipv4_addr; }
   set endpoints { type ipv4_addr . inet_service; }
-  chain fwd {
-    type filter hook forward priority filter - 10; policy accept;
+  chain block_f {
+    type filter hook forward priority -10; policy accept;
     ip daddr @hosts drop
     ip saddr @hosts drop
     ip daddr . udp dport @endpoints drop
