@@ -1,0 +1,115 @@
+"""`qlab lab up|status|exec|down`: the kernel NAT lab by hand.
+
+A lab made here persists after the command (its wires run in their own sessions) until `qlab lab
+down`; its state lives in /run/qlab/<run id>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from qlab.nat.spec import PRESET_NAMES
+from qlab.profiles import PROFILE_NAMES
+from qlab.topology import SCENARIOS, build
+
+
+def _pick(run: str | None) -> dict:
+    from qlab.backends.netns import saved_labs
+
+    labs = saved_labs()
+    if run:
+        for lab in labs:
+            if lab["run_id"] == run:
+                return lab
+        raise ValueError(f"no lab with run id {run!r} (labs: {', '.join(x['run_id'] for x in labs) or 'none'})")
+    if len(labs) != 1:
+        raise ValueError(f"{len(labs)} labs exist: name one with --run ({', '.join(x['run_id'] for x in labs)})"
+                         if labs else "no lab is up (qlab lab up ...)")
+    return labs[0]
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from qlab.backends.netns import Lab
+
+    topo = build(args.agent_nat, args.connector_nat, scenario=args.scenario, profile_name=args.profile,
+                 agents=args.agents)
+    lab = Lab(topo, persistent=True)
+    try:
+        lab.up()
+    except BaseException:
+        lab.down()
+        raise
+    print(json.dumps(lab.status(), indent=1))
+    print(f"lab {lab.run_id} is up; `qlab lab exec agent -- ip addr`, `qlab lab down --run {lab.run_id}`",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from qlab.backends.netns import lab_namespaces, saved_labs
+
+    print(json.dumps({"labs": saved_labs(), "namespaces": lab_namespaces()}, indent=1))
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    lab = _pick(args.run)
+    ns = lab["namespaces"].get(args.host)
+    if ns is None:
+        raise ValueError(f"no host {args.host!r} in lab {lab['run_id']} (hosts: {', '.join(lab['namespaces'])})")
+    cmd = [c for c in args.cmd if c != "--"]
+    if not cmd:
+        raise ValueError("give a command after --, e.g. qlab lab exec agent -- ip addr")
+    return subprocess.call(["ip", "netns", "exec", ns, *cmd])
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from qlab.backends.netns import STATE_DIR, down_all, lab_namespaces
+
+    if args.all:
+        removed = down_all()
+        print(f"removed {len(removed)} namespaces: {' '.join(removed) or '-'}")
+        return 0
+    lab = _pick(args.run)
+    for pid in lab.get("wires", []):
+        with contextlib.suppress(ProcessLookupError, PermissionError, FileNotFoundError):
+            if "tapwire" in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(pid, signal.SIGTERM)
+    prefix = f"qlab-{lab['run_id']}-"
+    for ns in lab_namespaces():
+        if ns.startswith(prefix):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+    with contextlib.suppress(FileNotFoundError):
+        (STATE_DIR / f"{lab['run_id']}.json").unlink()
+    print(f"lab {lab['run_id']} is down")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    lab = sub.add_parser("lab", help="the kernel NAT lab in network namespaces (root)")
+    lsub = lab.add_subparsers(dest="lab_command", required=True)
+    up = lsub.add_parser("up", help="build a lab and leave it running")
+    up.add_argument("--agent-nat", choices=PRESET_NAMES, default="port_restricted")
+    up.add_argument("--connector-nat", choices=PRESET_NAMES, default="port_restricted")
+    up.add_argument("--profile", choices=PROFILE_NAMES, default="lan")
+    up.add_argument("--scenario", choices=SCENARIOS, default="pair")
+    up.add_argument("--agents", type=int, default=1)
+    up.set_defaults(func=cmd_up)
+    st = lsub.add_parser("status", help="labs that are up, and their namespaces")
+    st.set_defaults(func=cmd_status)
+    ex = lsub.add_parser("exec", help="run a command inside a lab host: qlab lab exec HOST -- CMD")
+    ex.add_argument("--run", default=None)
+    ex.add_argument("host")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER)
+    ex.set_defaults(func=cmd_exec)
+    dn = lsub.add_parser("down", help="tear a lab down (--all: everything qlab left behind)")
+    dn.add_argument("--run", default=None)
+    dn.add_argument("--all", action="store_true")
+    dn.set_defaults(func=cmd_down)
