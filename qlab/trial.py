@@ -458,8 +458,25 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
+def _off_loop(fn, *args, **kw):
+    """Run `fn` here, or on a worker thread when this thread already runs an event loop (a Jupyter
+    kernel does): every backend runs its own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args, **kw)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args, **kw).result()
+
+
 def run_trial(spec: TrialSpec, *, certs_dir: str | None = None) -> TrialResult:
     """Build the topology, bring the backend up, run one trial, tear everything down."""
+    return _off_loop(_run_trial, spec, certs_dir=certs_dir)
+
+
+def _run_trial(spec: TrialSpec, *, certs_dir: str | None = None) -> TrialResult:
     topo = build(spec.agent_nat, spec.connector_nat, scenario=spec.scenario, profile_name=spec.profile,
                  agents=spec.agents, carrier_nat=spec.carrier_nat)
     backend = get_backend(spec.backend)
@@ -503,6 +520,11 @@ async def classify_in(env: Environment, creds: Credentials, host: str = "agent")
 def run_classify(backend_name: str, nat: str, *, profile: str = "lan", seed: int = 0,
                  certs_dir: str | None = None) -> dict:
     """`qlab classify` in a lab: the Agent host behind `nat`, classified from inside."""
+    return _off_loop(_run_classify, backend_name, nat, profile=profile, seed=seed, certs_dir=certs_dir)
+
+
+def _run_classify(backend_name: str, nat: str, *, profile: str = "lan", seed: int = 0,
+                  certs_dir: str | None = None) -> dict:
     topo = build(nat, "public", profile_name=profile)
     backend = get_backend(backend_name)
     creds = Credentials.load(certs_dir or default_certs())

@@ -1,0 +1,208 @@
+"""Campaigns: a backend, a set of (Agent NAT, Connector NAT) cells, a profile, N trials per cell
+and a seed; run with progress, durably, resumable.
+
+Every trial has a fixed index and seed (derived from the campaign seed, the cell and the index), so
+`resume` runs exactly the missing ones. A trial that raises is recorded as `failed` with its error,
+never dropped. Trials run in worker processes where the backend allows (sim), in order otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qlab import __version__
+from qlab.nat.spec import expected_outcome, parse_presets
+from qlab.profiles import profile as get_profile
+from qlab.results import CampaignStore, campaign_dir, check_id
+from qlab.trial import TrialResult, TrialSpec, default_certs, run_trial
+
+log = logging.getLogger("qlab.campaign")
+
+
+@dataclass
+class CampaignSpec:
+    backend: str = "sim"
+    agent_nats: list[str] = field(default_factory=lambda: ["port_restricted"])
+    connector_nats: list[str] = field(default_factory=lambda: ["port_restricted"])
+    profile: str = "wan-20ms"
+    trials: int = 30
+    seed: int = 0
+    campaign_id: str = ""
+    samples: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.agent_nats, str):
+            self.agent_nats = parse_presets(self.agent_nats)
+        if isinstance(self.connector_nats, str):
+            self.connector_nats = parse_presets(self.connector_nats)
+        get_profile(self.profile)
+        if self.backend not in ("sim", "netns", "loopback"):
+            raise ValueError(f"unknown backend {self.backend!r}")
+        if not 1 <= self.trials <= 10000:
+            raise ValueError("trials per cell must be between 1 and 10000")
+        if not self.campaign_id:
+            agents = self.agent_nats[0] if len(self.agent_nats) == 1 else "multi"
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+            self.campaign_id = f"{stamp}-{self.backend}-{agents}-{secrets.token_hex(2)}"
+        check_id(self.campaign_id)
+
+    @property
+    def cells(self) -> list[tuple[str, str]]:
+        return [(a, c) for a in self.agent_nats for c in self.connector_nats]
+
+    def trial_specs(self) -> list[TrialSpec]:
+        out = []
+        for a, c in self.cells:
+            for i in range(self.trials):
+                h = hashlib.sha256(f"{self.seed}/{a}/{c}/{i}".encode()).digest()
+                out.append(TrialSpec(
+                    backend=self.backend, agent_nat=a, connector_nat=c, profile=self.profile,
+                    seed=int.from_bytes(h[:4], "big"), samples=self.samples,
+                    trial_id=f"{a}.{c}.{i:04d}", campaign_id=self.campaign_id,
+                ))
+        return out
+
+
+def _git_revision() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def manifest_for(spec: CampaignSpec) -> dict:
+    import aioquic
+
+    return {
+        "campaign_id": spec.campaign_id, "qlab_version": __version__, "git_revision": _git_revision(),
+        "backend": spec.backend, "parameters": asdict(spec), "cells": [list(c) for c in spec.cells],
+        "trials": spec.trials, "seed": spec.seed, "profile": spec.profile,
+        "expected": {f"{a}|{c}": expected_outcome(a, c) for a, c in spec.cells},
+        "python": platform.python_version(), "aioquic": aioquic.__version__, "kernel": platform.release(),
+        "host": socket.gethostname(), "started_at": dt.datetime.now(dt.UTC).isoformat(), "finished_at": None,
+    }
+
+
+def _run_one(spec: TrialSpec, certs: str) -> dict:
+    logging.disable(logging.CRITICAL)
+    try:
+        return run_trial(spec, certs_dir=certs).to_dict()
+    except Exception as exc:  # a failing trial is a record, not a hole
+        return failed_record(spec, exc)
+
+
+def failed_record(spec: TrialSpec, exc: BaseException) -> dict:
+    rec = {f: None for f in TrialResult.__dataclass_fields__}
+    rec.update(
+        trial_id=spec.trial_id, campaign_id=spec.campaign_id, backend=spec.backend, scenario=spec.scenario,
+        agent_nat=spec.agent_nat, connector_nat=spec.connector_nat, profile=spec.profile, seed=spec.seed,
+        qlab_version=__version__, started_at=time.time(), duration_s=0.0,
+        expected=expected_outcome(spec.agent_nat, spec.connector_nat), outcome="failed",
+        reason=f"the trial raised {type(exc).__name__}", as_expected=False, direct_verified=False,
+        agent_nat_detected="UNKNOWN", connector_nat_detected="UNKNOWN", agent_candidates=[],
+        connector_candidates=[], agent_probes=0, connector_probes=0, predicted_ports=[], working_pair="",
+        rtt_relay_n=0, rtt_direct_n=0, relay_bytes_out=0, relay_bytes_in=0, direct_bytes_out=0,
+        direct_bytes_in=0, verify_sent=0, verify_received=0, path_events=[], measured_with="",
+        error=f"{type(exc).__name__}: {exc}", extra={},
+    )
+    return rec
+
+
+def run(spec: CampaignSpec, *, root: Path | str | None = None, workers: int | None = None, progress: bool = True,
+        on_result: Callable[[dict], None] | None = None) -> Path:
+    """Run (or continue) a campaign; returns its folder. Ctrl-C keeps every finished trial."""
+    d = campaign_dir(spec.campaign_id, root)
+    store = CampaignStore(d)
+    if not (d / "manifest.json").exists():
+        store.write_manifest(manifest_for(spec))
+    done = {r["trial_id"] for r in store.records()}
+    todo = [t for t in spec.trial_specs() if t.trial_id not in done]
+    certs = default_certs()
+    parallel = spec.backend == "sim"
+    workers = workers or (os.cpu_count() or 1 if parallel else 1)
+    bars = _Progress(spec, len(done), progress)
+    for r in store.records():
+        bars.update(r)
+    try:
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                pending = {pool.submit(_run_one, t, certs) for t in todo[: workers * 2]}
+                queue = list(todo[workers * 2:])
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        rec = f.result()
+                        store.append(rec)
+                        bars.update(rec)
+                        if on_result:
+                            on_result(rec)
+                        if queue:
+                            pending.add(pool.submit(_run_one, queue.pop(0), certs))
+        else:
+            for t in todo:
+                rec = _run_one(t, certs)
+                store.append(rec)
+                bars.update(rec)
+                if on_result:
+                    on_result(rec)
+    finally:
+        bars.close()
+        store.write_tables()
+    m = store.manifest()
+    if len(store.records()) >= len(spec.trial_specs()):
+        m["finished_at"] = dt.datetime.now(dt.UTC).isoformat()
+        store.write_manifest(m)
+    return d
+
+
+def resume(campaign_id: str, *, root: Path | str | None = None, progress: bool = True) -> Path:
+    d = campaign_dir(campaign_id, root)
+    if not (d / "manifest.json").exists():
+        raise FileNotFoundError(f"no campaign {campaign_id!r} under {d.parent}")
+    params = CampaignStore(d).manifest()["parameters"]
+    return run(CampaignSpec(**params), root=root, progress=progress)
+
+
+class _Progress:
+    """An overall bar and a per-cell bar, with success counts as trials finish."""
+
+    def __init__(self, spec: CampaignSpec, done: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = len(spec.cells) * spec.trials
+        self.ok = 0
+        self.direct = 0
+        self.per_cell: dict[str, list[int]] = {}
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=f"campaign {spec.campaign_id}", unit="trial")
+
+    def update(self, rec: dict) -> None:
+        key = f"{rec['agent_nat']}->{rec['connector_nat']}"
+        cell = self.per_cell.setdefault(key, [0, 0])
+        cell[0] += 1
+        cell[1] += bool(rec["as_expected"])
+        self.ok += bool(rec["as_expected"])
+        self.direct += str(rec["outcome"]).startswith("direct")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{key} {cell[1]}/{cell[0]} ok | direct {self.direct} | as expected {self.ok}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
