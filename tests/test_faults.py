@@ -1,0 +1,61 @@
+"""Faults inside trials, on the simulator and on the kernel lab: NAT rebinding, binding timeouts
+shorter and longer than the keepalive, lossy links. Each asserts a recorded outcome."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlab.trial import TrialSpec, run_trial
+
+BACKENDS = ["sim", "netns"]
+
+
+def _needs(backend: str, request) -> None:
+    if backend == "netns":
+        request.getfixturevalue("netns_ok")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nat_rebinding_keeps_the_session_and_qad_reports_it(backend, request):
+    _needs(backend, request)
+    r = run_trial(TrialSpec(backend=backend, agent_nat="symmetric", connector_nat="full_cone", fault="rebind",
+                            samples=5, verify_echoes=5))
+    f = r.extra["fault"]
+    assert f["qad_reported_new_address"], f  # the Intermediate saw the new mapping and said so
+    assert f["echoes_after"] > 10, f  # the session kept carrying traffic
+    assert f["max_echo_gap_ms"] is not None and f["max_echo_gap_ms"] < 2500, f
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("timeout,keepalive,kept", [(1.0, 2.0, False), (3.0, 0.5, True)])
+def test_binding_timeout_versus_keepalive(backend, timeout, keepalive, kept, request):
+    """A binding timeout below the keepalive interval loses the direct path (traffic falls back to
+    the relay); one above it keeps the path through idle time. (The kernel's binding timeouts have
+    whole-second granularity, so the short case is 1 s against a 2 s keepalive.)"""
+    _needs(backend, request)
+    r = run_trial(TrialSpec(backend=backend, agent_nat="port_restricted", connector_nat="port_restricted",
+                            fault="idle", idle_s=7.0, binding_timeout=timeout, keepalive=keepalive, samples=5,
+                            verify_echoes=5))
+    f = r.extra["fault"]
+    assert f["direct_before"], (r.outcome, r.reason)
+    assert f["direct_lost"] is (not kept), f
+    assert f["direct_after"] is kept, f
+
+
+@pytest.mark.parametrize("profile", ["lossy-1pct", "lossy-5pct", "lossy-20pct"])
+def test_loss_degrades_gracefully_and_nothing_hangs(profile):
+    outcomes = []
+    for seed in range(4):
+        r = run_trial(TrialSpec(backend="sim", agent_nat="port_restricted", connector_nat="full_cone",
+                                profile=profile, seed=seed, samples=8))
+        assert r.outcome != "failed" or r.reason, "a failed trial says why"
+        assert r.duration_s < 30, "every wait is bounded"
+        outcomes.append(r.outcome)
+    direct = sum(o.startswith("direct") for o in outcomes)
+    assert direct >= {"lossy-1pct": 4, "lossy-5pct": 3, "lossy-20pct": 1}[profile], outcomes
+
+
+def test_loss_on_the_kernel_lab_still_connects(netns_ok):
+    r = run_trial(TrialSpec(backend="netns", agent_nat="port_restricted", connector_nat="full_cone",
+                            profile="lossy-5pct", samples=8, verify_echoes=5))
+    assert r.outcome in ("direct_wan", "relay") and r.rtt_relay_n > 0
