@@ -179,6 +179,7 @@ class Agent:
     async def connect_direct(
         self, session: AgentSession, addr: Addr, timeout: float = 3.0,
         on_handshake: Callable[[Connection], None] | None = None,
+        endpoint: Endpoint | None = None,
     ) -> Connection:
         """Open the direct QUIC connection to the Connector at `addr` from the shared socket and
         prove the session key; the session's `direct` path is set once the Connector accepts.
@@ -189,7 +190,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         accepted = loop.create_future()
         handler = _DirectClient(session, accepted)
-        conn = self.endpoint.connect(addr, self.creds.client_config(CONNECTOR_NAME), handler)
+        ep = endpoint or self.endpoint  # a birthday-mode socket, or the shared one
+        conn = ep.connect(addr, self.creds.client_config(CONNECTOR_NAME), handler)
         try:
             async with asyncio.timeout(timeout):
                 await conn.handshake_done
@@ -202,7 +204,7 @@ class Agent:
         except BaseException:
             if session.direct is conn:
                 session.direct = None
-            self.endpoint.abandon(conn, "direct connection attempt failed")
+            ep.abandon(conn, "direct connection attempt failed")
             raise
         return conn
 

@@ -75,6 +75,7 @@ class Connector:
         self.message_hooks: list[Callable[[wire.Message], bool]] = []
         self.session_hooks: list[Callable[[ConnectorSession], None]] = []
         self.held = HeldDatagrams()
+        self.extra_endpoints: list[Endpoint] = []
         self._tasks: set[asyncio.Task] = set()
         self.fatal: BaseException | None = None
         self.metrics = Metrics()
@@ -82,6 +83,14 @@ class Connector:
         self.metrics.counter_source("udp_datagrams_total", "what", lambda: dict(self.endpoint.stats))
         self.metrics.gauge("direct_sessions", lambda: sum(1 for s in self.sessions.values() if s.direct), "sessions with a direct path")
         self.failed = asyncio.Event()  # set with `fatal` when the Intermediate refuses us for good
+
+    async def new_endpoint(self) -> Endpoint:
+        """Another socket that accepts direct connections like the main one (birthday mode)."""
+        ep = Endpoint(self.net, server_config=self.endpoint.server_config,
+                      server_handler=lambda conn: _DirectConn(self, conn), raw_handler=self._on_raw)
+        await ep.bind(self.host, 0)
+        self.extra_endpoints.append(ep)
+        return ep
 
     async def start(self) -> Addr:
         addr = await self.endpoint.bind(self.host, self.p2p_port)
@@ -133,6 +142,8 @@ class Connector:
             t.cancel()
         for s in list(self.sessions.values()):
             self._end_session(s)
+        for ep in self.extra_endpoints:
+            ep.close()
         self.endpoint.close()
 
     # -- signaling ------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class Intermediate:
 
     def __init__(
         self, net: Net, creds: Credentials, *, relay_enabled: bool = True, birthday_ports: int = 0,
+        birthday_probes: int = 1024,
         policy: AccessPolicy | None = None, rate_limits: dict[str, tuple[float, float]] | None = None,
     ) -> None:
         self.net = net
@@ -76,6 +77,7 @@ class Intermediate:
         self.relay_enabled = relay_enabled
         self.relay_blocked: set[int] = set()  # sessions whose relay is switched off (direct proof)
         self.birthday_ports = birthday_ports
+        self.birthday_probes = birthday_probes
         self.started = time.time()
         m = self.metrics
         m.gauge("clients", lambda: len(self.clients), "connected and authenticated clients")
@@ -355,9 +357,9 @@ class _ServerConn(Handler):
             connector.id: (connector.conn.rtt or 0.1) / 2,
         }
         latest = max(half.values())
-        for me, peer_msg in ((agent, sess.answer), (connector, sess.offer)):
+        for me, own_msg, peer_msg in ((agent, sess.offer, sess.answer), (connector, sess.answer, sess.offer)):
             delay = int((latest - half[me.id]) * 1000) + PUNCH_MARGIN_MS
-            birthday = self.s.birthday_ports if peer_msg.nat == wire.NatKind.EIM and _is_hard(sess, me) else 0
+            birthday = _birthday(self.s, own_msg.nat, peer_msg.nat)
             me.conn.send_control(
                 wire.StartPunch(sess.id, min(delay, 5000), peer_msg.nat, peer_msg.candidates, birthday)
             )
@@ -456,10 +458,17 @@ _LIMIT_KIND = {
 }
 
 
-def _is_hard(sess: Session, me: Client) -> bool:
-    """Whether `me` is behind an endpoint-dependent NAT (from its own offer or answer)."""
-    msg = sess.offer if me.id == sess.agent else sess.answer
-    return msg is not None and msg.nat in (wire.NatKind.EDM_RANDOM, wire.NatKind.EDM_SEQUENTIAL)
+def _birthday(server: Intermediate, own: wire.NatKind, peer: wire.NatKind) -> int:
+    """Birthday mode, when on and the pair needs it: the random-port symmetric side opens
+    `birthday_ports` mappings, the endpoint-independent side sprays `birthday_probes` ports."""
+    if not server.birthday_ports:
+        return 0
+    easy = (wire.NatKind.EIM, wire.NatKind.NONE)
+    if own == wire.NatKind.EDM_RANDOM and peer in easy:
+        return server.birthday_ports
+    if peer == wire.NatKind.EDM_RANDOM and own in easy:
+        return server.birthday_probes
+    return 0
 
 
 async def run(

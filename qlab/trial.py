@@ -62,7 +62,9 @@ class TrialSpec:
     idle_s: float = 3.0
     binding_timeout: float | None = None  # override every NAT's binding timeout (seconds)
     keepalive: float = 0.5  # direct-path keepalive interval
-    birthday: int = 0
+    birthday: int = 0  # birthday mode: mappings the random-port side opens (0 = off); Tailscale uses 256
+    birthday_probes: int = 1024  # random ports the other side probes
+    birthday_rate: float = 1000.0  # of those, per second
     agents: int = 1
     carrier_nat: str = "port_restricted"
     trial_id: str = ""
@@ -172,12 +174,13 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
     listen = [(inter_ips[0], INTERMEDIATE_PORT), (inter_ips[0], INTERMEDIATE_ALT_PORT)]
     if len(inter_ips) > 1:
         listen += [(inter_ips[1], INTERMEDIATE_PORT), (inter_ips[1], INTERMEDIATE_ALT_PORT)]
-    cfg = TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout), keepalive=spec.keepalive,
+    cfg = TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout, spray_rate=spec.birthday_rate),
+                          keepalive=spec.keepalive,
                           failover=max(2.0, 3 * spec.keepalive))
     if spec.binding_timeout is not None:
         for router in topo.routers:
             env.set_binding_timeout(router.name, spec.binding_timeout)
-    srv = Intermediate(env.net("intermediate"), creds, birthday_ports=spec.birthday)
+    srv = Intermediate(env.net("intermediate"), creds, birthday_ports=spec.birthday, birthday_probes=spec.birthday_probes)
     echo = EchoServer(env.net("connector"))
     connector = agent = None
     ct = at = None
@@ -224,6 +227,8 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
                 raise
 
         settle_by = t0 + spec.punch_timeout + cfg.direct_timeout + 2.0
+        if spec.birthday:
+            settle_by += spec.birthday_probes / spec.birthday_rate + 1.0
         while loop.time() < settle_by:
             send_echo()
             if session.direct is not None and not session.direct.closed and st.path.verified_at is None:

@@ -82,3 +82,9 @@ def test_simulator_agrees_with_the_kernel(netns_ok):
     assert abs(ttd_s - ttd_n) <= 0.15 * ttd_n + 30, (ttd_s, ttd_n)
     print(f"\nrelay RTT median: sim {s:.1f} ms, netns {n:.1f} ms; ttd median (EIM cells): sim {ttd_s:.1f} ms, "
           f"netns {ttd_n:.1f} ms")
+
+
+@pytest.mark.parametrize("agent_nat,connector_nat", [("port_restricted", "symmetric"), ("symmetric", "port_restricted")])
+def test_birthday_mode_in_the_kernel(netns_ok, agent_nat, connector_nat):
+    runs = [trial("netns", agent_nat, connector_nat, seed, birthday=256) for seed in (1, 2, 3)]
+    assert sum(r.outcome == "direct_predicted" and r.direct_verified for r in runs) >= 2, [(r.outcome, r.reason) for r in runs]

@@ -224,3 +224,19 @@ async def test_a_probe_during_the_start_delay_does_not_cancel_the_start():
     assert p.started_at is not None and done == [p], "the runner started and reported"
     assert sent.count(peer) >= 2 and p.probes_sent >= 2  # the answer, then our own rounds
     assert p.failed  # nobody answered our probes: a clean timeout, not a hang
+
+
+@pytest.mark.parametrize("agent_nat,connector_nat", [("port_restricted", "symmetric"), ("symmetric", "port_restricted")])
+def test_birthday_mode_on_sim_reaches_at_least_90_percent(agent_nat, connector_nat):
+    """256 mappings x 1,024 random probes: ~98% by the birthday arithmetic (Tailscale's numbers)."""
+    runs = [run_trial(TrialSpec(backend="sim", agent_nat=agent_nat, connector_nat=connector_nat, seed=s,
+                                birthday=256, birthday_probes=1024, samples=5, verify_echoes=5)) for s in range(20)]
+    direct = [r for r in runs if r.outcome == "direct_predicted" and r.direct_verified]
+    assert len(direct) >= 18, [(r.outcome, r.reason) for r in runs]
+    assert all(r.as_expected for r in direct)
+    assert all(r.outcome != "failed" for r in runs)
+
+
+def test_birthday_mode_is_off_by_default():
+    r = run_trial(TrialSpec(backend="sim", agent_nat="port_restricted", connector_nat="symmetric", samples=5))
+    assert r.outcome == "relay" and not any(e["event"] == "birthday" for e in r.path_events)

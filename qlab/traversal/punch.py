@@ -15,7 +15,9 @@ Direct LAN (host) before Direct WAN (server/peer-reflexive, predicted) before Re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +85,7 @@ class PunchConfig:
     linger: float = 1.0  # keep answering/probing this long after success (the peer may still need us)
     nominate_wait: float = 0.01  # after a WAN success, how long a same-LAN host pair may still win
     predict_after: float = 0.06  # predicted ports are a fallback: probed only if nothing worked by then
+    spray_rate: float = 1000.0  # birthday mode: random-port probes per second (each sent once)
 
 
 @dataclass
@@ -114,6 +117,9 @@ class Puncher:
     failed: str | None = None
     learned: list[Addr] = field(default_factory=list)
     deferred: dict[Addr, wire.CandidateKind] = field(default_factory=dict)  # predicted, not yet probed
+    spray: list[Addr] = field(default_factory=list)  # birthday mode: random ports, each probed once
+    sprayed: set[Addr] = field(default_factory=set)
+    _spray_credit: float = 0.0
     _next_round: float = 0.0
 
     def __post_init__(self) -> None:
@@ -161,17 +167,36 @@ class Puncher:
         if now < self._next_round:
             return []
         self._next_round = now + self.config.interval
+        out = []
+        if self.spray:  # birthday mode: a paced share of the random ports, once each
+            self._spray_credit += self.config.spray_rate * self.config.interval
+            while self.spray and self._spray_credit >= 1:
+                self._spray_credit -= 1
+                addr = self.spray.pop()
+                out.append(self._request(addr))
+                self.sprayed.add(addr)
         if self.deferred and now - self.started_at >= self.config.predict_after:
             self.targets.update(self.deferred)  # nothing worked yet: try the predicted ports too
             self.deferred.clear()
-        out = []
         for addr in self.targets:
-            txn = secrets.randbits(64)
-            self.txns[txn] = addr
-            out.append((wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, self.session, txn), self.key), addr))
-            self.sent_to.add(addr)
-            self.probes_sent += 1
+            out.append(self._request(addr))
         return out
+
+    def _request(self, addr: Addr) -> tuple[bytes, Addr]:
+        txn = secrets.randbits(64)
+        self.txns[txn] = addr
+        self.sent_to.add(addr)
+        self.probes_sent += 1
+        return wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, self.session, txn), self.key), addr
+
+    def birthday_spray(self, ip: str, count: int, rng: random.Random) -> None:
+        """Birthday mode against a random-port symmetric peer: probe `count` random ports of its
+        public IP (RFC 6056 range 1024-65535), paced at `spray_rate`, each once; the budget extends
+        the timeout by the time the spray takes."""
+        ports = rng.sample(range(1024, 65536), min(count, 64512))
+        self.spray = [(ip, p) for p in ports]
+        extra = count / max(1.0, self.config.spray_rate) + 1.0
+        self.config = dataclasses.replace(self.config, timeout=self.config.timeout + extra)
 
     # -- datagrams ------------------------------------------------------------------------------
     def receive(self, data: bytes, addr: Addr, now: float) -> list[tuple[bytes, Addr]]:
@@ -213,7 +238,7 @@ class Puncher:
     def _works(self, addr: Addr, now: float, via: str) -> None:
         if self.success is not None or self.failed is not None:
             return
-        kind = self.targets.get(addr, wire.CandidateKind.PRFLX)
+        kind = wire.CandidateKind.PREDICTED if addr in self.sprayed else self.targets.get(addr, wire.CandidateKind.PRFLX)
         cand = Success(addr, kind, now, via)
         if self.best is None or TYPE_PREFERENCE[kind] > TYPE_PREFERENCE[self.best.kind]:
             self.best = cand

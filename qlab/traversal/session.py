@@ -11,13 +11,15 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
+import secrets
 import statistics
 from dataclasses import dataclass, field
 
 from qlab import wire
 from qlab.agent import Agent, AgentSession
 from qlab.connector import Connector, ConnectorSession
-from qlab.endpoint import Connection
+from qlab.endpoint import Connection, Endpoint
 from qlab.net import Addr
 from qlab.traversal.detect import Detection, detect_nat_kind
 from qlab.traversal.punch import (
@@ -164,6 +166,90 @@ class PathManager:
             self._watch.cancel()
 
 
+# --- birthday mode: the endpoint-dependent side's many mappings ---------------------------------
+
+
+class BirthdayPool:
+    """The hard (random-port symmetric) side of a birthday punch: N extra sockets, each sending
+    probes to the peer's reflexive address, so its NAT opens N mappings that admit the peer. The peer
+    sprays random ports; when one hits, that socket is the pair. Endpoints come from `make_endpoint`
+    (the Connector's accept QUIC too); all but the winner close."""
+
+    def __init__(self, session_id: int, key: bytes, peer: Addr, n: int, make_endpoint, on_win) -> None:
+        self.session_id = session_id
+        self.key = key
+        self.peer = peer
+        self.n = n
+        self.make_endpoint = make_endpoint
+        self.on_win = on_win
+        self.endpoints: list = []
+        self.winner = None
+        self.probes_sent = 0
+        self._task: asyncio.Task | None = None
+
+    async def start(self, duration: float) -> None:
+        for _ in range(self.n):
+            ep = await self.make_endpoint()
+            ep.raw_handler = lambda data, addr, ep=ep: self._on_raw(ep, data, addr)
+            self.endpoints.append(ep)
+        self._task = asyncio.get_running_loop().create_task(self._keep_probing(duration))
+
+    def _probe(self, ep) -> None:
+        txn = secrets.randbits(64)
+        ep.send_raw(wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, self.session_id, txn), self.key), self.peer)
+        self.probes_sent += 1
+
+    async def _keep_probing(self, duration: float) -> None:
+        end = asyncio.get_running_loop().time() + duration
+        while self.winner is None and asyncio.get_running_loop().time() < end:
+            for ep in list(self.endpoints):
+                self._probe(ep)  # (re)opens and refreshes this socket's mapping towards the peer
+            await asyncio.sleep(0.5)
+        if self.winner is None:
+            self.close()
+
+    def _on_raw(self, ep, data: bytes, addr: Addr) -> None:
+        try:
+            probe = wire.decode_probe(data, self.key)
+        except wire.WireError:
+            return
+        if probe.session != self.session_id:
+            return
+        if probe.kind == wire.PROBE_REQUEST:
+            resp = wire.Probe(wire.PROBE_RESPONSE, self.session_id, probe.txn, addr)
+            ep.send_raw(wire.encode_probe(resp, self.key), addr)
+        if self.winner is None:
+            self.winner = (ep, addr)
+            for other in self.endpoints:
+                if other is not ep:
+                    other.close()
+            self.endpoints = [ep]
+            self.on_win(ep, addr)
+
+    def close(self, keep_winner: bool = False) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for ep in self.endpoints:
+            if keep_winner and self.winner is not None and ep is self.winner[0]:
+                continue
+            ep.close()
+
+
+def _peer_reflexive(candidates: tuple[wire.Candidate, ...]) -> Addr | None:
+    for c in candidates:
+        if c.kind == wire.CandidateKind.SRFLX:
+            return c.addr
+    return None
+
+
+def _birthday_role(own: wire.NatKind, peer: wire.NatKind) -> str | None:
+    if own == wire.NatKind.EDM_RANDOM and peer in (wire.NatKind.EIM, wire.NatKind.NONE):
+        return "hard"
+    if peer == wire.NatKind.EDM_RANDOM and own in (wire.NatKind.EIM, wire.NatKind.NONE):
+        return "easy"
+    return None
+
+
 # --- agent side --------------------------------------------------------------------------------
 
 
@@ -187,6 +273,7 @@ class SessionTraversal:
         self.punch_started_at: float | None = None
         self.punch_ms: float | None = None
         self.settled = asyncio.Event()  # direct verified, or given up on this attempt
+        self.birthday: BirthdayPool | None = None
         self._tasks: set[asyncio.Task] = set()
 
     def _spawn(self, coro) -> None:
@@ -220,8 +307,38 @@ class SessionTraversal:
         loop = asyncio.get_running_loop()
         self.punch_started_at = loop.time() + msg.delay_ms / 1000
         self.path.event("punch_start", f"{len(p.targets)} targets, start in {msg.delay_ms} ms, peer NAT {msg.peer_nat.name}")
+        role = _birthday_role(own, msg.peer_nat) if msg.birthday else None
+        if role == "easy":
+            p.birthday_spray(_peer_reflexive(msg.peer_candidates)[0], msg.birthday, random.Random(self.session.id))
+            self.path.event("birthday", f"spraying {msg.birthday} random ports of the peer")
+        elif role == "hard":
+            self._spawn(self._birthday_hard(msg))
         self.runner = PunchRunner(p, self.owner.agent.endpoint.send_raw, self._punch_done)
         self.runner.start(msg.delay_ms / 1000)
+
+    async def _birthday_hard(self, msg: wire.StartPunch) -> None:
+        peer = _peer_reflexive(msg.peer_candidates)
+        if peer is None or self.session.key is None:
+            return
+        agent = self.owner.agent
+
+        async def make_endpoint():
+            ep = Endpoint(agent.net)
+            await ep.bind(agent.host, 0)
+            return ep
+
+        def won(ep, addr) -> None:
+            if self.working is not None:
+                return
+            self.working, self.working_kind = addr, wire.CandidateKind.PREDICTED
+            self.path.event("punch_ok", f"birthday socket {ep.local_address[1]} reached {addr[0]}:{addr[1]}")
+            if self.runner is not None:
+                self.runner.cancel()
+            self._spawn(self._connect(addr, ep))
+
+        self.birthday = BirthdayPool(self.session.id, self.session.key, peer, msg.birthday, make_endpoint, won)
+        self.path.event("birthday", f"opening {msg.birthday} mappings towards {peer[0]}:{peer[1]}")
+        await self.birthday.start(self.owner.cfg.punch.timeout + msg.birthday / 100)
 
     def on_probe(self, data: bytes, addr: Addr) -> bool:
         if self.puncher is None:
@@ -240,6 +357,8 @@ class SessionTraversal:
 
     def _punch_done(self, p: Puncher) -> None:
         self.probes_sent += p.probes_sent
+        if self.working is not None:
+            return  # a birthday socket already won
         link = self.owner.agent.link
         if p.success is None:
             self.reason = f"hole punch failed: {p.failed}" + _hint(self.owner.detection.kind, self.peer_nat)
@@ -257,11 +376,12 @@ class SessionTraversal:
         del loop
         self._spawn(self._connect(p.success.addr))
 
-    async def _connect(self, addr: Addr) -> None:
+    async def _connect(self, addr: Addr, endpoint: Endpoint | None = None) -> None:
         agent = self.owner.agent
         try:
             conn = await agent.connect_direct(self.session, addr, self.owner.cfg.direct_timeout,
-                                              on_handshake=self.owner.on_direct_handshake(self.session))
+                                              on_handshake=self.owner.on_direct_handshake(self.session),
+                                              endpoint=endpoint)
         except (TimeoutError, ConnectionError, OSError) as exc:
             self.reason = f"direct QUIC connection to {addr[0]}:{addr[1]} failed: {str(exc) or type(exc).__name__}"
             self.path.event("direct_failed", self.reason)
@@ -295,6 +415,8 @@ class SessionTraversal:
             t.cancel()
         if self.runner is not None:
             self.runner.cancel()
+        if self.birthday is not None:
+            self.birthday.close()
         self.path.close()
 
 
@@ -388,6 +510,7 @@ class ConnectorTraversal:
         self.runners: dict[int, PunchRunner] = {}
         self.punchers: dict[int, Puncher] = {}
         self.results: dict[int, dict] = {}
+        self.pools: dict[int, BirthdayPool] = {}
         self.announced = False
         self._tasks: set[asyncio.Task] = set()
         connector.message_hooks.append(self._on_message)
@@ -460,6 +583,11 @@ class ConnectorTraversal:
                 p = self.punchers[s.id] = Puncher(s.id, s.key, self.candidates, (), self.cfg.punch)
             p.set_peer(peer)
             p.config = _with_prediction_delay(self.cfg.punch, self.c.link.conn)
+            role = _birthday_role(self.detection.kind, msg.peer_nat) if msg.birthday else None
+            if role == "easy":
+                p.birthday_spray(_peer_reflexive(msg.peer_candidates)[0], msg.birthday, random.Random(s.id))
+            elif role == "hard":
+                self._spawn(self._birthday_hard(s, msg))
             r = PunchRunner(p, self.c.endpoint.send_raw, lambda p, sid=s.id: self._done(sid, p))
             self.runners[s.id] = r
             r.start(msg.delay_ms / 1000)
@@ -468,6 +596,15 @@ class ConnectorTraversal:
             self.results.setdefault(s.id, {})["agent"] = msg
             return True
         return False
+
+    async def _birthday_hard(self, s: ConnectorSession, msg: wire.StartPunch) -> None:
+        peer = _peer_reflexive(msg.peer_candidates)
+        if peer is None:
+            return
+        pool = BirthdayPool(s.id, s.key, peer, msg.birthday, self.c.new_endpoint,
+                            lambda ep, addr: self.results.setdefault(s.id, {}).update(birthday=(ep, addr)))
+        self.pools[s.id] = pool
+        await pool.start(self.cfg.punch.timeout + msg.birthday / 100)
 
     def _done(self, sid: int, p: Puncher) -> None:
         self.results.setdefault(sid, {})["own"] = p
@@ -498,3 +635,5 @@ class ConnectorTraversal:
             t.cancel()
         for r in self.runners.values():
             r.cancel()
+        for pool in self.pools.values():
+            pool.close()
