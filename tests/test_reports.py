@@ -139,3 +139,33 @@ def test_report_renders_offline_in_chromium(published):
         dark = sum(img.histogram()[:200])
         assert dark > 0.005 * img.width * img.height, f"{page_name} looks blank"
     (published.parent / "screenshot-nat_symmetric.png").write_bytes(page.png)
+
+
+def test_campaign_killed_mid_run_loses_nothing_and_resumes(tmp_path):
+    """A real `qlab campaign run` process is SIGKILLed mid-campaign; every finished trial survives,
+    no file is left half-written, and `qlab campaign resume` completes the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "qlab.cli", "campaign", "run", "--backend", "sim", "--agent-nat", "full_cone",
+            "--connector-nat", "all", "--trials", "3", "--samples", "5", "--workers", "1", "--id", "t-kill",
+            "--results", str(tmp_path)]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    jsonl = tmp_path / "t-kill" / "trials.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(10)
+    kept = [json.loads(line) for line in jsonl.read_text().splitlines() if line.endswith("}")]
+    assert 4 <= len(kept) < 18, len(kept)
+    df = results.load("t-kill", root=tmp_path)  # loads the durable lines even without tables
+    assert len(df) >= len(kept)
+    r = subprocess.run([sys.executable, "-m", "qlab.cli", "campaign", "resume", "t-kill", "--results", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    df = results.load("t-kill", root=tmp_path)
+    assert len(df) == 18 and df.trial_id.is_unique
+    assert set(kept_id["trial_id"] for kept_id in kept) <= set(df.trial_id)
