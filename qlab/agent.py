@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from qlab import wire
 from qlab.certs import Credentials
-from qlab.client import IntermediateLink
+from qlab.client import IntermediateLink, Refused
 from qlab.echo import EchoProbe
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
 from qlab.net import Addr, Net
@@ -42,6 +42,7 @@ class AgentSession:
         self.closed: str | None = None
         self.punch: object | None = None  # traversal state, when punching
         self.path: object | None = None  # the path manager, when one runs
+        self.reopened = 0
 
     def _opened(self, msg: wire.SessionOpened) -> None:
         self.key = msg.key
@@ -52,31 +53,35 @@ class AgentSession:
         await asyncio.wait_for(asyncio.shield(self.opened), timeout)
         return self
 
+    def limit(self, path: str) -> int | None:
+        """Largest application payload `path` carries now, or None while that path is down."""
+        if path == "direct":
+            d = self.direct
+            return d.max_app_payload if d is not None and not d.closed and d.established else None
+        conn = self.agent.link.conn
+        if conn is None or conn.closed or not conn.established:
+            return None
+        return min(self.relay_max_payload, conn.max_app_payload)
+
     @property
     def max_payload(self) -> int:
-        """Largest application payload every usable path carries (relay, and direct when up)."""
-        limits = [self.relay_max_payload, self.agent.link.conn.max_app_payload if self.agent.link.conn else 0]
-        if self.direct is not None and not self.direct.closed:
-            limits.append(self.direct.max_app_payload)
-        return min(limits)
+        """Largest application payload every path that is up carries (0 when none is)."""
+        limits = [x for x in (self.limit("relay"), self.limit("direct")) if x is not None]
+        return min(limits) if limits else 0
 
     def send(self, payload: bytes, path: str | None = None) -> str | None:
         """Send one application payload over `path` (default: the active one). Returns the path
-        used, or None when it could not be queued. Raises DatagramTooLarge for oversized payloads."""
+        used, or None when that path is down or its queue is full. Raises DatagramTooLarge for a
+        payload larger than the path carries."""
         path = path or self.active_path
-        if len(payload) > self.max_payload:
-            raise DatagramTooLarge(f"payload of {len(payload)} bytes exceeds the session limit of {self.max_payload}")
+        limit = self.limit(path)
+        if limit is None:
+            return None
+        if len(payload) > limit:
+            raise DatagramTooLarge(f"payload of {len(payload)} bytes exceeds the session limit of {limit}")
         data = wire.encode_app(self.id, payload)
-        if path == "direct":
-            if self.direct is None or self.direct.closed:
-                return None
-            ok = self.direct.send_datagram(data)
-        else:
-            conn = self.agent.link.conn
-            if conn is None or conn.closed:
-                return None
-            ok = conn.send_datagram(data)
-        if not ok:
+        conn = self.direct if path == "direct" else self.agent.link.conn
+        if conn is None or not conn.send_datagram(data):
             return None
         self.counters[f"{path}_out"] += 1
         self.bytes[f"{path}_out"] += len(payload)
@@ -126,6 +131,8 @@ class Agent:
         self.message_hooks: list[Callable[[wire.Message], bool]] = []
         self._tasks: set[asyncio.Task] = set()
         self.link.on_reply = self._on_reply
+        self.link.on_up = self._on_up
+        self.reopen_offer: tuple = (wire.NatKind.UNKNOWN, ())  # set by the traversal layer
 
     def _on_reply(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.SessionOpened) and msg.session in self.sessions:
@@ -135,7 +142,39 @@ class Agent:
         """Bind the one socket and connect to the Intermediate (raises Refused on a bad secret)."""
         addr = await self.endpoint.bind(self.host, self.port)
         await self.link.connect(timeout)
+        self._spawn(self._stay_connected())
         return addr
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    async def _stay_connected(self) -> None:
+        """After a loss of the Intermediate: reconnect with backoff, then re-open every session
+        (same ids; a direct path carries on meanwhile)."""
+        try:
+            await self.link.run_forever(connected=True)
+        except Refused as exc:
+            log.error("the Intermediate refused this agent on reconnect: %s", exc)
+
+    def _on_up(self) -> None:
+        for s in list(self.sessions.values()):
+            if s.opened.done() and not s.opened.cancelled() and not s.opened.exception():
+                self._spawn(self._reopen(s))
+
+    async def _reopen(self, s: AgentSession) -> None:
+        msg = wire.OpenSession(self.link.next_req(), s.id, s.service, *self.reopen_offer)
+        try:
+            reply = await self.link.request(msg)
+        except (Refused, ConnectionError, TimeoutError) as exc:
+            log.warning("session %08x could not be re-opened: %s", s.id, exc)
+            return
+        if isinstance(reply, wire.SessionOpened):
+            s._opened(reply)
+            s.reopened += 1
+            log.info("session %08x re-opened after reconnecting", s.id)
 
     def begin_session(
         self, service: str, nat: wire.NatKind = wire.NatKind.UNKNOWN, candidates: tuple[wire.Candidate, ...] = ()

@@ -80,6 +80,7 @@ class IntermediateLink(Handler):
         """Connect and authenticate once. Raises Refused (final) or ConnectionError/TimeoutError."""
         loop = asyncio.get_running_loop()
         cfg = self.creds.client_config(INTERMEDIATE_NAME)
+        self.lost.clear()
         self._welcome = loop.create_future()
         self.conn = self.endpoint.connect(self.intermediate, cfg, self)
         async with asyncio.timeout(timeout):
@@ -109,14 +110,15 @@ class IntermediateLink(Handler):
             nonce = (nonce + 1) & 0xFFFFFFFF
             conn.send_control(wire.Ping(nonce))
 
-    async def run_forever(self, first_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    async def run_forever(self, first_timeout: float = HANDSHAKE_TIMEOUT, *, connected: bool = False) -> None:
         """Stay connected: reconnect with capped exponential backoff (with jitter) after a loss.
-        A NACK on hello is final and raised."""
+        A NACK on hello is final and raised. `connected`: the first connection is already up."""
         delay = BACKOFF_MIN
         while not self._closed:
             try:
-                self.lost.clear()
-                await self.connect(first_timeout)
+                if not connected:
+                    await self.connect(first_timeout)
+                connected = False
                 delay = BACKOFF_MIN
                 await self.lost.wait()
                 log.warning("lost the Intermediate (%s); reconnecting", self.conn.close_reason if self.conn else "")

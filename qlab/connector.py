@@ -152,6 +152,12 @@ class Connector:
             if hook(msg):
                 return
         if isinstance(msg, wire.SessionNew):
+            old = self.sessions.get(msg.session)
+            if old is not None and old.agent == msg.agent:
+                # the Intermediate restarted and the Agent re-opened: keep the direct path and app sockets
+                old.key, old.max_payload = msg.key, msg.max_payload
+                old.agent_nat, old.agent_candidates = msg.nat, msg.candidates
+                return
             s = ConnectorSession(msg.session, msg.key, msg.agent, msg.service, msg.max_payload,
                                  agent_nat=msg.nat, agent_candidates=msg.candidates)
             self.sessions[msg.session] = s

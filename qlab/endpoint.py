@@ -441,6 +441,18 @@ class Endpoint:
         self._process(conn)
         self._transmit(conn)
 
+    def crash(self) -> None:
+        """Vanish like a killed process: no CONNECTION_CLOSE, timers stopped, socket closed."""
+        for conn in list(self.connections):
+            if conn.timer is not None:
+                conn.timer.cancel()
+            conn.closed = True
+        self.connections.clear()
+        self.by_cid.clear()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
     def close(self) -> None:
         """Close every connection (CONNECTION_CLOSE is sent) and the socket."""
         for conn in list(self.connections):

@@ -104,6 +104,14 @@ class Intermediate:
         for ep in self.listeners:
             ep.close()
 
+    def crash(self) -> None:
+        """Disappear as a killed process would: no goodbyes, all state gone (fault injection)."""
+        for ep in self.listeners:
+            ep.crash()
+        self.clients.clear()
+        self.sessions.clear()
+        self.services.clear()
+
     def _socket_stats(self) -> dict[str, float]:
         """Datagrams seen by all listeners: received, sent, raw (non-QUIC), dropped malformed or
         for an unknown connection."""

@@ -39,7 +39,7 @@ log = logging.getLogger("qlab.trial")
 
 APP_PORT = 9999
 OUTCOMES = ("direct_lan", "direct_wan", "direct_predicted", "relay", "failed")
-FAULTS = ("", "rebind", "idle")
+FAULTS = ("", "rebind", "idle", "intermediate_restart")
 
 
 @dataclass
@@ -58,7 +58,9 @@ class TrialSpec:
     verify_echoes: int = 10
     punch_timeout: float = 3.0
     blackhole: bool = False
-    fault: str = ""  # "", "rebind" (flush the Agent's NAT mid-session) or "idle" (no traffic for idle_s)
+    fault: str = ""  # "", "rebind" (flush the Agent's NAT mid-session), "idle" (no traffic for idle_s) or
+    # "intermediate_restart" (the Intermediate dies without a word for outage_s, then a new one starts)
+    outage_s: float = 3.0
     idle_s: float = 3.0
     binding_timeout: float | None = None  # override every NAT's binding timeout (seconds)
     keepalive: float = 0.5  # direct-path keepalive interval
@@ -268,6 +270,9 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
             measure["fault"] = await _rebind(env, topo, st, agent, probe, send_echo, spec, loop)
         elif spec.fault == "idle":
             measure["fault"] = await _idle(st, probe, send_echo, spec, loop)
+        elif spec.fault == "intermediate_restart":
+            srv, measure["fault"] = await _intermediate_restart(env, srv, listen, creds, st, agent, connector,
+                                                               probe, send_echo, spec, loop)
         del base
     except Exception as exc:  # recorded, never dropped: a failing trial is a result too
         log.exception("trial %s failed", spec.trial_id)
@@ -363,6 +368,46 @@ async def _rebind(env, topo, st, agent, probe, send_echo, spec, loop) -> dict:
         "qad_reported_new_address": agent.link.observed != before, "direct_before": had_direct,
         "path_after": st.session.active_path, "echoes_after": len(after),
         "max_echo_gap_ms": round(max(gaps) * 1000, 3) if gaps else None,
+    }
+
+
+async def _intermediate_restart(env, srv, listen, creds, st, agent, connector, probe, send_echo, spec, loop):
+    """The Intermediate vanishes (as with kill -9) for `outage_s`, then a fresh one starts on the
+    same addresses. The direct path must keep carrying echoes meanwhile; Agent and Connector must
+    reconnect with backoff and the session must work over the relay again."""
+    replies: list[tuple[float, str]] = []
+    prev = probe.on_reply
+    probe.on_reply = lambda path, rtt, seq: (replies.append((loop.time(), path)), prev(path, rtt, seq))
+    had_direct = st.session.active_path == "direct"
+    t_kill = loop.time()
+    srv.crash()
+    try:
+        while loop.time() < t_kill + spec.outage_s:
+            send_echo()
+            await asyncio.sleep(spec.echo_interval)
+        new = Intermediate(env.net("intermediate"), creds, birthday_ports=spec.birthday)
+        await new.listen(listen)
+        t_restart = loop.time()
+        recovered_at = None
+        while loop.time() < t_restart + 30:
+            send_echo()
+            send_echo("relay")
+            await asyncio.sleep(spec.echo_interval * 5)
+            relay_after = [t for t, p in replies if p == "relay" and t > t_restart]
+            if relay_after:
+                recovered_at = relay_after[0]
+                break
+        await _drain(probe, loop, 1.0)
+    finally:
+        probe.on_reply = prev
+    during = [t for t, p in replies if p == "direct" and t_kill <= t <= t_kill + spec.outage_s]
+    return new, {
+        "fault": "intermediate_restart", "outage_s": spec.outage_s, "direct_before": had_direct,
+        "direct_echoes_during_outage": len(during),
+        "relay_recovered": recovered_at is not None,
+        "recovery_ms_after_restart": round((recovered_at - t_restart) * 1000, 3) if recovered_at else None,
+        "agent_reconnects": agent.link.reconnects, "connector_reconnects": connector.link.reconnects,
+        "session_reopened": st.session.reopened,
     }
 
 

@@ -59,3 +59,17 @@ def test_loss_on_the_kernel_lab_still_connects(netns_ok):
     r = run_trial(TrialSpec(backend="netns", agent_nat="port_restricted", connector_nat="full_cone",
                             profile="lossy-5pct", samples=8, verify_echoes=5))
     assert r.outcome in ("direct_wan", "relay") and r.rtt_relay_n > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_intermediate_killed_and_restarted(backend, request):
+    """The Intermediate vanishes (no CONNECTION_CLOSE, all state gone) for 3 s, then a new one starts:
+    the direct path keeps carrying traffic meanwhile; Agent and Connector reconnect with backoff, the
+    session is re-opened and works over the relay again within the liveness bound."""
+    _needs(backend, request)
+    r = run_trial(TrialSpec(backend=backend, agent_nat="port_restricted", connector_nat="full_cone",
+                            fault="intermediate_restart", outage_s=3.0, samples=5, verify_echoes=5))
+    f = r.extra["fault"]
+    assert f["direct_before"] and f["direct_echoes_during_outage"] >= 100, f  # ~150 sent at 20 ms
+    assert f["relay_recovered"] and f["recovery_ms_after_restart"] < 12000, f
+    assert f["agent_reconnects"] >= 1 and f["connector_reconnects"] >= 1 and f["session_reopened"] == 1, f

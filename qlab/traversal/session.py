@@ -287,6 +287,8 @@ class SessionTraversal:
         return self.puncher
 
     def on_start_punch(self, msg: wire.StartPunch) -> None:
+        if self.session.direct is not None and not self.session.direct.closed and self.path.verified_at is not None:
+            return  # a re-opened session (the Intermediate restarted): the direct path is fine
         self.attempts += 1
         self.peer_nat = msg.peer_nat
         self.peer_candidates = msg.peer_candidates
@@ -455,6 +457,7 @@ class AgentTraversal:
                                       host_ips, self.cfg.detect_timeout)
         self.candidates = gather(host_ips, self.agent.endpoint.local_address[1], self.agent.link.observed,
                                  self.detection.kind, self.detection.last_port)
+        self.agent.reopen_offer = (self.detection.kind, self.candidates)
         return self.detection
 
     def begin(self, service: str) -> SessionTraversal:
