@@ -43,6 +43,7 @@ class AgentSession:
         self.punch: object | None = None  # traversal state, when punching
         self.path: object | None = None  # the path manager, when one runs
         self.reopened = 0
+        self.interrupted: str | None = None  # the Connector left; being re-opened
 
     def _opened(self, msg: wire.SessionOpened) -> None:
         self.key = msg.key
@@ -133,6 +134,7 @@ class Agent:
         self.link.on_reply = self._on_reply
         self.link.on_up = self._on_up
         self.reopen_offer: tuple = (wire.NatKind.UNKNOWN, ())  # set by the traversal layer
+        self.reopen_after_peer_loss = True
 
     def _on_reply(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.SessionOpened) and msg.session in self.sessions:
@@ -164,17 +166,35 @@ class Agent:
             if s.opened.done() and not s.opened.cancelled() and not s.opened.exception():
                 self._spawn(self._reopen(s))
 
-    async def _reopen(self, s: AgentSession) -> None:
+    async def _reopen_until_back(self, s: AgentSession, give_up_after: float = 60.0) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + give_up_after
+        delay = 0.25
+        while s.interrupted and loop.time() < end:
+            await asyncio.sleep(delay)
+            if await self._reopen(s):
+                s.interrupted = None
+                if s.path is not None:
+                    s.path.event("session_reopened", "the Connector is back")  # type: ignore[attr-defined]
+                return
+            delay = min(delay * 2, 5.0)
+        if s.interrupted:
+            s.closed = s.interrupted
+            self.sessions.pop(s.id, None)
+
+    async def _reopen(self, s: AgentSession) -> bool:
         msg = wire.OpenSession(self.link.next_req(), s.id, s.service, *self.reopen_offer)
         try:
             reply = await self.link.request(msg)
         except (Refused, ConnectionError, TimeoutError) as exc:
-            log.warning("session %08x could not be re-opened: %s", s.id, exc)
-            return
+            log.info("session %08x could not be re-opened yet: %s", s.id, exc)
+            return False
         if isinstance(reply, wire.SessionOpened):
             s._opened(reply)
             s.reopened += 1
-            log.info("session %08x re-opened after reconnecting", s.id)
+            log.info("session %08x re-opened", s.id)
+            return True
+        return False
 
     def begin_session(
         self, service: str, nat: wire.NatKind = wire.NatKind.UNKNOWN, candidates: tuple[wire.Candidate, ...] = ()
@@ -270,10 +290,19 @@ class Agent:
             if hook(msg):
                 return
         if isinstance(msg, wire.SessionClosed):
-            s = self.sessions.pop(msg.session, None)
-            if s is not None:
-                s.closed = f"{msg.code.name.lower()}: {msg.reason}"
-                log.warning("session %08x closed: %s", s.id, s.closed)
+            s = self.sessions.get(msg.session)
+            if s is None:
+                return
+            reason = f"{msg.code.name.lower()}: {msg.reason}"
+            if msg.code == wire.NackCode.PEER_GONE and self.reopen_after_peer_loss:
+                # the Connector went away (a restart, say): keep the session and re-open it when one is back
+                s.interrupted = reason
+                log.warning("session %08x interrupted (%s); re-opening when a connector is back", s.id, reason)
+                self._spawn(self._reopen_until_back(s))
+                return
+            self.sessions.pop(msg.session, None)
+            s.closed = reason
+            log.warning("session %08x closed: %s", s.id, s.closed)
         elif isinstance(msg, wire.SessionError):
             log.warning("session %08x error: %s %s", msg.session, msg.code.name, msg.message)
 

@@ -39,7 +39,7 @@ log = logging.getLogger("qlab.trial")
 
 APP_PORT = 9999
 OUTCOMES = ("direct_lan", "direct_wan", "direct_predicted", "relay", "failed")
-FAULTS = ("", "rebind", "idle", "intermediate_restart")
+FAULTS = ("", "rebind", "idle", "intermediate_restart", "connector_restart")
 
 
 @dataclass
@@ -270,6 +270,9 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
             measure["fault"] = await _rebind(env, topo, st, agent, probe, send_echo, spec, loop)
         elif spec.fault == "idle":
             measure["fault"] = await _idle(st, probe, send_echo, spec, loop)
+        elif spec.fault == "connector_restart":
+            connector, ct, measure["fault"] = await _connector_restart(env, connector, ct, creds, listen, connector_ip,
+                                                                       cfg, st, probe, send_echo, spec, loop)
         elif spec.fault == "intermediate_restart":
             srv, measure["fault"] = await _intermediate_restart(env, srv, listen, creds, st, agent, connector,
                                                                probe, send_echo, spec, loop)
@@ -408,6 +411,45 @@ async def _intermediate_restart(env, srv, listen, creds, st, agent, connector, p
         "recovery_ms_after_restart": round((recovered_at - t_restart) * 1000, 3) if recovered_at else None,
         "agent_reconnects": agent.link.reconnects, "connector_reconnects": connector.link.reconnects,
         "session_reopened": st.session.reopened,
+    }
+
+
+async def _connector_restart(env, connector, ct, creds, listen, connector_ip, cfg, st, probe, send_echo, spec, loop):
+    """The Connector stops (as on SIGTERM) and a new one starts `outage_s` later on the same host and
+    port. The Agent keeps its session, re-opens it when the Connector is back, punches again; the
+    gap in echoes is what the user saw."""
+    replies: list[float] = []
+    prev = probe.on_reply
+    probe.on_reply = lambda path, rtt, seq: (replies.append(loop.time()), prev(path, rtt, seq))
+    t_stop = loop.time()
+    ct.close()
+    connector.close()
+    try:
+        while loop.time() < t_stop + spec.outage_s:
+            send_echo()
+            await asyncio.sleep(spec.echo_interval)
+        new = Connector(env.net("connector"), creds, listen[0], service="echo", forward=(connector_ip, APP_PORT),
+                        name="connector", p2p_port=CONNECTOR_PORT)
+        new_ct = ConnectorTraversal(new, cfg)
+        await new.start()
+        t_back = loop.time()
+        end = t_back + 20
+        while loop.time() < end:
+            send_echo()
+            await asyncio.sleep(spec.echo_interval)
+            if st.session.active_path == "direct" and any(t > t_back for t in replies):
+                break
+        await _drain(probe, loop, 1.0)
+    finally:
+        probe.on_reply = prev
+    after = [t for t in replies if t > t_stop]
+    before = [t for t in replies if t <= t_stop]
+    return new, new_ct, {
+        "fault": "connector_restart", "outage_s": spec.outage_s,
+        "session_reopened": st.session.reopened >= 1,
+        "echo_gap_ms": round((after[0] - (before[-1] if before else t_stop)) * 1000, 3) if after else None,
+        "path_after": st.session.active_path,
+        "events": [e["event"] for e in st.path.events if e["t_ms"] >= (t_stop - st.path.t0) * 1000],
     }
 
 

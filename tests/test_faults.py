@@ -73,3 +73,16 @@ def test_intermediate_killed_and_restarted(backend, request):
     assert f["direct_before"] and f["direct_echoes_during_outage"] >= 100, f  # ~150 sent at 20 ms
     assert f["relay_recovered"] and f["recovery_ms_after_restart"] < 12000, f
     assert f["agent_reconnects"] >= 1 and f["connector_reconnects"] >= 1 and f["session_reopened"] == 1, f
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_connector_restart_recovers_the_session(backend, request):
+    """The Connector stops and a new one starts 1 s later: the Agent keeps its session, re-opens it,
+    punches again and is back on a direct path; the gap in echoes is recorded."""
+    _needs(backend, request)
+    r = run_trial(TrialSpec(backend=backend, agent_nat="port_restricted", connector_nat="full_cone",
+                            fault="connector_restart", outage_s=1.0, samples=5, verify_echoes=5))
+    f = r.extra["fault"]
+    assert f["session_reopened"] and f["path_after"] == "direct", f
+    assert f["echo_gap_ms"] is not None and 1000 <= f["echo_gap_ms"] < 8000, f
+    assert "session_reopened" in f["events"] and "switch_to_direct" in f["events"], f

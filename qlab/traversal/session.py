@@ -290,6 +290,10 @@ class SessionTraversal:
         if self.session.direct is not None and not self.session.direct.closed and self.path.verified_at is not None:
             return  # a re-opened session (the Intermediate restarted): the direct path is fine
         self.attempts += 1
+        self.working = self.working_kind = None  # a new attempt: nothing has worked yet
+        if self.birthday is not None:
+            self.birthday.close()
+            self.birthday = None
         self.peer_nat = msg.peer_nat
         self.peer_candidates = msg.peer_candidates
         own = self.owner.detection.kind
