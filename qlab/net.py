@@ -107,22 +107,29 @@ class RealSocket:
             self._sock.close()
 
 
+def udp_family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def bind_real(sock: socket.socket, host: str, port: int, receiver: Receiver, where: str = "") -> RealSocket:
+    """Large buffers, non-blocking, bound; the socket is closed if the bind fails."""
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    sock.setblocking(False)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"{where + ': ' if where else ''}cannot bind UDP {host}:{port}: {exc.strerror}") from None
+    return RealSocket(sock, receiver, asyncio.get_running_loop())
+
+
 class RealNet:
     """Kernel sockets in the current network namespace."""
 
     async def bind_udp(self, host: str, port: int, receiver: Receiver) -> RealSocket:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        sock.setblocking(False)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"cannot bind UDP {host}:{port}: {exc.strerror}") from None
-        return RealSocket(sock, receiver, asyncio.get_running_loop())
+        return bind_real(socket.socket(udp_family(host), socket.SOCK_DGRAM), host, port, receiver)
 
     def host_addresses(self) -> list[str]:
         return interface_addresses()

@@ -9,13 +9,12 @@ in a NAT router directly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from qlab.net import SOCKET_BUFFER, RealSocket, Receiver
+from qlab.net import RealSocket, Receiver, bind_real, udp_family
 from qlab.topology import Topology
 
 T = TypeVar("T")
@@ -29,18 +28,8 @@ class NetnsNet:
         self.host = host
 
     async def bind_udp(self, host: str, port: int, receiver: Receiver) -> RealSocket:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = self.lab.socket(self.host, family, socket.SOCK_DGRAM)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        sock.setblocking(False)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"{self.host}: cannot bind UDP {host}:{port}: {exc.strerror}") from None
-        return RealSocket(sock, receiver, asyncio.get_running_loop())
+        sock = self.lab.socket(self.host, udp_family(host), socket.SOCK_DGRAM)
+        return bind_real(sock, host, port, receiver, where=self.host)
 
     def host_addresses(self) -> list[str]:
         return list(self.lab.topology.host(self.host).ips)
