@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from qlab.analysis import DIRECT, cell_summary, matrix, rtt_samples
+from qlab.analysis import cell_summary, matrix, rtt_samples
 from qlab.nat.spec import expected_outcome
 
 OUTCOME_COLORS = {"direct_lan": "#1b9e77", "direct_wan": "#66a61e", "direct_predicted": "#a6d854",
@@ -102,7 +102,3 @@ def heatmap(summary: pd.DataFrame, value: str, title: str, *, backend: str | Non
                  "letters = expected: D, D>, P, B, R; ✗ = not as expected)", fontsize=10)
     plt.colorbar(im, ax=ax, fraction=0.046)
     return ax
-
-
-def is_direct_outcome(o: str) -> bool:
-    return o in DIRECT

@@ -55,10 +55,14 @@ def test_loss_degrades_gracefully_and_nothing_hangs(profile):
     assert direct >= {"lossy-1pct": 4, "lossy-5pct": 3, "lossy-20pct": 1}[profile], outcomes
 
 
-def test_loss_on_the_kernel_lab_still_connects(netns_ok):
+@pytest.mark.parametrize("profile", ["lossy-1pct", "lossy-5pct", "lossy-20pct"])
+def test_loss_on_the_kernel_lab_degrades_gracefully(netns_ok, profile):
     r = run_trial(TrialSpec(backend="netns", agent_nat="port_restricted", connector_nat="full_cone",
-                            profile="lossy-5pct", samples=8, verify_echoes=5))
-    assert r.outcome in ("direct_wan", "relay") and r.rtt_relay_n > 0
+                            profile=profile, samples=8, verify_echoes=5))
+    assert r.outcome in ("direct_wan", "relay"), (r.outcome, r.reason)  # connected, one way or the other
+    assert r.rtt_relay_n > 0 and r.duration_s < 40
+    if profile != "lossy-20pct":
+        assert r.outcome == "direct_wan", r.reason
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
