@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -222,9 +224,33 @@ def _register_extensions() -> list[Callable[[argparse._SubParsersAction], None]]
 _EXTENSIONS = _register_extensions()
 
 
+def _uses_netns(args: argparse.Namespace) -> bool:
+    return args.command == "lab" or getattr(args, "backend", None) == "netns"
+
+
+def _rerun_in_userns(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Without root, run this very command again as root of an unprivileged user namespace (where the
+    system allows them): the lab, its NATs and the trial live inside it and vanish with it."""
+    from qlab.backends.netns import userns_available, userns_command
+
+    if args.command == "lab":
+        print("qlab: `qlab lab` keeps a lab running between commands and needs root; without root use "
+              "qlab trial/classify/campaign --backend netns, which build the lab inside a user namespace",
+              file=sys.stderr)
+        return 2
+    if not userns_available():
+        print("qlab: the netns backend needs root or unprivileged user namespaces, and neither is available "
+              "here; use --backend sim", file=sys.stderr)
+        return 2
+    cmd = userns_command([sys.executable, "-m", "qlab.cli", *(argv if argv is not None else sys.argv[1:])])
+    return subprocess.call(cmd, env={**os.environ, "QLAB_IN_USERNS": "1"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if _uses_netns(args) and os.geteuid() != 0 and os.environ.get("QLAB_IN_USERNS") != "1":
+        return _rerun_in_userns(args, argv)
     _setup_logging(args.verbose)
     if args.command not in ("intermediate", "connector", "agent", "echo") and not args.verbose:
         logging.getLogger("qlab").setLevel(logging.WARNING)  # lab commands print results, not role chatter

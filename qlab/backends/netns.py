@@ -50,13 +50,67 @@ def check_requirements(need_tun: bool = True) -> None:
         raise LabUnavailable(
             f"the netns lab needs {', '.join(missing)} (Debian: apt-get install nftables conntrack iproute2)")
     if os.geteuid() != 0:
+        hint = ("the qlab command re-runs itself in an unprivileged user namespace for this"
+                if userns_available() else "unprivileged user namespaces are not allowed here either")
         raise LabUnavailable(
-            "the netns lab needs root (CAP_NET_ADMIN to create namespaces, veths and nftables rules); "
-            "run with sudo, or use --backend sim, which needs no privilege")
+            "the netns lab needs root, or an unprivileged user namespace (CAP_NET_ADMIN there); "
+            f"{hint}; or use --backend sim, which needs no privilege")
     if not os.path.isdir("/proc/self/ns") or not os.path.exists("/proc/self/ns/net"):
         raise LabUnavailable("this kernel has no network namespaces (/proc/self/ns/net is missing)")
     if need_tun and not os.access("/dev/net/tun", os.R_OK | os.W_OK):
         raise LabUnavailable("link profiles with delay or loss need /dev/net/tun (read/write) for the TAP wires")
+
+
+_USERNS: bool | None = None
+_NETEM: bool | None = None
+IN_USERNS_ENV = "QLAB_IN_USERNS"
+
+
+def userns_available() -> bool:
+    """Whether this user may create a user namespace with its own network (cached)."""
+    global _USERNS
+    if _USERNS is None:
+        try:
+            _USERNS = shutil.which("unshare") is not None and subprocess.run(
+                ["unshare", "--user", "--map-root-user", "--net", "true"], capture_output=True, timeout=10,
+            ).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            _USERNS = False
+    return _USERNS
+
+
+def userns_command(argv: list[str]) -> list[str]:
+    """`argv` wrapped to run as root of a fresh user namespace, with a private /run for `ip netns`."""
+    script = 'mount -t tmpfs qlab /run && mkdir -p /run/netns /run/qlab && exec "$@"'
+    return ["unshare", "--user", "--map-root-user", "--net", "--mount", "--fork", "sh", "-c", script, "sh", *argv]
+
+
+def netem_available() -> bool:
+    """Whether this kernel has the netem qdisc (cached; tried once in a throwaway namespace)."""
+    global _NETEM
+    if _NETEM is None:
+        ns = f"{PREFIX}probe-{secrets.token_hex(3)}"
+        try:
+            _run(["ip", "netns", "add", ns])
+            _NETEM = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+                                     "delay", "1ms"], capture_output=True, timeout=10).returncode == 0
+        except (OSError, RuntimeError, subprocess.SubprocessError):
+            _NETEM = False
+        finally:
+            _run(["ip", "netns", "del", ns], check=False)
+    return _NETEM
+
+
+def netem_args(link: LinkProfile) -> list[str]:
+    """tc arguments for one direction of a link (each end shapes what it sends)."""
+    args = ["netem", "delay", f"{link.delay_ms}ms"]
+    if link.jitter_ms:
+        args.append(f"{link.jitter_ms}ms")
+    if link.loss:
+        args += ["loss", f"{link.loss * 100:g}%"]
+    if link.rate_mbit:
+        args += ["rate", f"{link.rate_mbit:g}mbit"]
+    return args
 
 
 def _run(argv: list[str], *, input: str | None = None, check: bool = True, timeout: float = 20) -> str:
@@ -91,6 +145,7 @@ class Lab:
     namespaces: dict[str, str] = field(default_factory=dict)
     wires: list[Wire] = field(default_factory=list)
     up_seconds: float | None = None
+    link_mechanism: str = "tapwire"
     _specs: dict[str, NatSpec] = field(default_factory=dict)
     _blocking: set[str] = field(default_factory=set)
 
@@ -125,8 +180,9 @@ class Lab:
     def up(self) -> Lab:
         t0 = time.monotonic()
         topo = self.topology
-        needs_wire = any(not link.ideal for link in self._links().values())
-        check_requirements(need_tun=needs_wire)
+        shaped = any(not link.ideal for link in self._links().values())
+        self.link_mechanism = "netem" if shaped and shutil.which("tc") and netem_available() else "tapwire"
+        check_requirements(need_tun=shaped and self.link_mechanism == "tapwire")
         for ns in [self.hub, *self.namespaces.values()]:
             _run(["ip", "netns", "add", ns])
         cmds: dict[str, list[str]] = {ns: ["link set lo up"] for ns in [self.hub, *self.namespaces.values()]}
@@ -137,14 +193,18 @@ class Lab:
             plen = self._plen(r.lan_segment)
             cmds[ns] += ["link add lan type bridge", "link set lan up", f"addr add {r.lan_ip}/{plen} dev lan"]
         wires: list[tuple[str, str, str, str, LinkProfile]] = []
+        shaping: list[tuple[str, str, LinkProfile]] = []
         # uplinks: routers' WAN, and hosts' single interface
         for idx, (node, (segment, ifname, ips, plen, link)) in enumerate(self._attachments().items()):
             ns = self.netns(node)
             up_ns, up_dev = self._segment_owner(segment)
             port = f"u{idx}"
-            if link.ideal:
+            if link.ideal or self.link_mechanism == "netem":
                 _run(["ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", port, "netns", up_ns])
                 cmds[up_ns].append(f"link set {port} master {up_dev} up")
+                if not link.ideal:
+                    shaping.append((ns, ifname, link))
+                    shaping.append((up_ns, port, link))
             else:
                 wires.append((ns, ifname, up_ns, port, link))
             for ip in ips:
@@ -160,6 +220,8 @@ class Lab:
                 cmds[ns].append(f"route add default via {gw}")
         for ns, c in cmds.items():
             _batch(ns, c)
+        for ns, dev, link in shaping:  # netem where the kernel has it: each end delays what it sends
+            _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *netem_args(link)])
         for r in topo.routers:
             ns = self.netns(r.name)
             _sysctl(ns, {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.send_redirects": "0",
@@ -317,7 +379,8 @@ class Lab:
         t = self.topology
         return {
             "run_id": self.run_id, "scenario": t.scenario, "agent_nat": t.agent_nat, "connector_nat": t.connector_nat,
-            "profile": t.profile.name, "up_seconds": self.up_seconds,
+            "profile": t.profile.name, "up_seconds": self.up_seconds, "links": self.link_mechanism,
+            "rootless": os.environ.get(IN_USERNS_ENV) == "1",
             "namespaces": dict(self.namespaces), "wires": [w.proc.pid for w in self.wires],
             "hosts": {h.name: list(h.ips) for h in t.hosts},
             "routers": {r.name: {"nat": r.nat.name, "wan": r.wan_ip, "lan": r.lan_ip} for r in t.routers},
