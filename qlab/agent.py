@@ -18,6 +18,7 @@ from qlab.client import IntermediateLink, Refused
 from qlab.echo import EchoProbe
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
 from qlab.net import Addr, Net
+from qlab.tasks import Tasks
 
 log = logging.getLogger("qlab.agent")
 
@@ -130,7 +131,7 @@ class Agent:
         )
         self.raw_hooks: list[Callable[[bytes, Addr], bool]] = []
         self.message_hooks: list[Callable[[wire.Message], bool]] = []
-        self._tasks: set[asyncio.Task] = set()
+        self.tasks = Tasks()
         self.link.on_reply = self._on_reply
         self.link.on_up = self._on_up
         self.reopen_offer: tuple = (wire.NatKind.UNKNOWN, ())  # set by the traversal layer
@@ -144,14 +145,8 @@ class Agent:
         """Bind the one socket and connect to the Intermediate (raises Refused on a bad secret)."""
         addr = await self.endpoint.bind(self.host, self.port)
         await self.link.connect(timeout)
-        self._spawn(self._stay_connected())
+        self.tasks.spawn(self._stay_connected())
         return addr
-
-    def _spawn(self, coro) -> asyncio.Task:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
 
     async def _stay_connected(self) -> None:
         """After a loss of the Intermediate: reconnect with backoff, then re-open every session
@@ -164,7 +159,7 @@ class Agent:
     def _on_up(self) -> None:
         for s in list(self.sessions.values()):
             if s.opened.done() and not s.opened.cancelled() and not s.opened.exception():
-                self._spawn(self._reopen(s))
+                self.tasks.spawn(self._reopen(s))
 
     async def _reopen_until_back(self, s: AgentSession, give_up_after: float = 60.0) -> None:
         loop = asyncio.get_running_loop()
@@ -223,8 +218,7 @@ class Agent:
             if not s.opened.done():
                 s.opened.set_result(s)
 
-        self._tasks.add(t := asyncio.get_running_loop().create_task(wait_reply()))
-        t.add_done_callback(self._tasks.discard)
+        self.tasks.spawn(wait_reply())
         return s
 
     async def open_session(self, service: str, timeout: float = 5.0, **offer) -> AgentSession:
@@ -268,8 +262,7 @@ class Agent:
         return conn
 
     def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
+        self.tasks.cancel_all()
         for s in self.sessions.values():
             if s.direct is not None:
                 s.direct.close(reason="agent closing")
@@ -298,7 +291,7 @@ class Agent:
                 # the Connector went away (a restart, say): keep the session and re-open it when one is back
                 s.interrupted = reason
                 log.warning("session %08x interrupted (%s); re-opening when a connector is back", s.id, reason)
-                self._spawn(self._reopen_until_back(s))
+                self.tasks.spawn(self._reopen_until_back(s))
                 return
             self.sessions.pop(msg.session, None)
             s.closed = reason

@@ -20,6 +20,7 @@ from qlab.client import IntermediateLink, Refused
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler, HeldDatagrams
 from qlab.metrics import Metrics
 from qlab.net import Addr, DatagramSocket, Net
+from qlab.tasks import Tasks
 
 log = logging.getLogger("qlab.connector")
 
@@ -76,7 +77,7 @@ class Connector:
         self.session_hooks: list[Callable[[ConnectorSession], None]] = []
         self.held = HeldDatagrams()
         self.extra_endpoints: list[Endpoint] = []
-        self._tasks: set[asyncio.Task] = set()
+        self.tasks = Tasks()
         self.fatal: BaseException | None = None
         self.metrics = Metrics()
         self.metrics.gauge("sessions", lambda: len(self.sessions), "open sessions")
@@ -94,7 +95,7 @@ class Connector:
 
     async def start(self) -> Addr:
         addr = await self.endpoint.bind(self.host, self.p2p_port)
-        self._spawn(self._stay_connected())
+        self.tasks.spawn(self._stay_connected())
         return addr
 
     async def _stay_connected(self) -> None:
@@ -106,15 +107,9 @@ class Connector:
             self.failed.set()
             self.registered.set()  # wake waiters; they check `fatal`
 
-    def _spawn(self, coro) -> asyncio.Task:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
-
     def _on_up(self) -> None:
         self.registered.clear()
-        self._spawn(self._register())
+        self.tasks.spawn(self._register())
 
     async def _register(self) -> None:
         try:
@@ -138,8 +133,7 @@ class Connector:
 
     def close(self) -> None:
         self.link.close()
-        for t in list(self._tasks):
-            t.cancel()
+        self.tasks.cancel_all()
         for s in list(self.sessions.values()):
             self._end_session(s)
         for ep in self.extra_endpoints:
@@ -207,7 +201,7 @@ class Connector:
         if sock is not None:
             sock.sendto(payload, self.forward)
         else:
-            self._spawn(self._open_app_socket(s, path, payload))
+            self.tasks.spawn(self._open_app_socket(s, path, payload))
 
     async def _open_app_socket(self, s: ConnectorSession, path: str, first: bytes) -> None:
         if path not in s.app_socks:

@@ -20,13 +20,18 @@ def _label(df: pd.DataFrame) -> str:
 def rtt_cdf(df: pd.DataFrame, ax=None):
     """CDF of per-trial median echo RTT, direct vs relay (same probe, same size and rate)."""
     ax = ax or plt.subplots(figsize=(7, 4))[1]
-    for path, xs in rtt_samples(df).items():
+    series = {f"{path} (N={len(xs)})": xs for path, xs in rtt_samples(df).items()}
+    return _cdf(ax, series, "echo RTT, per-trial median (ms)", f"Direct vs relay RTT, CDF ({_label(df)})")
+
+
+def _cdf(ax, series: dict[str, np.ndarray], xlabel: str, title: str):
+    for label, xs in series.items():
         if len(xs):
             xs = np.sort(xs)
-            ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=f"{path} (N={len(xs)})")
-    ax.set_xlabel("echo RTT, per-trial median (ms)")
+            ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of trials")
-    ax.set_title(f"Direct vs relay RTT, CDF ({_label(df)})")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     return ax
@@ -45,16 +50,11 @@ def rtt_box(df: pd.DataFrame, ax=None):
 
 def time_to_first_byte_and_direct(df: pd.DataFrame, ax=None):
     ax = ax or plt.subplots(figsize=(7, 4))[1]
+    series = {}
     for col, name in (("ttfb_ms", "first echo over the relay (ttfb)"), ("ttd_ms", "first echo over direct (ttd)")):
-        xs = np.sort(df[col].dropna().to_numpy(dtype=float))
-        if len(xs):
-            ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=f"{name}, N={len(xs)}")
-    ax.set_xlabel("time from session request (ms)")
-    ax.set_ylabel("fraction of trials")
-    ax.set_title(f"Time to first byte and to direct ({_label(df)})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return ax
+        xs = df[col].dropna().to_numpy(dtype=float)
+        series[f"{name}, N={len(xs)}"] = xs
+    return _cdf(ax, series, "time from session request (ms)", f"Time to first byte and to direct ({_label(df)})")
 
 
 def outcomes(df: pd.DataFrame, ax=None):

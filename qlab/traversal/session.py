@@ -21,6 +21,7 @@ from qlab.agent import Agent, AgentSession
 from qlab.connector import Connector, ConnectorSession
 from qlab.endpoint import Connection, Endpoint
 from qlab.net import Addr
+from qlab.tasks import Tasks
 from qlab.traversal.detect import Detection, detect_nat_kind
 from qlab.traversal.punch import (
     PunchConfig,
@@ -274,12 +275,7 @@ class SessionTraversal:
         self.punch_ms: float | None = None
         self.settled = asyncio.Event()  # direct verified, or given up on this attempt
         self.birthday: BirthdayPool | None = None
-        self._tasks: set[asyncio.Task] = set()
-
-    def _spawn(self, coro) -> None:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        self.tasks = Tasks()
 
     def new_puncher(self) -> Puncher:
         key = self.session.key or b""
@@ -318,7 +314,7 @@ class SessionTraversal:
             p.birthday_spray(_peer_reflexive(msg.peer_candidates)[0], msg.birthday, random.Random(self.session.id))
             self.path.event("birthday", f"spraying {msg.birthday} random ports of the peer")
         elif role == "hard":
-            self._spawn(self._birthday_hard(msg))
+            self.tasks.spawn(self._birthday_hard(msg))
         self.runner = PunchRunner(p, self.owner.agent.endpoint.send_raw, self._punch_done)
         self.runner.start(msg.delay_ms / 1000)
 
@@ -340,7 +336,7 @@ class SessionTraversal:
             self.path.event("punch_ok", f"birthday socket {ep.local_address[1]} reached {addr[0]}:{addr[1]}")
             if self.runner is not None:
                 self.runner.cancel()
-            self._spawn(self._connect(addr, ep))
+            self.tasks.spawn(self._connect(addr, ep))
 
         self.birthday = BirthdayPool(self.session.id, self.session.key, peer, msg.birthday, make_endpoint, won)
         self.path.event("birthday", f"opening {msg.birthday} mappings towards {peer[0]}:{peer[1]}")
@@ -380,7 +376,7 @@ class SessionTraversal:
                         f"{p.success.via} after {self.punch_ms:.1f} ms")
         link.send(wire.PunchResult(self.session.id, 1, p.success.addr, min(p.probes_sent, 0xFFFF)))
         del loop
-        self._spawn(self._connect(p.success.addr))
+        self.tasks.spawn(self._connect(p.success.addr))
 
     async def _connect(self, addr: Addr, endpoint: Endpoint | None = None) -> None:
         agent = self.owner.agent
@@ -414,11 +410,10 @@ class SessionTraversal:
                 self.owner.agent.link.send(
                     wire.Offer(self.session.id, self.owner.detection.kind, self.owner.candidates))
 
-        self._spawn(retry())
+        self.tasks.spawn(retry())
 
     def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
+        self.tasks.cancel_all()
         if self.runner is not None:
             self.runner.cancel()
         if self.birthday is not None:
@@ -519,7 +514,7 @@ class ConnectorTraversal:
         self.results: dict[int, dict] = {}
         self.pools: dict[int, BirthdayPool] = {}
         self.announced = False
-        self._tasks: set[asyncio.Task] = set()
+        self.tasks = Tasks()
         connector.message_hooks.append(self._on_message)
         connector.raw_hooks.append(self._on_raw)
         connector.session_hooks.append(self._on_session)
@@ -530,14 +525,9 @@ class ConnectorTraversal:
                 prev_up()
             self.ready.clear()
             self.announced = False
-            self._spawn(self.prepare())
+            self.tasks.spawn(self.prepare())
 
         connector.link.on_up = on_up
-
-    def _spawn(self, coro) -> None:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
 
     async def prepare(self) -> None:
         host_ips = host_ips_for(self.c.endpoint.local_address, self.c.net.host_addresses())
@@ -558,7 +548,7 @@ class ConnectorTraversal:
             self.punchers.setdefault(s.id, Puncher(s.id, s.key, self.candidates, (), self.cfg.punch))
             self.c.link.send(wire.Answer(s.id, self.detection.kind, self.candidates))
 
-        self._spawn(answer())
+        self.tasks.spawn(answer())
 
     def _on_session(self, s: ConnectorSession) -> None:
         if self.announced:
@@ -594,7 +584,7 @@ class ConnectorTraversal:
             if role == "easy":
                 p.birthday_spray(_peer_reflexive(msg.peer_candidates)[0], msg.birthday, random.Random(s.id))
             elif role == "hard":
-                self._spawn(self._birthday_hard(s, msg))
+                self.tasks.spawn(self._birthday_hard(s, msg))
             r = PunchRunner(p, self.c.endpoint.send_raw, lambda p, sid=s.id: self._done(sid, p))
             self.runners[s.id] = r
             r.start(msg.delay_ms / 1000)
@@ -638,8 +628,7 @@ class ConnectorTraversal:
         return True
 
     def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
+        self.tasks.cancel_all()
         for r in self.runners.values():
             r.cancel()
         for pool in self.pools.values():
