@@ -1,0 +1,1 @@
+"""AWS: deployments of the Intermediate, Connectors and NAT instances with boto3 (see docs/cloud.md)."""

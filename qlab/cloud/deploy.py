@@ -1,0 +1,488 @@
+"""AWS deployments with boto3: plan, up, status, run, down, ls. Everything a deployment creates
+carries the tag qlab:deployment=<id> (plus qlab:expires), so `down` can find and delete it in
+dependency order and then prove nothing is left.
+
+Credentials come from boto3's usual chain (profiles, environment, SSO); nothing here reads, stores
+or prints them. `endpoint_url` points boto3 at another endpoint (moto in the tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import getpass
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qlab.cloud.userdata import render_user_data
+from qlab.nat.nftables import render
+from qlab.nat.spec import PRESET_NAMES, preset
+
+TAG = "qlab:deployment"
+VPC_CIDR = "10.80.0.0/16"
+PUBLIC_CIDR = "10.80.0.0/24"
+WAN_IF, LAN_IF = "ens5", "ens6"  # Amazon Linux 2023 names for the first two interfaces
+AMI_PARAM = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+# On-demand USD per hour, us-east-1, as listed by AWS in 2026-11 (an estimate; other regions differ
+# by up to ~25%); the public IPv4 charge applies to every public address.
+PRICES = {"t3.micro": 0.0104, "t3.small": 0.0208, "c6in.large": 0.1134, "public_ipv4": 0.005,
+          "nat_gateway": 0.045, "nat_gateway_gb": 0.045}
+TOPOLOGIES = ("relay", "nat-matrix")
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,30}$")
+
+
+@dataclass
+class DeploymentSpec:
+    deployment_id: str = ""
+    region: str = "us-east-1"
+    topology: str = "relay"
+    presets: list[str] = field(default_factory=lambda: ["port_restricted"])
+    agents_per_cell: int = 1
+    instance_type: str = "t3.micro"
+    ttl_hours: float = 2.0
+    max_instances: int = 20
+    managed_nat: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.deployment_id:
+            self.deployment_id = f"qlab-{secrets.token_hex(3)}"
+        if not ID_RE.match(self.deployment_id):
+            raise ValueError("deployment id: 3-31 lowercase letters, digits and '-'")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {self.topology!r}; choose one of: {', '.join(TOPOLOGIES)}")
+        for p in self.presets:
+            if preset(p).name == "public":
+                raise ValueError("'public' needs no NAT instance; list NAT presets only")
+        if not 0.25 <= self.ttl_hours <= 24:
+            raise ValueError("ttl_hours must be between 0.25 and 24")
+        if not 1 <= self.agents_per_cell <= 10:
+            raise ValueError("agents_per_cell must be between 1 and 10")
+        if not re.match(r"^[a-z]{2}-[a-z]+-\d$", self.region):
+            raise ValueError(f"not an AWS region name: {self.region!r}")
+
+    @property
+    def expires(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + dt.timedelta(hours=self.ttl_hours)
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+def plan(spec: DeploymentSpec) -> dict:
+    """What `up` would create and what it costs per hour. Creates nothing."""
+    instances = [("intermediate", "public")]
+    if spec.topology == "relay":
+        instances.append(("connector", "public"))
+    else:
+        for p in spec.presets:
+            instances.append((f"nat-{p}", "public"))
+            instances += [(f"agent-{p}-{i}", f"private-{p}") for i in range(spec.agents_per_cell)]
+            instances.append((f"connector-{p}", f"private-{p}"))
+    if len(instances) > spec.max_instances:
+        raise ValueError(f"{len(instances)} instances exceed the cap of {spec.max_instances} (raise --max-instances)")
+    public_ips = 2 + (1 if spec.topology == "relay" else len(spec.presets))
+    hourly = len(instances) * PRICES.get(spec.instance_type, PRICES["t3.small"]) + public_ips * PRICES["public_ipv4"]
+    if spec.managed_nat:
+        hourly += PRICES["nat_gateway"]
+    subnets = ["public"] + ([f"private-{p}" for p in spec.presets] if spec.topology == "nat-matrix" else [])
+    return {
+        "deployment_id": spec.deployment_id, "region": spec.region, "topology": spec.topology,
+        "resources": {
+            "vpc": [VPC_CIDR], "internet_gateway": 1, "subnets": subnets,
+            "route_tables": len(subnets), "security_groups": ["intermediate", "connector", "nat", "private"],
+            "instances": [{"name": n, "subnet": s, "type": spec.instance_type} for n, s in instances],
+            "elastic_ips": public_ips, "s3_bucket": f"{spec.deployment_id}-artifacts",
+            "ssm_parameters": [f"/qlab/{spec.deployment_id}/{k}" for k in _PARAMS],
+            "iam": [f"{spec.deployment_id}-role", f"{spec.deployment_id}-profile"],
+            "nat_gateway": spec.managed_nat,
+        },
+        "hourly_cost_usd": round(hourly, 4),
+        "cost_for_ttl_usd": round(hourly * spec.ttl_hours, 4),
+        "price_note": "on-demand us-east-1 prices listed 2026-11; an estimate, not a quote",
+    }
+
+
+_PARAMS = {"secret": True, "ca.pem": False, "intermediate.pem": False, "intermediate.key": True,
+           "connector.pem": False, "connector.key": True}
+
+
+# --- AWS plumbing -------------------------------------------------------------------------------
+
+
+class Cloud:
+    """boto3 clients for one region (and an optional endpoint, for moto)."""
+
+    def __init__(self, region: str, *, profile: str | None = None, endpoint_url: str | None = None) -> None:
+        import boto3
+
+        self.region = region
+        self.session = boto3.Session(profile_name=profile, region_name=region)
+        self.endpoint_url = endpoint_url
+
+    def client(self, name: str):
+        return self.session.client(name, region_name=self.region, endpoint_url=self.endpoint_url)
+
+
+def _tags(spec: DeploymentSpec, name: str, expires: str) -> list[dict]:
+    return [{"Key": TAG, "Value": spec.deployment_id}, {"Key": "qlab:expires", "Value": expires},
+            {"Key": "qlab:owner", "Value": getpass.getuser()}, {"Key": "Name", "Value": f"{spec.deployment_id}-{name}"}]
+
+
+def _spec_tags(kind: str, spec: DeploymentSpec, name: str, expires: str) -> list[dict]:
+    return [{"ResourceType": kind, "Tags": _tags(spec, name, expires)}]
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("QLAB_CLOUD_STATE", Path.home() / ".qlab" / "cloud"))
+
+
+def _save(state: dict) -> Path:
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{state['deployment_id']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(deployment_id: str) -> dict:
+    path = state_dir() / f"{deployment_id}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no local state for deployment {deployment_id!r} in {path.parent}")
+    return json.loads(path.read_text())
+
+
+# --- up -----------------------------------------------------------------------------------------
+
+
+def up(spec: DeploymentSpec, cloud: Cloud, *, certs_dir: str, wheel: str) -> dict:
+    """Create the deployment. On any failure everything created so far is deleted again."""
+    p = plan(spec)  # validates the instance cap before anything exists
+    try:
+        return _up(spec, cloud, p, certs_dir, wheel)
+    except BaseException:
+        down(spec.deployment_id, cloud)
+        raise
+
+
+def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str) -> dict:
+    ec2, s3, ssm, iam = (cloud.client(n) for n in ("ec2", "s3", "ssm", "iam"))
+    exp = spec.expires.isoformat(timespec="seconds")
+    did = spec.deployment_id
+    state: dict = {"deployment_id": did, "region": spec.region, "spec": asdict(spec), "expires": exp,
+                   "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "instances": {}}
+    # artefacts: the wheel in S3, secrets in SSM (SecureString), never in user data or tags
+    bucket = p["resources"]["s3_bucket"]
+    kw = {} if spec.region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": spec.region}}
+    s3.create_bucket(Bucket=bucket, **kw)
+    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": _tags(spec, "artifacts", exp)})
+    wheel_key = f"wheels/{Path(wheel).name}"
+    s3.upload_file(wheel, bucket, wheel_key)
+    params = {}
+    for fname, secure in _PARAMS.items():
+        name = f"/qlab/{did}/{fname}"
+        ssm.put_parameter(Name=name, Value=Path(certs_dir, fname).read_text(), Type="SecureString" if secure else "String",
+                          Overwrite=True)
+        params[fname] = name
+    # an instance role that may read only this deployment's wheel and parameters
+    role = f"{did}-role"
+    iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
+                                                "Action": "sts:AssumeRole"}]}), Tags=_tags(spec, "role", exp))
+    iam.put_role_policy(RoleName=role, PolicyName="qlab-read", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"},
+            {"Effect": "Allow", "Action": ["ssm:GetParameter"], "Resource": f"arn:aws:ssm:*:*:parameter/qlab/{did}/*"}]}))
+    iam.attach_role_policy(RoleName=role, PolicyArn="arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore")
+    iam.create_instance_profile(InstanceProfileName=f"{did}-profile")
+    iam.add_role_to_instance_profile(InstanceProfileName=f"{did}-profile", RoleName=role)
+    # network
+    vpc = ec2.create_vpc(CidrBlock=VPC_CIDR, TagSpecifications=_spec_tags("vpc", spec, "vpc", exp))["Vpc"]["VpcId"]
+    ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})
+    igw = ec2.create_internet_gateway(TagSpecifications=_spec_tags("internet-gateway", spec, "igw", exp))
+    igw_id = igw["InternetGateway"]["InternetGatewayId"]
+    ec2.attach_internet_gateway(InternetGatewayId=igw_id, VpcId=vpc)
+    public = ec2.create_subnet(VpcId=vpc, CidrBlock=PUBLIC_CIDR,
+                               TagSpecifications=_spec_tags("subnet", spec, "public", exp))["Subnet"]["SubnetId"]
+    rt = ec2.create_route_table(VpcId=vpc, TagSpecifications=_spec_tags("route-table", spec, "public", exp))
+    rt_id = rt["RouteTable"]["RouteTableId"]
+    ec2.create_route(RouteTableId=rt_id, DestinationCidrBlock="0.0.0.0/0", GatewayId=igw_id)
+    ec2.associate_route_table(RouteTableId=rt_id, SubnetId=public)
+    sgs = {}
+    for name, rules in (
+        ("intermediate", [("udp", 4433, 4434, "0.0.0.0/0")]),
+        ("connector", [("udp", 4434, 4434, "0.0.0.0/0")] if spec.topology == "relay" else []),
+        ("nat", [("udp", 1024, 65535, "0.0.0.0/0"), ("-1", -1, -1, "10.80.0.0/16")]),  # NAT behaviour is nftables'
+        ("private", [("-1", -1, -1, "10.80.0.0/16")]),
+    ):
+        sg = ec2.create_security_group(GroupName=f"{did}-{name}", Description=f"qlab {name}", VpcId=vpc,
+                                       TagSpecifications=_spec_tags("security-group", spec, name, exp))["GroupId"]
+        if rules:
+            ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[
+                {"IpProtocol": proto, "FromPort": lo, "ToPort": hi, "IpRanges": [{"CidrIp": cidr}]}
+                if proto != "-1" else {"IpProtocol": "-1", "IpRanges": [{"CidrIp": cidr}]}
+                for proto, lo, hi, cidr in rules])
+        sgs[name] = sg
+    ami = cloud.client("ssm").get_parameter(Name=AMI_PARAM)["Parameter"]["Value"]
+    ttl_min = max(1, int(spec.ttl_hours * 60))
+    common = dict(bucket=bucket, wheel_key=wheel_key, deployment=did, region=spec.region, ttl_minutes=ttl_min,
+                  params=params)
+
+    def launch(name: str, subnet: str, sg: str, user_data: str, *, ip: str | None = None, extra_enis=None) -> str:
+        nics = [{"DeviceIndex": 0, "SubnetId": subnet, "Groups": [sg], "DeleteOnTermination": True,
+                 **({"PrivateIpAddress": ip} if ip else {})}]
+        for i, (sn, sgid, eip) in enumerate(extra_enis or [], start=1):
+            nics.append({"DeviceIndex": i, "SubnetId": sn, "Groups": [sgid], "DeleteOnTermination": True,
+                         **({"PrivateIpAddress": eip} if eip else {})})
+        inst = ec2.run_instances(
+            ImageId=ami, InstanceType=spec.instance_type, MinCount=1, MaxCount=1, UserData=user_data,
+            NetworkInterfaces=nics, InstanceInitiatedShutdownBehavior="terminate",
+            IamInstanceProfile={"Name": f"{did}-profile"},
+            MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled"},
+            TagSpecifications=_spec_tags("instance", spec, name, exp) + _spec_tags("volume", spec, name, exp),
+        )["Instances"][0]
+        state["instances"][name] = {"id": inst["InstanceId"], "subnet": subnet}
+        return inst["InstanceId"]
+
+    def public_ip(instance_id: str, name: str) -> str:
+        alloc = ec2.allocate_address(Domain="vpc", TagSpecifications=_spec_tags("elastic-ip", spec, name, exp))
+        ec2.associate_address(AllocationId=alloc["AllocationId"], InstanceId=instance_id)
+        return alloc["PublicIp"]
+
+    inter = launch("intermediate", public, sgs["intermediate"], render_user_data(
+        roles=["intermediate"], alt_ip="10.80.0.11", **common), ip="10.80.0.10")
+    state["intermediate_ip"] = public_ip(inter, "intermediate")
+    if spec.topology == "relay":
+        c = launch("connector", public, sgs["connector"], render_user_data(
+            roles=["echo", "connector"], intermediate=state["intermediate_ip"], **common))
+        state["connector_ip"] = public_ip(c, "connector")
+    else:
+        state["rulesets"] = {}
+        for i, name in enumerate(spec.presets):
+            cidr = f"10.80.{10 + i}.0/24"
+            sub = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr,
+                                    TagSpecifications=_spec_tags("subnet", spec, f"private-{name}", exp))["Subnet"]["SubnetId"]
+            wan_ip, lan_ip = f"10.80.0.{100 + i}", f"10.80.{10 + i}.5"
+            ruleset = nat_ruleset(name, wan_ip, cidr)
+            state["rulesets"][name] = ruleset
+            nat = launch(f"nat-{name}", public, sgs["nat"], render_user_data(roles=[], nat_ruleset=ruleset, **common),
+                         ip=wan_ip, extra_enis=[(sub, sgs["nat"], lan_ip)])
+            public_ip(nat, f"nat-{name}")
+            for eni in ec2.describe_instances(InstanceIds=[nat])["Reservations"][0]["Instances"][0]["NetworkInterfaces"]:
+                ec2.modify_network_interface_attribute(NetworkInterfaceId=eni["NetworkInterfaceId"],
+                                                       SourceDestCheck={"Value": False})
+            prt = ec2.create_route_table(VpcId=vpc, TagSpecifications=_spec_tags("route-table", spec, f"private-{name}", exp))
+            lan_eni = next(e["NetworkInterfaceId"] for e in ec2.describe_instances(InstanceIds=[nat])["Reservations"][0]
+                           ["Instances"][0]["NetworkInterfaces"] if e["Attachment"]["DeviceIndex"] == 1)
+            ec2.create_route(RouteTableId=prt["RouteTable"]["RouteTableId"], DestinationCidrBlock="0.0.0.0/0",
+                             NetworkInterfaceId=lan_eni)
+            ec2.associate_route_table(RouteTableId=prt["RouteTable"]["RouteTableId"], SubnetId=sub)
+            for k in range(spec.agents_per_cell):
+                launch(f"agent-{name}-{k}", sub, sgs["private"], render_user_data(roles=[], **common))
+            launch(f"connector-{name}", sub, sgs["private"], render_user_data(
+                roles=["echo", "connector"], intermediate=state["intermediate_ip"], **common))
+    state["bucket"] = bucket
+    state["vpc"] = vpc
+    state["plan"] = p
+    _save(state)
+    return state
+
+
+def nat_ruleset(preset_name: str, wan_ip: str, lan_cidr: str) -> str:
+    """The ruleset a NAT instance loads: the netns lab's renderer, on AWS interface names."""
+    return render(preset(preset_name), wan_if=WAN_IF, lan_if=LAN_IF, wan_ip=wan_ip, lan_cidr=lan_cidr)
+
+
+# --- status, run, collect -----------------------------------------------------------------------
+
+
+def tagged_instances(cloud: Cloud, deployment_id: str, *, live_only: bool = True) -> list[dict]:
+    ec2 = cloud.client("ec2")
+    out = []
+    for page in ec2.get_paginator("describe_instances").paginate(
+            Filters=[{"Name": f"tag:{TAG}", "Values": [deployment_id]}]):
+        for r in page["Reservations"]:
+            for i in r["Instances"]:
+                if not live_only or i["State"]["Name"] not in ("terminated", "shutting-down"):
+                    out.append(i)
+    return out
+
+
+def status(deployment_id: str, cloud: Cloud) -> dict:
+    insts = tagged_instances(cloud, deployment_id)
+    return {"deployment_id": deployment_id, "region": cloud.region,
+            "instances": [{"name": _name(i), "id": i["InstanceId"], "state": i["State"]["Name"],
+                           "launched": str(i.get("LaunchTime"))} for i in insts]}
+
+
+def _name(inst: dict) -> str:
+    return next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "Name"), inst["InstanceId"])
+
+
+def remote_campaign_command(campaign_id: str, bucket: str, preset_name: str, trials: int, region: str) -> str:
+    """What an Agent host runs: trials against its cell's Connector, results to S3."""
+    return (f"/opt/qlab/bin/qlab campaign run --backend field --agent-nat {preset_name} --connector-nat {preset_name} "
+            f"--trials {int(trials)} --id {campaign_id} --results /var/lib/qlab/results && "
+            f"aws s3 cp --recursive --region {region} /var/lib/qlab/results/{campaign_id} "
+            f"s3://{bucket}/results/{campaign_id}/")
+
+
+def run(deployment_id: str, cloud: Cloud, *, campaign_id: str, trials: int, results_root: str = "results") -> dict:
+    """Start the campaign on every Agent host with SSM Run Command, wait (bounded), collect from S3."""
+    state = load_state(deployment_id)
+    ssm = cloud.client("ssm")
+    if not re.match(r"^[A-Za-z0-9._-]{1,100}$", campaign_id):
+        raise ValueError("bad campaign id")
+    commands = {}
+    for name, info in state["instances"].items():
+        if not name.startswith("agent-"):
+            continue
+        preset_name = name.split("-", 1)[1].rsplit("-", 1)[0]
+        cmd = remote_campaign_command(campaign_id, state["bucket"], preset_name, trials, state["region"])
+        r = ssm.send_command(InstanceIds=[info["id"]], DocumentName="AWS-RunShellScript",
+                             Parameters={"commands": [cmd]}, TimeoutSeconds=3600)
+        commands[info["id"]] = r["Command"]["CommandId"]
+    deadline = time.monotonic() + 600
+    statuses = {}
+    for iid, cid in commands.items():
+        while True:
+            inv = ssm.get_command_invocation(CommandId=cid, InstanceId=iid)
+            if inv["Status"] not in ("Pending", "InProgress", "Delayed") or time.monotonic() > deadline:
+                statuses[iid] = inv["Status"]
+                break
+            time.sleep(5)
+    files = collect(cloud, state["bucket"], campaign_id, results_root)
+    return {"commands": commands, "statuses": statuses, "collected": files}
+
+
+def collect(cloud: Cloud, bucket: str, campaign_id: str, results_root: str = "results") -> list[str]:
+    """Download results/<campaign-id>/ from the bucket; keys that would escape the folder are refused."""
+    s3 = cloud.client("s3")
+    dest = Path(results_root) / campaign_id
+    prefix = f"results/{campaign_id}/"
+    out = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix):]
+            target = (dest / rel).resolve()
+            if not rel or ".." in Path(rel).parts or not str(target).startswith(str(dest.resolve())):
+                raise ValueError(f"refusing S3 key outside the campaign folder: {obj['Key']!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(target))
+            out.append(str(target))
+    return out
+
+
+# --- down and ls --------------------------------------------------------------------------------
+
+
+def down(deployment_id: str, cloud: Cloud) -> dict:
+    """Delete everything tagged with the deployment id, in dependency order; idempotent; then
+    verify that nothing is left and say so."""
+    ec2, s3, ssm, iam = (cloud.client(n) for n in ("ec2", "s3", "ssm", "iam"))
+    f = [{"Name": f"tag:{TAG}", "Values": [deployment_id]}]
+    ids = [i["InstanceId"] for i in tagged_instances(cloud, deployment_id)]
+    if ids:
+        ec2.terminate_instances(InstanceIds=ids)
+        ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+    for a in ec2.describe_addresses(Filters=f)["Addresses"]:
+        if a.get("AssociationId"):
+            ec2.disassociate_address(AssociationId=a["AssociationId"])
+        ec2.release_address(AllocationId=a["AllocationId"])
+    for vpc in ec2.describe_vpcs(Filters=f)["Vpcs"]:
+        v = vpc["VpcId"]
+        vf = [{"Name": "vpc-id", "Values": [v]}]
+        for eni in ec2.describe_network_interfaces(Filters=vf)["NetworkInterfaces"]:
+            ec2.delete_network_interface(NetworkInterfaceId=eni["NetworkInterfaceId"])
+        for rt in ec2.describe_route_tables(Filters=vf)["RouteTables"]:
+            if any(a.get("Main") for a in rt.get("Associations", [])):
+                continue
+            for a in rt.get("Associations", []):
+                ec2.disassociate_route_table(AssociationId=a["RouteTableAssociationId"])
+            ec2.delete_route_table(RouteTableId=rt["RouteTableId"])
+        for sn in ec2.describe_subnets(Filters=vf)["Subnets"]:
+            ec2.delete_subnet(SubnetId=sn["SubnetId"])
+        for igw in ec2.describe_internet_gateways(Filters=[{"Name": "attachment.vpc-id", "Values": [v]}])["InternetGateways"]:
+            ec2.detach_internet_gateway(InternetGatewayId=igw["InternetGatewayId"], VpcId=v)
+            ec2.delete_internet_gateway(InternetGatewayId=igw["InternetGatewayId"])
+        for sg in ec2.describe_security_groups(Filters=vf)["SecurityGroups"]:
+            if sg["GroupName"] != "default":
+                ec2.delete_security_group(GroupId=sg["GroupId"])
+        ec2.delete_vpc(VpcId=v)
+    bucket = f"{deployment_id}-artifacts"
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                s3.delete_object(Bucket=bucket, Key=obj["Key"])
+        s3.delete_bucket(Bucket=bucket)
+    except s3.exceptions.NoSuchBucket:
+        pass
+    names = [p["Name"] for page in ssm.get_paginator("get_parameters_by_path").paginate(
+        Path=f"/qlab/{deployment_id}/", Recursive=True) for p in page["Parameters"]]
+    for i in range(0, len(names), 10):
+        ssm.delete_parameters(Names=names[i:i + 10])
+    role, profile = f"{deployment_id}-role", f"{deployment_id}-profile"
+    with contextlib.suppress(iam.exceptions.NoSuchEntityException):
+        iam.remove_role_from_instance_profile(InstanceProfileName=profile, RoleName=role)
+    for call, kw in ((iam.delete_instance_profile, {"InstanceProfileName": profile}),
+                     (iam.detach_role_policy, {"RoleName": role,
+                                               "PolicyArn": "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"}),
+                     (iam.delete_role_policy, {"RoleName": role, "PolicyName": "qlab-read"}),
+                     (iam.delete_role, {"RoleName": role})):
+        with contextlib.suppress(iam.exceptions.NoSuchEntityException):
+            call(**kw)
+    left = leftovers(deployment_id, cloud)
+    with_state = state_dir() / f"{deployment_id}.json"
+    if not any(left.values()) and with_state.exists():
+        with_state.unlink()
+    return {"deployment_id": deployment_id, "left": left, "clean": not any(left.values())}
+
+
+def leftovers(deployment_id: str, cloud: Cloud) -> dict:
+    ec2, s3, ssm = (cloud.client(n) for n in ("ec2", "s3", "ssm"))
+    f = [{"Name": f"tag:{TAG}", "Values": [deployment_id]}]
+    try:
+        s3.head_bucket(Bucket=f"{deployment_id}-artifacts")
+        bucket = [f"{deployment_id}-artifacts"]
+    except Exception:
+        bucket = []
+    return {
+        "instances": [i["InstanceId"] for i in tagged_instances(cloud, deployment_id)],
+        "vpcs": [v["VpcId"] for v in ec2.describe_vpcs(Filters=f)["Vpcs"]],
+        "subnets": [s["SubnetId"] for s in ec2.describe_subnets(Filters=f)["Subnets"]],
+        "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=f)["SecurityGroups"]],
+        "elastic_ips": [a["AllocationId"] for a in ec2.describe_addresses(Filters=f)["Addresses"]],
+        "buckets": bucket,
+        "ssm_parameters": [p["Name"] for p in ssm.get_parameters_by_path(Path=f"/qlab/{deployment_id}/",
+                                                                         Recursive=True)["Parameters"]],
+    }
+
+
+def ls(cloud_for_region, regions: list[str]) -> list[dict]:
+    """Every live qlab instance in `regions`, with its deployment, age and cost so far."""
+    out = []
+    now = dt.datetime.now(dt.UTC)
+    for region in regions:
+        ec2 = cloud_for_region(region).client("ec2")
+        for page in ec2.get_paginator("describe_instances").paginate(Filters=[{"Name": "tag-key", "Values": [TAG]}]):
+            for r in page["Reservations"]:
+                for i in r["Instances"]:
+                    if i["State"]["Name"] in ("terminated",):
+                        continue
+                    tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
+                    launched = i["LaunchTime"]
+                    hours = max(0.0, (now - launched).total_seconds() / 3600)
+                    out.append({"region": region, "deployment": tags.get(TAG), "name": tags.get("Name"),
+                                "id": i["InstanceId"], "state": i["State"]["Name"], "age_h": round(hours, 2),
+                                "expires": tags.get("qlab:expires"),
+                                "cost_so_far_usd": round(hours * PRICES.get(i["InstanceType"], PRICES["t3.small"]), 4)})
+    return out
+
+
+ALL_PRESETS_WITH_NAT = [p for p in PRESET_NAMES if p != "public"]

@@ -1,0 +1,80 @@
+"""What an instance runs at boot: a bash script (user data) and systemd units.
+
+No secret is ever in user data: the script fetches the deployment secret and TLS keys from SSM
+Parameter Store (SecureString) with the instance role, installs the qlab wheel from the deployment's
+S3 bucket, writes units with restart policies, and schedules its own shutdown at the deployment's
+expiry (instances are launched with shutdown behaviour `terminate`).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+ROLE_COMMANDS = {
+    "intermediate": "qlab intermediate --listen 0.0.0.0:4433 --alt 0.0.0.0:4434 {alt_ip} --certs /etc/qlab/certs "
+                    "--metrics 127.0.0.1:9090",
+    "connector": "qlab connector --intermediate {intermediate}:4433 --service echo --forward 127.0.0.1:9999 "
+                 "--p2p-port 4434 --certs /etc/qlab/certs --metrics 127.0.0.1:9091",
+    "echo": "qlab echo --listen 127.0.0.1:9999",
+}
+
+
+def render_unit(name: str, command: str) -> str:
+    """A systemd unit that restarts its role (a crash or a reboot of the process must not end the
+    deployment's service)."""
+    return f"""[Unit]
+Description=qlab {name}
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+ExecStart=/opt/qlab/bin/{command}
+Restart=always
+RestartSec=2
+StartLimitIntervalSec=0
+NoNewPrivileges=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: str, roles: list[str],
+                     ttl_minutes: int, params: dict[str, str], nat_ruleset: str | None = None,
+                     intermediate: str = "", alt_ip: str = "") -> str:
+    """The boot script of one instance. `params` maps files under /etc/qlab/certs to SSM names."""
+    q = shlex.quote
+    lines = [
+        "#!/bin/bash",
+        "# qlab instance bootstrap (generated). No secret in here: they come from SSM Parameter Store.",
+        "set -euo pipefail",
+        f"DEPLOYMENT={q(deployment)}",
+        f"REGION={q(region)}",
+        f'shutdown -h +{int(ttl_minutes)} "qlab deployment $DEPLOYMENT expires"  # the TTL: instances terminate',
+        "dnf install -y -q python3.11 python3.11-pip nftables conntrack-tools awscli >/dev/null",
+        "python3.11 -m venv /opt/qlab",
+        "install -d -m 0700 /etc/qlab/certs",
+        f'aws s3 cp --region "$REGION" {q(f"s3://{bucket}/{wheel_key}")} /tmp/',
+        f'/opt/qlab/bin/pip install -q {q("/tmp/" + wheel_key.rsplit("/", 1)[-1])}',
+    ]
+    for filename, name in sorted(params.items()):
+        lines.append(
+            f'aws ssm get-parameter --region "$REGION" --with-decryption --name {q(name)} '
+            f'--query Parameter.Value --output text > {q("/etc/qlab/certs/" + filename)}')
+    lines.append("chmod 0600 /etc/qlab/certs/*")
+    if nat_ruleset is not None:
+        lines += [
+            "sysctl -qw net.ipv4.ip_forward=1",
+            "cat > /etc/qlab/nat.nft <<'QLAB_NFT'",
+            nat_ruleset.rstrip("\n"),
+            "QLAB_NFT",
+            "nft -f /etc/qlab/nat.nft",
+        ]
+    for role in roles:
+        cmd = ROLE_COMMANDS[role].format(intermediate=intermediate, alt_ip=f"--alt {alt_ip}:4433" if alt_ip else "")
+        unit = render_unit(role, " ".join(cmd.split()))
+        lines += [f"cat > /etc/systemd/system/qlab-{role}.service <<'QLAB_UNIT'", unit.rstrip("\n"), "QLAB_UNIT"]
+    if roles:
+        lines.append("systemctl daemon-reload")
+        lines.append("systemctl enable --now " + " ".join(f"qlab-{r}.service" for r in roles))
+    return "\n".join(lines) + "\n"

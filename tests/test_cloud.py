@@ -1,0 +1,188 @@
+"""The AWS backend against moto (no real AWS is reachable here): plan, up, status, run, down, and
+the safety rules. No test sends traffic to any address moto returns; in-process moto makes no
+network calls at all, and the server test talks only to moto's own endpoint on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+FAKE_KEY_ID = "AKIAQLABTESTKEY12345"
+FAKE_SECRET = "qlabFakeSecretAccessKeyDoNotUse1234567890"
+
+
+@pytest.fixture(autouse=True)
+def fake_aws(monkeypatch, tmp_path):
+    for k, v in {"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+                 "QLAB_CLOUD_STATE": str(tmp_path / "state"), "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def aws():
+    from moto import mock_aws
+
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def wheel(tmp_path):
+    w = tmp_path / "qlab-0.1.0-py3-none-any.whl"
+    w.write_bytes(b"not really a wheel")
+    return str(w)
+
+
+def spec(**kw):
+    from qlab.cloud.deploy import DeploymentSpec
+
+    return DeploymentSpec(**{"deployment_id": "qlab-test", **kw})
+
+
+def test_plan_creates_nothing_and_prices_the_deployment(aws):
+    import boto3
+
+    from qlab.cloud.deploy import plan
+
+    p = plan(spec(topology="nat-matrix", presets=["full_cone", "symmetric"], agents_per_cell=2))
+    names = [i["name"] for i in p["resources"]["instances"]]
+    assert names.count("nat-full_cone") == 1 and len([n for n in names if n.startswith("agent-")]) == 4
+    assert p["hourly_cost_usd"] > 0 and p["cost_for_ttl_usd"] == pytest.approx(p["hourly_cost_usd"] * 2, rel=1e-3)
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    assert not [v for v in ec2.describe_vpcs()["Vpcs"] if not v.get("IsDefault")]
+
+
+def test_bad_input_is_refused_before_anything_exists():
+    with pytest.raises(ValueError, match="cap"):
+        from qlab.cloud.deploy import plan
+
+        plan(spec(topology="nat-matrix", presets=["full_cone", "symmetric"], max_instances=3))
+    for bad in (dict(ttl_hours=48), dict(topology="mesh"), dict(presets=["public"]), dict(region="moon-1"),
+                dict(deployment_id="Bad_Id")):
+        with pytest.raises(ValueError):
+            spec(**bad)
+
+
+def test_up_then_down_leaves_nothing(aws, certs_dir, wheel):
+    import boto3
+
+    from qlab.cloud.deploy import Cloud, down, leftovers, nat_ruleset, status, up
+    from qlab.nat.nftables import render
+    from qlab.nat.spec import preset
+
+    cloud = Cloud("us-east-1")
+    up(spec(topology="nat-matrix", presets=["port_restricted", "symmetric_seq"]), cloud,
+       certs_dir=str(certs_dir), wheel=wheel)
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    st = status("qlab-test", cloud)
+    assert len(st["instances"]) == 1 + 2 * 3
+    secret = (certs_dir / "secret").read_text().strip()
+    key = (certs_dir / "intermediate.key").read_text()
+    for r in ec2.describe_instances(Filters=[{"Name": "tag:qlab:deployment", "Values": ["qlab-test"]}])["Reservations"]:
+        for inst in r["Instances"]:
+            iid = inst["InstanceId"]
+            ud = base64.b64decode(ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
+                                  ["UserData"]["Value"]).decode()
+            assert secret not in ud and "PRIVATE KEY" not in ud and key not in ud, "secrets travel via SSM only"
+            assert "shutdown -h +120" in ud
+            tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
+            assert tags["qlab:deployment"] == "qlab-test" and "qlab:expires" in tags
+            beh = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
+            assert beh["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+            if tags["Name"].endswith("nat-port_restricted"):
+                assert all(not e["SourceDestCheck"] for e in inst["NetworkInterfaces"])
+                expected = render(preset("port_restricted"), wan_if="ens5", lan_if="ens6", wan_ip="10.80.0.100",
+                                  lan_cidr="10.80.10.0/24")
+                assert expected == nat_ruleset("port_restricted", "10.80.0.100", "10.80.10.0/24")
+                assert expected in ud, "the NAT instance loads the lab renderer's ruleset byte for byte"
+    for sg in ec2.describe_security_groups(Filters=[{"Name": "tag:qlab:deployment", "Values": ["qlab-test"]}])["SecurityGroups"]:
+        for perm in sg["IpPermissions"]:
+            assert perm.get("FromPort") != 22, "no SSH: SSM Session Manager instead"
+        if sg["GroupName"].endswith("-intermediate"):
+            assert [(p["IpProtocol"], p["FromPort"], p["ToPort"]) for p in sg["IpPermissions"]] == [("udp", 4433, 4434)]
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    p = ssm.get_parameter(Name="/qlab/qlab-test/secret", WithDecryption=True)["Parameter"]
+    assert p["Type"] == "SecureString" and p["Value"].strip() == secret
+    r = down("qlab-test", cloud)
+    assert r["clean"], r["left"]
+    assert not any(leftovers("qlab-test", cloud).values())
+    assert down("qlab-test", cloud)["clean"], "down is idempotent"
+
+
+def test_run_sends_commands_and_collects_results_safely(aws, certs_dir, wheel, tmp_path):
+    import boto3
+
+    from qlab.cloud.deploy import Cloud, collect, down, run, up
+
+    cloud = Cloud("us-east-1")
+    state = up(spec(topology="nat-matrix", presets=["full_cone"], agents_per_cell=2), cloud,
+               certs_dir=str(certs_dir), wheel=wheel)
+    s3 = boto3.client("s3", region_name="us-east-1")
+    for name in ("trials.csv", "manifest.json"):
+        s3.put_object(Bucket=state["bucket"], Key=f"results/c1/{name}", Body=b"x")
+    out = run("qlab-test", cloud, campaign_id="c1", trials=3, results_root=str(tmp_path / "results"))
+    assert len(out["commands"]) == 2 and set(out["statuses"].values()) == {"Success"}
+    assert sorted(os.path.basename(f) for f in out["collected"]) == ["manifest.json", "trials.csv"]
+    s3.put_object(Bucket=state["bucket"], Key="results/c2/../../evil", Body=b"x")
+    with pytest.raises(ValueError, match="outside"):
+        collect(cloud, state["bucket"], "c2", str(tmp_path / "results"))
+    assert down("qlab-test", cloud)["clean"]
+    # no credential in anything qlab wrote
+    for root, _, files in os.walk(tmp_path):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                text = fh.read()
+            assert FAKE_KEY_ID.encode() not in text and FAKE_SECRET.encode() not in text, f
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None and os.environ.get("QLAB_REQUIRE_NETNS") != "1",
+                    reason="shellcheck is not installed")
+def test_user_data_is_shellcheck_clean(tmp_path):
+    from qlab.cloud.deploy import nat_ruleset
+    from qlab.cloud.userdata import render_user_data
+
+    for roles, ruleset in ((["intermediate"], None), (["echo", "connector"], None), ([], nat_ruleset("symmetric", "10.80.0.100", "10.80.10.0/24"))):
+        ud = render_user_data(deployment="qlab-test", region="us-east-1", bucket="b", wheel_key="wheels/q.whl",
+                              roles=roles, ttl_minutes=60, params={"secret": "/qlab/qlab-test/secret"},
+                              nat_ruleset=ruleset, intermediate="198.51.100.7", alt_ip="10.80.0.11")
+        path = tmp_path / "ud.sh"
+        path.write_text(ud)
+        r = subprocess.run(["shellcheck", "-s", "bash", str(path)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout
+
+
+def test_end_to_end_against_moto_server(tmp_path, certs_dir, wheel, capsys):
+    """plan -> up -> status -> run -> down through the CLI, boto3 pointed at moto on 127.0.0.1."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from qlab.cli import main
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        ep = ["--endpoint-url", f"http://{host}:{port}"]
+        assert main(["cloud", "plan", "--id", "qlab-e2e", "--topology", "relay", *ep]) == 0
+        assert json.loads(capsys.readouterr().out)["hourly_cost_usd"] > 0
+        assert main(["cloud", "up", "--id", "qlab-e2e", "--certs", str(certs_dir), "--wheel", wheel, *ep]) == 0
+        capsys.readouterr()
+        assert main(["cloud", "status", "qlab-e2e", *ep]) == 0
+        assert len(json.loads(capsys.readouterr().out)["instances"]) == 2
+        assert main(["cloud", "ls", *ep]) == 0
+        assert {i["deployment"] for i in json.loads(capsys.readouterr().out)} == {"qlab-e2e"}
+        assert main(["cloud", "run", "qlab-e2e", "--campaign", "c9", "--results", str(tmp_path / "r"), *ep]) == 0
+        capsys.readouterr()
+        assert main(["cloud", "down", "qlab-e2e", *ep]) == 0
+        assert json.loads(capsys.readouterr().out)["clean"]
+    finally:
+        server.stop()
