@@ -361,14 +361,7 @@ async def ping(
             probe.unsend(payload)
             errors.append(str(exc))
         await asyncio.sleep(interval)
-    deadline = loop.time() + wait
-    while probe.pending() and deadline - loop.time() > 1e-6:  # (float-safe on virtual time)
-        probe.replied.clear()
-        try:
-            async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                await probe.replied.wait()
-        except TimeoutError:
-            break
+    await probe.wait_for_replies(wait)
     out = probe.summary()
     out.update(session=f"{session.id:08x}", max_payload=session.max_payload, errors=errors[:10])
     return out

@@ -156,6 +156,17 @@ class EchoProbe:
         if self.on_reply is not None:
             self.on_reply(path, now - sent_at, seq)
 
+    async def wait_for_replies(self, wait: float) -> None:
+        """Wait up to `wait` seconds for outstanding replies (float-safe on a virtual clock)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self.pending() and deadline - loop.time() > 1e-6:
+            self.replied.clear()
+            try:
+                await asyncio.wait_for(self.replied.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                break
+
     def pending(self, path: str | None = None) -> int:
         return sum(1 for _, p, _ in self.outstanding.values() if path is None or p == path)
 

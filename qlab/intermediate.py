@@ -53,7 +53,6 @@ class Session:
     created: float
     offer: wire.Offer | None = None
     answer: wire.Answer | None = None
-    relayed: dict[str, int] = field(default_factory=lambda: {"to_connector": 0, "to_agent": 0})
 
 
 class Intermediate:
@@ -450,7 +449,6 @@ class _ServerConn(Handler):
             return
         direction = "to_connector" if to_connector else "to_agent"
         if ok:
-            sess.relayed[direction] += 1
             s.relayed[direction] += 1
             s.relayed_bytes[direction] += len(data) - wire.DGRAM_HEADER
         else:

@@ -245,12 +245,11 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
         # measurement: same probe, interleaved on both paths
         direct_up = session.direct is not None and not session.direct.closed and st.path.verified_at is not None
         paths = ["relay", "direct"] if direct_up else ["relay"]
-        base = {p: probe.paths[p].sent for p in paths}
         for _ in range(spec.samples):
             for p in paths:
                 send_echo(p)
                 await asyncio.sleep(spec.echo_interval / len(paths))
-        await _drain(probe, loop, 1.0 + 4 * (st.path.median("relay") or 0.2))
+        await _drain(probe, 1.0 + 4 * (st.path.median("relay") or 0.2))
 
         # proof: switch the relay off for this session, the direct path must keep answering
         if direct_up and session.active_path == "direct":
@@ -260,7 +259,7 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
             for _ in range(spec.verify_echoes):
                 send_echo("direct")
                 await asyncio.sleep(spec.echo_interval)
-            await _drain(probe, loop, 1.0 + 4 * (st.path.median("direct") or 0.2))
+            await _drain(probe, 1.0 + 4 * (st.path.median("direct") or 0.2))
             measure["verify_sent"] = probe.paths["direct"].sent - before_tx
             measure["verify_received"] = probe.paths["direct"].received - before_rx
             srv.relay_blocked.discard(session.id)
@@ -276,7 +275,6 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
         elif spec.fault == "intermediate_restart":
             srv, measure["fault"] = await _intermediate_restart(env, srv, listen, creds, st, agent, connector,
                                                                probe, send_echo, spec, loop)
-        del base
     except Exception as exc:  # recorded, never dropped: a failing trial is a result too
         log.exception("trial %s failed", spec.trial_id)
         error = f"{type(exc).__name__}: {exc}"
@@ -294,12 +292,8 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
                    t0 if st is not None else None)
 
 
-async def _drain(probe: EchoProbe, loop, wait: float) -> None:
-    deadline = loop.time() + wait
-    while probe.pending() and deadline - loop.time() > 1e-6:  # (float-safe on virtual time)
-        probe.replied.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(probe.replied.wait(), max(0.0, deadline - loop.time()))
+async def _drain(probe: EchoProbe, wait: float) -> None:
+    await probe.wait_for_replies(wait)
     for seq in list(probe.outstanding):  # what did not come back by now is lost
         del probe.outstanding[seq]
 
@@ -325,7 +319,7 @@ async def _blackhole(env, topo, st, session, probe, send_echo, spec, loop) -> di
         while loop.time() < end:
             send_echo()
             await asyncio.sleep(spec.echo_interval)
-        await _drain(probe, loop, 1.0)
+        await _drain(probe, 1.0)
     finally:
         env.unblock(router.name, peer[0], peer[1])
         probe.on_reply = prev
@@ -361,7 +355,7 @@ async def _rebind(env, topo, st, agent, probe, send_echo, spec, loop) -> dict:
             if agent.link.observed != before and st.session.active_path == ("direct" if had_direct else "relay") and \
                     any(t > t_fault + 0.5 for t, _ in replies) and loop.time() > t_fault + 1.0:
                 break
-        await _drain(probe, loop, 1.0)
+        await _drain(probe, 1.0)
     finally:
         probe.on_reply = prev
     after = [t for t, _ in replies]
@@ -400,7 +394,7 @@ async def _intermediate_restart(env, srv, listen, creds, st, agent, connector, p
             if relay_after:
                 recovered_at = relay_after[0]
                 break
-        await _drain(probe, loop, 1.0)
+        await _drain(probe, 1.0)
     finally:
         probe.on_reply = prev
     during = [t for t, p in replies if p == "direct" and t_kill <= t <= t_kill + spec.outage_s]
@@ -439,7 +433,7 @@ async def _connector_restart(env, connector, ct, creds, listen, connector_ip, cf
             await asyncio.sleep(spec.echo_interval)
             if st.session.active_path == "direct" and any(t > t_back for t in replies):
                 break
-        await _drain(probe, loop, 1.0)
+        await _drain(probe, 1.0)
     finally:
         probe.on_reply = prev
     after = [t for t in replies if t > t_stop]
@@ -463,7 +457,7 @@ async def _idle(st, probe, send_echo, spec, loop) -> dict:
     for _ in range(5):
         send_echo("direct") if st.session.direct is not None else send_echo()
         await asyncio.sleep(spec.echo_interval)
-    await _drain(probe, loop, 1.0)
+    await _drain(probe, 1.0)
     return {
         "fault": "idle", "idle_s": spec.idle_s, "binding_timeout": spec.binding_timeout,
         "keepalive": spec.keepalive, "direct_before": had_direct, "direct_lost": lost,

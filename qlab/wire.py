@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar
 
@@ -587,7 +587,6 @@ class Probe:
     session: int
     txn: int
     observed: tuple[str, int] | None = None
-    extra: bytes = field(default=b"", compare=False)
 
 
 def _mac(key: bytes, body: bytes) -> bytes:

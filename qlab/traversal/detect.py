@@ -188,7 +188,6 @@ async def classify(
     """RFC 5780-style behaviour discovery on qlab's own QAD, from `endpoint`'s socket."""
     local = endpoint.local_address
     tests: dict[int, asyncio.Future] = {}
-    received: list[tuple[int, Addr]] = []
     loop = asyncio.get_running_loop()
     prev_raw = endpoint.raw_handler
 
@@ -198,7 +197,6 @@ async def classify(
                 nonce, _ = wire.decode_classify_test(data)
             except wire.WireError:
                 return
-            received.append((nonce, addr))
             fut = tests.get(nonce)
             if fut is not None and not fut.done():
                 fut.set_result(addr)
@@ -247,7 +245,7 @@ async def classify(
                 except (TimeoutError, ConnectionError) as exc:
                     notes.append(f"no QAD from {label} listener {addr[0]}:{addr[1]}: {exc}")
             # mapping
-            if obs_primary[0] in host_ips and obs_primary[1] == local[1]:
+            if public:
                 mapping, ports = "none", "preserve"
             elif "alt_ip_port" not in observed:
                 mapping, ports = "unknown", "unknown"

@@ -369,13 +369,11 @@ class SessionTraversal:
             self.settled.set()
             self._retry_later()
             return
-        loop = asyncio.get_running_loop()
         self.working, self.working_kind = p.success.addr, p.success.kind
         self.punch_ms = (p.success.at - (self.punch_started_at or p.success.at)) * 1000
         self.path.event("punch_ok", f"{p.success.kind.name.lower()} {p.success.addr[0]}:{p.success.addr[1]} via "
                         f"{p.success.via} after {self.punch_ms:.1f} ms")
         link.send(wire.PunchResult(self.session.id, 1, p.success.addr, min(p.probes_sent, 0xFFFF)))
-        del loop
         self.tasks.spawn(self._connect(p.success.addr))
 
     async def _connect(self, addr: Addr, endpoint: Endpoint | None = None) -> None:
