@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qlab import __version__, wire
@@ -33,7 +34,7 @@ from qlab.intermediate import Intermediate
 from qlab.nat.spec import expected_outcome
 from qlab.topology import CONNECTOR_PORT, INTERMEDIATE_ALT_PORT, INTERMEDIATE_PORT, build
 from qlab.traversal.punch import PunchConfig
-from qlab.traversal.session import AgentTraversal, ConnectorTraversal, TraversalConfig
+from qlab.traversal.session import AgentTraversal, ConnectorTraversal, SessionTraversal, TraversalConfig
 
 log = logging.getLogger("qlab.trial")
 
@@ -165,48 +166,51 @@ def judge(expected: str, outcome: str, scenario: str, birthday: bool) -> bool:
     return outcome == "relay"
 
 
-async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_dir: str | None = None) -> TrialResult:
-    """Run one trial with the roles on `env`'s hosts (inside the backend's running loop)."""
-    loop = asyncio.get_running_loop()
-    started = time.time()
-    w0 = loop.time()
-    topo = env.topology
-    inter_ips = env.addresses("intermediate")
-    connector_ip = env.addresses("connector")[0]
-    listen = [(inter_ips[0], INTERMEDIATE_PORT), (inter_ips[0], INTERMEDIATE_ALT_PORT)]
-    if len(inter_ips) > 1:
-        listen += [(inter_ips[1], INTERMEDIATE_PORT), (inter_ips[1], INTERMEDIATE_ALT_PORT)]
-    cfg = TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout, spray_rate=spec.birthday_rate),
-                          keepalive=spec.keepalive,
-                          failover=max(2.0, 3 * spec.keepalive))
-    if spec.binding_timeout is not None:
-        for router in topo.routers:
-            env.set_binding_timeout(router.name, spec.binding_timeout)
-    srv = Intermediate(env.net("intermediate"), creds, birthday_ports=spec.birthday, birthday_probes=spec.birthday_probes)
-    echo = EchoServer(env.net("connector"))
-    connector = agent = None
-    ct = at = None
-    st = None
-    error = ""
-    probe = EchoProbe(loop.time, spec.echo_size)
-    measure = {"verify_sent": 0, "verify_received": 0, "failover_ms": None, "echo_gap_ms": None}
-    try:
-        await srv.listen(listen)
-        await echo.start(connector_ip, APP_PORT)
-        connector = Connector(env.net("connector"), creds, listen[0], service="echo", forward=(connector_ip, APP_PORT),
-                              name="connector", p2p_port=CONNECTOR_PORT)
-        ct = ConnectorTraversal(connector, cfg)
-        await connector.start()
-        await connector.wait_registered(10)
-        await asyncio.wait_for(ct.ready.wait(), 10)
-        agent = Agent(env.net("agent"), creds, listen[0], name="agent")
-        at = AgentTraversal(agent, cfg)
-        await agent.start(10)
-        await at.prepare()
+class AgentSide:
+    """The Agent's half of a trial, the same in a lab and in the field: register, detect the NAT,
+    open the session (echoes over the relay from the first packet), punch, verify the direct path,
+    measure both paths the same way. `relay_switch(session_id, on)` turns the relay off for the
+    session at the Intermediate during the proof; it exists only where the Intermediate runs in
+    this process (a lab). Without it, the proof is that echoes sent on the direct QUIC connection
+    came back on it."""
 
+    def __init__(self, net, creds: Credentials, intermediate: tuple[str, int], spec: TrialSpec,
+                 cfg: TraversalConfig, *, service: str = "echo",
+                 relay_switch: Callable[[int, bool], None] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.spec, self.cfg, self.service = spec, cfg, service
+        self.relay_switch = relay_switch
+        self.probe = EchoProbe(self.loop.time, spec.echo_size)
+        self.agent = Agent(net, creds, intermediate, name="agent")
+        self.at = AgentTraversal(self.agent, cfg)
+        self.st: SessionTraversal | None = None
+        self.t0: float | None = None
+        self.measure: dict = {"verify_sent": 0, "verify_received": 0, "failover_ms": None, "echo_gap_ms": None}
+
+    def send_echo(self, path: str | None = None) -> None:
+        session = self.st.session
+        p = path or session.active_path
+        payload = self.probe.make(p)
+        try:
+            if session.send(payload, p) is None:
+                self.probe.unsend(payload)
+        except Exception:
+            self.probe.unsend(payload)
+            raise
+
+    @property
+    def direct_active(self) -> bool:
+        s = self.st.session if self.st is not None else None
+        return (s is not None and s.direct is not None and not s.direct.closed and s.active_path == "direct"
+                and self.st.path.verified_at is not None)
+
+    async def run(self) -> None:
+        spec, loop, probe = self.spec, self.loop, self.probe
+        await self.agent.start(10)
+        await self.at.prepare()
         # t0: the session opens; echoes go out over the active path from now on
-        t0 = loop.time()
-        st = at.begin("echo")
+        self.t0 = loop.time()
+        st = self.st = self.at.begin(self.service)
         session = st.session
         session.on_payload = probe.receive
         probe.on_reply = lambda path, rtt, seq: st.path.observe_rtt(path, rtt)
@@ -216,25 +220,14 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
             if s.send(payload, "direct") is None:
                 probe.unsend(payload)
 
-        at.direct_handshake_hooks.append(first_direct_echo)
-
-        def send_echo(path: str | None = None) -> None:
-            p = path or session.active_path
-            payload = probe.make(p)
-            try:
-                if session.send(payload, p) is None:
-                    probe.unsend(payload)
-            except Exception:
-                probe.unsend(payload)
-                raise
-
-        settle_by = t0 + spec.punch_timeout + cfg.direct_timeout + 2.0
+        self.at.direct_handshake_hooks.append(first_direct_echo)
+        settle_by = self.t0 + spec.punch_timeout + self.cfg.direct_timeout + 2.0
         if spec.birthday:
             settle_by += spec.birthday_probes / spec.birthday_rate + 1.0
         while loop.time() < settle_by:
-            send_echo()
+            self.send_echo()
             if session.direct is not None and not session.direct.closed and st.path.verified_at is None:
-                send_echo("direct")  # the first direct echo may be lost: keep probing until one returns
+                self.send_echo("direct")  # the first direct echo may be lost: keep probing until one returns
             if (st.path.verified_at is not None and session.active_path == "direct") or st.settled.is_set():
                 break
             await asyncio.sleep(spec.echo_interval)
@@ -247,24 +240,69 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
         paths = ["relay", "direct"] if direct_up else ["relay"]
         for _ in range(spec.samples):
             for p in paths:
-                send_echo(p)
+                self.send_echo(p)
                 await asyncio.sleep(spec.echo_interval / len(paths))
         await _drain(probe, 1.0 + 4 * (st.path.median("relay") or 0.2))
 
-        # proof: switch the relay off for this session, the direct path must keep answering
+        # proof: only the direct path may answer (relay switched off for the session, where we can)
         if direct_up and session.active_path == "direct":
-            srv.relay_blocked.add(session.id)
-            before_rx = probe.paths["direct"].received
-            before_tx = probe.paths["direct"].sent
-            for _ in range(spec.verify_echoes):
-                send_echo("direct")
-                await asyncio.sleep(spec.echo_interval)
-            await _drain(probe, 1.0 + 4 * (st.path.median("direct") or 0.2))
-            measure["verify_sent"] = probe.paths["direct"].sent - before_tx
-            measure["verify_received"] = probe.paths["direct"].received - before_rx
-            srv.relay_blocked.discard(session.id)
-            if spec.blackhole:
-                measure.update(await _blackhole(env, topo, st, session, probe, send_echo, spec, loop))
+            if self.relay_switch is not None:
+                self.relay_switch(session.id, False)
+            try:
+                before_rx, before_tx = probe.paths["direct"].received, probe.paths["direct"].sent
+                for _ in range(spec.verify_echoes):
+                    self.send_echo("direct")
+                    await asyncio.sleep(spec.echo_interval)
+                await _drain(probe, 1.0 + 4 * (st.path.median("direct") or 0.2))
+                self.measure["verify_sent"] = probe.paths["direct"].sent - before_tx
+                self.measure["verify_received"] = probe.paths["direct"].received - before_rx
+            finally:
+                if self.relay_switch is not None:
+                    self.relay_switch(session.id, True)
+
+    def close(self) -> None:
+        self.at.close()
+        self.agent.close()
+
+
+async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_dir: str | None = None) -> TrialResult:
+    """Run one trial with the roles on `env`'s hosts (inside the backend's running loop)."""
+    loop = asyncio.get_running_loop()
+    started = time.time()
+    w0 = loop.time()
+    topo = env.topology
+    inter_ips = env.addresses("intermediate")
+    connector_ip = env.addresses("connector")[0]
+    listen = [(inter_ips[0], INTERMEDIATE_PORT), (inter_ips[0], INTERMEDIATE_ALT_PORT)]
+    if len(inter_ips) > 1:
+        listen += [(inter_ips[1], INTERMEDIATE_PORT), (inter_ips[1], INTERMEDIATE_ALT_PORT)]
+    cfg = trial_traversal_config(spec)
+    if spec.binding_timeout is not None:
+        for router in topo.routers:
+            env.set_binding_timeout(router.name, spec.binding_timeout)
+    srv = Intermediate(env.net("intermediate"), creds, birthday_ports=spec.birthday, birthday_probes=spec.birthday_probes)
+    echo = EchoServer(env.net("connector"))
+    connector = side = None
+    ct = None
+    error = ""
+
+    def relay_switch(session_id: int, on: bool) -> None:
+        (srv.relay_blocked.discard if on else srv.relay_blocked.add)(session_id)
+
+    try:
+        await srv.listen(listen)
+        await echo.start(connector_ip, APP_PORT)
+        connector = Connector(env.net("connector"), creds, listen[0], service="echo", forward=(connector_ip, APP_PORT),
+                              name="connector", p2p_port=CONNECTOR_PORT)
+        ct = ConnectorTraversal(connector, cfg)
+        await connector.start()
+        await connector.wait_registered(10)
+        await asyncio.wait_for(ct.ready.wait(), 10)
+        side = AgentSide(env.net("agent"), creds, listen[0], spec, cfg, relay_switch=relay_switch)
+        await side.run()
+        st, agent, probe, send_echo, measure = side.st, side.agent, side.probe, side.send_echo, side.measure
+        if spec.blackhole and side.direct_active and measure["verify_sent"]:
+            measure.update(await _blackhole(env, topo, st, st.session, probe, send_echo, spec, loop))
         if spec.fault == "rebind":
             measure["fault"] = await _rebind(env, topo, st, agent, probe, send_echo, spec, loop)
         elif spec.fault == "idle":
@@ -279,17 +317,21 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
         log.exception("trial %s failed", spec.trial_id)
         error = f"{type(exc).__name__}: {exc}"
     finally:
-        for closer in (at, ct):
-            if closer is not None:
-                closer.close()
-        for role in (agent, connector):
-            if role is not None:
-                role.close()
+        if side is not None:
+            side.close()
+        if ct is not None:
+            ct.close()
+        if connector is not None:
+            connector.close()
         srv.close()
         echo.close()
         await asyncio.sleep(0)
-    return _result(spec, env, started, loop.time() - w0, st, at, ct, probe, measure, error,
-                   t0 if st is not None else None)
+    return side_result(spec, side, started, loop.time() - w0, error, ct=ct)
+
+
+def trial_traversal_config(spec: TrialSpec) -> TraversalConfig:
+    return TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout, spray_rate=spec.birthday_rate),
+                           keepalive=spec.keepalive, failover=max(2.0, 3 * spec.keepalive))
 
 
 async def _drain(probe: EchoProbe, wait: float) -> None:
@@ -465,8 +507,18 @@ async def _idle(st, probe, send_echo, spec, loop) -> dict:
     }
 
 
-def _result(spec, env, started, duration, st, at, ct, probe, measure, error, t0) -> TrialResult:
-    expected = expected_outcome(spec.agent_nat, spec.connector_nat)
+def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duration: float, error: str, *,
+                ct: ConnectorTraversal | None = None, expected: str | None = None,
+                measured_where: str = "") -> TrialResult:
+    """The trial's record from what the Agent side saw (and the Connector side, when it ran here)."""
+    st = side.st if side is not None else None
+    at = side.at if side is not None else None
+    t0 = side.t0 if side is not None else None
+    probe = side.probe if side is not None else EchoProbe(time.monotonic, spec.echo_size)
+    measure = side.measure if side is not None else {"verify_sent": 0, "verify_received": 0, "failover_ms": None,
+                                                     "echo_gap_ms": None}
+    if expected is None:
+        expected = expected_outcome(spec.agent_nat, spec.connector_nat)
     relay, direct = probe.paths["relay"], probe.paths["direct"]
     rs, ds = relay.summary(), direct.summary()
     # With the relay off for the session an echo can only come back over the direct path. At least
@@ -508,7 +560,13 @@ def _result(spec, env, started, duration, st, at, ct, probe, measure, error, t0)
     ttd = (direct.first_reply_at - t0) * 1000 if t0 is not None and direct.first_reply_at and is_direct(outcome) else None
     sess = st.session if st is not None else None
     agent_nat_detected = at.detection.kind.name if at is not None else "UNKNOWN"
-    conn_nat_detected = ct.detection.kind.name if ct is not None else "UNKNOWN"
+    if ct is not None:
+        conn_nat_detected, conn_candidates = ct.detection.kind.name, [_fmt(c) for c in ct.candidates]
+    else:  # the Connector runs elsewhere: what its offer told the Agent
+        conn_nat_detected = st.peer_nat.name if st is not None else "UNKNOWN"
+        conn_candidates = [_fmt(c) for c in st.peer_candidates] if st is not None else []
+    proof = ("relay switched off for the session during the proof" if side is not None and side.relay_switch
+             else "proof: echoes sent on the direct QUIC connection came back on it (the relay stayed on)")
     conn_probes = 0
     if ct is not None and sess is not None:
         own = ct.results.get(sess.id, {}).get("own")
@@ -520,7 +578,7 @@ def _result(spec, env, started, duration, st, at, ct, probe, measure, error, t0)
         outcome=outcome, reason=reason, as_expected=judge(expected, outcome, spec.scenario, spec.birthday > 0),
         direct_verified=verified, agent_nat_detected=agent_nat_detected, connector_nat_detected=conn_nat_detected,
         agent_candidates=[_fmt(c) for c in at.candidates] if at is not None else [],
-        connector_candidates=[_fmt(c) for c in ct.candidates] if ct is not None else [],
+        connector_candidates=conn_candidates,
         agent_probes=st.probes_sent if st is not None else 0, connector_probes=conn_probes,
         predicted_ports=predicted, working_pair=working,
         punch_ms=round(st.punch_ms, 3) if st is not None and st.punch_ms is not None else None,
@@ -534,7 +592,7 @@ def _result(spec, env, started, duration, st, at, ct, probe, measure, error, t0)
         path_events=st.path.events if st is not None else [],
         measured_with=(f"echo probe, {spec.echo_size} B payload through the Connector to a UDP echo app, "
                        f"{spec.samples} samples per path interleaved every {spec.echo_interval * 1000:g} ms, "
-                       f"backend {spec.backend}, profile {spec.profile}"),
+                       f"backend {spec.backend}, profile {spec.profile}{measured_where}; {proof}"),
         error=error,
         extra={"fault": measure["fault"]} if "fault" in measure else {},
     )
