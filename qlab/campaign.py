@@ -84,16 +84,20 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def manifest_for(spec: CampaignSpec) -> dict:
+def provenance() -> dict:
+    """What ran a campaign: versions, revision, kernel, host, start time (every manifest has it)."""
     import aioquic
 
+    return {"qlab_version": __version__, "git_revision": _git_revision(), "python": platform.python_version(),
+            "aioquic": aioquic.__version__, "kernel": platform.release(), "host": socket.gethostname(),
+            "started_at": dt.datetime.now(dt.UTC).isoformat(), "finished_at": None}
+
+
+def manifest_for(spec: CampaignSpec) -> dict:
     return {
-        "campaign_id": spec.campaign_id, "qlab_version": __version__, "git_revision": _git_revision(),
-        "backend": spec.backend, "parameters": asdict(spec), "cells": [list(c) for c in spec.cells],
-        "trials": spec.trials, "seed": spec.seed, "profile": spec.profile,
-        "expected": {f"{a}|{c}": expected_outcome(a, c) for a, c in spec.cells},
-        "python": platform.python_version(), "aioquic": aioquic.__version__, "kernel": platform.release(),
-        "host": socket.gethostname(), "started_at": dt.datetime.now(dt.UTC).isoformat(), "finished_at": None,
+        "campaign_id": spec.campaign_id, "backend": spec.backend, "parameters": asdict(spec),
+        "cells": [list(c) for c in spec.cells], "trials": spec.trials, "seed": spec.seed, "profile": spec.profile,
+        "expected": {f"{a}|{c}": expected_outcome(a, c) for a, c in spec.cells}, **provenance(),
     }
 
 

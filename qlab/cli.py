@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 
 from qlab import __version__
-from qlab.cli_util import parse_addr
+from qlab.cli_util import parse_addr, parse_advertise
 
 
 def _setup_logging(verbose: int) -> None:
@@ -65,13 +65,15 @@ def cmd_intermediate(args: argparse.Namespace) -> int:
     policy = AccessPolicy.load(args.policy) if args.policy else None
     listen = [args.listen] + list(args.alt or [])
     return _run_until_signal(
-        lambda stop: intermediate.run(RealNet(), creds, listen, metrics_addr=args.metrics, stop=stop, policy=policy)
+        lambda stop: intermediate.run(RealNet(), creds, listen, metrics_addr=args.metrics, stop=stop, policy=policy,
+                                      advertise=dict(args.advertise or []))
     )
 
 
 def cmd_connector(args: argparse.Namespace) -> int:
     from qlab.connector import Connector
     from qlab.net import RealNet
+    from qlab.traversal.session import ConnectorTraversal
 
     creds = _creds(args)
 
@@ -80,6 +82,7 @@ def cmd_connector(args: argparse.Namespace) -> int:
             RealNet(), creds, args.intermediate, service=args.service, forward=args.forward, name=args.name,
             host=args.bind, p2p_port=args.p2p_port,
         )
+        traversal = ConnectorTraversal(c)  # answers offers and punches: direct P2P on the same socket
         await c.start()
         http = None
         if args.metrics is not None:
@@ -89,6 +92,7 @@ def cmd_connector(args: argparse.Namespace) -> int:
             logging.getLogger("qlab.connector").info("metrics on http://%s:%d/metrics", *args.metrics)
         fatal = asyncio.ensure_future(c.failed.wait())
         done, _ = await asyncio.wait([fatal, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        traversal.close()
         c.close()
         if http is not None:
             http.close()
@@ -168,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--listen", type=lambda s: parse_addr(s, 4433), default=("0.0.0.0", 4433), help="HOST:PORT (4433)")
     i.add_argument("--alt", type=parse_addr, action="append",
                    help="extra HOST:PORT for NAT classification (repeat: alternate port, alternate IP, both)")
+    i.add_argument("--advertise", type=parse_advertise, action="append", metavar="LOCAL_IP=PUBLIC_IP",
+                   help="the public address a listener IP is reached at (1:1 NAT such as an Elastic IP; repeat)")
     i.add_argument("--certs", required=True, help="directory made by `qlab certs init`")
     i.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
     i.add_argument("--policy", default=None, help="JSON access policy (per-client secrets and services)")

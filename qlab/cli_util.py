@@ -26,3 +26,16 @@ def parse_addr(text: str, default_port: int | None = None) -> tuple[str, int]:
     if not 0 <= p <= 65535 or not host:
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT with a port in 0..65535")
     return host, p
+
+
+def parse_advertise(text: str) -> tuple[str, str]:
+    """LOCAL_IP=PUBLIC_IP, both IPv4 or IPv6 literals."""
+    import ipaddress
+
+    local, sep, public = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return str(ipaddress.ip_address(local.strip())), str(ipaddress.ip_address(public.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LOCAL_IP=PUBLIC_IP") from None

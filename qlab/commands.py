@@ -56,24 +56,41 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0 if out.get("preset") else 1
 
 
-async def _classify_field(args: argparse.Namespace) -> dict:
-    from qlab.certs import Credentials
-    from qlab.endpoint import Endpoint
-    from qlab.net import RealNet
-    from qlab.traversal.detect import classify
-    from qlab.traversal.punch import host_ips_for
-
+def _certs_needed(args: argparse.Namespace) -> str:
     if not args.certs:
         raise ValueError("--certs DIR (the deployment's ca.pem and secret) is needed with --intermediate")
-    net = RealNet()
-    ep = Endpoint(net)
-    await ep.bind("0.0.0.0", 0)
-    try:
-        v = await classify(ep, Credentials.load(args.certs), args.intermediate,
-                           host_ips_for(ep.local_address, net.host_addresses()))
-    finally:
-        ep.close()
-    return {**v.to_dict(), "backend": "field"}
+    return args.certs
+
+
+async def _classify_field(args: argparse.Namespace) -> dict:
+    from qlab.certs import Credentials
+    from qlab.field import classify_here
+
+    return {**await classify_here(args.intermediate, Credentials.load(_certs_needed(args))), "backend": "field"}
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Classify this machine's NAT against a deployment, then run trials against its Connectors."""
+    from qlab.field import ProbeSpec, Target, probe
+
+    spec = ProbeSpec(
+        intermediate=args.intermediate, certs=_certs_needed(args),
+        targets=[Target.parse(t) for t in (args.connector or ["echo"])], agent_nat=args.agent_nat or "",
+        classify=not args.no_classify, trials=args.trials, samples=args.samples,
+        echo_interval=args.echo_interval / 1000, punch_timeout=args.punch_timeout, campaign_id=args.campaign or "",
+        label=args.label, host=args.host or "", upload=args.upload or "", region=args.region or "", bind=args.bind,
+    )
+    counts: dict[str, int] = {}
+
+    def show(rec: dict) -> None:
+        counts[rec["outcome"]] = counts.get(rec["outcome"], 0) + 1
+        rtt = rec["rtt_direct_p50_ms"] if rec["rtt_direct_p50_ms"] is not None else rec["rtt_relay_p50_ms"]
+        print(f"{rec['trial_id']}: {rec['outcome']} (expected {rec['expected']}) p50 {rtt} ms"
+              + (f" - {rec['reason']}" if rec["reason"] else ""), flush=True)
+
+    d = probe(spec, root=args.results, on_result=show)
+    print(json.dumps({"campaign": str(d), "outcomes": counts}, indent=1))
+    return 0 if counts and "failed" not in counts else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -91,3 +108,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="classify this machine's NAT against a deployed Intermediate instead")
     add_trial_options(c)
     c.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("probe", help="from this machine: classify its NAT and run trials against a deployment")
+    p.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True, help="HOST:PORT")
+    p.add_argument("--certs", required=True, help="the deployment's certs dir (ca.pem and secret)")
+    p.add_argument("--connector", action="append", metavar="SERVICE[=NAT][@same_lan]",
+                   help="a Connector service to try, with the NAT in front of it if known (repeatable; default echo)")
+    p.add_argument("--agent-nat", default=None, help="this machine's NAT preset if known (default: classify)")
+    p.add_argument("--no-classify", action="store_true")
+    p.add_argument("--trials", type=int, default=5, help="trials per Connector service")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--echo-interval", type=float, default=20.0, help="ms between echo probes")
+    p.add_argument("--punch-timeout", type=float, default=3.0)
+    p.add_argument("--campaign", default=None, help="campaign id (default: time, label and host)")
+    p.add_argument("--results", default=None, help="results root (default results/ or $QLAB_RESULTS)")
+    p.add_argument("--label", default="field", choices=("field", "aws"), help="the backend recorded")
+    p.add_argument("--host", default=None, help="host name recorded in trial ids (default: this host's)")
+    p.add_argument("--upload", default=None, help="s3://BUCKET/PREFIX to mirror the campaign to after every trial")
+    p.add_argument("--region", default=None, help="AWS region for --upload")
+    p.add_argument("--bind", default="0.0.0.0", help="local address to probe from (default: any)")
+    p.set_defaults(func=cmd_probe)

@@ -62,8 +62,12 @@ class Intermediate:
         self, net: Net, creds: Credentials, *, relay_enabled: bool = True, birthday_ports: int = 0,
         birthday_probes: int = 1024,
         policy: AccessPolicy | None = None, rate_limits: dict[str, tuple[float, float]] | None = None,
+        advertise: dict[str, str] | None = None,
     ) -> None:
         self.net = net
+        # local IP -> the public IP clients reach it at (a cloud's 1:1 NAT, e.g. an Elastic IP): what
+        # SERVER_INFO tells classifying clients, who must connect to the alternate listeners
+        self.advertise = advertise or {}
         self.creds = creds
         self.policy = policy or AccessPolicy()
         self.rate_limits = rate_limits
@@ -403,7 +407,7 @@ class _ServerConn(Handler):
         self.conn.send_control(wire.Ack(msg.req))
 
     def _on_ServerInfoRequest(self, c: Client, msg: wire.ServerInfoRequest) -> None:
-        addrs = self.s.listener_addrs
+        addrs = [(self.s.advertise.get(ip, ip), port) for ip, port in self.s.listener_addrs]
         primary = addrs[0]
         alternate = next((a for a in addrs if a[0] != primary[0] and a[1] != primary[1]), primary)
         self.conn.send_control(wire.ServerInfo(msg.req, primary, alternate))
@@ -479,10 +483,10 @@ def _birthday(server: Intermediate, own: wire.NatKind, peer: wire.NatKind) -> in
 
 async def run(
     net: Net, creds: Credentials, listen: list[Addr], *, metrics_addr: Addr | None = None,
-    stop: asyncio.Event | None = None, policy: AccessPolicy | None = None,
+    stop: asyncio.Event | None = None, policy: AccessPolicy | None = None, advertise: dict[str, str] | None = None,
 ) -> None:
     """Run an Intermediate until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
-    server = Intermediate(net, creds, policy=policy)
+    server = Intermediate(net, creds, policy=policy, advertise=advertise)
     await server.listen(listen)
     http = None
     if metrics_addr is not None:
