@@ -82,7 +82,7 @@ class ProbeSpec:
             raise ValueError(f"unknown agent NAT {self.agent_nat!r}")
         if self.upload and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?$", self.upload):
             raise ValueError(f"--upload must be s3://BUCKET/PREFIX, got {self.upload!r}")
-        self.host = re.sub(r"[^A-Za-z0-9-]", "-", self.host or socket.gethostname())[:40] or "host"
+        self.host = re.sub(r"[^A-Za-z0-9_-]", "-", self.host or socket.gethostname())[:40] or "host"
         if not self.campaign_id:
             self.campaign_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{self.label}-{self.host}"
         check_id(self.campaign_id)

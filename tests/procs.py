@@ -97,3 +97,32 @@ class Proc:
         for t in self._threads:
             t.join(5)  # the pumps end at EOF, right after the process
         return self.p.returncode, "\n".join(self.out), "\n".join(self.err)
+
+
+class LoopbackDeployment:
+    """An Intermediate (with the listeners classification needs), the echo app and one Connector
+    per service, as processes on loopback: a deployment for field trials without privileges."""
+
+    def __init__(self, certs: str, services: Sequence[str] = ("echo",)) -> None:
+        self.port = free_udp_port()
+        eport = free_udp_port()
+        self.procs: list[Proc] = []
+        try:
+            self.procs.append(Proc([*QLAB, "intermediate", "--listen", f"127.0.0.1:{self.port}",
+                                    "--alt", f"127.0.0.1:{self.port + 1}", "--alt", f"127.0.0.2:{self.port}",
+                                    "--alt", f"127.0.0.2:{self.port + 1}", "--certs", certs], name="intermediate"))
+            self.procs.append(Proc([*QLAB, "echo", "--listen", f"127.0.0.1:{eport}"], name="echo"))
+            self.procs[-1].wait_for("UDP echo on")
+            for service in services:
+                self.procs.append(Proc([*QLAB, "connector", "--intermediate", f"127.0.0.1:{self.port}",
+                                        "--service", service, "--forward", f"127.0.0.1:{eport}",
+                                        "--p2p-port", str(free_udp_port()), "--bind", "127.0.0.1", "--certs", certs],
+                                       name=f"connector-{service}"))
+                self.procs[-1].wait_for(f"registered service {service}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()

@@ -116,30 +116,89 @@ def test_up_then_down_leaves_nothing(aws, certs_dir, wheel):
     assert down("qlab-test", cloud)["clean"], "down is idempotent"
 
 
-def test_run_sends_commands_and_collects_results_safely(aws, certs_dir, wheel, tmp_path):
+def test_run_matrix_commands_remote_results_and_collection(aws, certs_dir, wheel, tmp_path):
+    """`run`: one SSM command per Agent host (the matrix: every cell's Agents against every cell's
+    Connector). moto cannot execute them, so this test plays the Agent hosts: it runs each command
+    exactly as sent — argv parsed from the command, only the Intermediate address, certs and
+    results folder swapped for a loopback deployment's — which mirrors real field trials into the
+    deployment's bucket; then progress, collection into one `aws` campaign, idempotent re-collection,
+    refusal of foreign keys, and no credential anywhere."""
+    import shlex
+
     import boto3
 
-    from qlab.cloud.deploy import Cloud, collect, down, run, up
+    from qlab.cli import main as qlab_main
+    from qlab.cloud import runs
+    from qlab.cloud.deploy import Cloud, down, load_state, up
+    from qlab.results import load
+    from tests.procs import LoopbackDeployment
 
     cloud = Cloud("us-east-1")
-    state = up(spec(topology="nat-matrix", presets=["full_cone"], agents_per_cell=2), cloud,
-               certs_dir=str(certs_dir), wheel=wheel)
+    up(spec(topology="nat-matrix", presets=["full_cone", "symmetric"], agents_per_cell=1), cloud,
+       certs_dir=str(certs_dir), wheel=wheel)
+    state = load_state("qlab-test")
+    with pytest.raises(ValueError, match="campaign id"):
+        runs.start(state, cloud, campaign_id="../x", trials=1)
+    commands = runs.start(state, cloud, campaign_id="c1", trials=1, samples=3)
+    assert sorted(commands) == ["agent-full_cone-0", "agent-symmetric-0"]
+    sent = boto3.client("ssm", region_name="us-east-1").list_commands()["Commands"]
+    assert sorted(c["Parameters"]["commands"][0] for c in sent) == sorted(c["command"] for c in commands.values())
+    argv = shlex.split(commands["agent-symmetric-0"]["command"])
+    assert argv[:2] == ["/opt/qlab/bin/qlab", "probe"] and argv[argv.index("--agent-nat") + 1] == "symmetric"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--connector"] == [
+        "echo-full_cone=full_cone", "echo-symmetric=symmetric@same_lan"]
+    assert argv[argv.index("--upload") + 1] == f"s3://{state['bucket']}/results/c1/agent-symmetric-0/"
+    assert argv[argv.index("--intermediate") + 1] == f"{state['intermediate_ip']}:4433"
+    before = runs.progress(state, cloud, "c1", commands)
+    assert before["trials"] == 0
+
+    lab = LoopbackDeployment(str(certs_dir), ["echo-full_cone", "echo-symmetric"])
+    try:
+        for c in commands.values():
+            a = shlex.split(c["command"])[1:]
+            a[a.index("--intermediate") + 1] = f"127.0.0.1:{lab.port}"
+            a[a.index("--certs") + 1] = str(certs_dir)
+            a[a.index("--results") + 1] = str(tmp_path / "remote" / a[a.index("--host") + 1])  # one per host
+            assert qlab_main([*a, "--bind", "127.0.0.1"]) == 0  # loopback has no NAT: outcomes are not the point
+    finally:
+        lab.close()
+    seen = []
+    final = runs.wait(state, cloud, "c1", commands, timeout=30, poll=0.1, on_progress=seen.append)
+    assert final["trials"] == 4 and final["finished"] and not final["timed_out"] and seen
+    folder = runs.collect(state, cloud, "c1", tmp_path / "results")
+    df = load("c1", root=tmp_path / "results")
+    assert len(df) == 4 and set(df["backend"]) == {"aws"}
+    assert sorted(zip(df["agent_nat"], df["connector_nat"], df["scenario"], strict=True)) == [
+        ("full_cone", "full_cone", "same_lan"), ("full_cone", "symmetric", "pair"),
+        ("symmetric", "full_cone", "pair"), ("symmetric", "symmetric", "same_lan")]
+    assert all(e["deployment"] == "qlab-test" for e in df["extra"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(manifest["hosts"]) == ["agent-full_cone-0", "agent-symmetric-0"]
+    assert manifest["deployments"] == ["qlab-test@us-east-1"] and manifest["backend"] == "aws"
+    runs.collect(state, cloud, "c1", tmp_path / "results")
+    assert len(load("c1", root=tmp_path / "results")) == 4  # collected twice, no duplicate
+
     s3 = boto3.client("s3", region_name="us-east-1")
-    for name in ("trials.csv", "manifest.json"):
-        s3.put_object(Bucket=state["bucket"], Key=f"results/c1/{name}", Body=b"x")
-    out = run("qlab-test", cloud, campaign_id="c1", trials=3, results_root=str(tmp_path / "results"))
-    assert len(out["commands"]) == 2 and set(out["statuses"].values()) == {"Success"}
-    assert sorted(os.path.basename(f) for f in out["collected"]) == ["manifest.json", "trials.csv"]
     s3.put_object(Bucket=state["bucket"], Key="results/c2/../../evil", Body=b"x")
     with pytest.raises(ValueError, match="outside"):
-        collect(cloud, state["bucket"], "c2", str(tmp_path / "results"))
+        runs.collect(state, cloud, "c2", tmp_path / "results")
     assert down("qlab-test", cloud)["clean"]
-    # no credential in anything qlab wrote
-    for root, _, files in os.walk(tmp_path):
+    for root, _, files in os.walk(tmp_path):  # no credential in anything qlab wrote
         for f in files:
             with open(os.path.join(root, f), "rb") as fh:
                 text = fh.read()
             assert FAKE_KEY_ID.encode() not in text and FAKE_SECRET.encode() not in text, f
+
+
+def test_run_refuses_a_deployment_without_agent_hosts(aws, certs_dir, wheel):
+    from qlab.cloud import runs
+    from qlab.cloud.deploy import Cloud, down, load_state, up
+
+    cloud = Cloud("us-east-1")
+    up(spec(topology="relay"), cloud, certs_dir=str(certs_dir), wheel=wheel)
+    with pytest.raises(ValueError, match="qlab probe"):
+        runs.start(load_state("qlab-test"), cloud, campaign_id="c1", trials=1)
+    assert down("qlab-test", cloud)["clean"]
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None and os.environ.get("QLAB_REQUIRE_NETNS") != "1",
@@ -174,14 +233,19 @@ def test_end_to_end_against_moto_server(tmp_path, certs_dir, wheel, capsys):
         ep = ["--endpoint-url", f"http://{host}:{port}"]
         assert main(["cloud", "plan", "--id", "qlab-e2e", "--topology", "relay", *ep]) == 0
         assert json.loads(capsys.readouterr().out)["hourly_cost_usd"] > 0
-        assert main(["cloud", "up", "--id", "qlab-e2e", "--certs", str(certs_dir), "--wheel", wheel, *ep]) == 0
+        topo = ["--topology", "nat-matrix", "--presets", "port_restricted"]
+        assert main(["cloud", "up", "--id", "qlab-e2e", *topo, "--certs", str(certs_dir), "--wheel", wheel, *ep]) == 0
         capsys.readouterr()
         assert main(["cloud", "status", "qlab-e2e", *ep]) == 0
-        assert len(json.loads(capsys.readouterr().out)["instances"]) == 2
+        assert len(json.loads(capsys.readouterr().out)["instances"]) == 4  # intermediate, NAT, agent, connector
         assert main(["cloud", "ls", *ep]) == 0
         assert {i["deployment"] for i in json.loads(capsys.readouterr().out)} == {"qlab-e2e"}
-        assert main(["cloud", "run", "qlab-e2e", "--campaign", "c9", "--results", str(tmp_path / "r"), *ep]) == 0
-        capsys.readouterr()
+        assert main(["cloud", "run", "qlab-e2e", "--campaign", "c9", "--results", str(tmp_path / "r"), "--poll", "0.1",
+                     *ep]) == 0
+        out = capsys.readouterr()
+        progress = json.loads(out.out)["progress"]  # moto runs nothing: the hosts finish with no trial
+        assert progress["finished"] and progress["trials"] == 0 and list(progress["hosts"]) == ["agent-port_restricted-0"]
+        assert "0 trials so far; 1/1 Agent hosts finished" in out.err
         assert main(["cloud", "down", "qlab-e2e", *ep]) == 0
         assert json.loads(capsys.readouterr().out)["clean"]
     finally:

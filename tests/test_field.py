@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.procs import QLAB, Proc, free_udp_port
+from tests.procs import QLAB, LoopbackDeployment, Proc, free_udp_port
 
 
 def test_targets_and_specs_refuse_bad_input(tmp_path):
@@ -31,24 +31,9 @@ def test_targets_and_specs_refuse_bad_input(tmp_path):
 
 @pytest.fixture
 def loopback_deployment(certs_dir):
-    port, cport, eport = free_udp_port(), free_udp_port(), free_udp_port()
-    certs = str(certs_dir)
-    procs = []
-    try:
-        procs.append(Proc([*QLAB, "intermediate", "--listen", f"127.0.0.1:{port}", "--alt", f"127.0.0.1:{port + 1}",
-                           "--alt", f"127.0.0.2:{port}", "--alt", f"127.0.0.2:{port + 1}", "--certs", certs],
-                          name="intermediate"))
-        procs.append(Proc([*QLAB, "echo", "--listen", f"127.0.0.1:{eport}"], name="echo"))
-        procs[-1].wait_for("UDP echo on")
-        procs.append(Proc([*QLAB, "connector", "--intermediate", f"127.0.0.1:{port}", "--service", "echo-lo",
-                           "--forward", f"127.0.0.1:{eport}", "--p2p-port", str(cport), "--bind", "127.0.0.1",
-                           "--certs", certs],
-                          name="connector"))
-        procs[-1].wait_for("registered service echo-lo")
-        yield port
-    finally:
-        for p in reversed(procs):
-            p.terminate()
+    d = LoopbackDeployment(str(certs_dir), ["echo-lo"])
+    yield d.port
+    d.close()
 
 
 def test_probe_on_loopback_records_field_trials(loopback_deployment, certs_dir, tmp_path):

@@ -60,9 +60,16 @@ def cmd_status(args):
 def cmd_run(args):
     from qlab.cloud.deploy import run
 
-    print(json.dumps(run(args.id, _cloud(args), campaign_id=args.campaign, trials=args.trials,
-                         results_root=args.results), indent=1))
-    return 0
+    def show(p: dict) -> None:
+        hosts = p["hosts"]
+        done = sum(h["status"] in ("Success", "Failed", "Cancelled", "TimedOut") for h in hosts.values())
+        print(f"{p['trials']} trials so far; {done}/{len(hosts)} Agent hosts finished", file=sys.stderr, flush=True)
+
+    out = run(args.id, _cloud(args), campaign_id=args.campaign, trials=args.trials, samples=args.samples,
+              results_root=args.results, timeout=args.timeout, poll=args.poll, on_progress=show)
+    print(json.dumps({"campaign": out["campaign"], "progress": out["progress"],
+                      "commands": {h: c["command_id"] for h, c in out["commands"].items()}}, indent=1))
+    return 0 if not out["progress"].get("timed_out") else 1
 
 
 def cmd_down(args):
@@ -119,8 +126,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("id")
     p.add_argument("--campaign", required=True)
-    p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--results", default="results")
+    p.add_argument("--trials", type=int, default=10, help="trials per (Agent host, Connector cell)")
+    p.add_argument("--samples", type=int, default=20, help="echo samples per path")
+    p.add_argument("--results", default=None, help="results root (default results/ or $QLAB_RESULTS)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to follow the run before giving up")
+    p.add_argument("--poll", type=float, default=10, help="seconds between progress checks")
     p.set_defaults(func=cmd_run)
     p = cs.add_parser("ls", help="every qlab instance, with age and cost so far")
     common(p)

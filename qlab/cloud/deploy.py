@@ -15,7 +15,6 @@ import json
 import os
 import re
 import secrets
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -299,7 +298,7 @@ def nat_ruleset(preset_name: str, wan_ip: str, lan_cidr: str) -> str:
     return render(preset(preset_name), wan_if=WAN_IF, lan_if=LAN_IF, wan_ip=wan_ip, lan_cidr=lan_cidr)
 
 
-# --- status, run, collect -----------------------------------------------------------------------
+# --- status and run --------------------------------------------------------------------------------
 
 
 def tagged_instances(cloud: Cloud, deployment_id: str, *, live_only: bool = True) -> list[dict]:
@@ -325,58 +324,17 @@ def _name(inst: dict) -> str:
     return next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "Name"), inst["InstanceId"])
 
 
-def remote_campaign_command(campaign_id: str, bucket: str, preset_name: str, trials: int, region: str) -> str:
-    """What an Agent host runs: trials against its cell's Connector, results to S3."""
-    return (f"/opt/qlab/bin/qlab campaign run --backend field --agent-nat {preset_name} --connector-nat {preset_name} "
-            f"--trials {int(trials)} --id {campaign_id} --results /var/lib/qlab/results && "
-            f"aws s3 cp --recursive --region {region} /var/lib/qlab/results/{campaign_id} "
-            f"s3://{bucket}/results/{campaign_id}/")
+def run(deployment_id: str, cloud: Cloud, *, campaign_id: str, trials: int, results_root: str | None = None,
+        samples: int = 20, timeout: float = 3600, poll: float = 10, on_progress=None) -> dict:
+    """Start the campaign on every Agent host (SSM Run Command), follow it, merge the results into
+    results/<campaign-id>/ (qlab.cloud.runs)."""
+    from qlab.cloud import runs
 
-
-def run(deployment_id: str, cloud: Cloud, *, campaign_id: str, trials: int, results_root: str = "results") -> dict:
-    """Start the campaign on every Agent host with SSM Run Command, wait (bounded), collect from S3."""
     state = load_state(deployment_id)
-    ssm = cloud.client("ssm")
-    if not re.match(r"^[A-Za-z0-9._-]{1,100}$", campaign_id):
-        raise ValueError("bad campaign id")
-    commands = {}
-    for name, info in state["instances"].items():
-        if not name.startswith("agent-"):
-            continue
-        preset_name = name.split("-", 1)[1].rsplit("-", 1)[0]
-        cmd = remote_campaign_command(campaign_id, state["bucket"], preset_name, trials, state["region"])
-        r = ssm.send_command(InstanceIds=[info["id"]], DocumentName="AWS-RunShellScript",
-                             Parameters={"commands": [cmd]}, TimeoutSeconds=3600)
-        commands[info["id"]] = r["Command"]["CommandId"]
-    deadline = time.monotonic() + 600
-    statuses = {}
-    for iid, cid in commands.items():
-        while True:
-            inv = ssm.get_command_invocation(CommandId=cid, InstanceId=iid)
-            if inv["Status"] not in ("Pending", "InProgress", "Delayed") or time.monotonic() > deadline:
-                statuses[iid] = inv["Status"]
-                break
-            time.sleep(5)
-    files = collect(cloud, state["bucket"], campaign_id, results_root)
-    return {"commands": commands, "statuses": statuses, "collected": files}
-
-
-def collect(cloud: Cloud, bucket: str, campaign_id: str, results_root: str = "results") -> list[str]:
-    """Download results/<campaign-id>/ from the bucket; keys that would escape the folder are refused."""
-    s3 = cloud.client("s3")
-    dest = Path(results_root) / campaign_id
-    prefix = f"results/{campaign_id}/"
-    out = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix):]
-            target = (dest / rel).resolve()
-            if not rel or ".." in Path(rel).parts or not str(target).startswith(str(dest.resolve())):
-                raise ValueError(f"refusing S3 key outside the campaign folder: {obj['Key']!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(target))
-            out.append(str(target))
-    return out
+    commands = runs.start(state, cloud, campaign_id=campaign_id, trials=trials, samples=samples)
+    final = runs.wait(state, cloud, campaign_id, commands, timeout=timeout, poll=poll, on_progress=on_progress)
+    folder = runs.collect(state, cloud, campaign_id, results_root)
+    return {"campaign": str(folder), "commands": commands, "progress": final}
 
 
 # --- down and ls --------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""A campaign on a deployment: `qlab probe` started on every Agent host with SSM Run Command, each
+host mirroring its campaign folder to the deployment's bucket after every trial, then everything
+merged into one local campaign (backend `aws`) that the notebooks load like any other.
+
+The matrix: an Agent host in cell A runs trials against the Connector of every cell B (service
+`echo-B`), through A's NAT and B's NAT, so N cells give N×N pairs of real NATs; A = B is the same
+NAT (scenario `same_lan`). The managed cell (an AWS NAT Gateway) has no known behaviour: its
+trials carry `aws_nat_gateway` and expect nothing, and each host's classification of its own NAT is
+kept in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from qlab.results import CampaignStore, campaign_dir, check_id, validate_record
+
+MANAGED = "aws_nat_gateway"
+HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+REMOTE_RESULTS = "/var/lib/qlab/results"
+FINAL = ("Success", "Failed", "Cancelled", "TimedOut", "Cancelling")
+
+
+def cell_of(host: str) -> str:
+    """agent-<cell>-<k> -> <cell>."""
+    return host.split("-", 1)[1].rsplit("-", 1)[0]
+
+
+def service_for(cell: str) -> str:
+    return f"echo-{cell}"
+
+
+def nat_label(cell: str) -> str:
+    return MANAGED if cell == "managed" else cell
+
+
+def probe_command(*, host: str, cell: str, cells: list[str], intermediate: str, campaign_id: str, bucket: str,
+                  region: str, trials: int, samples: int = 20) -> str:
+    """The shell command an Agent host runs (AWS-RunShellScript): every argument quoted."""
+    argv = ["/opt/qlab/bin/qlab", "probe", "--intermediate", f"{intermediate}:4433", "--certs", "/etc/qlab/certs",
+            "--agent-nat", nat_label(cell), "--trials", str(int(trials)), "--samples", str(int(samples)),
+            "--campaign", campaign_id, "--label", "aws", "--host", host, "--results", REMOTE_RESULTS,
+            "--upload", f"s3://{bucket}/results/{campaign_id}/{host}/", "--region", region]
+    for b in cells:
+        target = f"{service_for(b)}={nat_label(b) if b != 'managed' else 'unknown'}"
+        argv += ["--connector", target + ("@same_lan" if b == cell else "")]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def start(state: dict, cloud, *, campaign_id: str, trials: int, samples: int = 20) -> dict[str, dict]:
+    """Send the probe command to every Agent host; returns {host: {instance, command_id, command}}."""
+    check_id(campaign_id)
+    agents = {n: i for n, i in state["instances"].items() if n.startswith("agent-")}
+    if not agents:
+        raise ValueError(f"deployment {state['deployment_id']} has no Agent hosts (topology "
+                         f"{state['spec']['topology']}); run `qlab probe` from your own machine instead")
+    cells = sorted({cell_of(n) for n in agents})
+    ssm = cloud.client("ssm")
+    out = {}
+    for host, info in sorted(agents.items()):
+        cmd = probe_command(host=host, cell=cell_of(host), cells=cells, intermediate=state["intermediate_ip"],
+                            campaign_id=campaign_id, bucket=state["bucket"], region=state["region"],
+                            trials=trials, samples=samples)
+        r = ssm.send_command(InstanceIds=[info["id"]], DocumentName="AWS-RunShellScript",
+                             Parameters={"commands": [cmd], "executionTimeout": ["7200"]}, TimeoutSeconds=600,
+                             Comment=f"qlab campaign {campaign_id}")
+        out[host] = {"instance": info["id"], "command_id": r["Command"]["CommandId"], "command": cmd,
+                     "cells": len(cells)}
+    return out
+
+
+def progress(state: dict, cloud, campaign_id: str, commands: dict[str, dict]) -> dict:
+    """Where the run is: each host's command status and trials mirrored to S3 so far."""
+    ssm, s3 = cloud.client("ssm"), cloud.client("s3")
+    hosts = {}
+    for host, c in commands.items():
+        try:
+            status = ssm.get_command_invocation(CommandId=c["command_id"], InstanceId=c["instance"])["Status"]
+        except ssm.exceptions.InvocationDoesNotExist:
+            status = "Pending"
+        try:
+            body = s3.get_object(Bucket=state["bucket"], Key=f"results/{campaign_id}/{host}/trials.jsonl")["Body"]
+            done = sum(1 for line in body.read().splitlines() if line.strip())
+        except s3.exceptions.NoSuchKey:
+            done = 0
+        hosts[host] = {"status": status, "trials": done}
+    return {"hosts": hosts, "trials": sum(h["trials"] for h in hosts.values()),
+            "finished": all(h["status"] in FINAL for h in hosts.values())}
+
+
+def wait(state: dict, cloud, campaign_id: str, commands: dict[str, dict], *, timeout: float = 3600,
+         poll: float = 10, on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Poll until every host's command is final or `timeout` passes (then say which are not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p = progress(state, cloud, campaign_id, commands)
+        if on_progress:
+            on_progress(p)
+        if p["finished"] or time.monotonic() >= deadline:
+            p["timed_out"] = not p["finished"]
+            return p
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+def collect(state: dict, cloud, campaign_id: str, root: Path | str | None = None) -> Path:
+    """Merge every host's mirrored campaign into results/<campaign-id>/ (backend `aws`). Runs again
+    without duplicating a trial; keys that are not `results/<id>/<host>/<file>` are refused."""
+    s3 = cloud.client("s3")
+    bucket = state["bucket"]
+    d = campaign_dir(campaign_id, root)
+    store = CampaignStore(d)
+    have = {r["trial_id"] for r in store.records()}
+    prefix = f"results/{campaign_id}/"
+    host_manifests: dict[str, dict] = {}
+    added = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            host, _, name = obj["Key"][len(prefix):].partition("/")
+            if not HOST_RE.match(host) or name not in ("manifest.json", "trials.jsonl", "trials.csv", "trials.parquet"):
+                raise ValueError(f"refusing S3 key outside the campaign layout: {obj['Key']!r}")
+            if name == "manifest.json":
+                host_manifests[host] = json.loads(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+            elif name == "trials.jsonl":
+                for line in s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode().splitlines():
+                    try:
+                        rec = validate_record(json.loads(line))
+                    except ValueError:
+                        continue  # a line cut short while the host was writing: it will be whole next time
+                    if rec["trial_id"] in have:
+                        continue
+                    rec["backend"] = "aws"
+                    rec["extra"] = {**(rec.get("extra") or {}), "deployment": state["deployment_id"],
+                                    "region": state["region"]}
+                    store.append(rec)
+                    have.add(rec["trial_id"])
+                    added += 1
+    _write_manifest(store, state, campaign_id, host_manifests)
+    store.write_tables()
+    return d
+
+
+def _write_manifest(store: CampaignStore, state: dict, campaign_id: str, host_manifests: dict[str, dict]) -> None:
+    from qlab.campaign import provenance
+
+    old = store.manifest() if (store.dir / "manifest.json").exists() else {}
+    hosts = {**old.get("hosts", {}), **{h: {"region": state["region"], "deployment": state["deployment_id"],
+                                            "classification": m.get("classification"),
+                                            "qlab_version": m.get("qlab_version"), "kernel": m.get("kernel"),
+                                            "finished_at": m.get("finished_at")}
+                                        for h, m in host_manifests.items()}}
+    cells = sorted({tuple(c) for m in host_manifests.values() for c in m.get("cells", [])}
+                   | {tuple(c) for c in old.get("cells", [])})
+    expected = {**old.get("expected", {}), **{k: v for m in host_manifests.values()
+                                               for k, v in m.get("expected", {}).items()}}
+    deployments = sorted({*old.get("deployments", []), f"{state['deployment_id']}@{state['region']}"})
+    store.write_manifest({**old, **{k: v for k, v in provenance().items() if k not in old},
+                          "campaign_id": campaign_id, "backend": "aws", "profile": "internet",
+                          "deployments": deployments, "hosts": hosts, "cells": [list(c) for c in cells],
+                          "expected": expected, "collected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
