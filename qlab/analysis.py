@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from qlab.nat.spec import PRESET_NAMES, expected_outcome
+from qlab.nat.spec import PRESET_NAMES, expected_or_unknown
 
 DIRECT = ("direct_lan", "direct_wan", "direct_predicted")
 
@@ -37,7 +37,7 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
         rd, rr = g["rtt_direct_p50_ms"].median(), g["rtt_relay_p50_ms"].median()
         rows.append({
             "backend": backend, "agent_nat": a, "connector_nat": c, "n": n,
-            "expected": expected_outcome(a, c),
+            "expected": expected_or_unknown(a, c),
             "as_expected_rate": float(g["as_expected"].mean()),
             "direct_rate": direct / n, "direct_ci_low": lo, "direct_ci_high": hi,
             "fallback_rate": relay / n, "fallback_ci_low": flo, "fallback_ci_high": fhi,
@@ -61,7 +61,7 @@ def matrix(summary: pd.DataFrame, value: str, backend: str | None = None) -> pd.
     """A 6 x 6 table (Agent NAT rows, Connector NAT columns) of one summary column."""
     s = summary if backend is None else summary[summary["backend"] == backend]
     m = s.pivot_table(index="agent_nat", columns="connector_nat", values=value, aggfunc="mean")
-    order = [p for p in PRESET_NAMES]
+    order = list(PRESET_NAMES) + sorted({*m.index, *m.columns} - set(PRESET_NAMES))  # field NATs last
     return m.reindex(index=[p for p in order if p in m.index], columns=[p for p in order if p in m.columns])
 
 

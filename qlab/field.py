@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlab.certs import Credentials
-from qlab.nat.spec import PRESET_NAMES, expected_outcome
+from qlab.nat.spec import PRESET_NAMES
+from qlab.nat.spec import expected_or_unknown as expected_for
 from qlab.results import CampaignStore, campaign_dir, check_id
 from qlab.trial import AgentSide, TrialResult, TrialSpec, _off_loop, side_result, trial_traversal_config
 
@@ -86,13 +87,6 @@ class ProbeSpec:
         if not self.campaign_id:
             self.campaign_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{self.label}-{self.host}"
         check_id(self.campaign_id)
-
-
-def expected_for(agent_nat: str, connector_nat: str) -> str:
-    """The expected-outcome code, or "?" where a NAT's behaviour is not known."""
-    if agent_nat in PRESET_NAMES and connector_nat in PRESET_NAMES:
-        return expected_outcome(agent_nat, connector_nat)
-    return "?"
 
 
 async def classify_here(intermediate: tuple[str, int], creds: Credentials, bind: str = "0.0.0.0") -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from qlab.analysis import cell_summary, matrix, rtt_samples
-from qlab.nat.spec import expected_outcome
+from qlab.nat.spec import expected_or_unknown
 
 OUTCOME_COLORS = {"direct_lan": "#1b9e77", "direct_wan": "#66a61e", "direct_predicted": "#a6d854",
                   "relay": "#e6ab02", "failed": "#d95f02"}
@@ -93,12 +93,13 @@ def heatmap(summary: pd.DataFrame, value: str, title: str, *, backend: str | Non
         for j, c in enumerate(m.columns):
             v = m.iat[i, j]
             good = ok.loc[a, c] if (a in ok.index and c in ok.columns) else np.nan
-            mark = "" if np.isnan(good) or good == 1 else " ✗"
-            txt = ("–" if np.isnan(v) else fmt.format(v)) + f"\n{expected_outcome(a, c)}{mark}"
+            code = expected_or_unknown(a, c)  # "?": a NAT of unknown behaviour expects nothing
+            mark = "" if code == "?" or np.isnan(good) or good == 1 else " ✗"
+            txt = ("–" if np.isnan(v) else fmt.format(v)) + f"\n{code}{mark}"
             ax.text(j, i, txt, ha="center", va="center", fontsize=8,
                     color="white" if not np.isnan(v) and v < ((vmin or 0) + (vmax or 1)) / 2 else "black")
     n = int(summary["n"].sum()) if backend is None else int(summary.loc[summary.backend == backend, "n"].sum())
     ax.set_title(f"{title}\n(N={n} trials{', backend ' + backend if backend else ''}; "
-                 "letters = expected: D, D>, P, B, R; ✗ = not as expected)", fontsize=10)
+                 "letters = expected: D, D>, P, B, R, ? unknown NAT; ✗ = not as expected)", fontsize=10)
     plt.colorbar(im, ax=ax, fraction=0.046)
     return ax

@@ -250,3 +250,49 @@ def test_end_to_end_against_moto_server(tmp_path, certs_dir, wheel, capsys):
         assert json.loads(capsys.readouterr().out)["clean"]
     finally:
         server.stop()
+
+
+def test_cloud_notebook_runs_against_moto_server(tmp_path, certs_dir, wheel):
+    """notebooks/cloud_campaign.ipynb under papermill, boto3 pointed at moto's server on 127.0.0.1:
+    plan, up, run, collect, down — the notebook states that nothing came back and that nothing is
+    left; the executed copy and its HTML carry no credential."""
+    import logging
+
+    import nbformat
+    from moto.server import ThreadedMotoServer
+
+    from qlab.report import execute, to_html
+
+    src = nbformat.read("notebooks/cloud_campaign.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in src.cells if c.cell_type == "code")  # committed without outputs
+    params = [c for c in src.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "dry_run: bool = True" in params[0].source
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        out = execute("cloud_campaign", tmp_path / "cloud_campaign.ipynb", dict(
+            presets="full_cone,symmetric", dry_run=False, endpoint_url=f"http://{host}:{port}",
+            certs_dir=str(certs_dir), wheel=wheel, deployment_id="qlab-nb", campaign_id="nb-c1",
+            results_root=str(tmp_path / "results"), poll_s=0.1, trials=1))
+        import boto3
+
+        ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=f"http://{host}:{port}")
+        live = [i for r in ec2.describe_instances(Filters=[{"Name": "tag:qlab:deployment", "Values": ["qlab-nb"]}])
+                ["Reservations"] for i in r["Instances"] if i["State"]["Name"] != "terminated"]
+        assert not live
+    finally:
+        server.stop()
+    text = json.dumps([c.get("outputs", []) for c in nbformat.read(out, as_version=4).cells],  # outputs only
+                      ensure_ascii=False)
+    assert "**Deployment `qlab-nb`** on endpoint" in text and "USD/h" in text
+    assert "No trials collected" in text and "executes no remote command" in text
+    assert "clean — nothing tagged" in text and "Traceback" not in text
+    page = to_html(out, tmp_path / "cloud_campaign.html").read_bytes()
+    assert b"No trials collected" in page
+    for f in (out, tmp_path / "cloud_campaign.html", *sorted((tmp_path / "results").rglob("*"))):
+        if f.is_file():
+            data = f.read_bytes()
+            assert FAKE_KEY_ID.encode() not in data and FAKE_SECRET.encode() not in data, f

@@ -162,3 +162,26 @@ def _write_manifest(store: CampaignStore, state: dict, campaign_id: str, host_ma
                           "campaign_id": campaign_id, "backend": "aws", "profile": "internet",
                           "deployments": deployments, "hosts": hosts, "cells": [list(c) for c in cells],
                           "expected": expected, "collected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def run_campaign(spec, cloud, *, certs_dir: str, wheel: str, campaign_id: str, trials: int, samples: int = 20,
+                 dry_run: bool = False, keep: bool = False, root: Path | str | None = None, timeout: float = 3600,
+                 poll: float = 10, on_progress: Callable[[dict], None] | None = None) -> dict:
+    """plan -> up -> run -> collect -> down, the whole cloud campaign in one call (the notebook's).
+    The deployment is taken down at the end — also when any step fails — unless `keep`."""
+    from qlab.cloud import deploy
+
+    out: dict = {"plan": deploy.plan(spec), "dry_run": dry_run, "campaign": None, "progress": None, "down": None}
+    if dry_run:
+        return out
+    state = deploy.up(spec, cloud, certs_dir=certs_dir, wheel=wheel)
+    try:
+        out["status"] = deploy.status(spec.deployment_id, cloud)
+        commands = start(state, cloud, campaign_id=campaign_id, trials=trials, samples=samples)
+        out["progress"] = wait(state, cloud, campaign_id, commands, timeout=timeout, poll=poll,
+                               on_progress=on_progress)
+        out["campaign"] = collect(state, cloud, campaign_id, root)
+    finally:
+        if not keep:
+            out["down"] = deploy.down(spec.deployment_id, cloud)
+    return out

@@ -153,6 +153,14 @@ def expected_outcome(agent_nat: str, connector_nat: str) -> str:
     return EXPECTED[(preset(agent_nat).name, preset(connector_nat).name)]
 
 
+def expected_or_unknown(agent_nat: str, connector_nat: str) -> str:
+    """The expected-outcome code, or "?" where a NAT is not a preset (a field NAT of unknown
+    behaviour, an AWS NAT Gateway): nothing is expected of it."""
+    if agent_nat in PRESET_NAMES and connector_nat in PRESET_NAMES:
+        return expected_outcome(agent_nat, connector_nat)
+    return "?"
+
+
 def expects_direct(agent_nat: str, connector_nat: str, *, birthday: bool = False) -> bool:
     code = expected_outcome(agent_nat, connector_nat)
     return code in ("D", "D>", "P") or (birthday and code == "B")
