@@ -73,14 +73,25 @@ def test_bad_input_is_refused_before_anything_exists():
 def test_up_then_down_leaves_nothing(aws, certs_dir, wheel):
     import boto3
 
-    from qlab.cloud.deploy import Cloud, down, leftovers, nat_ruleset, status, up
+    from qlab.cloud.deploy import Cloud, down, leftovers, nat_ruleset, plan, status, up
     from qlab.nat.nftables import render
     from qlab.nat.spec import preset
 
     cloud = Cloud("us-east-1")
-    up(spec(topology="nat-matrix", presets=["port_restricted", "symmetric_seq"]), cloud,
-       certs_dir=str(certs_dir), wheel=wheel)
+    s = spec(topology="nat-matrix", presets=["port_restricted", "symmetric_seq"])
+    state = up(s, cloud, certs_dir=str(certs_dir), wheel=wheel)
     ec2 = boto3.client("ec2", region_name="us-east-1")
+    eips = ec2.describe_addresses(Filters=[{"Name": "tag:qlab:deployment", "Values": ["qlab-test"]}])["Addresses"]
+    assert len(eips) == plan(s)["resources"]["elastic_ips"], "plan prices the public addresses up allocates"
+    inter = next(i for r in ec2.describe_instances(Filters=[{"Name": "tag:Name", "Values": ["qlab-test-intermediate"]}])
+                 ["Reservations"] for i in r["Instances"])
+    eni = ec2.describe_network_interfaces(NetworkInterfaceIds=[inter["NetworkInterfaces"][0]["NetworkInterfaceId"]])[
+        "NetworkInterfaces"][0]
+    assert sorted(a["PrivateIpAddress"] for a in eni["PrivateIpAddresses"]) == ["10.80.0.10", "10.80.0.11"]
+    # both Elastic IPs on the Intermediate's interface (moto does not keep which private IP an
+    # association names, so the pairing itself is not checked here)
+    assert sorted(a["PublicIp"] for a in eips if a.get("NetworkInterfaceId") == eni["NetworkInterfaceId"]) == \
+        sorted(state["intermediate_ips"])
     st = status("qlab-test", cloud)
     assert len(st["instances"]) == 1 + 2 * 3
     secret = (certs_dir / "secret").read_text().strip()
@@ -210,11 +221,41 @@ def test_user_data_is_shellcheck_clean(tmp_path):
     for roles, ruleset in ((["intermediate"], None), (["echo", "connector"], None), ([], nat_ruleset("symmetric", "10.80.0.100", "10.80.10.0/24"))):
         ud = render_user_data(deployment="qlab-test", region="us-east-1", bucket="b", wheel_key="wheels/q.whl",
                               roles=roles, ttl_minutes=60, params={"secret": "/qlab/qlab-test/secret"},
-                              nat_ruleset=ruleset, intermediate="198.51.100.7", alt_ip="10.80.0.11")
+                              nat_ruleset=ruleset, intermediate="198.51.100.7", service="echo-symmetric",
+                              intermediate_addrs=(("10.80.0.10", "198.51.100.7"), ("10.80.0.11", "198.51.100.8")))
         path = tmp_path / "ud.sh"
         path.write_text(ud)
         r = subprocess.run(["shellcheck", "-s", "bash", str(path)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout
+
+
+def test_units_start_real_qlab_commands():
+    """Every ExecStart in the user data parses with qlab's own CLI, with the values the roles need."""
+    import shlex
+
+    from qlab.cli import build_parser
+    from qlab.cloud.userdata import render_user_data
+
+    ud = render_user_data(deployment="d", region="us-east-1", bucket="b", wheel_key="wheels/q.whl",
+                          roles=["intermediate", "echo", "connector"], ttl_minutes=60, params={},
+                          intermediate="198.51.100.7", service="echo-full_cone",
+                          intermediate_addrs=(("10.80.0.10", "198.51.100.7"), ("10.80.0.11", "198.51.100.8")))
+    starts = [line.split("=", 1)[1] for line in ud.splitlines() if line.startswith("ExecStart=")]
+    parsed = {}
+    for cmd in starts:
+        argv = shlex.split(cmd)
+        assert argv[0] == "/opt/qlab/bin/qlab"
+        args = build_parser().parse_args(argv[1:])
+        parsed[args.command] = args
+    assert sorted(parsed) == ["connector", "echo", "intermediate"]
+    i = parsed["intermediate"]
+    assert i.listen == ("10.80.0.10", 4433) and ("10.80.0.11", 4434) in i.alt
+    assert dict(i.advertise) == {"10.80.0.10": "198.51.100.7", "10.80.0.11": "198.51.100.8"}
+    c = parsed["connector"]
+    assert c.service == "echo-full_cone" and c.intermediate == ("198.51.100.7", 4433) and c.p2p_port == 4434
+    with pytest.raises(ValueError, match="private and public"):
+        render_user_data(deployment="d", region="us-east-1", bucket="b", wheel_key="w/q.whl", roles=["intermediate"],
+                         ttl_minutes=60, params={})
 
 
 def test_end_to_end_against_moto_server(tmp_path, certs_dir, wheel, capsys):

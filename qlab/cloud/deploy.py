@@ -25,6 +25,7 @@ from qlab.nat.spec import PRESET_NAMES, preset
 TAG = "qlab:deployment"
 VPC_CIDR = "10.80.0.0/16"
 PUBLIC_CIDR = "10.80.0.0/24"
+INTERMEDIATE_IPS = ("10.80.0.10", "10.80.0.11")
 WAN_IF, LAN_IF = "ens5", "ens6"  # Amazon Linux 2023 names for the first two interfaces
 AMI_PARAM = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 # On-demand USD per hour, us-east-1, as listed by AWS in 2026-11 (an estimate; other regions differ
@@ -249,17 +250,33 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
         state["instances"][name] = {"id": inst["InstanceId"], "subnet": subnet}
         return inst["InstanceId"]
 
+    def allocate(name: str) -> dict:
+        return ec2.allocate_address(Domain="vpc", TagSpecifications=_spec_tags("elastic-ip", spec, name, exp))
+
     def public_ip(instance_id: str, name: str) -> str:
-        alloc = ec2.allocate_address(Domain="vpc", TagSpecifications=_spec_tags("elastic-ip", spec, name, exp))
+        alloc = allocate(name)
         ec2.associate_address(AllocationId=alloc["AllocationId"], InstanceId=instance_id)
         return alloc["PublicIp"]
 
+    # the Intermediate's two addresses (NAT classification needs an alternate IP): Elastic IPs
+    # first, so its user data can advertise them, then each bound to one of its private IPs
+    eips = [allocate("intermediate"), allocate("intermediate-alt")]
+    privs = [INTERMEDIATE_IPS[0], INTERMEDIATE_IPS[1]]
     inter = launch("intermediate", public, sgs["intermediate"], render_user_data(
-        roles=["intermediate"], alt_ip="10.80.0.11", **common), ip="10.80.0.10")
-    state["intermediate_ip"] = public_ip(inter, "intermediate")
+        roles=["intermediate"], intermediate_addrs=tuple(zip(privs, [e["PublicIp"] for e in eips], strict=True)),
+        **common), ip=privs[0])
+    ec2.get_waiter("instance_running").wait(InstanceIds=[inter], WaiterConfig={"Delay": 2, "MaxAttempts": 90})
+    eni = ec2.describe_instances(InstanceIds=[inter])["Reservations"][0]["Instances"][0]["NetworkInterfaces"][0]
+    # the secondary private IP (Amazon Linux's ec2-net-utils configures it in the OS by itself)
+    ec2.assign_private_ip_addresses(NetworkInterfaceId=eni["NetworkInterfaceId"], PrivateIpAddresses=[privs[1]])
+    for e, priv in zip(eips, privs, strict=True):
+        ec2.associate_address(AllocationId=e["AllocationId"], NetworkInterfaceId=eni["NetworkInterfaceId"],
+                              PrivateIpAddress=priv)
+    state["intermediate_ip"] = eips[0]["PublicIp"]
+    state["intermediate_ips"] = [e["PublicIp"] for e in eips]
     if spec.topology == "relay":
         c = launch("connector", public, sgs["connector"], render_user_data(
-            roles=["echo", "connector"], intermediate=state["intermediate_ip"], **common))
+            roles=["echo", "connector"], intermediate=state["intermediate_ip"], service="echo", **common))
         state["connector_ip"] = public_ip(c, "connector")
     else:
         state["rulesets"] = {}
@@ -285,7 +302,7 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
             for k in range(spec.agents_per_cell):
                 launch(f"agent-{name}-{k}", sub, sgs["private"], render_user_data(roles=[], **common))
             launch(f"connector-{name}", sub, sgs["private"], render_user_data(
-                roles=["echo", "connector"], intermediate=state["intermediate_ip"], **common))
+                roles=["echo", "connector"], intermediate=state["intermediate_ip"], service=f"echo-{name}", **common))
     state["bucket"] = bucket
     state["vpc"] = vpc
     state["plan"] = p

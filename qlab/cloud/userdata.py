@@ -11,9 +11,12 @@ from __future__ import annotations
 import shlex
 
 ROLE_COMMANDS = {
-    "intermediate": "qlab intermediate --listen 0.0.0.0:4433 --alt 0.0.0.0:4434 {alt_ip} --certs /etc/qlab/certs "
+    # the Intermediate listens on both private addresses, two ports each (NAT classification needs an
+    # alternate IP and port), and tells clients the Elastic IPs those addresses are reached at
+    "intermediate": "qlab intermediate --listen {ip1}:4433 --alt {ip1}:4434 --alt {ip2}:4433 --alt {ip2}:4434 "
+                    "--advertise {ip1}={pub1} --advertise {ip2}={pub2} --certs /etc/qlab/certs "
                     "--metrics 127.0.0.1:9090",
-    "connector": "qlab connector --intermediate {intermediate}:4433 --service echo --forward 127.0.0.1:9999 "
+    "connector": "qlab connector --intermediate {intermediate}:4433 --service {service} --forward 127.0.0.1:9999 "
                  "--p2p-port 4434 --certs /etc/qlab/certs --metrics 127.0.0.1:9091",
     "echo": "qlab echo --listen 127.0.0.1:9999",
 }
@@ -41,8 +44,10 @@ WantedBy=multi-user.target
 
 def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: str, roles: list[str],
                      ttl_minutes: int, params: dict[str, str], nat_ruleset: str | None = None,
-                     intermediate: str = "", alt_ip: str = "") -> str:
-    """The boot script of one instance. `params` maps files under /etc/qlab/certs to SSM names."""
+                     intermediate: str = "", service: str = "echo",
+                     intermediate_addrs: tuple[tuple[str, str], tuple[str, str]] | None = None) -> str:
+    """The boot script of one instance. `params` maps files under /etc/qlab/certs to SSM names;
+    `intermediate_addrs` is ((private, public), (private, public)) for the Intermediate's two addresses."""
     q = shlex.quote
     lines = [
         "#!/bin/bash",
@@ -71,7 +76,11 @@ def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: st
             "nft -f /etc/qlab/nat.nft",
         ]
     for role in roles:
-        cmd = ROLE_COMMANDS[role].format(intermediate=intermediate, alt_ip=f"--alt {alt_ip}:4433" if alt_ip else "")
+        (ip1, pub1), (ip2, pub2) = intermediate_addrs or (("", ""), ("", ""))
+        if role == "intermediate" and not (ip1 and ip2 and pub1 and pub2):
+            raise ValueError("the Intermediate needs both of its private and public addresses")
+        cmd = ROLE_COMMANDS[role].format(intermediate=intermediate, service=service, ip1=ip1, ip2=ip2, pub1=pub1,
+                                         pub2=pub2)
         unit = render_unit(role, " ".join(cmd.split()))
         lines += [f"cat > /etc/systemd/system/qlab-{role}.service <<'QLAB_UNIT'", unit.rstrip("\n"), "QLAB_UNIT"]
     if roles:
