@@ -31,6 +31,7 @@ log = logging.getLogger("qlab.field")
 
 LABELS = ("field", "aws")
 UNKNOWN = "unknown"
+FIELD_NATS = (UNKNOWN, "aws_nat_gateway")  # NATs that are not presets: their behaviour is measured, not known
 _TARGET_RE = re.compile(r"^(?P<service>[A-Za-z0-9._-]{1,64})(=(?P<nat>[a-z_]+))?(@(?P<scenario>pair|same_lan))?$")
 
 
@@ -49,7 +50,7 @@ class Target:
         if not m:
             raise ValueError(f"bad target {text!r}: SERVICE[=NAT_PRESET][@pair|@same_lan]")
         nat = m["nat"] or UNKNOWN
-        if nat != UNKNOWN and nat not in PRESET_NAMES:
+        if nat not in FIELD_NATS and nat not in PRESET_NAMES:
             raise ValueError(f"unknown NAT preset {nat!r} in {text!r}; choose one of: {', '.join(PRESET_NAMES)}")
         return cls(m["service"], nat, m["scenario"] or "pair")
 
@@ -79,7 +80,7 @@ class ProbeSpec:
             raise ValueError("at least one target (Connector service) is needed")
         if not 1 <= self.trials <= 10000:
             raise ValueError("trials per target must be between 1 and 10000")
-        if self.agent_nat and self.agent_nat not in (*PRESET_NAMES, UNKNOWN, "managed"):
+        if self.agent_nat and self.agent_nat not in (*PRESET_NAMES, *FIELD_NATS):
             raise ValueError(f"unknown agent NAT {self.agent_nat!r}")
         if self.upload and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?$", self.upload):
             raise ValueError(f"--upload must be s3://BUCKET/PREFIX, got {self.upload!r}")

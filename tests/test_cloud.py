@@ -337,3 +337,42 @@ def test_cloud_notebook_runs_against_moto_server(tmp_path, certs_dir, wheel):
         if f.is_file():
             data = f.read_bytes()
             assert FAKE_KEY_ID.encode() not in data and FAKE_SECRET.encode() not in data, f
+
+
+def test_managed_nat_cell(aws, certs_dir, wheel):
+    """--managed-nat: an AWS NAT Gateway cell whose private subnet routes through the gateway, with
+    its own Agent and Connector hosts; its trials expect nothing (behaviour unknown); down removes
+    the gateway before its address and subnet, and verifies."""
+    import shlex
+
+    import boto3
+
+    from qlab.cloud import runs
+    from qlab.cloud.deploy import Cloud, down, leftovers, load_state, plan, up
+
+    with pytest.raises(ValueError, match="nat-matrix"):
+        spec(topology="relay", managed_nat=True)
+    s = spec(topology="nat-matrix", presets=["full_cone"], managed_nat=True)
+    p = plan(s)
+    assert {"agent-managed-0", "connector-managed"} <= {i["name"] for i in p["resources"]["instances"]}
+    assert "private-managed" in p["resources"]["subnets"] and p["resources"]["elastic_ips"] == 4
+    cloud = Cloud("us-east-1")
+    state = up(s, cloud, certs_dir=str(certs_dir), wheel=wheel)
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    f = [{"Name": "tag:qlab:deployment", "Values": ["qlab-test"]}]
+    (gw,) = ec2.describe_nat_gateways(Filters=f)["NatGateways"]
+    assert gw["State"] == "available" and gw["NatGatewayId"] == state["nat_gateway"]
+    assert len(ec2.describe_addresses(Filters=f)["Addresses"]) == p["resources"]["elastic_ips"]
+    sub = next(x for x in ec2.describe_subnets(Filters=f)["Subnets"]
+               if {"Key": "Name", "Value": "qlab-test-private-managed"} in x["Tags"])
+    rt = ec2.describe_route_tables(Filters=[{"Name": "association.subnet-id", "Values": [sub["SubnetId"]]}])
+    routes = rt["RouteTables"][0]["Routes"]
+    assert any(r.get("NatGatewayId") == gw["NatGatewayId"] and r["DestinationCidrBlock"] == "0.0.0.0/0" for r in routes)
+    assert {"agent-managed-0", "connector-managed"} <= set(load_state("qlab-test")["instances"])
+    commands = runs.start(load_state("qlab-test"), cloud, campaign_id="m1", trials=1)
+    argv = shlex.split(commands["agent-managed-0"]["command"])
+    assert argv[argv.index("--agent-nat") + 1] == "aws_nat_gateway"
+    assert "echo-managed=aws_nat_gateway@same_lan" in argv and "echo-full_cone=full_cone" in argv
+    r = down("qlab-test", cloud)
+    assert r["clean"], r["left"]
+    assert not leftovers("qlab-test", cloud)["nat_gateways"]

@@ -62,6 +62,8 @@ class DeploymentSpec:
             raise ValueError("ttl_hours must be between 0.25 and 24")
         if not 1 <= self.agents_per_cell <= 10:
             raise ValueError("agents_per_cell must be between 1 and 10")
+        if self.managed_nat and self.topology != "nat-matrix":
+            raise ValueError("--managed-nat adds a cell to the nat-matrix topology only")
         if not re.match(r"^[a-z]{2}-[a-z]+-\d$", self.region):
             raise ValueError(f"not an AWS region name: {self.region!r}")
 
@@ -83,13 +85,17 @@ def plan(spec: DeploymentSpec) -> dict:
             instances.append((f"nat-{p}", "public"))
             instances += [(f"agent-{p}-{i}", f"private-{p}") for i in range(spec.agents_per_cell)]
             instances.append((f"connector-{p}", f"private-{p}"))
+        if spec.managed_nat:  # a cell behind an AWS NAT Gateway: behaviour measured, not configured
+            instances += [(f"agent-managed-{i}", "private-managed") for i in range(spec.agents_per_cell)]
+            instances.append(("connector-managed", "private-managed"))
     if len(instances) > spec.max_instances:
         raise ValueError(f"{len(instances)} instances exceed the cap of {spec.max_instances} (raise --max-instances)")
-    public_ips = 2 + (1 if spec.topology == "relay" else len(spec.presets))
+    public_ips = 2 + (1 if spec.topology == "relay" else len(spec.presets)) + (1 if spec.managed_nat else 0)
     hourly = len(instances) * PRICES.get(spec.instance_type, PRICES["t3.small"]) + public_ips * PRICES["public_ipv4"]
     if spec.managed_nat:
         hourly += PRICES["nat_gateway"]
     subnets = ["public"] + ([f"private-{p}" for p in spec.presets] if spec.topology == "nat-matrix" else [])
+    subnets += ["private-managed"] if spec.managed_nat else []
     return {
         "deployment_id": spec.deployment_id, "region": spec.region, "topology": spec.topology,
         "resources": {
@@ -303,11 +309,36 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
                 launch(f"agent-{name}-{k}", sub, sgs["private"], render_user_data(roles=[], **common))
             launch(f"connector-{name}", sub, sgs["private"], render_user_data(
                 roles=["echo", "connector"], intermediate=state["intermediate_ip"], service=f"echo-{name}", **common))
+        if spec.managed_nat:
+            state["nat_gateway"] = _managed_cell(ec2, spec, exp, vpc, public, sgs["private"], len(spec.presets),
+                                                 allocate, launch, common, state["intermediate_ip"])
     state["bucket"] = bucket
     state["vpc"] = vpc
     state["plan"] = p
     _save(state)
     return state
+
+
+def _managed_cell(ec2, spec: DeploymentSpec, exp: str, vpc: str, public: str, sg: str, index: int, allocate, launch,
+                  common: dict, intermediate_ip: str) -> str:
+    """An AWS NAT Gateway in the public subnet and a private subnet routed through it, with Agent
+    hosts and a Connector like every other cell; `qlab probe` classifies what the gateway does."""
+    eip = allocate("nat-gateway")
+    ngw = ec2.create_nat_gateway(SubnetId=public, AllocationId=eip["AllocationId"],
+                                 TagSpecifications=_spec_tags("natgateway", spec, "nat-gateway", exp))
+    ngw_id = ngw["NatGateway"]["NatGatewayId"]
+    ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[ngw_id], WaiterConfig={"Delay": 5, "MaxAttempts": 60})
+    sub = ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.80.{10 + index}.0/24",
+                            TagSpecifications=_spec_tags("subnet", spec, "private-managed", exp))["Subnet"]["SubnetId"]
+    rt = ec2.create_route_table(VpcId=vpc, TagSpecifications=_spec_tags("route-table", spec, "private-managed", exp))
+    rt_id = rt["RouteTable"]["RouteTableId"]
+    ec2.create_route(RouteTableId=rt_id, DestinationCidrBlock="0.0.0.0/0", NatGatewayId=ngw_id)
+    ec2.associate_route_table(RouteTableId=rt_id, SubnetId=sub)
+    for k in range(spec.agents_per_cell):
+        launch(f"agent-managed-{k}", sub, sg, render_user_data(roles=[], **common))
+    launch("connector-managed", sub, sg, render_user_data(roles=["echo", "connector"], intermediate=intermediate_ip,
+                                                          service="echo-managed", **common))
+    return ngw_id
 
 
 def nat_ruleset(preset_name: str, wan_ip: str, lan_cidr: str) -> str:
@@ -366,6 +397,12 @@ def down(deployment_id: str, cloud: Cloud) -> dict:
     if ids:
         ec2.terminate_instances(InstanceIds=ids)
         ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+    gateways = [g["NatGatewayId"] for g in ec2.describe_nat_gateways(Filters=f)["NatGateways"]
+                if g["State"] not in ("deleted", "deleting")]
+    for g in gateways:
+        ec2.delete_nat_gateway(NatGatewayId=g)
+    if gateways:  # its Elastic IP and subnet are released only once the gateway is gone
+        ec2.get_waiter("nat_gateway_deleted").wait(NatGatewayIds=gateways, WaiterConfig={"Delay": 5, "MaxAttempts": 60})
     for a in ec2.describe_addresses(Filters=f)["Addresses"]:
         if a.get("AssociationId"):
             ec2.disassociate_address(AssociationId=a["AssociationId"])
@@ -433,6 +470,8 @@ def leftovers(deployment_id: str, cloud: Cloud) -> dict:
         "subnets": [s["SubnetId"] for s in ec2.describe_subnets(Filters=f)["Subnets"]],
         "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=f)["SecurityGroups"]],
         "elastic_ips": [a["AllocationId"] for a in ec2.describe_addresses(Filters=f)["Addresses"]],
+        "nat_gateways": [g["NatGatewayId"] for g in ec2.describe_nat_gateways(Filters=f)["NatGateways"]
+                         if g["State"] != "deleted"],
         "buckets": bucket,
         "ssm_parameters": [p["Name"] for p in ssm.get_parameters_by_path(Path=f"/qlab/{deployment_id}/",
                                                                          Recursive=True)["Parameters"]],

@@ -47,7 +47,7 @@ def probe_command(*, host: str, cell: str, cells: list[str], intermediate: str, 
             "--campaign", campaign_id, "--label", "aws", "--host", host, "--results", REMOTE_RESULTS,
             "--upload", f"s3://{bucket}/results/{campaign_id}/{host}/", "--region", region]
     for b in cells:
-        target = f"{service_for(b)}={nat_label(b) if b != 'managed' else 'unknown'}"
+        target = f"{service_for(b)}={nat_label(b)}"
         argv += ["--connector", target + ("@same_lan" if b == cell else "")]
     return " ".join(shlex.quote(a) for a in argv)
 
