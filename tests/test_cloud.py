@@ -284,11 +284,11 @@ def test_end_to_end_against_moto_server(tmp_path, certs_dir, wheel, capsys):
         assert main(["cloud", "run", "qlab-e2e", "--campaign", "c9", "--results", str(tmp_path / "r"), "--poll", "0.1",
                      *ep]) == 0
         out = capsys.readouterr()
-        progress = json.loads(out.out)["progress"]  # moto runs nothing: the hosts finish with no trial
+        progress = json.loads(out.out)["progress"]["qlab-e2e"]  # moto runs nothing: hosts finish with no trial
         assert progress["finished"] and progress["trials"] == 0 and list(progress["hosts"]) == ["agent-port_restricted-0"]
         assert "0 trials so far; 1/1 Agent hosts finished" in out.err
         assert main(["cloud", "down", "qlab-e2e", *ep]) == 0
-        assert json.loads(capsys.readouterr().out)["clean"]
+        assert json.loads(capsys.readouterr().out)[0]["clean"]
     finally:
         server.stop()
 
@@ -376,3 +376,44 @@ def test_managed_nat_cell(aws, certs_dir, wheel):
     r = down("qlab-test", cloud)
     assert r["clean"], r["left"]
     assert not leftovers("qlab-test", cloud)["nat_gateways"]
+
+
+def test_several_regions_in_parallel_and_rollback_everywhere(aws, certs_dir, wheel, tmp_path, monkeypatch):
+    """--regions: one deployment per region, created in parallel, one campaign over all of them
+    (trial ids carry the region); if one region fails, every region is taken down."""
+    import shlex
+
+    import boto3
+
+    from qlab.cloud import deploy, runs
+    from qlab.cloud.deploy import Cloud, leftovers
+
+    s = spec(topology="nat-matrix", presets=["full_cone"])
+    states = runs.up_regions(s, ["us-east-1", "eu-west-1"], Cloud, certs_dir=str(certs_dir), wheel=wheel)
+    ids = [st["deployment_id"] for st in states]
+    assert ids == ["qlab-test-us-east-1", "qlab-test-eu-west-1"]
+    for st in states:
+        ec2 = boto3.client("ec2", region_name=st["region"])
+        assert ec2.describe_vpcs(Filters=[{"Name": "tag:qlab:deployment", "Values": [st["deployment_id"]]}])["Vpcs"]
+    out = runs.run_regions(ids, Cloud, campaign_id="r1", trials=1, root=tmp_path, poll=0.05, timeout=10)
+    hosts = [shlex.split(c["command"]) for d in ids for c in out["commands"][d].values()]
+    assert sorted(a[a.index("--host") + 1] for a in hosts) == ["eu-west-1-agent-full_cone-0",
+                                                               "us-east-1-agent-full_cone-0"]
+    manifest = json.loads((tmp_path / "r1" / "manifest.json").read_text())
+    assert manifest["deployments"] == ["qlab-test-eu-west-1@eu-west-1", "qlab-test-us-east-1@us-east-1"]
+    for st in states:
+        assert deploy.down(st["deployment_id"], Cloud(st["region"]))["clean"]
+
+    real_up = deploy._up
+
+    def fail_in_eu(sp, cloud, *a, **kw):
+        if sp.region == "eu-west-1":
+            raise RuntimeError("capacity exhausted")
+        return real_up(sp, cloud, *a, **kw)
+
+    monkeypatch.setattr(deploy, "_up", fail_in_eu)
+    with pytest.raises(RuntimeError, match="capacity"):
+        runs.up_regions(spec(deployment_id="qlab-rb", topology="nat-matrix", presets=["full_cone"]),
+                        ["us-east-1", "eu-west-1"], Cloud, certs_dir=str(certs_dir), wheel=wheel)
+    for region in ("us-east-1", "eu-west-1"):
+        assert not any(leftovers(f"qlab-rb-{region}", Cloud(region)).values())

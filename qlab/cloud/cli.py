@@ -43,41 +43,58 @@ def cmd_plan(args):
 
 
 def cmd_up(args):
+    from qlab.cloud import runs
     from qlab.cloud.deploy import up
 
-    state = up(_spec(args), _cloud(args), certs_dir=args.certs, wheel=args.wheel or build_wheel())
-    print(json.dumps({k: state[k] for k in ("deployment_id", "region", "expires", "intermediate_ip")}, indent=1))
+    wheel = args.wheel or build_wheel()
+    if args.regions:
+        states = runs.up_regions(_spec(args), [r for r in args.regions.split(",") if r], lambda r: _cloud(args, r),
+                                 certs_dir=args.certs, wheel=wheel)
+    else:
+        states = [up(_spec(args), _cloud(args), certs_dir=args.certs, wheel=wheel)]
+    keys = ("deployment_id", "region", "expires", "intermediate_ips")
+    print(json.dumps([{k: s[k] for k in keys} for s in states], indent=1))
     return 0
 
 
-def cmd_status(args):
-    from qlab.cloud.deploy import status
+def _state_cloud(args, deployment_id: str):
+    """The cloud of a deployment's own region (from its local state), else --region."""
+    from qlab.cloud.deploy import load_state
 
-    print(json.dumps(status(args.id, _cloud(args)), indent=1))
-    return 0
+    try:
+        return _cloud(args, load_state(deployment_id)["region"])
+    except FileNotFoundError:
+        return _cloud(args)
 
 
 def cmd_run(args):
-    from qlab.cloud.deploy import run
+    from qlab.cloud import runs
 
     def show(p: dict) -> None:
         hosts = p["hosts"]
-        done = sum(h["status"] in ("Success", "Failed", "Cancelled", "TimedOut") for h in hosts.values())
+        done = sum(h["status"] in runs.FINAL for h in hosts.values())
         print(f"{p['trials']} trials so far; {done}/{len(hosts)} Agent hosts finished", file=sys.stderr, flush=True)
 
-    out = run(args.id, _cloud(args), campaign_id=args.campaign, trials=args.trials, samples=args.samples,
-              results_root=args.results, timeout=args.timeout, poll=args.poll, on_progress=show)
-    print(json.dumps({"campaign": out["campaign"], "progress": out["progress"],
-                      "commands": {h: c["command_id"] for h, c in out["commands"].items()}}, indent=1))
-    return 0 if not out["progress"].get("timed_out") else 1
+    out = runs.run_regions(args.ids, lambda r: _cloud(args, r), campaign_id=args.campaign, trials=args.trials,
+                           samples=args.samples, root=args.results, timeout=args.timeout, poll=args.poll,
+                           on_progress=show)
+    print(json.dumps({"campaign": out["campaign"], "progress": out["progress"]}, indent=1))
+    return 0 if not any(p.get("timed_out") for p in out["progress"].values()) else 1
 
 
 def cmd_down(args):
     from qlab.cloud.deploy import down
 
-    r = down(args.id, _cloud(args))
-    print(json.dumps(r, indent=1))
-    return 0 if r["clean"] else 1
+    results = [down(i, _state_cloud(args, i)) for i in args.ids]
+    print(json.dumps(results, indent=1))
+    return 0 if all(r["clean"] for r in results) else 1
+
+
+def cmd_status(args):
+    from qlab.cloud.deploy import status
+
+    print(json.dumps(status(args.id, _state_cloud(args, args.id)), indent=1))
+    return 0
 
 
 def cmd_ls(args):
@@ -115,16 +132,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(p, spec=True)
     p.add_argument("--certs", required=True, help="a `qlab certs init` directory")
     p.add_argument("--wheel", default=None, help="a prebuilt qlab wheel (default: build one)")
+    p.add_argument("--regions", default=None,
+                   help="comma-separated regions: one deployment per region (<id>-<region>), created in parallel")
     p.set_defaults(func=cmd_up)
-    for name, fn, helptext in (("status", cmd_status, "instances of a deployment"),
-                               ("down", cmd_down, "delete everything of a deployment and verify")):
-        p = cs.add_parser(name, help=helptext)
-        common(p)
-        p.add_argument("id")
-        p.set_defaults(func=fn)
-    p = cs.add_parser("run", help="run a campaign on the Agent hosts (SSM) and collect results from S3")
+    p = cs.add_parser("status", help="instances of a deployment")
     common(p)
     p.add_argument("id")
+    p.set_defaults(func=cmd_status)
+    p = cs.add_parser("down", help="delete everything of one or more deployments and verify")
+    common(p)
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.set_defaults(func=cmd_down)
+    p = cs.add_parser("run", help="run a campaign on the Agent hosts (SSM) of one or more deployments, collect from S3")
+    common(p)
+    p.add_argument("ids", nargs="+", metavar="ID", help="deployment ids (several regions: one campaign)")
     p.add_argument("--campaign", required=True)
     p.add_argument("--trials", type=int, default=10, help="trials per (Agent host, Connector cell)")
     p.add_argument("--samples", type=int, default=20, help="echo samples per path")

@@ -346,7 +346,7 @@ def nat_ruleset(preset_name: str, wan_ip: str, lan_cidr: str) -> str:
     return render(preset(preset_name), wan_if=WAN_IF, lan_if=LAN_IF, wan_ip=wan_ip, lan_cidr=lan_cidr)
 
 
-# --- status and run --------------------------------------------------------------------------------
+# --- status ------------------------------------------------------------------------------------------
 
 
 def tagged_instances(cloud: Cloud, deployment_id: str, *, live_only: bool = True) -> list[dict]:
@@ -370,19 +370,6 @@ def status(deployment_id: str, cloud: Cloud) -> dict:
 
 def _name(inst: dict) -> str:
     return next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "Name"), inst["InstanceId"])
-
-
-def run(deployment_id: str, cloud: Cloud, *, campaign_id: str, trials: int, results_root: str | None = None,
-        samples: int = 20, timeout: float = 3600, poll: float = 10, on_progress=None) -> dict:
-    """Start the campaign on every Agent host (SSM Run Command), follow it, merge the results into
-    results/<campaign-id>/ (qlab.cloud.runs)."""
-    from qlab.cloud import runs
-
-    state = load_state(deployment_id)
-    commands = runs.start(state, cloud, campaign_id=campaign_id, trials=trials, samples=samples)
-    final = runs.wait(state, cloud, campaign_id, commands, timeout=timeout, poll=poll, on_progress=on_progress)
-    folder = runs.collect(state, cloud, campaign_id, results_root)
-    return {"campaign": str(folder), "commands": commands, "progress": final}
 
 
 # --- down and ls --------------------------------------------------------------------------------

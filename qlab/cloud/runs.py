@@ -41,10 +41,11 @@ def nat_label(cell: str) -> str:
 
 def probe_command(*, host: str, cell: str, cells: list[str], intermediate: str, campaign_id: str, bucket: str,
                   region: str, trials: int, samples: int = 20) -> str:
-    """The shell command an Agent host runs (AWS-RunShellScript): every argument quoted."""
+    """The shell command an Agent host runs (AWS-RunShellScript): every argument quoted. Trial ids
+    start with region and host, so several regions can share one campaign."""
     argv = ["/opt/qlab/bin/qlab", "probe", "--intermediate", f"{intermediate}:4433", "--certs", "/etc/qlab/certs",
             "--agent-nat", nat_label(cell), "--trials", str(int(trials)), "--samples", str(int(samples)),
-            "--campaign", campaign_id, "--label", "aws", "--host", host, "--results", REMOTE_RESULTS,
+            "--campaign", campaign_id, "--label", "aws", "--host", f"{region}-{host}", "--results", REMOTE_RESULTS,
             "--upload", f"s3://{bucket}/results/{campaign_id}/{host}/", "--region", region]
     for b in cells:
         target = f"{service_for(b)}={nat_label(b)}"
@@ -185,3 +186,57 @@ def run_campaign(spec, cloud, *, certs_dir: str, wheel: str, campaign_id: str, t
         if not keep:
             out["down"] = deploy.down(spec.deployment_id, cloud)
     return out
+
+
+# --- several regions at once ---------------------------------------------------------------------
+
+
+def regional_specs(spec, regions: list[str]) -> list:
+    """One deployment per region, ids `<id>-<region>`, otherwise identical."""
+    import dataclasses
+
+    if len(set(regions)) != len(regions) or not regions:
+        raise ValueError("list each region once")
+    return [dataclasses.replace(spec, region=r, deployment_id=f"{spec.deployment_id}-{r}") for r in regions]
+
+
+def up_regions(spec, regions: list[str], cloud_for: Callable[[str], object], *, certs_dir: str, wheel: str) -> list[dict]:
+    """`up` in every region in parallel; if any region fails, every region is taken down again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qlab.cloud import deploy
+
+    specs = regional_specs(spec, regions)
+    for s in specs:
+        deploy.plan(s)  # every cap and input checked before anything exists anywhere
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = [pool.submit(deploy.up, s, cloud_for(s.region), certs_dir=certs_dir, wheel=wheel) for s in specs]
+        errors = [f.exception() for f in futures]
+    if any(errors):
+        with ThreadPoolExecutor(len(specs)) as pool:
+            list(pool.map(lambda s: deploy.down(s.deployment_id, cloud_for(s.region)), specs))
+        raise next(e for e in errors if e)
+    return [f.result() for f in futures]
+
+
+def run_regions(deployment_ids: list[str], cloud_for: Callable[[str], object], *, campaign_id: str, trials: int,
+                samples: int = 20, root: Path | str | None = None, timeout: float = 3600, poll: float = 10,
+                on_progress: Callable[[dict], None] | None = None) -> dict:
+    """One campaign over several deployments (regions): started everywhere, followed in parallel,
+    merged into one folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qlab.cloud import deploy
+
+    states = [deploy.load_state(d) for d in deployment_ids]
+    clouds = [cloud_for(s["region"]) for s in states]
+    commands = [start(s, c, campaign_id=campaign_id, trials=trials, samples=samples)
+                for s, c in zip(states, clouds, strict=True)]
+    with ThreadPoolExecutor(len(states)) as pool:
+        finals = list(pool.map(lambda i: wait(states[i], clouds[i], campaign_id, commands[i], timeout=timeout,
+                                              poll=poll, on_progress=on_progress), range(len(states))))
+    folder = None
+    for s, c in zip(states, clouds, strict=True):
+        folder = collect(s, c, campaign_id, root)
+    return {"campaign": str(folder), "progress": dict(zip(deployment_ids, finals, strict=True)),
+            "commands": dict(zip(deployment_ids, commands, strict=True))}
