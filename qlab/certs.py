@@ -10,6 +10,7 @@ serverAuth, which both aioquic and qh3 accept. Clients verify against the CA: th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import os
@@ -113,6 +114,21 @@ class Credentials:
     directory: Path
     ca_pem: bytes
     secret: bytes
+    # Let's Encrypt (docs/cloud.md): the Intermediate serves a publicly trusted certificate for a DNS
+    # name; its clients then verify that name against the public roots (certifi, aioquic's default).
+    # The qlab CA still signs the Connector's certificate for direct paths.
+    intermediate_name: str = ""
+    intermediate_tls: tuple[str, str] | None = None  # (certificate chain, key) files
+
+    def with_tls(self, *, intermediate_name: str = "", cert: str = "", key: str = "") -> Credentials:
+        """These credentials with the Let's Encrypt option (a public name, or a served chain and key)."""
+        if bool(cert) != bool(key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        for f in (cert, key):
+            if f and not Path(f).is_file():
+                raise FileNotFoundError(f"{f}: no such certificate or key file")
+        return dataclasses.replace(self, intermediate_name=intermediate_name or self.intermediate_name,
+                                   intermediate_tls=(cert, key) if cert else self.intermediate_tls)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Credentials:
@@ -128,13 +144,19 @@ class Credentials:
     def server_config(self, leaf: str, **kw) -> QuicConfiguration:
         """A server configuration with the `leaf` certificate (intermediate or connector)."""
         cfg = quic_config(is_client=False, **kw)
-        cfg.load_cert_chain(self.directory / f"{leaf}.pem", self.directory / f"{leaf}.key")
+        if leaf == "intermediate" and self.intermediate_tls:
+            cfg.load_cert_chain(*self.intermediate_tls)
+        else:
+            cfg.load_cert_chain(self.directory / f"{leaf}.pem", self.directory / f"{leaf}.key")
         return cfg
 
     def client_config(self, server_name: str, **kw) -> QuicConfiguration:
         cfg = quic_config(is_client=True, **kw)
-        cfg.server_name = server_name
-        cfg.load_verify_locations(cadata=self.ca_pem)
+        if server_name == INTERMEDIATE_NAME and self.intermediate_name:
+            cfg.server_name = self.intermediate_name  # no CA loaded: aioquic verifies against certifi's roots
+        else:
+            cfg.server_name = server_name
+            cfg.load_verify_locations(cadata=self.ca_pem)
         return cfg
 
 

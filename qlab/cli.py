@@ -42,7 +42,9 @@ def _run_until_signal(main: Callable[[asyncio.Event], object]) -> int:
 def _creds(args: argparse.Namespace):
     from qlab.certs import Credentials
 
-    return Credentials.load(args.certs)
+    return Credentials.load(args.certs).with_tls(intermediate_name=getattr(args, "intermediate_name", None) or "",
+                                                 cert=getattr(args, "tls_cert", None) or "",
+                                                 key=getattr(args, "tls_key", None) or "")
 
 
 # --- roles ---------------------------------------------------------------------------------------
@@ -175,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--advertise", type=parse_advertise, action="append", metavar="LOCAL_IP=PUBLIC_IP",
                    help="the public address a listener IP is reached at (1:1 NAT such as an Elastic IP; repeat)")
     i.add_argument("--certs", required=True, help="directory made by `qlab certs init`")
+    i.add_argument("--tls-cert", default=None, help="serve this certificate chain instead (e.g. Let's Encrypt)")
+    i.add_argument("--tls-key", default=None, help="the key of --tls-cert")
     i.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
     i.add_argument("--policy", default=None, help="JSON access policy (per-client secrets and services)")
     i.set_defaults(func=cmd_intermediate)
@@ -188,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--name", default="connector")
     cn.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
     cn.add_argument("--certs", required=True)
+    cn.add_argument("--intermediate-name", default=None,
+                   help="the Intermediate's public DNS name, verified against public CAs (Let's Encrypt)")
     cn.set_defaults(func=cmd_connector)
 
     a = sub.add_parser("agent", help="run an Agent: open a session and send echo probes through it")
@@ -202,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--port", type=int, default=0)
     a.add_argument("--name", default="agent")
     a.add_argument("--certs", required=True)
+    a.add_argument("--intermediate-name", default=None,
+                   help="the Intermediate's public DNS name, verified against public CAs (Let's Encrypt)")
     a.set_defaults(func=cmd_agent)
 
     e = sub.add_parser("echo", help="run the lab's application: a UDP echo")

@@ -79,6 +79,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         classify=not args.no_classify, trials=args.trials, samples=args.samples,
         echo_interval=args.echo_interval / 1000, punch_timeout=args.punch_timeout, campaign_id=args.campaign or "",
         label=args.label, host=args.host or "", upload=args.upload or "", region=args.region or "", bind=args.bind,
+        intermediate_name=args.intermediate_name or "",
     )
     counts: dict[str, int] = {}
 
@@ -127,4 +128,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upload", default=None, help="s3://BUCKET/PREFIX to mirror the campaign to after every trial")
     p.add_argument("--region", default=None, help="AWS region for --upload")
     p.add_argument("--bind", default="0.0.0.0", help="local address to probe from (default: any)")
+    p.add_argument("--intermediate-name", default=None,
+                   help="the Intermediate's public DNS name when it serves a Let's Encrypt certificate")
     p.set_defaults(func=cmd_probe)

@@ -72,6 +72,7 @@ class ProbeSpec:
     upload: str = ""  # s3://bucket/prefix/ to mirror the campaign folder to after every trial
     region: str = ""
     bind: str = "0.0.0.0"  # the local address for classification and trials
+    intermediate_name: str = ""  # a Let's Encrypt deployment's DNS name (verified against public CAs)
 
     def __post_init__(self) -> None:
         if self.label not in LABELS:
@@ -141,7 +142,7 @@ def probe(ps: ProbeSpec, *, root: Path | str | None = None,
 async def _probe(ps: ProbeSpec, root, on_result) -> Path:
     from qlab.campaign import provenance
 
-    creds = Credentials.load(ps.certs)
+    creds = Credentials.load(ps.certs).with_tls(intermediate_name=ps.intermediate_name)
     d = campaign_dir(ps.campaign_id, root)
     store = CampaignStore(d)
     mirror = S3Mirror(ps.upload, ps.region) if ps.upload else None

@@ -417,3 +417,54 @@ def test_several_regions_in_parallel_and_rollback_everywhere(aws, certs_dir, whe
                         ["us-east-1", "eu-west-1"], Cloud, certs_dir=str(certs_dir), wheel=wheel)
     for region in ("us-east-1", "eu-west-1"):
         assert not any(leftovers(f"qlab-rb-{region}", Cloud(region)).values())
+
+
+def test_lets_encrypt_option(aws, certs_dir, wheel, tmp_path):
+    """--domain: TCP 80 opens on the Intermediate only then; its user data obtains the certificate
+    (bounded retries) and its unit serves it; Connectors and Agent probes verify the name."""
+    import shlex
+
+    import boto3
+
+    from qlab.cli import build_parser
+    from qlab.cloud import runs
+    from qlab.cloud.deploy import Cloud, down, load_state, plan, up
+
+    for bad in (dict(domain="not a name", acme_email="ops@example.org"), dict(domain="relay.example.org"),
+                dict(domain="relay.example.org", acme_email="x'; rm -rf /")):
+        with pytest.raises(ValueError):
+            spec(**bad)
+    s = spec(topology="nat-matrix", presets=["full_cone"], domain="relay.example.org", acme_email="ops@example.org")
+    assert plan(s)["resources"]["tls"].startswith("Let's Encrypt for relay.example.org")
+    cloud = Cloud("us-east-1")
+    up(s, cloud, certs_dir=str(certs_dir), wheel=wheel)
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    f = [{"Name": "tag:qlab:deployment", "Values": ["qlab-test"]}]
+    perms = {g["GroupName"]: sorted((p["IpProtocol"], p.get("FromPort")) for p in g["IpPermissions"])
+             for g in ec2.describe_security_groups(Filters=f)["SecurityGroups"]}
+    assert perms["qlab-test-intermediate"] == [("tcp", 80), ("udp", 4433)]
+    assert not any(("tcp", 80) in v for k, v in perms.items() if k != "qlab-test-intermediate")
+    uds = {}
+    for r in ec2.describe_instances(Filters=f)["Reservations"]:
+        for inst in r["Instances"]:
+            name = next(t["Value"] for t in inst["Tags"] if t["Key"] == "Name")
+            uds[name] = base64.b64decode(ec2.describe_instance_attribute(
+                InstanceId=inst["InstanceId"], Attribute="userData")["UserData"]["Value"]).decode()
+    ud = uds["qlab-test-intermediate"]
+    assert "certbot certonly --standalone" in ud and "-d relay.example.org" in ud and "for _ in $(seq 1 20)" in ud
+    execs = {u: [shlex.split(line.split("=", 1)[1]) for line in text.splitlines() if line.startswith("ExecStart=")]
+             for u, text in uds.items()}
+    inter = build_parser().parse_args(execs["qlab-test-intermediate"][0][1:])
+    assert inter.tls_cert == "/etc/letsencrypt/live/relay.example.org/fullchain.pem"
+    conn = build_parser().parse_args(execs["qlab-test-connector-full_cone"][1][1:])
+    assert conn.intermediate_name == "relay.example.org"
+    cmd = shlex.split(runs.start(load_state("qlab-test"), cloud, campaign_id="le", trials=1)
+                      ["agent-full_cone-0"]["command"])
+    assert cmd[cmd.index("--intermediate-name") + 1] == "relay.example.org"
+    assert build_parser().parse_args(cmd[1:]).intermediate_name == "relay.example.org"
+    path = tmp_path / "ud.sh"
+    path.write_text(ud)
+    if shutil.which("shellcheck"):
+        r = subprocess.run(["shellcheck", "-s", "bash", str(path)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout
+    assert down("qlab-test", cloud)["clean"]

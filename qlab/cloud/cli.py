@@ -18,7 +18,8 @@ def _spec(args: argparse.Namespace):
     presets = [p for p in parse_presets(args.presets) if p != "public"]
     return DeploymentSpec(deployment_id=args.id or "", region=args.region, topology=args.topology, presets=presets,
                           agents_per_cell=args.agents, instance_type=args.instance_type, ttl_hours=args.ttl,
-                          max_instances=args.max_instances, managed_nat=args.managed_nat)
+                          max_instances=args.max_instances, managed_nat=args.managed_nat,
+                          domain=args.domain or "", acme_email=args.acme_email or "")
 
 
 def _cloud(args: argparse.Namespace, region: str | None = None):
@@ -123,7 +124,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--instance-type", default="t3.micro")
             p.add_argument("--ttl", type=float, default=2.0, help="hours until the instances terminate themselves")
             p.add_argument("--max-instances", type=int, default=20)
-            p.add_argument("--managed-nat", action="store_true")
+            p.add_argument("--managed-nat", action="store_true", help="add a cell behind an AWS NAT Gateway")
+            p.add_argument("--domain", default=None, help="serve a Let's Encrypt certificate for this name")
+            p.add_argument("--acme-email", default=None, help="Let's Encrypt contact (with --domain)")
 
     p = cs.add_parser("plan", help="what would be created, and the hourly cost; creates nothing")
     common(p, spec=True)

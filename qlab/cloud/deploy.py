@@ -34,6 +34,7 @@ PRICES = {"t3.micro": 0.0104, "t3.small": 0.0208, "c6in.large": 0.1134, "public_
           "nat_gateway": 0.045, "nat_gateway_gb": 0.045}
 TOPOLOGIES = ("relay", "nat-matrix")
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,30}$")
+DOMAIN_RE = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 
 
 @dataclass
@@ -47,6 +48,8 @@ class DeploymentSpec:
     ttl_hours: float = 2.0
     max_instances: int = 20
     managed_nat: bool = False
+    domain: str = ""  # Let's Encrypt for the Intermediate (needs an A record -> its Elastic IP)
+    acme_email: str = ""
 
     def __post_init__(self) -> None:
         if not self.deployment_id:
@@ -62,6 +65,10 @@ class DeploymentSpec:
             raise ValueError("ttl_hours must be between 0.25 and 24")
         if not 1 <= self.agents_per_cell <= 10:
             raise ValueError("agents_per_cell must be between 1 and 10")
+        if self.domain and not DOMAIN_RE.match(self.domain):
+            raise ValueError(f"not a DNS name: {self.domain!r}")
+        if self.domain and not re.match(r"^[^@\s'\"]+@[^@\s'\"]+\.[a-z]{2,}$", self.acme_email):
+            raise ValueError("--domain needs --acme-email (Let's Encrypt's contact for the certificate)")
         if self.managed_nat and self.topology != "nat-matrix":
             raise ValueError("--managed-nat adds a cell to the nat-matrix topology only")
         if not re.match(r"^[a-z]{2}-[a-z]+-\d$", self.region):
@@ -106,6 +113,7 @@ def plan(spec: DeploymentSpec) -> dict:
             "ssm_parameters": [f"/qlab/{spec.deployment_id}/{k}" for k in _PARAMS],
             "iam": [f"{spec.deployment_id}-role", f"{spec.deployment_id}-profile"],
             "nat_gateway": spec.managed_nat,
+            "tls": f"Let's Encrypt for {spec.domain} (TCP 80 open for http-01)" if spec.domain else "the qlab CA",
         },
         "hourly_cost_usd": round(hourly, 4),
         "cost_for_ttl_usd": round(hourly * spec.ttl_hours, 4),
@@ -222,7 +230,8 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
     ec2.associate_route_table(RouteTableId=rt_id, SubnetId=public)
     sgs = {}
     for name, rules in (
-        ("intermediate", [("udp", 4433, 4434, "0.0.0.0/0")]),
+        ("intermediate", [("udp", 4433, 4434, "0.0.0.0/0")]
+         + ([("tcp", 80, 80, "0.0.0.0/0")] if spec.domain else [])),  # ACME http-01, only with --domain
         ("connector", [("udp", 4434, 4434, "0.0.0.0/0")] if spec.topology == "relay" else []),
         ("nat", [("udp", 1024, 65535, "0.0.0.0/0"), ("-1", -1, -1, "10.80.0.0/16")]),  # NAT behaviour is nftables'
         ("private", [("-1", -1, -1, "10.80.0.0/16")]),
@@ -238,7 +247,7 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
     ami = cloud.client("ssm").get_parameter(Name=AMI_PARAM)["Parameter"]["Value"]
     ttl_min = max(1, int(spec.ttl_hours * 60))
     common = dict(bucket=bucket, wheel_key=wheel_key, deployment=did, region=spec.region, ttl_minutes=ttl_min,
-                  params=params)
+                  params=params, domain=spec.domain, acme_email=spec.acme_email)
 
     def launch(name: str, subnet: str, sg: str, user_data: str, *, ip: str | None = None, extra_enis=None) -> str:
         nics = [{"DeviceIndex": 0, "SubnetId": subnet, "Groups": [sg], "DeleteOnTermination": True,

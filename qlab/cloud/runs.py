@@ -40,13 +40,15 @@ def nat_label(cell: str) -> str:
 
 
 def probe_command(*, host: str, cell: str, cells: list[str], intermediate: str, campaign_id: str, bucket: str,
-                  region: str, trials: int, samples: int = 20) -> str:
+                  region: str, trials: int, samples: int = 20, domain: str = "") -> str:
     """The shell command an Agent host runs (AWS-RunShellScript): every argument quoted. Trial ids
     start with region and host, so several regions can share one campaign."""
     argv = ["/opt/qlab/bin/qlab", "probe", "--intermediate", f"{intermediate}:4433", "--certs", "/etc/qlab/certs",
             "--agent-nat", nat_label(cell), "--trials", str(int(trials)), "--samples", str(int(samples)),
             "--campaign", campaign_id, "--label", "aws", "--host", f"{region}-{host}", "--results", REMOTE_RESULTS,
             "--upload", f"s3://{bucket}/results/{campaign_id}/{host}/", "--region", region]
+    if domain:
+        argv += ["--intermediate-name", domain]
     for b in cells:
         target = f"{service_for(b)}={nat_label(b)}"
         argv += ["--connector", target + ("@same_lan" if b == cell else "")]
@@ -66,7 +68,7 @@ def start(state: dict, cloud, *, campaign_id: str, trials: int, samples: int = 2
     for host, info in sorted(agents.items()):
         cmd = probe_command(host=host, cell=cell_of(host), cells=cells, intermediate=state["intermediate_ip"],
                             campaign_id=campaign_id, bucket=state["bucket"], region=state["region"],
-                            trials=trials, samples=samples)
+                            trials=trials, samples=samples, domain=state["spec"].get("domain", ""))
         r = ssm.send_command(InstanceIds=[info["id"]], DocumentName="AWS-RunShellScript",
                              Parameters={"commands": [cmd], "executionTimeout": ["7200"]}, TimeoutSeconds=600,
                              Comment=f"qlab campaign {campaign_id}")

@@ -45,7 +45,8 @@ WantedBy=multi-user.target
 def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: str, roles: list[str],
                      ttl_minutes: int, params: dict[str, str], nat_ruleset: str | None = None,
                      intermediate: str = "", service: str = "echo",
-                     intermediate_addrs: tuple[tuple[str, str], tuple[str, str]] | None = None) -> str:
+                     intermediate_addrs: tuple[tuple[str, str], tuple[str, str]] | None = None,
+                     domain: str = "", acme_email: str = "") -> str:
     """The boot script of one instance. `params` maps files under /etc/qlab/certs to SSM names;
     `intermediate_addrs` is ((private, public), (private, public)) for the Intermediate's two addresses."""
     q = shlex.quote
@@ -75,12 +76,30 @@ def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: st
             "QLAB_NFT",
             "nft -f /etc/qlab/nat.nft",
         ]
+    if domain and "intermediate" in roles:
+        live = f"/etc/letsencrypt/live/{domain}"
+        lines += [
+            "dnf install -y -q certbot >/dev/null",
+            "# Let's Encrypt (http-01 on TCP 80): retried for 10 minutes while the A record",
+            "# of the domain -> this instance's Elastic IP propagates",
+            "for _ in $(seq 1 20); do",
+            f"  certbot certonly --standalone --non-interactive --agree-tos -m {q(acme_email)} -d {q(domain)} "
+            "--deploy-hook 'systemctl restart qlab-intermediate.service' && break",
+            "  sleep 30",
+            "done",
+            f"test -s {q(live + '/fullchain.pem')}",
+        ]
     for role in roles:
         (ip1, pub1), (ip2, pub2) = intermediate_addrs or (("", ""), ("", ""))
         if role == "intermediate" and not (ip1 and ip2 and pub1 and pub2):
             raise ValueError("the Intermediate needs both of its private and public addresses")
         cmd = ROLE_COMMANDS[role].format(intermediate=intermediate, service=service, ip1=ip1, ip2=ip2, pub1=pub1,
                                          pub2=pub2)
+        if domain and role == "intermediate":
+            cmd += (f" --tls-cert /etc/letsencrypt/live/{domain}/fullchain.pem"
+                    f" --tls-key /etc/letsencrypt/live/{domain}/privkey.pem")
+        elif domain and role == "connector":
+            cmd += f" --intermediate-name {domain}"
         unit = render_unit(role, " ".join(cmd.split()))
         lines += [f"cat > /etc/systemd/system/qlab-{role}.service <<'QLAB_UNIT'", unit.rstrip("\n"), "QLAB_UNIT"]
     if roles:
