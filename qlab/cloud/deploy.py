@@ -69,6 +69,8 @@ class DeploymentSpec:
             raise ValueError(f"not a DNS name: {self.domain!r}")
         if self.domain and not re.match(r"^[^@\s'\"]+@[^@\s'\"]+\.[a-z]{2,}$", self.acme_email):
             raise ValueError("--domain needs --acme-email (Let's Encrypt's contact for the certificate)")
+        if self.acme_email and not self.domain:
+            raise ValueError("--acme-email is only used with --domain")
         if self.managed_nat and self.topology != "nat-matrix":
             raise ValueError("--managed-nat adds a cell to the nat-matrix topology only")
         if not re.match(r"^[a-z]{2}-[a-z]+-\d$", self.region):
@@ -295,8 +297,14 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
         state["connector_ip"] = public_ip(c, "connector")
     else:
         state["rulesets"] = {}
+        # per cell: the NAT preset it was built with ("managed": an AWS NAT Gateway of unknown
+        # behaviour, classify it on the spot), its subnet and its hosts
+        state["cells"] = {}
         for i, name in enumerate(spec.presets):
             cidr = f"10.80.{10 + i}.0/24"
+            state["cells"][name] = {"preset": name, "subnet": cidr, "nat": f"nat-{name}", "service": f"echo-{name}",
+                                    "agents": [f"agent-{name}-{k}" for k in range(spec.agents_per_cell)],
+                                    "connector": f"connector-{name}"}
             sub = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr,
                                     TagSpecifications=_spec_tags("subnet", spec, f"private-{name}", exp))["Subnet"]["SubnetId"]
             wan_ip, lan_ip = f"10.80.0.{100 + i}", f"10.80.{10 + i}.5"
@@ -321,6 +329,10 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
         if spec.managed_nat:
             state["nat_gateway"] = _managed_cell(ec2, spec, exp, vpc, public, sgs["private"], len(spec.presets),
                                                  allocate, launch, common, state["intermediate_ip"])
+            state["cells"]["managed"] = {"preset": "managed", "subnet": f"10.80.{10 + len(spec.presets)}.0/24",
+                                         "nat": state["nat_gateway"], "service": "echo-managed",
+                                         "agents": [f"agent-managed-{k}" for k in range(spec.agents_per_cell)],
+                                         "connector": "connector-managed"}
     state["bucket"] = bucket
     state["vpc"] = vpc
     state["plan"] = p
@@ -393,8 +405,12 @@ def down(deployment_id: str, cloud: Cloud) -> dict:
     if ids:
         ec2.terminate_instances(InstanceIds=ids)
         ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
-    gateways = [g["NatGatewayId"] for g in ec2.describe_nat_gateways(Filters=f)["NatGateways"]
-                if g["State"] not in ("deleted", "deleting")]
+    # the deployment's gateways, and any other in its VPCs (they would block deleting the subnets)
+    vpc_ids = [v["VpcId"] for v in ec2.describe_vpcs(Filters=f)["Vpcs"]]
+    found = ec2.describe_nat_gateways(Filters=f)["NatGateways"]
+    if vpc_ids:
+        found += ec2.describe_nat_gateways(Filters=[{"Name": "vpc-id", "Values": vpc_ids}])["NatGateways"]
+    gateways = sorted({g["NatGatewayId"] for g in found if g["State"] not in ("deleted", "deleting")})
     for g in gateways:
         ec2.delete_nat_gateway(NatGatewayId=g)
     if gateways:  # its Elastic IP and subnet are released only once the gateway is gone

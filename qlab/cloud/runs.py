@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qlab.cloud.userdata import READY
 from qlab.results import CampaignStore, campaign_dir, check_id, validate_record
 
 MANAGED = "aws_nat_gateway"
@@ -55,7 +56,28 @@ def probe_command(*, host: str, cell: str, cells: list[str], intermediate: str, 
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def start(state: dict, cloud, *, campaign_id: str, trials: int, samples: int = 20) -> dict[str, dict]:
+# a freshly booted host may still be installing qlab: wait for its bootstrap (bounded, 15 min)
+WAIT_READY = (f"for _ in $(seq 1 90); do [ -e {READY} ] && break; sleep 10; done; "
+              f"[ -e {READY} ] || {{ echo 'qlab bootstrap did not finish' >&2; exit 3; }}")
+
+
+def _send(ssm, instance: str, commands: list[str], comment: str, register_timeout: float) -> dict:
+    """send_command, retried while the instance's SSM agent has not registered yet (bounded)."""
+    from botocore.exceptions import ClientError
+
+    deadline = time.monotonic() + register_timeout
+    while True:
+        try:
+            return ssm.send_command(InstanceIds=[instance], DocumentName="AWS-RunShellScript",
+                                    Parameters={"commands": commands, "executionTimeout": ["7200"]},
+                                    TimeoutSeconds=600, Comment=comment)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "InvalidInstanceId" or time.monotonic() >= deadline:
+                raise
+            time.sleep(10)
+
+
+def start(state: dict, cloud, *, campaign_id: str, trials: int, samples: int = 20, register_timeout: float = 600) -> dict[str, dict]:
     """Send the probe command to every Agent host; returns {host: {instance, command_id, command}}."""
     check_id(campaign_id)
     agents = {n: i for n, i in state["instances"].items() if n.startswith("agent-")}
@@ -69,9 +91,7 @@ def start(state: dict, cloud, *, campaign_id: str, trials: int, samples: int = 2
         cmd = probe_command(host=host, cell=cell_of(host), cells=cells, intermediate=state["intermediate_ip"],
                             campaign_id=campaign_id, bucket=state["bucket"], region=state["region"],
                             trials=trials, samples=samples, domain=state["spec"].get("domain", ""))
-        r = ssm.send_command(InstanceIds=[info["id"]], DocumentName="AWS-RunShellScript",
-                             Parameters={"commands": [cmd], "executionTimeout": ["7200"]}, TimeoutSeconds=600,
-                             Comment=f"qlab campaign {campaign_id}")
+        r = _send(ssm, info["id"], [WAIT_READY, cmd], f"qlab campaign {campaign_id}", register_timeout)
         out[host] = {"instance": info["id"], "command_id": r["Command"]["CommandId"], "command": cmd,
                      "cells": len(cells)}
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 
+READY = "/var/lib/qlab/ready"  # written when the bootstrap has finished
 ROLE_COMMANDS = {
     # the Intermediate listens on both private addresses, two ports each (NAT classification needs an
     # alternate IP and port), and tells clients the Elastic IPs those addresses are reached at
@@ -78,14 +79,18 @@ def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: st
         ]
     if domain and "intermediate" in roles:
         live = f"/etc/letsencrypt/live/{domain}"
+        first_public = (intermediate_addrs or (("", ""),))[0][1]
         lines += [
             "dnf install -y -q certbot >/dev/null",
-            "# Let's Encrypt (http-01 on TCP 80): retried for 10 minutes while the A record",
-            "# of the domain -> this instance's Elastic IP propagates",
-            "for _ in $(seq 1 20); do",
+            "# Let's Encrypt (http-01 on TCP 80). Wait (up to 30 minutes) until the domain resolves to this",
+            "# instance's first Elastic IP, so no validation is spent before the A record exists (Let's",
+            "# Encrypt allows 5 failed validations per hostname and account per hour); then at most 4 tries",
+            f"for _ in $(seq 1 180); do getent ahostsv4 {q(domain)} | grep -qwF {q(first_public)} && break; "
+            "sleep 10; done",
+            "for _ in $(seq 1 4); do",
             f"  certbot certonly --standalone --non-interactive --agree-tos -m {q(acme_email)} -d {q(domain)} "
             "--deploy-hook 'systemctl restart qlab-intermediate.service' && break",
-            "  sleep 30",
+            "  sleep 120",
             "done",
             f"test -s {q(live + '/fullchain.pem')}",
         ]
@@ -105,4 +110,5 @@ def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: st
     if roles:
         lines.append("systemctl daemon-reload")
         lines.append("systemctl enable --now " + " ".join(f"qlab-{r}.service" for r in roles))
+    lines += ["install -d /var/lib/qlab", f"touch {READY}  # `qlab cloud run` waits for this"]
     return "\n".join(lines) + "\n"
