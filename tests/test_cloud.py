@@ -475,3 +475,135 @@ def test_lets_encrypt_option(aws, certs_dir, wheel, tmp_path):
         r = subprocess.run(["shellcheck", "-s", "bash", str(path)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout
     assert down("qlab-test", cloud)["clean"]
+
+
+def test_cells_in_state_and_down_removes_every_gateway_of_the_vpc_first(aws, certs_dir, wheel, monkeypatch):
+    """The state records each cell's preset ("managed" for the NAT Gateway cell, whose behaviour is
+    classified on the spot) and subnet; `down` deletes every NAT gateway in the deployment's VPC —
+    also one it did not tag — and waits for it before releasing addresses and deleting subnets."""
+    import boto3
+    from moto.ec2.models.nat_gateways import NatGatewayBackend
+
+    from qlab.cloud.deploy import Cloud, down, leftovers, up
+
+    plain = NatGatewayBackend.describe_nat_gateways
+
+    def honouring_tags(self, filters, ids):  # moto 5 ignores tag: filters for NAT gateways; AWS applies them
+        found = plain(self, filters, ids)
+        for k, values in (filters or {}).items():
+            if k.startswith("tag:"):
+                found = [g for g in found if g.get_filter_value(k) in values]
+        return found
+
+    monkeypatch.setattr(NatGatewayBackend, "describe_nat_gateways", honouring_tags)
+    calls: list[str] = []
+
+    class Recording(Cloud):
+        def client(self, name):
+            c = super().client(name)
+            c.meta.events.register("before-call.ec2.*", lambda model, **_: calls.append(model.name))
+            return c
+
+    cloud = Recording("us-east-1")
+    state = up(spec(topology="nat-matrix", presets=["full_cone", "symmetric"], managed_nat=True), cloud,
+               certs_dir=str(certs_dir), wheel=wheel)
+    cells = state["cells"]
+    assert {c: v["preset"] for c, v in cells.items()} == {"full_cone": "full_cone", "symmetric": "symmetric",
+                                                          "managed": "managed"}
+    assert cells["managed"]["subnet"] == "10.80.12.0/24" and cells["managed"]["nat"] == state["nat_gateway"]
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    f = [{"Name": "tag:qlab:deployment", "Values": ["qlab-test"]}]
+    subnets = {t["Value"]: s["CidrBlock"] for s in ec2.describe_subnets(Filters=f)["Subnets"] for t in s["Tags"]
+               if t["Key"] == "Name"}
+    assert subnets == {"qlab-test-public": "10.80.0.0/24", "qlab-test-private-full_cone": "10.80.10.0/24",
+                       "qlab-test-private-symmetric": "10.80.11.0/24", "qlab-test-private-managed": "10.80.12.0/24"}
+    for cell in cells.values():
+        assert {*cell["agents"], cell["connector"]} <= set(state["instances"])
+    # a gateway someone added by hand in the deployment's public subnet, untagged
+    public = next(s["SubnetId"] for s in ec2.describe_subnets(Filters=f)["Subnets"] if s["CidrBlock"] == "10.80.0.0/24")
+    alloc = ec2.allocate_address(Domain="vpc")["AllocationId"]
+    stray = ec2.create_nat_gateway(SubnetId=public, AllocationId=alloc)["NatGateway"]["NatGatewayId"]
+    assert [g["NatGatewayId"] for g in ec2.describe_nat_gateways(Filters=f)["NatGateways"]] == [state["nat_gateway"]]
+    calls.clear()
+    r = down("qlab-test", cloud)
+    assert r["clean"], r["left"]
+    states = {g["NatGatewayId"]: g["State"] for g in ec2.describe_nat_gateways()["NatGateways"]}
+    assert states[stray] == "deleted" and states[state["nat_gateway"]] == "deleted"
+    assert calls.count("DeleteNatGateway") == 2
+    last_delete = max(i for i, c in enumerate(calls) if c == "DeleteNatGateway")
+    waited = [i for i, c in enumerate(calls) if c == "DescribeNatGateways" and i > last_delete]
+    assert waited and waited[0] < calls.index("ReleaseAddress") < calls.index("DeleteSubnet"), calls
+    assert not leftovers("qlab-test", cloud)["nat_gateways"]
+    ec2.release_address(AllocationId=alloc)
+
+
+def test_relay_public_addresses_match_the_plan(aws, certs_dir, wheel):
+    """The Intermediate's second address: 10.80.0.11 is a secondary private IP of its interface,
+    each private IP has its own Elastic IP, both are in the state, and plan() prices exactly the
+    public addresses up allocates (relay here; nat-matrix and the managed cell in the tests above)."""
+    import boto3
+
+    from qlab.cloud.deploy import Cloud, down, plan, up
+
+    s = spec(topology="relay")
+    state = up(s, Cloud("us-east-1"), certs_dir=str(certs_dir), wheel=wheel)
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    eips = ec2.describe_addresses(Filters=[{"Name": "tag:qlab:deployment", "Values": ["qlab-test"]}])["Addresses"]
+    assert len(eips) == plan(s)["resources"]["elastic_ips"] == 3  # two for the Intermediate, one Connector
+    ips = state["intermediate_ips"]
+    assert len(set(ips)) == 2 and ips[0] == state["intermediate_ip"] and set(ips) <= {a["PublicIp"] for a in eips}
+    inter = ec2.describe_instances(InstanceIds=[state["instances"]["intermediate"]["id"]])["Reservations"][0][
+        "Instances"][0]
+    eni = ec2.describe_network_interfaces(NetworkInterfaceIds=[inter["NetworkInterfaces"][0]["NetworkInterfaceId"]])[
+        "NetworkInterfaces"][0]
+    assert {a["PrivateIpAddress"]: a["Primary"] for a in eni["PrivateIpAddresses"]} == {"10.80.0.10": True,
+                                                                                      "10.80.0.11": False}
+    assert down("qlab-test", Cloud("us-east-1"))["clean"]
+
+
+@pytest.mark.parametrize("resolve_at, certbot_rc, getent_calls, certbot_calls", [
+    (4, 0, 4, 1),      # the A record appears on the 4th lookup: one certbot run, after it
+    (1, 1, 1, 4),      # resolves at once but validation keeps failing: 4 tries (< Let's Encrypt's 5/hour)
+    (10**6, 1, 180, 4),  # never resolves: the wait is bounded (30 minutes), then the 4 tries
+])
+def test_lets_encrypt_boot_waits_for_the_a_record(tmp_path, resolve_at, certbot_rc, getent_calls, certbot_calls):
+    """The certbot part of the Intermediate's user data, executed by bash with stub commands (no
+    network): no validation is attempted before the domain resolves to the first Elastic IP (an
+    address that merely starts with it does not count), and everything is bounded."""
+    from qlab.cloud.userdata import render_user_data
+
+    ud = render_user_data(deployment="d", region="us-east-1", bucket="b", wheel_key="wheels/q.whl",
+                          roles=["intermediate"], ttl_minutes=60, params={}, domain="relay.example.org",
+                          acme_email="ops@example.org",
+                          intermediate_addrs=(("10.80.0.10", "198.51.100.7"), ("10.80.0.11", "198.51.100.8")))
+    lines = ud.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("dnf install -y -q certbot"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("test -s /etc/letsencrypt/live/relay.example.org/"))
+    assert start < end < next(i for i, line in enumerate(lines) if line.startswith("ExecStart="))
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    stubs = {
+        "dnf": "exit 0",
+        "sleep": 'echo "sleep $*" >> "$LOG"',
+        "certbot": f'echo "certbot $*" >> "$LOG"; exit {certbot_rc}',
+        "getent": ('n=$(( $(cat "$T/n" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$T/n"; echo "getent $*" >> "$LOG"\n'
+                   f'if [ "$n" -ge {resolve_at} ]; then echo "198.51.100.7    STREAM $2"; '
+                   'else echo "198.51.100.70   STREAM $2"; fi'),
+    }
+    for name, body in stubs.items():
+        (bin_ / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    script = tmp_path / "certbot.sh"
+    script.write_text("set -euo pipefail\n" + "\n".join(lines[start:end]) + "\n")
+    log = tmp_path / "log"
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                       env={"PATH": f"{bin_}:/usr/bin:/bin", "LOG": str(log), "T": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    getent = [i for i, c in enumerate(calls) if c.startswith("getent ")]
+    certbot = [i for i, c in enumerate(calls) if c.startswith("certbot ")]
+    assert len(getent) == getent_calls and len(certbot) == certbot_calls
+    assert max(getent) < min(certbot), "no validation before the lookup loop is over"
+    assert calls[getent[0]] == "getent ahostsv4 relay.example.org"
+    assert calls[certbot[0]].startswith("certbot certonly --standalone --non-interactive --agree-tos "
+                                        "-m ops@example.org -d relay.example.org")
