@@ -161,10 +161,8 @@ async def _probe(ps: ProbeSpec, root, on_result) -> Path:
         "agent_nat_source": "declared" if ps.agent_nat else ("classified" if verdict.get("preset") else "unknown"),
         "classification": verdict, **provenance(),
     }
-    if (d / "manifest.json").exists():
-        manifest["classifications"] = [*store.manifest().get("classifications", []), verdict]
-    else:
-        manifest["classifications"] = [verdict]
+    earlier = store.manifest().get("classifications", []) if (d / "manifest.json").exists() else []
+    manifest["classifications"] = [*earlier, verdict]  # one per run of the probe (it resumes)
     store.write_manifest(manifest)
     done = {r["trial_id"] for r in store.records()}
     if mirror:

@@ -166,6 +166,10 @@ def judge(expected: str, outcome: str, scenario: str, birthday: bool) -> bool:
     return outcome == "relay"
 
 
+def _nothing_measured() -> dict:
+    return {"verify_sent": 0, "verify_received": 0, "failover_ms": None, "echo_gap_ms": None}
+
+
 class AgentSide:
     """The Agent's half of a trial, the same in a lab and in the field: register, detect the NAT,
     open the session (echoes over the relay from the first packet), punch, verify the direct path,
@@ -185,7 +189,7 @@ class AgentSide:
         self.at = AgentTraversal(self.agent, cfg)
         self.st: SessionTraversal | None = None
         self.t0: float | None = None
-        self.measure: dict = {"verify_sent": 0, "verify_received": 0, "failover_ms": None, "echo_gap_ms": None}
+        self.measure = _nothing_measured()
 
     def send_echo(self, path: str | None = None) -> None:
         session = self.st.session
@@ -515,8 +519,7 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
     at = side.at if side is not None else None
     t0 = side.t0 if side is not None else None
     probe = side.probe if side is not None else EchoProbe(time.monotonic, spec.echo_size)
-    measure = side.measure if side is not None else {"verify_sent": 0, "verify_received": 0, "failover_ms": None,
-                                                     "echo_gap_ms": None}
+    measure = side.measure if side is not None else _nothing_measured()
     if expected is None:
         expected = expected_outcome(spec.agent_nat, spec.connector_nat)
     relay, direct = probe.paths["relay"], probe.paths["direct"]

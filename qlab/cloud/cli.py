@@ -72,9 +72,8 @@ def cmd_run(args):
     from qlab.cloud import runs
 
     def show(p: dict) -> None:
-        hosts = p["hosts"]
-        done = sum(h["status"] in runs.FINAL for h in hosts.values())
-        print(f"{p['trials']} trials so far; {done}/{len(hosts)} Agent hosts finished", file=sys.stderr, flush=True)
+        print(f"{p['trials']} trials so far; {p['hosts_finished']}/{len(p['hosts'])} Agent hosts finished",
+              file=sys.stderr, flush=True)
 
     out = runs.run_regions(args.ids, lambda r: _cloud(args, r), campaign_id=args.campaign, trials=args.trials,
                            samples=args.samples, root=args.results, timeout=args.timeout, poll=args.poll,

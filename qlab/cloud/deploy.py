@@ -300,19 +300,29 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
         # per cell: the NAT preset it was built with ("managed": an AWS NAT Gateway of unknown
         # behaviour, classify it on the spot), its subnet and its hosts
         state["cells"] = {}
+
+        def cell(name: str, index: int) -> dict:
+            return {"preset": name, "subnet": f"10.80.{10 + index}.0/24", "nat": f"nat-{name}",
+                    "service": f"echo-{name}", "agents": [f"agent-{name}-{k}" for k in range(spec.agents_per_cell)],
+                    "connector": f"connector-{name}"}
+
+        def cell_hosts(rec: dict, subnet_id: str) -> None:
+            for host in rec["agents"]:
+                launch(host, subnet_id, sgs["private"], render_user_data(roles=[], **common))
+            launch(rec["connector"], subnet_id, sgs["private"], render_user_data(
+                roles=["echo", "connector"], intermediate=state["intermediate_ip"], service=rec["service"], **common))
+
         for i, name in enumerate(spec.presets):
-            cidr = f"10.80.{10 + i}.0/24"
-            state["cells"][name] = {"preset": name, "subnet": cidr, "nat": f"nat-{name}", "service": f"echo-{name}",
-                                    "agents": [f"agent-{name}-{k}" for k in range(spec.agents_per_cell)],
-                                    "connector": f"connector-{name}"}
+            rec = state["cells"][name] = cell(name, i)
+            cidr = rec["subnet"]
             sub = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr,
                                     TagSpecifications=_spec_tags("subnet", spec, f"private-{name}", exp))["Subnet"]["SubnetId"]
             wan_ip, lan_ip = f"10.80.0.{100 + i}", f"10.80.{10 + i}.5"
             ruleset = nat_ruleset(name, wan_ip, cidr)
             state["rulesets"][name] = ruleset
-            nat = launch(f"nat-{name}", public, sgs["nat"], render_user_data(roles=[], nat_ruleset=ruleset, **common),
+            nat = launch(rec["nat"], public, sgs["nat"], render_user_data(roles=[], nat_ruleset=ruleset, **common),
                          ip=wan_ip, extra_enis=[(sub, sgs["nat"], lan_ip)])
-            public_ip(nat, f"nat-{name}")
+            public_ip(nat, rec["nat"])
             for eni in ec2.describe_instances(InstanceIds=[nat])["Reservations"][0]["Instances"][0]["NetworkInterfaces"]:
                 ec2.modify_network_interface_attribute(NetworkInterfaceId=eni["NetworkInterfaceId"],
                                                        SourceDestCheck={"Value": False})
@@ -322,17 +332,12 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
             ec2.create_route(RouteTableId=prt["RouteTable"]["RouteTableId"], DestinationCidrBlock="0.0.0.0/0",
                              NetworkInterfaceId=lan_eni)
             ec2.associate_route_table(RouteTableId=prt["RouteTable"]["RouteTableId"], SubnetId=sub)
-            for k in range(spec.agents_per_cell):
-                launch(f"agent-{name}-{k}", sub, sgs["private"], render_user_data(roles=[], **common))
-            launch(f"connector-{name}", sub, sgs["private"], render_user_data(
-                roles=["echo", "connector"], intermediate=state["intermediate_ip"], service=f"echo-{name}", **common))
+            cell_hosts(rec, sub)
         if spec.managed_nat:
-            state["nat_gateway"] = _managed_cell(ec2, spec, exp, vpc, public, sgs["private"], len(spec.presets),
-                                                 allocate, launch, common, state["intermediate_ip"])
-            state["cells"]["managed"] = {"preset": "managed", "subnet": f"10.80.{10 + len(spec.presets)}.0/24",
-                                         "nat": state["nat_gateway"], "service": "echo-managed",
-                                         "agents": [f"agent-managed-{k}" for k in range(spec.agents_per_cell)],
-                                         "connector": "connector-managed"}
+            rec = state["cells"]["managed"] = cell("managed", len(spec.presets))
+            rec["nat"], sub = _managed_gateway(ec2, spec, exp, vpc, public, rec["subnet"], allocate)
+            state["nat_gateway"] = rec["nat"]
+            cell_hosts(rec, sub)
     state["bucket"] = bucket
     state["vpc"] = vpc
     state["plan"] = p
@@ -340,26 +345,21 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
     return state
 
 
-def _managed_cell(ec2, spec: DeploymentSpec, exp: str, vpc: str, public: str, sg: str, index: int, allocate, launch,
-                  common: dict, intermediate_ip: str) -> str:
-    """An AWS NAT Gateway in the public subnet and a private subnet routed through it, with Agent
-    hosts and a Connector like every other cell; `qlab probe` classifies what the gateway does."""
+def _managed_gateway(ec2, spec: DeploymentSpec, exp: str, vpc: str, public: str, cidr: str, allocate) -> tuple[str, str]:
+    """An AWS NAT Gateway in the public subnet and a private subnet `cidr` routed through it (the
+    managed cell; `qlab probe` classifies what the gateway does). Returns (gateway id, subnet id)."""
     eip = allocate("nat-gateway")
     ngw = ec2.create_nat_gateway(SubnetId=public, AllocationId=eip["AllocationId"],
                                  TagSpecifications=_spec_tags("natgateway", spec, "nat-gateway", exp))
     ngw_id = ngw["NatGateway"]["NatGatewayId"]
     ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[ngw_id], WaiterConfig={"Delay": 5, "MaxAttempts": 60})
-    sub = ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.80.{10 + index}.0/24",
+    sub = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr,
                             TagSpecifications=_spec_tags("subnet", spec, "private-managed", exp))["Subnet"]["SubnetId"]
     rt = ec2.create_route_table(VpcId=vpc, TagSpecifications=_spec_tags("route-table", spec, "private-managed", exp))
     rt_id = rt["RouteTable"]["RouteTableId"]
     ec2.create_route(RouteTableId=rt_id, DestinationCidrBlock="0.0.0.0/0", NatGatewayId=ngw_id)
     ec2.associate_route_table(RouteTableId=rt_id, SubnetId=sub)
-    for k in range(spec.agents_per_cell):
-        launch(f"agent-managed-{k}", sub, sg, render_user_data(roles=[], **common))
-    launch("connector-managed", sub, sg, render_user_data(roles=["echo", "connector"], intermediate=intermediate_ip,
-                                                          service="echo-managed", **common))
-    return ngw_id
+    return ngw_id, sub
 
 
 def nat_ruleset(preset_name: str, wan_ip: str, lan_cidr: str) -> str:

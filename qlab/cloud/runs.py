@@ -27,21 +27,12 @@ REMOTE_RESULTS = "/var/lib/qlab/results"
 FINAL = ("Success", "Failed", "Cancelled", "TimedOut", "Cancelling")
 
 
-def cell_of(host: str) -> str:
-    """agent-<cell>-<k> -> <cell>."""
-    return host.split("-", 1)[1].rsplit("-", 1)[0]
-
-
-def service_for(cell: str) -> str:
-    return f"echo-{cell}"
-
-
 def nat_label(cell: str) -> str:
     return MANAGED if cell == "managed" else cell
 
 
-def probe_command(*, host: str, cell: str, cells: list[str], intermediate: str, campaign_id: str, bucket: str,
-                  region: str, trials: int, samples: int = 20, domain: str = "") -> str:
+def probe_command(*, host: str, cell: str, cells: dict[str, dict], intermediate: str, campaign_id: str,
+                  bucket: str, region: str, trials: int, samples: int = 20, domain: str = "") -> str:
     """The shell command an Agent host runs (AWS-RunShellScript): every argument quoted. Trial ids
     start with region and host, so several regions can share one campaign."""
     argv = ["/opt/qlab/bin/qlab", "probe", "--intermediate", f"{intermediate}:4433", "--certs", "/etc/qlab/certs",
@@ -50,8 +41,8 @@ def probe_command(*, host: str, cell: str, cells: list[str], intermediate: str, 
             "--upload", f"s3://{bucket}/results/{campaign_id}/{host}/", "--region", region]
     if domain:
         argv += ["--intermediate-name", domain]
-    for b in cells:
-        target = f"{service_for(b)}={nat_label(b)}"
+    for b, rec in sorted(cells.items()):
+        target = f"{rec['service']}={nat_label(b)}"
         argv += ["--connector", target + ("@same_lan" if b == cell else "")]
     return " ".join(shlex.quote(a) for a in argv)
 
@@ -80,15 +71,16 @@ def _send(ssm, instance: str, commands: list[str], comment: str, register_timeou
 def start(state: dict, cloud, *, campaign_id: str, trials: int, samples: int = 20, register_timeout: float = 600) -> dict[str, dict]:
     """Send the probe command to every Agent host; returns {host: {instance, command_id, command}}."""
     check_id(campaign_id)
-    agents = {n: i for n, i in state["instances"].items() if n.startswith("agent-")}
+    cells = state.get("cells", {})
+    agents = {host: cell for cell, rec in cells.items() for host in rec["agents"]}
     if not agents:
         raise ValueError(f"deployment {state['deployment_id']} has no Agent hosts (topology "
                          f"{state['spec']['topology']}); run `qlab probe` from your own machine instead")
-    cells = sorted({cell_of(n) for n in agents})
     ssm = cloud.client("ssm")
     out = {}
-    for host, info in sorted(agents.items()):
-        cmd = probe_command(host=host, cell=cell_of(host), cells=cells, intermediate=state["intermediate_ip"],
+    for host, cell in sorted(agents.items()):
+        info = state["instances"][host]
+        cmd = probe_command(host=host, cell=cell, cells=cells, intermediate=state["intermediate_ip"],
                             campaign_id=campaign_id, bucket=state["bucket"], region=state["region"],
                             trials=trials, samples=samples, domain=state["spec"].get("domain", ""))
         r = _send(ssm, info["id"], [WAIT_READY, cmd], f"qlab campaign {campaign_id}", register_timeout)
@@ -112,8 +104,9 @@ def progress(state: dict, cloud, campaign_id: str, commands: dict[str, dict]) ->
         except s3.exceptions.NoSuchKey:
             done = 0
         hosts[host] = {"status": status, "trials": done}
-    return {"hosts": hosts, "trials": sum(h["trials"] for h in hosts.values()),
-            "finished": all(h["status"] in FINAL for h in hosts.values())}
+    finished = sum(h["status"] in FINAL for h in hosts.values())
+    return {"hosts": hosts, "trials": sum(h["trials"] for h in hosts.values()), "hosts_finished": finished,
+            "finished": finished == len(hosts)}
 
 
 def wait(state: dict, cloud, campaign_id: str, commands: dict[str, dict], *, timeout: float = 3600,

@@ -94,10 +94,10 @@ def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: st
             "done",
             f"test -s {q(live + '/fullchain.pem')}",
         ]
+    (ip1, pub1), (ip2, pub2) = intermediate_addrs or (("", ""), ("", ""))
+    if "intermediate" in roles and not (ip1 and ip2 and pub1 and pub2):
+        raise ValueError("the Intermediate needs both of its private and public addresses")
     for role in roles:
-        (ip1, pub1), (ip2, pub2) = intermediate_addrs or (("", ""), ("", ""))
-        if role == "intermediate" and not (ip1 and ip2 and pub1 and pub2):
-            raise ValueError("the Intermediate needs both of its private and public addresses")
         cmd = ROLE_COMMANDS[role].format(intermediate=intermediate, service=service, ip1=ip1, ip2=ip2, pub1=pub1,
                                          pub2=pub2)
         if domain and role == "intermediate":
