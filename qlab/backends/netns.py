@@ -130,6 +130,17 @@ def _sysctl(ns: str, values: dict[str, str]) -> None:
     _run(["ip", "netns", "exec", ns, "sysctl", "-qw", *args])
 
 
+# The LAN bridge is a plain switch and NAT happens where the router routes, as on a home router.
+# With br_netfilter's default (call-iptables=1, whenever the module is loaded on the host) the
+# bridge would DNAT a hairpinned frame itself and then refuse to send it back out the port it came
+# in on: a host could not reach its own public mapping.
+_BRIDGE_NF = "net.bridge.bridge-nf-call-iptables"
+
+
+def _routed_lan() -> dict[str, str]:
+    return {_BRIDGE_NF: "0"} if Path("/proc/sys", *_BRIDGE_NF.split(".")).exists() else {}
+
+
 @dataclass
 class Wire:
     proc: subprocess.Popen
@@ -146,6 +157,7 @@ class Lab:
     wires: list[Wire] = field(default_factory=list)
     up_seconds: float | None = None
     link_mechanism: str = "tapwire"
+    wire_options: tuple[str, ...] = ()  # extra tapwire arguments (benchmarks compare wire modes)
     _specs: dict[str, NatSpec] = field(default_factory=dict)
     _blocking: set[str] = field(default_factory=set)
 
@@ -225,7 +237,7 @@ class Lab:
         for r in topo.routers:
             ns = self.netns(r.name)
             _sysctl(ns, {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.send_redirects": "0",
-                         "net.ipv4.conf.lan.send_redirects": "0"})
+                         "net.ipv4.conf.lan.send_redirects": "0", **_routed_lan()})
             self._load_nat(r.name)
         self.up_seconds = time.monotonic() - t0
         self._save_state()
@@ -285,7 +297,7 @@ class Lab:
         for i, (ns, ifname, up_ns, port, link) in enumerate(wires):
             argv = [sys.executable, "-m", "qlab.backends.tapwire", "--ns-a", ns, "--if-a", ifname, "--ns-b", up_ns,
                     "--if-b", port, "--delay", str(link.delay_ms), "--jitter", str(link.jitter_ms),
-                    "--loss", str(link.loss), "--seed", str(i)]
+                    "--loss", str(link.loss), "--seed", str(i), *self.wire_options]
             if not self.persistent:
                 argv.append("--die-with-parent")
             p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -354,7 +366,8 @@ class Lab:
         _run(["ip", "netns", "exec", ns, "nft", elem], check=False)
 
     # -- using the lab --------------------------------------------------------------------------
-    def socket(self, host: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM) -> socket.socket:
+    def socket(self, host: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM,
+               proto: int = 0) -> socket.socket:
         """A socket created inside `host`'s namespace (the socket keeps it; this thread comes back)."""
         here = os.open("/proc/self/ns/net", os.O_RDONLY)
         there = os.open(f"/run/netns/{self.netns(host)}", os.O_RDONLY)
@@ -362,7 +375,7 @@ class Lab:
             if _libc.setns(there, CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns failed")
             try:
-                return socket.socket(family, type)
+                return socket.socket(family, type, proto)
             finally:
                 _libc.setns(here, CLONE_NEWNET)
         finally:

@@ -70,6 +70,34 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return subprocess.call(["ip", "netns", "exec", ns, *cmd])
 
 
+def attach(state: dict):
+    """A `Lab` for a lab that is up (from its saved state): its namespaces, no new resources."""
+    from qlab.backends.netns import Lab
+
+    t = state["topology_args"]
+    topo = build(t["agent_nat"], t["connector_nat"], scenario=t["scenario"], profile_name=t["profile"],
+                 agents=t.get("agents", 1))
+    return Lab(topo, run_id=state["run_id"])
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from qlab.backends.labcheck import check, format_table
+
+    if args.samples < 10:
+        raise ValueError("--samples must be at least 10")
+    lab = attach(_pick(args.run))
+    try:
+        rows = check(lab, samples=args.samples, refresh=not args.no_refresh)
+    except (RuntimeError, OSError) as exc:  # a namespace gone, a lab half down: say so in one line
+        print(f"qlab lab check: the lab could not be measured: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=1))
+    else:
+        print(format_table(rows))
+    return 0 if all(r.ok for r in rows) else 1
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     from qlab.backends.netns import STATE_DIR, down_all, lab_namespaces
 
@@ -109,6 +137,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("host")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
     ex.set_defaults(func=cmd_exec)
+    ck = lsub.add_parser("check", help="measure a lab that is up against its NAT specs and link profile")
+    ck.add_argument("--run", default=None)
+    ck.add_argument("--samples", type=int, default=100, help="ICMP round trips per path")
+    ck.add_argument("--no-refresh", action="store_true", help="skip the binding-refresh check (5 s per NAT)")
+    ck.add_argument("--json", action="store_true", help="the rows as JSON")
+    ck.set_defaults(func=cmd_check)
     dn = lsub.add_parser("down", help="tear a lab down (--all: everything qlab left behind)")
     dn.add_argument("--run", default=None)
     dn.add_argument("--all", action="store_true")

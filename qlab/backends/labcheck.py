@@ -1,0 +1,312 @@
+"""`qlab lab check`: does a kernel lab that is up do what its spec and profile say?
+
+For every NAT router whose WAN is the internet, the check measures, with plain UDP sockets made in
+the lab's namespaces (none of qlab's roles or probes take part):
+- mapping: one inside socket towards three destinations (two addresses, two ports);
+- port allocation: new mappings' public ports (preserved, counting up, or neither);
+- filtering: who may send to a fresh mapping (the same address and port, the same address from
+  another port, another address);
+- hairpinning: an inside socket to the public mapping of another socket of the same host, and of
+  another host of the same LAN where the LAN has one; the receiver must see the public mapping;
+- refresh: with a 2 s binding timeout, whether inbound packets alone keep a mapping alive
+  (it is put back afterwards);
+and for the links, ICMP round trips with the kernel's timestamps (see `icmp.py`) between the
+Agent's site, the Connector's site and the Intermediate, compared with the profile: p50 within
+±5 % or ±1 ms (the larger), p95 at most 3 ms above the configured delay plus its jitter.
+
+The check measures the rulesets as they are loaded (it reloads one only to shorten and then restore
+the binding timeout for the refresh check): run it on a lab no trial is using.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+import socket
+import time
+from dataclasses import dataclass
+
+from qlab.backends.icmp import ping
+from qlab.backends.netns import Lab
+from qlab.nat.spec import Filtering, Mapping, NatSpec, PortAllocation
+from qlab.topology import INTERMEDIATE_IPS, INTERNET
+
+I1, I2 = INTERMEDIATE_IPS
+REFLECTOR_PORTS = (3478, 3479)  # free on the Intermediate's host: qlab listens on 4433/4434
+REFRESH_TIMEOUT_S = 2  # whole seconds: the kernel's set timeouts have that granularity
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    """One verdict: `subject` (a router or a path) and `check`, what the spec or profile says and
+    what was measured."""
+
+    subject: str
+    check: str
+    expected: str
+    measured: str
+    ok: bool
+
+    def to_dict(self) -> dict:
+        return {"subject": self.subject, "check": self.check, "expected": self.expected,
+                "measured": self.measured, "ok": self.ok}
+
+
+# -- UDP helpers ---------------------------------------------------------------------------------
+def _recv(sock: socket.socket, timeout: float) -> tuple[bytes, tuple[str, int]] | None:
+    ready, _, _ = select.select([sock], [], [], timeout)
+    return sock.recvfrom(2048) if ready else None
+
+
+def _recv_tagged(sock: socket.socket, tag: bytes, timeout: float) -> tuple[str, int] | None:
+    """The source of the first datagram carrying `tag` within `timeout` (others are stale)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        got = _recv(sock, left)
+        if got is None:
+            return None
+        if got[0] == tag:
+            return got[1]
+    return None
+
+
+class _Reflectors:
+    """UDP sockets on the Intermediate's two addresses and two ports: what a STUN server sees."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.socks: dict[tuple[str, int], socket.socket] = {}
+        for ip in (I1, I2):
+            for port in REFLECTOR_PORTS:
+                s = lab.socket("intermediate")
+                s.bind((ip, port))
+                self.socks[(ip, port)] = s
+        self._n = 0
+
+    def mapped(self, inside: socket.socket, target: tuple[str, int], timeout: float = 2.0) -> tuple[str, int]:
+        """The public source the reflector at `target` sees for `inside`."""
+        self._n += 1
+        tag = b"map%d" % self._n
+        inside.sendto(tag, target)
+        src = _recv_tagged(self.socks[target], tag, timeout)
+        if src is None:
+            raise RuntimeError(f"nothing from the inside socket reached {target[0]}:{target[1]}")
+        return src
+
+    def send(self, frm: tuple[str, int], to: tuple[str, int], tag: bytes) -> None:
+        self.socks[frm].sendto(tag, to)
+
+    def close(self) -> None:
+        for s in self.socks.values():
+            s.close()
+
+
+# -- what a spec says, as the check's words --------------------------------------------------------
+def expected_mapping(spec: NatSpec) -> str:
+    return spec.mapping.value
+
+
+def expected_filtering(spec: NatSpec) -> str:
+    return spec.filtering.value
+
+
+def expected_refresh(spec: NatSpec) -> str:
+    refresh = getattr(spec, "refresh", None)
+    return str(getattr(refresh, "value", refresh or "outbound"))
+
+
+def _verdict_mapping(ports: dict[tuple[str, int], tuple[str, int]]) -> str:
+    a, b, c = ports[(I1, 3478)], ports[(I2, 3478)], ports[(I1, 3479)]
+    if a == b == c:
+        return Mapping.EIM.value
+    if a == c:
+        return Mapping.ADM.value
+    return Mapping.APDM.value
+
+
+# -- the checks ------------------------------------------------------------------------------------
+def check_nat(lab: Lab, router: str, refl: _Reflectors, *, refresh: bool = True) -> list[CheckRow]:
+    r = lab.topology.router(router)
+    spec = lab._specs[router]
+    inside_hosts = [h.name for h in lab.topology.hosts if h.segment == r.lan_segment]
+    host = inside_hosts[0]
+    rows: list[CheckRow] = []
+
+    def row(check: str, expected: str, measured: str, ok: bool | None = None) -> None:
+        rows.append(CheckRow(router, check, expected, measured, expected == measured if ok is None else ok))
+
+    # mapping: one socket, three destinations
+    s = lab.socket(host)
+    s.bind(("0.0.0.0", 0))
+    local_port = s.getsockname()[1]
+    seen = {t: refl.mapped(s, t) for t in ((I1, 3478), (I2, 3478), (I1, 3479))}
+    row("mapping", expected_mapping(spec), _verdict_mapping(seen))
+    ips = {a[0] for a in seen.values()}
+    row("public address", r.wan_ip, ",".join(sorted(ips)))
+    # port allocation: the first mapping of fresh sockets (EIM), or of new flows (APDM)
+    ports = [a[1] for a in seen.values()]
+    if spec.mapping == Mapping.EIM:
+        fresh = []
+        for _ in range(3):
+            f = lab.socket(host)
+            f.bind(("0.0.0.0", 0))
+            fresh.append((f.getsockname()[1], refl.mapped(f, (I1, 3478))[1]))
+            f.close()
+        preserved = all(lp == pp for lp, pp in [(local_port, ports[0]), *fresh])
+        measured = PortAllocation.PRESERVE.value if preserved else "other"
+    else:
+        steps = [b - a for a, b in zip(ports, ports[1:], strict=False)]
+        if all(d == 1 for d in steps):
+            measured = PortAllocation.SEQUENTIAL.value
+        elif local_port in ports:
+            measured = PortAllocation.PRESERVE.value
+        else:
+            measured = PortAllocation.RANDOM.value
+    row("port allocation", spec.ports.value, measured)
+    s.close()
+    # filtering: a fresh mapping that has sent to (I1, 3478) only
+    f = lab.socket(host)
+    f.bind(("0.0.0.0", 0))
+    m = refl.mapped(f, (I1, 3478))
+    admitted = {}
+    for src, tag in (((I1, 3478), b"same"), ((I1, 3479), b"port"), ((I2, 3478), b"addr")):
+        refl.send(src, m, tag)
+        admitted[tag] = _recv_tagged(f, tag, 0.5) is not None
+    f.close()
+    if not admitted[b"same"]:
+        measured = "nothing admitted"
+    elif admitted[b"addr"]:
+        measured = Filtering.EIF.value
+    elif admitted[b"port"]:
+        measured = Filtering.ADF.value
+    else:
+        measured = Filtering.APDF.value
+    row("filtering", expected_filtering(spec), measured)
+    # hairpinning: same host, and another host of the LAN
+    pairs = [("same host", host, host)] + ([("two hosts", host, inside_hosts[1])] if len(inside_hosts) > 1 else [])
+    for label, ha, hb in pairs:
+        a, b = lab.socket(ha), lab.socket(hb)
+        a.bind(("0.0.0.0", 0))
+        b.bind(("0.0.0.0", 0))
+        ma, mb = refl.mapped(a, (I1, 3478)), refl.mapped(b, (I1, 3478))
+        for _ in range(3):  # both send, as in a punch (filtering NATs admit only answered peers)
+            a.sendto(b"hp-a", mb)
+            b.sendto(b"hp-b", ma)
+        src = _recv_tagged(b, b"hp-a", 0.5)
+        a.close()
+        b.close()
+        if src is None:
+            measured = "no"
+        elif src[0] == r.wan_ip:
+            measured = "yes"
+        else:
+            measured = f"yes, but seen from {src[0]}:{src[1]}"
+        row(f"hairpin ({label})", "yes" if spec.hairpinning else "no", measured)
+    if refresh:
+        rows.append(_check_refresh(lab, router, host, refl))
+    return rows
+
+
+def _check_refresh(lab: Lab, router: str, host: str, refl: _Reflectors) -> CheckRow:
+    """Only inbound packets for 2.5 binding timeouts: a mapping refreshed by outbound traffic only
+    is gone by then; one refreshed both ways still admits."""
+    spec = lab._specs[router]
+    original = spec.binding_timeout
+    lab.set_binding_timeout(router, REFRESH_TIMEOUT_S)
+    lab.flush_nat(router)  # a reloaded sequential counter would reuse the ports of live flows
+    try:
+        s = lab.socket(host)
+        s.bind(("0.0.0.0", 0))
+        m = refl.mapped(s, (I1, 3478))
+        end = time.monotonic() + 2.5 * REFRESH_TIMEOUT_S
+        n = 0
+        last_ok = True
+        while time.monotonic() < end:
+            n += 1
+            tag = b"in%d" % n
+            refl.send((I1, 3478), m, tag)
+            last_ok = _recv_tagged(s, tag, 0.25) is not None
+            time.sleep(0.1)
+        s.close()
+    finally:
+        lab.set_binding_timeout(router, original)
+    measured = "both" if last_ok else "outbound"
+    return CheckRow(router, "refresh", expected_refresh(spec), measured, expected_refresh(spec) == measured)
+
+
+def _site_target(lab: Lab, side: str) -> tuple[str, str]:
+    """(the host to send from, the address that answers for this side: its router's WAN, or the
+    host itself when it is public)."""
+    host = "agent" if side == "a" else "connector"
+    router = lab.topology.router_of(host)
+    if router is not None and router.wan_segment == INTERNET:
+        return host, router.wan_ip
+    return host, lab.topology.host(host).ip
+
+
+def rtt_tolerance_ms(configured: float) -> float:
+    """The p50 tolerance: ±5 % or ±1 ms, whichever is larger."""
+    return max(0.05 * configured, 1.0)
+
+
+def check_links(lab: Lab, *, samples: int = 100, interval: float = 0.02) -> list[CheckRow]:
+    """ICMP round trips on the three paths a trial uses, against the profile."""
+    prof = lab.topology.profile
+    a_host, a_addr = _site_target(lab, "a")
+    c_host, c_addr = _site_target(lab, "c")
+    paths = [
+        ("agent -> connector site (direct path)", a_host, c_addr, prof.agent, prof.connector),
+        ("agent -> intermediate", a_host, I1, prof.agent, prof.intermediate),
+        ("connector -> intermediate", c_host, I1, prof.connector, prof.intermediate),
+    ]
+    if lab.topology.scenario == "same_lan":
+        paths = paths[1:2]
+    rows = []
+    for label, src, dst, la, lb in paths:
+        configured = 2 * (la.delay_ms + lb.delay_ms)
+        jitter = 2 * (la.jitter_ms + lb.jitter_ms)  # the most uniform jitter can add to a round trip
+        loss = 1 - ((1 - la.loss) * (1 - lb.loss)) ** 2
+        sock = lab.socket(src, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        try:
+            r = ping(sock, dst, count=samples, interval=interval)
+        finally:
+            sock.close()
+        if r.p50 is None or r.p95 is None:
+            rows.append(CheckRow(label, "rtt", f"{configured:g} ms", "no reply", False))
+            continue
+        tol = rtt_tolerance_ms(configured)
+        rows.append(CheckRow(label, "rtt p50", f"{configured:g} ± {tol:.2g} ms", f"{r.p50:.2f} ms",
+                             abs(r.p50 - configured) <= tol))
+        rows.append(CheckRow(label, "rtt p95", f"<= {configured + jitter + 3:g} ms", f"{r.p95:.2f} ms",
+                             r.p95 <= configured + jitter + 3.0))
+        expected_lost = loss * samples
+        # loss within 4 standard deviations of the configured rate (plus one lost warm-up)
+        slack = 4 * math.sqrt(max(samples * loss * (1 - loss), 1.0)) + 1
+        rows.append(CheckRow(label, "loss", f"{loss:.1%}", f"{r.lost / samples:.1%}",
+                             abs(r.lost - expected_lost) <= slack))
+    return rows
+
+
+def check(lab: Lab, *, samples: int = 100, refresh: bool = True) -> list[CheckRow]:
+    """Every NAT against its spec, then every path against the profile."""
+    rows: list[CheckRow] = []
+    refl = _Reflectors(lab)
+    try:
+        for r in lab.topology.routers:
+            if r.wan_segment != INTERNET:
+                rows.append(CheckRow(r.name, "nat", "checked", "not checked: behind another NAT", True))
+                continue
+            rows += check_nat(lab, r.name, refl, refresh=refresh)
+    finally:
+        refl.close()
+    rows += check_links(lab, samples=samples)
+    return rows
+
+
+def format_table(rows: list[CheckRow]) -> str:
+    head = ("subject", "check", "expected", "measured", "")
+    body = [(r.subject, r.check, r.expected, r.measured, "ok" if r.ok else "FAIL") for r in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [head, *body]]
+    bad = sum(not r.ok for r in rows)
+    lines.append(f"{len(rows) - bad} of {len(rows)} checks passed" + (f"; {bad} FAILED" if bad else ""))
+    return "\n".join(lines)

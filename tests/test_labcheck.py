@@ -1,0 +1,82 @@
+"""`qlab lab check` on the kernel lab: every preset passes against its spec and the `wan-20ms`
+profile (three labs cover the six presets), through the CLI too, and the check turns red on labs
+that do not do what they say (a bridge that breaks hairpinning, a ruleset of another preset, a
+profile the links do not have)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+
+import pytest
+
+from qlab.backends.labcheck import check, format_table
+from qlab.backends.netns import Lab, _run
+from qlab.profiles import profile
+from qlab.topology import build
+from tests.procs import QLAB
+
+# (agent NAT, connector NAT): every preset once; two Agents so hairpinning between hosts is checked
+LABS = [("full_cone", "restricted_cone"), ("port_restricted", "symmetric")]
+
+
+def _failed(rows) -> list[str]:
+    return [f"{r.subject} {r.check}: expected {r.expected}, measured {r.measured}" for r in rows if not r.ok]
+
+
+@pytest.mark.parametrize("agent_nat,connector_nat", LABS)
+def test_every_preset_does_what_its_spec_says(netns_ok, agent_nat, connector_nat):
+    topo = build(agent_nat, connector_nat, scenario="multi_agent", agents=2, profile_name="wan-20ms")
+    with Lab(topo) as lab:
+        rows = check(lab, samples=100)
+    print("\n" + format_table(rows))
+    assert not _failed(rows), _failed(rows)
+    checks = {(r.subject, r.check) for r in rows}
+    for router in ("nat-a", "nat-c"):
+        assert {(router, c) for c in ("mapping", "filtering", "port allocation", "refresh",
+                                       "hairpin (same host)")} <= checks
+    assert ("nat-a", "hairpin (two hosts)") in checks
+    assert {r.subject for r in rows if r.check == "rtt p95"} == {
+        "agent -> connector site (direct path)", "agent -> intermediate", "connector -> intermediate"}
+
+
+def test_cli_check_on_a_lab_that_is_up(netns_ok):
+    """symmetric_seq (and a public Connector) through `qlab lab up`, `check --json`, `down`."""
+    up = subprocess.run([*QLAB, "lab", "up", "--agent-nat", "symmetric_seq", "--connector-nat", "public",
+                         "--profile", "wan-20ms"], capture_output=True, text=True, timeout=60)
+    assert up.returncode == 0, up.stderr
+    run_id = json.loads(up.stdout)["run_id"]
+    try:
+        p = subprocess.run([*QLAB, "lab", "check", "--run", run_id, "--json"], capture_output=True, text=True,
+                           timeout=120)
+        rows = json.loads(p.stdout)
+        assert p.returncode == 0 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+        seen = {r["check"]: r["measured"] for r in rows if r["subject"] == "nat-a"}
+        assert seen["port allocation"] == "sequential" and seen["mapping"] == "APDM", seen
+    finally:
+        down = subprocess.run([*QLAB, "lab", "down", "--run", run_id], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    bad = subprocess.run([*QLAB, "lab", "check", "--run", run_id], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no lab with run id" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_check_fails_on_labs_that_lie(netns_ok):
+    with Lab(build("port_restricted", "public", profile_name="wan-20ms")) as lab:
+        ns = lab.netns("nat-a")
+        # 1. the bridge does the NAT (br_netfilter on): a host cannot reach its own public mapping
+        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"])
+        rows = check(lab, samples=20, refresh=False)
+        assert any(r.check == "hairpin (same host)" and not r.ok for r in rows), format_table(rows)
+        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"])
+        # 2. the router runs another preset's ruleset than its spec says
+        real_spec = lab._specs["nat-a"]
+        lab._specs["nat-a"] = dataclasses.replace(real_spec, filtering=type(real_spec.filtering)("EIF"))
+        lab.flush_nat("nat-a")  # loads the full-cone-like ruleset
+        lab._specs["nat-a"] = real_spec  # ... while the spec still says APDF
+        rows = [r for r in check(lab, samples=20, refresh=False) if r.subject == "nat-a"]
+        assert any(r.check == "filtering" and not r.ok and r.measured == "EIF" for r in rows), format_table(rows)
+        # 3. links that do not have the profile the lab claims
+        lab.topology = dataclasses.replace(lab.topology, profile=profile("intercontinental"))
+        rows = check(lab, samples=20, refresh=False)
+        assert any(r.check == "rtt p50" and not r.ok for r in rows), format_table(rows)
