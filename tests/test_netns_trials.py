@@ -59,8 +59,9 @@ def test_simulator_agrees_with_the_kernel(netns_ok):
     """Same outcome class in every cell; RTT medians within 15% (the wires add ~0.3 ms per hop and
     the sim's links are exact); ttd within 15% + 30 ms, because the simulator does not charge the
     CPU time of QUIC handshakes (several ms each in Python) which the kernel lab pays in real time."""
-    if len(RESULTS["netns"]) < len(CELLS):
-        pytest.skip("needs the netns matrix results of this session (run the whole module)")
+    for a, c in CELLS:  # the matrix test's results when it ran in this session, else measured here
+        if (a, c) not in RESULTS["netns"]:
+            RESULTS["netns"][(a, c)] = [trial("netns", a, c, seed) for seed in (1, 2, 3)]
     mismatch = []
     rtt_d, rtt_s, ttd_pairs = [], [], []
     for a, c in CELLS:
