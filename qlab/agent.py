@@ -205,7 +205,9 @@ class Agent:
 
         async def wait_reply() -> None:
             try:
-                reply = await self.link.request(msg)
+                # no timer of its own: under loss the reply can take seconds, and the id cannot be
+                # asked for twice (the Intermediate refuses a taken one); a lost link fails it
+                reply = await self.link.request(msg, timeout=None)
             except BaseException as exc:
                 self.sessions.pop(sid, None)
                 s.closed = str(exc)

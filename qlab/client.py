@@ -20,9 +20,15 @@ from qlab.net import Addr
 
 log = logging.getLogger("qlab.client")
 
-HANDSHAKE_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 10.0  # connect(): every attempt together
+# One attempt (QUIC handshake + HELLO/WELCOME). A stalled attempt is abandoned and a fresh connection
+# started: aioquic doubles its probe timeout after each unanswered Initial (0.2, 0.4, 0.8, 1.6, 3.2 s),
+# so under loss a fresh connection is answered sooner than an old one's next retransmission. Later
+# attempts get longer (x1.5, capped) so that a slow but working path still completes one.
+ATTEMPT_TIMEOUT, ATTEMPT_TIMEOUT_MAX = 2.0, 8.0
 REQUEST_TIMEOUT = 5.0
-BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 30.0  # between reconnection rounds (jittered)
+RETRY_MAX = 2.0  # between the attempts of one connect()
 KEEPALIVE = 2.0  # a Ping on the control stream this often...
 DEAD_AFTER = 6.0  # ...and the Intermediate is given up when it has said nothing for this long
 
@@ -68,6 +74,8 @@ class IntermediateLink(Handler):
         self._next_req = 1
         self._closed = False
         self.reconnects = 0
+        self.attempts = 0  # handshake attempts, over the link's life
+        self.attempt_timeout = ATTEMPT_TIMEOUT
         self.keepalive = KEEPALIVE
         self.dead_after = DEAD_AFTER
         self.last_rx = 0.0
@@ -77,7 +85,31 @@ class IntermediateLink(Handler):
 
     # -- connection lifecycle -------------------------------------------------------------------
     async def connect(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        """Connect and authenticate once. Raises Refused (final) or ConnectionError/TimeoutError."""
+        """Connect and authenticate within `timeout`, retrying a failed or stalled handshake with a
+        fresh connection (first retry after BACKOFF_MIN, then doubling up to RETRY_MAX). Raises
+        Refused (final) or ConnectionError/TimeoutError when the time is up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        attempt_timeout, delay = self.attempt_timeout, BACKOFF_MIN
+        while True:
+            self.attempts += 1
+            try:
+                await self._attempt(min(attempt_timeout, max(0.0, deadline - loop.time())))
+                return
+            except Refused:
+                raise
+            except (ConnectionError, TimeoutError) as exc:
+                self._drop_attempt("handshake stalled" if isinstance(exc, TimeoutError) else "handshake failed")
+                wait = delay * random.uniform(0.8, 1.2)
+                if self._closed or loop.time() + wait >= deadline:
+                    raise
+                log.info("%s: handshake with the Intermediate %s:%d failed (%s); retry in %.2fs",
+                         self.name, *self.intermediate, exc or type(exc).__name__, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, RETRY_MAX)
+            attempt_timeout = min(attempt_timeout * 1.5, ATTEMPT_TIMEOUT_MAX)
+
+    async def _attempt(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.creds.client_config(INTERMEDIATE_NAME)
         self.lost.clear()
@@ -93,6 +125,13 @@ class IntermediateLink(Handler):
         self._keepalive_task = loop.create_task(self._keep_alive(self.conn))
         if self.on_up is not None:
             self.on_up()
+
+    def _drop_attempt(self, reason: str) -> None:
+        """Give up the current attempt at once. It is detached first: its end (now, or after its
+        closing period) must not touch the attempt that replaces it."""
+        conn, self.conn = self.conn, None
+        if conn is not None and not conn.closed:
+            self.endpoint.abandon(conn, reason)
 
     async def _keep_alive(self, conn: Connection) -> None:
         """Ping the Intermediate and give the connection up when it stays silent (a killed
@@ -111,7 +150,8 @@ class IntermediateLink(Handler):
             conn.send_control(wire.Ping(nonce))
 
     async def run_forever(self, first_timeout: float = HANDSHAKE_TIMEOUT, *, connected: bool = False) -> None:
-        """Stay connected: reconnect with capped exponential backoff (with jitter) after a loss.
+        """Stay connected: after a loss, reconnect at once (connect() retries within its window),
+        then in rounds with capped exponential backoff (jittered) while the Intermediate stays away.
         A NACK on hello is final and raised. `connected`: the first connection is already up."""
         delay = BACKOFF_MIN
         while not self._closed:
@@ -121,14 +161,19 @@ class IntermediateLink(Handler):
                 connected = False
                 delay = BACKOFF_MIN
                 await self.lost.wait()
-                log.warning("lost the Intermediate (%s); reconnecting", self.conn.close_reason if self.conn else "")
+                log.warning("%s: lost the Intermediate (%s); reconnecting", self.name,
+                            self.conn.close_reason if self.conn else "")
+                self.up.clear()
+                if self.conn is not None:
+                    self.conn.close()
+                self.reconnects += 1
+                continue  # the first reconnection round starts now
             except Refused:
                 raise
             except (ConnectionError, TimeoutError) as exc:
-                log.info("Intermediate %s:%d not reachable (%s); retry in %.1fs", *self.intermediate, exc, delay)
+                log.info("Intermediate %s:%d not reachable (%s); next round in %.1fs", *self.intermediate,
+                         exc or type(exc).__name__, delay)
             self.up.clear()
-            if self.conn is not None:
-                self.conn.close()
             if self._closed:
                 break
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
@@ -148,8 +193,10 @@ class IntermediateLink(Handler):
         self._next_req = req % 0xFFFF + 1
         return req
 
-    async def request(self, msg: wire.Message, timeout: float = REQUEST_TIMEOUT) -> wire.Message:
-        """Send a message with a `req` field and wait for the reply carrying the same `req`."""
+    async def request(self, msg: wire.Message, timeout: float | None = REQUEST_TIMEOUT) -> wire.Message:
+        """Send a message with a `req` field and wait for the reply carrying the same `req`.
+        `timeout=None`: wait as long as the connection lives (replies come on a reliable stream;
+        the keepalive gives a silent Intermediate up, which fails the wait)."""
         if self.conn is None or self.conn.closed:
             raise ConnectionError("not connected to the Intermediate")
         fut = asyncio.get_running_loop().create_future()
@@ -170,6 +217,8 @@ class IntermediateLink(Handler):
 
     # -- Handler --------------------------------------------------------------------------------
     def on_handshake(self, conn: Connection) -> None:
+        if conn is not self.conn:
+            return  # an attempt already given up
         conn.send_control(wire.Hello(wire.VERSION, self.role, self.name, wire.hello_auth(self.creds.secret, self.role, self.name)))
 
     def on_control(self, conn: Connection, msg: wire.Message) -> None:
@@ -209,6 +258,8 @@ class IntermediateLink(Handler):
             self.on_datagram_cb(data)
 
     def on_closed(self, conn: Connection, reason: str) -> None:
+        if conn is not self.conn:
+            return  # an earlier connection or attempt ending late: the current one is not affected
         if self._welcome is not None and not self._welcome.done():
             if reason in ("unauthenticated", "bad version"):  # the NACK itself may not have arrived
                 code = wire.NackCode.UNAUTHENTICATED if reason == "unauthenticated" else wire.NackCode.BAD_VERSION

@@ -112,17 +112,28 @@ class Connector:
         self.tasks.spawn(self._register())
 
     async def _register(self) -> None:
-        try:
-            await self.link.request(wire.Register(self.link.next_req(), self.service))
-        except Refused as exc:
-            log.error("registration of %s refused: %s", self.service, exc)
-            self.fatal = exc
-            self.failed.set()
-        except (ConnectionError, TimeoutError) as exc:
-            log.warning("registration of %s failed: %s", self.service, exc)
-            return
-        else:
-            log.info("registered service %s", self.service)
+        """Register the service on this connection. The reply may be slow under loss (QUIC backs off
+        its retransmissions), so a timeout while the connection is still up sends the request
+        again (registration is idempotent); a lost connection registers again once it is back."""
+        conn = self.link.conn
+        while True:
+            try:
+                await self.link.request(wire.Register(self.link.next_req(), self.service))
+            except Refused as exc:
+                log.error("registration of %s refused: %s", self.service, exc)
+                self.fatal = exc
+                self.failed.set()
+            except TimeoutError:
+                if self.link.conn is conn and conn is not None and not conn.closed:
+                    log.info("registration of %s not answered yet; asking again", self.service)
+                    continue
+                return
+            except ConnectionError as exc:
+                log.warning("registration of %s failed: %s", self.service, exc)
+                return
+            else:
+                log.info("registered service %s", self.service)
+            break
         self.registered.set()
 
     async def wait_registered(self, timeout: float = 10.0) -> None:

@@ -44,6 +44,21 @@ def _decrypted_any(quic: QuicConnection) -> bool:
     return any(sp.largest_received_packet >= 0 for sp in getattr(quic, "_spaces", {}).values())
 
 
+def _closing(quic: QuicConnection) -> bool:
+    """Whether aioquic has decided to close this connection (an error queued, or a CONNECTION_CLOSE
+    received). For a fresh server connection this happens when the first Initial that got through
+    carries no CRYPTO frame: aioquic then raises PROTOCOL_VIOLATION ("Packet contains no CRYPTO
+    frame", RFC 9000 17.2.2) and would answer with CONNECTION_CLOSE. Under loss the client sends
+    such an Initial when every Initial carrying its ClientHello was lost and it then closes the
+    attempt: before any server packet, aioquic's close() can only use Initial keys, so it sends an
+    Initial holding nothing but CONNECTION_CLOSE (qlab does this when a handshake attempt stalls,
+    a QAD probe ends, or a direct dial times out). Any other CRYPTO-less first Initial (a bare PING
+    probe, an ACK) whose CRYPTO Initial was lost or overtaken is handled the same way."""
+    return quic._close_event is not None or quic._state in (
+        QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED
+    )
+
+
 class HeldDatagrams:
     """Datagrams that arrived just before the control message that makes them valid.
 
@@ -188,7 +203,7 @@ class Endpoint:
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = {"rx": 0, "tx": 0, "raw_rx": 0, "dropped_unknown": 0, "dropped_malformed": 0,
-                      "dropped_half_open_cap": 0}
+                      "dropped_half_open_cap": 0, "dropped_first_initial": 0}
         self.max_half_open = MAX_HALF_OPEN
 
     async def bind(self, host: str, port: int) -> Addr:
@@ -275,6 +290,13 @@ class Endpoint:
                 continue
             if fresh:
                 fresh = False
+                if _closing(conn.quic):
+                    # The first Initial we see of this connection made aioquic close it: answering
+                    # would kill a handshake that loss merely reordered. Forget it silently (see
+                    # `_closing`); the client's CRYPTO retransmission opens the connection normally.
+                    self._forget(conn)
+                    self.stats["dropped_first_initial"] += 1
+                    continue
                 if not _decrypted_any(conn.quic):
                     # a junk Initial: keep no state for it (no memory for floods of them)
                     self._forget(conn)

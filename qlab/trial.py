@@ -39,6 +39,10 @@ from qlab.traversal.session import AgentTraversal, ConnectorTraversal, SessionTr
 log = logging.getLogger("qlab.trial")
 
 APP_PORT = 9999
+# Registration, NAT detection and the Agent's connection share this window: under loss each step
+# retries (handshakes, requests) until the window ends, never on a shorter timer of its own.
+SETUP_WINDOW = 20.0
+RELAY_WINDOW = 10.0  # after the punch settled: until an echo came back over the relay
 OUTCOMES = ("direct_lan", "direct_wan", "direct_predicted", "relay", "failed")
 FAULTS = ("", "rebind", "idle", "intermediate_restart", "connector_restart")
 
@@ -180,8 +184,10 @@ class AgentSide:
 
     def __init__(self, net, creds: Credentials, intermediate: tuple[str, int], spec: TrialSpec,
                  cfg: TraversalConfig, *, service: str = "echo",
-                 relay_switch: Callable[[int, bool], None] | None = None, bind: str = "0.0.0.0") -> None:
+                 relay_switch: Callable[[int, bool], None] | None = None, bind: str = "0.0.0.0",
+                 setup_by: float | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.setup_by = setup_by if setup_by is not None else self.loop.time() + SETUP_WINDOW
         self.spec, self.cfg, self.service = spec, cfg, service
         self.relay_switch = relay_switch
         self.probe = EchoProbe(self.loop.time, spec.echo_size)
@@ -210,7 +216,7 @@ class AgentSide:
 
     async def run(self) -> None:
         spec, loop, probe = self.spec, self.loop, self.probe
-        await self.agent.start(10)
+        await self.agent.start(_left(self.setup_by))
         await self.at.prepare()
         # t0: the session opens; echoes go out over the active path from now on
         self.t0 = loop.time()
@@ -238,6 +244,12 @@ class AgentSide:
         # stragglers over the relay so ttfb exists even when the punch settled at once
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(session.opened, 5)
+        # the relay is proven by an echo that came back over it: under loss (a relayed echo crosses
+        # eight access-link hops) keep probing until one does, within the window
+        relay_by = loop.time() + RELAY_WINDOW
+        while probe.paths["relay"].first_reply_at is None and loop.time() < relay_by:
+            self.send_echo("relay")
+            await asyncio.sleep(spec.echo_interval)
 
         # measurement: same probe, interleaved on both paths
         direct_up = session.direct is not None and not session.direct.closed and st.path.verified_at is not None
@@ -289,6 +301,7 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
     connector = side = None
     ct = None
     error = ""
+    setup_by = w0 + SETUP_WINDOW
 
     def relay_switch(session_id: int, on: bool) -> None:
         (srv.relay_blocked.discard if on else srv.relay_blocked.add)(session_id)
@@ -300,9 +313,9 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
                               name="connector", p2p_port=CONNECTOR_PORT)
         ct = ConnectorTraversal(connector, cfg)
         await connector.start()
-        await connector.wait_registered(10)
-        await asyncio.wait_for(ct.ready.wait(), 10)
-        side = AgentSide(env.net("agent"), creds, listen[0], spec, cfg, relay_switch=relay_switch)
+        await connector.wait_registered(_left(setup_by))
+        await asyncio.wait_for(ct.ready.wait(), _left(setup_by))
+        side = AgentSide(env.net("agent"), creds, listen[0], spec, cfg, relay_switch=relay_switch, setup_by=setup_by)
         await side.run()
         st, agent, probe, send_echo, measure = side.st, side.agent, side.probe, side.send_echo, side.measure
         if spec.blackhole and side.direct_active and measure["verify_sent"]:
@@ -599,6 +612,10 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
         error=error,
         extra={"fault": measure["fault"]} if "fault" in measure else {},
     )
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
 
 
 def _r(x: float | None) -> float | None:
