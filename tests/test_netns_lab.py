@@ -6,13 +6,23 @@ from __future__ import annotations
 import select
 import socket
 import time
+from dataclasses import replace
 
 import pytest
 
 from qlab.backends.netns import Lab, lab_namespaces
 from qlab.nat.nftables import render
-from qlab.nat.spec import PRESET_NAMES, Mapping, NatSpec, preset
-from qlab.topology import build
+from qlab.nat.spec import (
+    PRESET_NAMES,
+    CounterScope,
+    Filtering,
+    Mapping,
+    NatSpec,
+    PortAllocation,
+    Refresh,
+    preset,
+)
+from qlab.topology import Topology, build
 
 NATTED = [p for p in PRESET_NAMES if p != "public"]
 I1, I2 = "203.0.113.10", "203.0.113.11"
@@ -60,6 +70,19 @@ def test_rendering_is_deterministic_and_expresses_each_preset():
     assert "timeout 7s" in render(preset("full_cone").with_timeout(7), **args)
     with pytest.raises(ValueError, match="ADM"):
         render(NatSpec("adm", mapping=Mapping.ADM), **args)
+    for t in texts.values():  # refused inbound is dropped before conntrack; presets refresh outbound only
+        assert "priority raw" in t and "chain track_in" not in t and "refreshed by outbound packets" in t
+    both = render(replace(preset("port_restricted"), refresh=Refresh.BOTH), **args)
+    assert "chain track_in" in both and "update @emap { ct reply proto-dst : ip daddr . udp dport }" in both
+    assert "update @flows { udp dport . ip saddr . udp sport }" in render(
+        replace(preset("symmetric"), refresh=Refresh.BOTH), **args)
+    per_host = replace(preset("symmetric_seq"), sequential_scope=CounterScope.HOST)
+    assert render(per_host, **args).count("numgen inc mod 1000 map @seq") == 254  # one counter per address
+    assert texts["symmetric_seq"].count("numgen inc mod 1000 map @seq") == 1
+    with pytest.raises(ValueError, match="per-host"):
+        render(per_host, **{**args, "lan_cidr": "10.0.0.0/16"})
+    with pytest.raises(ValueError, match="hairpinning"):
+        render(replace(preset("symmetric"), hairpinning=True), **args)
     with pytest.raises(ValueError):
         render(preset("public"), **args)
 
@@ -99,23 +122,125 @@ def test_preset_mapping_and_filtering_in_the_kernel(netns_ok, nat):
         assert tuple(admitted.values()) == expect, admitted
 
 
-@pytest.mark.parametrize("nat", ["full_cone", "port_restricted", "symmetric"])
+# hairpinning per preset (docs/netns-lab.md), written out independently of the spec
+HAIRPIN = {"full_cone": True, "restricted_cone": True, "port_restricted": True, "symmetric": False,
+           "symmetric_seq": False}
+
+
+def with_nat(topo: Topology, spec: NatSpec, router: str = "nat-a") -> Topology:
+    """`topo` with `router` running `spec` instead of its preset."""
+    return replace(topo, routers=tuple(replace(r, nat=spec) if r.name == router else r for r in topo.routers))
+
+
+@pytest.mark.parametrize("nat", NATTED)
 def test_hairpinning(netns_ok, nat):
+    """Two hosts of one LAN, and two sockets of one host (what `qlab classify` tests), each reaching
+    the other's public mapping, seen from the sender's public address."""
     with Lab(build(nat, "public", scenario="multi_agent", agents=2)) as lab:
         servers = servers_for(lab)
-        a, b = lab.socket("agent"), lab.socket("agent2")
+        a, b, a2 = lab.socket("agent"), lab.socket("agent2"), lab.socket("agent")
         a.bind(("0.0.0.0", 5000))
         b.bind(("0.0.0.0", 6000))
+        a2.bind(("0.0.0.0", 7000))
         ma = observed(lab, a, servers, (I1, 3478))
         mb = observed(lab, b, servers, (I1, 3478))
         for _ in range(3):  # both sides send, as in a punch
             a.sendto(b"a", mb)
             b.sendto(b"b", ma)
         got = recv(b, 0.5)
-        if preset(nat).hairpinning:
+        for _ in range(3):  # a second socket of the same host, with no mapping of its own yet
+            a2.sendto(b"self", ma)
+        own = None
+        while (m := recv(a, 0.5)) is not None and own is None:
+            own = m if m[0] == b"self" else None
+        if HAIRPIN[nat]:
             assert got is not None and got[1] == ma, got  # the peer sees the public mapping
+            assert own is not None and own[1][0] == ma[0], own  # the same host too
         else:
-            assert got is None
+            assert got is None and own is None, (got, own)
+
+
+# inbound-only traffic after one outbound packet, binding timeout 2 s: admitted well inside the
+# timeout, and after 3 s? (outbound-only: the binding is gone; both: the inbound packets kept it)
+REFRESH_EXPECT = {Refresh.OUTBOUND: (True, False), Refresh.BOTH: (True, True)}
+
+
+@pytest.mark.parametrize("pair", [("port_restricted", "symmetric_seq"), ("full_cone", "restricted_cone")])
+@pytest.mark.parametrize("refresh", list(Refresh))
+def test_refresh_follows_the_spec(netns_ok, pair, refresh):
+    topo = build(*pair)
+    for router, nat in zip(("nat-a", "nat-c"), pair, strict=True):
+        topo = with_nat(topo, replace(preset(nat), refresh=refresh, binding_timeout=2), router)
+    with Lab(topo) as lab:
+        servers = servers_for(lab)
+        srv = servers[(I1, 3478)]
+        inside = {h: lab.socket(h) for h in ("agent", "connector")}
+        mapped = {}
+        for h, s in inside.items():
+            s.bind(("0.0.0.0", 5000))
+            mapped[h] = observed(lab, s, servers, (I1, 3478))
+        t_out = time.monotonic()  # both bindings were last refreshed before this instant
+        early = {h: False for h in inside}
+        while time.monotonic() < t_out + 3.0:  # inbound only, every 0.4 s
+            for h, s in inside.items():
+                srv.sendto(b"in", mapped[h])
+                early[h] |= time.monotonic() < t_out + 1.0 and recv(s, 0.2) is not None
+            time.sleep(0.2)
+        for s in inside.values():  # forget what arrived in the loop
+            while recv(s, 0) is not None:
+                pass
+        late = {}
+        for h, s in inside.items():  # >= 3 s after the last outbound packet
+            srv.sendto(b"late", mapped[h])
+            got = recv(s, 0.5)
+            late[h] = got is not None and got[0] == b"late"
+        assert {h: (early[h], late[h]) for h in inside} == {h: REFRESH_EXPECT[refresh] for h in inside}
+
+
+def test_sequential_counter_wraps(netns_ok):
+    """sequential_count 8: the 9th new flow is back at the base, sharing the port with a flow to
+    another remote; towards the remote that already holds the counter's port the first packet is
+    dropped and the next one takes the next port. Same sequence as the simulator's engine test."""
+    spec = NatSpec("tiny", mapping=Mapping.APDM, filtering=Filtering.APDF, ports=PortAllocation.SEQUENTIAL,
+                   hairpinning=False, sequential_base=50000, sequential_count=8)
+    with Lab(with_nat(build("symmetric_seq", "public", scenario="multi_agent", agents=2), spec)) as lab:
+        remotes = {}
+        for i in range(10):
+            r = lab.socket("intermediate")
+            r.bind((I1, 3000 + i))
+            remotes[(I1, 3000 + i)] = r
+        rs = list(remotes)
+        a, b = lab.socket("agent"), lab.socket("agent2")
+        a.bind(("0.0.0.0", 7000))
+        b.bind(("0.0.0.0", 7000))
+        ports = [observed(lab, a, remotes, r)[1] for r in rs[:8]]
+        assert ports == [50000, 50001, 50002, 50003, 50004, 50005, 50006, 50007]
+        assert observed(lab, b, remotes, rs[8])[1] == 50000  # wrapped; shared with a -> rs[0]
+        for r, who in ((rs[0], a), (rs[8], b)):
+            remotes[r].sendto(b"back", ("203.0.113.101", 50000))
+            assert recv(who, 1.0) is not None, r
+        b.sendto(b"clash", rs[1])  # the counter's 50001 is a -> rs[1]'s: this packet is dropped
+        assert recv(remotes[rs[1]], 0.3) is None
+        assert observed(lab, b, remotes, rs[1])[1] == 50002  # the counter moved on
+
+
+# host a, host b, a, a, b: the port each new flow gets, per counter scope (written out here)
+COUNTER_EXPECT = {CounterScope.NAT: [50000, 50001, 50002, 50003, 50004],
+                  CounterScope.HOST: [50000, 50000, 50001, 50002, 50001]}
+
+
+@pytest.mark.parametrize("scope", list(CounterScope))
+def test_sequential_counter_scope(netns_ok, scope):
+    spec = NatSpec("tiny", mapping=Mapping.APDM, filtering=Filtering.APDF, ports=PortAllocation.SEQUENTIAL,
+                   hairpinning=False, sequential_base=50000, sequential_count=8, sequential_scope=scope)
+    with Lab(with_nat(build("symmetric_seq", "public", scenario="multi_agent", agents=2), spec)) as lab:
+        servers = servers_for(lab)
+        a, b = lab.socket("agent"), lab.socket("agent2")
+        a.bind(("0.0.0.0", 7000))
+        b.bind(("0.0.0.0", 7000))
+        # five different remotes: two hosts on one port towards one remote would clash (see above)
+        order = [(a, (I1, 3478)), (b, (I1, 3479)), (a, (I2, 3478)), (a, (I2, 3479)), (b, (I1, 3478))]
+        assert [observed(lab, s, servers, t)[1] for s, t in order] == COUNTER_EXPECT[scope]
 
 
 def test_binding_timeout_is_honoured(netns_ok):

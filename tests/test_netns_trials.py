@@ -49,10 +49,16 @@ def test_blackhole_falls_back_to_relay_within_two_seconds_on_netns(netns_ok):
     assert r.echo_gap_ms is not None and r.echo_gap_ms <= 2500
 
 
+# what `qlab classify` reports for hairpinning (a second socket of the same host), per preset
+CLASSIFIED_HAIRPIN = {"public": None, "full_cone": True, "restricted_cone": True, "port_restricted": True,
+                      "symmetric": False, "symmetric_seq": False}
+
+
 @pytest.mark.parametrize("nat", PRESET_NAMES)
 def test_classifier_names_every_preset_in_the_kernel(netns_ok, nat):
     out = run_classify("netns", nat)
     assert out["preset"] == nat, out
+    assert out["hairpinning"] == CLASSIFIED_HAIRPIN[nat], out
 
 
 def test_simulator_agrees_with_the_kernel(netns_ok):

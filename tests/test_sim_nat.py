@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 
 import pytest
 
 from qlab import topology
 from qlab.backends import sim
 from qlab.backends.sim.nat import NatEngine, Verdict
-from qlab.nat.spec import PRESET_NAMES, Filtering, Mapping, NatSpec, PortAllocation, preset
+from qlab.nat.spec import (
+    PRESET_NAMES,
+    CounterScope,
+    Filtering,
+    Mapping,
+    NatSpec,
+    PortAllocation,
+    Refresh,
+    preset,
+)
 
 Addr = tuple[str, int]
 A, B = topology.INTERMEDIATE_IPS  # 203.0.113.10, 203.0.113.11
@@ -148,32 +158,54 @@ def test_no_port_overloading_for_two_inside_hosts_on_one_port(nat: str) -> None:
         assert m2[0] == m2[1] and m2[0][1] != 5000  # the second gets one other port, for all destinations
 
 
+# hairpinning per preset (docs/netns-lab.md, NAT rulesets), written out independently of the spec
+HAIRPIN = {"full_cone": True, "restricted_cone": True, "port_restricted": True, "symmetric": False,
+           "symmetric_seq": False}
+# refresh and sequential counter scope per preset (docs/netns-lab.md, docs/sim.md)
+PRESET_REFRESH = {n: Refresh.OUTBOUND for n in HAIRPIN}
+PRESET_COUNTER = {"symmetric_seq": CounterScope.NAT}
+
+
+def test_preset_refresh_hairpin_and_counter_values() -> None:
+    assert {n: preset(n).hairpinning for n in HAIRPIN} == HAIRPIN
+    assert {n: preset(n).refresh for n in HAIRPIN} == PRESET_REFRESH
+    assert {n: preset(n).sequential_scope for n in HAIRPIN if preset(n).ports is PortAllocation.SEQUENTIAL} \
+        == PRESET_COUNTER
+
+
 @pytest.mark.parametrize("nat", [n for n in PRESET_NAMES if n != "public"])
 def test_hairpinning_shows_the_public_source(nat: str) -> None:
-    """Two hosts behind one NAT send to each other's public mapping (nat-lab §5, hairpin table)."""
+    """Two hosts behind one NAT send to each other's public mapping (nat-lab §5, hairpin table), and
+    a second socket of one host sends to the first one's mapping (what `qlab classify` tests)."""
     network = sim.SimNetwork(topology.build(nat, "public", scenario="multi_agent", agents=2), seed=2)
     lab = Lab(network)
 
-    async def main() -> tuple[Addr, Addr, list[tuple[bytes, Addr]], list[tuple[bytes, Addr]]]:
+    async def main() -> tuple[Addr, Addr, list[tuple[bytes, Addr]], list[tuple[bytes, Addr]], list]:
         await lab.start()
         s1 = await lab.client("agent", 5000)
         s2 = await lab.client("agent2", 6000)
+        s1b = await lab.client("agent", 7000, name="agent-b")
         m1 = await lab.mapped(s1, (A, P1), "agent")
         m2 = await lab.mapped(s2, (A, P1), "agent2")
         n1, n2 = len(lab.inbox["agent"]), len(lab.inbox["agent2"])
         s1.sendto(b"to-2", m2)
         s2.sendto(b"to-1", m1)
         await asyncio.sleep(0.05)
-        return m1, m2, lab.inbox["agent"][n1:], lab.inbox["agent2"][n2:]
+        got1, got2 = lab.inbox["agent"][n1:], lab.inbox["agent2"][n2:]
+        n1 = len(lab.inbox["agent"])
+        s1b.sendto(b"self", m1)  # same host, second socket, no mapping of its own yet
+        await asyncio.sleep(0.05)
+        return m1, m2, got1, got2, lab.inbox["agent"][n1:]
 
-    m1, m2, got1, got2 = sim.run(main())
-    if preset(nat).hairpinning:
+    m1, m2, got1, got2, own = sim.run(main())
+    if HAIRPIN[nat]:
         assert got2 == [(b"to-2", m1)]  # seen from the sender's public mapping, not 10.1.0.2
         assert got1 == [(b"to-1", m2)]
-        assert network.counters["hairpinned"] == 2
+        assert [d for d, _ in own] == [b"self"] and own[0][1][0] == m1[0]  # from the public address
+        assert network.counters["hairpinned"] == 3
     else:
-        assert got1 == got2 == []
-        assert network.dropped["nat_no_hairpin"] == 2
+        assert got1 == got2 == own == []
+        assert network.dropped["nat_no_hairpin"] == 3
 
 
 @pytest.mark.parametrize("nat", ["full_cone", "restricted_cone", "port_restricted", "symmetric", "symmetric_seq"])
@@ -283,18 +315,63 @@ def test_engine_permissions_expire_per_remote() -> None:
     assert eng.inbound(("203.0.113.11", 5), 7000, 18.0) is Verdict.NO_MAPPING  # binding gone at t=18
 
 
-def test_engine_sequential_range_exhausts_and_recovers() -> None:
-    spec = NatSpec("tiny", mapping=Mapping.APDM, filtering=Filtering.APDF, ports=PortAllocation.SEQUENTIAL,
-                   sequential_base=50000, sequential_count=2, binding_timeout=5.0)
-    eng = NatEngine(spec, "198.51.100.1")
-    inside = ("10.0.0.2", 7000)
-    assert eng.outbound(inside, ("203.0.113.10", 1), 0.0) == ("198.51.100.1", 50000)
-    assert eng.outbound(inside, ("203.0.113.10", 2), 0.0) == ("198.51.100.1", 50001)
-    assert eng.outbound(inside, ("203.0.113.10", 3), 1.0) is Verdict.PORTS_EXHAUSTED
-    assert eng.outbound(inside, ("203.0.113.10", 3), 5.0) == ("198.51.100.1", 50000)  # expired ports reused
+def _tiny_seq(scope: CounterScope = CounterScope.NAT) -> NatSpec:
+    return NatSpec("tiny", mapping=Mapping.APDM, filtering=Filtering.APDF, ports=PortAllocation.SEQUENTIAL,
+                   sequential_base=50000, sequential_count=8, sequential_scope=scope, binding_timeout=5.0)
+
+
+def test_engine_sequential_counter_wraps_like_the_kernel() -> None:
+    """k-th new binding -> base + k mod 8. After the wrap a port still bound to another remote is
+    shared (the kernel's conntrack only needs the 5-tuple unique); towards the same remote the packet
+    is dropped and the counter moves on (a failed conntrack insert). Same sequence as the kernel test."""
+    eng = NatEngine(_tiny_seq(), "198.51.100.1")
+    a, b = ("10.0.0.2", 7000), ("10.0.0.3", 7000)
+    remotes = [("203.0.113.10", 3000 + i) for i in range(10)]
+    got = [eng.outbound(a, r, 0.0) for r in remotes[:8]]
+    assert [p for _, p in got] == [50000, 50001, 50002, 50003, 50004, 50005, 50006, 50007]
+    assert eng.outbound(b, remotes[8], 0.0) == ("198.51.100.1", 50000)  # wrapped: 50000 shared with a->r0
+    assert eng.inbound(remotes[0], 50000, 1.0) == a
+    assert eng.inbound(remotes[8], 50000, 1.0) == b
+    assert eng.inbound(remotes[9], 50000, 1.0) is Verdict.FILTERED
+    assert eng.outbound(b, remotes[1], 1.0) is Verdict.PORT_CLASH  # 50001 is a->r1's
+    assert eng.outbound(b, remotes[1], 1.0) == ("198.51.100.1", 50002)  # the counter moved on
+    assert eng.outbound(b, remotes[9], 7.0) == ("198.51.100.1", 50003)  # the counter just counts on
     eng.flush()
     assert eng.bindings() == []
-    assert eng.outbound(inside, ("203.0.113.10", 9), 6.0) == ("198.51.100.1", 50000)  # counter restarts
+    assert eng.outbound(a, remotes[0], 8.0) == ("198.51.100.1", 50000)  # a reload restarts the counter (P10)
+
+
+@pytest.mark.parametrize("scope", list(CounterScope))
+def test_engine_sequential_counter_scope(scope: CounterScope) -> None:
+    # host a, host b, a, a, b: the ports each new binding gets, per counter scope (written out here)
+    expected = {
+        CounterScope.NAT: [50000, 50001, 50002, 50003, 50004],
+        CounterScope.HOST: [50000, 50000, 50001, 50002, 50001],
+    }[scope]
+    eng = NatEngine(_tiny_seq(scope), "198.51.100.1")
+    a, b = ("10.0.0.2", 7000), ("10.0.0.3", 7000)
+    order = [(a, 1), (b, 2), (a, 3), (a, 4), (b, 5)]
+    got = [eng.outbound(src, ("203.0.113.10", 3000 + i), 0.0) for src, i in order]
+    assert [p for _, p in got] == expected
+
+
+# inbound-only traffic after one outbound packet at t=0, binding timeout 3 s: is the packet at
+# t = 1, 2, 2.9, 3.5, 5.5 admitted? (outbound-only: the binding dies at t=3; both: inbound keeps it)
+REFRESH_EXPECT = {
+    Refresh.OUTBOUND: [True, True, True, False, False],
+    Refresh.BOTH: [True, True, True, True, True],
+}
+
+
+@pytest.mark.parametrize("nat", ["full_cone", "port_restricted", "symmetric_seq"])
+@pytest.mark.parametrize("refresh", list(Refresh))
+def test_engine_refresh_follows_the_spec(nat: str, refresh: Refresh) -> None:
+    spec = replace(preset(nat), refresh=refresh, binding_timeout=3.0)
+    eng = NatEngine(spec, "198.51.100.1")
+    inside, remote = ("10.0.0.2", 7000), ("203.0.113.10", 3478)
+    _, port = eng.outbound(inside, remote, 0.0)
+    got = [eng.inbound(remote, port, t) == inside for t in (1.0, 2.0, 2.9, 3.5, 5.5)]
+    assert got == REFRESH_EXPECT[refresh]
 
 
 def test_engine_preserved_port_taken_falls_back_to_random_and_public_is_rejected() -> None:

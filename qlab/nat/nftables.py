@@ -9,15 +9,22 @@ bytes on every backend. Recipes and pitfalls: ../shared/reference/nat-lab.md (§
 - sequential ports use a typed map (P3: `numgen ... offset` is byte-swapped in nft 1.0.6);
 - `ct original proto-src` needs `meta l4proto udp` first (P4); hairpin SNAT matches the LAN prefix
   because `iifname` never matches in postrouting (P2).
+
+Refresh: conntrack refreshes its entries on packets in both directions, so the binding lives in
+dynamic sets/maps that only the packets `spec.refresh` names update, and a `gate` chain at raw
+priority (before conntrack) drops inbound packets, established flows included, whose binding or
+permission is gone. A dropped packet refreshes nothing; an admitted inbound packet still refreshes
+its conntrack entry, which can therefore outlive the binding by up to one timeout (docs/netns-lab.md).
 """
 
 from __future__ import annotations
 
 import ipaddress
 
-from qlab.nat.spec import Filtering, Mapping, NatSpec, PortAllocation
+from qlab.nat.spec import CounterScope, Filtering, Mapping, NatSpec, PortAllocation, Refresh
 
 TABLE = "qlab_nat"
+MAX_HOST_COUNTERS = 1024  # per-host sequential counters are one rule per LAN address
 
 
 def _timeout(spec: NatSpec) -> str:
@@ -41,11 +48,21 @@ def render(spec: NatSpec, *, wan_if: str, lan_if: str, wan_ip: str, lan_cidr: st
         raise ValueError("the nftables renderer does not implement address-dependent mapping (ADM)")
     if spec.mapping == Mapping.APDM and spec.filtering != Filtering.APDF:
         raise ValueError("an endpoint-dependent (APDM) mapping can only filter APDF with conntrack")
+    if spec.mapping == Mapping.APDM and spec.hairpinning:
+        raise ValueError("hairpinning is only rendered for endpoint-independent (EIM) mapping")
     if spec.mapping == Mapping.EIM and spec.ports == PortAllocation.SEQUENTIAL:
         raise ValueError("sequential port allocation is only rendered for APDM mapping")
+    per_host = spec.ports == PortAllocation.SEQUENTIAL and spec.sequential_scope == CounterScope.HOST
+    if per_host and lan.num_addresses > MAX_HOST_COUNTERS:
+        raise ValueError(f"per-host sequential counters take one rule per LAN address; {lan} has "
+                         f"{lan.num_addresses} (at most {MAX_HOST_COUNTERS})")
+    ports = spec.ports.value
+    if spec.ports == PortAllocation.SEQUENTIAL:
+        ports += f" (counter per {spec.sequential_scope.value})"
     head = [
         f"# qlab NAT {spec.name}: mapping {spec.mapping.value}, filtering {spec.filtering.value}, ports "
-        f"{spec.ports.value}, binding timeout {_timeout(spec)}, hairpinning {'on' if spec.hairpinning else 'off'}",
+        f"{ports}, binding timeout {_timeout(spec)} refreshed by {spec.refresh.value} packets, "
+        f"hairpinning {'on' if spec.hairpinning else 'off'}",
         f"table ip {TABLE}",
         f"delete table ip {TABLE}",
         f"table ip {TABLE} {{",
@@ -73,6 +90,14 @@ def _eim(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list[
         "  # who the inside endpoint has sent to: the filter state (address, address and port)",
         f"  set permit_a {{ type inet_service . ipv4_addr; flags dynamic,timeout; timeout {t}; }}",
         f"  set permit_ap {{ type inet_service . ipv4_addr . inet_service; flags dynamic,timeout; timeout {t}; }}",
+    ]
+    refused = ["udp dport != @emap", *{
+        Filtering.EIF: [],
+        Filtering.ADF: ["udp dport . ip saddr != @permit_a"],
+        Filtering.APDF: ["udp dport . ip saddr . udp sport != @permit_ap"],
+    }[spec.filtering]]
+    lines += _gate(wan, wan_ip, refused)
+    lines += [
         "  chain pre {",
         "    type nat hook prerouting priority dstnat; policy accept;",
         f'    iifname "{wan}" ip daddr {wan_ip} {admit}dnat ip to udp dport map @emap',
@@ -107,11 +132,45 @@ def _eim(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list[
         f'    oifname "{wan}" update @permit_ap {{ udp sport . ip daddr . udp dport }}',
         "  }",
     ]
+    if spec.refresh == Refresh.BOTH:
+        # after DNAT: the inside endpoint is the destination, the public port is in the conntrack
+        # tuple that came in from outside (original for flows opened from outside, else reply)
+        lines += [
+            "  chain track_in {",
+            "    type filter hook forward priority filter + 10; policy accept;",
+        ]
+        for d in ("original", "reply"):
+            pub = f"ct {d} proto-dst"
+            match = f'iifname "{wan}" meta l4proto udp ct direction {d}'
+            lines += [
+                f"    {match} update @emap {{ {pub} : ip daddr . udp dport }}",
+                f"    {match} update @imap {{ ip daddr . udp dport : {pub} }}",
+                f"    {match} update @permit_a {{ {pub} . ip saddr }}",
+                f"    {match} update @permit_ap {{ {pub} . ip saddr . udp sport }}",
+            ]
+        lines.append("  }")
     return lines
 
 
+def _gate(wan: str, wan_ip: str, refused: list[str], refresh: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Inbound to the public address: drop what no live binding or permission admits, before
+    conntrack can refresh anything; then run the inbound refresh `update`s, if any."""
+    return [
+        "  # inbound: only to a live binding, from a remote its filter admits (established flows too)",
+        "  chain gate {",
+        "    type filter hook prerouting priority raw; policy accept;",
+        *(f'    iifname "{wan}" ip daddr {wan_ip} {cond} drop' for cond in refused),
+        *(f'    iifname "{wan}" ip daddr {wan_ip} {upd}' for upd in refresh),
+        "  }",
+    ]
+
+
 def _apdm(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list[str]:
-    lines: list[str] = []
+    t = _timeout(spec)
+    lines = [
+        "  # conntrack is the mapping; this set is its lifetime: public port . remote ip . remote port",
+        f"  set flows {{ type inet_service . ipv4_addr . inet_service; flags dynamic,timeout; timeout {t}; }}",
+    ]
     if spec.ports == PortAllocation.SEQUENTIAL:
         base, n = spec.sequential_base, spec.sequential_count
         elements = ", ".join(f"{i} : {base + i}" for i in range(n))
@@ -119,6 +178,9 @@ def _apdm(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list
             "  # a new public port per new flow, counting up: predictable",
             f"  map seq {{ typeof numgen inc mod {n} : udp sport; elements = {{ {elements} }} }}",
         ]
+    flow = "udp dport . ip saddr . udp sport"
+    refresh = [f"update @flows {{ {flow} }}"] if spec.refresh == Refresh.BOTH else []
+    lines += _gate(wan, wan_ip, [f"{flow} != @flows"], refresh)
     lines += [
         "  chain pre {",
         "    type nat hook prerouting priority dstnat; policy accept;",
@@ -127,15 +189,25 @@ def _apdm(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list
         "    type nat hook postrouting priority srcnat; policy accept;",
     ]
     if spec.ports == PortAllocation.SEQUENTIAL:
-        lines.append(
-            f'    oifname "{wan}" meta l4proto udp snat ip to {wan_ip} : numgen inc mod {spec.sequential_count} map @seq'
-        )
+        snat = f"meta l4proto udp snat ip to {wan_ip} : numgen inc mod {spec.sequential_count} map @seq"
+        if spec.sequential_scope == CounterScope.HOST:
+            # every numgen expression has its own counter: one rule per inside address
+            hosts = ipaddress.IPv4Network(lan_cidr).hosts()
+            lines += [f'    oifname "{wan}" ip saddr {h} {snat}' for h in hosts]
+        else:
+            lines.append(f'    oifname "{wan}" {snat}')
         lines.append(f'    oifname "{wan}" masquerade')
     elif spec.ports == PortAllocation.RANDOM:
         lines.append(f'    oifname "{wan}" masquerade random')
     else:
         lines.append(f'    oifname "{wan}" masquerade')
-    lines.append("  }")
+    lines += [
+        "  }",
+        "  chain track {",
+        "    type filter hook postrouting priority srcnat + 10; policy accept;",
+        f'    oifname "{wan}" update @flows {{ udp sport . ip daddr . udp dport }}',
+        "  }",
+    ]
     return lines
 
 

@@ -36,14 +36,31 @@ class PortAllocation(StrEnum):
     RANDOM = "random"  # a random free port
 
 
+class Refresh(StrEnum):
+    """Which packets keep a binding (and its filter permissions) alive (RFC 4787 REQ-6: outbound
+    packets MUST refresh, inbound packets MAY)."""
+
+    OUTBOUND = "outbound"  # only inside -> outside packets; inbound-only traffic lets it expire
+    BOTH = "both"  # admitted inbound packets refresh too (what plain Linux conntrack does)
+
+
+class CounterScope(StrEnum):
+    """Whose new mappings advance the sequential port counter."""
+
+    NAT = "nat"  # one counter for the whole NAT: other hosts' new flows take numbers in between
+    HOST = "host"  # one counter per inside host address
+
+
 @dataclass(frozen=True)
 class NatSpec:
     """One NAT's UDP behaviour.
 
-    `binding_timeout` is the mapping lifetime in seconds, refreshed by outbound traffic only
-    (RFC 4787 REQ-6). `hairpinning` says whether an inside host may reach another inside host
-    through its public mapping, seen from the public address (REQ-9). `sequential_base` is the first
-    port handed out when `ports` is sequential. A spec with `nat=False` is no NAT at all (`public`).
+    `binding_timeout` is the mapping lifetime in seconds, counted from the last packet that
+    `refresh` says refreshes it. `hairpinning` says whether an inside host may reach an inside
+    endpoint (another host, or another socket of its own) through its public mapping, seen from the
+    public address (REQ-9). When `ports` is sequential, the k-th new mapping of a counter takes port
+    `sequential_base + k mod sequential_count`, with one counter per `sequential_scope`. A spec with
+    `nat=False` is no NAT at all (`public`).
     """
 
     name: str
@@ -53,13 +70,15 @@ class NatSpec:
     ports: PortAllocation = PortAllocation.PRESERVE
     binding_timeout: float = 120.0
     hairpinning: bool = True
+    refresh: Refresh = Refresh.OUTBOUND
     sequential_base: int = 40000
     sequential_count: int = 1000
+    sequential_scope: CounterScope = CounterScope.NAT
 
     def __post_init__(self) -> None:
         if self.binding_timeout <= 0:
             raise ValueError(f"NatSpec {self.name!r}: binding_timeout must be > 0, got {self.binding_timeout}")
-        if not 1024 <= self.sequential_base <= 65535 - self.sequential_count:
+        if self.sequential_count < 1 or not 1024 <= self.sequential_base <= 65535 - self.sequential_count:
             raise ValueError(f"NatSpec {self.name!r}: sequential port range out of bounds")
 
     @property
@@ -76,18 +95,23 @@ class NatSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("mapping", "filtering", "ports"):
+        for k in ("mapping", "filtering", "ports", "refresh", "sequential_scope"):
             d[k] = d[k].value
         return d
 
 
+# Every NAT preset refreshes on outbound packets only (the strict reading of REQ-6, which the
+# simulator always did) and symmetric_seq counts its ports NAT-wide (one `numgen` counter, as the
+# lab always had). The values are spelled out so a preset's whole behaviour reads from this table.
+_OUT = Refresh.OUTBOUND
 PRESETS: dict[str, NatSpec] = {
     "public": NatSpec("public", nat=False, hairpinning=False),
-    "full_cone": NatSpec("full_cone", mapping=Mapping.EIM, filtering=Filtering.EIF),
-    "restricted_cone": NatSpec("restricted_cone", mapping=Mapping.EIM, filtering=Filtering.ADF),
-    "port_restricted": NatSpec("port_restricted", mapping=Mapping.EIM, filtering=Filtering.APDF),
+    "full_cone": NatSpec("full_cone", mapping=Mapping.EIM, filtering=Filtering.EIF, refresh=_OUT),
+    "restricted_cone": NatSpec("restricted_cone", mapping=Mapping.EIM, filtering=Filtering.ADF, refresh=_OUT),
+    "port_restricted": NatSpec("port_restricted", mapping=Mapping.EIM, filtering=Filtering.APDF, refresh=_OUT),
     "symmetric": NatSpec(
-        "symmetric", mapping=Mapping.APDM, filtering=Filtering.APDF, ports=PortAllocation.RANDOM, hairpinning=False
+        "symmetric", mapping=Mapping.APDM, filtering=Filtering.APDF, ports=PortAllocation.RANDOM, hairpinning=False,
+        refresh=_OUT,
     ),
     "symmetric_seq": NatSpec(
         "symmetric_seq",
@@ -95,6 +119,8 @@ PRESETS: dict[str, NatSpec] = {
         filtering=Filtering.APDF,
         ports=PortAllocation.SEQUENTIAL,
         hairpinning=False,
+        refresh=_OUT,
+        sequential_scope=CounterScope.NAT,
     ),
 }
 

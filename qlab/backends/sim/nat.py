@@ -8,12 +8,16 @@ matches what that lab was measured to do (shared/reference/nat-lab.md §3, §5, 
 - filtering: EIF admits anyone to a live binding, ADF only remote IPs the inside sent to, APDF only
   remote ip:port pairs it sent to (the `permit_a` / `permit_ap` sets);
 - ports: preserve the internal port when free, else a random free port (the lab's
-  `udp sport @emap masquerade random` rule); sequential from `spec.sequential_base`, +1 per new
-  binding, wrapping after `spec.sequential_count` and skipping ports in use; random from 1024-65535.
-  One public port belongs to one binding at a time: no port overloading (RFC 4787 REQ-3);
-- lifetime: a binding and each permission live `binding_timeout` seconds after the last OUTBOUND
-  packet that used them; inbound packets do not refresh (RFC 4787 REQ-6, like the nft set
-  `update`s, which only outbound packets run);
+  `udp sport @emap masquerade random` rule); random from 1024-65535; for these one public port
+  belongs to one binding at a time: no port overloading (RFC 4787 REQ-3). Sequential: the k-th new
+  binding of a counter (one per NAT or one per inside address, `spec.sequential_scope`) takes
+  `sequential_base + k mod sequential_count`, as the lab's `numgen inc` does. After the wrap that
+  port may still be bound: an APDM binding to another remote shares it (conntrack only needs the
+  5-tuple unique); towards the same remote the packet is dropped (`nat_port_clash`, the kernel's
+  failed conntrack insert) and the counter has moved on, so the next packet takes the next port;
+- lifetime: a binding and each permission live `binding_timeout` seconds after the last packet that
+  `spec.refresh` names: outbound packets always, admitted inbound ones too with `Refresh.BOTH`
+  (RFC 4787 REQ-6; in the lab, the nft set `update`s those packets run);
 - unsolicited inbound packets create nothing (the lab's input `policy drop`, pitfall P1);
 - hairpinning (when `spec.hairpinning`): an inside host sending to the public address reaches the
   inside owner of that public port and is seen from its own public mapping. As in the lab's
@@ -26,7 +30,7 @@ import random
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from qlab.nat.spec import Filtering, Mapping, NatSpec, PortAllocation
+from qlab.nat.spec import CounterScope, Filtering, Mapping, NatSpec, PortAllocation, Refresh
 
 Addr = tuple[str, int]
 
@@ -42,6 +46,7 @@ class Verdict(StrEnum):
     NO_MAPPING = "nat_no_mapping"  # inbound to a public port with no live binding
     FILTERED = "nat_filtered"  # a live binding, but the filter does not admit this source
     PORTS_EXHAUSTED = "nat_ports_exhausted"  # no free public port for a new binding
+    PORT_CLASH = "nat_port_clash"  # the sequential counter's port is bound to this remote already
     NO_HAIRPIN = "nat_no_hairpin"  # inside host to the public address of a NAT without hairpinning
 
 
@@ -53,9 +58,9 @@ class Binding:
     public_port: int
     key: tuple
     created: float
-    last_out: float
-    permit_a: dict[str, float] = field(default_factory=dict)  # remote ip -> last outbound time
-    permit_ap: dict[Addr, float] = field(default_factory=dict)  # remote ip:port -> last outbound time
+    last_refresh: float  # the last packet that refreshed it (see NatSpec.refresh)
+    permit_a: dict[str, float] = field(default_factory=dict)  # remote ip -> last refresh
+    permit_ap: dict[Addr, float] = field(default_factory=dict)  # remote ip:port -> last refresh
     packets_out: int = 0
     packets_in: int = 0
 
@@ -74,8 +79,8 @@ class NatEngine:
         self.public_ip = public_ip
         self.rng = rng or random.Random(0)
         self._by_key: dict[tuple, Binding] = {}
-        self._by_port: dict[int, Binding] = {}
-        self._seq_next = 0
+        self._by_port: dict[int, list[Binding]] = {}  # several only for sequential APDM after a wrap
+        self._seq_next: dict[str | None, int] = {}  # counter scope (None: the NAT, else inside ip) -> k
         self._since_purge = 0
         self.bindings_created = 0
         self.bindings_expired = 0
@@ -86,7 +91,7 @@ class NatEngine:
         return self.spec.binding_timeout
 
     def set_binding_timeout(self, seconds: float) -> None:
-        """Change the binding lifetime; live bindings expire `seconds` after their last outbound use."""
+        """Change the binding lifetime; live bindings expire `seconds` after their last refresh."""
         self.spec = self.spec.with_timeout(seconds)
 
     def flush(self) -> None:
@@ -94,7 +99,7 @@ class NatEngine:
         an nft ruleset reload (nat-lab.md P10)."""
         self._by_key.clear()
         self._by_port.clear()
-        self._seq_next = 0
+        self._seq_next.clear()
 
     # -- packet translation -------------------------------------------------------------------
     def outbound(self, src: Addr, dst: Addr, now: float) -> Addr | Verdict:
@@ -108,32 +113,33 @@ class NatEngine:
             self._drop(b)
             b = None
         if b is None:
-            port = self._allocate(src[1], now)
-            if port is None:
-                return Verdict.PORTS_EXHAUSTED
+            port = self._allocate(src, dst, now)
+            if isinstance(port, Verdict):
+                return port
             b = Binding(src, port, key, now, now)
             self._by_key[key] = b
-            self._by_port[port] = b
+            self._by_port.setdefault(port, []).append(b)
             self.bindings_created += 1
             self._since_purge += 1
             if self._since_purge >= _PURGE_EVERY:
                 self.purge(now)
-        b.last_out = now
-        b.permit_a[dst[0]] = now
-        b.permit_ap[dst] = now
+        self._refresh(b, dst, now)
         b.packets_out += 1
         return self.public_ip, b.public_port
 
     def inbound(self, src: Addr, public_port: int, now: float) -> Addr | Verdict:
         """Translate a packet from outside `src` to our public port: the inside destination, or why not.
 
-        Never creates or refreshes state.
+        Never creates state; refreshes the binding and `src`'s permission when `spec.refresh` is BOTH.
         """
-        b = self._live(public_port, now)
-        if b is None:
+        live = self._live(public_port, now)
+        if not live:
             return Verdict.NO_MAPPING
-        if not self._admits(b, src, now):
+        b = next((b for b in live if self._admits(b, src, now)), None)
+        if b is None:
             return Verdict.FILTERED
+        if self.spec.refresh is Refresh.BOTH:
+            self._refresh(b, src, now)
         b.packets_in += 1
         return b.internal
 
@@ -141,9 +147,10 @@ class NatEngine:
         """An inside `src` sending to (public_ip, public_port): (public source, inside destination)."""
         if not self.spec.hairpinning:
             return Verdict.NO_HAIRPIN
-        target = self._live(public_port, now)
-        if target is None:
+        live = self._live(public_port, now)
+        if not live:
             return Verdict.NO_MAPPING
+        target = live[-1]
         mapped = self.outbound(src, (self.public_ip, public_port), now)
         if isinstance(mapped, Verdict):
             return mapped
@@ -181,20 +188,28 @@ class NatEngine:
         return (src, dst)
 
     def _expired(self, b: Binding, now: float) -> bool:
-        return now - b.last_out >= self.spec.binding_timeout
+        return now - b.last_refresh >= self.spec.binding_timeout
+
+    def _refresh(self, b: Binding, remote: Addr, now: float) -> None:
+        b.last_refresh = now
+        b.permit_a[remote[0]] = now
+        b.permit_ap[remote] = now
 
     def _drop(self, b: Binding) -> None:
-        self._by_key.pop(b.key, None)
-        if self._by_port.get(b.public_port) is b:
-            del self._by_port[b.public_port]
+        if self._by_key.get(b.key) is b:
+            del self._by_key[b.key]
+        on_port = self._by_port.get(b.public_port, [])
+        if b in on_port:
+            on_port.remove(b)
+            if not on_port:
+                del self._by_port[b.public_port]
         self.bindings_expired += 1
 
-    def _live(self, port: int, now: float) -> Binding | None:
-        b = self._by_port.get(port)
-        if b is not None and self._expired(b, now):
+    def _live(self, port: int, now: float) -> list[Binding]:
+        """The live bindings on a public port, oldest first (expired ones are dropped on the way)."""
+        for b in [b for b in self._by_port.get(port, []) if self._expired(b, now)]:
             self._drop(b)
-            return None
-        return b
+        return list(self._by_port.get(port, []))
 
     def _admits(self, b: Binding, src: Addr, now: float) -> bool:
         f = self.spec.filtering
@@ -204,18 +219,21 @@ class NatEngine:
         return t is not None and now - t < self.spec.binding_timeout
 
     def _free(self, port: int, now: float) -> bool:
-        return self._live(port, now) is None
+        return not self._live(port, now)
 
-    def _allocate(self, internal_port: int, now: float) -> int | None:
+    def _allocate(self, src: Addr, dst: Addr, now: float) -> int | Verdict:
         alloc = self.spec.ports
         if alloc is PortAllocation.SEQUENTIAL:
-            base, count = self.spec.sequential_base, self.spec.sequential_count
-            for _ in range(count):
-                port = base + self._seq_next % count
-                self._seq_next += 1
-                if self._free(port, now):
-                    return port
-            return None
+            scope = src[0] if self.spec.sequential_scope is CounterScope.HOST else None
+            k = self._seq_next.get(scope, 0)
+            self._seq_next[scope] = k + 1
+            port = self.spec.sequential_base + k % self.spec.sequential_count
+            live = self._live(port, now)
+            # an APDM binding is told apart by its remote, any other owns the whole port
+            if any(self.spec.mapping is not Mapping.APDM or b.key[1] == dst for b in live):
+                return Verdict.PORT_CLASH
+            return port
+        internal_port = src[1]
         if alloc is PortAllocation.PRESERVE and self._free(internal_port, now):
             return internal_port
         for _ in range(_RANDOM_TRIES):
@@ -228,4 +246,4 @@ class NatEngine:
             port = PORT_MIN + (start - PORT_MIN + i) % span
             if self._free(port, now):
                 return port
-        return None
+        return Verdict.PORTS_EXHAUSTED
