@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from qlab.backends.icmp import ping
 from qlab.backends.netns import Lab, lab_namespaces
 from qlab.nat.nftables import render
 from qlab.nat.spec import (
@@ -265,33 +266,28 @@ def test_binding_timeout_is_honoured(netns_ok):
         assert got is not None, "a refreshed mapping must keep admitting"
 
 
-def _echo_rtt(lab: Lab, client_host: str, server_host: str, server_ip: str, n: int = 10) -> float:
-    srv = lab.socket(server_host)
-    srv.bind((server_ip, 7000))
-    cli = lab.socket(client_host)
-    rtts = []
-    for i in range(n + 2):
-        t = time.monotonic()
-        cli.sendto(b"%d" % i, (server_ip, 7000))
-        got = recv(srv, 2)
-        assert got is not None
-        srv.sendto(got[0], got[1])
-        assert recv(cli, 2) is not None
-        if i >= 2:  # the first packets also resolve neighbours
-            rtts.append((time.monotonic() - t) * 1000)
-    return sorted(rtts)[len(rtts) // 2]
+def _icmp(lab: Lab, host: str, dst: str, n: int = 100):
+    """ICMP round trips stamped by the kernel at both ends: no userspace echo, no scheduling delay."""
+    sock = lab.socket(host, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        return ping(sock, dst, count=n, interval=0.01)
+    finally:
+        sock.close()
 
 
 def test_link_profile_rtt_within_tolerance(netns_ok):
+    """The issue's target: p50 within ±5 % or ±1 ms, p95 at most +3 ms (the wires release frames at
+    deadlines as real-time tasks, so this holds with both cores busy, benchmarks/wire.py)."""
     with Lab(build("full_cone", "public", profile_name="wan-20ms")) as lab:
-        prof = lab.topology.profile
-        direct = _echo_rtt(lab, "agent", "connector", lab.topology.host("connector").ip)
-        to_intermediate = _echo_rtt(lab, "agent", "intermediate", I1)
-        for measured, configured in ((direct, prof.direct_rtt_ms), (to_intermediate, 2 * (prof.agent.delay_ms + prof.intermediate.delay_ms))):
-            tolerance = max(0.10 * configured, 2.0)
-            assert abs(measured - configured) <= tolerance, (measured, configured)
-        print(f"\nwan-20ms: direct RTT {direct:.2f} ms (configured {prof.direct_rtt_ms}), agent-intermediate "
-              f"{to_intermediate:.2f} ms (configured 30); lab up in {lab.up_seconds:.3f} s")
+        direct = _icmp(lab, "agent", lab.topology.host("connector").ip)
+        to_intermediate = _icmp(lab, "agent", I1)
+        for r, configured in ((direct, 20.0), (to_intermediate, 30.0)):  # 2 x (5 + 5), 2 x (5 + 10)
+            assert r.lost == 0 and r.p50 is not None and r.p95 is not None, r
+            assert abs(r.p50 - configured) <= max(0.05 * configured, 1.0), (r.p50, configured)
+            assert r.p95 <= configured + 3.0, (r.p95, configured)
+        print(f"\nwan-20ms: direct RTT p50 {direct.p50:.2f} / p95 {direct.p95:.2f} ms (configured 20), "
+              f"agent-intermediate {to_intermediate.p50:.2f} / {to_intermediate.p95:.2f} ms (configured 30); "
+              f"lab up in {lab.up_seconds:.3f} s")
 
 
 @pytest.mark.parametrize("scenario", ["same_lan", "double_nat", "multi_agent"])
@@ -305,7 +301,7 @@ def test_scenarios_come_up_and_route(netns_ok, scenario):
             expected_ip = "203.0.113.103" if scenario == "double_nat" else "203.0.113.101"
             assert mapped[0] == expected_ip
         if scenario == "same_lan":
-            assert _echo_rtt(lab, "agent", "connector", topo.host("connector").ip, n=3) < 5
+            assert _icmp(lab, "agent", topo.host("connector").ip, n=10).p50 < 1.0  # one ideal LAN hop
 
 
 def test_teardown_leaves_nothing_even_on_error(netns_ok):
