@@ -39,8 +39,9 @@ from qlab.traversal.session import AgentTraversal, ConnectorTraversal, SessionTr
 log = logging.getLogger("qlab.trial")
 
 APP_PORT = 9999
-# Registration, NAT detection and the Agent's connection share this window: under loss each step
-# retries (handshakes, requests) until the window ends, never on a shorter timer of its own.
+# The Connector's registration and NAT detection share this window, and the Agent's connection to
+# the Intermediate has one of its own: under loss each step retries (handshakes, requests) until its
+# window ends, never on a shorter timer of its own.
 SETUP_WINDOW = 20.0
 RELAY_WINDOW = 10.0  # after the punch settled: until an echo came back over the relay
 OUTCOMES = ("direct_lan", "direct_wan", "direct_predicted", "relay", "failed")
@@ -185,9 +186,9 @@ class AgentSide:
     def __init__(self, net, creds: Credentials, intermediate: tuple[str, int], spec: TrialSpec,
                  cfg: TraversalConfig, *, service: str = "echo",
                  relay_switch: Callable[[int, bool], None] | None = None, bind: str = "0.0.0.0",
-                 setup_by: float | None = None) -> None:
+                 connect_window: float = SETUP_WINDOW) -> None:
         self.loop = asyncio.get_running_loop()
-        self.setup_by = setup_by if setup_by is not None else self.loop.time() + SETUP_WINDOW
+        self.connect_window = connect_window
         self.spec, self.cfg, self.service = spec, cfg, service
         self.relay_switch = relay_switch
         self.probe = EchoProbe(self.loop.time, spec.echo_size)
@@ -216,7 +217,7 @@ class AgentSide:
 
     async def run(self) -> None:
         spec, loop, probe = self.spec, self.loop, self.probe
-        await self.agent.start(_left(self.setup_by))
+        await self.agent.start(self.connect_window)
         await self.at.prepare()
         # t0: the session opens; echoes go out over the active path from now on
         self.t0 = loop.time()
@@ -315,7 +316,7 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
         await connector.start()
         await connector.wait_registered(_left(setup_by))
         await asyncio.wait_for(ct.ready.wait(), _left(setup_by))
-        side = AgentSide(env.net("agent"), creds, listen[0], spec, cfg, relay_switch=relay_switch, setup_by=setup_by)
+        side = AgentSide(env.net("agent"), creds, listen[0], spec, cfg, relay_switch=relay_switch)
         await side.run()
         st, agent, probe, send_echo, measure = side.st, side.agent, side.probe, side.send_echo, side.measure
         if spec.blackhole and side.direct_active and measure["verify_sent"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlab.trial import TrialSpec, run_trial
+from qlab.trial import RELAY_WINDOW, SETUP_WINDOW, TrialSpec, run_trial
 
 BACKENDS = ["sim", "netns"]
 
@@ -42,27 +42,65 @@ def test_binding_timeout_versus_keepalive(backend, timeout, keepalive, kept, req
     assert f["direct_after"] is kept, f
 
 
+# Loss tests assert over several trials, with bounds from the loss model (profile lossy-N%: N % loss
+# per access link and direction) as measured by benchmarks/loss.py (docs/reliability.md):
+# - a failed trial (no echo over any path): 0 of 1,000 simulated trials at 20 % (port_restricted ->
+#   full_cone), 95 % Wilson upper bound p_fail <= 0.0038 (lower loss fails even less);
+# - a trial that stays on the relay: 183 of 1,000 at 20 % (upper bound 0.21), 1 of 200 at 5 %
+#   (0.028), 0 of 200 at 1 % (0.019).
+# Each bound below is the smallest count whose binomial tail under those rates keeps a test's two
+# assertions together <= 1e-4 (exact tails below; 20 %: 3.0e-5 + 5.3e-5, 5 %: 3.0e-5 + 5.8e-5,
+# 1 %: 3.0e-5 + 9.1e-6): a sound build fails one of these tests by chance with probability <= 1e-4. (The simulator is seeded, so these seeds even give the same outcomes on
+# every run; the bounds keep the test sound whatever seeds a change of code makes unlucky.)
+SIM_TRIALS = 16
+SIM_MAX_FAILED = 2  # P(Bin(16, 0.0038) >= 3) = 3.0e-5
+SIM_MIN_DIRECT = {  # P(Bin(16, p_relay) > 16 - min_direct):
+    "lossy-1pct": 12,  # p_relay 0.019: 9.1e-6
+    "lossy-5pct": 12,  # p_relay 0.028: 5.8e-5
+    "lossy-20pct": 6,  # p_relay 0.21: 5.3e-5
+}
+# Every wait of a trial is bounded: the Connector's setup window, the Agent's connection window,
+# punch + direct dial + 2 s, the session's reply, the relay window, then the measurement and its
+# drains (a few seconds at most). Trials end far sooner (benchmark: 19.1 s virtual at most).
+TRIAL_BOUND_S = 2 * SETUP_WINDOW + 3.0 + 3.0 + 2.0 + 5.0 + RELAY_WINDOW + 5.0
+
+
 @pytest.mark.parametrize("profile", ["lossy-1pct", "lossy-5pct", "lossy-20pct"])
 def test_loss_degrades_gracefully_and_nothing_hangs(profile):
     outcomes = []
-    for seed in range(4):
+    for seed in range(SIM_TRIALS):
         r = run_trial(TrialSpec(backend="sim", agent_nat="port_restricted", connector_nat="full_cone",
                                 profile=profile, seed=seed, samples=8))
         assert r.outcome != "failed" or r.reason, "a failed trial says why"
-        assert r.duration_s < 30, "every wait is bounded"
+        assert r.duration_s < TRIAL_BOUND_S, "every wait is bounded"
         outcomes.append(r.outcome)
-    direct = sum(o.startswith("direct") for o in outcomes)
-    assert direct >= {"lossy-1pct": 4, "lossy-5pct": 3, "lossy-20pct": 1}[profile], outcomes
+    assert sum(o == "failed" for o in outcomes) <= SIM_MAX_FAILED, outcomes
+    assert sum(o.startswith("direct") for o in outcomes) >= SIM_MIN_DIRECT[profile], outcomes
 
 
-@pytest.mark.parametrize("profile", ["lossy-1pct", "lossy-5pct", "lossy-20pct"])
-def test_loss_on_the_kernel_lab_degrades_gracefully(netns_ok, profile):
-    r = run_trial(TrialSpec(backend="netns", agent_nat="port_restricted", connector_nat="full_cone",
-                            profile=profile, samples=8, verify_echoes=5))
-    assert r.outcome in ("direct_wan", "relay"), (r.outcome, r.reason)  # connected, one way or the other
-    assert r.rtt_relay_n > 0 and r.duration_s < 40
-    if profile != "lossy-20pct":
-        assert r.outcome == "direct_wan", r.reason
+# The kernel lab: 5 trials (1 %, 5 % and three at 20 %; about 45 s on 2 idle cores). Its trials are
+# too slow to measure rates by the thousand, so the bound comes from the loss model itself: a trial
+# fails only if a link to the Intermediate fails every handshake attempt in the 20 s setup window or
+# no relayed echo comes back within the 10 s relay window. One attempt under 20 % loss per link and
+# direction fails to finish within 2 / 3 / 4.5 / 6.75 s with probability 0.107 / 0.068 / 0.032 /
+# 0.0215 (4,000 attempts against the real Intermediate on the simulator's virtual clock), so both
+# links together fail with p <= 2 x 5e-6 = 1e-5 (the Agent's link has a 20 s window of its own, the
+# Connector's run_forever rounds give it more attempts still); an echo crosses 8 lossy hops (0.8^8 = 0.17 comes
+# back) and one is sent every 20 ms (500 tries: 1e-40). Five trials: P(any failed) <= 5e-5. None of
+# them direct: P <= 0.019 x 0.028 x 0.21^3 = 4.9e-6 (rates above; 40 kernel-lab trials in the
+# benchmark agree). Together <= 1e-4.
+KERNEL_PROFILES = ["lossy-1pct", "lossy-5pct", "lossy-20pct", "lossy-20pct", "lossy-20pct"]
+
+
+def test_loss_on_the_kernel_lab_degrades_gracefully(netns_ok):
+    results = []
+    for profile in KERNEL_PROFILES:
+        r = run_trial(TrialSpec(backend="netns", agent_nat="port_restricted", connector_nat="full_cone",
+                                profile=profile, samples=8, verify_echoes=5))
+        results.append((profile, r.outcome, r.reason, r.rtt_relay_n, r.duration_s))
+        assert r.duration_s < TRIAL_BOUND_S + 10, results  # real time: room for a loaded machine
+    assert all(o in ("direct_wan", "relay") and n > 0 for _, o, _, n, _ in results), results
+    assert any(o == "direct_wan" for _, o, _, _, _ in results), results
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
