@@ -110,8 +110,7 @@ def expected_filtering(spec: NatSpec) -> str:
 
 
 def expected_refresh(spec: NatSpec) -> str:
-    refresh = getattr(spec, "refresh", None)
-    return str(getattr(refresh, "value", refresh or "outbound"))
+    return spec.refresh.value
 
 
 def _verdict_mapping(ports: dict[tuple[str, int], tuple[str, int]]) -> str:
