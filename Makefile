@@ -31,7 +31,7 @@ report: $(STAMP)
 
 test: sysdeps $(STAMP)
 	$(BIN)/ruff check qlab tests benchmarks
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check qlab tests benchmarks
