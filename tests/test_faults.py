@@ -49,9 +49,10 @@ def test_binding_timeout_versus_keepalive(backend, timeout, keepalive, kept, req
 # - a trial that stays on the relay: 183 of 1,000 at 20 % (upper bound 0.21), 1 of 200 at 5 %
 #   (0.028), 0 of 200 at 1 % (0.019).
 # Each bound below is the smallest count whose binomial tail under those rates keeps a test's two
-# assertions together <= 1e-4 (exact tails below; 20 %: 3.0e-5 + 5.3e-5, 5 %: 3.0e-5 + 5.8e-5,
-# 1 %: 3.0e-5 + 9.1e-6): a sound build fails one of these tests by chance with probability <= 1e-4. (The simulator is seeded, so these seeds even give the same outcomes on
-# every run; the bounds keep the test sound whatever seeds a change of code makes unlucky.)
+# assertions together <= 1e-4 (exact tails: 20 %: 3.0e-5 + 5.3e-5, 5 %: 3.0e-5 + 5.8e-5, 1 %:
+# 3.0e-5 + 9.1e-6): a sound build fails one of these tests by chance with probability <= 1e-4. (The
+# simulator is seeded, so these seeds even give the same outcomes on every run; the bounds keep the
+# test sound whatever seeds a change of code makes unlucky.)
 SIM_TRIALS = 16
 SIM_MAX_FAILED = 2  # P(Bin(16, 0.0038) >= 3) = 3.0e-5
 SIM_MIN_DIRECT = {  # P(Bin(16, p_relay) > 16 - min_direct):
@@ -78,18 +79,21 @@ def test_loss_degrades_gracefully_and_nothing_hangs(profile):
     assert sum(o.startswith("direct") for o in outcomes) >= SIM_MIN_DIRECT[profile], outcomes
 
 
-# The kernel lab: 5 trials (1 %, 5 % and three at 20 %; about 45 s on 2 idle cores). Its trials are
-# too slow to measure rates by the thousand, so the bound comes from the loss model itself: a trial
-# fails only if a link to the Intermediate fails every handshake attempt in the 20 s setup window or
+# The kernel lab: 6 trials (1 % and 5 % twice each, 20 % twice; about 40 s on 2 idle cores). Its
+# trials are too slow to measure rates by the thousand, so the bound comes from the loss model: a
+# trial fails only if a link to the Intermediate fails every handshake attempt in its 20 s window or
 # no relayed echo comes back within the 10 s relay window. One attempt under 20 % loss per link and
 # direction fails to finish within 2 / 3 / 4.5 / 6.75 s with probability 0.107 / 0.068 / 0.032 /
 # 0.0215 (4,000 attempts against the real Intermediate on the simulator's virtual clock), so both
 # links together fail with p <= 2 x 5e-6 = 1e-5 (the Agent's link has a 20 s window of its own, the
-# Connector's run_forever rounds give it more attempts still); an echo crosses 8 lossy hops (0.8^8 = 0.17 comes
-# back) and one is sent every 20 ms (500 tries: 1e-40). Five trials: P(any failed) <= 5e-5. None of
-# them direct: P <= 0.019 x 0.028 x 0.21^3 = 4.9e-6 (rates above; 40 kernel-lab trials in the
-# benchmark agree). Together <= 1e-4.
-KERNEL_PROFILES = ["lossy-1pct", "lossy-5pct", "lossy-20pct", "lossy-20pct", "lossy-20pct"]
+# Connector's run_forever rounds give it more attempts still); an echo crosses 8 lossy hops
+# (0.8^8 = 0.17 comes back) and one is sent every 20 ms (500 tries: 1e-40). Six trials: P(any
+# failed) <= 6e-5 (the benchmark's 40 kernel-lab trials at 20 % had none). No direct path in any of
+# the four 1 % / 5 % trials: P <= (0.019 x 0.028)^2 = 2.8e-7 (the simulator's rates above; the
+# kernel lab runs the same loss model). At 20 % the kernel lab stays on the relay more often than
+# the simulator (benchmark: 4 of 7 port_restricted -> full_cone trials), so those two trials count
+# for "connected" only. Together <= 1e-4.
+KERNEL_PROFILES = ["lossy-1pct", "lossy-5pct", "lossy-20pct", "lossy-1pct", "lossy-5pct", "lossy-20pct"]
 
 
 def test_loss_on_the_kernel_lab_degrades_gracefully(netns_ok):
@@ -100,7 +104,7 @@ def test_loss_on_the_kernel_lab_degrades_gracefully(netns_ok):
         results.append((profile, r.outcome, r.reason, r.rtt_relay_n, r.duration_s))
         assert r.duration_s < TRIAL_BOUND_S + 10, results  # real time: room for a loaded machine
     assert all(o in ("direct_wan", "relay") and n > 0 for _, o, _, n, _ in results), results
-    assert any(o == "direct_wan" for _, o, _, _, _ in results), results
+    assert any(o == "direct_wan" for p, o, _, _, _ in results if p != "lossy-20pct"), results
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
