@@ -42,6 +42,12 @@ class Refused(Exception):
         self.reason = reason
 
 
+def _tls_failure(conn: Connection | None) -> bool:
+    """Whether this connection ended on a TLS alert (QUIC CRYPTO_ERROR 0x100-0x1ff), loss never does."""
+    event = conn.quic._close_event if conn is not None else None
+    return event is not None and 0x100 <= event.error_code <= 0x1FF
+
+
 class IntermediateLink(Handler):
     def __init__(
         self,
@@ -99,10 +105,11 @@ class IntermediateLink(Handler):
             except Refused:
                 raise
             except (ConnectionError, TimeoutError) as exc:
+                tls = _tls_failure(self.conn)
                 self._drop_attempt("handshake stalled" if isinstance(exc, TimeoutError) else "handshake failed")
                 wait = delay * random.uniform(0.8, 1.2)
-                if self._closed or loop.time() + wait >= deadline:
-                    raise
+                if self._closed or tls or loop.time() + wait >= deadline:
+                    raise  # a TLS failure (certificate, ALPN) would only repeat itself
                 log.info("%s: handshake with the Intermediate %s:%d failed (%s); retry in %.2fs",
                          self.name, *self.intermediate, exc or type(exc).__name__, wait)
             await asyncio.sleep(wait)

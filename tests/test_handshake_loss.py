@@ -206,3 +206,32 @@ def test_the_link_retries_a_stalled_handshake_promptly(creds):
         srv.close()
 
     run(main())
+
+
+def test_a_tls_failure_is_not_retried(creds):
+    """Loss is retried; a certificate the client does not trust is not (it would only repeat)."""
+    import dataclasses
+
+    from cryptography.hazmat.primitives import serialization
+
+    from qlab.certs import make_ca
+
+    other, _ = make_ca("another CA")
+    pinned_elsewhere = dataclasses.replace(creds, ca_pem=other.public_bytes(serialization.Encoding.PEM))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        w = MemWire()
+        srv = Intermediate(w.net("10.0.0.2"), creds)
+        await srv.listen([("10.0.0.2", 4433)])
+        ep = Endpoint(w.net("10.0.0.1"))
+        await ep.bind("10.0.0.1", 0)
+        link = IntermediateLink(ep, ("10.0.0.2", 4433), pinned_elsewhere, wire.Role.AGENT, "agent")
+        t0 = loop.time()
+        with pytest.raises(ConnectionError, match="certificate"):
+            await link.connect(10.0)
+        assert link.attempts == 1 and loop.time() - t0 < 1.0
+        ep.close()
+        srv.close()
+
+    run(main())
