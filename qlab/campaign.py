@@ -121,7 +121,9 @@ def failed_record(spec: TrialSpec, exc: BaseException) -> dict:
         connector_candidates=[], agent_probes=0, connector_probes=0, predicted_ports=[], working_pair="",
         rtt_relay_n=0, rtt_direct_n=0, relay_bytes_out=0, relay_bytes_in=0, direct_bytes_out=0,
         direct_bytes_in=0, verify_sent=0, verify_received=0, path_events=[], measured_with="",
-        error=f"{type(exc).__name__}: {exc}", extra={},
+        error=f"{type(exc).__name__}: {exc}", extra={}, rtt_relay_sent=0, rtt_relay_received=0,
+        rtt_direct_sent=0, rtt_direct_received=0, echo_direct_answered_on_relay=0,
+        echo_relay_answered_on_direct=0, punch="none",
     )
     return rec
 

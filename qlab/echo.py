@@ -2,8 +2,11 @@
 
 An `EchoProbe` puts a sequence number and a per-probe nonce in each payload, remembers locally when
 and on which path it sent each one (nothing the network could forge decides a sample), and matches
-replies. The same probe, with the same payload size and rate, runs over the relay and over the
-direct path, so their RTTs compare like with like (the seed system compared ping with HTTP).
+replies. A reply counts for a path only when it came back over the path its echo was sent on (the
+path the session delivered it by, never the one written in the payload); a reply that came back over
+the other path is counted as crossed and gives no RTT sample. The same probe, with the same payload
+size and rate, runs over the relay and over the direct path, so their RTTs compare like with like
+(the seed system compared ping with HTTP).
 """
 
 from __future__ import annotations
@@ -63,8 +66,16 @@ def percentile(values: list[float], q: float) -> float | None:
 
 @dataclass
 class PathStats:
+    """Echoes sent on one path, and what came back for them.
+
+    `received`, `bytes_received`, `rtts` and `first_reply_at` count only replies that came back over
+    this same path; `crossed` counts replies that came back over the other path (no RTT sample: the
+    round trip used both paths). `loss` is 1 - received / sent, so a crossed reply is a loss of this
+    path's round trip."""
+
     sent: int = 0
     received: int = 0
+    crossed: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     rtts: list[float] = field(default_factory=list)  # seconds
@@ -74,7 +85,9 @@ class PathStats:
         ms = [r * 1000 for r in self.rtts]
         return {
             "n": self.sent,
+            "sent": self.sent,
             "received": self.received,
+            "crossed": self.crossed,
             "loss": round(1 - self.received / self.sent, 4) if self.sent else None,
             "p50_ms": _r(percentile(ms, 50)),
             "p95_ms": _r(percentile(ms, 95)),
@@ -105,7 +118,10 @@ class EchoProbe:
         self.corrupt = 0  # replies whose bytes differ from what we sent
         self.duplicates = 0
         self.replied = asyncio.Event()
+        # called as on_reply(path, rtt, seq) for a reply that came back over the path it was sent on
         self.on_reply: Callable[[str, float, int], None] | None = None
+        # called as on_crossed(sent_on, via, seq) for a reply that came back over the other path
+        self.on_crossed: Callable[[str, str, int], None] | None = None
 
     def make(self, path: str, size: int | None = None) -> bytes:
         """A new payload for `path`; the caller sends it and `record`s nothing else."""
@@ -129,7 +145,7 @@ class EchoProbe:
             st.bytes_sent -= len(payload)
 
     def receive(self, payload: bytes, via: str) -> None:
-        """A reply arrived over path `via`."""
+        """A reply arrived over path `via` (what the session delivered it by)."""
         if len(payload) < HEADER_LEN:
             self.foreign += 1
             return
@@ -147,12 +163,17 @@ class EchoProbe:
             return
         now = self.clock()
         st = self.paths[path]
+        self.replied.set()
+        if via != path:  # sent on one path, answered over the other: no sample for either
+            st.crossed += 1
+            if self.on_crossed is not None:
+                self.on_crossed(path, via, seq)
+            return
         st.received += 1
         st.bytes_received += len(payload)
         st.rtts.append(now - sent_at)
         if st.first_reply_at is None:
             st.first_reply_at = now
-        self.replied.set()
         if self.on_reply is not None:
             self.on_reply(path, now - sent_at, seq)
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlab.trial import OUTCOMES, TrialResult
+from qlab.trial import ADDED_FIELDS, OUTCOMES, TrialResult
 
 RESULTS_DIR = Path(os.environ.get("QLAB_RESULTS", "results"))
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 JSON_COLUMNS = ("agent_candidates", "connector_candidates", "predicted_ports", "path_events", "extra")
 SCHEMA: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(TrialResult)}
-REQUIRED = [f.name for f in dataclasses.fields(TrialResult)]
+REQUIRED = [f.name for f in dataclasses.fields(TrialResult) if f.name not in ADDED_FIELDS]
 
 
 class SchemaError(ValueError):
@@ -48,6 +48,8 @@ def validate_record(rec: dict) -> dict:
     missing = [k for k in REQUIRED if k not in rec]
     if missing:
         raise SchemaError(f"trial record misses {', '.join(missing)}")
+    for k in ADDED_FIELDS:  # a record written before the column existed: not recorded, not zero
+        rec.setdefault(k, None)
     if rec["outcome"] not in OUTCOMES:
         raise SchemaError(f"unknown outcome {rec['outcome']!r}")
     for k in ("trial_id", "backend", "agent_nat", "connector_nat", "profile"):

@@ -23,6 +23,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from qlab import __version__, wire
 from qlab.agent import Agent
@@ -46,6 +47,15 @@ SETUP_WINDOW = 20.0
 RELAY_WINDOW = 10.0  # after the punch settled: until an echo came back over the relay
 OUTCOMES = ("direct_lan", "direct_wan", "direct_predicted", "relay", "failed")
 FAULTS = ("", "rebind", "idle", "intermediate_restart", "connector_restart")
+
+
+class PunchState(StrEnum):
+    """Whether the trial's session punched: a relay outcome after `SKIPPED` was decided by policy
+    (both sides endpoint-dependent), not measured; `TrialSpec.punch_anyway` measures it."""
+
+    ATTEMPTED = "attempted"  # probes went out (WAN, or only a shared LAN)
+    SKIPPED = "skipped"  # the policy skipped the punch
+    NONE = "none"  # the trial never reached a punch (it failed before)
 
 
 @dataclass
@@ -73,6 +83,8 @@ class TrialSpec:
     birthday: int = 0  # birthday mode: mappings the random-port side opens (0 = off); Tailscale uses 256
     birthday_probes: int = 1024  # random ports the other side probes
     birthday_rate: float = 1000.0  # of those, per second
+    punch_anyway: bool = False  # punch even when both sides are endpoint-dependent (policy would skip)
+    relay_off_proof: bool = True  # False: prove the direct path as in the field, with the relay left on
     agents: int = 1
     carrier_nat: str = "port_restricted"
     trial_id: str = ""
@@ -144,9 +156,23 @@ class TrialResult:
     measured_with: str
     error: str = ""
     extra: dict = field(default_factory=dict)
+    # Added by issue 21; None in records written before. Echo counts by the path each reply came back
+    # on: `_received` = sent on that path and answered over it; answered over the other path = crossed.
+    rtt_relay_sent: int | None = None
+    rtt_relay_received: int | None = None
+    rtt_direct_sent: int | None = None
+    rtt_direct_received: int | None = None
+    echo_direct_answered_on_relay: int | None = None
+    echo_relay_answered_on_direct: int | None = None
+    punch: str | None = None  # a PunchState value
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# columns older records may lack (loaded as None)
+ADDED_FIELDS = ("rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_direct_received",
+                "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch")
 
 
 def _fmt(c: wire.Candidate) -> str:
@@ -157,11 +183,12 @@ def is_direct(outcome: str) -> bool:
     return outcome.startswith("direct")
 
 
-def judge(expected: str, outcome: str, scenario: str, birthday: bool) -> bool:
+def judge(expected: str, outcome: str, scenario: str, birthday: bool, lan_nat: str = "") -> bool:
+    """Does `outcome` match the cell's expected code? `lan_nat`: the NAT of a `same_lan` scenario."""
     if outcome == "failed" or expected == "?":  # "?": a NAT of unknown behaviour expects nothing
         return False
-    if scenario == "same_lan":
-        return outcome == "direct_lan"
+    if scenario == "same_lan":  # two public hosts' own addresses are not a LAN: their pair is WAN
+        return outcome == ("direct_wan" if lan_nat == "public" else "direct_lan")
     if expected in ("D", "D>"):
         return outcome in ("direct_wan", "direct_lan")
     if expected == "P":
@@ -172,7 +199,15 @@ def judge(expected: str, outcome: str, scenario: str, birthday: bool) -> bool:
 
 
 def _nothing_measured() -> dict:
-    return {"verify_sent": 0, "verify_received": 0, "failover_ms": None, "echo_gap_ms": None}
+    return {"verify_sent": 0, "verify_received": 0, "verify_crossed": 0, "failover_ms": None, "echo_gap_ms": None}
+
+
+def punch_state(events: list[dict]) -> PunchState:
+    """From the path events: did the session punch, or did policy skip it?"""
+    kinds = {e["event"] for e in events}
+    if "punch_start" in kinds:
+        return PunchState.ATTEMPTED
+    return PunchState.SKIPPED if "punch_skipped" in kinds else PunchState.NONE
 
 
 class AgentSide:
@@ -181,7 +216,7 @@ class AgentSide:
     measure both paths the same way. `relay_switch(session_id, on)` turns the relay off for the
     session at the Intermediate during the proof; it exists only where the Intermediate runs in
     this process (a lab). Without it, the proof is that echoes sent on the direct QUIC connection
-    came back on it."""
+    came back over it (replies are counted by the path they arrived on)."""
 
     def __init__(self, net, creds: Credentials, intermediate: tuple[str, int], spec: TrialSpec,
                  cfg: TraversalConfig, *, service: str = "echo",
@@ -266,13 +301,15 @@ class AgentSide:
             if self.relay_switch is not None:
                 self.relay_switch(session.id, False)
             try:
-                before_rx, before_tx = probe.paths["direct"].received, probe.paths["direct"].sent
+                d = probe.paths["direct"]
+                before_rx, before_tx, before_x = d.received, d.sent, d.crossed
                 for _ in range(spec.verify_echoes):
                     self.send_echo("direct")
                     await asyncio.sleep(spec.echo_interval)
                 await _drain(probe, 1.0 + 4 * (st.path.median("direct") or 0.2))
                 self.measure["verify_sent"] = probe.paths["direct"].sent - before_tx
                 self.measure["verify_received"] = probe.paths["direct"].received - before_rx
+                self.measure["verify_crossed"] = probe.paths["direct"].crossed - before_x
             finally:
                 if self.relay_switch is not None:
                     self.relay_switch(session.id, True)
@@ -316,7 +353,8 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
         await connector.start()
         await connector.wait_registered(_left(setup_by))
         await asyncio.wait_for(ct.ready.wait(), _left(setup_by))
-        side = AgentSide(env.net("agent"), creds, listen[0], spec, cfg, relay_switch=relay_switch)
+        side = AgentSide(env.net("agent"), creds, listen[0], spec, cfg,
+                         relay_switch=relay_switch if spec.relay_off_proof else None)
         await side.run()
         st, agent, probe, send_echo, measure = side.st, side.agent, side.probe, side.send_echo, side.measure
         if spec.blackhole and side.direct_active and measure["verify_sent"]:
@@ -349,7 +387,8 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
 
 def trial_traversal_config(spec: TrialSpec) -> TraversalConfig:
     return TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout, spray_rate=spec.birthday_rate),
-                           keepalive=spec.keepalive, failover=max(2.0, 3 * spec.keepalive))
+                           keepalive=spec.keepalive, failover=max(2.0, 3 * spec.keepalive),
+                           punch_anyway=spec.punch_anyway)
 
 
 async def _drain(probe: EchoProbe, wait: float) -> None:
@@ -432,16 +471,18 @@ async def _intermediate_restart(env, srv, listen, creds, st, agent, connector, p
     """The Intermediate vanishes (as with kill -9) for `outage_s`, then a fresh one starts on the
     same addresses. The direct path must keep carrying echoes meanwhile; Agent and Connector must
     reconnect with backoff and the session must work over the relay again."""
-    replies: list[tuple[float, str]] = []
+    replies: list[tuple[float, str, int]] = []
     prev = probe.on_reply
-    probe.on_reply = lambda path, rtt, seq: (replies.append((loop.time(), path)), prev(path, rtt, seq))
+    probe.on_reply = lambda path, rtt, seq: (replies.append((loop.time(), path, seq)), prev(path, rtt, seq))
     had_direct = st.session.active_path == "direct"
     t_kill = loop.time()
     srv.crash()
+    sent_before, first_seq = probe.paths["direct"].sent, probe.seq + 1
     try:
         while loop.time() < t_kill + spec.outage_s:
             send_echo()
             await asyncio.sleep(spec.echo_interval)
+        outage_sent, last_seq = probe.paths["direct"].sent - sent_before, probe.seq
         new = Intermediate(env.net("intermediate"), creds, birthday_ports=spec.birthday)
         await new.listen(listen)
         t_restart = loop.time()
@@ -450,17 +491,21 @@ async def _intermediate_restart(env, srv, listen, creds, st, agent, connector, p
             send_echo()
             send_echo("relay")
             await asyncio.sleep(spec.echo_interval * 5)
-            relay_after = [t for t, p in replies if p == "relay" and t > t_restart]
+            relay_after = [t for t, p, _ in replies if p == "relay" and t > t_restart]
             if relay_after:
                 recovered_at = relay_after[0]
                 break
         await _drain(probe, 1.0)
     finally:
         probe.on_reply = prev
-    during = [t for t, p in replies if p == "direct" and t_kill <= t <= t_kill + spec.outage_s]
+    during = [t for t, p, _ in replies if p == "direct" and t_kill <= t <= t_kill + spec.outage_s]
+    # the outage's own echoes: sent on the direct path while the Intermediate was down, and those of
+    # them answered over the direct path (whenever the reply came)
+    answered = {q for _, p, q in replies if p == "direct" and first_seq <= q <= last_seq}
     return new, {
         "fault": "intermediate_restart", "outage_s": spec.outage_s, "direct_before": had_direct,
         "direct_echoes_during_outage": len(during),
+        "outage_direct_sent": outage_sent, "outage_direct_answered": len(answered),
         "relay_recovered": recovered_at is not None,
         "recovery_ms_after_restart": round((recovered_at - t_restart) * 1000, 3) if recovered_at else None,
         "agent_reconnects": agent.link.reconnects, "connector_reconnects": connector.link.reconnects,
@@ -538,9 +583,11 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
         expected = expected_outcome(spec.agent_nat, spec.connector_nat)
     relay, direct = probe.paths["relay"], probe.paths["direct"]
     rs, ds = relay.summary(), direct.summary()
-    # With the relay off for the session an echo can only come back over the direct path. At least
-    # half of what the direct path delivered during the measurement must come back (the rest is the
-    # profile's loss), so lossy links are not mislabelled; one echo at the very least.
+    # Only replies that came back over the direct path count (the probe counts each reply on the path
+    # it arrived by). With the relay off for the session (labs) nothing else could answer; in the
+    # field the relay stays on, and a reply over it is crossed, not a proof. At least half of what the
+    # direct path delivered during the measurement must come back (the rest is the profile's loss),
+    # so lossy links are not mislabelled; one echo at the very least.
     direct_delivery = direct.received / direct.sent if direct.sent else 0.0
     needed = max(1, int(0.5 * measure["verify_sent"] * direct_delivery))
     verified = measure["verify_sent"] > 0 and measure["verify_received"] >= needed
@@ -569,6 +616,8 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
                       f"({measure['verify_received']} of {measure['verify_sent']} came back)")
         else:
             reason = (st.reason if st is not None and st.reason else "") or "no direct path was verified"
+        if direct.crossed:
+            reason += f" ({direct.crossed} echoes sent on the direct path were answered over the relay)"
     else:
         reason = error or "no echo came back over any path"
     if error and outcome != "failed":
@@ -582,8 +631,15 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
     else:  # the Connector runs elsewhere: what its offer told the Agent
         conn_nat_detected = st.peer_nat.name if st is not None else "UNKNOWN"
         conn_candidates = [_fmt(c) for c in st.peer_candidates] if st is not None else []
-    proof = ("relay switched off for the session during the proof" if side is not None and side.relay_switch
-             else "proof: echoes sent on the direct QUIC connection came back on it (the relay stayed on)")
+    vs, vr, vx = measure["verify_sent"], measure["verify_received"], measure.get("verify_crossed", 0)
+    if side is not None and side.relay_switch:
+        proof = (f"proof: relay switched off for the session at the Intermediate, {vr} of {vs} echoes sent on "
+                 f"the direct path came back over it")
+    else:
+        proof = (f"proof (the relay stayed on, it cannot be switched off here): {vr} of {vs} echoes sent on the "
+                 f"direct QUIC connection came back over it, {vx} over the relay instead")
+    proof += (f"; replies counted by the path they arrived on ({direct.crossed} sent direct came back over the "
+              f"relay, {relay.crossed} sent over the relay came back direct)")
     conn_probes = 0
     if ct is not None and sess is not None:
         own = ct.results.get(sess.id, {}).get("own")
@@ -592,7 +648,8 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
         trial_id=spec.trial_id, campaign_id=spec.campaign_id, backend=spec.backend, scenario=spec.scenario,
         agent_nat=spec.agent_nat, connector_nat=spec.connector_nat, profile=spec.profile, seed=spec.seed,
         qlab_version=__version__, started_at=started, duration_s=round(duration, 4), expected=expected,
-        outcome=outcome, reason=reason, as_expected=judge(expected, outcome, spec.scenario, spec.birthday > 0),
+        outcome=outcome, reason=reason,
+        as_expected=judge(expected, outcome, spec.scenario, spec.birthday > 0, lan_nat=spec.agent_nat),
         direct_verified=verified, agent_nat_detected=agent_nat_detected, connector_nat_detected=conn_nat_detected,
         agent_candidates=[_fmt(c) for c in at.candidates] if at is not None else [],
         connector_candidates=conn_candidates,
@@ -612,6 +669,10 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
                        f"backend {spec.backend}, profile {spec.profile}{measured_where}; {proof}"),
         error=error,
         extra={"fault": measure["fault"]} if "fault" in measure else {},
+        rtt_relay_sent=relay.sent, rtt_relay_received=relay.received,
+        rtt_direct_sent=direct.sent, rtt_direct_received=direct.received,
+        echo_direct_answered_on_relay=direct.crossed, echo_relay_answered_on_direct=relay.crossed,
+        punch=punch_state(st.path.events if st is not None else []).value,
     )
 
 

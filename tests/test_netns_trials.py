@@ -29,7 +29,10 @@ def test_matrix_cell_on_netns(netns_ok, agent_nat, connector_nat):
         assert r.outcome != "failed", f"every trial must end connected: {r.reason}"
         assert r.as_expected, (f"{agent_nat} x {connector_nat}: {r.outcome} ({r.reason}), expected {r.expected}; "
                                f"events {r.path_events}")
-        assert is_direct(r.outcome) == r.direct_verified
+        assert r.rtt_relay_received > 0 and r.relay_bytes_in > 0, "echoes came back over the relay"
+        if is_direct(r.outcome):  # replies that came back over the direct path, not just echoes sent
+            assert r.direct_verified and r.verify_received >= 1 and r.rtt_direct_received > 0
+            assert r.direct_bytes_in >= 64 * r.rtt_direct_received and r.echo_direct_answered_on_relay == 0
         runs.append(r)
     RESULTS["netns"][(agent_nat, connector_nat)] = runs
 

@@ -47,6 +47,9 @@ class TraversalConfig:
     slack_ratio: float = 0.10  # direct is "not worse" when p50 <= relay p50 * (1 + ratio) + slack_ms
     slack_ms: float = 2.0
     detect_timeout: float = 2.0
+    # punch even when both sides are endpoint-dependent (policy skips it: the table says relay), so
+    # those cells are measured rather than decided
+    punch_anyway: bool = False
 
 
 async def detect(link, endpoint, creds, name: str, host_ips: list[str], timeout: float) -> Detection:
@@ -293,7 +296,7 @@ class SessionTraversal:
         self.peer_nat = msg.peer_nat
         self.peer_candidates = msg.peer_candidates
         own = self.owner.detection.kind
-        lan_only = both_endpoint_dependent(own, msg.peer_nat)
+        lan_only = both_endpoint_dependent(own, msg.peer_nat) and not self.owner.cfg.punch_anyway
         if lan_only and not lan_candidates(self.owner.candidates, msg.peer_candidates):
             self.reason = (f"both sides are behind endpoint-dependent NATs (agent {own.name}, connector "
                            f"{msg.peer_nat.name}): staying on the relay without punching")
@@ -569,7 +572,7 @@ class ConnectorTraversal:
             return True
         if isinstance(msg, wire.StartPunch):
             peer = msg.peer_candidates
-            if both_endpoint_dependent(self.detection.kind, msg.peer_nat):
+            if both_endpoint_dependent(self.detection.kind, msg.peer_nat) and not self.cfg.punch_anyway:
                 peer = lan_candidates(self.candidates, peer)  # only a shared LAN can work
                 if not peer:
                     return True
