@@ -7,6 +7,10 @@ and time-to-first-byte ratios, and (on sim) the speed target.
   <= 1.25 x (relay RTT + 2 x direct RTT) and the median ttfb <= 1.25 x relay RTT.
 
     .venv/bin/python benchmarks/matrix.py [--backend sim|netns] [--trials 30] [--workers N] [--out FILE.csv]
+                                          [--punch-anyway]
+
+Cells marked `R-pol` were not punched: both sides are endpoint-dependent and policy keeps them on
+the relay, so "as expected" there is decided, not measured; `--punch-anyway` measures them.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ TARGET_S = 60.0
 EIM = {"public", "full_cone", "restricted_cone", "port_restricted"}
 
 
-def one(job: tuple[str, str, str, str, int, str]) -> dict:
+def one(job: tuple[str, str, str, str, int, str, bool]) -> dict:
     logging.disable(logging.CRITICAL)
-    backend, profile, a, c, seed, certs = job
-    r = run_trial(TrialSpec(backend=backend, agent_nat=a, connector_nat=c, profile=profile, seed=seed),
-                  certs_dir=certs)
+    backend, profile, a, c, seed, certs, anyway = job
+    r = run_trial(TrialSpec(backend=backend, agent_nat=a, connector_nat=c, profile=profile, seed=seed,
+                            punch_anyway=anyway), certs_dir=certs)
     return r.to_dict()
 
 
@@ -51,11 +55,12 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--workers", type=int, default=None, help="processes (sim: cpu count; netns: 1)")
     ap.add_argument("--out", default=None, help="write every trial record as CSV here")
+    ap.add_argument("--punch-anyway", action="store_true", help="punch the cells policy would decide")
     args = ap.parse_args()
     workers = args.workers or (os.cpu_count() or 1 if args.backend == "sim" else 1)
     certs = default_certs()
     cells = [(a, c) for a in PRESET_NAMES for c in PRESET_NAMES]
-    jobs = [(args.backend, args.profile, a, c, 1000 * i + k, certs) for k in range(args.trials)
+    jobs = [(args.backend, args.profile, a, c, 1000 * i + k, certs, args.punch_anyway) for k in range(args.trials)
             for i, (a, c) in enumerate(cells)]
     t0 = time.perf_counter()
     if workers > 1:
@@ -67,7 +72,8 @@ def main() -> None:
     by_cell: dict[tuple[str, str], list[dict]] = {cell: [] for cell in cells}
     for r in results:
         by_cell[(r["agent_nat"], r["connector_nat"])].append(r)
-    print(f"backend {args.backend}, profile {args.profile}, {args.trials} trials per cell, {workers} worker(s)")
+    print(f"backend {args.backend}, profile {args.profile}, {args.trials} trials per cell, {workers} worker(s)"
+          + (", punch anyway" if args.punch_anyway else ""))
     print("cells: as-expected/N and the most frequent outcome")
     print(f"{'agent/connector':<18}" + "".join(f"{c[:12]:>14}" for c in PRESET_NAMES))
     short = {"direct_wan": "wan", "direct_lan": "lan", "direct_predicted": "pred"}
@@ -76,14 +82,22 @@ def main() -> None:
         for c in PRESET_NAMES:
             rs = by_cell[(a, c)]
             top = Counter(r["outcome"] for r in rs).most_common(1)[0][0]
-            row.append(f"{sum(r['as_expected'] for r in rs):>3}/{len(rs)} {short.get(top, top):>5}")
+            label = "R-pol" if all(r["punch"] == "skipped" for r in rs) else short.get(top, top)
+            row.append(f"{sum(r['as_expected'] for r in rs):>3}/{len(rs)} {label:>5}")
         print(f"{a:<18}" + "".join(f"{x:>14}" for x in row))
     n = len(results)
     good = sum(r["as_expected"] for r in results)
     connected = sum(r["outcome"] != "failed" for r in results)
-    unverified = sum(r["outcome"].startswith("direct") and not r["direct_verified"] for r in results)
+    direct = [r for r in results if r["outcome"].startswith("direct")]
+    # checks that could fail: a direct outcome needs replies that came back over the direct path
+    no_reply = sum(not (r["rtt_direct_received"] and r["direct_bytes_in"] and r["verify_received"]) for r in direct)
+    crossed = sum(r["echo_direct_answered_on_relay"] + r["echo_relay_answered_on_direct"] for r in results)
+    skipped = sum(r["punch"] == "skipped" for r in results)
+    failed_punch = sum(r["punch"] == "attempted" and r["outcome"] == "relay" for r in results)
     print(f"\n{n} trials: {good} as expected ({100 * good / n:.1f}%), {connected} connected "
-          f"({100 * connected / n:.1f}%), {unverified} direct without direct_verified")
+          f"({100 * connected / n:.1f}%); {len(direct)} direct, {no_reply} of them without replies over the direct "
+          f"path; {crossed} replies came back over the other path than sent")
+    print(f"relay outcomes: {failed_punch} punched and failed, {skipped} not punched (policy decided, not measured)")
     easy = [r for r in results if r["agent_nat"] in EIM and r["connector_nat"] in EIM and r["ttd_ms"] is not None]
     if easy:
         ttd = median([r["ttd_ms"] for r in easy])

@@ -26,12 +26,21 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (backend, Agent NAT, Connector NAT): N, direct and fallback rates with 95% CIs,
-    median RTTs on both paths, their ratio, ttfb and ttd medians, the expected outcome."""
+    median RTTs on both paths, their ratio, ttfb and ttd medians, the expected outcome.
+
+    `not_punched_rate`: trials whose punch policy skipped (both sides endpoint-dependent), so their
+    relay outcome was decided, not measured; `punch_failed_rate`: trials that punched and stayed on
+    the relay; `decided`: every trial of the cell was decided by policy. Records from before the
+    `punch` column count in neither (NaN when none of the cell's records has it)."""
     rows = []
     for (backend, a, c), g in df.groupby(["backend", "agent_nat", "connector_nat"], sort=False):
         n = len(g)
         direct = int(g["outcome"].isin(DIRECT).sum())
         relay = int((g["outcome"] == "relay").sum())
+        punch = g["punch"] if "punch" in g else pd.Series([None] * n, index=g.index)
+        known = int(punch.notna().sum())
+        skipped = int((punch == "skipped").sum())
+        punch_failed = int(((punch == "attempted") & (g["outcome"] == "relay")).sum())
         lo, hi = wilson(direct, n)
         flo, fhi = wilson(relay, n)
         rd, rr = g["rtt_direct_p50_ms"].median(), g["rtt_relay_p50_ms"].median()
@@ -42,6 +51,9 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
             "direct_rate": direct / n, "direct_ci_low": lo, "direct_ci_high": hi,
             "fallback_rate": relay / n, "fallback_ci_low": flo, "fallback_ci_high": fhi,
             "failed": int((g["outcome"] == "failed").sum()),
+            "not_punched_rate": skipped / known if known else math.nan,
+            "punch_failed_rate": punch_failed / known if known else math.nan,
+            "decided": bool(known == n and skipped == n),
             "top_outcome": g["outcome"].mode().iat[0],
             "rtt_direct_p50_ms": rd, "rtt_relay_p50_ms": rr,
             "direct_relay_ratio": rd / rr if rr and not math.isnan(rd) else math.nan,

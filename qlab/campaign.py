@@ -41,6 +41,7 @@ class CampaignSpec:
     seed: int = 0
     campaign_id: str = ""
     samples: int = 20
+    punch_anyway: bool = False  # measure the cells policy decides (both sides endpoint-dependent)
 
     def __post_init__(self) -> None:
         if isinstance(self.agent_nats, str):
@@ -69,7 +70,7 @@ class CampaignSpec:
                 h = hashlib.sha256(f"{self.seed}/{a}/{c}/{i}".encode()).digest()
                 out.append(TrialSpec(
                     backend=self.backend, agent_nat=a, connector_nat=c, profile=self.profile,
-                    seed=int.from_bytes(h[:4], "big"), samples=self.samples,
+                    seed=int.from_bytes(h[:4], "big"), samples=self.samples, punch_anyway=self.punch_anyway,
                     trial_id=f"{a}.{c}.{i:04d}", campaign_id=self.campaign_id,
                 ))
         return out

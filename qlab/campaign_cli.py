@@ -14,7 +14,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = campaign.CampaignSpec(backend=args.backend, agent_nats=args.agent_nat, connector_nats=args.connector_nat,
                                  profile=args.profile, trials=args.trials, seed=args.seed,
-                                 campaign_id=args.id or "", samples=args.samples)
+                                 campaign_id=args.id or "", samples=args.samples, punch_anyway=args.punch_anyway)
     try:
         folder = campaign.run(spec, root=args.results, workers=args.workers)
     except KeyboardInterrupt:
@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--trials", type=int, default=30, help="per cell")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--samples", type=int, default=20, help="echo samples per path per trial")
+    r.add_argument("--punch-anyway", action="store_true",
+                   help="punch even when both sides are endpoint-dependent (policy skips it; the table says relay)")
     r.add_argument("--id", default=None, help="campaign id (default: date-backend-nat-random)")
     r.add_argument("--workers", type=int, default=None)
     r.add_argument("--results", default="results")

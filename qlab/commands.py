@@ -37,6 +37,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
         backend=args.backend, agent_nat=args.agent_nat, connector_nat=args.connector_nat, profile=args.profile,
         scenario=args.scenario, seed=args.seed, samples=args.samples, echo_interval=args.echo_interval / 1000,
         punch_timeout=args.punch_timeout, blackhole=args.blackhole, birthday=args.birthday,
+        punch_anyway=args.punch_anyway, fault=args.fault, outage_s=args.outage, idle_s=args.idle,
+        relay_off_proof=not args.relay_stays_on,
     )
     result = run_trial(spec, certs_dir=args.certs)
     print(json.dumps(result.to_dict(), indent=None if args.compact else 1))
@@ -100,6 +102,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--connector-nat", type=_preset, default="port_restricted")
     t.add_argument("--blackhole", action="store_true", help="drop the direct path mid-trial (fallback test)")
     t.add_argument("--compact", action="store_true", help="one line of JSON")
+    t.add_argument("--punch-anyway", action="store_true",
+                   help="punch even when both sides are endpoint-dependent (policy skips it; the table says relay)")
+    t.add_argument("--fault", default="", choices=("rebind", "idle", "intermediate_restart", "connector_restart"),
+                   help="a fault mid-session; its figures are in the record's extra.fault")
+    t.add_argument("--outage", type=float, default=3.0, help="seconds a restarted role stays away (--fault)")
+    t.add_argument("--idle", type=float, default=3.0, help="seconds without traffic (--fault idle)")
+    t.add_argument("--relay-stays-on", action="store_true",
+                   help="prove the direct path as in the field: the relay is not switched off for the proof")
     add_trial_options(t)
     t.set_defaults(func=cmd_trial)
 

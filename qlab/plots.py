@@ -83,6 +83,8 @@ def heatmap(summary: pd.DataFrame, value: str, title: str, *, backend: str | Non
     observed outcome disagrees with it."""
     m = matrix(summary, value, backend)
     ok = matrix(summary, "as_expected_rate", backend)
+    decided = matrix(summary.assign(decided=summary["decided"].astype(float)), "decided", backend) \
+        if "decided" in summary else None
     ax = ax or plt.subplots(figsize=(8, 6.5))[1]
     im = ax.imshow(m.to_numpy(dtype=float), cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(m.columns)), m.columns, rotation=35, ha="right")
@@ -95,11 +97,14 @@ def heatmap(summary: pd.DataFrame, value: str, title: str, *, backend: str | Non
             good = ok.loc[a, c] if (a in ok.index and c in ok.columns) else np.nan
             code = expected_or_unknown(a, c)  # "?": a NAT of unknown behaviour expects nothing
             mark = "" if code == "?" or np.isnan(good) or good == 1 else " ✗"
+            if decided is not None and a in decided.index and c in decided.columns and decided.loc[a, c] == 1:
+                mark += " *"  # not punched: policy decided this cell
             txt = ("–" if np.isnan(v) else fmt.format(v)) + f"\n{code}{mark}"
             ax.text(j, i, txt, ha="center", va="center", fontsize=8,
                     color="white" if not np.isnan(v) and v < ((vmin or 0) + (vmax or 1)) / 2 else "black")
     n = int(summary["n"].sum()) if backend is None else int(summary.loc[summary.backend == backend, "n"].sum())
     ax.set_title(f"{title}\n(N={n} trials{', backend ' + backend if backend else ''}; "
-                 "letters = expected: D, D>, P, B, R, ? unknown NAT; ✗ = not as expected)", fontsize=10)
+                 "letters = expected: D, D>, P, B, R, ? unknown NAT; ✗ = not as expected;\n"
+                 "* = not punched, decided by policy (punch_anyway measures it))", fontsize=10)
     plt.colorbar(im, ax=ax, fraction=0.046)
     return ax

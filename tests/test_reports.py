@@ -37,6 +37,29 @@ def test_campaign_writes_a_schema_checked_store(tmp_path):
     assert len(both) == 16
 
 
+def test_matrix_summary_tells_decided_cells_from_measured_ones(tmp_path):
+    """symmetric x symmetric_seq: policy skips the punch, so the cell is decided, not measured; with
+    punch_anyway the same cell punches, fails and is measured. Records from before the `punch`
+    column load with it null and count in neither rate."""
+    from qlab import analysis
+
+    def summary(**kw):
+        spec = small_spec(agent_nats="symmetric,full_cone", connector_nats="symmetric_seq", trials=1,
+                          campaign_id=f"t-dec-{len(kw)}", **kw)
+        return analysis.cell_summary(results.load(campaign.run(spec, root=tmp_path, progress=False)))
+
+    by_cell = lambda s: {a: row for a, row in zip(s.agent_nat, s.itertuples(), strict=True)}  # noqa: E731
+    plain, anyway = by_cell(summary()), by_cell(summary(punch_anyway=True))
+    assert plain["symmetric"].decided and plain["symmetric"].not_punched_rate == 1
+    assert plain["symmetric"].as_expected_rate == 1  # relay, as the table says, but by policy
+    assert not anyway["symmetric"].decided and anyway["symmetric"].punch_failed_rate == 1
+    assert anyway["symmetric"].not_punched_rate == 0 and anyway["symmetric"].as_expected_rate == 1
+    assert not plain["full_cone"].decided and plain["full_cone"].not_punched_rate == 0
+    old = {k: v for k, v in results.load("t-dec-0", root=tmp_path).iloc[0].to_dict().items()
+           if k not in ("punch", "rtt_relay_received")}
+    assert results.validate_record(old)["punch"] is None
+
+
 def test_interrupted_campaign_keeps_finished_trials_and_resumes(tmp_path):
     spec = small_spec(campaign_id="t-resume")
     seen = []
