@@ -124,9 +124,13 @@ CELLS = [(a, c) for a in PRESET_NAMES for c in PRESET_NAMES]
 ENDPOINT_DEPENDENT = {"symmetric", "symmetric_seq"}
 
 
-def assert_received_on_its_path(r) -> None:
-    """What a record claims, checked against what came back (nothing here holds by construction)."""
+def assert_received_on_its_path(r, lossless: bool = True) -> None:
+    """What a record claims, checked against what came back (nothing here holds by construction).
+    `lossless`: the profile drops nothing (wan-20ms) and the simulator is deterministic, so every
+    echo must come back."""
     assert r.rtt_relay_received > 0 and r.relay_bytes_in > 0, "echoes came back over the relay"
+    if lossless:
+        assert r.rtt_relay_loss == 0 and r.rtt_direct_loss in (0, None), (r.rtt_relay_loss, r.rtt_direct_loss)
     if r.outcome.startswith("direct"):
         assert r.direct_verified and r.verify_received >= 1
         assert r.rtt_direct_received > 0 and r.direct_bytes_in >= 64 * r.rtt_direct_received
