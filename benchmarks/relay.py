@@ -1,13 +1,17 @@
-"""Relay versus direct on loopback: echo RTT and datagram rate, printed as ratios beside the
-absolute numbers.
+"""Relay versus direct on loopback, and qlab's relay versus a naive aioquic relay run in the same
+run: echo RTT and datagram rate, printed as ratios beside the absolute numbers.
 
 Processes: the Intermediate, the Connector and the UDP echo app run as separate `qlab` processes;
 the Agent runs here. The same Agent session measures both paths: first through the relay, then
-over a direct qlab connection to the Connector's shared socket. Rates count datagrams the relay
-forwarded (its own /metrics, both directions) and datagrams the direct path carried (both
-directions), with a window of echo requests in flight.
+over a direct qlab connection to the Connector's shared socket. The baseline is
+benchmarks/naive_relay.py (a relay and an echo peer, separate processes; one hop fewer than qlab's
+chain, which also crosses the UDP echo app), driven by an aioquic client here.
 
-    .venv/bin/python benchmarks/relay.py [--seconds 3] [--window 256]
+One measure for every path: echo replies that came back over the path they were sent on (the
+Agent's EchoProbe), with a window of requests in flight; a reply is two datagrams carried, so the
+rate is 2 x replies per second. The Intermediate's own /metrics count is printed as a cross-check.
+
+    .venv/bin/python benchmarks/relay.py [--seconds 3] [--window 256] [--rtt-samples 500]
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import contextlib
+import contextlib  # noqa: E402
 
+from benchmarks import naive_relay  # noqa: E402
 from qlab.agent import Agent  # noqa: E402
 from qlab.certs import Credentials, init_dir  # noqa: E402
 from qlab.echo import EchoProbe, percentile  # noqa: E402
@@ -77,6 +82,40 @@ async def blast(session, path: str, seconds: float, size: int, window: int) -> d
     return {"requests": st.sent, "replies": st.received, "seconds": seconds, "not_queued": not_queued}
 
 
+async def measure(session, path: str, args: argparse.Namespace, out: dict, key: str,
+                  metrics_port: int | None = None) -> None:
+    """RTT and rates of one path, by the one measure (matched replies)."""
+    await sequential_rtt(session, path, 50, 64)  # warm up
+    rtts = await sequential_rtt(session, path, args.rtt_samples, 64)
+    out["rtt"][key] = {"n": len(rtts), "p50_ms": percentile(rtts, 50), "p95_ms": percentile(rtts, 95)}
+    for size in (1100, 100):
+        r0 = scrape(metrics_port, "relayed_datagrams_total") if metrics_port else 0.0
+        t0 = time.monotonic()
+        res = await blast(session, path, args.seconds, size, args.window)
+        dt = time.monotonic() - t0
+        rate = 2 * res["replies"] / dt
+        out["rate"][f"{key}_{size}"] = {**res, "datagrams_per_s": rate, "mbit_per_s": rate * size * 8 / 1e6}
+        if metrics_port:
+            out["rate"][f"{key}_{size}"]["relay_metrics_per_s"] = (scrape(metrics_port, "relayed_datagrams_total")
+                                                                    - r0) / dt
+
+
+async def naive(args: argparse.Namespace, certs: Path, out: dict) -> None:
+    port = free_udp_port()
+    script = str(Path(__file__).with_name("naive_relay.py"))
+    procs = [Proc([sys.executable, script, "relay", "--listen", f"127.0.0.1:{port}", "--certs", str(certs)],
+                  name="naive-relay")]
+    try:
+        procs[0].wait_for("naive relay ready")
+        procs.append(Proc([sys.executable, script, "echo", "--relay", f"127.0.0.1:{port}"], name="naive-echo"))
+        procs[1].wait_for("naive echo registered")
+        async with naive_relay.client("127.0.0.1", port) as proto:
+            await measure(proto, "relay", args, out, "naive")
+    finally:
+        for p in procs:
+            p.terminate()
+
+
 async def main(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="qlab-bench-"))
     certs = init_dir(tmp / "certs")
@@ -98,45 +137,31 @@ async def main(args: argparse.Namespace) -> dict:
         session = await agent.open_session("echo")
         await agent.connect_direct(session, ("127.0.0.1", cport))
         out: dict = {"rtt": {}, "rate": {}}
-        for path in ("relay", "direct"):
-            await sequential_rtt(session, path, 50, 64)  # warm up
-            rtts = await sequential_rtt(session, path, args.rtt_samples, 64)
-            out["rtt"][path] = {"n": len(rtts), "p50_ms": percentile(rtts, 50), "p95_ms": percentile(rtts, 95)}
-        for size in (1100, 100):
-            for path in ("relay", "direct"):
-                r0 = scrape(mport, "relayed_datagrams_total")
-                t0 = time.monotonic()
-                res = await blast(session, path, args.seconds, size, args.window)
-                dt = time.monotonic() - t0
-                relayed = scrape(mport, "relayed_datagrams_total") - r0
-                carried = 2 * res["replies"]
-                rate = (relayed if path == "relay" else carried) / dt
-                out["rate"][f"{path}_{size}"] = {
-                    **res, "datagrams_per_s": rate, "mbit_per_s": rate * size * 8 / 1e6,
-                    "reply_rate": res["replies"] / dt,
-                }
+        await measure(session, "relay", args, out, "relay", mport)
+        await measure(session, "direct", args, out, "direct")
         agent.close()
-        return out
     finally:
         for p in procs:
             p.terminate()
+    await naive(args, certs, out)
+    return out
 
 
 def report(out: dict) -> None:
-    rr, rd = out["rtt"]["relay"], out["rtt"]["direct"]
-    print("\nqlab relay vs direct on loopback (Intermediate, Connector, echo app: separate processes; 2 cores)")
-    print(f"{'metric':<34}{'relay':>12}{'direct':>12}{'relay/direct':>14}")
+    rr, rd, rn = out["rtt"]["relay"], out["rtt"]["direct"], out["rtt"]["naive"]
+    print("\nqlab relay vs direct vs a naive aioquic relay on loopback (separate processes; "
+          "rates: 2 x matched echo replies per second)")
+    print(f"{'metric':<34}{'relay':>11}{'direct':>11}{'naive':>11}{'relay/direct':>14}{'relay/naive':>13}")
     for k in ("p50_ms", "p95_ms"):
-        print(f"{'echo RTT ' + k + ' (64 B, sequential)':<34}{rr[k]:>12.3f}{rd[k]:>12.3f}{rr[k] / rd[k]:>14.2f}")
+        print(f"{'echo RTT ' + k + ' (64 B, sequential)':<34}{rr[k]:>11.3f}{rd[k]:>11.3f}{rn[k]:>11.3f}"
+              f"{rr[k] / rd[k]:>14.2f}{rr[k] / rn[k]:>13.2f}")
     for size in (1100, 100):
-        a, b = out["rate"][f"relay_{size}"], out["rate"][f"direct_{size}"]
-        print(f"{f'datagrams/s forwarded, {size} B':<34}{a['datagrams_per_s']:>12.0f}{b['datagrams_per_s']:>12.0f}"
-              f"{a['datagrams_per_s'] / b['datagrams_per_s']:>14.2f}")
-        print(f"{f'  Mbit/s, {size} B':<34}{a['mbit_per_s']:>12.1f}{b['mbit_per_s']:>12.1f}")
-    base = 5500
-    r1100 = out["rate"]["relay_1100"]["datagrams_per_s"]
-    print(f"\nrelay forwarding at 1,100 B: {r1100:.0f} datagrams/s = {r1100 / base:.2f}x the naive "
-          f"single-process aioquic relay's best figure (5.5k/s, shared/reference/python-stack.md §2e)")
+        a, b, c = (out["rate"][f"{k}_{size}"] for k in ("relay", "direct", "naive"))
+        print(f"{f'datagrams/s carried, {size} B':<34}{a['datagrams_per_s']:>11.0f}{b['datagrams_per_s']:>11.0f}"
+              f"{c['datagrams_per_s']:>11.0f}{a['datagrams_per_s'] / b['datagrams_per_s']:>14.2f}"
+              f"{a['datagrams_per_s'] / c['datagrams_per_s']:>13.2f}")
+        print(f"{f'  Mbit/s, {size} B':<34}{a['mbit_per_s']:>11.1f}{b['mbit_per_s']:>11.1f}{c['mbit_per_s']:>11.1f}")
+        print(f"{'  the relay own /metrics count':<34}{a['relay_metrics_per_s']:>11.0f}")
 
 
 if __name__ == "__main__":
