@@ -122,6 +122,19 @@ CELLS = [(a, c) for a in PRESET_NAMES for c in PRESET_NAMES]
 # presets whose NAT maps endpoint-dependently (docs/traversal.md), written out here: a pair of two is
 # the cell where policy skips the punch
 ENDPOINT_DEPENDENT = {"symmetric", "symmetric_seq"}
+# the outcome of every cell on wan-20ms (the design's table, docs/traversal.md), written out here
+# rather than read from qlab.nat.spec.EXPECTED or the judge: rows Agent NAT, columns Connector NAT in
+# PRESET_NAMES order (public, full_cone, restricted_cone, port_restricted, symmetric, symmetric_seq)
+_ROWS = {
+    "public":          "wan wan wan wan wan wan",
+    "full_cone":       "wan wan wan wan wan wan",
+    "restricted_cone": "wan wan wan wan wan wan",
+    "port_restricted": "wan wan wan wan relay predicted",
+    "symmetric":       "wan wan wan relay relay relay",
+    "symmetric_seq":   "wan wan wan predicted relay relay",
+}
+CELL_OUTCOME = {(a, c): f"direct_{o}" if o != "relay" else o
+                for a, row in _ROWS.items() for c, o in zip(PRESET_NAMES, row.split(), strict=True)}
 
 
 def assert_received_on_its_path(r, lossless: bool = True) -> None:
@@ -148,6 +161,7 @@ def test_matrix_cell_on_sim_gives_expected_outcome(agent_nat, connector_nat):
                                 profile="wan-20ms", seed=seed, samples=5, verify_echoes=5))
         assert r.error == "", r.error
         assert r.outcome != "failed", "every trial must end connected"
+        assert r.outcome == CELL_OUTCOME[(agent_nat, connector_nat)], (r.outcome, r.reason)
         assert r.as_expected, f"{agent_nat} x {connector_nat} seed {seed}: {r.outcome} ({r.reason}), expected {r.expected}"
         assert r.ttfb_ms is not None
         assert_received_on_its_path(r)
