@@ -9,6 +9,7 @@ import pytest
 
 from qlab.nat.spec import PRESET_NAMES
 from qlab.trial import TrialSpec, is_direct, run_classify, run_trial
+from tests.test_traversal import CELL_OUTCOME, ENDPOINT_DEPENDENT
 
 CELLS = [(a, c) for a in PRESET_NAMES for c in PRESET_NAMES]
 EIM = {"public", "full_cone", "restricted_cone", "port_restricted"}
@@ -29,6 +30,9 @@ def test_matrix_cell_on_netns(netns_ok, agent_nat, connector_nat):
         assert r.outcome != "failed", f"every trial must end connected: {r.reason}"
         assert r.as_expected, (f"{agent_nat} x {connector_nat}: {r.outcome} ({r.reason}), expected {r.expected}; "
                                f"events {r.path_events}")
+        assert r.outcome == CELL_OUTCOME[(agent_nat, connector_nat)], (r.outcome, r.reason)
+        skipped = agent_nat in ENDPOINT_DEPENDENT and connector_nat in ENDPOINT_DEPENDENT
+        assert r.punch == ("skipped" if skipped else "attempted"), r.path_events
         assert r.rtt_relay_received > 0 and r.relay_bytes_in > 0, "echoes came back over the relay"
         if is_direct(r.outcome):  # replies that came back over the direct path, not just echoes sent
             assert r.direct_verified and r.verify_received >= 1 and r.rtt_direct_received > 0
