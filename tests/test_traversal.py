@@ -302,3 +302,17 @@ def test_birthday_mode_on_sim_reaches_at_least_90_percent(agent_nat, connector_n
 def test_birthday_mode_is_off_by_default():
     r = run_trial(TrialSpec(backend="sim", agent_nat="port_restricted", connector_nat="symmetric", samples=5))
     assert r.outcome == "relay" and not any(e["event"] == "birthday" for e in r.path_events)
+
+
+def test_trial_command_punches_anyway_and_proves_with_the_relay_on(capsys):
+    """`qlab trial --punch-anyway --relay-stays-on` reaches the record: a punched relay cell, and a
+    proof that says it ran with the relay left on."""
+    import json
+
+    from qlab.cli import main
+
+    assert main(["trial", "--agent-nat", "symmetric", "--connector-nat", "symmetric", "--punch-anyway",
+                 "--relay-stays-on", "--samples", "5", "--compact"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["punch"] == "attempted" and rec["agent_probes"] > 0 and rec["outcome"] == "relay"
+    assert "the relay stayed on" in rec["measured_with"]
