@@ -612,7 +612,8 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
     elif relay.received > 0:
         outcome = "relay"
         if st is not None and st.path.verified_at is not None and not verified:
-            reason = (f"the direct path did not carry echoes with the relay switched off "
+            off = "with the relay switched off" if side is not None and side.relay_switch else "during the proof"
+            reason = (f"the direct path did not carry echoes {off} "
                       f"({measure['verify_received']} of {measure['verify_sent']} came back)")
         else:
             reason = (st.reason if st is not None and st.reason else "") or "no direct path was verified"
@@ -636,8 +637,8 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
         proof = (f"proof: relay switched off for the session at the Intermediate, {vr} of {vs} echoes sent on "
                  f"the direct path came back over it")
     else:
-        proof = (f"proof (the relay stayed on, it cannot be switched off here): {vr} of {vs} echoes sent on the "
-                 f"direct QUIC connection came back over it, {vx} over the relay instead")
+        proof = (f"proof (the relay stayed on, as in the field): {vr} of {vs} echoes sent on the direct QUIC "
+                 f"connection came back over it, {vx} over the relay instead")
     proof += (f"; replies counted by the path they arrived on ({direct.crossed} sent direct came back over the "
               f"relay, {relay.crossed} sent over the relay came back direct)")
     conn_probes = 0
