@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlab.backends.icmp import ping  # noqa: E402
-from qlab.backends.labcheck import rtt_tolerance_ms  # noqa: E402
+from qlab.backends.labcheck import measure as measure_path  # noqa: E402
+from qlab.backends.labcheck import probe_paths, rtt_tolerance_ms  # noqa: E402
 from qlab.backends.netns import Lab  # noqa: E402
 from qlab.topology import build  # noqa: E402
 
@@ -68,21 +67,14 @@ def load(on: bool):
 def measure(profile_name: str, mode: str, loaded: bool, samples: int) -> list[dict]:
     out = []
     with Lab(build("port_restricted", "full_cone", profile_name=profile_name), wire_options=MODES[mode]) as lab:
-        prof = lab.topology.profile
-        paths = [("direct", "agent", "203.0.113.102", prof.direct_rtt_ms),
-                 ("agent-intermediate", "agent", "203.0.113.10", 2 * (prof.agent.delay_ms + prof.intermediate.delay_ms)),
-                 ("connector-intermediate", "connector", "203.0.113.10",
-                  2 * (prof.connector.delay_ms + prof.intermediate.delay_ms))]
         with load(loaded):
             cpu0 = sum(cpu_seconds(w.proc.pid) for w in lab.wires)
             t0 = time.monotonic()
-            for name, host, dst, configured in paths:
-                sock = lab.socket(host, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-                r = ping(sock, dst, count=samples, interval=0.02)
-                sock.close()
+            for path in probe_paths(lab):
+                r = measure_path(lab, path, samples=samples)
                 out.append({"profile": profile_name, "mode": mode, "load": "loaded" if loaded else "idle",
-                            "path": name, "configured": configured, "p50": r.p50, "p95": r.p95,
-                            "lost": r.lost})
+                            "path": path.label.split(" (")[0], "configured": path.configured_ms, "p50": r.p50,
+                            "p95": r.p95, "lost": r.lost})
             wall = time.monotonic() - t0
             cpu = sum(cpu_seconds(w.proc.pid) for w in lab.wires) - cpu0
         for row in out:

@@ -44,6 +44,9 @@ def _decrypted_any(quic: QuicConnection) -> bool:
     return any(sp.largest_received_packet >= 0 for sp in getattr(quic, "_spaces", {}).values())
 
 
+_ENDING = (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED)
+
+
 def _closing(quic: QuicConnection) -> bool:
     """Whether aioquic has decided to close this connection (an error queued, or a CONNECTION_CLOSE
     received). For a fresh server connection this happens when the first Initial that got through
@@ -54,9 +57,7 @@ def _closing(quic: QuicConnection) -> bool:
     Initial holding nothing but CONNECTION_CLOSE (qlab does this when a handshake attempt stalls,
     a QAD probe ends, or a direct dial times out). Any other CRYPTO-less first Initial (a bare PING
     probe, an ACK) whose CRYPTO Initial was lost or overtaken is handled the same way."""
-    return quic._close_event is not None or quic._state in (
-        QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED
-    )
+    return quic._close_event is not None or quic._state in _ENDING
 
 
 class HeldDatagrams:
@@ -159,9 +160,7 @@ class Connection:
         self.endpoint.mark(self)
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
-        if not self.closed and self.quic._state not in (
-            QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED
-        ):
+        if not self.closed and self.quic._state not in _ENDING:
             self.quic.close(error_code=error_code, reason_phrase=reason)
             self.endpoint.mark(self)
 

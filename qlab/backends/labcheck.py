@@ -26,9 +26,10 @@ import socket
 import time
 from dataclasses import dataclass
 
-from qlab.backends.icmp import ping
+from qlab.backends.icmp import RttSamples, ping
 from qlab.backends.netns import Lab
-from qlab.nat.spec import Filtering, Mapping, NatSpec, PortAllocation
+from qlab.nat.spec import Filtering, Mapping, PortAllocation
+from qlab.profiles import LinkProfile
 from qlab.topology import INTERMEDIATE_IPS, INTERNET
 
 I1, I2 = INTERMEDIATE_IPS
@@ -100,19 +101,6 @@ class _Reflectors:
             s.close()
 
 
-# -- what a spec says, as the check's words --------------------------------------------------------
-def expected_mapping(spec: NatSpec) -> str:
-    return spec.mapping.value
-
-
-def expected_filtering(spec: NatSpec) -> str:
-    return spec.filtering.value
-
-
-def expected_refresh(spec: NatSpec) -> str:
-    return spec.refresh.value
-
-
 def _verdict_mapping(ports: dict[tuple[str, int], tuple[str, int]]) -> str:
     a, b, c = ports[(I1, 3478)], ports[(I2, 3478)], ports[(I1, 3479)]
     if a == b == c:
@@ -125,7 +113,7 @@ def _verdict_mapping(ports: dict[tuple[str, int], tuple[str, int]]) -> str:
 # -- the checks ------------------------------------------------------------------------------------
 def check_nat(lab: Lab, router: str, refl: _Reflectors, *, refresh: bool = True) -> list[CheckRow]:
     r = lab.topology.router(router)
-    spec = lab._specs[router]
+    spec = lab.spec(router)
     inside_hosts = [h.name for h in lab.topology.hosts if h.segment == r.lan_segment]
     host = inside_hosts[0]
     rows: list[CheckRow] = []
@@ -138,7 +126,7 @@ def check_nat(lab: Lab, router: str, refl: _Reflectors, *, refresh: bool = True)
     s.bind(("0.0.0.0", 0))
     local_port = s.getsockname()[1]
     seen = {t: refl.mapped(s, t) for t in ((I1, 3478), (I2, 3478), (I1, 3479))}
-    row("mapping", expected_mapping(spec), _verdict_mapping(seen))
+    row("mapping", spec.mapping.value, _verdict_mapping(seen))
     ips = {a[0] for a in seen.values()}
     row("public address", r.wan_ip, ",".join(sorted(ips)))
     # port allocation: the first mapping of fresh sockets (EIM), or of new flows (APDM)
@@ -179,7 +167,7 @@ def check_nat(lab: Lab, router: str, refl: _Reflectors, *, refresh: bool = True)
         measured = Filtering.ADF.value
     else:
         measured = Filtering.APDF.value
-    row("filtering", expected_filtering(spec), measured)
+    row("filtering", spec.filtering.value, measured)
     # hairpinning: same host, and another host of the LAN
     pairs = [("same host", host, host)] + ([("two hosts", host, inside_hosts[1])] if len(inside_hosts) > 1 else [])
     for label, ha, hb in pairs:
@@ -208,7 +196,7 @@ def check_nat(lab: Lab, router: str, refl: _Reflectors, *, refresh: bool = True)
 def _check_refresh(lab: Lab, router: str, host: str, refl: _Reflectors) -> CheckRow:
     """Only inbound packets for 2.5 binding timeouts: a mapping refreshed by outbound traffic only
     is gone by then; one refreshed both ways still admits."""
-    spec = lab._specs[router]
+    spec = lab.spec(router)
     original = spec.binding_timeout
     lab.set_binding_timeout(router, REFRESH_TIMEOUT_S)
     lab.flush_nat(router)  # a reloaded sequential counter would reuse the ports of live flows
@@ -229,17 +217,59 @@ def _check_refresh(lab: Lab, router: str, host: str, refl: _Reflectors) -> Check
     finally:
         lab.set_binding_timeout(router, original)
     measured = "both" if last_ok else "outbound"
-    return CheckRow(router, "refresh", expected_refresh(spec), measured, expected_refresh(spec) == measured)
+    return CheckRow(router, "refresh", spec.refresh.value, measured, spec.refresh.value == measured)
 
 
-def _site_target(lab: Lab, side: str) -> tuple[str, str]:
-    """(the host to send from, the address that answers for this side: its router's WAN, or the
-    host itself when it is public)."""
-    host = "agent" if side == "a" else "connector"
+@dataclass(frozen=True)
+class ProbePath:
+    """A path a trial uses, probed with ICMP from `host` to `dst` across two access links."""
+
+    label: str
+    host: str
+    dst: str
+    near: LinkProfile
+    far: LinkProfile
+
+    @property
+    def configured_ms(self) -> float:
+        return 2 * (self.near.delay_ms + self.far.delay_ms)
+
+    @property
+    def jitter_ms(self) -> float:
+        """The most uniform jitter can add to a round trip."""
+        return 2 * (self.near.jitter_ms + self.far.jitter_ms)
+
+    @property
+    def loss(self) -> float:
+        return 1 - ((1 - self.near.loss) * (1 - self.far.loss)) ** 2
+
+
+def _site_target(lab: Lab, host: str) -> str:
+    """The address that answers for a host's site: its router's WAN, or the host itself when public."""
     router = lab.topology.router_of(host)
     if router is not None and router.wan_segment == INTERNET:
-        return host, router.wan_ip
-    return host, lab.topology.host(host).ip
+        return router.wan_ip
+    return lab.topology.host(host).ip
+
+
+def probe_paths(lab: Lab) -> list[ProbePath]:
+    """Agent site <-> Connector site, and each <-> the Intermediate (one path on a shared LAN)."""
+    prof = lab.topology.profile
+    paths = [
+        ProbePath("agent -> connector site (direct path)", "agent", _site_target(lab, "connector"),
+                  prof.agent, prof.connector),
+        ProbePath("agent -> intermediate", "agent", I1, prof.agent, prof.intermediate),
+        ProbePath("connector -> intermediate", "connector", I1, prof.connector, prof.intermediate),
+    ]
+    return paths[1:2] if lab.topology.scenario == "same_lan" else paths
+
+
+def measure(lab: Lab, path: ProbePath, *, samples: int = 100, interval: float = 0.02) -> RttSamples:
+    sock = lab.socket(path.host, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        return ping(sock, path.dst, count=samples, interval=interval)
+    finally:
+        sock.close()
 
 
 def rtt_tolerance_ms(configured: float) -> float:
@@ -248,27 +278,11 @@ def rtt_tolerance_ms(configured: float) -> float:
 
 
 def check_links(lab: Lab, *, samples: int = 100, interval: float = 0.02) -> list[CheckRow]:
-    """ICMP round trips on the three paths a trial uses, against the profile."""
-    prof = lab.topology.profile
-    a_host, a_addr = _site_target(lab, "a")
-    c_host, c_addr = _site_target(lab, "c")
-    paths = [
-        ("agent -> connector site (direct path)", a_host, c_addr, prof.agent, prof.connector),
-        ("agent -> intermediate", a_host, I1, prof.agent, prof.intermediate),
-        ("connector -> intermediate", c_host, I1, prof.connector, prof.intermediate),
-    ]
-    if lab.topology.scenario == "same_lan":
-        paths = paths[1:2]
+    """ICMP round trips on the paths a trial uses, against the profile."""
     rows = []
-    for label, src, dst, la, lb in paths:
-        configured = 2 * (la.delay_ms + lb.delay_ms)
-        jitter = 2 * (la.jitter_ms + lb.jitter_ms)  # the most uniform jitter can add to a round trip
-        loss = 1 - ((1 - la.loss) * (1 - lb.loss)) ** 2
-        sock = lab.socket(src, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        try:
-            r = ping(sock, dst, count=samples, interval=interval)
-        finally:
-            sock.close()
+    for path in probe_paths(lab):
+        label, configured, jitter, loss = path.label, path.configured_ms, path.jitter_ms, path.loss
+        r = measure(lab, path, samples=samples, interval=interval)
         if r.p50 is None or r.p95 is None:
             rows.append(CheckRow(label, "rtt", f"{configured:g} ms", "no reply", False))
             continue
@@ -277,11 +291,10 @@ def check_links(lab: Lab, *, samples: int = 100, interval: float = 0.02) -> list
                              abs(r.p50 - configured) <= tol))
         rows.append(CheckRow(label, "rtt p95", f"<= {configured + jitter + 3:g} ms", f"{r.p95:.2f} ms",
                              r.p95 <= configured + jitter + 3.0))
-        expected_lost = loss * samples
-        # loss within 4 standard deviations of the configured rate (plus one lost warm-up)
+        # loss within 4 standard deviations of the configured rate (and one packet)
         slack = 4 * math.sqrt(max(samples * loss * (1 - loss), 1.0)) + 1
         rows.append(CheckRow(label, "loss", f"{loss:.1%}", f"{r.lost / samples:.1%}",
-                             abs(r.lost - expected_lost) <= slack))
+                             abs(r.lost - loss * samples) <= slack))
     return rows
 
 

@@ -317,6 +317,10 @@ class Lab:
                 raise RuntimeError("a link wire did not become ready within 15 s")
 
     # -- NAT ------------------------------------------------------------------------------------
+    def spec(self, router: str) -> NatSpec:
+        """The NatSpec a router is meant to run (binding timeout as last set)."""
+        return self._specs[router]
+
     def ruleset(self, router: str) -> str:
         r = self.topology.router(router)
         lan = next(s for s in self.topology.segments if s.name == r.lan_segment)

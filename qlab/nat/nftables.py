@@ -2,13 +2,13 @@
 
 The ruleset replaces only its own table (`table ip qlab_nat`), so other tables (the lab's fault
 injection) survive a reload. Rendering is deterministic: the same spec and interfaces give the same
-bytes on every backend. Recipes and pitfalls: ../shared/reference/nat-lab.md (§3, P1-P7):
-- the router drops unsolicited input (P1), or conntrack confirms it and steals the port;
+bytes on every backend. Pitfalls the rules avoid (docs/netns-lab.md):
+- the router drops unsolicited input, or conntrack confirms it and steals the port;
 - endpoint-independent mapping needs explicit maps (conntrack alone maps per 5-tuple); a port already
-  owned by another inside endpoint is re-picked at random, never overloaded (P6);
-- sequential ports use a typed map (P3: `numgen ... offset` is byte-swapped in nft 1.0.6);
-- `ct original proto-src` needs `meta l4proto udp` first (P4); hairpin SNAT matches the LAN prefix
-  because `iifname` never matches in postrouting (P2).
+  owned by another inside endpoint is re-picked at random, never overloaded;
+- sequential ports use a typed map (`numgen ... offset` is byte-swapped in nft 1.0.6);
+- `ct original proto-src` needs `meta l4proto udp` first; hairpin SNAT matches the LAN prefix
+  because `iifname` never matches in postrouting.
 
 Refresh: conntrack refreshes its entries on packets in both directions, so the binding lives in
 dynamic sets/maps that only the packets `spec.refresh` names update, and a `gate` chain at raw

@@ -156,7 +156,7 @@ def parse_presets(text: str) -> list[str]:
     return names
 
 
-# Expected outcome per (Agent NAT, Connector NAT), from ../shared/DESIGN.md.
+# Expected outcome per (Agent NAT, Connector NAT), from the project's first design sketch.
 # D = direct by simultaneous open; D> = direct once the endpoint-dependent side sent first and the
 # other answered the observed (peer-reflexive) source; P = direct only with port prediction;
 # B = relay unless birthday-paradox probing is switched on; R = relay.

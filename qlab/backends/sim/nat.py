@@ -1,7 +1,7 @@
 """qlab's own UDP NAT: one `NatSpec`, implemented as a table of bindings (sans-IO, time passed in).
 
 It renders the same spec as the nftables rulesets of the kernel lab (../../nat/spec.py), and
-matches what that lab was measured to do (shared/reference/nat-lab.md §3, §5, §6):
+matches what that lab was measured to do (docs/netns-lab.md):
 
 - mapping: EIM keys a binding on the internal ip:port, ADM adds the remote IP, APDM the remote
   ip:port (a fresh public port per new 5-tuple, as `masquerade random` does);
