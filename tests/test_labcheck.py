@@ -80,3 +80,24 @@ def test_the_check_fails_on_labs_that_lie(netns_ok):
         lab.topology = dataclasses.replace(lab.topology, profile=profile("intercontinental"))
         rows = check(lab, samples=20, refresh=False)
         assert any(r.check == "rtt p50" and not r.ok for r in rows), format_table(rows)
+
+
+def test_a_failed_round_is_measured_again_and_named(monkeypatch):
+    """No lab needed: a path whose first round has a load burst (6 of 100 samples 8 ms late) passes on
+    its second round and says so; a path late in every round fails after three."""
+    from qlab.backends import labcheck
+    from qlab.backends.icmp import RttSamples
+    from qlab.profiles import LinkProfile
+
+    link = LinkProfile(delay_ms=5.0)
+    paths = [labcheck.ProbePath("bursty", "agent", "x", link, link),
+             labcheck.ProbePath("slow", "agent", "y", link, link)]
+    burst = RttSamples([20.2] * 94 + [28.0] * 6, sent=100)
+    calm = RttSamples([20.2] * 100, sent=100)
+    rounds = {"bursty": [burst, calm], "slow": [burst, burst, burst, calm]}
+    monkeypatch.setattr(labcheck, "probe_paths", lambda lab: paths)
+    monkeypatch.setattr(labcheck, "measure", lambda lab, path, **kw: rounds[path.label].pop(0))
+    rows = {(r.subject, r.check): r for r in labcheck.check_links(None, rounds=3)}  # type: ignore[arg-type]
+    assert rows["bursty", "rtt p95"].ok and rows["bursty", "rtt p95"].measured == "20.20 ms (round 2 of 3)"
+    assert not rows["slow", "rtt p95"].ok and rows["slow", "rtt p95"].measured.endswith("(round 3 of 3)")
+    assert rounds == {"bursty": [], "slow": [calm]}  # no fourth round

@@ -277,28 +277,41 @@ def rtt_tolerance_ms(configured: float) -> float:
     return max(0.05 * configured, 1.0)
 
 
-def check_links(lab: Lab, *, samples: int = 100, interval: float = 0.02) -> list[CheckRow]:
-    """ICMP round trips on the paths a trial uses, against the profile."""
+def _path_rows(path: ProbePath, r: RttSamples, samples: int, note: str) -> list[CheckRow]:
+    label, configured, jitter, loss = path.label, path.configured_ms, path.jitter_ms, path.loss
+    if r.p50 is None or r.p95 is None:
+        return [CheckRow(label, "rtt", f"{configured:g} ms", "no reply" + note, False)]
+    tol = rtt_tolerance_ms(configured)
+    # loss within 4 standard deviations of the configured rate (and one packet)
+    slack = 4 * math.sqrt(max(samples * loss * (1 - loss), 1.0)) + 1
+    return [
+        CheckRow(label, "rtt p50", f"{configured:g} ± {tol:.2g} ms", f"{r.p50:.2f} ms{note}",
+                 abs(r.p50 - configured) <= tol),
+        CheckRow(label, "rtt p95", f"<= {configured + jitter + 3:g} ms", f"{r.p95:.2f} ms{note}",
+                 r.p95 <= configured + jitter + 3.0),
+        CheckRow(label, "loss", f"{loss:.1%}", f"{r.lost / samples:.1%}{note}",
+                 abs(r.lost - loss * samples) <= slack),
+    ]
+
+
+def check_links(lab: Lab, *, samples: int = 100, interval: float = 0.02, rounds: int = 3) -> list[CheckRow]:
+    """ICMP round trips on the paths a trial uses, against the profile.
+
+    A path whose round fails is measured again, up to `rounds` rounds, and its rows say which round
+    they come from: a burst of load elsewhere on the host can delay a few percent of one round's
+    samples (enough to move a p95), while links that do not have the profile fail every round."""
     rows = []
     for path in probe_paths(lab):
-        label, configured, jitter, loss = path.label, path.configured_ms, path.jitter_ms, path.loss
-        r = measure(lab, path, samples=samples, interval=interval)
-        if r.p50 is None or r.p95 is None:
-            rows.append(CheckRow(label, "rtt", f"{configured:g} ms", "no reply", False))
-            continue
-        tol = rtt_tolerance_ms(configured)
-        rows.append(CheckRow(label, "rtt p50", f"{configured:g} ± {tol:.2g} ms", f"{r.p50:.2f} ms",
-                             abs(r.p50 - configured) <= tol))
-        rows.append(CheckRow(label, "rtt p95", f"<= {configured + jitter + 3:g} ms", f"{r.p95:.2f} ms",
-                             r.p95 <= configured + jitter + 3.0))
-        # loss within 4 standard deviations of the configured rate (and one packet)
-        slack = 4 * math.sqrt(max(samples * loss * (1 - loss), 1.0)) + 1
-        rows.append(CheckRow(label, "loss", f"{loss:.1%}", f"{r.lost / samples:.1%}",
-                             abs(r.lost - loss * samples) <= slack))
+        for k in range(1, rounds + 1):
+            note = f" (round {k} of {rounds})" if k > 1 else ""
+            found = _path_rows(path, measure(lab, path, samples=samples, interval=interval), samples, note)
+            if all(r.ok for r in found):
+                break
+        rows += found
     return rows
 
 
-def check(lab: Lab, *, samples: int = 100, refresh: bool = True) -> list[CheckRow]:
+def check(lab: Lab, *, samples: int = 100, refresh: bool = True, rounds: int = 3) -> list[CheckRow]:
     """Every NAT against its spec, then every path against the profile."""
     rows: list[CheckRow] = []
     refl = _Reflectors(lab)
@@ -310,7 +323,7 @@ def check(lab: Lab, *, samples: int = 100, refresh: bool = True) -> list[CheckRo
             rows += check_nat(lab, r.name, refl, refresh=refresh)
     finally:
         refl.close()
-    rows += check_links(lab, samples=samples)
+    rows += check_links(lab, samples=samples, rounds=rounds)
     return rows
 
 

@@ -85,9 +85,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if args.samples < 10:
         raise ValueError("--samples must be at least 10")
+    if args.rounds < 1:
+        raise ValueError("--rounds must be at least 1")
     lab = attach(_pick(args.run))
     try:
-        rows = check(lab, samples=args.samples, refresh=not args.no_refresh)
+        rows = check(lab, samples=args.samples, refresh=not args.no_refresh, rounds=args.rounds)
     except (RuntimeError, OSError) as exc:  # a namespace gone, a lab half down: say so in one line
         print(f"qlab lab check: the lab could not be measured: {exc}", file=sys.stderr)
         return 2
@@ -140,6 +142,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ck = lsub.add_parser("check", help="measure a lab that is up against its NAT specs and link profile")
     ck.add_argument("--run", default=None)
     ck.add_argument("--samples", type=int, default=100, help="ICMP round trips per path")
+    ck.add_argument("--rounds", type=int, default=3,
+                    help="measure a path whose round fails again, up to this many rounds")
     ck.add_argument("--no-refresh", action="store_true", help="skip the binding-refresh check (5 s per NAT)")
     ck.add_argument("--json", action="store_true", help="the rows as JSON")
     ck.set_defaults(func=cmd_check)
