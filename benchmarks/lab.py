@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlab.backends.netns import Lab, check_requirements  # noqa: E402
-from qlab.topology import build  # noqa: E402
+from qlab.backends.netns.lab import Lab, check_requirements  # noqa: E402
+from qlab.scenario.topology import build  # noqa: E402
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlab.agent import Agent, ping  # noqa: E402
 from qlab.certs import Credentials, init_dir  # noqa: E402
-from qlab.echo import percentile  # noqa: E402
 from qlab.net import RealNet  # noqa: E402
+from qlab.roles.agent import Agent, ping  # noqa: E402
+from qlab.roles.echo import percentile  # noqa: E402
 from tests.procs import QLAB, Proc, free_tcp_port, free_udp_port  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlab.trial import TrialSpec, default_certs, run_trial  # noqa: E402
+from qlab.experiment.trial import TrialSpec, default_certs, run_trial  # noqa: E402
 
 PAIRS = ["port_restricted:full_cone", "full_cone:full_cone", "restricted_cone:port_restricted",
          "port_restricted:port_restricted", "symmetric:full_cone", "symmetric:symmetric"]
@@ -120,10 +120,10 @@ def handshake_tail(n: int, profile: str) -> list[float]:
     from qlab import wire
     from qlab.backends.sim import run
     from qlab.certs import Credentials
-    from qlab.client import IntermediateLink
     from qlab.endpoint import Endpoint
-    from qlab.intermediate import Intermediate
-    from qlab.profiles import profile as get_profile
+    from qlab.roles.intermediate import Intermediate
+    from qlab.roles.link import IntermediateLink
+    from qlab.scenario.profiles import profile as get_profile
     from tests.test_handshake_loss import MemWire
 
     prof = get_profile(profile)

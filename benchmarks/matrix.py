@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qlab.experiment.trial import TrialSpec, default_certs, run_trial  # noqa: E402
 from qlab.nat.spec import PRESET_NAMES  # noqa: E402
-from qlab.trial import TrialSpec, default_certs, run_trial  # noqa: E402
 
 TARGET_S = 60.0
 

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import contextlib  # noqa: E402
 
 from benchmarks import naive_relay  # noqa: E402
-from qlab.agent import Agent  # noqa: E402
 from qlab.certs import Credentials, init_dir  # noqa: E402
-from qlab.echo import EchoProbe, percentile  # noqa: E402
 from qlab.net import RealNet  # noqa: E402
+from qlab.roles.agent import Agent  # noqa: E402
+from qlab.roles.echo import EchoProbe, percentile  # noqa: E402
 from tests.procs import QLAB, Proc, free_tcp_port, free_udp_port  # noqa: E402
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlab import topology  # noqa: E402
 from qlab.backends import sim  # noqa: E402
+from qlab.experiment.trial import TrialSpec, default_certs, run_trial  # noqa: E402
 from qlab.nat.spec import PRESET_NAMES  # noqa: E402
-from qlab.trial import TrialSpec, default_certs, run_trial  # noqa: E402
+from qlab.scenario import topology  # noqa: E402
 
 CASES = [("public", "lan"), ("full_cone", "wan-20ms"), ("full_cone", "jittery")]
 

@@ -5,7 +5,7 @@ Two wire modes on `wan-20ms` (and optionally other profiles):
   --spin-us 0`);
 - `deadline`: the default: SCHED_FIFO, 1 ns timer slack, and a busy-wait over the last 0.3 ms.
 Each mode is measured idle and loaded (two CPU hogs, one per core, plus a kernel-lab trial running
-in a second lab), with ICMP round trips stamped by the kernel (`qlab.backends.icmp`) on the three
+in a second lab), with ICMP round trips stamped by the kernel (`qlab.backends.netns.icmp`) on the three
 paths a trial uses. It prints p50/p95 against the configured RTT, the error ratios between the
 modes, and the CPU time the wires used.
 
@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlab.backends.labcheck import measure as measure_path  # noqa: E402
-from qlab.backends.labcheck import probe_paths, rtt_tolerance_ms  # noqa: E402
-from qlab.backends.netns import Lab  # noqa: E402
-from qlab.topology import build  # noqa: E402
+from qlab.backends.netns.lab import Lab  # noqa: E402
+from qlab.backends.netns.labcheck import measure as measure_path  # noqa: E402
+from qlab.backends.netns.labcheck import probe_paths, rtt_tolerance_ms  # noqa: E402
+from qlab.scenario.topology import build  # noqa: E402
 
 MODES = {"sleep": ("--no-realtime", "--spin-us", "0"), "deadline": ()}
 
@@ -46,7 +46,7 @@ def load(on: bool):
     procs: list[subprocess.Popen] = []
     if on:
         procs += [subprocess.Popen(["sh", "-c", "while :; do :; done"], start_new_session=True) for _ in range(2)]
-        trials = ("while :; do {py} -m qlab.cli trial --backend netns --agent-nat port_restricted "
+        trials = ("while :; do {py} -m qlab.cli.main trial --backend netns --agent-nat port_restricted "
                   "--connector-nat full_cone --profile wan-20ms --compact >/dev/null 2>&1; done")
         procs.append(subprocess.Popen(["sh", "-c", trials.format(py=sys.executable)], start_new_session=True))
         time.sleep(2.0)  # the first trial's lab is up

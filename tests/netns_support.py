@@ -9,7 +9,7 @@ import pytest
 
 
 def require_netns() -> None:
-    from qlab.backends.netns import LabUnavailable, check_requirements
+    from qlab.backends.netns.lab import LabUnavailable, check_requirements
 
     try:
         check_requirements()

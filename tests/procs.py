@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-QLAB = [sys.executable, "-m", "qlab.cli"]
+QLAB = [sys.executable, "-m", "qlab.cli.main"]
 
 
 def free_udp_port() -> int:

@@ -138,10 +138,10 @@ def test_run_matrix_commands_remote_results_and_collection(aws, certs_dir, wheel
 
     import boto3
 
-    from qlab.cli import main as qlab_main
+    from qlab.cli.main import main as qlab_main
     from qlab.cloud import runs
     from qlab.cloud.deploy import Cloud, down, load_state, up
-    from qlab.results import load
+    from qlab.study.results import load
     from tests.procs import LoopbackDeployment
 
     cloud = Cloud("us-east-1")
@@ -240,7 +240,7 @@ def test_units_start_real_qlab_commands():
     """Every ExecStart in the user data parses with qlab's own CLI, with the values the roles need."""
     import shlex
 
-    from qlab.cli import build_parser
+    from qlab.cli.main import build_parser
     from qlab.cloud.userdata import render_user_data
 
     ud = render_user_data(deployment="d", region="us-east-1", bucket="b", wheel_key="wheels/q.whl",
@@ -271,7 +271,7 @@ def test_end_to_end_against_moto_server(tmp_path, certs_dir, wheel, capsys):
 
     from moto.server import ThreadedMotoServer
 
-    from qlab.cli import main
+    from qlab.cli.main import main
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -309,7 +309,7 @@ def test_cloud_notebook_runs_against_moto_server(tmp_path, certs_dir, wheel):
     import nbformat
     from moto.server import ThreadedMotoServer
 
-    from qlab.report import execute, to_html
+    from qlab.study.report import execute, to_html
 
     src = nbformat.read("notebooks/cloud_campaign.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in src.cells if c.cell_type == "code")  # committed without outputs
@@ -433,7 +433,7 @@ def test_lets_encrypt_option(aws, certs_dir, wheel, tmp_path):
 
     import boto3
 
-    from qlab.cli import build_parser
+    from qlab.cli.main import build_parser
     from qlab.cloud import runs
     from qlab.cloud.deploy import Cloud, down, load_state, plan, up
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qlab.echo import EchoProbe
+from qlab.roles.echo import EchoProbe
 
 
 def test_replies_count_on_the_path_they_arrived_by() -> None:

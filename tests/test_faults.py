@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlab.trial import RELAY_WINDOW, SETUP_WINDOW, TrialSpec, run_trial
+from qlab.experiment.trial import RELAY_WINDOW, SETUP_WINDOW, TrialSpec, run_trial
 
 BACKENDS = ["sim", "netns"]
 

@@ -14,7 +14,7 @@ from tests.procs import QLAB, LoopbackDeployment, Proc, free_udp_port
 
 
 def test_targets_and_specs_refuse_bad_input(tmp_path):
-    from qlab.field import ProbeSpec, Target, expected_for
+    from qlab.study.field import ProbeSpec, Target, expected_for
 
     assert Target.parse("echo-symmetric=symmetric") == Target("echo-symmetric", "symmetric", "pair")
     assert Target.parse("echo@same_lan") == Target("echo", "unknown", "same_lan")
@@ -39,7 +39,7 @@ def loopback_deployment(certs_dir):
 def test_probe_on_loopback_records_field_trials(loopback_deployment, certs_dir, tmp_path):
     """The whole CLI: classification (no NAT on loopback), then trials against the service; records
     with backend `field`, the schema the notebooks load, and a resumed probe runs nothing twice."""
-    from qlab.results import load
+    from qlab.study.results import load
 
     argv = [*QLAB, "probe", "--intermediate", f"127.0.0.1:{loopback_deployment}", "--certs", str(certs_dir),
             "--connector", "echo-lo=public", "--trials", "2", "--samples", "5", "--campaign", "field-lo",
@@ -63,8 +63,8 @@ def test_probe_on_loopback_records_field_trials(loopback_deployment, certs_dir, 
 
 def test_probe_against_nothing_records_a_failed_trial(certs_dir, tmp_path):
     """No Intermediate listening: the trial is a `failed` record with the reason, within bounds."""
-    from qlab.field import ProbeSpec, Target, probe
-    from qlab.results import load
+    from qlab.study.field import ProbeSpec, Target, probe
+    from qlab.study.results import load
 
     d = probe(ProbeSpec(intermediate=("127.0.0.1", free_udp_port()), certs=str(certs_dir), classify=False,
                         targets=[Target("echo", "symmetric")], agent_nat="full_cone", trials=1, campaign_id="dead"),
@@ -84,7 +84,7 @@ def test_probe_mirrors_results_to_s3(loopback_deployment, certs_dir, tmp_path, m
     import boto3
     from moto import mock_aws
 
-    from qlab.field import ProbeSpec, Target, probe
+    from qlab.study.field import ProbeSpec, Target, probe
 
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
@@ -115,9 +115,9 @@ def test_probe_through_kernel_nats(netns_ok, certs_dir, tmp_path, agent_nat, con
     """The field runner in the netns lab: each role a process in its own namespace, the Agent's
     and the Connector's NATs in the kernel. The probe classifies its NAT correctly and gets the
     expected outcome without any in-process help (no relay switch, no shared loop)."""
-    from qlab.backends.netns import Lab
-    from qlab.results import load
-    from qlab.topology import build
+    from qlab.backends.netns.lab import Lab
+    from qlab.scenario.topology import build
+    from qlab.study.results import load
 
     certs = str(certs_dir)
     with Lab(build(agent_nat, connector_nat, profile_name="lan")) as lab:

@@ -20,9 +20,9 @@ import pytest
 from qlab import wire
 from qlab.backends.sim import run
 from qlab.certs import CONNECTOR_NAME
-from qlab.client import IntermediateLink
 from qlab.endpoint import Endpoint, Handler
-from qlab.intermediate import Intermediate
+from qlab.roles.intermediate import Intermediate
+from qlab.roles.link import IntermediateLink
 
 ONE_WAY = 0.015
 

@@ -11,10 +11,10 @@ import subprocess
 
 import pytest
 
-from qlab.backends.labcheck import check, format_table
-from qlab.backends.netns import Lab, _run
-from qlab.profiles import profile
-from qlab.topology import build
+from qlab.backends.netns.lab import Lab, _run
+from qlab.backends.netns.labcheck import check, format_table
+from qlab.scenario.profiles import profile
+from qlab.scenario.topology import build
 from tests.procs import QLAB
 
 # (agent NAT, connector NAT): every preset once; two Agents so hairpinning between hosts is checked
@@ -86,8 +86,8 @@ def test_a_failed_round_is_measured_again_and_named(monkeypatch):
     """No lab needed: a path whose first round has a load burst (6 of 100 samples 8 ms late) passes on
     its second round and says so; a path late in every round fails after three."""
     from qlab.backends import labcheck
-    from qlab.backends.icmp import RttSamples
-    from qlab.profiles import LinkProfile
+    from qlab.backends.netns.icmp import RttSamples
+    from qlab.scenario.profiles import LinkProfile
 
     link = LinkProfile(delay_ms=5.0)
     paths = [labcheck.ProbePath("bursty", "agent", "x", link, link),

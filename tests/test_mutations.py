@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from qlab import connector as connector_mod
-from qlab import echo
+from qlab.experiment.trial import TrialSpec, run_trial
 from qlab.nat import spec as nat_spec
 from qlab.nat.spec import Filtering
-from qlab.trial import TrialSpec, run_trial
+from qlab.roles import connector as connector_mod
+from qlab.roles import echo
 from tests.test_sim_nat import test_mapping_and_filtering_per_preset as nat_table
 from tests.test_traversal import ENDPOINT_DEPENDENT, assert_received_on_its_path
 

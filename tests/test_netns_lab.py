@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from qlab.backends.icmp import ping
-from qlab.backends.netns import Lab, lab_namespaces
+from qlab.backends.netns.icmp import ping
+from qlab.backends.netns.lab import Lab, lab_namespaces
 from qlab.nat.nftables import render
 from qlab.nat.spec import (
     PRESET_NAMES,
@@ -23,7 +23,7 @@ from qlab.nat.spec import (
     Refresh,
     preset,
 )
-from qlab.topology import Topology, build
+from qlab.scenario.topology import Topology, build
 
 NATTED = [p for p in PRESET_NAMES if p != "public"]
 I1, I2 = "203.0.113.10", "203.0.113.11"

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from qlab.backends.netns import Lab, netem_args, netem_available, userns_available, userns_command
-from qlab.profiles import LinkProfile
-from qlab.topology import build
+from qlab.backends.netns.lab import Lab, netem_args, netem_available, userns_available, userns_command
+from qlab.scenario.profiles import LinkProfile
+from qlab.scenario.topology import build
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 SMOKE = """
 import os, select
-from qlab.topology import build
-from qlab.backends.netns import Lab, lab_namespaces
+from qlab.scenario.topology import build
+from qlab.backends.netns.lab import Lab, lab_namespaces
 def recv(s, t=1.0):
     r, _, _ = select.select([s], [], [], t)
     return s.recvfrom(2000) if r else None
@@ -79,7 +79,7 @@ def test_netem_arguments_and_the_wire_fallback(netns_ok):
 
 
 def test_lab_command_without_root_explains_itself(monkeypatch, capsys):
-    from qlab import cli
+    from qlab.cli import main as cli
 
     args = cli.build_parser().parse_args(["lab", "status"])
     assert cli._rerun_in_userns(args, ["lab", "status"]) == 2

@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
+from qlab.experiment.trial import TrialSpec, is_direct, run_classify, run_trial
 from qlab.nat.spec import PRESET_NAMES
-from qlab.trial import TrialSpec, is_direct, run_classify, run_trial
 from tests.test_traversal import CELL_OUTCOME, ENDPOINT_DEPENDENT
 
 CELLS = [(a, c) for a in PRESET_NAMES for c in PRESET_NAMES]

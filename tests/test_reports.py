@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from qlab import campaign, results
+from qlab.study import campaign, results
 from tests.browser import Page, chromium
 
 
@@ -41,7 +41,7 @@ def test_matrix_summary_tells_decided_cells_from_measured_ones(tmp_path):
     """symmetric x symmetric_seq: policy skips the punch, so the cell is decided, not measured; with
     punch_anyway the same cell punches, fails and is measured. Records from before the `punch`
     column load with it null and count in neither rate."""
-    from qlab import analysis
+    from qlab.study import analysis
 
     def summary(**kw):
         spec = small_spec(agent_nats="symmetric,full_cone", connector_nats="symmetric_seq", trials=1,
@@ -83,7 +83,7 @@ def test_interrupted_campaign_keeps_finished_trials_and_resumes(tmp_path):
 
 
 def test_a_failing_trial_is_recorded_not_dropped(tmp_path):
-    from qlab.trial import TrialSpec
+    from qlab.experiment.trial import TrialSpec
 
     rec = campaign.failed_record(TrialSpec(trial_id="x", campaign_id="c"), RuntimeError("lab exploded"))
     store = results.CampaignStore(tmp_path / "c")
@@ -104,7 +104,7 @@ def test_bad_input_is_refused_clearly(tmp_path):
 
 
 def _execute(name, tmp_path, **params):
-    from qlab.report import execute
+    from qlab.study.report import execute
 
     return execute(name, tmp_path / f"{name}.ipynb", params)
 
@@ -129,7 +129,7 @@ def test_every_notebook_runs_under_papermill(tmp_path):
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
-    from qlab.report import run_report
+    from qlab.study.report import run_report
 
     root = tmp_path_factory.mktemp("report")
     index = run_report(trials=1, presets="full_cone,symmetric", root=root, progress=False)
@@ -137,7 +137,7 @@ def published(tmp_path_factory):
 
 
 def test_report_pages_exist_and_reference_nothing_outside(published):
-    from qlab.report import external_references
+    from qlab.study.report import external_references
 
     pages = sorted(published.parent.glob("*.html"))
     names = {p.name for p in pages}
@@ -172,7 +172,7 @@ def test_campaign_killed_mid_run_loses_nothing_and_resumes(tmp_path):
     import sys
     import time
 
-    args = [sys.executable, "-m", "qlab.cli", "campaign", "run", "--backend", "sim", "--agent-nat", "full_cone",
+    args = [sys.executable, "-m", "qlab.cli.main", "campaign", "run", "--backend", "sim", "--agent-nat", "full_cone",
             "--connector-nat", "all", "--trials", "3", "--samples", "5", "--workers", "1", "--id", "t-kill",
             "--results", str(tmp_path)]
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -186,7 +186,7 @@ def test_campaign_killed_mid_run_loses_nothing_and_resumes(tmp_path):
     assert 4 <= len(kept) < 18, len(kept)
     df = results.load("t-kill", root=tmp_path)  # loads the durable lines even without tables
     assert len(df) >= len(kept)
-    r = subprocess.run([sys.executable, "-m", "qlab.cli", "campaign", "resume", "t-kill", "--results", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "qlab.cli.main", "campaign", "resume", "t-kill", "--results", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     df = results.load("t-kill", root=tmp_path)

@@ -146,10 +146,10 @@ def test_metrics_and_health(deployment):
 async def test_malformed_and_oversized_input_is_refused_and_others_keep_working(deployment, creds):
     """A misbehaving client gets clear errors; the Intermediate keeps serving everyone else."""
     from qlab import wire
-    from qlab.agent import Agent
     from qlab.certs import INTERMEDIATE_NAME
     from qlab.endpoint import Endpoint, Handler
     from qlab.net import RealNet
+    from qlab.roles.agent import Agent
 
     addr = ("127.0.0.1", deployment.port)
     errors_before = deployment.metric("errors_total")

@@ -10,13 +10,13 @@ import secrets
 import pytest
 
 from qlab import wire
-from qlab.agent import Agent, ping
-from qlab.client import Refused
-from qlab.connector import Connector
-from qlab.echo import EchoServer
-from qlab.intermediate import Intermediate
 from qlab.net import RealNet
-from qlab.policy import AccessPolicy
+from qlab.roles.agent import Agent, ping
+from qlab.roles.connector import Connector
+from qlab.roles.echo import EchoServer
+from qlab.roles.intermediate import Intermediate
+from qlab.roles.link import Refused
+from qlab.roles.policy import AccessPolicy
 
 
 class Lab:

@@ -14,7 +14,6 @@ from dataclasses import replace
 
 import pytest
 
-from qlab import topology
 from qlab.backends import sim
 from qlab.backends.sim.nat import NatEngine, Verdict
 from qlab.nat.spec import (
@@ -27,6 +26,7 @@ from qlab.nat.spec import (
     Refresh,
     preset,
 )
+from qlab.scenario import topology
 
 Addr = tuple[str, int]
 A, B = topology.INTERMEDIATE_IPS  # 203.0.113.10, 203.0.113.11

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from qlab import topology
 from qlab.backends import sim
-from qlab.profiles import LinkProfile, profile
+from qlab.scenario import topology
+from qlab.scenario.profiles import LinkProfile, profile
 
 Addr = tuple[str, int]
 A, B = topology.INTERMEDIATE_IPS

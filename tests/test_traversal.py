@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from qlab import wire
+from qlab.experiment.trial import TrialSpec, judge, run_classify, run_trial
 from qlab.nat.spec import EXPECTED, PRESET_NAMES
 from qlab.traversal.punch import PunchConfig, Puncher, gather, lan_candidates
-from qlab.trial import TrialSpec, judge, run_classify, run_trial
 
 KEY = b"k" * 32
 C = wire.CandidateKind
@@ -309,7 +309,7 @@ def test_trial_command_punches_anyway_and_proves_with_the_relay_on(capsys):
     proof that says it ran with the relay left on."""
     import json
 
-    from qlab.cli import main
+    from qlab.cli.main import main
 
     assert main(["trial", "--agent-nat", "symmetric", "--connector-nat", "symmetric", "--punch-anyway",
                  "--relay-stays-on", "--samples", "5", "--compact"]) == 0

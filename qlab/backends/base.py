@@ -3,7 +3,7 @@ and a few fault hooks. The roles never know which backend they run on.
 
 Backends:
 - `sim`: qlab's simulated network with its own NAT engine and virtual time (`qlab.backends.sim`);
-- `netns`: Linux network namespaces, kernel NAT (`qlab.backends.netns`), sockets made in each
+- `netns`: Linux network namespaces, kernel NAT (`qlab.backends.netns.lab`), sockets made in each
   host's namespace from this one process;
 - `loopback`: every host on its own 127.0.0.x address, no NAT and no delay (quick checks).
 """
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 from qlab.net import RealNet, RealSocket, Receiver
-from qlab.topology import Topology
+from qlab.scenario.topology import Topology
 
 T = TypeVar("T")
 
@@ -122,11 +122,11 @@ def get_backend(name: str) -> Backend:
     if name == "loopback":
         return LoopbackBackend()
     if name == "sim":
-        from qlab.backends.sim_backend import SimBackend
+        from qlab.backends.sim.backend import SimBackend
 
         return SimBackend()
     if name == "netns":
-        from qlab.backends.netns_backend import NetnsBackend
+        from qlab.backends.netns.backend import NetnsBackend
 
         return NetnsBackend()
     raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

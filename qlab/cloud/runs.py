@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qlab.cloud.userdata import READY
-from qlab.results import CampaignStore, campaign_dir, check_id, validate_record
+from qlab.study.results import CampaignStore, campaign_dir, check_id, validate_record
 
 MANAGED = "aws_nat_gateway"
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -161,7 +161,7 @@ def collect(state: dict, cloud, campaign_id: str, root: Path | str | None = None
 
 
 def _write_manifest(store: CampaignStore, state: dict, campaign_id: str, host_manifests: dict[str, dict]) -> None:
-    from qlab.campaign import provenance
+    from qlab.study.campaign import provenance
 
     old = store.manifest() if (store.dir / "manifest.json").exists() else {}
     hosts = {**old.get("hosts", {}), **{h: {"region": state["region"], "deployment": state["deployment_id"],

@@ -17,11 +17,11 @@ import statistics
 from dataclasses import dataclass, field
 
 from qlab import wire
-from qlab.agent import Agent, AgentSession
-from qlab.connector import Connector, ConnectorSession
 from qlab.endpoint import Connection, Endpoint
 from qlab.net import Addr
-from qlab.tasks import Tasks
+from qlab.roles.agent import Agent, AgentSession
+from qlab.roles.connector import Connector, ConnectorSession
+from qlab.roles.tasks import Tasks
 from qlab.traversal.detect import Detection, detect_nat_kind
 from qlab.traversal.punch import (
     PunchConfig,

@@ -1,6 +1,6 @@
 """The `sim` backend: a virtual network with qlab's own NAT engine, run on virtual time.
 
-    from qlab import topology
+    from qlab.scenario import topology
     from qlab.backends import sim
 
     network = sim.SimNetwork(topology.build("full_cone", "symmetric", profile_name="wan-20ms"), seed=1)

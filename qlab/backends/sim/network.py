@@ -1,4 +1,4 @@
-"""The virtual network: hosts, NAT routers and links built from a `qlab.topology.Topology`.
+"""The virtual network: hosts, NAT routers and links built from a `qlab.scenario.topology.Topology`.
 
 Every host and router of the topology exists here with the same addresses. A host reaches hosts on
 its own segment directly and everything else through its gateway; a router NATs between its LAN and
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from qlab.backends.sim.clock import CLOCK_RESOLUTION
 from qlab.backends.sim.nat import NatEngine, Verdict
-from qlab.profiles import IDEAL, LinkProfile
-from qlab.topology import Host, Router, Topology
+from qlab.scenario.profiles import IDEAL, LinkProfile
+from qlab.scenario.topology import Host, Router, Topology
 
 Addr = tuple[str, int]
 Receiver = Callable[[list[tuple[bytes, Addr]]], None]

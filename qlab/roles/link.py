@@ -18,7 +18,7 @@ from qlab.certs import INTERMEDIATE_NAME, Credentials
 from qlab.endpoint import Connection, Endpoint, Handler
 from qlab.net import Addr
 
-log = logging.getLogger("qlab.client")
+log = logging.getLogger("qlab.roles.link")
 
 HANDSHAKE_TIMEOUT = 10.0  # connect(): every attempt together
 # One attempt (QUIC handshake + HELLO/WELCOME). A stalled attempt is abandoned and a fresh connection

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from qlab.backends import sim
-from qlab.topology import Topology
+from qlab.scenario.topology import Topology
 
 T = TypeVar("T")
 

@@ -6,8 +6,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from qlab.analysis import cell_summary, matrix, rtt_samples
 from qlab.nat.spec import expected_or_unknown
+from qlab.study.analysis import cell_summary, matrix, rtt_samples
 
 OUTCOME_COLORS = {"direct_lan": "#1b9e77", "direct_wan": "#66a61e", "direct_predicted": "#a6d854",
                   "relay": "#e6ab02", "failed": "#d95f02"}

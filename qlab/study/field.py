@@ -22,12 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlab.certs import Credentials
+from qlab.experiment.trial import (
+    AgentSide,
+    TrialResult,
+    TrialSpec,
+    _off_loop,
+    side_result,
+    trial_traversal_config,
+)
 from qlab.nat.spec import PRESET_NAMES
 from qlab.nat.spec import expected_or_unknown as expected_for
-from qlab.results import CampaignStore, campaign_dir, check_id
-from qlab.trial import AgentSide, TrialResult, TrialSpec, _off_loop, side_result, trial_traversal_config
+from qlab.study.results import CampaignStore, campaign_dir, check_id
 
-log = logging.getLogger("qlab.field")
+log = logging.getLogger("qlab.study.field")
 
 LABELS = ("field", "aws")
 UNKNOWN = "unknown"
@@ -140,7 +147,7 @@ def probe(ps: ProbeSpec, *, root: Path | str | None = None,
 
 
 async def _probe(ps: ProbeSpec, root, on_result) -> Path:
-    from qlab.campaign import provenance
+    from qlab.study.campaign import provenance
 
     creds = Credentials.load(ps.certs).with_tls(intermediate_name=ps.intermediate_name)
     d = campaign_dir(ps.campaign_id, root)

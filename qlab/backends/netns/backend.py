@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from qlab.net import RealSocket, Receiver, bind_real, udp_family
-from qlab.topology import Topology
+from qlab.scenario.topology import Topology
 
 T = TypeVar("T")
 
@@ -65,7 +65,7 @@ class NetnsBackend:
 
     @contextmanager
     def environment(self, topology: Topology, seed: int) -> Iterator[NetnsEnvironment]:
-        from qlab.backends.netns import Lab, check_requirements
+        from qlab.backends.netns.lab import Lab, check_requirements
 
         check_requirements()
         with Lab(topology) as lab:

@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 from qlab.nat.spec import PRESET_NAMES
-from qlab.profiles import PROFILE_NAMES
-from qlab.topology import SCENARIOS, build
+from qlab.scenario.profiles import PROFILE_NAMES
+from qlab.scenario.topology import SCENARIOS, build
 
 
 def _pick(run: str | None) -> dict:
-    from qlab.backends.netns import saved_labs
+    from qlab.backends.netns.lab import saved_labs
 
     labs = saved_labs()
     if run:
@@ -36,7 +36,7 @@ def _pick(run: str | None) -> dict:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from qlab.backends.netns import Lab
+    from qlab.backends.netns.lab import Lab
 
     topo = build(args.agent_nat, args.connector_nat, scenario=args.scenario, profile_name=args.profile,
                  agents=args.agents)
@@ -53,7 +53,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from qlab.backends.netns import lab_namespaces, saved_labs
+    from qlab.backends.netns.lab import lab_namespaces, saved_labs
 
     print(json.dumps({"labs": saved_labs(), "namespaces": lab_namespaces()}, indent=1))
     return 0
@@ -72,7 +72,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 def attach(state: dict):
     """A `Lab` for a lab that is up (from its saved state): its namespaces, no new resources."""
-    from qlab.backends.netns import Lab
+    from qlab.backends.netns.lab import Lab
 
     t = state["topology_args"]
     topo = build(t["agent_nat"], t["connector_nat"], scenario=t["scenario"], profile_name=t["profile"],
@@ -81,7 +81,7 @@ def attach(state: dict):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from qlab.backends.labcheck import check, format_table
+    from qlab.backends.netns.labcheck import check, format_table
 
     if args.samples < 10:
         raise ValueError("--samples must be at least 10")
@@ -101,7 +101,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from qlab.backends.netns import STATE_DIR, down_all, lab_namespaces
+    from qlab.backends.netns.lab import STATE_DIR, down_all, lab_namespaces
 
     if args.all:
         removed = down_all()

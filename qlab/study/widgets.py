@@ -8,10 +8,10 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qlab import plots
+from qlab.experiment.trial import TrialSpec, run_trial
 from qlab.nat.spec import PRESET_NAMES
-from qlab.profiles import PROFILE_NAMES
-from qlab.trial import TrialSpec, run_trial
+from qlab.scenario.profiles import PROFILE_NAMES
+from qlab.study import plots
 
 COLUMNS = ["agent_nat", "connector_nat", "outcome", "reason", "ttfb_ms", "ttd_ms", "rtt_relay_p50_ms",
            "rtt_direct_p50_ms", "working_pair"]

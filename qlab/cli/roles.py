@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import json
 
-from qlab.cli_util import parse_addr
+from qlab.cli.util import parse_addr
 from qlab.nat.spec import PRESET_NAMES
-from qlab.profiles import PROFILE_NAMES
-from qlab.topology import SCENARIOS
+from qlab.scenario.profiles import PROFILE_NAMES
+from qlab.scenario.topology import SCENARIOS
 
 
 def _preset(text: str) -> str:
@@ -31,7 +31,7 @@ def add_trial_options(p: argparse.ArgumentParser, default_backend: str = "sim") 
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from qlab.trial import TrialSpec, run_trial
+    from qlab.experiment.trial import TrialSpec, run_trial
 
     spec = TrialSpec(
         backend=args.backend, agent_nat=args.agent_nat, connector_nat=args.connector_nat, profile=args.profile,
@@ -51,7 +51,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if args.intermediate:
         out = asyncio.run(_classify_field(args))
     else:
-        from qlab.trial import run_classify
+        from qlab.experiment.trial import run_classify
 
         out = run_classify(args.backend, args.nat, profile=args.profile, seed=args.seed, certs_dir=args.certs)
     print(json.dumps(out, indent=1))
@@ -66,14 +66,14 @@ def _certs_needed(args: argparse.Namespace) -> str:
 
 async def _classify_field(args: argparse.Namespace) -> dict:
     from qlab.certs import Credentials
-    from qlab.field import classify_here
+    from qlab.study.field import classify_here
 
     return {**await classify_here(args.intermediate, Credentials.load(_certs_needed(args))), "backend": "field"}
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Classify this machine's NAT against a deployment, then run trials against its Connectors."""
-    from qlab.field import ProbeSpec, Target, probe
+    from qlab.study.field import ProbeSpec, Target, probe
 
     spec = ProbeSpec(
         intermediate=args.intermediate, certs=_certs_needed(args),

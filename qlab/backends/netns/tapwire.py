@@ -4,7 +4,7 @@ This machine's kernel has no netem (`tc qdisc ... netem`: "Specified qdisc kind 
 link with a profile is two TAP devices, one in each namespace, and this small process copying frames
 between them through a delay queue (measured at about +0.3 ms per traversal, nat-lab.md §7).
 
-    python -m qlab.backends.tapwire --ns-a NS --if-a NAME --ns-b NS --if-b NAME \
+    python -m qlab.backends.netns.tapwire --ns-a NS --if-a NAME --ns-b NS --if-b NAME \
         [--delay MS] [--jitter MS] [--loss P] [--seed N] [--die-with-parent]
 
 It prints "ready" once both devices exist, and ends on SIGTERM (or with its parent).

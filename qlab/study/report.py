@@ -16,11 +16,11 @@ import re
 import time
 from pathlib import Path
 
-from qlab import campaign, results
-from qlab.analysis import cell_summary
 from qlab.nat.spec import PRESET_NAMES, parse_presets
+from qlab.study import campaign, results
+from qlab.study.analysis import cell_summary
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 _EXTERNAL = re.compile(r"""<(script|link)\b[^>]*\b(?:src|href)=["']https?://[^"']*["'][^>]*>(?:\s*</script>)?""", re.I)
 

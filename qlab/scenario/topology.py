@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qlab.nat.spec import NatSpec, preset
-from qlab.profiles import IDEAL, LinkProfile, NetProfile, profile
+from qlab.scenario.profiles import IDEAL, LinkProfile, NetProfile, profile
 
 INTERNET = "internet"
 INTERNET_CIDR = "203.0.113.0/24"

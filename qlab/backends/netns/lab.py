@@ -31,8 +31,8 @@ from pathlib import Path
 
 from qlab.nat.nftables import conntrack_sysctls, render
 from qlab.nat.spec import NatSpec
-from qlab.profiles import LinkProfile
-from qlab.topology import INTERNET, Topology
+from qlab.scenario.profiles import LinkProfile
+from qlab.scenario.topology import INTERNET, Topology
 
 PREFIX = "qlab-"
 STATE_DIR = Path(os.environ.get("QLAB_STATE_DIR", "/run/qlab"))
@@ -295,7 +295,7 @@ class Lab:
     def _start_wires(self, wires: list[tuple[str, str, str, str, LinkProfile]]) -> None:
         procs = []
         for i, (ns, ifname, up_ns, port, link) in enumerate(wires):
-            argv = [sys.executable, "-m", "qlab.backends.tapwire", "--ns-a", ns, "--if-a", ifname, "--ns-b", up_ns,
+            argv = [sys.executable, "-m", "qlab.backends.netns.tapwire", "--ns-a", ns, "--if-a", ifname, "--ns-b", up_ns,
                     "--if-b", port, "--delay", str(link.delay_ms), "--jitter", str(link.jitter_ms),
                     "--loss", str(link.loss), "--seed", str(i), *self.wire_options]
             if not self.persistent:
@@ -452,7 +452,7 @@ def down_all() -> list[str]:
     # wires whose state file was lost
     for pid_dir in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
-            if "qlab.backends.tapwire" in (pid_dir / "cmdline").read_text(errors="replace"):
+            if "qlab.backends.netns.tapwire" in (pid_dir / "cmdline").read_text(errors="replace"):
                 os.kill(int(pid_dir.name), signal.SIGTERM)
     return removed
 

@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 from qlab import wire
 from qlab.certs import Credentials
-from qlab.client import IntermediateLink, Refused
-from qlab.echo import EchoProbe
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
 from qlab.net import Addr, Net
-from qlab.tasks import Tasks
+from qlab.roles.echo import EchoProbe
+from qlab.roles.link import IntermediateLink, Refused
+from qlab.roles.tasks import Tasks
 
-log = logging.getLogger("qlab.agent")
+log = logging.getLogger("qlab.roles.agent")
 
 
 class AgentSession:

@@ -14,7 +14,11 @@ import sys
 from collections.abc import Callable
 
 from qlab import __version__
-from qlab.cli_util import parse_addr, parse_advertise
+from qlab.cli import campaign as campaign_cli
+from qlab.cli import cloud as cloud_cli
+from qlab.cli import lab as lab_cli
+from qlab.cli import roles as roles_cli
+from qlab.cli.util import parse_addr, parse_advertise
 
 
 def _setup_logging(verbose: int) -> None:
@@ -59,9 +63,9 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_intermediate(args: argparse.Namespace) -> int:
-    from qlab import intermediate
     from qlab.net import RealNet
-    from qlab.policy import AccessPolicy
+    from qlab.roles import intermediate
+    from qlab.roles.policy import AccessPolicy
 
     creds = _creds(args)
     policy = AccessPolicy.load(args.policy) if args.policy else None
@@ -73,8 +77,8 @@ def cmd_intermediate(args: argparse.Namespace) -> int:
 
 
 def cmd_connector(args: argparse.Namespace) -> int:
-    from qlab.connector import Connector
     from qlab.net import RealNet
+    from qlab.roles.connector import Connector
     from qlab.traversal.session import ConnectorTraversal
 
     creds = _creds(args)
@@ -88,10 +92,10 @@ def cmd_connector(args: argparse.Namespace) -> int:
         await c.start()
         http = None
         if args.metrics is not None:
-            from qlab.metrics import serve_http
+            from qlab.roles.metrics import serve_http
 
             http = await serve_http(*args.metrics, c.metrics, lambda: c.link.up.is_set())
-            logging.getLogger("qlab.connector").info("metrics on http://%s:%d/metrics", *args.metrics)
+            logging.getLogger("qlab.roles.connector").info("metrics on http://%s:%d/metrics", *args.metrics)
         fatal = asyncio.ensure_future(c.failed.wait())
         done, _ = await asyncio.wait([fatal, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         traversal.close()
@@ -108,9 +112,9 @@ def cmd_connector(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from qlab.agent import Agent, ping
-    from qlab.client import Refused
     from qlab.net import RealNet
+    from qlab.roles.agent import Agent, ping
+    from qlab.roles.link import Refused
 
     creds = _creds(args)
 
@@ -140,13 +144,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from qlab.echo import EchoServer
     from qlab.net import RealNet
+    from qlab.roles.echo import EchoServer
 
     async def main(stop: asyncio.Event) -> int:
         srv = EchoServer(RealNet())
         addr = await srv.start(*args.listen)
-        logging.getLogger("qlab.echo").info("UDP echo on %s:%d", *addr)
+        logging.getLogger("qlab.roles.echo").info("UDP echo on %s:%d", *addr)
         await stop.wait()
         srv.close()
         return 0
@@ -216,26 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--listen", type=lambda s: parse_addr(s, 9999), default=("127.0.0.1", 9999))
     e.set_defaults(func=cmd_echo)
 
-    for module in _EXTENSIONS:
-        module(sub)
+    for register in _EXTENSIONS:
+        register(sub)
     return p
 
 
-def _register_extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Command groups that live in their own modules (lab, trial, campaign, report, cloud...)."""
-    regs: list[Callable] = []
-    for mod in ("qlab.commands", "qlab.campaign_cli", "qlab.backends.netns_cli", "qlab.cloud.cli"):
-        try:
-            m = __import__(mod, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not mod.startswith(exc.name):
-                raise
-            continue
-        regs.append(m.register)
-    return regs
-
-
-_EXTENSIONS = _register_extensions()
+# command groups that live in their own modules: `qlab trial/classify/probe`, `campaign`, `lab`, `cloud`
+_EXTENSIONS = (roles_cli.register, campaign_cli.register, lab_cli.register, cloud_cli.register)
 
 
 def _uses_netns(args: argparse.Namespace) -> bool:
@@ -245,7 +236,7 @@ def _uses_netns(args: argparse.Namespace) -> bool:
 def _rerun_in_userns(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Without root, run this very command again as root of an unprivileged user namespace (where the
     system allows them): the lab, its NATs and the trial live inside it and vanish with it."""
-    from qlab.backends.netns import userns_available, userns_command
+    from qlab.backends.netns.lab import userns_available, userns_command
 
     if args.command == "lab":
         print("qlab: `qlab lab` keeps a lab running between commands and needs root; without root use "
@@ -256,7 +247,7 @@ def _rerun_in_userns(args: argparse.Namespace, argv: list[str] | None) -> int:
         print("qlab: the netns backend needs root or unprivileged user namespaces, and neither is available "
               "here; use --backend sim", file=sys.stderr)
         return 2
-    cmd = userns_command([sys.executable, "-m", "qlab.cli", *(argv if argv is not None else sys.argv[1:])])
+    cmd = userns_command([sys.executable, "-m", "qlab.cli.main", *(argv if argv is not None else sys.argv[1:])])
     return subprocess.call(cmd, env={**os.environ, "QLAB_IN_USERNS": "1"})
 
 

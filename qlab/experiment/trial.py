@@ -26,18 +26,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from qlab import __version__, wire
-from qlab.agent import Agent
 from qlab.backends.base import Environment, get_backend
 from qlab.certs import Credentials, init_dir
-from qlab.connector import Connector
-from qlab.echo import EchoProbe, EchoServer
-from qlab.intermediate import Intermediate
 from qlab.nat.spec import expected_outcome
-from qlab.topology import CONNECTOR_PORT, INTERMEDIATE_ALT_PORT, INTERMEDIATE_PORT, build
+from qlab.roles.agent import Agent
+from qlab.roles.connector import Connector
+from qlab.roles.echo import EchoProbe, EchoServer
+from qlab.roles.intermediate import Intermediate
+from qlab.scenario.topology import CONNECTOR_PORT, INTERMEDIATE_ALT_PORT, INTERMEDIATE_PORT, build
 from qlab.traversal.punch import PunchConfig
 from qlab.traversal.session import AgentTraversal, ConnectorTraversal, SessionTraversal, TraversalConfig
 
-log = logging.getLogger("qlab.trial")
+log = logging.getLogger("qlab.experiment.trial")
 
 APP_PORT = 9999
 # The Connector's registration and NAT detection share this window, and the Agent's connection to

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from qlab.net import Addr, Net
 
-log = logging.getLogger("qlab.echo")
+log = logging.getLogger("qlab.roles.echo")
 
 MAGIC = b"QE"
 _HDR = struct.Struct("!2s8sIB")  # magic, nonce, seq, path

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from qlab import wire
 from qlab.certs import Credentials, new_session_key
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler, HeldDatagrams
-from qlab.metrics import Metrics
 from qlab.net import Addr, Net
-from qlab.policy import AccessPolicy, ClientLimits
+from qlab.roles.metrics import Metrics
+from qlab.roles.policy import AccessPolicy, ClientLimits
 
-log = logging.getLogger("qlab.intermediate")
+log = logging.getLogger("qlab.roles.intermediate")
 
 PUNCH_MARGIN_MS = 2  # slack for RTT estimates when timing the common punch start
 
@@ -490,7 +490,7 @@ async def run(
     await server.listen(listen)
     http = None
     if metrics_addr is not None:
-        from qlab.metrics import serve_http
+        from qlab.roles.metrics import serve_http
 
         http = await serve_http(metrics_addr[0], metrics_addr[1], server.metrics, lambda: bool(server.listeners))
         log.info("metrics on http://%s:%d/metrics", *metrics_addr)

@@ -26,11 +26,11 @@ import socket
 import time
 from dataclasses import dataclass
 
-from qlab.backends.icmp import RttSamples, ping
-from qlab.backends.netns import Lab
+from qlab.backends.netns.icmp import RttSamples, ping
+from qlab.backends.netns.lab import Lab
 from qlab.nat.spec import Filtering, Mapping, PortAllocation
-from qlab.profiles import LinkProfile
-from qlab.topology import INTERMEDIATE_IPS, INTERNET
+from qlab.scenario.profiles import LinkProfile
+from qlab.scenario.topology import INTERMEDIATE_IPS, INTERNET
 
 I1, I2 = INTERMEDIATE_IPS
 REFLECTOR_PORTS = (3478, 3479)  # free on the Intermediate's host: qlab listens on 4433/4434

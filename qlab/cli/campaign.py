@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 
-from qlab.profiles import PROFILE_NAMES
+from qlab.scenario.profiles import PROFILE_NAMES
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qlab import campaign, results
+    from qlab.study import campaign, results
 
     spec = campaign.CampaignSpec(backend=args.backend, agent_nats=args.agent_nat, connector_nats=args.connector_nat,
                                  profile=args.profile, trials=args.trials, seed=args.seed,
@@ -27,7 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from qlab import campaign
+    from qlab.study import campaign
 
     folder = campaign.resume(args.id, root=args.results)
     print(f"campaign {args.id} complete -> {folder}")
@@ -35,14 +35,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from qlab import results
+    from qlab.study import results
 
     print(json.dumps(results.list_campaigns(args.results), indent=1))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from qlab.report import run_report
+    from qlab.study.report import run_report
 
     index = run_report(backend=args.backend, trials=args.trials, presets=args.presets, profile=args.profile,
                        root=args.results, out=args.out)

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 from qlab import wire
 from qlab.certs import Credentials
-from qlab.client import IntermediateLink, Refused
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler, HeldDatagrams
-from qlab.metrics import Metrics
 from qlab.net import Addr, DatagramSocket, Net
-from qlab.tasks import Tasks
+from qlab.roles.link import IntermediateLink, Refused
+from qlab.roles.metrics import Metrics
+from qlab.roles.tasks import Tasks
 
-log = logging.getLogger("qlab.connector")
+log = logging.getLogger("qlab.roles.connector")
 
 
 @dataclass

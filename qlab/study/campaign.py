@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qlab import __version__
+from qlab.experiment.trial import TrialResult, TrialSpec, default_certs, run_trial
 from qlab.nat.spec import expected_outcome, parse_presets
-from qlab.profiles import profile as get_profile
-from qlab.results import CampaignStore, campaign_dir, check_id
-from qlab.trial import TrialResult, TrialSpec, default_certs, run_trial
+from qlab.scenario.profiles import profile as get_profile
+from qlab.study.results import CampaignStore, campaign_dir, check_id
 
-log = logging.getLogger("qlab.campaign")
+log = logging.getLogger("qlab.study.campaign")
 
 
 @dataclass
