@@ -85,7 +85,7 @@ def test_the_check_fails_on_labs_that_lie(netns_ok):
 def test_a_failed_round_is_measured_again_and_named(monkeypatch):
     """No lab needed: a path whose first round has a load burst (6 of 100 samples 8 ms late) passes on
     its second round and says so; a path late in every round fails after three."""
-    from qlab.backends import labcheck
+    from qlab.backends.netns import labcheck
     from qlab.backends.netns.icmp import RttSamples
     from qlab.scenario.profiles import LinkProfile
 
