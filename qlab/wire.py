@@ -17,7 +17,7 @@ import hmac
 import ipaddress
 import struct
 from dataclasses import dataclass, fields
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any, ClassVar
 
 VERSION = 1
@@ -75,6 +75,39 @@ class NatKind(IntEnum):
     EIM = 2  # same mapping towards both Intermediate addresses
     EDM_SEQUENTIAL = 3  # endpoint-dependent, ports step by a small delta
     EDM_RANDOM = 4  # endpoint-dependent, ports unpredictable
+
+    @property
+    def endpoint_dependent(self) -> bool:
+        """A new mapping per destination (RFC 4787 ADM/APDM): the "hard" NATs."""
+        return self in (NatKind.EDM_SEQUENTIAL, NatKind.EDM_RANDOM)
+
+    @property
+    def endpoint_independent(self) -> bool:
+        """One mapping for every destination, or no NAT at all: the "easy" side of a pair."""
+        return self in (NatKind.EIM, NatKind.NONE)
+
+
+class BirthdayRole(StrEnum):
+    """A side's part in birthday mode (docs/traversal.md): the random-port
+    endpoint-dependent side opens many mappings (HARD), the endpoint-independent side sprays probes
+    at random ports of the peer's public address (EASY)."""
+
+    HARD = "hard"
+    EASY = "easy"
+
+
+def birthday_role(own: NatKind, peer: NatKind) -> BirthdayRole | None:
+    """The one rule for which pairs need birthday mode, and which side plays which part."""
+    if own == NatKind.EDM_RANDOM and peer.endpoint_independent:
+        return BirthdayRole.HARD
+    if peer == NatKind.EDM_RANDOM and own.endpoint_independent:
+        return BirthdayRole.EASY
+    return None
+
+
+def both_endpoint_dependent(a: NatKind, b: NatKind) -> bool:
+    """Neither side's mapping can be learned in advance: punching needs luck or a LAN."""
+    return a.endpoint_dependent and b.endpoint_dependent
 
 
 # --- primitive codecs ------------------------------------------------------------------------
