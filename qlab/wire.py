@@ -87,6 +87,14 @@ class NatKind(IntEnum):
         return self in (NatKind.EIM, NatKind.NONE)
 
 
+class Path(StrEnum):
+    """The two ways a session's datagrams travel. A StrEnum, so records and the results store keep
+    the plain strings "relay" and "direct"."""
+
+    RELAY = "relay"  # DATAGRAM frames through the Intermediate
+    DIRECT = "direct"  # the peer-to-peer QUIC connection
+
+
 class BirthdayRole(StrEnum):
     """A side's part in birthday mode (docs/traversal.md): the random-port
     endpoint-dependent side opens many mappings (HARD), the endpoint-independent side sprays probes
