@@ -1,7 +1,7 @@
 """The NAT engine, packet by packet through the virtual network, for every preset: the mapped
 addresses a socket gets, who may send back in, hairpinning, binding lifetime, port allocation.
 
-The expectations are the kernel lab's measurements (shared/reference/nat-lab.md §3.7, §5, §6).
+The expectations are what the kernel lab's nftables rulesets measurably do (docs/netns-lab.md).
 The Intermediate host plays an RFC 5780-style reflector on 203.0.113.10/.11 x 3478/3479: it answers
 every datagram with the source address it saw.
 """
@@ -124,7 +124,7 @@ def test_mapping_and_filtering_per_preset(nat: str) -> None:
     assert {ip for ip, _ in maps} == {public_ip}
     ports = [p for _, p in maps]
     if mapping in ("none", "EIM"):
-        assert ports == [5000, 5000, 5000]  # EIM with the port preserved (nat-lab §3.7)
+        assert ports == [5000, 5000, 5000]  # EIM with the port preserved, as nftables does
     else:
         assert len(set(ports)) == 3  # a new public port per destination
     if nat == "symmetric_seq":
@@ -175,7 +175,7 @@ def test_preset_refresh_hairpin_and_counter_values() -> None:
 
 @pytest.mark.parametrize("nat", [n for n in PRESET_NAMES if n != "public"])
 def test_hairpinning_shows_the_public_source(nat: str) -> None:
-    """Two hosts behind one NAT send to each other's public mapping (nat-lab §5, hairpin table), and
+    """Two hosts behind one NAT send to each other's public mapping (the kernel lab's hairpin table, docs/netns-lab.md), and
     a second socket of one host sends to the first one's mapping (what `qlab classify` tests)."""
     network = sim.SimNetwork(topology.build(nat, "public", scenario="multi_agent", agents=2), seed=2)
     lab = Lab(network)

@@ -1,4 +1,4 @@
-"""`qlab trial`, `qlab classify` and `qlab report`: the lab-level commands."""
+"""`qlab trial`, `qlab classify` and `qlab probe`: the commands that run trials and classifications."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ nftables ruleset per NAT router (from the same NatSpec the simulator implements)
 Layout: a hub namespace holds the "internet" bridge (203.0.113.0/24, which exists only inside the
 lab); every router and public host has an uplink into it; each router holds its LAN bridge and its
 LAN hosts hang off it; a carrier NAT's LAN is the home router's uplink segment. Links with a delay
-or loss profile are TAP pairs bridged by a `tapwire` process (this kernel has no netem); the others
-are veths.
+or loss profile use netem where the kernel has it, else TAP pairs bridged by a `tapwire` process (this
+machine's kernel has no netem); the others are veths.
 
 Names are `qlab-<run id>-<node>`, so several labs coexist and `down_all()` finds what a crash left
 behind. Wire processes die with the process that made the lab; a lab made by `qlab lab up` records

@@ -1,8 +1,8 @@
 """A userspace link between two network namespaces, with delay, jitter and loss.
 
-This machine's kernel has no netem (`tc qdisc ... netem`: "Specified qdisc kind is unknown"), so a
-link with a profile is two TAP devices, one in each namespace, and this small process copying frames
-between them through a delay queue (measured at about +0.3 ms per traversal, nat-lab.md §7).
+Where the kernel has no netem (this machine's: `tc qdisc ... netem` says "Specified qdisc kind is
+unknown"), a link with a profile is two TAP devices, one in each namespace, and this small process copying frames
+between them through a delay queue (docs/netns-lab.md has its measured precision).
 
     python -m qlab.backends.netns.tapwire --ns-a NS --if-a NAME --ns-b NS --if-b NAME \
         [--delay MS] [--jitter MS] [--loss P] [--seed N] [--die-with-parent]

@@ -96,7 +96,7 @@ class NatEngine:
 
     def flush(self) -> None:
         """Forget every binding (NAT reboot / rebinding). The sequential counter restarts, as after
-        an nft ruleset reload (nat-lab.md P10)."""
+        an nft ruleset reload does in the kernel lab."""
         self._by_key.clear()
         self._by_port.clear()
         self._seq_next.clear()
