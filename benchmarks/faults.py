@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlab.experiment.trial import TrialSpec, run_trial  # noqa: E402
+from qlab.experiment.record import TrialSpec  # noqa: E402
+from qlab.experiment.trial import run_trial  # noqa: E402
 
 # (name, TrialSpec fields): the specs tests/test_faults.py and tests/test_traversal.py use
 FAULTS = [

@@ -32,7 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlab.experiment.trial import TrialSpec, default_certs, run_trial  # noqa: E402
+from qlab.certs import default_certs  # noqa: E402
+from qlab.experiment.record import TrialSpec  # noqa: E402
+from qlab.experiment.trial import run_trial  # noqa: E402
 
 PAIRS = ["port_restricted:full_cone", "full_cone:full_cone", "restricted_cone:port_restricted",
          "port_restricted:port_restricted", "symmetric:full_cone", "symmetric:symmetric"]

@@ -10,6 +10,7 @@ serverAuth, which both aioquic and qh3 accept. Clients verify against the CA: th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import ipaddress
@@ -181,3 +182,12 @@ def quic_config(*, is_client: bool, idle_timeout: float = 30.0, qlog_dir: str | 
 
 def new_session_key() -> bytes:
     return secrets.token_bytes(wire.KEY_LEN)
+
+
+def default_certs() -> str:
+    """The lab's own CA for trials (created once under the user's cache directory)."""
+    d = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qlab", "lab-certs")
+    if not os.path.exists(os.path.join(d, "secret")):
+        with contextlib.suppress(FileExistsError):
+            init_dir(d)
+    return d

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlab.experiment.trial import RELAY_WINDOW, SETUP_WINDOW, TrialSpec, run_trial
+from qlab.experiment.record import TrialSpec
+from qlab.experiment.trial import RELAY_WINDOW, SETUP_WINDOW, run_trial
 
 BACKENDS = ["sim", "netns"]
 

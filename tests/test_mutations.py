@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from qlab.experiment.trial import TrialSpec, run_trial
+from qlab.experiment.record import TrialSpec
+from qlab.experiment.trial import run_trial
 from qlab.nat import spec as nat_spec
 from qlab.nat.spec import Filtering
 from qlab.roles import connector as connector_mod

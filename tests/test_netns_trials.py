@@ -7,7 +7,9 @@ import statistics
 
 import pytest
 
-from qlab.experiment.trial import TrialSpec, is_direct, run_classify, run_trial
+from qlab.experiment.classify import run_classify
+from qlab.experiment.record import TrialSpec, is_direct
+from qlab.experiment.trial import run_trial
 from qlab.nat.spec import PRESET_NAMES
 from tests.test_traversal import CELL_OUTCOME, ENDPOINT_DEPENDENT
 

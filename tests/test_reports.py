@@ -83,7 +83,7 @@ def test_interrupted_campaign_keeps_finished_trials_and_resumes(tmp_path):
 
 
 def test_a_failing_trial_is_recorded_not_dropped(tmp_path):
-    from qlab.experiment.trial import TrialSpec
+    from qlab.experiment.record import TrialSpec
 
     rec = campaign.failed_record(TrialSpec(trial_id="x", campaign_id="c"), RuntimeError("lab exploded"))
     store = results.CampaignStore(tmp_path / "c")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from qlab import wire
-from qlab.experiment.trial import TrialSpec, judge, run_classify, run_trial
+from qlab.experiment.classify import run_classify
+from qlab.experiment.record import TrialSpec, judge
+from qlab.experiment.trial import run_trial
 from qlab.nat.spec import EXPECTED, PRESET_NAMES
 from qlab.traversal.punch import PunchConfig, Puncher, gather, lan_candidates
 

@@ -31,7 +31,8 @@ def add_trial_options(p: argparse.ArgumentParser, default_backend: str = "sim") 
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from qlab.experiment.trial import TrialSpec, run_trial
+    from qlab.experiment.record import TrialSpec
+    from qlab.experiment.trial import run_trial
 
     spec = TrialSpec(
         backend=args.backend, agent_nat=args.agent_nat, connector_nat=args.connector_nat, profile=args.profile,
@@ -51,7 +52,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if args.intermediate:
         out = asyncio.run(_classify_field(args))
     else:
-        from qlab.experiment.trial import run_classify
+        from qlab.experiment.classify import run_classify
 
         out = run_classify(args.backend, args.nat, profile=args.profile, seed=args.seed, certs_dir=args.certs)
     print(json.dumps(out, indent=1))

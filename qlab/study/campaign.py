@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qlab import __version__
-from qlab.experiment.trial import TrialResult, TrialSpec, default_certs, run_trial
+from qlab.certs import default_certs
+from qlab.experiment.record import TrialResult, TrialSpec
+from qlab.experiment.trial import run_trial
 from qlab.nat.spec import expected_outcome, parse_presets
 from qlab.scenario.profiles import profile as get_profile
 from qlab.study.results import CampaignStore, campaign_dir, check_id

@@ -22,14 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlab.certs import Credentials
-from qlab.experiment.trial import (
-    AgentSide,
-    TrialResult,
-    TrialSpec,
-    _off_loop,
-    side_result,
-    trial_traversal_config,
-)
+from qlab.experiment.record import TrialResult, TrialSpec
+from qlab.experiment.trial import AgentSide, side_result, trial_traversal_config
+from qlab.experiment.trial import off_loop as _off_loop
 from qlab.nat.spec import PRESET_NAMES
 from qlab.nat.spec import expected_or_unknown as expected_for
 from qlab.study.results import CampaignStore, campaign_dir, check_id

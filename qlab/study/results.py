@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlab.experiment.trial import ADDED_FIELDS, OUTCOMES, TrialResult
+from qlab.experiment.record import ADDED_FIELDS, OUTCOMES, TrialResult
 
 RESULTS_DIR = Path(os.environ.get("QLAB_RESULTS", "results"))
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

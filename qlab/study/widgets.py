@@ -8,7 +8,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qlab.experiment.trial import TrialSpec, run_trial
+from qlab.experiment.record import TrialSpec
+from qlab.experiment.trial import run_trial
 from qlab.nat.spec import PRESET_NAMES
 from qlab.scenario.profiles import PROFILE_NAMES
 from qlab.study import plots

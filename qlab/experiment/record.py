@@ -1,0 +1,167 @@
+"""The trial record and what defines a trial: `TrialSpec` in, `TrialResult` out, and the rules that
+judge an outcome. Pure data: the results store and the notebooks import this without any
+networking (no aioquic, no roles)."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+APP_PORT = 9999
+OUTCOMES = ("direct_lan", "direct_wan", "direct_predicted", "relay", "failed")
+FAULTS = ("", "rebind", "idle", "intermediate_restart", "connector_restart")
+
+
+class PunchState(StrEnum):
+    """Whether the trial's session punched: a relay outcome after `SKIPPED` was decided by policy
+    (both sides endpoint-dependent), not measured; `TrialSpec.punch_anyway` measures it."""
+
+    ATTEMPTED = "attempted"  # probes went out (WAN, or only a shared LAN)
+    SKIPPED = "skipped"  # the policy skipped the punch
+    NONE = "none"  # the trial never reached a punch (it failed before)
+
+
+@dataclass
+class TrialSpec:
+    """Everything that defines a trial (and nothing measured)."""
+
+    backend: str = "sim"
+    agent_nat: str = "port_restricted"
+    connector_nat: str = "port_restricted"
+    profile: str = "wan-20ms"
+    scenario: str = "pair"
+    seed: int = 0
+    echo_interval: float = 0.02
+    echo_size: int = 64
+    samples: int = 20
+    verify_echoes: int = 10
+    punch_timeout: float = 3.0
+    blackhole: bool = False
+    fault: str = ""  # "", "rebind" (flush the Agent's NAT mid-session), "idle" (no traffic for idle_s) or
+    # "intermediate_restart" (the Intermediate dies without a word for outage_s, then a new one starts)
+    outage_s: float = 3.0
+    idle_s: float = 3.0
+    binding_timeout: float | None = None  # override every NAT's binding timeout (seconds)
+    keepalive: float = 0.5  # direct-path keepalive interval
+    birthday: int = 0  # birthday mode: mappings the random-port side opens (0 = off); Tailscale uses 256
+    birthday_probes: int = 1024  # random ports the other side probes
+    birthday_rate: float = 1000.0  # of those, per second
+    punch_anyway: bool = False  # punch even when both sides are endpoint-dependent (policy would skip)
+    relay_off_proof: bool = True  # False: prove the direct path as in the field, with the relay left on
+    agents: int = 1
+    carrier_nat: str = "port_restricted"
+    trial_id: str = ""
+    campaign_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.trial_id:
+            self.trial_id = secrets.token_hex(6)
+        for name, lo, hi in (("samples", 1, 10000), ("verify_echoes", 1, 10000), ("echo_size", 16, 1200)):
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}, got {v}")
+        if not 0.001 <= self.echo_interval <= 5:
+            raise ValueError("echo_interval must be between 1 ms and 5 s")
+        if not 0.1 <= self.punch_timeout <= 60:
+            raise ValueError("punch_timeout must be between 0.1 and 60 s")
+        if self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}; choose one of: {', '.join(f for f in FAULTS if f)}")
+
+
+@dataclass
+class TrialResult:
+    """One trial's record: the same fields on every backend (docs/results.md)."""
+
+    trial_id: str
+    campaign_id: str
+    backend: str
+    scenario: str
+    agent_nat: str
+    connector_nat: str
+    profile: str
+    seed: int
+    qlab_version: str
+    started_at: float
+    duration_s: float
+    expected: str
+    outcome: str
+    reason: str
+    as_expected: bool
+    direct_verified: bool
+    agent_nat_detected: str
+    connector_nat_detected: str
+    agent_candidates: list[str]
+    connector_candidates: list[str]
+    agent_probes: int
+    connector_probes: int
+    predicted_ports: list[int]
+    working_pair: str
+    punch_ms: float | None
+    ttfb_ms: float | None
+    ttd_ms: float | None
+    rtt_relay_p50_ms: float | None
+    rtt_relay_p95_ms: float | None
+    rtt_relay_loss: float | None
+    rtt_relay_n: int
+    rtt_direct_p50_ms: float | None
+    rtt_direct_p95_ms: float | None
+    rtt_direct_loss: float | None
+    rtt_direct_n: int
+    relay_bytes_out: int
+    relay_bytes_in: int
+    direct_bytes_out: int
+    direct_bytes_in: int
+    verify_sent: int
+    verify_received: int
+    failover_ms: float | None
+    echo_gap_ms: float | None
+    path_events: list[dict]
+    measured_with: str
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+    # Added by issue 21; None in records written before. Echo counts by the path each reply came back
+    # on: `_received` = sent on that path and answered over it; answered over the other path = crossed.
+    rtt_relay_sent: int | None = None
+    rtt_relay_received: int | None = None
+    rtt_direct_sent: int | None = None
+    rtt_direct_received: int | None = None
+    echo_direct_answered_on_relay: int | None = None
+    echo_relay_answered_on_direct: int | None = None
+    punch: str | None = None  # a PunchState value
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# columns older records may lack (loaded as None)
+ADDED_FIELDS = ("rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_direct_received",
+                "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch")
+
+
+def is_direct(outcome: str) -> bool:
+    return outcome.startswith("direct")
+
+
+def judge(expected: str, outcome: str, scenario: str, birthday: bool, lan_nat: str = "") -> bool:
+    """Does `outcome` match the cell's expected code? `lan_nat`: the NAT of a `same_lan` scenario."""
+    if outcome == "failed" or expected == "?":  # "?": a NAT of unknown behaviour expects nothing
+        return False
+    if scenario == "same_lan":  # two public hosts' own addresses are not a LAN: their pair is WAN
+        return outcome == ("direct_wan" if lan_nat == "public" else "direct_lan")
+    if expected in ("D", "D>"):
+        return outcome in ("direct_wan", "direct_lan")
+    if expected == "P":
+        return outcome == "direct_predicted"
+    if expected == "B":
+        return is_direct(outcome) if birthday else outcome == "relay"
+    return outcome == "relay"
+
+
+def punch_state(events: list[dict]) -> PunchState:
+    """From the path events: did the session punch, or did policy skip it?"""
+    kinds = {e["event"] for e in events}
+    if "punch_start" in kinds:
+        return PunchState.ATTEMPTED
+    return PunchState.SKIPPED if "punch_skipped" in kinds else PunchState.NONE
