@@ -16,9 +16,10 @@ import hashlib
 import hmac
 import ipaddress
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import IntEnum, StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 VERSION = 1
 ALPN = "qlab/1"
@@ -338,9 +339,13 @@ class Message:
 _REGISTRY: dict[int, type[Message]] = {}
 
 
-def _message(type_id: int, *codecs: _Codec):
-    def deco(cls: type[Message]) -> type[Message]:
-        cls = dataclass(frozen=True)(cls)
+_M = TypeVar("_M", bound=type[Message])
+
+
+@dataclass_transform(frozen_default=True)  # so that type checkers see each message's fields
+def _message(type_id: int, *codecs: _Codec) -> Callable[[_M], _M]:
+    def deco(cls: _M) -> _M:
+        dataclass(frozen=True)(cls)  # in place: without slots it returns `cls` itself
         cls.TYPE = type_id
         cls.FIELDS = codecs
         if len(fields(cls)) != len(codecs):
