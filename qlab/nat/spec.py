@@ -81,15 +81,6 @@ class NatSpec:
         if self.sequential_count < 1 or not 1024 <= self.sequential_base <= 65535 - self.sequential_count:
             raise ValueError(f"NatSpec {self.name!r}: sequential port range out of bounds")
 
-    @property
-    def endpoint_dependent(self) -> bool:
-        """True for NATs whose mapping depends on the destination (the "hard" NATs)."""
-        return self.nat and self.mapping is not Mapping.EIM
-
-    @property
-    def classic_name(self) -> str:
-        return CLASSIC_NAMES.get(self.name, self.name)
-
     def with_timeout(self, seconds: float) -> NatSpec:
         return replace(self, binding_timeout=seconds)
 
@@ -122,15 +113,6 @@ PRESETS: dict[str, NatSpec] = {
         refresh=_OUT,
         sequential_scope=CounterScope.NAT,
     ),
-}
-
-CLASSIC_NAMES = {
-    "public": "no NAT",
-    "full_cone": "Full Cone",
-    "restricted_cone": "Restricted Cone",
-    "port_restricted": "Port Restricted",
-    "symmetric": "Symmetric",
-    "symmetric_seq": "Symmetric, predictable",
 }
 
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
@@ -185,8 +167,3 @@ def expected_or_unknown(agent_nat: str, connector_nat: str) -> str:
     if agent_nat in PRESET_NAMES and connector_nat in PRESET_NAMES:
         return expected_outcome(agent_nat, connector_nat)
     return "?"
-
-
-def expects_direct(agent_nat: str, connector_nat: str, *, birthday: bool = False) -> bool:
-    code = expected_outcome(agent_nat, connector_nat)
-    return code in ("D", "D>", "P") or (birthday and code == "B")

@@ -1,22 +1,33 @@
 """The Agent's and the Connector's link to the Intermediate: hello, QAD, requests, reconnects.
 
 Both roles keep one QUIC connection to the Intermediate on their one shared socket. This class owns
-that connection: it authenticates with the deployment secret, records every OBSERVED_ADDRESS (QAD),
-matches replies to requests, and reconnects with capped exponential backoff when the Intermediate
-goes away. Role-specific control messages are handed to the role's `on_message`.
+that connection and moves its messages: the control rules (hello, QAD, request ids and reply
+matching, keepalive, backoff) are `qlab.roles.control`'s, shared with the QAD probes of
+`qlab.traversal.detect`. Role-specific control messages are handed to the role's `on_message`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
 
 from qlab import wire
 from qlab.certs import INTERMEDIATE_NAME, Credentials
 from qlab.endpoint import Connection, Endpoint, Handler
 from qlab.net import Addr
+from qlab.roles.control import (
+    AddressObserved,
+    Backoff,
+    ControlClient,
+    ControlEvent,
+    HelloRefused,
+    Liveness,
+    Replied,
+    Request,
+    RoleMessage,
+    Welcomed,
+)
 
 log = logging.getLogger("qlab.roles.link")
 
@@ -65,29 +76,39 @@ class IntermediateLink(Handler):
         self.creds = creds
         self.role = role
         self.name = name
+        self.control = ControlClient(role, name, creds.secret)
         self.on_message = on_message or (lambda m: None)
         self.on_up = on_up
         self.on_datagram_cb = on_datagram
         self.on_reply: Callable[[wire.Message], None] | None = None
         self.conn: Connection | None = None
-        self.client_id: int | None = None
-        self.max_relay_payload = 0
-        self.observed: Addr | None = None
-        self.observed_history: list[Addr] = []
         self.observed_changed = asyncio.Event()
-        self._welcome: asyncio.Future | None = None
-        self._pending: dict[int, asyncio.Future] = {}
-        self._next_req = 1
+        self._welcome: asyncio.Future[None] | None = None
+        self._pending: dict[int, asyncio.Future[wire.Message]] = {}
         self._closed = False
         self.reconnects = 0
         self.attempts = 0  # handshake attempts, over the link's life
         self.attempt_timeout = ATTEMPT_TIMEOUT
-        self.keepalive = KEEPALIVE
-        self.dead_after = DEAD_AFTER
-        self.last_rx = 0.0
-        self._keepalive_task: asyncio.Task | None = None
+        self.liveness = Liveness(KEEPALIVE, DEAD_AFTER)
+        self._keepalive_task: asyncio.Task[None] | None = None
         self.up = asyncio.Event()
         self.lost = asyncio.Event()
+
+    @property
+    def client_id(self) -> int | None:
+        return self.control.client_id
+
+    @property
+    def max_relay_payload(self) -> int:
+        return self.control.max_relay_payload
+
+    @property
+    def observed(self) -> Addr | None:
+        return self.control.observed
+
+    @property
+    def observed_history(self) -> list[Addr]:
+        return self.control.observed_history
 
     # -- connection lifecycle -------------------------------------------------------------------
     async def connect(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
@@ -96,25 +117,24 @@ class IntermediateLink(Handler):
         Refused (final) or ConnectionError/TimeoutError when the time is up."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        attempt_timeout, delay = self.attempt_timeout, BACKOFF_MIN
+        attempt_timeout = Backoff(self.attempt_timeout, ATTEMPT_TIMEOUT_MAX, factor=1.5, jitter=0.0)
+        retry = Backoff(BACKOFF_MIN, RETRY_MAX)
         while True:
             self.attempts += 1
             try:
-                await self._attempt(min(attempt_timeout, max(0.0, deadline - loop.time())))
+                await self._attempt(min(attempt_timeout.next(), max(0.0, deadline - loop.time())))
                 return
             except Refused:
                 raise
             except (ConnectionError, TimeoutError) as exc:
                 tls = _tls_failure(self.conn)
                 self._drop_attempt("handshake stalled" if isinstance(exc, TimeoutError) else "handshake failed")
-                wait = delay * random.uniform(0.8, 1.2)
+                wait = retry.next()
                 if self._closed or tls or loop.time() + wait >= deadline:
                     raise  # a TLS failure (certificate, ALPN) would only repeat itself
                 log.info("%s: handshake with the Intermediate %s:%d failed (%s); retry in %.2fs",
                          self.name, *self.intermediate, exc or type(exc).__name__, wait)
             await asyncio.sleep(wait)
-            delay = min(delay * 2, RETRY_MAX)
-            attempt_timeout = min(attempt_timeout * 1.5, ATTEMPT_TIMEOUT_MAX)
 
     async def _attempt(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -126,7 +146,7 @@ class IntermediateLink(Handler):
             await self.conn.handshake_done
             await self._welcome
         self.up.set()
-        self.last_rx = loop.time()
+        self.liveness.heard(loop.time())
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
         self._keepalive_task = loop.create_task(self._keep_alive(self.conn))
@@ -144,29 +164,28 @@ class IntermediateLink(Handler):
         """Ping the Intermediate and give the connection up when it stays silent (a killed
         Intermediate sends no CONNECTION_CLOSE; QUIC's idle timeout alone would take 30 s)."""
         loop = asyncio.get_running_loop()
-        nonce = 0
+        live = self.liveness
         while not conn.closed:
-            await asyncio.sleep(self.keepalive)
+            await asyncio.sleep(live.interval)
             if conn.closed:
                 break
-            if loop.time() - self.last_rx > self.dead_after:
-                log.warning("the Intermediate has been silent for %.1fs; giving the connection up", self.dead_after)
+            if live.dead(loop.time()):
+                log.warning("the Intermediate has been silent for %.1fs; giving the connection up", live.dead_after)
                 self.endpoint.abandon(conn, "intermediate unresponsive")
                 break
-            nonce = (nonce + 1) & 0xFFFFFFFF
-            conn.send_control(wire.Ping(nonce))
+            conn.send_control(live.ping(loop.time()))
 
     async def run_forever(self, first_timeout: float = HANDSHAKE_TIMEOUT, *, connected: bool = False) -> None:
         """Stay connected: after a loss, reconnect at once (connect() retries within its window),
         then in rounds with capped exponential backoff (jittered) while the Intermediate stays away.
         A NACK on hello is final and raised. `connected`: the first connection is already up."""
-        delay = BACKOFF_MIN
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
         while not self._closed:
             try:
                 if not connected:
                     await self.connect(first_timeout)
                 connected = False
-                delay = BACKOFF_MIN
+                backoff.reset()
                 await self.lost.wait()
                 log.warning("%s: lost the Intermediate (%s); reconnecting", self.name,
                             self.conn.close_reason if self.conn else "")
@@ -179,12 +198,11 @@ class IntermediateLink(Handler):
                 raise
             except (ConnectionError, TimeoutError) as exc:
                 log.info("Intermediate %s:%d not reachable (%s); next round in %.1fs", *self.intermediate,
-                         exc or type(exc).__name__, delay)
+                         exc or type(exc).__name__, backoff.current)
             self.up.clear()
             if self._closed:
                 break
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, BACKOFF_MAX)
+            await asyncio.sleep(backoff.next())
             self.reconnects += 1
 
     def close(self) -> None:
@@ -196,24 +214,24 @@ class IntermediateLink(Handler):
 
     # -- requests -------------------------------------------------------------------------------
     def next_req(self) -> int:
-        req = self._next_req
-        self._next_req = req % 0xFFFF + 1
-        return req
+        return self.control.next_req()
 
-    async def request(self, msg: wire.Message, timeout: float | None = REQUEST_TIMEOUT) -> wire.Message:
+    async def request(self, msg: Request, timeout: float | None = REQUEST_TIMEOUT) -> wire.Message:
         """Send a message with a `req` field and wait for the reply carrying the same `req`.
         `timeout=None`: wait as long as the connection lives (replies come on a reliable stream;
         the keepalive gives a silent Intermediate up, which fails the wait)."""
         if self.conn is None or self.conn.closed:
             raise ConnectionError("not connected to the Intermediate")
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[msg.req] = fut  # type: ignore[attr-defined]
+        fut: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+        self._pending[msg.req] = fut
+        self.control.expect(msg.req)
         self.conn.send_control(msg)
         try:
             async with asyncio.timeout(timeout):
                 reply = await fut
         finally:
-            self._pending.pop(msg.req, None)  # type: ignore[attr-defined]
+            self._pending.pop(msg.req, None)
+            self.control.forget(msg.req)
         if isinstance(reply, wire.Nack):
             raise Refused(reply.code, reply.reason)
         return reply
@@ -226,41 +244,37 @@ class IntermediateLink(Handler):
     def on_handshake(self, conn: Connection) -> None:
         if conn is not self.conn:
             return  # an attempt already given up
-        conn.send_control(wire.Hello(wire.VERSION, self.role, self.name, wire.hello_auth(self.creds.secret, self.role, self.name)))
+        conn.send_control(self.control.hello())
 
     def on_control(self, conn: Connection, msg: wire.Message) -> None:
-        self.last_rx = asyncio.get_running_loop().time()
-        if isinstance(msg, wire.Welcome):
-            self.client_id = msg.client_id
-            self.max_relay_payload = msg.max_relay_payload
+        self.liveness.heard(asyncio.get_running_loop().time())
+        event = self.control.receive(msg)
+        for out in self.control.messages_to_send():
+            conn.send_control(out)
+        if event is not None:
+            self._on_event(event)
+
+    def _on_event(self, event: ControlEvent) -> None:
+        if isinstance(event, Welcomed):
             if self._welcome is not None and not self._welcome.done():
-                self._welcome.set_result(msg)
-        elif isinstance(msg, wire.ObservedAddress):
-            addr = (msg.addr[0], msg.addr[1])
-            if addr != self.observed:
-                log.info("QAD: %s observed at %s:%d", self.name, *addr)
-                self.observed = addr
-                self.observed_history.append(addr)
-                self.observed_changed.set()
-        elif isinstance(msg, wire.Nack) and msg.req == 0:
-            # a refusal of the hello itself
+                self._welcome.set_result(None)
+        elif isinstance(event, AddressObserved):
+            log.info("QAD: %s observed at %s:%d", self.name, *event.addr)
+            self.observed_changed.set()
+        elif isinstance(event, HelloRefused):
             if self._welcome is not None and not self._welcome.done():
-                self._welcome.set_exception(Refused(msg.code, msg.reason))
-        elif hasattr(msg, "req") and msg.req in self._pending:  # type: ignore[attr-defined]
+                self._welcome.set_exception(Refused(event.code, event.reason))
+        elif isinstance(event, Replied):
             if self.on_reply is not None:
-                self.on_reply(msg)  # now, before later messages of this batch (StartPunch needs the key)
-            fut = self._pending[msg.req]  # type: ignore[attr-defined]
-            if not fut.done():
-                fut.set_result(msg)
-        elif isinstance(msg, wire.Ping):
-            conn.send_control(wire.Pong(msg.nonce))
-        elif isinstance(msg, wire.Pong):
-            pass  # liveness only: last_rx is already updated
-        else:
-            self.on_message(msg)
+                self.on_reply(event.reply)  # now, before later messages of this batch (StartPunch needs the key)
+            fut = self._pending.get(event.req)
+            if fut is not None and not fut.done():
+                fut.set_result(event.reply)
+        elif isinstance(event, RoleMessage):
+            self.on_message(event.msg)
 
     def on_datagram(self, conn: Connection, data: bytes) -> None:
-        self.last_rx = asyncio.get_running_loop().time()
+        self.liveness.heard(asyncio.get_running_loop().time())
         if self.on_datagram_cb is not None:
             self.on_datagram_cb(data)
 

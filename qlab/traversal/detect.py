@@ -14,11 +14,15 @@ import asyncio
 import logging
 import secrets
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
 
 from qlab import wire
 from qlab.certs import INTERMEDIATE_NAME, Credentials
 from qlab.endpoint import Connection, Endpoint, Handler
+from qlab.nat.spec import PRESETS, Filtering, Mapping, NatSpec, PortAllocation
 from qlab.net import Addr
+from qlab.roles.control import AddressObserved, ControlClient, HelloRefused, Replied, Request
 
 log = logging.getLogger("qlab.detect")
 
@@ -26,27 +30,31 @@ SEQUENTIAL_MAX_STEP = 16  # consecutive mappings this close together count as se
 
 
 class _QadClient(Handler):
-    def __init__(self, creds: Credentials, name: str) -> None:
+    """The asyncio side of one QAD connection: the control rules are `ControlClient`'s."""
+
+    def __init__(self, control: ControlClient) -> None:
         loop = asyncio.get_running_loop()
-        self.creds = creds
-        self.name = name
-        self.observed: asyncio.Future = loop.create_future()
-        self.replies: dict[int, asyncio.Future] = {}
+        self.control = control
+        self.observed: asyncio.Future[Addr] = loop.create_future()
+        self.replies: dict[int, asyncio.Future[wire.Message]] = {}
 
     def on_handshake(self, conn: Connection) -> None:
-        conn.send_control(wire.Hello(wire.VERSION, wire.Role.PROBE, self.name,
-                                     wire.hello_auth(self.creds.secret, wire.Role.PROBE, self.name)))
+        conn.send_control(self.control.hello())
 
     def on_control(self, conn: Connection, msg: wire.Message) -> None:
-        if isinstance(msg, wire.ObservedAddress) and not self.observed.done():
-            self.observed.set_result((msg.addr[0], msg.addr[1]))
-        elif isinstance(msg, wire.Nack) and msg.req == 0 and not self.observed.done():
-            self.observed.set_exception(ConnectionRefusedError(f"QAD refused: {msg.reason}"))
-        elif hasattr(msg, "req") and msg.req in self.replies and not self.replies[msg.req].done():
-            self.replies[msg.req].set_result(msg)
+        event = self.control.receive(msg)
+        for out in self.control.messages_to_send():
+            conn.send_control(out)
+        if isinstance(event, AddressObserved) and not self.observed.done():
+            self.observed.set_result(event.addr)
+        elif isinstance(event, HelloRefused) and not self.observed.done():
+            self.observed.set_exception(ConnectionRefusedError(f"QAD refused: {event.reason}"))
+        elif isinstance(event, Replied) and event.req in self.replies and not self.replies[event.req].done():
+            self.replies[event.req].set_result(event.reply)
 
     def on_closed(self, conn: Connection, reason: str) -> None:
-        for fut in (self.observed, *self.replies.values()):
+        futs: list[asyncio.Future[Any]] = [self.observed, *self.replies.values()]
+        for fut in futs:
             if not fut.done():
                 fut.set_exception(ConnectionError(f"closed: {reason}"))
                 fut.exception()
@@ -60,16 +68,16 @@ class QadSession:
         self.addr = addr
         self.creds = creds
         self.name = name
+        self.control = ControlClient(wire.Role.PROBE, name, creds.secret)
         self.handler: _QadClient | None = None
         self.conn: Connection | None = None
-        self._req = 0
 
     async def __aenter__(self) -> QadSession:
-        self.handler = _QadClient(self.creds, self.name)
+        self.handler = _QadClient(self.control)
         self.conn = self.endpoint.connect(self.addr, self.creds.client_config(INTERMEDIATE_NAME), self.handler)
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self.conn is not None and not self.conn.closed:
             self.endpoint.abandon(self.conn, "qad done")
 
@@ -77,16 +85,16 @@ class QadSession:
         assert self.handler is not None
         return await asyncio.wait_for(asyncio.shield(self.handler.observed), timeout)
 
-    async def request(self, msg: wire.Message, timeout: float) -> wire.Message:
+    async def request(self, msg: Request, timeout: float) -> wire.Message:
         assert self.handler is not None and self.conn is not None
-        fut = asyncio.get_running_loop().create_future()
-        self.handler.replies[msg.req] = fut  # type: ignore[attr-defined]
+        fut: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+        self.handler.replies[msg.req] = fut
+        self.control.expect(msg.req)
         self.conn.send_control(msg)
         return await asyncio.wait_for(fut, timeout)
 
     def next_req(self) -> int:
-        self._req += 1
-        return self._req
+        return self.control.next_req()
 
 
 async def server_listeners(session: QadSession, timeout: float) -> tuple[Addr, Addr]:
@@ -156,29 +164,176 @@ async def detect_nat_kind(
 
 # --- full classification (qlab classify) -------------------------------------------------------
 
-PRESET_BY_BEHAVIOUR = {
-    ("none", "none"): "public",
-    ("EIM", "EIF"): "full_cone",
-    ("EIM", "ADF"): "restricted_cone",
-    ("EIM", "APDF"): "port_restricted",
-    ("APDM", "APDF", "sequential"): "symmetric_seq",
-    ("APDM", "APDF", "random"): "symmetric",
-}
+
+class Unclassified(StrEnum):
+    """The classifier's answer where no RFC 4787 behaviour applies (same strings as the records)."""
+
+    NO_NAT = "none"  # this host's own address is what the Intermediate saw: nothing to classify
+    UNKNOWN = "unknown"  # the test could not be run (no alternate listener)
+
+
+MappingVerdict = Mapping | Unclassified
+FilteringVerdict = Filtering | Unclassified
+PortsVerdict = PortAllocation | Unclassified
+BehaviourKey = tuple[StrEnum, ...]
+
+
+def behaviour_key(mapping: MappingVerdict, filtering: FilteringVerdict, ports: PortsVerdict) -> BehaviourKey:
+    """What tells the presets apart: port allocation only matters once the mapping depends on the
+    destination (an endpoint-independent NAT's ports are never seen to change)."""
+    if mapping in (Unclassified.NO_NAT, Mapping.EIM):
+        return (mapping, filtering)
+    return (mapping, filtering, ports)
+
+
+def _spec_key(spec: NatSpec) -> BehaviourKey:
+    if not spec.nat:
+        return behaviour_key(Unclassified.NO_NAT, Unclassified.NO_NAT, PortAllocation.PRESERVE)
+    return behaviour_key(spec.mapping, spec.filtering, spec.ports)
+
+
+PRESET_BY_BEHAVIOUR: dict[BehaviourKey, str] = {_spec_key(spec): name for name, spec in PRESETS.items()}
+
+
+def preset_for(mapping: MappingVerdict, filtering: FilteringVerdict, ports: PortsVerdict) -> str | None:
+    """The preset whose spec shows this behaviour, if any."""
+    return PRESET_BY_BEHAVIOUR.get(behaviour_key(mapping, filtering, ports))
+
+
+def filtering_from(from_other_ip_port: bool, from_other_port: bool) -> Filtering:
+    """RFC 5780 §4.4: a probe from another IP and port admitted means EIF; from the same IP but
+    another port, ADF; neither, APDF."""
+    if from_other_ip_port:
+        return Filtering.EIF
+    return Filtering.ADF if from_other_port else Filtering.APDF
+
+
+def mapping_from(local: Addr, observed: dict[str, Addr]) -> tuple[MappingVerdict, PortsVerdict]:
+    """RFC 5780 §4.3 from the mappings seen by the primary, alternate-IP+port and alternate-port
+    listeners (keys "primary", "alt_ip_port", "alt_port"; the last may be missing), behind a NAT."""
+    primary, alt_ip_port, alt_port = observed["primary"], observed.get("alt_ip_port"), observed.get("alt_port")
+    if alt_ip_port is None:
+        return Unclassified.UNKNOWN, Unclassified.UNKNOWN
+    if alt_ip_port == primary and alt_port in (None, primary):
+        ports = PortAllocation.PRESERVE if primary[1] == local[1] else Unclassified.UNKNOWN
+        return Mapping.EIM, ports
+    mapping = Mapping.ADM if alt_port == primary else Mapping.APDM
+    order = [observed[k] for k in ("primary", "alt_ip_port", "alt_port") if k in observed]
+    sequential = nat_kind_from(local, [], order) == wire.NatKind.EDM_SEQUENTIAL
+    return mapping, PortAllocation.SEQUENTIAL if sequential else PortAllocation.RANDOM
 
 
 @dataclass
 class Classification:
-    mapping: str  # none / EIM / ADM / APDM / unknown
-    filtering: str  # none / EIF / ADF / APDF / unknown
-    ports: str  # preserve / sequential / random / unknown
+    mapping: MappingVerdict
+    filtering: FilteringVerdict
+    ports: PortsVerdict
     hairpinning: bool | None
     preset: str | None
     local: Addr
     observed: dict[str, Addr] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of `qlab classify`: the behaviours as their plain strings."""
+        d = asdict(self)
+        for k in ("mapping", "filtering", "ports"):
+            d[k] = str(d[k])
+        return d
+
+
+class _TestProbes:
+    """CLASSIFY_TEST probes expected on `endpoint`'s socket, by nonce. Installed as its raw
+    handler (other raw packets go to the previous one) for the length of a `with`."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.prev = endpoint.raw_handler
+        self.tests: dict[int, asyncio.Future[Addr]] = {}
+
+    def __enter__(self) -> _TestProbes:
+        self.endpoint.raw_handler = self._on_raw
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.endpoint.raw_handler = self.prev
+
+    def expect(self) -> tuple[int, asyncio.Future[Addr]]:
+        nonce = secrets.randbits(64)
+        fut = self.tests[nonce] = asyncio.get_running_loop().create_future()
+        return nonce, fut
+
+    def _on_raw(self, data: bytes, addr: Addr) -> None:
+        if data[0] == wire.CLASSIFY_TEST:
+            try:
+                nonce, _ = wire.decode_classify_test(data)
+            except wire.WireError:
+                return
+            fut = self.tests.get(nonce)
+            if fut is not None and not fut.done():
+                fut.set_result(addr)
+        elif self.prev is not None:
+            self.prev(data, addr)
+
+
+async def _probe_arrives(main: QadSession, probes: _TestProbes, alt_ip: int, alt_port: int, timeout: float,
+                         filter_wait: float, notes: list[str]) -> bool:
+    """Ask the Intermediate to send a test probe from its other IP and/or port: did it get in?"""
+    nonce, fut = probes.expect()
+    try:
+        reply = await main.request(wire.ChangeRequest(main.next_req(), alt_ip, alt_port, nonce), timeout)
+    except (TimeoutError, ConnectionError):
+        return False
+    if isinstance(reply, wire.Nack):
+        notes.append(f"change request ip={alt_ip} port={alt_port} refused: {reply.reason}")
+        return False
+    try:
+        await asyncio.wait_for(fut, filter_wait)
+        return True
+    except TimeoutError:
+        return False
+
+
+async def _filtering(main: QadSession, probes: _TestProbes, primary: Addr, alternate: Addr, timeout: float,
+                     filter_wait: float, notes: list[str]) -> Filtering:
+    async def arrives(alt_ip: int, alt_port: int) -> bool:
+        return await _probe_arrives(main, probes, alt_ip, alt_port, timeout, filter_wait, notes)
+
+    # in this order, and the second only when the first did not get in (as RFC 5780 runs them)
+    if alternate != primary and await arrives(1, 1):
+        return filtering_from(True, False)
+    return filtering_from(False, await arrives(0, 1))
+
+
+async def _observe_others(endpoint: Endpoint, creds: Credentials, name: str, others: dict[str, Addr],
+                          timeout: float, notes: list[str]) -> dict[str, Addr]:
+    observed: dict[str, Addr] = {}
+    for label, addr in others.items():
+        try:
+            async with QadSession(endpoint, addr, creds, f"{name}-{label}") as q:
+                observed[label] = await q.observed(timeout)
+        except (TimeoutError, ConnectionError) as exc:
+            notes.append(f"no QAD from {label} listener {addr[0]}:{addr[1]}: {exc}")
+    return observed
+
+
+async def _hairpinning(endpoint: Endpoint, probes: _TestProbes, mapped: Addr, filter_wait: float) -> bool:
+    """From a second socket on this host, a probe to the first socket's mapping (as in RFC 5780;
+    the same socket would clash with its own conntrack entry)."""
+    nonce, fut = probes.expect()
+    local = endpoint.local_address
+    second = await endpoint.net.bind_udp("0.0.0.0" if ":" not in local[0] else "::", 0, lambda batch: None)
+    try:
+        for _ in range(3):
+            second.sendto(wire.encode_classify_test(nonce, second.local_address), mapped)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), filter_wait / 3)
+                return True
+            except TimeoutError:
+                continue
+    finally:
+        second.close()
+    return False
 
 
 async def classify(
@@ -187,102 +342,25 @@ async def classify(
 ) -> Classification:
     """RFC 5780-style behaviour discovery on qlab's own QAD, from `endpoint`'s socket."""
     local = endpoint.local_address
-    tests: dict[int, asyncio.Future] = {}
-    loop = asyncio.get_running_loop()
-    prev_raw = endpoint.raw_handler
-
-    def on_raw(data: bytes, addr: Addr) -> None:
-        if data[0] == wire.CLASSIFY_TEST:
-            try:
-                nonce, _ = wire.decode_classify_test(data)
-            except wire.WireError:
-                return
-            fut = tests.get(nonce)
-            if fut is not None and not fut.done():
-                fut.set_result(addr)
-        elif prev_raw is not None:
-            prev_raw(data, addr)
-
-    endpoint.raw_handler = on_raw
     notes: list[str] = []
-    try:
+    with _TestProbes(endpoint) as probes:
         async with QadSession(endpoint, intermediate, creds, name) as main:
             obs_primary = await main.observed(timeout)
             primary, alternate = await server_listeners(main, timeout)
             # filtering first, before this socket sends anything to the other listeners (which would
-            # open the NAT's filter towards them): test probes from another IP+port, then another port
+            # open the NAT's filter towards them)
             public = obs_primary[0] in host_ips and obs_primary[1] == local[1]
-            filtering = "none" if public else "unknown"
+            filtering: FilteringVerdict = Unclassified.NO_NAT
             if not public:
-                async def change(alt_ip: int, alt_port: int) -> bool:
-                    nonce = secrets.randbits(64)
-                    tests[nonce] = loop.create_future()
-                    try:
-                        reply = await main.request(wire.ChangeRequest(main.next_req(), alt_ip, alt_port, nonce), timeout)
-                    except (TimeoutError, ConnectionError):
-                        return False
-                    if isinstance(reply, wire.Nack):
-                        notes.append(f"change request ip={alt_ip} port={alt_port} refused: {reply.reason}")
-                        return False
-                    try:
-                        await asyncio.wait_for(tests[nonce], filter_wait)
-                        return True
-                    except TimeoutError:
-                        return False
-
-                if alternate != primary and await change(1, 1):
-                    filtering = "EIF"
-                elif await change(0, 1):
-                    filtering = "ADF"
-                else:
-                    filtering = "APDF"
+                filtering = await _filtering(main, probes, primary, alternate, timeout, filter_wait, notes)
             others = _other_listeners(primary, alternate)
-            observed: dict[str, Addr] = {"primary": obs_primary}
-            for label, addr in others.items():
-                try:
-                    async with QadSession(endpoint, addr, creds, f"{name}-{label}") as q:
-                        observed[label] = await q.observed(timeout)
-                except (TimeoutError, ConnectionError) as exc:
-                    notes.append(f"no QAD from {label} listener {addr[0]}:{addr[1]}: {exc}")
-            # mapping
-            if public:
-                mapping, ports = "none", "preserve"
-            elif "alt_ip_port" not in observed:
-                mapping, ports = "unknown", "unknown"
-                notes.append("the Intermediate has no alternate address: mapping cannot be tested")
-            else:
-                same_ip = observed.get("alt_port")
-                if observed["alt_ip_port"] == obs_primary and (same_ip is None or same_ip == obs_primary):
-                    mapping = "EIM"
-                elif same_ip is not None and same_ip == obs_primary:
-                    mapping = "ADM"
-                else:
-                    mapping = "APDM"
-                order = [observed[k] for k in ("primary", "alt_ip_port", "alt_port") if k in observed]
-                if mapping == "EIM":
-                    ports = "preserve" if obs_primary[1] == local[1] else "unknown"
-                else:
-                    kind = nat_kind_from(local, [], order)
-                    ports = "sequential" if kind == wire.NatKind.EDM_SEQUENTIAL else "random"
-            # hairpinning: from a second socket on this host, a probe to the first socket's mapping
-            # (as in RFC 5780; the same socket would clash with its own conntrack entry)
-            hairpin: bool | None = None
-            if mapping != "none":
-                nonce = secrets.randbits(64)
-                tests[nonce] = loop.create_future()
-                second = await endpoint.net.bind_udp("0.0.0.0" if ":" not in local[0] else "::", 0, lambda batch: None)
-                try:
-                    for _ in range(3):
-                        second.sendto(wire.encode_classify_test(nonce, second.local_address), obs_primary)
-                        try:
-                            await asyncio.wait_for(asyncio.shield(tests[nonce]), filter_wait / 3)
-                            hairpin = True
-                            break
-                        except TimeoutError:
-                            hairpin = False
-                finally:
-                    second.close()
-    finally:
-        endpoint.raw_handler = prev_raw
-    key: tuple = (mapping, filtering) if mapping in ("none", "EIM") else (mapping, filtering, ports)
-    return Classification(mapping, filtering, ports, hairpin, PRESET_BY_BEHAVIOUR.get(key), local, observed, notes)
+            observed = {"primary": obs_primary, **await _observe_others(endpoint, creds, name, others, timeout, notes)}
+            mapping: MappingVerdict = Unclassified.NO_NAT
+            ports: PortsVerdict = PortAllocation.PRESERVE
+            if not public:
+                mapping, ports = mapping_from(local, observed)
+                if "alt_ip_port" not in observed:
+                    notes.append("the Intermediate has no alternate address: mapping cannot be tested")
+            hairpin = None if public else await _hairpinning(endpoint, probes, obs_primary, filter_wait)
+    preset = preset_for(mapping, filtering, ports)
+    return Classification(mapping, filtering, ports, hairpin, preset, local, observed, notes)
