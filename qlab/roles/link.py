@@ -55,11 +55,14 @@ class Refused(Exception):
 
 def _tls_failure(conn: Connection | None) -> bool:
     """Whether this connection ended on a TLS alert (QUIC CRYPTO_ERROR 0x100-0x1ff), loss never does."""
-    event = conn.quic._close_event if conn is not None else None
+    event = conn.close_event if conn is not None else None
     return event is not None and 0x100 <= event.error_code <= 0x1FF
 
 
 class IntermediateLink(Handler):
+    """One role's connection to the Intermediate, kept up across losses (the asyncio shell of
+    `ControlClient`)."""
+
     def __init__(
         self,
         endpoint: Endpoint,

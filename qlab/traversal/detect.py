@@ -5,7 +5,8 @@ port, another IP, both) each return the address they observed. Comparing the map
 endpoint-independent from endpoint-dependent mapping and, for the latter, sequential from random
 ports; asking a listener to send a test probe from another IP or port tells the filtering; a probe
 to one's own mapping tells hairpinning. `detect_nat_kind` is the quick part every Agent and
-Connector runs before it offers candidates; `classify` is the full verdict of `qlab classify`.
+Connector runs before it offers candidates; `classify` is the full verdict of `qlab classify`, in
+the RFC 4787 terms of `qlab.nat.spec` (its presets named by the same table the backends render).
 """
 
 from __future__ import annotations
