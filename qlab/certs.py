@@ -161,7 +161,7 @@ class Credentials:
         return cfg
 
 
-def quic_config(*, is_client: bool, idle_timeout: float = 30.0, qlog_dir: str | None = None) -> QuicConfiguration:
+def quic_config(*, is_client: bool, idle_timeout: float = 30.0) -> QuicConfiguration:
     from qlab.endpoint import CID_LENGTH, MAX_DATAGRAM_SIZE
 
     cfg = QuicConfiguration(
@@ -172,11 +172,6 @@ def quic_config(*, is_client: bool, idle_timeout: float = 30.0, qlog_dir: str | 
         idle_timeout=idle_timeout,
         connection_id_length=CID_LENGTH,
     )
-    if qlog_dir:
-        from aioquic.quic.logger import QuicFileLogger
-
-        os.makedirs(qlog_dir, exist_ok=True)
-        cfg.quic_logger = QuicFileLogger(qlog_dir)
     return cfg
 
 

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
+from qlab import quic_internals as qi
 from qlab import wire
 from qlab.net import Addr, DatagramSocket, Net, normalize_addr
 
@@ -39,14 +41,6 @@ class DatagramTooLarge(ValueError):
     """A payload larger than the connection can carry in one QUIC DATAGRAM frame."""
 
 
-def _decrypted_any(quic: QuicConnection) -> bool:
-    """Whether any packet of this connection has been decrypted (aioquic keeps it per space)."""
-    return any(sp.largest_received_packet >= 0 for sp in getattr(quic, "_spaces", {}).values())
-
-
-_ENDING = (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED)
-
-
 def _closing(quic: QuicConnection) -> bool:
     """Whether aioquic has decided to close this connection (an error queued, or a CONNECTION_CLOSE
     received). For a fresh server connection this happens when the first Initial that got through
@@ -57,7 +51,7 @@ def _closing(quic: QuicConnection) -> bool:
     Initial holding nothing but CONNECTION_CLOSE (qlab does this when a handshake attempt stalls,
     a QAD probe ends, or a direct dial times out). Any other CRYPTO-less first Initial (a bare PING
     probe, an ACK) whose CRYPTO Initial was lost or overtaken is handled the same way."""
-    return quic._close_event is not None or quic._state in _ENDING
+    return qi.close_event(quic) is not None or qi.is_ending(quic)
 
 
 class HeldDatagrams:
@@ -118,18 +112,12 @@ class Connection:
         self.close_reason = ""
         self.peer_addr: Addr | None = None
         self.handshake_done = asyncio.get_running_loop().create_future()
-        self.state: dict = {}  # role-specific data (client id, sessions, ...)
-        self.datagrams_sent = 0
-        self.datagrams_dropped = 0
 
     # -- sending --------------------------------------------------------------------------------
     @property
     def max_datagram_payload(self) -> int:
         """Largest DATAGRAM frame payload this connection can send now (0 if the peer takes none)."""
-        remote = self.quic._remote_max_datagram_frame_size  # aioquic keeps it private
-        if not remote:
-            return 0
-        return max(0, min(remote - 4, self.quic._max_datagram_size - DATAGRAM_OVERHEAD))
+        return qi.max_datagram_payload(self.quic, DATAGRAM_OVERHEAD)
 
     @property
     def max_app_payload(self) -> int:
@@ -141,11 +129,9 @@ class Connection:
         limit = self.max_datagram_payload
         if len(data) > limit:
             raise DatagramTooLarge(f"datagram of {len(data)} bytes exceeds this connection's limit of {limit}")
-        if self.closed or not self.established or len(self.quic._datagrams_pending) >= MAX_PENDING_DATAGRAMS:
-            self.datagrams_dropped += 1
+        if self.closed or not self.established or qi.pending_datagrams(self.quic) >= MAX_PENDING_DATAGRAMS:
             return False
         self.quic.send_datagram_frame(data)
-        self.datagrams_sent += 1
         self.endpoint.mark(self)
         return True
 
@@ -160,7 +146,7 @@ class Connection:
         self.endpoint.mark(self)
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
-        if not self.closed and self.quic._state not in _ENDING:
+        if not self.closed and not qi.is_ending(self.quic):
             self.quic.close(error_code=error_code, reason_phrase=reason)
             self.endpoint.mark(self)
 
@@ -172,8 +158,12 @@ class Connection:
     @property
     def rtt(self) -> float | None:
         """QUIC's smoothed RTT in seconds, once measured."""
-        loss = self.quic._loss
-        return loss._rtt_smoothed if loss._rtt_initialized else None
+        return qi.rtt_estimate(self.quic)
+
+    @property
+    def close_event(self) -> ConnectionTerminated | None:
+        """Why aioquic closes or closed this connection (error code, frame type, reason); None while open."""
+        return qi.close_event(self.quic)
 
     def __repr__(self) -> str:
         role = "client" if self.is_client else "server"
@@ -296,7 +286,7 @@ class Endpoint:
                     self._forget(conn)
                     self.stats["dropped_first_initial"] += 1
                     continue
-                if not _decrypted_any(conn.quic):
+                if not qi.decrypted_any(conn.quic):
                     # a junk Initial: keep no state for it (no memory for floods of them)
                     self._forget(conn)
                     self.stats["dropped_malformed"] += 1
@@ -442,7 +432,7 @@ class Endpoint:
             conn.timer_at = at
             if at is not None:
                 conn.timer = loop.call_at(at, self._on_timer, conn)
-        if conn.quic._state == QuicConnectionState.TERMINATED:
+        if qi.is_terminated(conn.quic):
             self._process(conn)  # deliver ConnectionTerminated
             self._terminated(conn, conn.close_reason or "terminated")
 

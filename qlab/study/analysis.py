@@ -77,10 +77,6 @@ def matrix(summary: pd.DataFrame, value: str, backend: str | None = None) -> pd.
     return m.reindex(index=[p for p in order if p in m.index], columns=[p for p in order if p in m.columns])
 
 
-def outcome_counts(df: pd.DataFrame) -> pd.DataFrame:
-    return df.groupby(["agent_nat", "connector_nat", "outcome"]).size().unstack(fill_value=0)
-
-
 def rtt_samples(df: pd.DataFrame) -> dict[str, np.ndarray]:
     """Per-trial p50 RTTs of both paths, from the same echo probe (ms)."""
     return {

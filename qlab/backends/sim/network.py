@@ -66,7 +66,7 @@ class Wire:
     """
 
     __slots__ = ("name", "profile", "rng", "sink", "network", "_heap", "_seq", "_timer", "_timer_at",
-                 "_busy_until", "_queue", "_jittered")
+                 "_busy_until", "_queue")
 
     def __init__(self, network: SimNetwork, name: str, profile: LinkProfile, sink: Callable[[Packet], None]) -> None:
         self.network = network
@@ -80,7 +80,6 @@ class Wire:
         self._timer_at = math.inf
         self._busy_until = 0.0
         self._queue: deque[float] = deque()  # departure times of packets still in the rate queue
-        self._jittered = 0  # packets in flight on their own timers
 
     def send(self, pkt: Packet) -> None:
         p = self.profile
@@ -106,7 +105,6 @@ class Wire:
         delay = p.delay_ms / 1000.0
         if p.jitter_ms:
             delay = max(0.0, delay + self.rng.uniform(-p.jitter_ms, p.jitter_ms) / 1000.0)
-            self._jittered += 1
             loop.call_at(t + delay, self._arrive, pkt)
             return
         arrival = t + delay
@@ -134,13 +132,7 @@ class Wire:
             self.sink(pkt)
 
     def _arrive(self, pkt: Packet) -> None:
-        self._jittered -= 1
         self.sink(pkt)
-
-    @property
-    def in_flight(self) -> int:
-        """Packets on the wire now (the rate queue included)."""
-        return len(self._heap) + self._jittered
 
 
 class Attachment:
@@ -197,7 +189,6 @@ class Node:
         self.network = network
         self.name = name
         self.blocked: set[tuple[str, int | None]] = set()
-        self.counters: Counter[str] = Counter()
         self._routes: dict[str, tuple[Attachment, str] | None] = {}
 
     def receive(self, pkt: Packet, att: Attachment) -> None:
