@@ -197,6 +197,7 @@ class IntermediateCore:
         self.relayed: dict[str, float] = dict.fromkeys(Direction, 0)
         self.relayed_bytes: dict[str, float] = dict.fromkeys(Direction, 0)
         self.events: deque[Event] = deque()
+        # each handler takes the message type it is filed under (Any: a dict cannot say so per key)
         self.handlers: dict[type[wire.Message], Callable[[Client, Any, float], None]] = {
             wire.Register: self._register, wire.OpenSession: self._open_session, wire.Announce: self._announce,
             wire.Offer: self._offer, wire.Answer: self._answer, wire.PunchResult: self._punch_result,
