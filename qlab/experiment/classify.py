@@ -4,21 +4,22 @@ classified from inside."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from qlab.backends.base import Environment, get_backend
 from qlab.certs import Credentials, default_certs
 from qlab.endpoint import Endpoint
-from qlab.experiment.trial import off_loop
+from qlab.experiment.trial import intermediate_listeners, off_loop
 from qlab.roles.intermediate import Intermediate
-from qlab.scenario.topology import INTERMEDIATE_ALT_PORT, INTERMEDIATE_PORT, build
+from qlab.scenario.topology import build
 from qlab.traversal.detect import classify
 from qlab.traversal.punch import host_ips_for
 
 
-async def classify_in(env: Environment, creds: Credentials, host: str = "agent") -> dict:
+async def classify_in(env: Environment, creds: Credentials, host: str = "agent") -> dict[str, Any]:
     """Run an Intermediate with its four listeners and classify `host`'s NAT from its socket."""
     inter_ips = env.addresses("intermediate")
-    listen = [(ip, port) for ip in inter_ips[:2] for port in (INTERMEDIATE_PORT, INTERMEDIATE_ALT_PORT)]
+    listen = intermediate_listeners(inter_ips)
     srv = Intermediate(env.net("intermediate"), creds)
     net = env.net(host)
     ep = Endpoint(net)
@@ -35,13 +36,13 @@ async def classify_in(env: Environment, creds: Credentials, host: str = "agent")
 
 
 def run_classify(backend_name: str, nat: str, *, profile: str = "lan", seed: int = 0,
-                 certs_dir: str | None = None) -> dict:
+                 certs_dir: str | None = None) -> dict[str, Any]:
     """`qlab classify` in a lab: the Agent host behind `nat`, classified from inside."""
     return off_loop(_run_classify, backend_name, nat, profile=profile, seed=seed, certs_dir=certs_dir)
 
 
 def _run_classify(backend_name: str, nat: str, *, profile: str = "lan", seed: int = 0,
-                  certs_dir: str | None = None) -> dict:
+                  certs_dir: str | None = None) -> dict[str, Any]:
     topo = build(nat, "public", profile_name=profile)
     backend = get_backend(backend_name)
     creds = Credentials.load(certs_dir or default_certs())

@@ -8,10 +8,33 @@ import dataclasses
 import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
-APP_PORT = 9999
-OUTCOMES = ("direct_lan", "direct_wan", "direct_predicted", "relay", "failed")
-FAULTS = ("", "rebind", "idle", "intermediate_restart", "connector_restart")
+APP_PORT = 9999  # the Connector host's echo app, the service every lab trial reaches
+
+
+class Outcome(StrEnum):
+    """How a trial's session ended up carrying traffic (the record's `outcome`)."""
+
+    DIRECT_LAN = "direct_lan"  # direct, to a peer's private address on a shared LAN
+    DIRECT_WAN = "direct_wan"  # direct, to an observed public address
+    DIRECT_PREDICTED = "direct_predicted"  # direct, to a predicted port
+    RELAY = "relay"  # through the Intermediate only
+    FAILED = "failed"  # no echo came back over any path
+
+
+class Fault(StrEnum):
+    """What a trial does to its session once it is up (`TrialSpec.fault`)."""
+
+    NONE = ""
+    REBIND = "rebind"  # the Agent's NAT forgets every mapping mid-session
+    IDLE = "idle"  # no traffic for `idle_s`
+    INTERMEDIATE_RESTART = "intermediate_restart"  # the Intermediate dies without a word for `outage_s`
+    CONNECTOR_RESTART = "connector_restart"  # the Connector stops and a new one starts `outage_s` later
+
+
+OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome)
+FAULTS: tuple[str, ...] = tuple(f.value for f in Fault)
 
 
 class PunchState(StrEnum):
@@ -39,8 +62,7 @@ class TrialSpec:
     verify_echoes: int = 10
     punch_timeout: float = 3.0
     blackhole: bool = False
-    fault: str = ""  # "", "rebind" (flush the Agent's NAT mid-session), "idle" (no traffic for idle_s) or
-    # "intermediate_restart" (the Intermediate dies without a word for outage_s, then a new one starts)
+    fault: str = ""  # a Fault value
     outage_s: float = 3.0
     idle_s: float = 3.0
     binding_timeout: float | None = None  # override every NAT's binding timeout (seconds)
@@ -117,10 +139,10 @@ class TrialResult:
     verify_received: int
     failover_ms: float | None
     echo_gap_ms: float | None
-    path_events: list[dict]
+    path_events: list[dict[str, Any]]
     measured_with: str
     error: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     # Added by issue 21; None in records written before. Echo counts by the path each reply came back
     # on: `_received` = sent on that path and answered over it; answered over the other path = crossed.
     rtt_relay_sent: int | None = None
@@ -131,7 +153,7 @@ class TrialResult:
     echo_relay_answered_on_direct: int | None = None
     punch: str | None = None  # a PunchState value
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -146,20 +168,20 @@ def is_direct(outcome: str) -> bool:
 
 def judge(expected: str, outcome: str, scenario: str, birthday: bool, lan_nat: str = "") -> bool:
     """Does `outcome` match the cell's expected code? `lan_nat`: the NAT of a `same_lan` scenario."""
-    if outcome == "failed" or expected == "?":  # "?": a NAT of unknown behaviour expects nothing
+    if outcome == Outcome.FAILED or expected == "?":  # "?": a NAT of unknown behaviour expects nothing
         return False
     if scenario == "same_lan":  # two public hosts' own addresses are not a LAN: their pair is WAN
-        return outcome == ("direct_wan" if lan_nat == "public" else "direct_lan")
+        return outcome == (Outcome.DIRECT_WAN if lan_nat == "public" else Outcome.DIRECT_LAN)
     if expected in ("D", "D>"):
-        return outcome in ("direct_wan", "direct_lan")
+        return outcome in (Outcome.DIRECT_WAN, Outcome.DIRECT_LAN)
     if expected == "P":
-        return outcome == "direct_predicted"
+        return outcome == Outcome.DIRECT_PREDICTED
     if expected == "B":
-        return is_direct(outcome) if birthday else outcome == "relay"
-    return outcome == "relay"
+        return is_direct(outcome) if birthday else outcome == Outcome.RELAY
+    return outcome == Outcome.RELAY
 
 
-def punch_state(events: list[dict]) -> PunchState:
+def punch_state(events: list[dict[str, Any]]) -> PunchState:
     """From the path events: did the session punch, or did policy skip it?"""
     kinds = {e["event"] for e in events}
     if "punch_start" in kinds:

@@ -1,11 +1,53 @@
-"""Watching the echo probe's replies: waiting for the stragglers."""
+"""Watching the echo probe's replies while something happens to the session: record each reply as
+it arrives, and wait for the stragglers."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
 from qlab.roles.echo import EchoProbe
+from qlab.wire import Path
+
+
+class SendEcho(Protocol):
+    """Send one echo probe on `path`, or on the session's active path when None."""
+
+    def __call__(self, path: Path | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An echo reply that came back over the path it was sent on."""
+
+    at: float  # loop time it arrived
+    path: Path
+    seq: int
+
+
+@contextlib.contextmanager
+def recording(probe: EchoProbe, clock: Callable[[], float]) -> Iterator[list[Reply]]:
+    """Append every reply to the yielded list while the block runs. The probe's own hook still sees
+    each reply (it feeds the path manager's RTTs) and is put back afterwards."""
+    replies: list[Reply] = []
+    prev = probe.on_reply
+
+    def on_reply(path: str, rtt: float, seq: int) -> None:
+        replies.append(Reply(clock(), Path(path), seq))
+        if prev is not None:
+            prev(path, rtt, seq)
+
+    probe.on_reply = on_reply
+    try:
+        yield replies
+    finally:
+        probe.on_reply = prev
 
 
 async def drain(probe: EchoProbe, wait: float) -> None:
+    """Wait up to `wait` s for outstanding replies; what did not come back by then is lost."""
     await probe.wait_for_replies(wait)
-    for seq in list(probe.outstanding):  # what did not come back by now is lost
+    for seq in list(probe.outstanding):
         del probe.outstanding[seq]

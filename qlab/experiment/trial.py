@@ -19,23 +19,36 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from qlab import __version__, wire
 from qlab.backends.base import Environment, get_backend
 from qlab.certs import Credentials, default_certs
 from qlab.experiment import faults
-from qlab.experiment.record import APP_PORT, TrialResult, TrialSpec, is_direct, judge, punch_state
-from qlab.experiment.replies import drain as _drain
+from qlab.experiment.record import (
+    APP_PORT,
+    Fault,
+    Outcome,
+    TrialResult,
+    TrialSpec,
+    is_direct,
+    judge,
+    punch_state,
+)
+from qlab.experiment.replies import drain
 from qlab.nat.spec import expected_outcome
+from qlab.net import Net
 from qlab.roles.agent import Agent
 from qlab.roles.connector import Connector
-from qlab.roles.echo import EchoProbe, EchoServer
+from qlab.roles.echo import EchoProbe, EchoServer, PathStats
 from qlab.roles.intermediate import Intermediate
 from qlab.scenario.topology import CONNECTOR_PORT, INTERMEDIATE_ALT_PORT, INTERMEDIATE_PORT, build
 from qlab.traversal.punch import PunchConfig
 from qlab.traversal.session import AgentTraversal, ConnectorTraversal, SessionTraversal, TraversalConfig
+from qlab.wire import Path
 
 log = logging.getLogger("qlab.experiment.trial")
+T = TypeVar("T")
 
 # The Connector's registration and NAT detection share this window, and the Agent's connection to
 # the Intermediate has one of its own: under loss each step retries (handshakes, requests) until its
@@ -48,7 +61,7 @@ def _fmt(c: wire.Candidate) -> str:
     return f"{c.kind.name.lower()}:{c.addr[0]}:{c.addr[1]}"
 
 
-def _nothing_measured() -> dict:
+def _nothing_measured() -> dict[str, Any]:
     return {"verify_sent": 0, "verify_received": 0, "verify_crossed": 0, "failover_ms": None, "echo_gap_ms": None}
 
 
@@ -60,7 +73,7 @@ class AgentSide:
     this process (a lab). Without it, the proof is that echoes sent on the direct QUIC connection
     came back over it (replies are counted by the path they arrived on)."""
 
-    def __init__(self, net, creds: Credentials, intermediate: tuple[str, int], spec: TrialSpec,
+    def __init__(self, net: Net, creds: Credentials, intermediate: tuple[str, int], spec: TrialSpec,
                  cfg: TraversalConfig, *, service: str = "echo",
                  relay_switch: Callable[[int, bool], None] | None = None, bind: str = "0.0.0.0",
                  connect_window: float = SETUP_WINDOW) -> None:
@@ -75,8 +88,8 @@ class AgentSide:
         self.t0: float | None = None
         self.measure = _nothing_measured()
 
-    def send_echo(self, path: str | None = None) -> None:
-        session = self.st.session
+    def send_echo(self, path: Path | None = None) -> None:
+        session = self.session_traversal.session
         p = path or session.active_path
         payload = self.probe.make(p)
         try:
@@ -87,99 +100,126 @@ class AgentSide:
             raise
 
     @property
+    def session_traversal(self) -> SessionTraversal:
+        if self.st is None:
+            raise RuntimeError("the session is not open yet")
+        return self.st
+
+    @property
     def direct_active(self) -> bool:
         s = self.st.session if self.st is not None else None
-        return (s is not None and s.direct is not None and not s.direct.closed and s.active_path == "direct"
-                and self.st.path.verified_at is not None)
+        return (s is not None and s.direct is not None and not s.direct.closed and s.active_path == Path.DIRECT
+                and self.session_traversal.path.verified_at is not None)
+
+    def _direct_up(self) -> bool:
+        st = self.session_traversal
+        return st.session.direct is not None and not st.session.direct.closed and st.path.verified_at is not None
 
     async def run(self) -> None:
-        spec, loop, probe = self.spec, self.loop, self.probe
         await self.agent.start(self.connect_window)
         await self.at.prepare()
-        # t0: the session opens; echoes go out over the active path from now on
-        self.t0 = loop.time()
+        self._open()
+        await self._settle()
+        # stragglers over the relay so ttfb exists even when the punch settled at once
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.session_traversal.session.opened, 5)
+        await self._prove_relay()
+        direct_up = self._direct_up()
+        await self._measure([Path.RELAY, Path.DIRECT] if direct_up else [Path.RELAY])
+        if direct_up and self.session_traversal.session.active_path == Path.DIRECT:
+            await self._prove_direct()
+
+    def _open(self) -> None:
+        """t0: the session opens; echoes go out over the active path from now on."""
+        probe = self.probe
+        self.t0 = self.loop.time()
         st = self.st = self.at.begin(self.service)
-        session = st.session
-        session.on_payload = probe.receive
+        st.session.on_payload = probe.receive
         probe.on_reply = lambda path, rtt, seq: st.path.observe_rtt(path, rtt)
 
-        def first_direct_echo(s, conn) -> None:
-            payload = probe.make("direct")
-            if s.send(payload, "direct") is None:
+        def first_direct_echo(s: Any, conn: Any) -> None:
+            payload = probe.make(Path.DIRECT)
+            if s.send(payload, Path.DIRECT) is None:
                 probe.unsend(payload)
 
         self.at.direct_handshake_hooks.append(first_direct_echo)
+
+    async def _settle(self) -> None:
+        """Echoes on the active path until the direct path is verified or the punch settled."""
+        spec, st = self.spec, self.session_traversal
+        assert self.t0 is not None
         settle_by = self.t0 + spec.punch_timeout + self.cfg.direct_timeout + 2.0
         if spec.birthday:
             settle_by += spec.birthday_probes / spec.birthday_rate + 1.0
-        while loop.time() < settle_by:
+        while self.loop.time() < settle_by:
             self.send_echo()
-            if session.direct is not None and not session.direct.closed and st.path.verified_at is None:
-                self.send_echo("direct")  # the first direct echo may be lost: keep probing until one returns
-            if (st.path.verified_at is not None and session.active_path == "direct") or st.settled.is_set():
+            if st.session.direct is not None and not st.session.direct.closed and st.path.verified_at is None:
+                self.send_echo(Path.DIRECT)  # the first direct echo may be lost: keep probing until one returns
+            if (st.path.verified_at is not None and st.session.active_path == Path.DIRECT) or st.settled.is_set():
                 break
             await asyncio.sleep(spec.echo_interval)
-        # stragglers over the relay so ttfb exists even when the punch settled at once
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(session.opened, 5)
-        # the relay is proven by an echo that came back over it: under loss (a relayed echo crosses
-        # eight access-link hops) keep probing until one does, within the window
-        relay_by = loop.time() + RELAY_WINDOW
-        while probe.paths["relay"].first_reply_at is None and loop.time() < relay_by:
-            self.send_echo("relay")
-            await asyncio.sleep(spec.echo_interval)
 
-        # measurement: same probe, interleaved on both paths
-        direct_up = session.direct is not None and not session.direct.closed and st.path.verified_at is not None
-        paths = ["relay", "direct"] if direct_up else ["relay"]
-        for _ in range(spec.samples):
+    async def _prove_relay(self) -> None:
+        """The relay is proven by an echo that came back over it: under loss (a relayed echo crosses
+        eight access-link hops) keep probing until one does, within the window."""
+        relay_by = self.loop.time() + RELAY_WINDOW
+        while self.probe.paths[Path.RELAY].first_reply_at is None and self.loop.time() < relay_by:
+            self.send_echo(Path.RELAY)
+            await asyncio.sleep(self.spec.echo_interval)
+
+    async def _measure(self, paths: list[Path]) -> None:
+        """The same probe, interleaved on the paths that are up."""
+        for _ in range(self.spec.samples):
             for p in paths:
                 self.send_echo(p)
-                await asyncio.sleep(spec.echo_interval / len(paths))
-        await _drain(probe, 1.0 + 4 * (st.path.median("relay") or 0.2))
+                await asyncio.sleep(self.spec.echo_interval / len(paths))
+        await drain(self.probe, 1.0 + 4 * (self.session_traversal.path.median(Path.RELAY) or 0.2))
 
-        # proof: only the direct path may answer (relay switched off for the session, where we can)
-        if direct_up and session.active_path == "direct":
+    async def _prove_direct(self) -> None:
+        """Only the direct path may answer (the relay switched off for the session, where we can)."""
+        probe, session = self.probe, self.session_traversal.session
+        if self.relay_switch is not None:
+            self.relay_switch(session.id, False)
+        try:
+            d = probe.paths[Path.DIRECT]
+            before_rx, before_tx, before_x = d.received, d.sent, d.crossed
+            for _ in range(self.spec.verify_echoes):
+                self.send_echo(Path.DIRECT)
+                await asyncio.sleep(self.spec.echo_interval)
+            await drain(probe, 1.0 + 4 * (self.session_traversal.path.median(Path.DIRECT) or 0.2))
+            self.measure["verify_sent"] = probe.paths[Path.DIRECT].sent - before_tx
+            self.measure["verify_received"] = probe.paths[Path.DIRECT].received - before_rx
+            self.measure["verify_crossed"] = probe.paths[Path.DIRECT].crossed - before_x
+        finally:
             if self.relay_switch is not None:
-                self.relay_switch(session.id, False)
-            try:
-                d = probe.paths["direct"]
-                before_rx, before_tx, before_x = d.received, d.sent, d.crossed
-                for _ in range(spec.verify_echoes):
-                    self.send_echo("direct")
-                    await asyncio.sleep(spec.echo_interval)
-                await _drain(probe, 1.0 + 4 * (st.path.median("direct") or 0.2))
-                self.measure["verify_sent"] = probe.paths["direct"].sent - before_tx
-                self.measure["verify_received"] = probe.paths["direct"].received - before_rx
-                self.measure["verify_crossed"] = probe.paths["direct"].crossed - before_x
-            finally:
-                if self.relay_switch is not None:
-                    self.relay_switch(session.id, True)
+                self.relay_switch(session.id, True)
 
     def close(self) -> None:
         self.at.close()
         self.agent.close()
 
 
-async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_dir: str | None = None) -> TrialResult:
+def intermediate_listeners(inter_ips: list[str]) -> list[tuple[str, int]]:
+    """The Intermediate's listeners: both ports on its first address, and on its second if it has one."""
+    return [(ip, port) for ip in inter_ips[:2] for port in (INTERMEDIATE_PORT, INTERMEDIATE_ALT_PORT)]
+
+
+async def run_in(env: Environment, spec: TrialSpec, creds: Credentials) -> TrialResult:
     """Run one trial with the roles on `env`'s hosts (inside the backend's running loop)."""
     loop = asyncio.get_running_loop()
     started = time.time()
     w0 = loop.time()
-    topo = env.topology
-    inter_ips = env.addresses("intermediate")
+    listen = intermediate_listeners(env.addresses("intermediate"))
     connector_ip = env.addresses("connector")[0]
-    listen = [(inter_ips[0], INTERMEDIATE_PORT), (inter_ips[0], INTERMEDIATE_ALT_PORT)]
-    if len(inter_ips) > 1:
-        listen += [(inter_ips[1], INTERMEDIATE_PORT), (inter_ips[1], INTERMEDIATE_ALT_PORT)]
     cfg = trial_traversal_config(spec)
     if spec.binding_timeout is not None:
-        for router in topo.routers:
+        for router in env.topology.routers:
             env.set_binding_timeout(router.name, spec.binding_timeout)
     srv = Intermediate(env.net("intermediate"), creds, birthday_ports=spec.birthday, birthday_probes=spec.birthday_probes)
     echo = EchoServer(env.net("connector"))
-    connector = side = None
-    ct = None
+    connector: Connector | None = None
+    ct: ConnectorTraversal | None = None
+    side: AgentSide | None = None
     error = ""
     setup_by = w0 + SETUP_WINDOW
 
@@ -198,31 +238,22 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials, *, qlog_
         side = AgentSide(env.net("agent"), creds, listen[0], spec, cfg,
                          relay_switch=relay_switch if spec.relay_off_proof else None)
         await side.run()
-        st, agent, probe, send_echo, measure = side.st, side.agent, side.probe, side.send_echo, side.measure
-        if spec.blackhole and side.direct_active and measure["verify_sent"]:
-            measure.update(await faults.blackhole(env, topo, st, st.session, probe, send_echo, spec, loop))
-        if spec.fault == "rebind":
-            measure["fault"] = await faults.rebind(env, topo, st, agent, probe, send_echo, spec, loop)
-        elif spec.fault == "idle":
-            measure["fault"] = await faults.idle(st, probe, send_echo, spec, loop)
-        elif spec.fault == "connector_restart":
-            connector, ct, measure["fault"] = await faults.connector_restart(env, connector, ct, creds, listen, connector_ip,
-                                                                       cfg, st, probe, send_echo, spec, loop)
-        elif spec.fault == "intermediate_restart":
-            srv, measure["fault"] = await faults.intermediate_restart(env, srv, listen, creds, st, agent, connector,
-                                                               probe, send_echo, spec, loop)
+        ctx = faults.FaultContext(env, spec, creds, listen, connector_ip, cfg, srv, connector, ct, side.agent,
+                                  side.session_traversal, side.probe, side.send_echo)
+        if spec.blackhole and side.direct_active and side.measure["verify_sent"]:
+            side.measure.update(await faults.blackhole(ctx))
+        scenario = faults.SCENARIOS.get(Fault(spec.fault))
+        if scenario is not None:
+            res = await scenario(ctx)
+            side.measure["fault"] = res.record
+            srv, connector, ct = res.intermediate or srv, res.connector or connector, res.ct or ct
     except Exception as exc:  # recorded, never dropped: a failing trial is a result too
         log.exception("trial %s failed", spec.trial_id)
         error = f"{type(exc).__name__}: {exc}"
     finally:
-        if side is not None:
-            side.close()
-        if ct is not None:
-            ct.close()
-        if connector is not None:
-            connector.close()
-        srv.close()
-        echo.close()
+        for role in (side, ct, connector, srv, echo):
+            if role is not None:
+                role.close()
         await asyncio.sleep(0)
     return side_result(spec, side, started, loop.time() - w0, error, ct=ct)
 
@@ -233,47 +264,38 @@ def trial_traversal_config(spec: TrialSpec) -> TraversalConfig:
                            punch_anyway=spec.punch_anyway)
 
 
-def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duration: float, error: str, *,
-                ct: ConnectorTraversal | None = None, expected: str | None = None,
-                measured_where: str = "") -> TrialResult:
-    """The trial's record from what the Agent side saw (and the Connector side, when it ran here)."""
-    st = side.st if side is not None else None
-    at = side.at if side is not None else None
-    t0 = side.t0 if side is not None else None
-    probe = side.probe if side is not None else EchoProbe(time.monotonic, spec.echo_size)
-    measure = side.measure if side is not None else _nothing_measured()
-    if expected is None:
-        expected = expected_outcome(spec.agent_nat, spec.connector_nat)
-    relay, direct = probe.paths["relay"], probe.paths["direct"]
-    rs, ds = relay.summary(), direct.summary()
-    # Only replies that came back over the direct path count (the probe counts each reply on the path
-    # it arrived by). With the relay off for the session (labs) nothing else could answer; in the
-    # field the relay stays on, and a reply over it is crossed, not a proof. At least half of what the
-    # direct path delivered during the measurement must come back (the rest is the profile's loss),
-    # so lossy links are not mislabelled; one echo at the very least.
+def _verified(measure: dict[str, Any], direct: PathStats) -> bool:
+    """Only replies that came back over the direct path count (the probe counts each reply on the path
+    it arrived by). With the relay off for the session (labs) nothing else could answer; in the
+    field the relay stays on, and a reply over it is crossed, not a proof. At least half of what the
+    direct path delivered during the measurement must come back (the rest is the profile's loss),
+    so lossy links are not mislabelled; one echo at the very least."""
     direct_delivery = direct.received / direct.sent if direct.sent else 0.0
     needed = max(1, int(0.5 * measure["verify_sent"] * direct_delivery))
-    verified = measure["verify_sent"] > 0 and measure["verify_received"] >= needed
+    return bool(measure["verify_sent"] > 0 and measure["verify_received"] >= needed)
+
+
+def _direct_kind(st: SessionTraversal, ct: ConnectorTraversal | None) -> Outcome:
+    """Which direct outcome a verified session's working pair makes."""
+    conn_res = ct.results.get(st.session.id, {}).get("own") if ct is not None else None
+    conn_kind = conn_res.success.kind if conn_res is not None and conn_res.success is not None else None
+    if st.working_kind == wire.CandidateKind.HOST and st.peer_nat != wire.NatKind.NONE:
+        return Outcome.DIRECT_LAN  # a private host address of a peer behind a NAT: same LAN
+    if wire.CandidateKind.PREDICTED in (st.working_kind, conn_kind):
+        return Outcome.DIRECT_PREDICTED
+    return Outcome.DIRECT_WAN
+
+
+def _outcome(side: AgentSide | None, ct: ConnectorTraversal | None, probe: EchoProbe, measure: dict[str, Any],
+             verified: bool, error: str) -> tuple[Outcome, str]:
+    """The trial's outcome and, for anything short of a verified direct path, why."""
+    st = side.st if side is not None else None
+    relay, direct = probe.paths[Path.RELAY], probe.paths[Path.DIRECT]
     reason = ""
-    outcome = "failed"
-    working = ""
-    predicted: list[int] = []
-    if at is not None:
-        predicted = [c.addr[1] for c in at.candidates if c.kind == wire.CandidateKind.PREDICTED]
-    if ct is not None:
-        predicted += [c.addr[1] for c in ct.candidates if c.kind == wire.CandidateKind.PREDICTED]
     if st is not None and verified:
-        working = f"{st.working[0]}:{st.working[1]}" if st.working else ""
-        conn_res = ct.results.get(st.session.id, {}).get("own") if ct is not None else None
-        conn_kind = conn_res.success.kind if conn_res is not None and conn_res.success is not None else None
-        if st.working_kind == wire.CandidateKind.HOST and st.peer_nat != wire.NatKind.NONE:
-            outcome = "direct_lan"  # a private host address of a peer behind a NAT: same LAN
-        elif wire.CandidateKind.PREDICTED in (st.working_kind, conn_kind):
-            outcome = "direct_predicted"
-        else:
-            outcome = "direct_wan"
+        outcome = _direct_kind(st, ct)
     elif relay.received > 0:
-        outcome = "relay"
+        outcome = Outcome.RELAY
         if st is not None and st.path.verified_at is not None and not verified:
             off = "with the relay switched off" if side is not None and side.relay_switch else "during the proof"
             reason = (f"the direct path did not carry echoes {off} "
@@ -283,18 +305,16 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
         if direct.crossed:
             reason += f" ({direct.crossed} echoes sent on the direct path were answered over the relay)"
     else:
+        outcome = Outcome.FAILED
         reason = error or "no echo came back over any path"
-    if error and outcome != "failed":
+    if error and outcome != Outcome.FAILED:
         reason = f"{reason}; error after connecting: {error}" if reason else f"error after connecting: {error}"
-    ttfb = (relay.first_reply_at - t0) * 1000 if t0 is not None and relay.first_reply_at else None
-    ttd = (direct.first_reply_at - t0) * 1000 if t0 is not None and direct.first_reply_at and is_direct(outcome) else None
-    sess = st.session if st is not None else None
-    agent_nat_detected = at.detection.kind.name if at is not None else "UNKNOWN"
-    if ct is not None:
-        conn_nat_detected, conn_candidates = ct.detection.kind.name, [_fmt(c) for c in ct.candidates]
-    else:  # the Connector runs elsewhere: what its offer told the Agent
-        conn_nat_detected = st.peer_nat.name if st is not None else "UNKNOWN"
-        conn_candidates = [_fmt(c) for c in st.peer_candidates] if st is not None else []
+    return outcome, reason
+
+
+def _proof(side: AgentSide | None, measure: dict[str, Any], probe: EchoProbe) -> str:
+    """How the direct path was proven, for `measured_with`."""
+    relay, direct = probe.paths[Path.RELAY], probe.paths[Path.DIRECT]
     vs, vr, vx = measure["verify_sent"], measure["verify_received"], measure.get("verify_crossed", 0)
     if side is not None and side.relay_switch:
         proof = (f"proof: relay switched off for the session at the Intermediate, {vr} of {vs} echoes sent on "
@@ -302,41 +322,89 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
     else:
         proof = (f"proof (the relay stayed on, as in the field): {vr} of {vs} echoes sent on the direct QUIC "
                  f"connection came back over it, {vx} over the relay instead")
-    proof += (f"; replies counted by the path they arrived on ({direct.crossed} sent direct came back over the "
-              f"relay, {relay.crossed} sent over the relay came back direct)")
+    return proof + (f"; replies counted by the path they arrived on ({direct.crossed} sent direct came back over "
+                    f"the relay, {relay.crossed} sent over the relay came back direct)")
+
+
+def _candidates(side: AgentSide | None, ct: ConnectorTraversal | None) -> dict[str, Any]:
+    """Both sides' detected NATs, candidates, predicted ports and probe counts. Without `ct` the
+    Connector runs elsewhere: its side is what its offer told the Agent."""
+    st = side.st if side is not None else None
+    at = side.at if side is not None else None
+    predicted: list[int] = []
+    if at is not None:
+        predicted = [c.addr[1] for c in at.candidates if c.kind == wire.CandidateKind.PREDICTED]
+    if ct is not None:
+        predicted += [c.addr[1] for c in ct.candidates if c.kind == wire.CandidateKind.PREDICTED]
+    if ct is not None:
+        conn_nat_detected, conn_candidates = ct.detection.kind.name, [_fmt(c) for c in ct.candidates]
+    else:
+        conn_nat_detected = st.peer_nat.name if st is not None else "UNKNOWN"
+        conn_candidates = [_fmt(c) for c in st.peer_candidates] if st is not None else []
     conn_probes = 0
-    if ct is not None and sess is not None:
-        own = ct.results.get(sess.id, {}).get("own")
+    if ct is not None and st is not None:
+        own = ct.results.get(st.session.id, {}).get("own")
         conn_probes = own.probes_sent if own is not None else 0
-    return TrialResult(
-        trial_id=spec.trial_id, campaign_id=spec.campaign_id, backend=spec.backend, scenario=spec.scenario,
-        agent_nat=spec.agent_nat, connector_nat=spec.connector_nat, profile=spec.profile, seed=spec.seed,
-        qlab_version=__version__, started_at=started, duration_s=round(duration, 4), expected=expected,
-        outcome=outcome, reason=reason,
-        as_expected=judge(expected, outcome, spec.scenario, spec.birthday > 0, lan_nat=spec.agent_nat),
-        direct_verified=verified, agent_nat_detected=agent_nat_detected, connector_nat_detected=conn_nat_detected,
+    return dict(
+        agent_nat_detected=at.detection.kind.name if at is not None else "UNKNOWN",
+        connector_nat_detected=conn_nat_detected,
         agent_candidates=[_fmt(c) for c in at.candidates] if at is not None else [],
         connector_candidates=conn_candidates,
         agent_probes=st.probes_sent if st is not None else 0, connector_probes=conn_probes,
-        predicted_ports=predicted, working_pair=working,
-        punch_ms=round(st.punch_ms, 3) if st is not None and st.punch_ms is not None else None,
+        predicted_ports=predicted,
+    )
+
+
+def _path_fields(probe: EchoProbe, st: SessionTraversal | None, t0: float | None, outcome: Outcome) -> dict[str, Any]:
+    """Per-path timings, RTTs, byte and echo counts."""
+    relay, direct = probe.paths[Path.RELAY], probe.paths[Path.DIRECT]
+    rs, ds = relay.summary(), direct.summary()
+    ttfb = (relay.first_reply_at - t0) * 1000 if t0 is not None and relay.first_reply_at else None
+    ttd = (direct.first_reply_at - t0) * 1000 if t0 is not None and direct.first_reply_at and is_direct(outcome) else None
+    sess = st.session if st is not None else None
+    return dict(
         ttfb_ms=_r(ttfb), ttd_ms=_r(ttd),
         rtt_relay_p50_ms=rs["p50_ms"], rtt_relay_p95_ms=rs["p95_ms"], rtt_relay_loss=rs["loss"], rtt_relay_n=rs["n"],
         rtt_direct_p50_ms=ds["p50_ms"], rtt_direct_p95_ms=ds["p95_ms"], rtt_direct_loss=ds["loss"], rtt_direct_n=ds["n"],
         relay_bytes_out=sess.bytes["relay_out"] if sess else 0, relay_bytes_in=sess.bytes["relay_in"] if sess else 0,
         direct_bytes_out=sess.bytes["direct_out"] if sess else 0, direct_bytes_in=sess.bytes["direct_in"] if sess else 0,
+        rtt_relay_sent=relay.sent, rtt_relay_received=relay.received,
+        rtt_direct_sent=direct.sent, rtt_direct_received=direct.received,
+        echo_direct_answered_on_relay=direct.crossed, echo_relay_answered_on_direct=relay.crossed,
+    )
+
+
+def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duration: float, error: str, *,
+                ct: ConnectorTraversal | None = None, expected: str | None = None,
+                measured_where: str = "") -> TrialResult:
+    """The trial's record from what the Agent side saw (and the Connector side, when it ran here)."""
+    st = side.st if side is not None else None
+    probe = side.probe if side is not None else EchoProbe(time.monotonic, spec.echo_size)
+    measure = side.measure if side is not None else _nothing_measured()
+    if expected is None:
+        expected = expected_outcome(spec.agent_nat, spec.connector_nat)
+    verified = _verified(measure, probe.paths[Path.DIRECT])
+    outcome, reason = _outcome(side, ct, probe, measure, verified, error)
+    working = f"{st.working[0]}:{st.working[1]}" if st is not None and verified and st.working else ""
+    return TrialResult(
+        trial_id=spec.trial_id, campaign_id=spec.campaign_id, backend=spec.backend, scenario=spec.scenario,
+        agent_nat=spec.agent_nat, connector_nat=spec.connector_nat, profile=spec.profile, seed=spec.seed,
+        qlab_version=__version__, started_at=started, duration_s=round(duration, 4), expected=expected,
+        outcome=outcome.value, reason=reason,
+        as_expected=judge(expected, outcome, spec.scenario, spec.birthday > 0, lan_nat=spec.agent_nat),
+        direct_verified=verified, working_pair=working,
+        punch_ms=round(st.punch_ms, 3) if st is not None and st.punch_ms is not None else None,
         verify_sent=measure["verify_sent"], verify_received=measure["verify_received"],
         failover_ms=_r(measure["failover_ms"]), echo_gap_ms=_r(measure["echo_gap_ms"]),
         path_events=st.path.events if st is not None else [],
         measured_with=(f"echo probe, {spec.echo_size} B payload through the Connector to a UDP echo app, "
                        f"{spec.samples} samples per path interleaved every {spec.echo_interval * 1000:g} ms, "
-                       f"backend {spec.backend}, profile {spec.profile}{measured_where}; {proof}"),
+                       f"backend {spec.backend}, profile {spec.profile}{measured_where}; "
+                       f"{_proof(side, measure, probe)}"),
         error=error,
         extra={"fault": measure["fault"]} if "fault" in measure else {},
-        rtt_relay_sent=relay.sent, rtt_relay_received=relay.received,
-        rtt_direct_sent=direct.sent, rtt_direct_received=direct.received,
-        echo_direct_answered_on_relay=direct.crossed, echo_relay_answered_on_direct=relay.crossed,
         punch=punch_state(st.path.events if st is not None else []).value,
+        **_candidates(side, ct), **_path_fields(probe, st, side.t0 if side is not None else None, outcome),
     )
 
 
@@ -348,7 +416,7 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def off_loop(fn, *args, **kw):
+def off_loop(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     """Run `fn` here, or on a worker thread when this thread already runs an event loop (a Jupyter
     kernel does): every backend runs its own loop."""
     try:

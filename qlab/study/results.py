@@ -25,7 +25,6 @@ from qlab.experiment.record import ADDED_FIELDS, OUTCOMES, TrialResult
 RESULTS_DIR = Path(os.environ.get("QLAB_RESULTS", "results"))
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 JSON_COLUMNS = ("agent_candidates", "connector_candidates", "predicted_ports", "path_events", "extra")
-SCHEMA: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(TrialResult)}
 REQUIRED = [f.name for f in dataclasses.fields(TrialResult) if f.name not in ADDED_FIELDS]
 
 
