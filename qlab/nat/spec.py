@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
+from typing import Any
 
 
 class Mapping(StrEnum):
@@ -84,7 +85,7 @@ class NatSpec:
     def with_timeout(self, seconds: float) -> NatSpec:
         return replace(self, binding_timeout=seconds)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("mapping", "filtering", "ports", "refresh", "sequential_scope"):
             d[k] = d[k].value
