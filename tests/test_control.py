@@ -113,7 +113,8 @@ def test_liveness_pings_once_per_interval_with_fresh_nonces():
 
 
 def test_liveness_nonce_wraps_at_32_bits():
-    live = Liveness(interval=1.0, dead_after=3.0, _nonce=0xFFFFFFFF)
+    live = Liveness(interval=1.0, dead_after=3.0)
+    live._nonce = 0xFFFFFFFF
     assert live.ping(0.0) == wire.Ping(0)
 
 
@@ -152,3 +153,14 @@ def test_backoff_reset_starts_over():
 def test_backoff_rejects_nonsense(first, cap, factor, jitter):
     with pytest.raises(ValueError):
         Backoff(first, cap, factor=factor, jitter=jitter)
+
+
+def test_backoff_without_an_rng_draws_from_the_process_random_as_the_link_always_did():
+    random.seed(11)
+    old, delay = [], 0.2
+    for _ in range(8):
+        old.append(delay * random.uniform(0.8, 1.2))
+        delay = min(delay * 2, 30.0)
+    random.seed(11)
+    b = Backoff(0.2, 30.0)
+    assert [b.next() for _ in range(8)] == old

@@ -75,14 +75,14 @@ class ControlClient:
 
     role: wire.Role
     name: str
-    secret: bytes
+    secret: bytes = field(repr=False)
     client_id: int | None = None
     max_relay_payload: int = 0
     observed: Addr | None = None
     observed_history: list[Addr] = field(default_factory=list)
-    _next_req: int = 1
-    _pending: set[int] = field(default_factory=set)
-    _outbox: list[wire.Message] = field(default_factory=list)
+    _next_req: int = field(default=1, init=False, repr=False)
+    _pending: set[int] = field(default_factory=set, init=False, repr=False)
+    _outbox: list[wire.Message] = field(default_factory=list, init=False, repr=False)
 
     def hello(self) -> wire.Hello:
         """The first message on a new connection: version, role, name and the secret's tag."""
@@ -144,7 +144,7 @@ class Liveness:
     dead_after: float
     last_rx: float = 0.0
     last_ping: float | None = None
-    _nonce: int = 0
+    _nonce: int = field(default=0, init=False, repr=False)
 
     def heard(self, now: float) -> None:
         self.last_rx = now
