@@ -150,6 +150,7 @@ async def test_malformed_and_oversized_input_is_refused_and_others_keep_working(
     from qlab.endpoint import Endpoint, Handler
     from qlab.net import RealNet
     from qlab.roles.agent import Agent
+    from qlab.roles.events import ControlReceived
 
     addr = ("127.0.0.1", deployment.port)
     errors_before = deployment.metric("errors_total")
@@ -199,8 +200,8 @@ async def test_malformed_and_oversized_input_is_refused_and_others_keep_working(
     await asyncio.wait_for(big.link._welcome, 5)
     session = await big.open_session("echo")
     got_error = asyncio.get_running_loop().create_future()
-    big.message_hooks.append(lambda m: isinstance(m, wire.SessionError) and not got_error.done() and
-                             (got_error.set_result(m) or True))
+    big.subscribe(lambda e: isinstance(e, ControlReceived) and isinstance(e.msg, wire.SessionError)
+                  and not got_error.done() and (got_error.set_result(e.msg) or True))
     session.relay_max_payload = 1400  # pretend we did not read the limit we were given
     assert big.link.conn.max_app_payload > 1310
     session.send(b"x" * 1400)

@@ -14,6 +14,7 @@ from qlab.net import RealNet
 from qlab.roles.agent import Agent, ping
 from qlab.roles.connector import Connector
 from qlab.roles.echo import EchoServer
+from qlab.roles.events import ControlReceived
 from qlab.roles.intermediate import Intermediate
 from qlab.roles.link import Refused
 from qlab.roles.policy import AccessPolicy
@@ -67,7 +68,7 @@ async def lab(creds):
 
 def collect(agent, kind):
     got = []
-    agent.message_hooks.append(lambda m: isinstance(m, kind) and (got.append(m) or True))
+    agent.subscribe(lambda e: isinstance(e, ControlReceived) and isinstance(e.msg, kind) and (got.append(e.msg) or True))
     return got
 
 

@@ -79,7 +79,7 @@ def cmd_intermediate(args: argparse.Namespace) -> int:
 def cmd_connector(args: argparse.Namespace) -> int:
     from qlab.net import RealNet
     from qlab.roles.connector import Connector
-    from qlab.traversal.session import ConnectorTraversal
+    from qlab.traversal.connector_side import ConnectorTraversal
 
     creds = _creds(args)
 

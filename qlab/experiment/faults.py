@@ -21,7 +21,9 @@ from qlab.roles.connector import Connector
 from qlab.roles.echo import EchoProbe
 from qlab.roles.intermediate import Intermediate
 from qlab.scenario.topology import CONNECTOR_PORT
-from qlab.traversal.session import ConnectorTraversal, SessionTraversal, TraversalConfig
+from qlab.traversal.agent_side import SessionTraversal
+from qlab.traversal.connector_side import ConnectorTraversal
+from qlab.traversal.path import TraversalConfig
 from qlab.wire import Path
 
 

@@ -38,13 +38,15 @@ from qlab.experiment.record import (
 from qlab.experiment.replies import drain
 from qlab.nat.spec import expected_outcome
 from qlab.net import Net
-from qlab.roles.agent import Agent
+from qlab.roles.agent import Agent, DirectHandshake
 from qlab.roles.connector import Connector
 from qlab.roles.echo import EchoProbe, EchoServer, PathStats
 from qlab.roles.intermediate import Intermediate
 from qlab.scenario.topology import CONNECTOR_PORT, INTERMEDIATE_ALT_PORT, INTERMEDIATE_PORT, build
+from qlab.traversal.agent_side import AgentTraversal, SessionTraversal
+from qlab.traversal.connector_side import ConnectorTraversal
+from qlab.traversal.path import TraversalConfig
 from qlab.traversal.punch import PunchConfig
-from qlab.traversal.session import AgentTraversal, ConnectorTraversal, SessionTraversal, TraversalConfig
 from qlab.wire import Path
 
 log = logging.getLogger("qlab.experiment.trial")
@@ -135,14 +137,14 @@ class AgentSide:
         self.t0 = self.loop.time()
         st = self.st = self.at.begin(self.service)
         st.session.on_payload = probe.receive
-        probe.on_reply = lambda path, rtt, seq: st.path.observe_rtt(path, rtt)
+        probe.on_reply = lambda path, rtt, seq: st.observe_rtt(Path(path), rtt)
 
         def first_direct_echo(s: Any, conn: Any) -> None:
             payload = probe.make(Path.DIRECT)
             if s.send(payload, Path.DIRECT) is None:
                 probe.unsend(payload)
 
-        self.at.direct_handshake_hooks.append(first_direct_echo)
+        self.agent.subscribe(lambda e: isinstance(e, DirectHandshake) and first_direct_echo(e.session, e.conn))
 
     async def _settle(self) -> None:
         """Echoes on the active path until the direct path is verified or the punch settled."""
@@ -277,7 +279,7 @@ def _verified(measure: dict[str, Any], direct: PathStats) -> bool:
 
 def _direct_kind(st: SessionTraversal, ct: ConnectorTraversal | None) -> Outcome:
     """Which direct outcome a verified session's working pair makes."""
-    conn_res = ct.results.get(st.session.id, {}).get("own") if ct is not None else None
+    conn_res = ct.result(st.session.id) if ct is not None else None
     conn_kind = conn_res.success.kind if conn_res is not None and conn_res.success is not None else None
     if st.working_kind == wire.CandidateKind.HOST and st.peer_nat != wire.NatKind.NONE:
         return Outcome.DIRECT_LAN  # a private host address of a peer behind a NAT: same LAN
@@ -343,7 +345,7 @@ def _candidates(side: AgentSide | None, ct: ConnectorTraversal | None) -> dict[s
         conn_candidates = [_fmt(c) for c in st.peer_candidates] if st is not None else []
     conn_probes = 0
     if ct is not None and st is not None:
-        own = ct.results.get(st.session.id, {}).get("own")
+        own = ct.result(st.session.id)
         conn_probes = own.probes_sent if own is not None else 0
     return dict(
         agent_nat_detected=at.detection.kind.name if at is not None else "UNKNOWN",

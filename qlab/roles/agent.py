@@ -11,16 +11,55 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from qlab import wire
 from qlab.certs import Credentials
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
 from qlab.net import Addr, Net
 from qlab.roles.echo import EchoProbe
+from qlab.roles.events import ControlReceived, EventHandler, LinkUp, Observers, RawReceived
 from qlab.roles.link import IntermediateLink, Refused
 from qlab.roles.tasks import Tasks
+from qlab.wire import Path
 
 log = logging.getLogger("qlab.roles.agent")
+
+
+# -- events (see qlab.roles.events) --------------------------------------------------------------
+@dataclass(frozen=True)
+class DirectHandshake:
+    """The direct connection of `session` finished its handshake and the DirectHello is queued:
+    datagrams sent now ride the same flight (the Connector holds them until the hello is verified)."""
+
+    session: AgentSession
+    conn: Connection
+
+
+@dataclass(frozen=True)
+class DirectLost:
+    """The direct connection of `session` closed; its traffic is back on the relay."""
+
+    session: AgentSession
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionReopened:
+    """An interrupted session is open again: a Connector is back."""
+
+    session: AgentSession
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """The session is closed for good; whatever was kept for it can go."""
+
+    session: AgentSession
+    reason: str
+
+
+AgentEvent = ControlReceived | RawReceived | LinkUp | DirectHandshake | DirectLost | SessionReopened | SessionEnded
 
 
 class AgentSession:
@@ -36,13 +75,12 @@ class AgentSession:
         self.relay_max_payload = agent.link.max_relay_payload
         self.opened: asyncio.Future = asyncio.get_running_loop().create_future()
         self.direct: Connection | None = None
-        self.active_path = "relay"
+        self.active_path = Path.RELAY
         self.on_payload: Callable[[bytes, str], None] = lambda payload, path: None
         self.counters = {"relay_out": 0, "relay_in": 0, "direct_out": 0, "direct_in": 0}
         self.bytes = {"relay_out": 0, "relay_in": 0, "direct_out": 0, "direct_in": 0}
         self.closed: str | None = None
-        self.punch: object | None = None  # traversal state, when punching
-        self.path: object | None = None  # the path manager, when one runs
+        self.last_direct_rx = 0.0  # loop time anything last came back over the direct path
         self.reopened = 0
         self.interrupted: str | None = None  # the Connector left; being re-opened
 
@@ -55,9 +93,9 @@ class AgentSession:
         await asyncio.wait_for(asyncio.shield(self.opened), timeout)
         return self
 
-    def limit(self, path: str) -> int | None:
+    def limit(self, path: Path) -> int | None:
         """Largest application payload `path` carries now, or None while that path is down."""
-        if path == "direct":
+        if path == Path.DIRECT:
             d = self.direct
             return d.max_app_payload if d is not None and not d.closed and d.established else None
         conn = self.agent.link.conn
@@ -68,10 +106,10 @@ class AgentSession:
     @property
     def max_payload(self) -> int:
         """Largest application payload every path that is up carries (0 when none is)."""
-        limits = [x for x in (self.limit("relay"), self.limit("direct")) if x is not None]
+        limits = [x for x in (self.limit(Path.RELAY), self.limit(Path.DIRECT)) if x is not None]
         return min(limits) if limits else 0
 
-    def send(self, payload: bytes, path: str | None = None) -> str | None:
+    def send(self, payload: bytes, path: Path | None = None) -> Path | None:
         """Send one application payload over `path` (default: the active one). Returns the path
         used, or None when that path is down or its queue is full. Raises DatagramTooLarge for a
         payload larger than the path carries."""
@@ -82,7 +120,7 @@ class AgentSession:
         if len(payload) > limit:
             raise DatagramTooLarge(f"payload of {len(payload)} bytes exceeds the session limit of {limit}")
         data = wire.encode_app(self.id, payload)
-        conn = self.direct if path == "direct" else self.agent.link.conn
+        conn = self.direct if path == Path.DIRECT else self.agent.link.conn
         if conn is None or not conn.send_datagram(data):
             return None
         self.counters[f"{path}_out"] += 1
@@ -90,20 +128,18 @@ class AgentSession:
         return path
 
     def on_direct_pong(self, nonce: int) -> None:
-        if self.path is not None:
-            self.path.on_rx("direct")  # type: ignore[attr-defined]
+        self.last_direct_rx = asyncio.get_running_loop().time()
 
     def on_direct_lost(self, reason: str) -> None:
-        """The direct connection is gone: traffic goes to the relay (the path manager is told)."""
-        self.active_path = "relay"
-        if self.path is not None:
-            self.path.lost(reason)  # type: ignore[attr-defined]
+        """The direct connection is gone: traffic goes to the relay (observers are told)."""
+        self.active_path = Path.RELAY
+        self.agent.events.emit(DirectLost(self, reason))
 
-    def deliver(self, payload: bytes, path: str) -> None:
+    def deliver(self, payload: bytes, path: Path) -> None:
         self.counters[f"{path}_in"] += 1
         self.bytes[f"{path}_in"] += len(payload)
-        if self.path is not None:
-            self.path.on_rx(path)  # type: ignore[attr-defined]
+        if path == Path.DIRECT:
+            self.last_direct_rx = asyncio.get_running_loop().time()
         self.on_payload(payload, path)
 
 
@@ -124,18 +160,21 @@ class Agent:
         self.host = host
         self.port = port
         self.sessions: dict[int, AgentSession] = {}
+        self.events: Observers[AgentEvent] = Observers()
         self.endpoint = Endpoint(net, raw_handler=self._on_raw)
         self.link = IntermediateLink(
             self.endpoint, intermediate, creds, wire.Role.AGENT, name,
-            on_message=self._on_message, on_datagram=self._on_relay,
+            on_message=self._on_message, on_up=self._on_up, on_datagram=self._on_relay,
         )
-        self.raw_hooks: list[Callable[[bytes, Addr], bool]] = []
-        self.message_hooks: list[Callable[[wire.Message], bool]] = []
         self.tasks = Tasks()
         self.link.on_reply = self._on_reply
-        self.link.on_up = self._on_up
-        self.reopen_offer: tuple = (wire.NatKind.UNKNOWN, ())  # set by the traversal layer
+        # the offer a re-opened session carries (the traversal layer sets it once it knows the NAT)
+        self.reopen_offer: tuple[wire.NatKind, tuple[wire.Candidate, ...]] = (wire.NatKind.UNKNOWN, ())
         self.reopen_after_peer_loss = True
+
+    def subscribe(self, handler: EventHandler[AgentEvent]) -> Callable[[], None]:
+        """Observe this Agent's events (`AgentEvent`); returns the call that unsubscribes."""
+        return self.events.subscribe(handler)
 
     def _on_reply(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.SessionOpened) and msg.session in self.sessions:
@@ -160,6 +199,7 @@ class Agent:
         for s in list(self.sessions.values()):
             if s.opened.done() and not s.opened.cancelled() and not s.opened.exception():
                 self.tasks.spawn(self._reopen(s))
+        self.events.emit(LinkUp())
 
     async def _reopen_until_back(self, s: AgentSession, give_up_after: float = 60.0) -> None:
         loop = asyncio.get_running_loop()
@@ -169,13 +209,13 @@ class Agent:
             await asyncio.sleep(delay)
             if await self._reopen(s):
                 s.interrupted = None
-                if s.path is not None:
-                    s.path.event("session_reopened", "the Connector is back")  # type: ignore[attr-defined]
+                self.events.emit(SessionReopened(s))
                 return
             delay = min(delay * 2, 5.0)
         if s.interrupted:
             s.closed = s.interrupted
             self.sessions.pop(s.id, None)
+            self.events.emit(SessionEnded(s, s.closed))
 
     async def _reopen(self, s: AgentSession) -> bool:
         msg = wire.OpenSession(self.link.next_req(), s.id, s.service, *self.reopen_offer)
@@ -211,6 +251,7 @@ class Agent:
             except BaseException as exc:
                 self.sessions.pop(sid, None)
                 s.closed = str(exc)
+                self.events.emit(SessionEnded(s, s.closed))
                 if not s.opened.done():
                     s.opened.set_exception(exc)
                     s.opened.exception()
@@ -232,14 +273,11 @@ class Agent:
             raise
 
     async def connect_direct(
-        self, session: AgentSession, addr: Addr, timeout: float = 3.0,
-        on_handshake: Callable[[Connection], None] | None = None,
-        endpoint: Endpoint | None = None,
+        self, session: AgentSession, addr: Addr, timeout: float = 3.0, endpoint: Endpoint | None = None,
     ) -> Connection:
         """Open the direct QUIC connection to the Connector at `addr` from the shared socket and
         prove the session key; the session's `direct` path is set once the Connector accepts.
-        `on_handshake` runs right after the DirectHello is queued (datagrams sent then ride the
-        same flight; the Connector holds them until the hello is verified)."""
+        `DirectHandshake` is emitted right after the DirectHello is queued."""
         from qlab.certs import CONNECTOR_NAME
 
         loop = asyncio.get_running_loop()
@@ -253,8 +291,7 @@ class Agent:
                 assert session.key is not None, "the session is not open yet"
                 conn.send_control(wire.DirectHello(session.id, wire.direct_auth(session.key, session.id)))
                 session.direct = conn
-                if on_handshake is not None:
-                    on_handshake(conn)
+                self.events.emit(DirectHandshake(session, conn))
                 await accepted
         except BaseException:
             if session.direct is conn:
@@ -278,12 +315,11 @@ class Agent:
             return
         s = self.sessions.get(sid)
         if s is not None:
-            s.deliver(payload, "relay")
+            s.deliver(payload, Path.RELAY)
 
     def _on_message(self, msg: wire.Message) -> None:
-        for hook in self.message_hooks:
-            if hook(msg):
-                return
+        if self.events.offer(ControlReceived(msg)):
+            return
         if isinstance(msg, wire.SessionClosed):
             s = self.sessions.get(msg.session)
             if s is None:
@@ -298,13 +334,12 @@ class Agent:
             self.sessions.pop(msg.session, None)
             s.closed = reason
             log.warning("session %08x closed: %s", s.id, s.closed)
+            self.events.emit(SessionEnded(s, reason))
         elif isinstance(msg, wire.SessionError):
             log.warning("session %08x error: %s %s", msg.session, msg.code.name, msg.message)
 
     def _on_raw(self, data: bytes, addr: Addr) -> None:
-        for hook in self.raw_hooks:
-            if hook(data, addr):
-                return
+        self.events.offer(RawReceived(data, addr))
 
 
 class _DirectClient(Handler):
@@ -331,7 +366,7 @@ class _DirectClient(Handler):
         except wire.WireError:
             return
         if sid == self.session.id:
-            self.session.deliver(payload, "direct")
+            self.session.deliver(payload, Path.DIRECT)
 
     def on_closed(self, conn: Connection, reason: str) -> None:
         if not self.accepted.done():

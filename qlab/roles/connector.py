@@ -18,9 +18,11 @@ from qlab import wire
 from qlab.certs import Credentials
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler, HeldDatagrams
 from qlab.net import Addr, DatagramSocket, Net
+from qlab.roles.events import ControlReceived, EventHandler, LinkUp, Observers, RawReceived
 from qlab.roles.link import IntermediateLink, Refused
 from qlab.roles.metrics import Metrics
 from qlab.roles.tasks import Tasks
+from qlab.wire import Path
 
 log = logging.getLogger("qlab.roles.connector")
 
@@ -33,11 +35,29 @@ class ConnectorSession:
     service: str
     max_payload: int
     direct: Connection | None = None
-    app_socks: dict[str, DatagramSocket] = field(default_factory=dict)
+    app_socks: dict[Path, DatagramSocket] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"relay_in": 0, "relay_out": 0, "direct_in": 0, "direct_out": 0})
-    punch: object | None = None  # the traversal state of this session, when punching
     agent_nat: wire.NatKind = wire.NatKind.UNKNOWN
     agent_candidates: tuple[wire.Candidate, ...] = ()
+
+
+# -- events (see qlab.roles.events) --------------------------------------------------------------
+@dataclass(frozen=True)
+class SessionStarted:
+    """The Intermediate announced a new session (a re-opened one keeps its `ConnectorSession`)."""
+
+    session: ConnectorSession
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """The session is closed; whatever was kept for it can go."""
+
+    session: ConnectorSession
+    reason: str
+
+
+ConnectorEvent = ControlReceived | RawReceived | LinkUp | SessionStarted | SessionEnded
 
 
 class Connector:
@@ -61,6 +81,7 @@ class Connector:
         self.host = host
         self.p2p_port = p2p_port
         self.sessions: dict[int, ConnectorSession] = {}
+        self.events: Observers[ConnectorEvent] = Observers()
         self.endpoint = Endpoint(
             net,
             server_config=creds.server_config("connector"),
@@ -72,11 +93,7 @@ class Connector:
             on_message=self._on_message, on_up=self._on_up, on_datagram=self._on_relay,
         )
         self.registered = asyncio.Event()
-        self.raw_hooks: list[Callable[[bytes, Addr], bool]] = []
-        self.message_hooks: list[Callable[[wire.Message], bool]] = []
-        self.session_hooks: list[Callable[[ConnectorSession], None]] = []
         self.held = HeldDatagrams()
-        self.extra_endpoints: list[Endpoint] = []
         self.tasks = Tasks()
         self.fatal: BaseException | None = None
         self.metrics = Metrics()
@@ -85,13 +102,17 @@ class Connector:
         self.metrics.gauge("direct_sessions", lambda: sum(1 for s in self.sessions.values() if s.direct), "sessions with a direct path")
         self.failed = asyncio.Event()  # set with `fatal` when the Intermediate refuses us for good
 
-    async def new_endpoint(self) -> Endpoint:
-        """Another socket that accepts direct connections like the main one (birthday mode)."""
+    def subscribe(self, handler: EventHandler[ConnectorEvent]) -> Callable[[], None]:
+        """Observe this Connector's events (`ConnectorEvent`); returns the call that unsubscribes."""
+        return self.events.subscribe(handler)
+
+    async def new_endpoint(self, raw_handler: Callable[[bytes, Addr], None] | None = None) -> Endpoint:
+        """Another socket that accepts direct connections like the main one (birthday mode); its
+        non-QUIC datagrams go to `raw_handler` (default: this Connector's events, like the main one's)."""
         ep = Endpoint(self.net, server_config=self.endpoint.server_config,
-                      server_handler=lambda conn: _DirectConn(self, conn), raw_handler=self._on_raw)
+                      server_handler=lambda conn: _DirectConn(self, conn), raw_handler=raw_handler or self._on_raw)
         await ep.bind(self.host, 0)
-        self.extra_endpoints.append(ep)
-        return ep
+        return ep  # the caller's to close (the birthday pool closes its sockets with its session)
 
     async def start(self) -> Addr:
         addr = await self.endpoint.bind(self.host, self.p2p_port)
@@ -110,6 +131,7 @@ class Connector:
     def _on_up(self) -> None:
         self.registered.clear()
         self.tasks.spawn(self._register())
+        self.events.emit(LinkUp())
 
     async def _register(self) -> None:
         """Register the service on this connection. The reply may be slow under loss (QUIC backs off
@@ -146,16 +168,13 @@ class Connector:
         self.link.close()
         self.tasks.cancel_all()
         for s in list(self.sessions.values()):
-            self._end_session(s)
-        for ep in self.extra_endpoints:
-            ep.close()
+            self._release(s)  # no SessionEnded: what the sessions did stays readable after the close
         self.endpoint.close()
 
     # -- signaling ------------------------------------------------------------------------------
     def _on_message(self, msg: wire.Message) -> None:
-        for hook in self.message_hooks:
-            if hook(msg):
-                return
+        if self.events.offer(ControlReceived(msg)):
+            return
         if isinstance(msg, wire.SessionNew):
             old = self.sessions.get(msg.session)
             if old is not None and old.agent == msg.agent:
@@ -169,16 +188,21 @@ class Connector:
             log.info("session %08x from agent %s", msg.session, msg.agent)
             for data in self.held.take(asyncio.get_running_loop().time(), msg.session):
                 self._on_relay(data)
-            for hook in self.session_hooks:
-                hook(s)
+            if old is not None:
+                self._end_session(old, "replaced by a new session with the same id")
+            self.events.emit(SessionStarted(s))
         elif isinstance(msg, wire.SessionClosed):
-            s = self.sessions.pop(msg.session, None)
-            if s is not None:
-                self._end_session(s)
+            gone = self.sessions.pop(msg.session, None)
+            if gone is not None:
+                self._end_session(gone, f"{msg.code.name.lower()}: {msg.reason}")
         else:
             log.debug("unhandled %s", type(msg).__name__)
 
-    def _end_session(self, s: ConnectorSession) -> None:
+    def _end_session(self, s: ConnectorSession, reason: str) -> None:
+        self._release(s)
+        self.events.emit(SessionEnded(s, reason))
+
+    def _release(self, s: ConnectorSession) -> None:
         for sock in s.app_socks.values():
             sock.close()
         s.app_socks.clear()
@@ -186,9 +210,7 @@ class Connector:
             s.direct.close(reason="session closed")
 
     def _on_raw(self, data: bytes, addr: Addr) -> None:
-        for hook in self.raw_hooks:
-            if hook(data, addr):
-                return
+        self.events.offer(RawReceived(data, addr))
 
     # -- application forwarding -----------------------------------------------------------------
     def _on_relay(self, data: bytes) -> None:
@@ -201,44 +223,44 @@ class Connector:
             self.held.hold(asyncio.get_running_loop().time(), sid, data)  # SessionNew may follow in this packet
             return
         s.counters["relay_in"] += 1
-        self.metrics.inc("datagrams_in_total", path="relay")
-        self._spawn_or_send(s, "relay", payload)
+        self.metrics.inc("datagrams_in_total", path=Path.RELAY)
+        self._spawn_or_send(s, Path.RELAY, payload)
 
-    def to_app(self, s: ConnectorSession, path: str, payload: bytes) -> None:
+    def to_app(self, s: ConnectorSession, path: Path, payload: bytes) -> None:
         self._spawn_or_send(s, path, payload)
 
-    def _spawn_or_send(self, s: ConnectorSession, path: str, payload: bytes) -> None:
+    def _spawn_or_send(self, s: ConnectorSession, path: Path, payload: bytes) -> None:
         sock = s.app_socks.get(path)
         if sock is not None:
             sock.sendto(payload, self.forward)
         else:
             self.tasks.spawn(self._open_app_socket(s, path, payload))
 
-    async def _open_app_socket(self, s: ConnectorSession, path: str, first: bytes) -> None:
+    async def _open_app_socket(self, s: ConnectorSession, path: Path, first: bytes) -> None:
         if path not in s.app_socks:
             host = "::" if ":" in self.forward[0] else "0.0.0.0"
             s.app_socks[path] = await self.net.bind_udp(host, 0, lambda batch: self._from_app(s, path, batch))
         s.app_socks[path].sendto(first, self.forward)
 
-    def _from_app(self, s: ConnectorSession, path: str, batch: list[tuple[bytes, Addr]]) -> None:
+    def _from_app(self, s: ConnectorSession, path: Path, batch: list[tuple[bytes, Addr]]) -> None:
         for payload, src in batch:
             if src != self.forward:
                 continue  # only the application may answer on this socket
             self.send_to_agent(s, path, payload)
 
-    def send_to_agent(self, s: ConnectorSession, path: str, payload: bytes) -> None:
+    def send_to_agent(self, s: ConnectorSession, path: Path, payload: bytes) -> None:
         """Reply on `path`; a dead direct path falls back to the relay."""
         data = wire.encode_app(s.id, payload)
         try:
-            if path == "direct" and s.direct is not None and not s.direct.closed:
+            if path == Path.DIRECT and s.direct is not None and not s.direct.closed:
                 s.direct.send_datagram(data)
                 s.counters["direct_out"] += 1
-                self.metrics.inc("datagrams_out_total", path="direct")
+                self.metrics.inc("datagrams_out_total", path=Path.DIRECT)
                 return
             if self.link.conn is not None:
                 self.link.conn.send_datagram(data)
                 s.counters["relay_out"] += 1
-                self.metrics.inc("datagrams_out_total", path="relay")
+                self.metrics.inc("datagrams_out_total", path=Path.RELAY)
         except DatagramTooLarge as exc:
             log.warning("reply from the application dropped: %s", exc)
 
@@ -284,8 +306,8 @@ class _DirectConn(Handler):
         if sid != s.id:
             return
         s.counters["direct_in"] += 1
-        self.c.metrics.inc("datagrams_in_total", path="direct")
-        self.c.to_app(s, "direct", payload)
+        self.c.metrics.inc("datagrams_in_total", path=Path.DIRECT)
+        self.c.to_app(s, Path.DIRECT, payload)
 
     def on_closed(self, conn: Connection, reason: str) -> None:
         if self.session is not None and self.session.direct is conn:

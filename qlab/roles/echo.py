@@ -19,14 +19,15 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qlab.net import Addr, Net
+from qlab.net import Addr, DatagramSocket, Net
+from qlab.wire import Path
 
 log = logging.getLogger("qlab.roles.echo")
 
 MAGIC = b"QE"
 _HDR = struct.Struct("!2s8sIB")  # magic, nonce, seq, path
 HEADER_LEN = _HDR.size
-PATHS = ("relay", "direct")
+PATHS = (Path.RELAY, Path.DIRECT)  # the index is the byte on the wire
 
 
 class EchoServer:
@@ -34,17 +35,17 @@ class EchoServer:
 
     def __init__(self, net: Net) -> None:
         self.net = net
-        self.sock = None
+        self.sock: DatagramSocket | None = None
         self.echoed = 0
 
     async def start(self, host: str, port: int) -> Addr:
         def receiver(batch: list[tuple[bytes, Addr]]) -> None:
             for data, addr in batch:
-                self.sock.sendto(data, addr)  # type: ignore[union-attr]
+                sock.sendto(data, addr)
                 self.echoed += 1
 
-        self.sock = await self.net.bind_udp(host, port, receiver)
-        return self.sock.local_address
+        sock = self.sock = await self.net.bind_udp(host, port, receiver)
+        return sock.local_address
 
     def close(self) -> None:
         if self.sock is not None:
@@ -112,8 +113,8 @@ class EchoProbe:
         self.size = size
         self.nonce = os.urandom(8)
         self.seq = 0
-        self.outstanding: dict[int, tuple[float, str, bytes]] = {}
-        self.paths: dict[str, PathStats] = {p: PathStats() for p in PATHS}
+        self.outstanding: dict[int, tuple[float, Path, bytes]] = {}
+        self.paths: dict[Path, PathStats] = {p: PathStats() for p in PATHS}
         self.foreign = 0  # replies that are not ours (another agent's traffic would show up here)
         self.corrupt = 0  # replies whose bytes differ from what we sent
         self.duplicates = 0
@@ -123,7 +124,7 @@ class EchoProbe:
         # called as on_crossed(sent_on, via, seq) for a reply that came back over the other path
         self.on_crossed: Callable[[str, str, int], None] | None = None
 
-    def make(self, path: str, size: int | None = None) -> bytes:
+    def make(self, path: Path, size: int | None = None) -> bytes:
         """A new payload for `path`; the caller sends it and `record`s nothing else."""
         size = self.size if size is None else size
         if size < HEADER_LEN:

@@ -73,16 +73,10 @@ def lan_candidates(own: tuple[wire.Candidate, ...], peer: tuple[wire.Candidate, 
     return tuple(c for c in peer if c.kind == wire.CandidateKind.HOST and _prefix(c.addr[0]) in mine)
 
 
-def both_endpoint_dependent(a: wire.NatKind, b: wire.NatKind) -> bool:
-    hard = (wire.NatKind.EDM_RANDOM, wire.NatKind.EDM_SEQUENTIAL)
-    return a in hard and b in hard
-
-
 @dataclass
 class PunchConfig:
     interval: float = 0.02  # one round of requests to every target this often
     timeout: float = 3.0  # give up after this long without a working pair
-    linger: float = 1.0  # keep answering/probing this long after success (the peer may still need us)
     nominate_wait: float = 0.01  # after a WAN success, how long a same-LAN host pair may still win
     predict_after: float = 0.06  # predicted ports are a fallback: probed only if nothing worked by then
     spray_rate: float = 1000.0  # birthday mode: random-port probes per second (each sent once)
@@ -142,10 +136,6 @@ class Puncher:
         self.started_at = now
         self._next_round = now
         return self.poll(now)
-
-    @property
-    def done(self) -> bool:
-        return self.failed is not None or self.success is not None
 
     def next_timer(self) -> float | None:
         if self.started_at is None or self.failed is not None:
