@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qlab.roles.echo import EchoProbe
+from qlab.roles.echo import EchoCrossed, EchoProbe, EchoReplied
 
 
 def test_replies_count_on_the_path_they_arrived_by() -> None:
@@ -10,8 +10,8 @@ def test_replies_count_on_the_path_they_arrived_by() -> None:
     probe = EchoProbe(lambda: now[0])
     crossed: list[tuple[str, str, int]] = []
     samples: list[tuple[str, float]] = []
-    probe.on_crossed = lambda sent, via, seq: crossed.append((sent, via, seq))
-    probe.on_reply = lambda path, rtt, seq: samples.append((path, rtt))
+    probe.subscribe(lambda e: isinstance(e, EchoCrossed) and crossed.append((e.sent_on, e.via, e.seq)))
+    probe.subscribe(lambda e: isinstance(e, EchoReplied) and samples.append((e.path, e.rtt)))
     d1, d2, r1 = probe.make("direct"), probe.make("direct"), probe.make("relay")
     now[0] = 0.01
     probe.receive(d1, "direct")  # sent direct, back direct: a direct sample

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from qlab.roles.echo import EchoProbe
+from qlab.roles.echo import EchoEvent, EchoProbe, EchoReplied
 from qlab.wire import Path
 
 
@@ -29,21 +29,19 @@ class Reply:
 
 @contextlib.contextmanager
 def recording(probe: EchoProbe, clock: Callable[[], float]) -> Iterator[list[Reply]]:
-    """Append every reply to the yielded list while the block runs. The probe's own hook still sees
-    each reply (it feeds the path manager's RTTs) and is put back afterwards."""
+    """Append every reply to the yielded list while the block runs (the probe's other subscribers,
+    such as the path manager's RTT feed, see each reply as before)."""
     replies: list[Reply] = []
-    prev = probe.on_reply
 
-    def on_reply(path: str, rtt: float, seq: int) -> None:
-        replies.append(Reply(clock(), Path(path), seq))
-        if prev is not None:
-            prev(path, rtt, seq)
+    def on_event(e: EchoEvent) -> None:
+        if isinstance(e, EchoReplied):
+            replies.append(Reply(clock(), e.path, e.seq))
 
-    probe.on_reply = on_reply
+    unsubscribe = probe.subscribe(on_event)
     try:
         yield replies
     finally:
-        probe.on_reply = prev
+        unsubscribe()
 
 
 async def drain(probe: EchoProbe, wait: float) -> None:

@@ -40,7 +40,7 @@ from qlab.nat.spec import expected_outcome
 from qlab.net import Net
 from qlab.roles.agent import Agent, DirectHandshake
 from qlab.roles.connector import Connector
-from qlab.roles.echo import EchoProbe, EchoServer, PathStats
+from qlab.roles.echo import EchoProbe, EchoReplied, EchoServer, PathStats
 from qlab.roles.intermediate import Intermediate
 from qlab.scenario.topology import CONNECTOR_PORT, INTERMEDIATE_ALT_PORT, INTERMEDIATE_PORT, build
 from qlab.traversal.agent_side import AgentTraversal, SessionTraversal
@@ -137,7 +137,7 @@ class AgentSide:
         self.t0 = self.loop.time()
         st = self.st = self.at.begin(self.service)
         st.session.on_payload = probe.receive
-        probe.on_reply = lambda path, rtt, seq: st.observe_rtt(Path(path), rtt)
+        probe.subscribe(lambda e: isinstance(e, EchoReplied) and st.observe_rtt(e.path, e.rtt))
 
         def first_direct_echo(s: Any, conn: Any) -> None:
             payload = probe.make(Path.DIRECT)

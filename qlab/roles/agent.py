@@ -164,10 +164,9 @@ class Agent:
         self.endpoint = Endpoint(net, raw_handler=self._on_raw)
         self.link = IntermediateLink(
             self.endpoint, intermediate, creds, wire.Role.AGENT, name,
-            on_message=self._on_message, on_up=self._on_up, on_datagram=self._on_relay,
+            on_message=self._on_message, on_up=self._on_up, on_datagram=self._on_relay, on_reply=self._on_reply,
         )
         self.tasks = Tasks()
-        self.link.on_reply = self._on_reply
         # the offer a re-opened session carries (the traversal layer sets it once it knows the NAT)
         self.reopen_offer: tuple[wire.NatKind, tuple[wire.Candidate, ...]] = (wire.NatKind.UNKNOWN, ())
         self.reopen_after_peer_loss = True

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qlab.net import Addr, DatagramSocket, Net
+from qlab.roles.events import EventHandler, Observers
 from qlab.wire import Path
 
 log = logging.getLogger("qlab.roles.echo")
@@ -28,6 +29,27 @@ MAGIC = b"QE"
 _HDR = struct.Struct("!2s8sIB")  # magic, nonce, seq, path
 HEADER_LEN = _HDR.size
 PATHS = (Path.RELAY, Path.DIRECT)  # the index is the byte on the wire
+
+
+@dataclass(frozen=True)
+class EchoReplied:
+    """An echo came back over the path it was sent on, after `rtt` seconds."""
+
+    path: Path
+    rtt: float
+    seq: int
+
+
+@dataclass(frozen=True)
+class EchoCrossed:
+    """An echo sent on `sent_on` came back over the other path (`via`): no RTT sample."""
+
+    sent_on: Path
+    via: Path
+    seq: int
+
+
+EchoEvent = EchoReplied | EchoCrossed
 
 
 class EchoServer:
@@ -119,10 +141,11 @@ class EchoProbe:
         self.corrupt = 0  # replies whose bytes differ from what we sent
         self.duplicates = 0
         self.replied = asyncio.Event()
-        # called as on_reply(path, rtt, seq) for a reply that came back over the path it was sent on
-        self.on_reply: Callable[[str, float, int], None] | None = None
-        # called as on_crossed(sent_on, via, seq) for a reply that came back over the other path
-        self.on_crossed: Callable[[str, str, int], None] | None = None
+        self.events: Observers[EchoEvent] = Observers()
+
+    def subscribe(self, handler: EventHandler[EchoEvent]) -> Callable[[], None]:
+        """Observe every matched reply (`EchoEvent`); returns the call that unsubscribes."""
+        return self.events.subscribe(handler)
 
     def make(self, path: Path, size: int | None = None) -> bytes:
         """A new payload for `path`; the caller sends it and `record`s nothing else."""
@@ -167,16 +190,14 @@ class EchoProbe:
         self.replied.set()
         if via != path:  # sent on one path, answered over the other: no sample for either
             st.crossed += 1
-            if self.on_crossed is not None:
-                self.on_crossed(path, via, seq)
+            self.events.emit(EchoCrossed(path, Path(via), seq))
             return
         st.received += 1
         st.bytes_received += len(payload)
         st.rtts.append(now - sent_at)
         if st.first_reply_at is None:
             st.first_reply_at = now
-        if self.on_reply is not None:
-            self.on_reply(path, now - sent_at, seq)
+        self.events.emit(EchoReplied(path, now - sent_at, seq))
 
     async def wait_for_replies(self, wait: float) -> None:
         """Wait up to `wait` seconds for outstanding replies (float-safe on a virtual clock)."""

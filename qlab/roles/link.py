@@ -73,6 +73,7 @@ class IntermediateLink(Handler):
         on_message: Callable[[wire.Message], None] | None = None,
         on_up: Callable[[], None] | None = None,
         on_datagram: Callable[[bytes], None] | None = None,
+        on_reply: Callable[[wire.Message], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.intermediate = intermediate
@@ -83,7 +84,7 @@ class IntermediateLink(Handler):
         self.on_message = on_message or (lambda m: None)
         self.on_up = on_up
         self.on_datagram_cb = on_datagram
-        self.on_reply: Callable[[wire.Message], None] | None = None
+        self.on_reply = on_reply
         self.conn: Connection | None = None
         self.observed_changed = asyncio.Event()
         self._welcome: asyncio.Future[None] | None = None
