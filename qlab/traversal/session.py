@@ -3,9 +3,10 @@ the start of birthday mode are written once here; `qlab.traversal.agent_side` an
 `qlab.traversal.connector_side` add what only one side does (the Agent connects and manages the
 path; the Connector answers offers).
 
-A side's `PunchSession` subclass is told of the results through three methods it overrides
-(`punch_done`, `birthday_won`, `note`); the session owns everything it starts (puncher, runner,
-birthday pool, tasks) and `close()` releases all of it.
+A side's `PunchSession` subclass is told what happened through the methods it overrides
+(`punch_done`, `birthday_won`, `skip`, `note`; `answers_before_start` says whether probes are
+answered before StartPunch); the session owns everything it starts (puncher, runner, birthday
+pool, tasks) and `close()` releases all of it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from qlab import wire
+from qlab.certs import Credentials
 from qlab.endpoint import Connection, Endpoint
 from qlab.net import Addr
 from qlab.roles.link import IntermediateLink
@@ -30,7 +32,7 @@ from qlab.traversal.punch import PunchConfig, Puncher, PunchRunner, lan_candidat
 log = logging.getLogger("qlab.traversal")
 
 
-async def detect(link: IntermediateLink, endpoint: Endpoint, creds: object, name: str, host_ips: list[str],
+async def detect(link: IntermediateLink, endpoint: Endpoint, creds: Credentials, name: str, host_ips: list[str],
                  timeout: float) -> Detection:
     """Ask the Intermediate for its listeners and compare QAD answers from the shared socket."""
     observed = link.observed
@@ -41,8 +43,7 @@ async def detect(link: IntermediateLink, endpoint: Endpoint, creds: object, name
         listeners = (info.primary, info.alternate) if isinstance(info, wire.ServerInfo) else None
     except (TimeoutError, ConnectionError):
         listeners = None
-    return await detect_nat_kind(endpoint, creds, name, observed, listeners, host_ips,  # type: ignore[arg-type]
-                                 timeout=timeout)
+    return await detect_nat_kind(endpoint, creds, name, observed, listeners, host_ips, timeout=timeout)
 
 
 def peer_reflexive(candidates: tuple[wire.Candidate, ...]) -> Addr | None:
