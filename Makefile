@@ -31,6 +31,7 @@ report: $(STAMP)
 
 test: sysdeps $(STAMP)
 	$(BIN)/ruff check qlab tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -43,4 +44,4 @@ lab-clean: $(STAMP)
 	$(BIN)/qlab lab down --all
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import IntEnum, StrEnum
-from typing import Any, ClassVar, TypeVar, dataclass_transform
+from typing import Any, ClassVar, Generic, TypeVar, dataclass_transform
 
 VERSION = 1
 ALPN = "qlab/1"
@@ -136,7 +136,7 @@ class _Reader:
         self.pos += n
         return b
 
-    def unpack(self, fmt: str) -> tuple:
+    def unpack(self, fmt: str) -> tuple[Any, ...]:
         s = struct.Struct(fmt)
         return s.unpack(self.take(s.size))
 
@@ -164,7 +164,8 @@ class _Int(_Codec):
         out += self.s.pack(value)
 
     def get(self, r: _Reader) -> int:
-        return r.unpack(self.s.format)[0]
+        value: int = r.unpack(self.s.format)[0]
+        return value
 
 
 U8, U16, U32, U64 = _Int("!B"), _Int("!H"), _Int("!I"), _Int("!Q")
@@ -272,14 +273,17 @@ class _Optional(_Codec):
         return self.inner.get(r)
 
 
-class _Enum(_Codec):
-    def __init__(self, enum: type[IntEnum]) -> None:
+_E = TypeVar("_E", bound=IntEnum)
+
+
+class _Enum(_Codec, Generic[_E]):
+    def __init__(self, enum: type[_E]) -> None:
         self.enum = enum
 
-    def put(self, out: bytearray, value: IntEnum) -> None:
+    def put(self, out: bytearray, value: _E) -> None:
         U8.put(out, int(value))
 
-    def get(self, r: _Reader) -> IntEnum:
+    def get(self, r: _Reader) -> _E:
         v = r.take(1)[0]
         try:
             return self.enum(v)
@@ -652,7 +656,8 @@ def probe_session(data: bytes) -> int:
     """The session id of a probe, read before the key is known (to look the key up)."""
     if len(data) < _PROBE.size + MAC_LEN or data[0] not in (PROBE_REQUEST, PROBE_RESPONSE):
         raise WireError("not a probe")
-    return struct.unpack_from("!I", data, 2)[0]
+    session: int = struct.unpack_from("!I", data, 2)[0]
+    return session
 
 
 def decode_probe(data: bytes, key: bytes) -> Probe:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from qlab.net import RealNet, RealSocket, Receiver
 from qlab.scenario.topology import Topology
 
 T = TypeVar("T")
+Main = Callable[[], Coroutine[Any, Any, T]]  # a trial's async main, run to completion by a backend
 
 
 class Environment(Protocol):
@@ -38,14 +39,19 @@ class Environment(Protocol):
     def flush_nat(self, router: str) -> None: ...
 
 
-class Backend(Protocol):
+E = TypeVar("E", bound=Environment)
+
+
+class Backend(Protocol, Generic[E]):
+    """A backend's environments are of its own kind (E), and only those are given back to `run`."""
+
     name: str
     parallel: bool  # trials of a campaign may run in several processes
 
     @contextmanager
-    def environment(self, topology: Topology, seed: int) -> Iterator[Environment]: ...
+    def environment(self, topology: Topology, seed: int) -> Iterator[E]: ...
 
-    def run(self, env: Environment, main: Callable[[], Awaitable[T]]) -> T: ...
+    def run(self, env: E, main: Main[T]) -> T: ...
 
 
 class BackendUnavailable(RuntimeError):
@@ -95,7 +101,8 @@ class LoopbackEnvironment:
     def set_binding_timeout(self, router: str, seconds: float) -> None:
         raise BackendUnavailable("the loopback backend has no NAT")
 
-    flush_nat = block  # type: ignore[assignment]
+    def flush_nat(self, router: str) -> None:
+        raise BackendUnavailable("the loopback backend has no NAT")
 
 
 class LoopbackBackend:
@@ -111,14 +118,14 @@ class LoopbackBackend:
             raise BackendUnavailable("the loopback backend cannot add delay or loss: use sim or netns")
         yield LoopbackEnvironment(topology)
 
-    def run(self, env: LoopbackEnvironment, main: Callable[[], Awaitable[T]]) -> T:
-        return asyncio.run(main())  # type: ignore[arg-type]
+    def run(self, env: LoopbackEnvironment, main: Main[T]) -> T:
+        return asyncio.run(main())
 
 
 BACKENDS = ("sim", "netns", "loopback")
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str) -> Backend[Any]:
     if name == "loopback":
         return LoopbackBackend()
     if name == "sim":

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from qlab import __version__
 from qlab.cli import campaign as campaign_cli
@@ -28,7 +28,7 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger("quic").setLevel(logging.WARNING)
 
 
-def _run_until_signal(main: Callable[[asyncio.Event], object]) -> int:
+def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
     """Run `main(stop)`; SIGTERM and SIGINT set `stop` so the role shuts down cleanly."""
 
     async def runner() -> int:
@@ -37,7 +37,7 @@ def _run_until_signal(main: Callable[[asyncio.Event], object]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        result = await main(stop)  # type: ignore[misc]
+        result = await main(stop)
         return int(result or 0)
 
     return asyncio.run(runner())
@@ -94,8 +94,9 @@ def cmd_connector(args: argparse.Namespace) -> int:
         if args.metrics is not None:
             from qlab.roles.metrics import serve_http
 
-            http = await serve_http(*args.metrics, c.metrics, lambda: c.link.up.is_set())
-            logging.getLogger("qlab.roles.connector").info("metrics on http://%s:%d/metrics", *args.metrics)
+            host, port = args.metrics
+            http = await serve_http(host, port, c.metrics, lambda: c.link.up.is_set())
+            logging.getLogger("qlab.roles.connector").info("metrics on http://%s:%d/metrics", host, port)
         fatal = asyncio.ensure_future(c.failed.wait())
         done, _ = await asyncio.wait([fatal, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         traversal.close()

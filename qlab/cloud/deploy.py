@@ -280,7 +280,7 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
     eips = [allocate("intermediate"), allocate("intermediate-alt")]
     privs = [INTERMEDIATE_IPS[0], INTERMEDIATE_IPS[1]]
     inter = launch("intermediate", public, sgs["intermediate"], render_user_data(
-        roles=["intermediate"], intermediate_addrs=tuple(zip(privs, [e["PublicIp"] for e in eips], strict=True)),
+        roles=["intermediate"], intermediate_addrs=((privs[0], eips[0]["PublicIp"]), (privs[1], eips[1]["PublicIp"])),
         **common), ip=privs[0])
     ec2.get_waiter("instance_running").wait(InstanceIds=[inter], WaiterConfig={"Delay": 2, "MaxAttempts": 90})
     eni = ec2.describe_instances(InstanceIds=[inter])["Reservations"][0]["Instances"][0]["NetworkInterfaces"][0]

@@ -17,9 +17,13 @@ import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlab.cloud.userdata import READY
 from qlab.study.results import CampaignStore, campaign_dir, check_id, validate_record
+
+if TYPE_CHECKING:
+    from qlab.cloud.deploy import Cloud
 
 MANAGED = "aws_nat_gateway"
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -215,7 +219,7 @@ def regional_specs(spec, regions: list[str]) -> list:
     return [dataclasses.replace(spec, region=r, deployment_id=f"{spec.deployment_id}-{r}") for r in regions]
 
 
-def up_regions(spec, regions: list[str], cloud_for: Callable[[str], object], *, certs_dir: str, wheel: str) -> list[dict]:
+def up_regions(spec, regions: list[str], cloud_for: Callable[[str], Cloud], *, certs_dir: str, wheel: str) -> list[dict]:
     """`up` in every region in parallel; if any region fails, every region is taken down again."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -234,7 +238,7 @@ def up_regions(spec, regions: list[str], cloud_for: Callable[[str], object], *, 
     return [f.result() for f in futures]
 
 
-def run_regions(deployment_ids: list[str], cloud_for: Callable[[str], object], *, campaign_id: str, trials: int,
+def run_regions(deployment_ids: list[str], cloud_for: Callable[[str], Cloud], *, campaign_id: str, trials: int,
                 samples: int = 20, root: Path | str | None = None, timeout: float = 3600, poll: float = 10,
                 on_progress: Callable[[dict], None] | None = None) -> dict:
     """One campaign over several deployments (regions): started everywhere, followed in parallel,

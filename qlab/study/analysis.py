@@ -46,7 +46,7 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
         rd, rr = g["rtt_direct_p50_ms"].median(), g["rtt_relay_p50_ms"].median()
         rows.append({
             "backend": backend, "agent_nat": a, "connector_nat": c, "n": n,
-            "expected": expected_or_unknown(a, c),
+            "expected": expected_or_unknown(str(a), str(c)),
             "as_expected_rate": float(g["as_expected"].mean()),
             "direct_rate": direct / n, "direct_ci_low": lo, "direct_ci_high": hi,
             "fallback_rate": relay / n, "fallback_ci_low": flo, "fallback_ci_high": fhi,
@@ -66,7 +66,7 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
 def _top_reason(g: pd.DataFrame) -> str:
     reasons = g.loc[~g["outcome"].isin(DIRECT), "reason"].dropna()
     reasons = reasons[reasons != ""]
-    return reasons.mode().iat[0] if len(reasons) else ""
+    return str(reasons.mode().iat[0]) if len(reasons) else ""
 
 
 def matrix(summary: pd.DataFrame, value: str, backend: str | None = None) -> pd.DataFrame:
@@ -93,4 +93,4 @@ def describe(df: pd.DataFrame) -> str:
     profiles = ", ".join(sorted(df["profile"].unique()))
     how = df["measured_with"].dropna()
     return (f"{len(df)} trials on backend {backends}, profile {profiles}; "
-            f"{how.iat[0] if len(how) else 'echo probe'}")
+            f"{str(how.iat[0]) if len(how) else 'echo probe'}")

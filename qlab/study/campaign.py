@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qlab import __version__
 from qlab.certs import default_certs
@@ -113,7 +114,7 @@ def _run_one(spec: TrialSpec, certs: str) -> dict:
 
 
 def failed_record(spec: TrialSpec, exc: BaseException) -> dict:
-    rec = {f: None for f in TrialResult.__dataclass_fields__}
+    rec: dict[str, Any] = {f: None for f in TrialResult.__dataclass_fields__}
     rec.update(
         trial_id=spec.trial_id, campaign_id=spec.campaign_id, backend=spec.backend, scenario=spec.scenario,
         agent_nat=spec.agent_nat, connector_nat=spec.connector_nat, profile=spec.profile, seed=spec.seed,

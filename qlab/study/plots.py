@@ -86,15 +86,16 @@ def heatmap(summary: pd.DataFrame, value: str, title: str, *, backend: str | Non
     decided = matrix(summary.assign(decided=summary["decided"].astype(float)), "decided", backend) \
         if "decided" in summary else None
     ax = ax or plt.subplots(figsize=(8, 6.5))[1]
-    im = ax.imshow(m.to_numpy(dtype=float), cmap=cmap, vmin=vmin, vmax=vmax)
+    values = m.to_numpy(dtype=float)
+    ok_values = ok.reindex(index=m.index, columns=m.columns).to_numpy(dtype=float)  # NaN where ok has no cell
+    im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(m.columns)), m.columns, rotation=35, ha="right")
     ax.set_yticks(range(len(m.index)), m.index)
     ax.set_xlabel("Connector NAT")
     ax.set_ylabel("Agent NAT")
     for i, a in enumerate(m.index):
         for j, c in enumerate(m.columns):
-            v = m.iat[i, j]
-            good = ok.loc[a, c] if (a in ok.index and c in ok.columns) else np.nan
+            v, good = values[i, j], ok_values[i, j]
             code = expected_or_unknown(a, c)  # "?": a NAT of unknown behaviour expects nothing
             mark = "" if code == "?" or np.isnan(good) or good == 1 else " ✗"
             if decided is not None and a in decided.index and c in decided.columns and decided.loc[a, c] == 1:

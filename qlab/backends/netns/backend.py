@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from qlab.backends.base import Main
 from qlab.net import RealSocket, Receiver, bind_real, udp_family
 from qlab.scenario.topology import Topology
 
@@ -71,5 +72,5 @@ class NetnsBackend:
         with Lab(topology) as lab:
             yield NetnsEnvironment(lab)
 
-    def run(self, env: NetnsEnvironment, main: Callable[[], Awaitable[T]]) -> T:
-        return asyncio.run(main())  # type: ignore[arg-type]
+    def run(self, env: NetnsEnvironment, main: Main[T]) -> T:
+        return asyncio.run(main())

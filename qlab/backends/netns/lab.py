@@ -265,7 +265,7 @@ class Lab:
 
     def _attachments(self) -> dict[str, tuple[str, str, tuple[str, ...], int, LinkProfile]]:
         """node -> (segment, interface name, addresses, prefix length, link profile)."""
-        out = {}
+        out: dict[str, tuple[str, str, tuple[str, ...], int, LinkProfile]] = {}
         for r in self.topology.routers:
             out[r.name] = (r.wan_segment, "wan", (r.wan_ip,), self._plen(r.wan_segment), r.uplink)
         for h in self.topology.hosts:
@@ -306,6 +306,7 @@ class Lab:
             procs.append(p)
         deadline = time.monotonic() + 15
         for p in procs:
+            assert p.stdout is not None and p.stderr is not None  # both are PIPEs
             line = ""
             while time.monotonic() < deadline and not line:
                 if p.poll() is not None:

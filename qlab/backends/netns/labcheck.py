@@ -178,15 +178,15 @@ def check_nat(lab: Lab, router: str, refl: _Reflectors, *, refresh: bool = True)
         for _ in range(3):  # both send, as in a punch (filtering NATs admit only answered peers)
             a.sendto(b"hp-a", mb)
             b.sendto(b"hp-b", ma)
-        src = _recv_tagged(b, b"hp-a", 0.5)
+        hairpin_src = _recv_tagged(b, b"hp-a", 0.5)
         a.close()
         b.close()
-        if src is None:
+        if hairpin_src is None:
             measured = "no"
-        elif src[0] == r.wan_ip:
+        elif hairpin_src[0] == r.wan_ip:
             measured = "yes"
         else:
-            measured = f"yes, but seen from {src[0]}:{src[1]}"
+            measured = f"yes, but seen from {hairpin_src[0]}:{hairpin_src[1]}"
         row(f"hairpin ({label})", "yes" if spec.hairpinning else "no", measured)
     if refresh:
         rows.append(_check_refresh(lab, router, host, refl))

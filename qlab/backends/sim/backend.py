@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
 from qlab.backends import sim
+from qlab.backends.base import Main
 from qlab.scenario.topology import Topology
 
 T = TypeVar("T")
@@ -45,5 +46,5 @@ class SimBackend:
     def environment(self, topology: Topology, seed: int) -> Iterator[SimEnvironment]:
         yield SimEnvironment(topology, seed)
 
-    def run(self, env: SimEnvironment, main: Callable[[], Awaitable[T]]) -> T:
-        return sim.run(main(), seed=env.seed)  # type: ignore[arg-type]
+    def run(self, env: SimEnvironment, main: Main[T]) -> T:
+        return sim.run(main(), seed=env.seed)

@@ -23,13 +23,15 @@ threads are not tracked: virtual time runs on without them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import selectors
 import threading
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 DEFAULT_MAX_TIME = 7 * 24 * 3600.0  # virtual seconds per loop; a week is far beyond any trial
 DEFAULT_MAX_ITERATIONS = 50_000_000  # loop iterations per loop; ~minutes of wall time
@@ -170,7 +172,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         with self._external_lock:
             self._external_jobs -= 1
 
-    def run_in_executor(self, executor: Any, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    def run_in_executor(self, executor: concurrent.futures.Executor | None, func: Callable[[*Ts], T],
+                        *args: *Ts) -> asyncio.Future[T]:
         fut = super().run_in_executor(executor, func, *args)
         self._external_begin()
         fut.add_done_callback(self._external_end)
@@ -184,7 +187,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             self._external_end()
 
 
-def _describe_task(task: asyncio.Task) -> str:
+def _describe_task(task: asyncio.Task[Any]) -> str:
     """Task name, its coroutine and where the innermost awaiting coroutine is suspended."""
     coro: Any = task.get_coro()
     chain = [getattr(coro, "__qualname__", repr(coro))]

@@ -33,6 +33,7 @@ from enum import StrEnum
 from qlab.nat.spec import CounterScope, Filtering, Mapping, NatSpec, PortAllocation, Refresh
 
 Addr = tuple[str, int]
+BindingKey = Addr | tuple[Addr, str] | tuple[Addr, Addr]  # by mapping: EIM, ADM, APDM
 
 PORT_MIN = 1024  # masquerade keeps privileged and unprivileged source ports apart; we only hand out >= 1024
 PORT_MAX = 65535
@@ -56,7 +57,7 @@ class Binding:
 
     internal: Addr
     public_port: int
-    key: tuple
+    key: BindingKey
     created: float
     last_refresh: float  # the last packet that refreshed it (see NatSpec.refresh)
     permit_a: dict[str, float] = field(default_factory=dict)  # remote ip -> last refresh
@@ -78,7 +79,7 @@ class NatEngine:
         self.spec = spec
         self.public_ip = public_ip
         self.rng = rng or random.Random(0)
-        self._by_key: dict[tuple, Binding] = {}
+        self._by_key: dict[BindingKey, Binding] = {}
         self._by_port: dict[int, list[Binding]] = {}  # several only for sequential APDM after a wrap
         self._seq_next: dict[str | None, int] = {}  # counter scope (None: the NAT, else inside ip) -> k
         self._since_purge = 0
@@ -179,7 +180,7 @@ class NatEngine:
         return len(dead)
 
     # -- internals ----------------------------------------------------------------------------
-    def _key(self, src: Addr, dst: Addr) -> tuple:
+    def _key(self, src: Addr, dst: Addr) -> BindingKey:
         m = self.spec.mapping
         if m is Mapping.EIM:
             return src

@@ -543,8 +543,8 @@ class SimNetwork:
         return self.net(host_name).host_addresses()
 
     # -- fault hooks --------------------------------------------------------------------------
-    def _node(self, name: str) -> Node:
-        node = self.routers.get(name) or self.hosts.get(name)
+    def _node(self, name: str) -> SimRouter | SimHost:
+        node: SimRouter | SimHost | None = self.routers.get(name) or self.hosts.get(name)
         if node is None:
             raise KeyError(f"no router or host {name!r} (nodes: {', '.join([*self.routers, *self.hosts])})")
         return node
@@ -582,7 +582,7 @@ class SimNetwork:
     def set_link(self, node_name: str, profile: LinkProfile) -> None:
         """Change a host's link or a router's uplink, both directions, from now on."""
         node = self._node(node_name)
-        att = node.wan if isinstance(node, SimRouter) else node.iface  # type: ignore[attr-defined]
+        att = node.wan if isinstance(node, SimRouter) else node.iface
         att.up.profile = profile
         att.down.profile = profile
 
