@@ -18,7 +18,7 @@ class Metrics:
         self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
         self.gauges: dict[str, Callable[[], float]] = {}
         self.help: dict[str, str] = {}
-        self.sources: dict[str, Callable[[], dict[str, float]]] = {}
+        self.sources: dict[str, Callable[[], dict[tuple[str, str], float]]] = {}  # {(label, value): count}
 
     def inc(self, name: str, value: float = 1, **labels: str) -> None:
         self.counters[(name, tuple(sorted(labels.items())))] += value
@@ -29,7 +29,7 @@ class Metrics:
     def counter_source(self, name: str, label: str, fn: Callable[[], dict[str, float]]) -> None:
         """A counter kept by the caller in plain ints (hot paths), read at scrape time as
         {label value: count}."""
-        self.sources[name] = lambda: {(label, k): v for k, v in fn().items()}  # type: ignore[misc]
+        self.sources[name] = lambda: {(label, k): v for k, v in fn().items()}
 
     def gauge(self, name: str, fn: Callable[[], float], help_text: str = "") -> None:
         self.gauges[name] = fn
@@ -51,12 +51,12 @@ class Metrics:
             lines.append(f"# TYPE {full} counter")
             for (label, key), value in sorted(fn().items()):
                 lines.append(f'{full}{{{label}="{key}"}} {value:g}')
-        for name, fn in sorted(self.gauges.items()):
+        for name, gauge in sorted(self.gauges.items()):
             full = f"{self.prefix}_{name}"
             if name in self.help:
                 lines.append(f"# HELP {full} {self.help[name]}")
             lines.append(f"# TYPE {full} gauge")
-            lines.append(f"{full} {fn():g}")
+            lines.append(f"{full} {gauge():g}")
         return "\n".join(lines) + "\n"
 
 
