@@ -38,9 +38,9 @@ from qlab.experiment.record import (
 from qlab.experiment.replies import drain
 from qlab.nat.spec import expected_outcome
 from qlab.net import Net
-from qlab.roles.agent import Agent, DirectHandshake
+from qlab.roles.agent import Agent, AgentEvent, DirectHandshake
 from qlab.roles.connector import Connector
-from qlab.roles.echo import EchoProbe, EchoReplied, EchoServer, PathStats
+from qlab.roles.echo import EchoEvent, EchoProbe, EchoReplied, EchoServer, PathStats
 from qlab.roles.intermediate import Intermediate
 from qlab.scenario.topology import CONNECTOR_PORT, INTERMEDIATE_ALT_PORT, INTERMEDIATE_PORT, build
 from qlab.traversal.agent_side import AgentTraversal, SessionTraversal
@@ -137,14 +137,19 @@ class AgentSide:
         self.t0 = self.loop.time()
         st = self.st = self.at.begin(self.service)
         st.session.on_payload = probe.receive
-        probe.subscribe(lambda e: isinstance(e, EchoReplied) and st.observe_rtt(e.path, e.rtt))
 
-        def first_direct_echo(s: Any, conn: Any) -> None:
-            payload = probe.make(Path.DIRECT)
-            if s.send(payload, Path.DIRECT) is None:
-                probe.unsend(payload)
+        def rtt_sample(e: EchoEvent) -> None:
+            if isinstance(e, EchoReplied):
+                st.observe_rtt(e.path, e.rtt)
 
-        self.agent.subscribe(lambda e: isinstance(e, DirectHandshake) and first_direct_echo(e.session, e.conn))
+        def first_direct_echo(e: AgentEvent) -> None:
+            if isinstance(e, DirectHandshake):
+                payload = probe.make(Path.DIRECT)
+                if e.session.send(payload, Path.DIRECT) is None:
+                    probe.unsend(payload)
+
+        probe.subscribe(rtt_sample)
+        self.agent.subscribe(first_direct_echo)
 
     async def _settle(self) -> None:
         """Echoes on the active path until the direct path is verified or the punch settled."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 from qlab.traversal.punch import PunchConfig
 from qlab.wire import Path
@@ -42,7 +43,8 @@ class PathManager:
         self.session_id = session_id
         self.cfg = config
         self.t0 = t0
-        self.events: list[dict[str, object]] = []  # the record's path_events
+        # the record's path_events: {"t_ms": since the session began, "event": kind, "detail": text}
+        self.events: list[dict[str, Any]] = []
         self.rtts: dict[Path, list[float]] = {Path.RELAY: [], Path.DIRECT: []}
         self.active = Path.RELAY
         self.verified_at: float | None = None
