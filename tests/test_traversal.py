@@ -1,122 +1,14 @@
-"""Hole punching and path management: the sans-IO puncher, and whole trials on the simulator
-(every NAT pair, same LAN, fallback) and on real loopback sockets."""
+"""Whole trials: every NAT pair on the simulator, same LAN, fallback, birthday mode, and real loopback
+sockets. The sans-IO puncher itself is tests/test_punch.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from qlab import wire
 from qlab.experiment.classify import run_classify
 from qlab.experiment.record import TrialSpec, judge
 from qlab.experiment.trial import run_trial
 from qlab.nat.spec import EXPECTED, PRESET_NAMES
-from qlab.traversal.punch import PunchConfig, Puncher, gather, lan_candidates
-
-KEY = b"k" * 32
-C = wire.CandidateKind
-
-
-def cand(kind, ip, port):
-    return wire.Candidate(kind, (ip, port), 1)
-
-
-def exchange(a: Puncher, a_addr, b: Puncher, b_addr, rounds: int = 10, nat=lambda src, dst: src):
-    """Deliver each side's output to the other (through an optional source-rewriting `nat`)."""
-    t = 0.0
-    out_a, out_b = a.start(t), b.start(t)
-    for _ in range(rounds):
-        t += a.config.interval
-        nxt_a, nxt_b = [], []
-        for data, dst in out_a:
-            if dst == b_addr:
-                nxt_b += b.receive(data, nat(a_addr, dst), t)
-        for data, dst in out_b:
-            if dst == a_addr:
-                nxt_a += a.receive(data, nat(b_addr, dst), t)
-        out_a = nxt_a + a.poll(t)
-        out_b = nxt_b + b.poll(t)
-    return a, b
-
-
-def test_punchers_find_each_other_and_answer_where_probes_came_from():
-    a_addr, b_addr = ("198.51.100.1", 1000), ("198.51.100.2", 2000)
-    a = Puncher(7, KEY, (cand(C.SRFLX, *a_addr),), (cand(C.SRFLX, *b_addr),))
-    b = Puncher(7, KEY, (cand(C.SRFLX, *b_addr),), (cand(C.SRFLX, *a_addr),))
-    exchange(a, a_addr, b, b_addr)
-    assert a.success and a.success.addr == b_addr and a.success.kind == C.SRFLX
-    assert b.success and b.success.addr == a_addr
-    assert a.probes_sent >= 1 and a.responses_sent >= 1
-
-
-def test_peer_reflexive_address_is_learned_and_used():
-    """The peer's NAT maps it to a port nobody signalled (symmetric): the side that receives its
-    probe answers that address and adopts it."""
-    a_addr, b_signalled, b_real = ("198.51.100.1", 1000), ("198.51.100.2", 2000), ("198.51.100.2", 3333)
-    a = Puncher(7, KEY, (cand(C.SRFLX, *a_addr),), (cand(C.SRFLX, *b_signalled),))
-    b = Puncher(7, KEY, (cand(C.SRFLX, *b_real),), (cand(C.SRFLX, *a_addr),))
-    # b's packets leave from b_real; a's packets to b_signalled are lost
-    t = 0.0
-    a.start(t)
-    for data, _ in b.start(t):
-        out = a.receive(data, b_real, t)
-        assert any(d == b_real for _, d in out), "a must answer the address the probe came from"
-        for d2, dst2 in out:
-            if dst2 == b_real:
-                b.receive(d2, a_addr, t)
-    assert a.learned == [b_real] and a.targets[b_real] == C.PRFLX
-    assert a.success is not None and a.success.addr == b_real and a.success.kind == C.PRFLX
-    assert b.success is not None and b.success.addr == a_addr
-
-
-def test_probes_with_a_wrong_key_or_session_are_rejected():
-    a = Puncher(7, KEY, (), (cand(C.SRFLX, "198.51.100.2", 1),))
-    forged = wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, 7, 1), b"x" * 32)
-    with pytest.raises(wire.WireError):
-        a.receive(forged, ("198.51.100.9", 9), 0.0)
-    other = wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, 8, 1), KEY)
-    with pytest.raises(wire.WireError):
-        a.receive(other, ("198.51.100.9", 9), 0.0)
-    unsolicited = wire.encode_probe(wire.Probe(wire.PROBE_RESPONSE, 7, 12345, ("1.2.3.4", 5)), KEY)
-    with pytest.raises(wire.WireError, match="no request"):
-        a.receive(unsolicited, ("198.51.100.9", 9), 0.0)
-    assert a.success is None
-
-
-def test_timeout_gives_a_reason_and_stops_probing():
-    a = Puncher(7, KEY, (), (cand(C.SRFLX, "198.51.100.2", 1),), PunchConfig(interval=0.02, timeout=0.1))
-    a.start(0.0)
-    t, sent = 0.0, 0
-    while t < 1.0:
-        t += 0.02
-        sent += len(a.poll(t))
-    assert a.failed and "no working pair" in a.failed
-    assert a.poll(2.0) == [] and a.next_timer() is None
-    assert 4 <= a.probes_sent <= 7
-
-
-def test_predicted_ports_are_a_fallback():
-    a = Puncher(7, KEY, (), (cand(C.SRFLX, "198.51.100.2", 40000), cand(C.PREDICTED, "198.51.100.2", 40001)),
-                PunchConfig(interval=0.02, predict_after=0.06))
-    first = a.start(0.0)
-    assert [d for _, d in first] == [("198.51.100.2", 40000)]
-    later = []
-    for i in range(1, 5):
-        later += a.poll(0.02 * i)
-    assert ("198.51.100.2", 40001) in [d for _, d in later]
-
-
-def test_candidates_never_include_unusable_host_addresses():
-    cands = gather(["0.0.0.0", "127.0.0.1", "169.254.1.1", "10.1.0.2"], 4434, ("203.0.113.101", 4434),
-                   wire.NatKind.EDM_SEQUENTIAL, last_port=40010)
-    kinds = [(c.kind, c.addr) for c in cands]
-    assert kinds[0] == (C.HOST, ("10.1.0.2", 4434))
-    assert (C.SRFLX, ("203.0.113.101", 4434)) in kinds
-    assert [a[1] for k, a in kinds if k == C.PREDICTED] == list(range(40011, 40019))
-    prios = [c.priority for c in cands]
-    assert prios == sorted(prios, reverse=True), "LAN before WAN before predicted"
-    assert lan_candidates(cands, (cand(C.HOST, "10.1.0.7", 1), cand(C.HOST, "10.2.0.7", 1))) == (
-        cand(C.HOST, "10.1.0.7", 1),)
-
 
 # --- whole trials on the simulator ---------------------------------------------------------------
 
@@ -268,26 +160,6 @@ def test_loopback_backend_refuses_nat_presets_with_a_clear_error():
 
     with pytest.raises(BackendUnavailable, match="no NAT"):
         run_trial(TrialSpec(backend="loopback", agent_nat="full_cone", connector_nat="public", profile="lan"))
-
-
-async def test_a_probe_during_the_start_delay_does_not_cancel_the_start():
-    """Regression: a peer probe arriving before our delayed start used to cancel the start timer."""
-    import asyncio
-
-    from qlab.traversal.punch import PunchRunner
-
-    sent: list = []
-    done: list = []
-    peer = ("198.51.100.2", 4434)
-    p = Puncher(7, KEY, (), (cand(C.HOST, *peer),), PunchConfig(interval=0.01, timeout=0.2))
-    r = PunchRunner(p, lambda d, a: sent.append(a), done.append)
-    r.start(0.05)
-    req = wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, 7, 99), KEY)
-    assert r.receive(req, peer)  # answered at once
-    await asyncio.wait_for(r.finished, 2)
-    assert p.started_at is not None and done == [p], "the runner started and reported"
-    assert sent.count(peer) >= 2 and p.probes_sent >= 2  # the answer, then our own rounds
-    assert p.failed  # nobody answered our probes: a clean timeout, not a hang
 
 
 @pytest.mark.parametrize("agent_nat,connector_nat", [("port_restricted", "symmetric"), ("symmetric", "port_restricted")])
