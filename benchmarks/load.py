@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qlab.certs import Credentials, init_dir  # noqa: E402
 from qlab.net import RealNet  # noqa: E402
 from qlab.roles.agent import Agent, ping  # noqa: E402
-from qlab.roles.echo import percentile  # noqa: E402
+from qlab.roles.echo import EchoProbe, percentile  # noqa: E402
 from tests.procs import QLAB, Proc, free_tcp_port, free_udp_port  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
@@ -54,7 +54,9 @@ def worker(args: tuple) -> dict:
         await asyncio.sleep(max(0.0, start_at - time.time()))
         sessions = await asyncio.gather(*(a.open_session("echo", timeout=30) for a in connected), return_exceptions=True)
         opened = [s for s in sessions if not isinstance(s, BaseException)]
-        results = await asyncio.gather(*(ping(s, pings, interval=interval, wait=3.0) for s in opened))
+        probes = [EchoProbe(asyncio.get_running_loop().time) for _ in opened]
+        results = await asyncio.gather(*(ping(s, pings, interval=interval, wait=3.0, probe=p)
+                                         for s, p in zip(opened, probes, strict=True)))
         rtts = []
         sent = received = foreign = 0
         for r in results:
@@ -62,8 +64,8 @@ def worker(args: tuple) -> dict:
             sent += p.get("n", 0)
             received += p.get("received", 0)
             foreign += r["foreign"]
-        for s in opened:
-            rtts += [x * 1000 for x in s.on_payload.__self__.paths["relay"].rtts]  # the EchoProbe of ping()
+        for p in probes:
+            rtts += [x * 1000 for x in p.paths["relay"].rtts]
         for a in agents:
             a.close()
         await asyncio.sleep(0.2)
@@ -79,8 +81,9 @@ async def idle_rtt(certs: Path, port: int, n: int) -> list[float]:
     a = Agent(RealNet(), Credentials.load(certs), ("127.0.0.1", port), name="idle", host="127.0.0.1")
     await a.start()
     s = await a.open_session("echo")
-    await ping(s, n, interval=0.05)
-    rtts = [x * 1000 for x in s.on_payload.__self__.paths["relay"].rtts]
+    probe = EchoProbe(asyncio.get_running_loop().time)
+    await ping(s, n, interval=0.05, probe=probe)
+    rtts = [x * 1000 for x in probe.paths["relay"].rtts]
     a.close()
     await asyncio.sleep(0.1)
     return rtts

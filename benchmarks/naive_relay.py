@@ -17,12 +17,14 @@ import argparse
 import asyncio
 import ssl
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import DatagramFrameReceived, QuicEvent
+
+from qlab import wire
+from qlab.roles.events import Observers, PayloadReceived
 
 ALPN = ["naive-relay"]
 HELLO_ECHO = b"\x00naive-echo"
@@ -50,11 +52,13 @@ class RelayProtocol(QuicConnectionProtocol):
 
 
 class ClientProtocol(QuicConnectionProtocol):
-    """A client: `send(payload, path)` like a qlab session; replies go to `on_payload(payload, "relay")`."""
+    """A client: `send(payload, path)` and `subscribe(handler)` like a qlab session (replies come as
+    PayloadReceived on the relay path)."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
-        self.on_payload: Callable[[bytes, str], None] = lambda payload, path: None
+        self.payloads: Observers[PayloadReceived] = Observers()
+        self.subscribe = self.payloads.subscribe
         self.echo_back = False
 
     def quic_event_received(self, event: QuicEvent) -> None:
@@ -63,7 +67,7 @@ class ClientProtocol(QuicConnectionProtocol):
                 self._quic.send_datagram_frame(event.data)
                 self.transmit()
             else:
-                self.on_payload(event.data, "relay")
+                self.payloads.emit(PayloadReceived(event.data, wire.Path.RELAY))
 
     def send(self, payload: bytes, path: str = "relay") -> str | None:
         self._quic.send_datagram_frame(payload)

@@ -46,12 +46,13 @@ def scrape(port: int, name: str) -> float:
 async def sequential_rtt(session, path: str, n: int, size: int) -> list[float]:
     loop = asyncio.get_running_loop()
     probe = EchoProbe(loop.time, size)
-    session.on_payload = probe.receive
+    unsubscribe = session.subscribe(lambda e: probe.receive(e.payload, e.path))
     for _ in range(n):
         probe.replied.clear()
         session.send(probe.make(path), path)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(probe.replied.wait(), 1.0)
+    unsubscribe()
     return [r * 1000 for r in probe.paths[path].rtts]
 
 
@@ -59,7 +60,7 @@ async def blast(session, path: str, seconds: float, size: int, window: int) -> d
     """Keep `window` echo requests in flight for `seconds`; count replies."""
     loop = asyncio.get_running_loop()
     probe = EchoProbe(loop.time, size)
-    session.on_payload = probe.receive
+    unsubscribe = session.subscribe(lambda e: probe.receive(e.payload, e.path))
     end = loop.time() + seconds
     not_queued = 0
     while loop.time() < end:
@@ -79,6 +80,7 @@ async def blast(session, path: str, seconds: float, size: int, window: int) -> d
             await asyncio.wait_for(probe.replied.wait(), 0.05)
     await asyncio.sleep(0.3)
     st = probe.paths[path]
+    unsubscribe()
     return {"requests": st.sent, "replies": st.received, "seconds": seconds, "not_queued": not_queued}
 
 

@@ -136,7 +136,7 @@ class AgentSide:
         probe = self.probe
         self.t0 = self.loop.time()
         st = self.st = self.at.begin(self.service)
-        st.session.on_payload = probe.receive
+        st.session.subscribe(lambda e: probe.receive(e.payload, e.path))
 
         def rtt_sample(e: EchoEvent) -> None:
             if isinstance(e, EchoReplied):

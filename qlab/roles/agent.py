@@ -18,7 +18,7 @@ from qlab.certs import Credentials
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
 from qlab.net import Addr, Net
 from qlab.roles.echo import EchoProbe
-from qlab.roles.events import ControlReceived, EventHandler, LinkUp, Observers, RawReceived
+from qlab.roles.events import ControlReceived, EventHandler, LinkUp, Observers, PayloadReceived, RawReceived
 from qlab.roles.link import IntermediateLink, Refused
 from qlab.roles.tasks import Tasks
 from qlab.wire import Path
@@ -76,7 +76,7 @@ class AgentSession:
         self.opened: asyncio.Future = asyncio.get_running_loop().create_future()
         self.direct: Connection | None = None
         self.active_path = Path.RELAY
-        self.on_payload: Callable[[bytes, str], None] = lambda payload, path: None
+        self.payloads: Observers[PayloadReceived] = Observers()
         self.counters = {"relay_out": 0, "relay_in": 0, "direct_out": 0, "direct_in": 0}
         self.bytes = {"relay_out": 0, "relay_in": 0, "direct_out": 0, "direct_in": 0}
         self.closed: str | None = None
@@ -140,7 +140,11 @@ class AgentSession:
         self.bytes[f"{path}_in"] += len(payload)
         if path == Path.DIRECT:
             self.last_direct_rx = asyncio.get_running_loop().time()
-        self.on_payload(payload, path)
+        self.payloads.emit(PayloadReceived(payload, path))
+
+    def subscribe(self, handler: Callable[[PayloadReceived], object]) -> Callable[[], None]:
+        """Receive this session's application payloads; returns the call that unsubscribes."""
+        return self.payloads.subscribe(handler)
 
 
 class Agent:
@@ -378,13 +382,14 @@ class _DirectClient(Handler):
 
 async def ping(
     session: AgentSession, count: int, *, interval: float = 0.02, size: int = 64, sizes: list[int] | None = None,
-    wait: float = 2.0,
+    wait: float = 2.0, probe: EchoProbe | None = None,
 ) -> dict:
     """Send `count` echo probes over the active path (or one per entry of `sizes`), wait up to
-    `wait` seconds for stragglers, and summarise: RTT p50/p95, loss, bytes, integrity."""
+    `wait` seconds for stragglers, and summarise: RTT p50/p95, loss, bytes, integrity. Pass a
+    `probe` to read its samples afterwards."""
     loop = asyncio.get_running_loop()
-    probe = EchoProbe(loop.time, size=max(size, 16))
-    session.on_payload = probe.receive
+    probe = probe or EchoProbe(loop.time, size=max(size, 16))
+    unsubscribe = session.subscribe(lambda e: probe.receive(e.payload, e.path))
     plan = sizes if sizes is not None else [size] * count
     errors: list[str] = []
     for sz in plan:
@@ -398,6 +403,7 @@ async def ping(
             errors.append(str(exc))
         await asyncio.sleep(interval)
     await probe.wait_for_replies(wait)
+    unsubscribe()
     out = probe.summary()
     out.update(session=f"{session.id:08x}", max_payload=session.max_payload, errors=errors[:10])
     return out

@@ -36,6 +36,14 @@ class RawReceived:
 
 
 @dataclass(frozen=True)
+class PayloadReceived:
+    """An application payload for a session, and the path it came by."""
+
+    payload: bytes
+    path: wire.Path
+
+
+@dataclass(frozen=True)
 class LinkUp:
     """The connection to the Intermediate is (again) up and authenticated."""
 
