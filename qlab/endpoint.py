@@ -184,7 +184,8 @@ class Endpoint:
         self.net = net
         self.server_config = server_config
         self.server_handler = server_handler
-        self.raw_handler = raw_handler
+        self.raw_handler = raw_handler  # the owner's, for the endpoint's life
+        self._raw_claims: list[Callable[[bytes, Addr], bool]] = []
         self.sock: DatagramSocket | None = None
         self.by_cid: dict[bytes, Connection] = {}
         self.connections: set[Connection] = set()
@@ -194,6 +195,26 @@ class Endpoint:
         self.stats = {"rx": 0, "tx": 0, "raw_rx": 0, "dropped_unknown": 0, "dropped_malformed": 0,
                       "dropped_half_open_cap": 0, "dropped_first_initial": 0}
         self.max_half_open = MAX_HALF_OPEN
+
+    def claim_raw(self, handler: Callable[[bytes, Addr], bool]) -> Callable[[], None]:
+        """Offer non-QUIC datagrams to `handler` before the owner's `raw_handler` (the latest claim
+        first); one that returns True is taken. Returns the call that withdraws the claim."""
+        self._raw_claims.append(handler)
+
+        def withdraw() -> None:
+            if handler in self._raw_claims:
+                self._raw_claims.remove(handler)
+
+        return withdraw
+
+    def _raw(self, data: bytes, addr: Addr) -> None:
+        try:
+            if any(claim(data, addr) for claim in reversed(self._raw_claims)):
+                return
+            if self.raw_handler is not None:
+                self.raw_handler(data, addr)
+        except Exception:  # a role bug must not take the socket down
+            log.exception("raw handler failed")
 
     async def bind(self, host: str, port: int) -> Addr:
         self._loop = asyncio.get_running_loop()
@@ -241,11 +262,8 @@ class Endpoint:
             is_vn = len(data) >= 5 and first & 0x80 and data[1:5] == b"\0\0\0\0"
             if not data or (wire.is_raw(first) and not is_vn):
                 self.stats["raw_rx"] += 1
-                if self.raw_handler is not None and data:
-                    try:
-                        self.raw_handler(data, addr)
-                    except Exception:  # a role bug must not take the socket down
-                        log.exception("raw handler failed")
+                if data:
+                    self._raw(data, addr)
                 continue
             if not first & 0x80:  # short header: the DCID is the next CID_LENGTH bytes (hot path)
                 conn = self.by_cid.get(data[1 : 1 + CID_LENGTH])

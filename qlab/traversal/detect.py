@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -244,37 +245,38 @@ class Classification:
 
 
 class _TestProbes:
-    """CLASSIFY_TEST probes expected on `endpoint`'s socket, by nonce. Installed as its raw
-    handler (other raw packets go to the previous one) for the length of a `with`."""
+    """CLASSIFY_TEST probes expected on `endpoint`'s socket, by nonce. Claims them from the
+    endpoint for the length of a `with`; other raw packets go where they went before."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self.prev = endpoint.raw_handler
         self.tests: dict[int, asyncio.Future[Addr]] = {}
+        self._withdraw: Callable[[], None] | None = None
 
     def __enter__(self) -> _TestProbes:
-        self.endpoint.raw_handler = self._on_raw
+        self._withdraw = self.endpoint.claim_raw(self._on_raw)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.endpoint.raw_handler = self.prev
+        if self._withdraw is not None:
+            self._withdraw()
 
     def expect(self) -> tuple[int, asyncio.Future[Addr]]:
         nonce = secrets.randbits(64)
         fut = self.tests[nonce] = asyncio.get_running_loop().create_future()
         return nonce, fut
 
-    def _on_raw(self, data: bytes, addr: Addr) -> None:
-        if data[0] == wire.CLASSIFY_TEST:
-            try:
-                nonce, _ = wire.decode_classify_test(data)
-            except wire.WireError:
-                return
-            fut = self.tests.get(nonce)
-            if fut is not None and not fut.done():
-                fut.set_result(addr)
-        elif self.prev is not None:
-            self.prev(data, addr)
+    def _on_raw(self, data: bytes, addr: Addr) -> bool:
+        if data[0] != wire.CLASSIFY_TEST:
+            return False
+        try:
+            nonce, _ = wire.decode_classify_test(data)
+        except wire.WireError:
+            return True
+        fut = self.tests.get(nonce)
+        if fut is not None and not fut.done():
+            fut.set_result(addr)
+        return True
 
 
 async def _probe_arrives(main: QadSession, probes: _TestProbes, alt_ip: int, alt_port: int, timeout: float,
