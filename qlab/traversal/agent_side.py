@@ -25,7 +25,7 @@ from qlab.roles.events import ControlReceived, RawReceived
 from qlab.traversal.detect import Detection
 from qlab.traversal.path import PathManager, TraversalConfig
 from qlab.traversal.punch import Puncher, gather, host_ips_for
-from qlab.traversal.session import PunchSession, detect
+from qlab.traversal.session import PunchSession, deliver_probe, deliver_signal, detect
 from qlab.wire import Path
 
 
@@ -236,24 +236,10 @@ class AgentTraversal:
         return False
 
     def _on_message(self, msg: wire.Message) -> bool:
-        if not isinstance(msg, (wire.StartPunch, wire.PunchResult)):
-            return False
-        st = self.sessions.get(msg.session)
-        if st is None:
-            return False
-        if isinstance(msg, wire.StartPunch):
-            st.start_punch(msg)
-        else:
-            st.peer_result = msg
-        return True
+        return deliver_signal(self.sessions, msg)
 
     def _on_raw(self, data: bytes, addr: Addr) -> bool:
-        try:
-            sid = wire.probe_session(data)
-        except wire.WireError:
-            return False
-        st = self.sessions.get(sid)
-        return st.on_probe(data, addr) if st is not None else False
+        return deliver_probe(self.sessions, data, addr)
 
     def close(self) -> None:
         self._unsubscribe()

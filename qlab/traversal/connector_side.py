@@ -18,7 +18,7 @@ from qlab.roles.tasks import Tasks
 from qlab.traversal.detect import Detection
 from qlab.traversal.path import TraversalConfig
 from qlab.traversal.punch import Puncher, gather, host_ips_for
-from qlab.traversal.session import PunchSession, detect
+from qlab.traversal.session import PunchSession, deliver_probe, deliver_signal, detect
 
 
 class ConnectorSessionTraversal(PunchSession):
@@ -116,26 +116,15 @@ class ConnectorTraversal:
             st.answer()
 
     def _on_message(self, msg: wire.Message) -> bool:
-        if not isinstance(msg, (wire.Offer, wire.StartPunch, wire.PunchResult)):
-            return False
-        st = self.sessions.get(msg.session)
-        if st is None:
-            return False
         if isinstance(msg, wire.Offer):
-            st.on_offer(msg)
-        elif isinstance(msg, wire.StartPunch):
-            st.start_punch(msg)
-        else:
-            st.peer_result = msg
-        return True
+            st = self.sessions.get(msg.session)
+            if st is not None:
+                st.on_offer(msg)
+            return st is not None
+        return deliver_signal(self.sessions, msg)
 
     def _on_raw(self, data: bytes, addr: Addr) -> bool:
-        try:
-            sid = wire.probe_session(data)
-        except wire.WireError:
-            return False
-        st = self.sessions.get(sid)
-        return st.on_probe(data, addr) if st is not None else False
+        return deliver_probe(self.sessions, data, addr)
 
     def result(self, session_id: int) -> Puncher | None:
         """This side's finished puncher for an open session (None before the punch ends)."""

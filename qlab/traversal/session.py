@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from qlab import wire
@@ -206,3 +206,27 @@ class PunchSession:
         self.closed = True
         self.tasks.cancel_all()
         self.stop_punching()
+
+
+def deliver_signal(sessions: Mapping[int, PunchSession], msg: wire.Message) -> bool:
+    """Hand a StartPunch or PunchResult to its session; True when one of ours took it."""
+    if not isinstance(msg, (wire.StartPunch, wire.PunchResult)):
+        return False
+    st = sessions.get(msg.session)
+    if st is None:
+        return False
+    if isinstance(msg, wire.StartPunch):
+        st.start_punch(msg)
+    else:
+        st.peer_result = msg
+    return True
+
+
+def deliver_probe(sessions: Mapping[int, PunchSession], data: bytes, addr: Addr) -> bool:
+    """Hand a punch probe to the session it names; True when one of ours took it."""
+    try:
+        sid = wire.probe_session(data)
+    except wire.WireError:
+        return False
+    st = sessions.get(sid)
+    return st.on_probe(data, addr) if st is not None else False
