@@ -188,161 +188,204 @@ def up(spec: DeploymentSpec, cloud: Cloud, *, certs_dir: str, wheel: str) -> dic
 
 
 def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str) -> dict:
-    ec2, s3, ssm, iam = (cloud.client(n) for n in ("ec2", "s3", "ssm", "iam"))
-    exp = spec.expires.isoformat(timespec="seconds")
-    did = spec.deployment_id
-    state: dict = {"deployment_id": did, "region": spec.region, "spec": asdict(spec), "expires": exp,
-                   "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "instances": {}}
-    # artefacts: the wheel in S3, secrets in SSM (SecureString), never in user data or tags
-    bucket = p["resources"]["s3_bucket"]
-    kw = {} if spec.region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": spec.region}}
-    s3.create_bucket(Bucket=bucket, **kw)
-    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": _tags(spec, "artifacts", exp)})
-    wheel_key = f"wheels/{Path(wheel).name}"
-    s3.upload_file(wheel, bucket, wheel_key)
-    params = {}
-    for fname, secure in _PARAMS.items():
-        name = f"/qlab/{did}/{fname}"
-        ssm.put_parameter(Name=name, Value=Path(certs_dir, fname).read_text(), Type="SecureString" if secure else "String",
-                          Overwrite=True)
-        params[fname] = name
-    # an instance role that may read only this deployment's wheel and parameters
-    role = f"{did}-role"
-    iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
-                                                "Action": "sts:AssumeRole"}]}), Tags=_tags(spec, "role", exp))
-    iam.put_role_policy(RoleName=role, PolicyName="qlab-read", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"},
-            {"Effect": "Allow", "Action": ["ssm:GetParameter"], "Resource": f"arn:aws:ssm:*:*:parameter/qlab/{did}/*"}]}))
-    iam.attach_role_policy(RoleName=role, PolicyArn="arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore")
-    iam.create_instance_profile(InstanceProfileName=f"{did}-profile")
-    iam.add_role_to_instance_profile(InstanceProfileName=f"{did}-profile", RoleName=role)
-    # network
-    vpc = ec2.create_vpc(CidrBlock=VPC_CIDR, TagSpecifications=_spec_tags("vpc", spec, "vpc", exp))["Vpc"]["VpcId"]
-    ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})
-    igw = ec2.create_internet_gateway(TagSpecifications=_spec_tags("internet-gateway", spec, "igw", exp))
-    igw_id = igw["InternetGateway"]["InternetGatewayId"]
-    ec2.attach_internet_gateway(InternetGatewayId=igw_id, VpcId=vpc)
-    public = ec2.create_subnet(VpcId=vpc, CidrBlock=PUBLIC_CIDR,
-                               TagSpecifications=_spec_tags("subnet", spec, "public", exp))["Subnet"]["SubnetId"]
-    rt = ec2.create_route_table(VpcId=vpc, TagSpecifications=_spec_tags("route-table", spec, "public", exp))
-    rt_id = rt["RouteTable"]["RouteTableId"]
-    ec2.create_route(RouteTableId=rt_id, DestinationCidrBlock="0.0.0.0/0", GatewayId=igw_id)
-    ec2.associate_route_table(RouteTableId=rt_id, SubnetId=public)
-    sgs = {}
-    for name, rules in (
-        ("intermediate", [("udp", 4433, 4434, "0.0.0.0/0")]
-         + ([("tcp", 80, 80, "0.0.0.0/0")] if spec.domain else [])),  # ACME http-01, only with --domain
-        ("connector", [("udp", 4434, 4434, "0.0.0.0/0")] if spec.topology == "relay" else []),
-        ("nat", [("udp", 1024, 65535, "0.0.0.0/0"), ("-1", -1, -1, "10.80.0.0/16")]),  # NAT behaviour is nftables'
-        ("private", [("-1", -1, -1, "10.80.0.0/16")]),
-    ):
-        sg = ec2.create_security_group(GroupName=f"{did}-{name}", Description=f"qlab {name}", VpcId=vpc,
-                                       TagSpecifications=_spec_tags("security-group", spec, name, exp))["GroupId"]
-        if rules:
-            ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[
-                {"IpProtocol": proto, "FromPort": lo, "ToPort": hi, "IpRanges": [{"CidrIp": cidr}]}
-                if proto != "-1" else {"IpProtocol": "-1", "IpRanges": [{"CidrIp": cidr}]}
-                for proto, lo, hi, cidr in rules])
-        sgs[name] = sg
-    ami = cloud.client("ssm").get_parameter(Name=AMI_PARAM)["Parameter"]["Value"]
-    ttl_min = max(1, int(spec.ttl_hours * 60))
-    common = dict(bucket=bucket, wheel_key=wheel_key, deployment=did, region=spec.region, ttl_minutes=ttl_min,
-                  params=params, domain=spec.domain, acme_email=spec.acme_email)
+    """Create everything, in the order AWS needs it; `state` records each resource as it is made."""
+    up = _Up(spec, cloud, p)
+    bucket, wheel_key, params = up.artefacts(certs_dir, wheel)
+    up.instance_role(bucket)
+    vpc, public = up.network()
+    up.security_groups(vpc)
+    up.common = dict(bucket=bucket, wheel_key=wheel_key, deployment=spec.deployment_id, region=spec.region,
+                     ttl_minutes=max(1, int(spec.ttl_hours * 60)), params=params, domain=spec.domain,
+                     acme_email=spec.acme_email)
+    up.intermediate(public)
+    if spec.topology == "relay":
+        c = up.launch("connector", public, up.sgs["connector"], render_user_data(
+            roles=["echo", "connector"], intermediate=up.state["intermediate_ip"], service="echo", **up.common))
+        up.state["connector_ip"] = up.public_ip(c, "connector")
+    else:
+        up.state["rulesets"] = {}
+        # per cell: the NAT preset it was built with ("managed": an AWS NAT Gateway of unknown
+        # behaviour, classify it on the spot), its subnet and its hosts
+        up.state["cells"] = {}
+        for i, name in enumerate(spec.presets):
+            up.nat_cell(vpc, public, name, i)
+        if spec.managed_nat:
+            rec = up.state["cells"]["managed"] = up.cell("managed", len(spec.presets))
+            rec["nat"], sub = _managed_gateway(up.ec2, spec, up.exp, vpc, public, rec["subnet"], up.allocate)
+            up.state["nat_gateway"] = rec["nat"]
+            up.cell_hosts(rec, sub)
+    up.state.update(bucket=bucket, vpc=vpc, plan=p)
+    _save(up.state)
+    return up.state
 
-    def launch(name: str, subnet: str, sg: str, user_data: str, *, ip: str | None = None, extra_enis=None) -> str:
+
+class _Up:
+    """The steps of `up`, sharing the clients, the tags and the state being recorded."""
+
+    def __init__(self, spec: DeploymentSpec, cloud: Cloud, p: dict) -> None:
+        self.spec, self.cloud, self.p = spec, cloud, p
+        self.ec2, self.s3, self.ssm, self.iam = (cloud.client(n) for n in ("ec2", "s3", "ssm", "iam"))
+        self.exp = spec.expires.isoformat(timespec="seconds")
+        self.did = spec.deployment_id
+        self.state: dict = {"deployment_id": self.did, "region": spec.region, "spec": asdict(spec),
+                            "expires": self.exp, "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                            "instances": {}}
+        self.sgs: dict[str, str] = {}
+        self.common: dict = {}
+        self.ami = ""
+
+    def tags(self, kind: str, name: str) -> list:
+        return _spec_tags(kind, self.spec, name, self.exp)
+
+    def artefacts(self, certs_dir: str, wheel: str) -> tuple[str, str, dict[str, str]]:
+        """The wheel in S3, secrets in SSM (SecureString), never in user data or tags."""
+        spec = self.spec
+        bucket = self.p["resources"]["s3_bucket"]
+        kw = {} if spec.region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": spec.region}}
+        self.s3.create_bucket(Bucket=bucket, **kw)
+        self.s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": _tags(spec, "artifacts", self.exp)})
+        wheel_key = f"wheels/{Path(wheel).name}"
+        self.s3.upload_file(wheel, bucket, wheel_key)
+        params = {}
+        for fname, secure in _PARAMS.items():
+            name = f"/qlab/{self.did}/{fname}"
+            self.ssm.put_parameter(Name=name, Value=Path(certs_dir, fname).read_text(),
+                                   Type="SecureString" if secure else "String", Overwrite=True)
+            params[fname] = name
+        return bucket, wheel_key, params
+
+    def instance_role(self, bucket: str) -> None:
+        """An instance role that may read only this deployment's wheel and parameters."""
+        did, iam = self.did, self.iam
+        role = f"{did}-role"
+        iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
+                                                    "Action": "sts:AssumeRole"}]}),
+                        Tags=_tags(self.spec, "role", self.exp))
+        iam.put_role_policy(RoleName=role, PolicyName="qlab-read", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"},
+                {"Effect": "Allow", "Action": ["ssm:GetParameter"],
+                 "Resource": f"arn:aws:ssm:*:*:parameter/qlab/{did}/*"}]}))
+        iam.attach_role_policy(RoleName=role, PolicyArn="arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore")
+        iam.create_instance_profile(InstanceProfileName=f"{did}-profile")
+        iam.add_role_to_instance_profile(InstanceProfileName=f"{did}-profile", RoleName=role)
+
+    def network(self) -> tuple[str, str]:
+        """The VPC, its internet gateway and the public subnet; returns (vpc id, public subnet id)."""
+        ec2 = self.ec2
+        vpc = ec2.create_vpc(CidrBlock=VPC_CIDR, TagSpecifications=self.tags("vpc", "vpc"))["Vpc"]["VpcId"]
+        ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})
+        igw = ec2.create_internet_gateway(TagSpecifications=self.tags("internet-gateway", "igw"))
+        igw_id = igw["InternetGateway"]["InternetGatewayId"]
+        ec2.attach_internet_gateway(InternetGatewayId=igw_id, VpcId=vpc)
+        public = ec2.create_subnet(VpcId=vpc, CidrBlock=PUBLIC_CIDR,
+                                   TagSpecifications=self.tags("subnet", "public"))["Subnet"]["SubnetId"]
+        rt = ec2.create_route_table(VpcId=vpc, TagSpecifications=self.tags("route-table", "public"))
+        rt_id = rt["RouteTable"]["RouteTableId"]
+        ec2.create_route(RouteTableId=rt_id, DestinationCidrBlock="0.0.0.0/0", GatewayId=igw_id)
+        ec2.associate_route_table(RouteTableId=rt_id, SubnetId=public)
+        return vpc, public
+
+    def security_groups(self, vpc: str) -> None:
+        spec, ec2 = self.spec, self.ec2
+        for name, rules in (
+            ("intermediate", [("udp", 4433, 4434, "0.0.0.0/0")]
+             + ([("tcp", 80, 80, "0.0.0.0/0")] if spec.domain else [])),  # ACME http-01, only with --domain
+            ("connector", [("udp", 4434, 4434, "0.0.0.0/0")] if spec.topology == "relay" else []),
+            ("nat", [("udp", 1024, 65535, "0.0.0.0/0"), ("-1", -1, -1, "10.80.0.0/16")]),  # NAT behaviour is nftables'
+            ("private", [("-1", -1, -1, "10.80.0.0/16")]),
+        ):
+            sg = ec2.create_security_group(GroupName=f"{self.did}-{name}", Description=f"qlab {name}", VpcId=vpc,
+                                           TagSpecifications=self.tags("security-group", name))["GroupId"]
+            if rules:
+                ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[
+                    {"IpProtocol": proto, "FromPort": lo, "ToPort": hi, "IpRanges": [{"CidrIp": cidr}]}
+                    if proto != "-1" else {"IpProtocol": "-1", "IpRanges": [{"CidrIp": cidr}]}
+                    for proto, lo, hi, cidr in rules])
+            self.sgs[name] = sg
+        self.ami = self.cloud.client("ssm").get_parameter(Name=AMI_PARAM)["Parameter"]["Value"]
+
+    def launch(self, name: str, subnet: str, sg: str, user_data: str, *, ip: str | None = None,
+               extra_enis: list | None = None) -> str:
         nics = [{"DeviceIndex": 0, "SubnetId": subnet, "Groups": [sg], "DeleteOnTermination": True,
                  **({"PrivateIpAddress": ip} if ip else {})}]
         for i, (sn, sgid, eip) in enumerate(extra_enis or [], start=1):
             nics.append({"DeviceIndex": i, "SubnetId": sn, "Groups": [sgid], "DeleteOnTermination": True,
                          **({"PrivateIpAddress": eip} if eip else {})})
-        inst = ec2.run_instances(
-            ImageId=ami, InstanceType=spec.instance_type, MinCount=1, MaxCount=1, UserData=user_data,
+        inst = self.ec2.run_instances(
+            ImageId=self.ami, InstanceType=self.spec.instance_type, MinCount=1, MaxCount=1, UserData=user_data,
             NetworkInterfaces=nics, InstanceInitiatedShutdownBehavior="terminate",
-            IamInstanceProfile={"Name": f"{did}-profile"},
+            IamInstanceProfile={"Name": f"{self.did}-profile"},
             MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled"},
-            TagSpecifications=_spec_tags("instance", spec, name, exp) + _spec_tags("volume", spec, name, exp),
+            TagSpecifications=self.tags("instance", name) + self.tags("volume", name),
         )["Instances"][0]
-        state["instances"][name] = {"id": inst["InstanceId"], "subnet": subnet}
+        self.state["instances"][name] = {"id": inst["InstanceId"], "subnet": subnet}
         return inst["InstanceId"]
 
-    def allocate(name: str) -> dict:
-        return ec2.allocate_address(Domain="vpc", TagSpecifications=_spec_tags("elastic-ip", spec, name, exp))
+    def allocate(self, name: str) -> dict:
+        return self.ec2.allocate_address(Domain="vpc", TagSpecifications=self.tags("elastic-ip", name))
 
-    def public_ip(instance_id: str, name: str) -> str:
-        alloc = allocate(name)
-        ec2.associate_address(AllocationId=alloc["AllocationId"], InstanceId=instance_id)
+    def public_ip(self, instance_id: str, name: str) -> str:
+        alloc = self.allocate(name)
+        self.ec2.associate_address(AllocationId=alloc["AllocationId"], InstanceId=instance_id)
         return alloc["PublicIp"]
 
-    # the Intermediate's two addresses (NAT classification needs an alternate IP): Elastic IPs
-    # first, so its user data can advertise them, then each bound to one of its private IPs
-    eips = [allocate("intermediate"), allocate("intermediate-alt")]
-    privs = [INTERMEDIATE_IPS[0], INTERMEDIATE_IPS[1]]
-    inter = launch("intermediate", public, sgs["intermediate"], render_user_data(
-        roles=["intermediate"], intermediate_addrs=((privs[0], eips[0]["PublicIp"]), (privs[1], eips[1]["PublicIp"])),
-        **common), ip=privs[0])
-    ec2.get_waiter("instance_running").wait(InstanceIds=[inter], WaiterConfig={"Delay": 2, "MaxAttempts": 90})
-    eni = ec2.describe_instances(InstanceIds=[inter])["Reservations"][0]["Instances"][0]["NetworkInterfaces"][0]
-    # the secondary private IP (Amazon Linux's ec2-net-utils configures it in the OS by itself)
-    ec2.assign_private_ip_addresses(NetworkInterfaceId=eni["NetworkInterfaceId"], PrivateIpAddresses=[privs[1]])
-    for e, priv in zip(eips, privs, strict=True):
-        ec2.associate_address(AllocationId=e["AllocationId"], NetworkInterfaceId=eni["NetworkInterfaceId"],
-                              PrivateIpAddress=priv)
-    state["intermediate_ip"] = eips[0]["PublicIp"]
-    state["intermediate_ips"] = [e["PublicIp"] for e in eips]
-    if spec.topology == "relay":
-        c = launch("connector", public, sgs["connector"], render_user_data(
-            roles=["echo", "connector"], intermediate=state["intermediate_ip"], service="echo", **common))
-        state["connector_ip"] = public_ip(c, "connector")
-    else:
-        state["rulesets"] = {}
-        # per cell: the NAT preset it was built with ("managed": an AWS NAT Gateway of unknown
-        # behaviour, classify it on the spot), its subnet and its hosts
-        state["cells"] = {}
+    def intermediate(self, public: str) -> None:
+        """The Intermediate's two addresses (NAT classification needs an alternate IP): Elastic IPs
+        first, so its user data can advertise them, then each bound to one of its private IPs."""
+        ec2 = self.ec2
+        eips = [self.allocate("intermediate"), self.allocate("intermediate-alt")]
+        privs = [INTERMEDIATE_IPS[0], INTERMEDIATE_IPS[1]]
+        inter = self.launch("intermediate", public, self.sgs["intermediate"], render_user_data(
+            roles=["intermediate"], intermediate_addrs=((privs[0], eips[0]["PublicIp"]), (privs[1], eips[1]["PublicIp"])),
+            **self.common), ip=privs[0])
+        ec2.get_waiter("instance_running").wait(InstanceIds=[inter], WaiterConfig={"Delay": 2, "MaxAttempts": 90})
+        eni = ec2.describe_instances(InstanceIds=[inter])["Reservations"][0]["Instances"][0]["NetworkInterfaces"][0]
+        # the secondary private IP (Amazon Linux's ec2-net-utils configures it in the OS by itself)
+        ec2.assign_private_ip_addresses(NetworkInterfaceId=eni["NetworkInterfaceId"], PrivateIpAddresses=[privs[1]])
+        for e, priv in zip(eips, privs, strict=True):
+            ec2.associate_address(AllocationId=e["AllocationId"], NetworkInterfaceId=eni["NetworkInterfaceId"],
+                                  PrivateIpAddress=priv)
+        self.state["intermediate_ip"] = eips[0]["PublicIp"]
+        self.state["intermediate_ips"] = [e["PublicIp"] for e in eips]
 
-        def cell(name: str, index: int) -> dict:
-            return {"preset": name, "subnet": f"10.80.{10 + index}.0/24", "nat": f"nat-{name}",
-                    "service": f"echo-{name}", "agents": [f"agent-{name}-{k}" for k in range(spec.agents_per_cell)],
-                    "connector": f"connector-{name}"}
+    def cell(self, name: str, index: int) -> dict:
+        return {"preset": name, "subnet": f"10.80.{10 + index}.0/24", "nat": f"nat-{name}",
+                "service": f"echo-{name}", "agents": [f"agent-{name}-{k}" for k in range(self.spec.agents_per_cell)],
+                "connector": f"connector-{name}"}
 
-        def cell_hosts(rec: dict, subnet_id: str) -> None:
-            for host in rec["agents"]:
-                launch(host, subnet_id, sgs["private"], render_user_data(roles=[], **common))
-            launch(rec["connector"], subnet_id, sgs["private"], render_user_data(
-                roles=["echo", "connector"], intermediate=state["intermediate_ip"], service=rec["service"], **common))
+    def cell_hosts(self, rec: dict, subnet_id: str) -> None:
+        for host in rec["agents"]:
+            self.launch(host, subnet_id, self.sgs["private"], render_user_data(roles=[], **self.common))
+        self.launch(rec["connector"], subnet_id, self.sgs["private"], render_user_data(
+            roles=["echo", "connector"], intermediate=self.state["intermediate_ip"], service=rec["service"],
+            **self.common))
 
-        for i, name in enumerate(spec.presets):
-            rec = state["cells"][name] = cell(name, i)
-            cidr = rec["subnet"]
-            sub = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr,
-                                    TagSpecifications=_spec_tags("subnet", spec, f"private-{name}", exp))["Subnet"]["SubnetId"]
-            wan_ip, lan_ip = f"10.80.0.{100 + i}", f"10.80.{10 + i}.5"
-            ruleset = nat_ruleset(name, wan_ip, cidr)
-            state["rulesets"][name] = ruleset
-            nat = launch(rec["nat"], public, sgs["nat"], render_user_data(roles=[], nat_ruleset=ruleset, **common),
-                         ip=wan_ip, extra_enis=[(sub, sgs["nat"], lan_ip)])
-            public_ip(nat, rec["nat"])
-            for eni in ec2.describe_instances(InstanceIds=[nat])["Reservations"][0]["Instances"][0]["NetworkInterfaces"]:
-                ec2.modify_network_interface_attribute(NetworkInterfaceId=eni["NetworkInterfaceId"],
-                                                       SourceDestCheck={"Value": False})
-            prt = ec2.create_route_table(VpcId=vpc, TagSpecifications=_spec_tags("route-table", spec, f"private-{name}", exp))
-            lan_eni = next(e["NetworkInterfaceId"] for e in ec2.describe_instances(InstanceIds=[nat])["Reservations"][0]
-                           ["Instances"][0]["NetworkInterfaces"] if e["Attachment"]["DeviceIndex"] == 1)
-            ec2.create_route(RouteTableId=prt["RouteTable"]["RouteTableId"], DestinationCidrBlock="0.0.0.0/0",
-                             NetworkInterfaceId=lan_eni)
-            ec2.associate_route_table(RouteTableId=prt["RouteTable"]["RouteTableId"], SubnetId=sub)
-            cell_hosts(rec, sub)
-        if spec.managed_nat:
-            rec = state["cells"]["managed"] = cell("managed", len(spec.presets))
-            rec["nat"], sub = _managed_gateway(ec2, spec, exp, vpc, public, rec["subnet"], allocate)
-            state["nat_gateway"] = rec["nat"]
-            cell_hosts(rec, sub)
-    state["bucket"] = bucket
-    state["vpc"] = vpc
-    state["plan"] = p
-    _save(state)
-    return state
+    def nat_cell(self, vpc: str, public: str, name: str, i: int) -> None:
+        """A NAT instance running the preset's nftables ruleset, its private subnet and hosts."""
+        ec2 = self.ec2
+        rec = self.state["cells"][name] = self.cell(name, i)
+        cidr = rec["subnet"]
+        sub = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr,
+                                TagSpecifications=self.tags("subnet", f"private-{name}"))["Subnet"]["SubnetId"]
+        wan_ip, lan_ip = f"10.80.0.{100 + i}", f"10.80.{10 + i}.5"
+        ruleset = nat_ruleset(name, wan_ip, cidr)
+        self.state["rulesets"][name] = ruleset
+        nat = self.launch(rec["nat"], public, self.sgs["nat"],
+                          render_user_data(roles=[], nat_ruleset=ruleset, **self.common),
+                          ip=wan_ip, extra_enis=[(sub, self.sgs["nat"], lan_ip)])
+        self.public_ip(nat, rec["nat"])
+        for eni in ec2.describe_instances(InstanceIds=[nat])["Reservations"][0]["Instances"][0]["NetworkInterfaces"]:
+            ec2.modify_network_interface_attribute(NetworkInterfaceId=eni["NetworkInterfaceId"],
+                                                   SourceDestCheck={"Value": False})
+        prt = ec2.create_route_table(VpcId=vpc, TagSpecifications=self.tags("route-table", f"private-{name}"))
+        lan_eni = next(e["NetworkInterfaceId"] for e in ec2.describe_instances(InstanceIds=[nat])["Reservations"][0]
+                       ["Instances"][0]["NetworkInterfaces"] if e["Attachment"]["DeviceIndex"] == 1)
+        ec2.create_route(RouteTableId=prt["RouteTable"]["RouteTableId"], DestinationCidrBlock="0.0.0.0/0",
+                         NetworkInterfaceId=lan_eni)
+        ec2.associate_route_table(RouteTableId=prt["RouteTable"]["RouteTableId"], SubnetId=sub)
+        self.cell_hosts(rec, sub)
 
 
 def _managed_gateway(ec2, spec: DeploymentSpec, exp: str, vpc: str, public: str, cidr: str, allocate) -> tuple[str, str]:
