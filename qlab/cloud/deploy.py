@@ -17,6 +17,7 @@ import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qlab.cloud.userdata import render_user_data
 from qlab.nat.nftables import render
@@ -442,13 +443,29 @@ def _name(inst: dict) -> str:
 def down(deployment_id: str, cloud: Cloud) -> dict:
     """Delete everything tagged with the deployment id, in dependency order; idempotent; then
     verify that nothing is left and say so."""
-    ec2, s3, ssm, iam = (cloud.client(n) for n in ("ec2", "s3", "ssm", "iam"))
+    ec2 = cloud.client("ec2")
     f = [{"Name": f"tag:{TAG}", "Values": [deployment_id]}]
     ids = [i["InstanceId"] for i in tagged_instances(cloud, deployment_id)]
     if ids:
         ec2.terminate_instances(InstanceIds=ids)
         ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
-    # the deployment's gateways, and any other in its VPCs (they would block deleting the subnets)
+    _delete_gateways(ec2, f)
+    for a in ec2.describe_addresses(Filters=f)["Addresses"]:
+        if a.get("AssociationId"):
+            ec2.disassociate_address(AssociationId=a["AssociationId"])
+        ec2.release_address(AllocationId=a["AllocationId"])
+    for vpc in ec2.describe_vpcs(Filters=f)["Vpcs"]:
+        _delete_vpc(ec2, vpc["VpcId"])
+    _delete_artefacts(cloud, deployment_id)
+    left = leftovers(deployment_id, cloud)
+    with_state = state_dir() / f"{deployment_id}.json"
+    if not any(left.values()) and with_state.exists():
+        with_state.unlink()
+    return {"deployment_id": deployment_id, "left": left, "clean": not any(left.values())}
+
+
+def _delete_gateways(ec2: Any, f: list) -> None:
+    """The deployment's gateways, and any other in its VPCs (they would block deleting the subnets)."""
     vpc_ids = [v["VpcId"] for v in ec2.describe_vpcs(Filters=f)["Vpcs"]]
     found = ec2.describe_nat_gateways(Filters=f)["NatGateways"]
     if vpc_ids:
@@ -458,30 +475,32 @@ def down(deployment_id: str, cloud: Cloud) -> dict:
         ec2.delete_nat_gateway(NatGatewayId=g)
     if gateways:  # its Elastic IP and subnet are released only once the gateway is gone
         ec2.get_waiter("nat_gateway_deleted").wait(NatGatewayIds=gateways, WaiterConfig={"Delay": 5, "MaxAttempts": 60})
-    for a in ec2.describe_addresses(Filters=f)["Addresses"]:
-        if a.get("AssociationId"):
-            ec2.disassociate_address(AssociationId=a["AssociationId"])
-        ec2.release_address(AllocationId=a["AllocationId"])
-    for vpc in ec2.describe_vpcs(Filters=f)["Vpcs"]:
-        v = vpc["VpcId"]
-        vf = [{"Name": "vpc-id", "Values": [v]}]
-        for eni in ec2.describe_network_interfaces(Filters=vf)["NetworkInterfaces"]:
-            ec2.delete_network_interface(NetworkInterfaceId=eni["NetworkInterfaceId"])
-        for rt in ec2.describe_route_tables(Filters=vf)["RouteTables"]:
-            if any(a.get("Main") for a in rt.get("Associations", [])):
-                continue
-            for a in rt.get("Associations", []):
-                ec2.disassociate_route_table(AssociationId=a["RouteTableAssociationId"])
-            ec2.delete_route_table(RouteTableId=rt["RouteTableId"])
-        for sn in ec2.describe_subnets(Filters=vf)["Subnets"]:
-            ec2.delete_subnet(SubnetId=sn["SubnetId"])
-        for igw in ec2.describe_internet_gateways(Filters=[{"Name": "attachment.vpc-id", "Values": [v]}])["InternetGateways"]:
-            ec2.detach_internet_gateway(InternetGatewayId=igw["InternetGatewayId"], VpcId=v)
-            ec2.delete_internet_gateway(InternetGatewayId=igw["InternetGatewayId"])
-        for sg in ec2.describe_security_groups(Filters=vf)["SecurityGroups"]:
-            if sg["GroupName"] != "default":
-                ec2.delete_security_group(GroupId=sg["GroupId"])
-        ec2.delete_vpc(VpcId=v)
+
+
+def _delete_vpc(ec2: Any, v: str) -> None:
+    vf = [{"Name": "vpc-id", "Values": [v]}]
+    for eni in ec2.describe_network_interfaces(Filters=vf)["NetworkInterfaces"]:
+        ec2.delete_network_interface(NetworkInterfaceId=eni["NetworkInterfaceId"])
+    for rt in ec2.describe_route_tables(Filters=vf)["RouteTables"]:
+        if any(a.get("Main") for a in rt.get("Associations", [])):
+            continue
+        for a in rt.get("Associations", []):
+            ec2.disassociate_route_table(AssociationId=a["RouteTableAssociationId"])
+        ec2.delete_route_table(RouteTableId=rt["RouteTableId"])
+    for sn in ec2.describe_subnets(Filters=vf)["Subnets"]:
+        ec2.delete_subnet(SubnetId=sn["SubnetId"])
+    for igw in ec2.describe_internet_gateways(Filters=[{"Name": "attachment.vpc-id", "Values": [v]}])["InternetGateways"]:
+        ec2.detach_internet_gateway(InternetGatewayId=igw["InternetGatewayId"], VpcId=v)
+        ec2.delete_internet_gateway(InternetGatewayId=igw["InternetGatewayId"])
+    for sg in ec2.describe_security_groups(Filters=vf)["SecurityGroups"]:
+        if sg["GroupName"] != "default":
+            ec2.delete_security_group(GroupId=sg["GroupId"])
+    ec2.delete_vpc(VpcId=v)
+
+
+def _delete_artefacts(cloud: Cloud, deployment_id: str) -> None:
+    """The wheel bucket, the SSM parameters and the instance role."""
+    s3, ssm, iam = (cloud.client(n) for n in ("s3", "ssm", "iam"))
     bucket = f"{deployment_id}-artifacts"
     try:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
@@ -504,11 +523,6 @@ def down(deployment_id: str, cloud: Cloud) -> dict:
                      (iam.delete_role, {"RoleName": role})):
         with contextlib.suppress(iam.exceptions.NoSuchEntityException):
             call(**kw)
-    left = leftovers(deployment_id, cloud)
-    with_state = state_dir() / f"{deployment_id}.json"
-    if not any(left.values()) and with_state.exists():
-        with_state.unlink()
-    return {"deployment_id": deployment_id, "left": left, "clean": not any(left.values())}
 
 
 def leftovers(deployment_id: str, cloud: Cloud) -> dict:
