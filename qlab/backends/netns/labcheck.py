@@ -118,8 +118,8 @@ def check_nat(lab: Lab, router: str, refl: _Reflectors, *, refresh: bool = True)
     host = inside_hosts[0]
     rows: list[CheckRow] = []
 
-    def row(check: str, expected: str, measured: str, ok: bool | None = None) -> None:
-        rows.append(CheckRow(router, check, expected, measured, expected == measured if ok is None else ok))
+    def row(check: str, expected: str, measured: str) -> None:
+        rows.append(CheckRow(router, check, expected, measured, expected == measured))
 
     # mapping: one socket, three destinations
     s = lab.socket(host)
@@ -127,11 +127,24 @@ def check_nat(lab: Lab, router: str, refl: _Reflectors, *, refresh: bool = True)
     local_port = s.getsockname()[1]
     seen = {t: refl.mapped(s, t) for t in ((I1, 3478), (I2, 3478), (I1, 3479))}
     row("mapping", spec.mapping.value, _verdict_mapping(seen))
-    ips = {a[0] for a in seen.values()}
-    row("public address", r.wan_ip, ",".join(sorted(ips)))
-    # port allocation: the first mapping of fresh sockets (EIM), or of new flows (APDM)
-    ports = [a[1] for a in seen.values()]
-    if spec.mapping == Mapping.EIM:
+    row("public address", r.wan_ip, ",".join(sorted({a[0] for a in seen.values()})))
+    row("port allocation", spec.ports.value, _port_allocation(lab, host, refl, spec.mapping, local_port,
+                                                              [a[1] for a in seen.values()]))
+    s.close()
+    row("filtering", spec.filtering.value, _filtering(lab, host, refl))
+    # hairpinning: same host, and another host of the LAN
+    pairs = [("same host", host, host)] + ([("two hosts", host, inside_hosts[1])] if len(inside_hosts) > 1 else [])
+    for label, ha, hb in pairs:
+        row(f"hairpin ({label})", "yes" if spec.hairpinning else "no", _hairpin(lab, ha, hb, refl, r.wan_ip))
+    if refresh:
+        rows.append(_check_refresh(lab, router, host, refl))
+    return rows
+
+
+def _port_allocation(lab: Lab, host: str, refl: _Reflectors, mapping: Mapping, local_port: int,
+                     ports: list[int]) -> str:
+    """The first mapping of fresh sockets (EIM), or of new flows of one socket (ADM/APDM)."""
+    if mapping == Mapping.EIM:
         fresh = []
         for _ in range(3):
             f = lab.socket(host)
@@ -139,18 +152,17 @@ def check_nat(lab: Lab, router: str, refl: _Reflectors, *, refresh: bool = True)
             fresh.append((f.getsockname()[1], refl.mapped(f, (I1, 3478))[1]))
             f.close()
         preserved = all(lp == pp for lp, pp in [(local_port, ports[0]), *fresh])
-        measured = PortAllocation.PRESERVE.value if preserved else "other"
-    else:
-        steps = [b - a for a, b in zip(ports, ports[1:], strict=False)]
-        if all(d == 1 for d in steps):
-            measured = PortAllocation.SEQUENTIAL.value
-        elif local_port in ports:
-            measured = PortAllocation.PRESERVE.value
-        else:
-            measured = PortAllocation.RANDOM.value
-    row("port allocation", spec.ports.value, measured)
-    s.close()
-    # filtering: a fresh mapping that has sent to (I1, 3478) only
+        return PortAllocation.PRESERVE.value if preserved else "other"
+    steps = [b - a for a, b in zip(ports, ports[1:], strict=False)]
+    if all(d == 1 for d in steps):
+        return PortAllocation.SEQUENTIAL.value
+    if local_port in ports:
+        return PortAllocation.PRESERVE.value
+    return PortAllocation.RANDOM.value
+
+
+def _filtering(lab: Lab, host: str, refl: _Reflectors) -> str:
+    """Which reflectors get into a fresh mapping that has sent to (I1, 3478) only."""
     f = lab.socket(host)
     f.bind(("0.0.0.0", 0))
     m = refl.mapped(f, (I1, 3478))
@@ -160,37 +172,31 @@ def check_nat(lab: Lab, router: str, refl: _Reflectors, *, refresh: bool = True)
         admitted[tag] = _recv_tagged(f, tag, 0.5) is not None
     f.close()
     if not admitted[b"same"]:
-        measured = "nothing admitted"
-    elif admitted[b"addr"]:
-        measured = Filtering.EIF.value
-    elif admitted[b"port"]:
-        measured = Filtering.ADF.value
-    else:
-        measured = Filtering.APDF.value
-    row("filtering", spec.filtering.value, measured)
-    # hairpinning: same host, and another host of the LAN
-    pairs = [("same host", host, host)] + ([("two hosts", host, inside_hosts[1])] if len(inside_hosts) > 1 else [])
-    for label, ha, hb in pairs:
-        a, b = lab.socket(ha), lab.socket(hb)
-        a.bind(("0.0.0.0", 0))
-        b.bind(("0.0.0.0", 0))
-        ma, mb = refl.mapped(a, (I1, 3478)), refl.mapped(b, (I1, 3478))
-        for _ in range(3):  # both send, as in a punch (filtering NATs admit only answered peers)
-            a.sendto(b"hp-a", mb)
-            b.sendto(b"hp-b", ma)
-        hairpin_src = _recv_tagged(b, b"hp-a", 0.5)
-        a.close()
-        b.close()
-        if hairpin_src is None:
-            measured = "no"
-        elif hairpin_src[0] == r.wan_ip:
-            measured = "yes"
-        else:
-            measured = f"yes, but seen from {hairpin_src[0]}:{hairpin_src[1]}"
-        row(f"hairpin ({label})", "yes" if spec.hairpinning else "no", measured)
-    if refresh:
-        rows.append(_check_refresh(lab, router, host, refl))
-    return rows
+        return "nothing admitted"
+    if admitted[b"addr"]:
+        return Filtering.EIF.value
+    if admitted[b"port"]:
+        return Filtering.ADF.value
+    return Filtering.APDF.value
+
+
+def _hairpin(lab: Lab, ha: str, hb: str, refl: _Reflectors, wan_ip: str) -> str:
+    """Two sockets (of one host or two) send to each other's public mapping, as in a punch."""
+    a, b = lab.socket(ha), lab.socket(hb)
+    a.bind(("0.0.0.0", 0))
+    b.bind(("0.0.0.0", 0))
+    ma, mb = refl.mapped(a, (I1, 3478)), refl.mapped(b, (I1, 3478))
+    for _ in range(3):  # both send (filtering NATs admit only answered peers)
+        a.sendto(b"hp-a", mb)
+        b.sendto(b"hp-b", ma)
+    hairpin_src = _recv_tagged(b, b"hp-a", 0.5)
+    a.close()
+    b.close()
+    if hairpin_src is None:
+        return "no"
+    if hairpin_src[0] == wan_ip:
+        return "yes"
+    return f"yes, but seen from {hairpin_src[0]}:{hairpin_src[1]}"
 
 
 def _check_refresh(lab: Lab, router: str, host: str, refl: _Reflectors) -> CheckRow:
