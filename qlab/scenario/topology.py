@@ -103,10 +103,13 @@ class Topology:
         return [r.name for r in self.routers] + [h.name for h in self.hosts]
 
 
+_Site = tuple[list[Segment], list[Router], list[Host]]  # what one site adds to a topology
+
+
 def _site(
     side: str, nat_name: str, index: int, uplink: LinkProfile, hosts: list[str], wan_segment: str = INTERNET,
     wan_ip: str | None = None, upstream_gateway: str | None = None,
-) -> tuple[list[Segment], list[Router], list[Host]]:
+) -> _Site:
     """One site: hosts on a LAN behind a NAT router, or hosts directly on the internet (`public`)."""
     spec = preset(nat_name)
     if not spec.nat:
@@ -145,40 +148,18 @@ def build(
     segments: list[Segment] = [Segment(INTERNET, INTERNET_CIDR)]
     routers: list[Router] = []
     hosts: list[Host] = [Host("intermediate", INTERNET, INTERMEDIATE_IPS, link=prof.intermediate)]
-
     if scenario == "same_lan":
-        s, r, h = _site("a", agent_nat, 1, prof.agent, ["agent", "connector"])
+        sites = [_site("a", agent_nat, 1, prof.agent, ["agent", "connector"])]
         connector_nat = agent_nat
-        segments += s
-        routers += r
-        hosts += h
     elif scenario == "double_nat":
-        cgn = preset(carrier_nat)
-        if not cgn.nat:
-            raise ValueError("the carrier NAT of a double NAT cannot be 'public'")
-        carrier = Segment("carrier", "100.64.0.0/24", gateway="100.64.0.1")
-        segments.append(carrier)
-        routers.append(Router("cgnat", cgn, INTERNET, "203.0.113.103", carrier.name, "100.64.0.1", uplink=prof.agent))
-        s, r, h = _site("a", agent_nat, 1, IDEAL, ["agent"], wan_segment=carrier.name, wan_ip="100.64.0.2",
-                        upstream_gateway="100.64.0.1")
-        if not r:
-            raise ValueError("double_nat needs a home NAT on the agent side (agent NAT cannot be 'public')")
-        segments += s
-        routers += r
-        hosts += h
-        s, r, h = _site("c", connector_nat, 2, prof.connector, ["connector"])
-        segments += s
-        routers += r
-        hosts += h
+        sites = _double_nat(agent_nat, connector_nat, carrier_nat, prof)
     else:
-        for side, nat, idx, link, names in (
-            ("a", agent_nat, 1, prof.agent, agent_names),
-            ("c", connector_nat, 2, prof.connector, ["connector"]),
-        ):
-            s, r, h = _site(side, nat, idx, link, names)
-            segments += s
-            routers += r
-            hosts += h
+        sites = [_site("a", agent_nat, 1, prof.agent, agent_names),
+                 _site("c", connector_nat, 2, prof.connector, ["connector"])]
+    for s, r, h in sites:
+        segments += s
+        routers += r
+        hosts += h
 
     return Topology(
         scenario=scenario,
@@ -191,3 +172,17 @@ def build(
         agents=tuple(agent_names),
         meta={"carrier_nat": carrier_nat if scenario == "double_nat" else None},
     )
+
+
+def _double_nat(agent_nat: str, connector_nat: str, carrier_nat: str, prof: NetProfile) -> list[_Site]:
+    """The Agent's home NAT behind a carrier NAT (100.64.0.0/24 between them); the Connector's site as usual."""
+    cgn = preset(carrier_nat)
+    if not cgn.nat:
+        raise ValueError("the carrier NAT of a double NAT cannot be 'public'")
+    carrier = Segment("carrier", "100.64.0.0/24", gateway="100.64.0.1")
+    cgnat = Router("cgnat", cgn, INTERNET, "203.0.113.103", carrier.name, "100.64.0.1", uplink=prof.agent)
+    home = _site("a", agent_nat, 1, IDEAL, ["agent"], wan_segment=carrier.name, wan_ip="100.64.0.2",
+                 upstream_gateway="100.64.0.1")
+    if not home[1]:
+        raise ValueError("double_nat needs a home NAT on the agent side (agent NAT cannot be 'public')")
+    return [([carrier], [cgnat], []), home, _site("c", connector_nat, 2, prof.connector, ["connector"])]
