@@ -167,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"qlab {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for QUIC internals)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in (_certs_and_intermediate, _connector_agent_echo, *_EXTENSIONS):
+        register(sub)
+    return p
 
+
+def _certs_and_intermediate(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("certs", help="the deployment's CA, leaf certificates and secret")
     csub = c.add_subparsers(dest="certs_command", required=True)
     ci = csub.add_parser("init", help="create a CA, leaves for intermediate.qlab and connector.qlab, and a secret")
@@ -188,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--policy", default=None, help="JSON access policy (per-client secrets and services)")
     i.set_defaults(func=cmd_intermediate)
 
+
+def _connector_agent_echo(sub: argparse._SubParsersAction) -> None:
     cn = sub.add_parser("connector", help="run an App Connector")
     cn.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True)
     cn.add_argument("--service", required=True)
@@ -220,10 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("echo", help="run the lab's application: a UDP echo")
     e.add_argument("--listen", type=lambda s: parse_addr(s, 9999), default=("127.0.0.1", 9999))
     e.set_defaults(func=cmd_echo)
-
-    for register in _EXTENSIONS:
-        register(sub)
-    return p
 
 
 # command groups that live in their own modules: `qlab trial/classify/probe`, `campaign`, `lab`, `cloud`
