@@ -78,25 +78,41 @@ def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: st
             "nft -f /etc/qlab/nat.nft",
         ]
     if domain and "intermediate" in roles:
-        live = f"/etc/letsencrypt/live/{domain}"
-        first_public = (intermediate_addrs or (("", ""),))[0][1]
-        lines += [
-            "dnf install -y -q certbot >/dev/null",
-            "# Let's Encrypt (http-01 on TCP 80). Wait (up to 30 minutes) until the domain resolves to this",
-            "# instance's first Elastic IP, so no validation is spent before the A record exists (Let's",
-            "# Encrypt allows 5 failed validations per hostname and account per hour); then at most 4 tries",
-            f"for _ in $(seq 1 180); do getent ahostsv4 {q(domain)} | grep -qwF {q(first_public)} && break; "
-            "sleep 10; done",
-            "for _ in $(seq 1 4); do",
-            f"  certbot certonly --standalone --non-interactive --agree-tos -m {q(acme_email)} -d {q(domain)} "
-            "--deploy-hook 'systemctl restart qlab-intermediate.service' && break",
-            "  sleep 120",
-            "done",
-            f"test -s {q(live + '/fullchain.pem')}",
-        ]
+        lines += _certbot(domain, acme_email, (intermediate_addrs or (("", ""),))[0][1])
+    lines += _units(roles, intermediate, service, intermediate_addrs, domain)
+    if roles:
+        lines.append("systemctl daemon-reload")
+        lines.append("systemctl enable --now " + " ".join(f"qlab-{r}.service" for r in roles))
+    lines += ["install -d /var/lib/qlab", f"touch {READY}  # `qlab cloud run` waits for this"]
+    return "\n".join(lines) + "\n"
+
+
+def _certbot(domain: str, acme_email: str, first_public: str) -> list[str]:
+    q = shlex.quote
+    live = f"/etc/letsencrypt/live/{domain}"
+    return [
+        "dnf install -y -q certbot >/dev/null",
+        "# Let's Encrypt (http-01 on TCP 80). Wait (up to 30 minutes) until the domain resolves to this",
+        "# instance's first Elastic IP, so no validation is spent before the A record exists (Let's",
+        "# Encrypt allows 5 failed validations per hostname and account per hour); then at most 4 tries",
+        f"for _ in $(seq 1 180); do getent ahostsv4 {q(domain)} | grep -qwF {q(first_public)} && break; "
+        "sleep 10; done",
+        "for _ in $(seq 1 4); do",
+        f"  certbot certonly --standalone --non-interactive --agree-tos -m {q(acme_email)} -d {q(domain)} "
+        "--deploy-hook 'systemctl restart qlab-intermediate.service' && break",
+        "  sleep 120",
+        "done",
+        f"test -s {q(live + '/fullchain.pem')}",
+    ]
+
+
+def _units(roles: list[str], intermediate: str, service: str,
+           intermediate_addrs: tuple[tuple[str, str], tuple[str, str]] | None, domain: str) -> list[str]:
+    """One systemd unit per role, written by a heredoc."""
     (ip1, pub1), (ip2, pub2) = intermediate_addrs or (("", ""), ("", ""))
     if "intermediate" in roles and not (ip1 and ip2 and pub1 and pub2):
         raise ValueError("the Intermediate needs both of its private and public addresses")
+    lines = []
     for role in roles:
         cmd = ROLE_COMMANDS[role].format(intermediate=intermediate, service=service, ip1=ip1, ip2=ip2, pub1=pub1,
                                          pub2=pub2)
@@ -107,8 +123,4 @@ def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: st
             cmd += f" --intermediate-name {domain}"
         unit = render_unit(role, " ".join(cmd.split()))
         lines += [f"cat > /etc/systemd/system/qlab-{role}.service <<'QLAB_UNIT'", unit.rstrip("\n"), "QLAB_UNIT"]
-    if roles:
-        lines.append("systemctl daemon-reload")
-        lines.append("systemctl enable --now " + " ".join(f"qlab-{r}.service" for r in roles))
-    lines += ["install -d /var/lib/qlab", f"touch {READY}  # `qlab cloud run` waits for this"]
-    return "\n".join(lines) + "\n"
+    return lines
