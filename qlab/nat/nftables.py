@@ -118,8 +118,13 @@ def _eim(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list[
             f"snat ip to {wan_ip} : ip saddr . udp sport map @imap",
             f'    oifname "{lan}" ip saddr {lan_cidr} ct status dnat snat ip to {wan_ip}',
         ]
-    lines += [
-        "  }",
+    lines.append("  }")
+    return lines + _eim_track(spec, wan)
+
+
+def _eim_track(spec: NatSpec, wan: str) -> list[str]:
+    """The chains that create and refresh the binding and the filter state from live flows."""
+    lines = [
         "  chain track {",
         "    type filter hook postrouting priority srcnat + 10; policy accept;",
         f'    oifname "{wan}" ct direction original update @emap {{ udp sport : ct original ip saddr . ct original proto-src }}',
