@@ -41,8 +41,8 @@ async def test_connector_holds_nothing_after_its_sessions_close(creds) -> None:
     alive: list[weakref.ref[object]] = []
     for sid in range(1, N + 1):
         key = secrets.token_bytes(32)
-        c._on_message(wire.SessionNew(sid, key, "agent", "echo", 1200, wire.NatKind.EIM, peer))
-        c._on_message(wire.StartPunch(sid, 0, wire.NatKind.EIM, peer, 2 if sid % 10 == 0 else 0))
+        c.link_message(wire.SessionNew(sid, key, "agent", "echo", 1200, wire.NatKind.EIM, peer))
+        c.link_message(wire.StartPunch(sid, 0, wire.NatKind.EIM, peer, 2 if sid % 10 == 0 else 0))
         probe = wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, sid, 99), key)
         c._on_raw(probe, ("127.0.0.1", 40000 + sid))  # the peer's probe: answered, recorded
         st = ct.sessions[sid]
@@ -57,7 +57,7 @@ async def test_connector_holds_nothing_after_its_sessions_close(creds) -> None:
     del st, pools
 
     for sid in range(1, N + 1):
-        c._on_message(wire.SessionClosed(sid, wire.NackCode.PEER_GONE, "agent left"))
+        c.link_message(wire.SessionClosed(sid, wire.NackCode.PEER_GONE, "agent left"))
     await asyncio.sleep(0.05)
     gc.collect()
 
@@ -76,7 +76,7 @@ async def test_agent_releases_a_session_that_ends(creds) -> None:
     peer = (await silent_peer(net),)
     st = at.begin("echo")  # never opens: there is no Intermediate, so the open fails at once
     st.session.key = secrets.token_bytes(32)
-    agent._on_message(wire.StartPunch(st.id, 0, wire.NatKind.EIM, peer, 0))
+    agent.link_message(wire.StartPunch(st.id, 0, wire.NatKind.EIM, peer, 0))
     assert st.runner is not None and st.puncher is not None
     refs = [weakref.ref(st), weakref.ref(st.runner), weakref.ref(st.puncher)]
     session = st.session

@@ -168,7 +168,7 @@ class Agent:
         self.endpoint = Endpoint(net, raw_handler=self._on_raw)
         self.link = IntermediateLink(
             self.endpoint, intermediate, creds, wire.Role.AGENT, name,
-            on_message=self._on_message, on_up=self._on_up, on_datagram=self._on_relay, on_reply=self._on_reply,
+            owner=self,
         )
         self.tasks = Tasks()
         # the offer a re-opened session carries (the traversal layer sets it once it knows the NAT)
@@ -179,7 +179,7 @@ class Agent:
         """Observe this Agent's events (`AgentEvent`); returns the call that unsubscribes."""
         return self.events.subscribe(handler)
 
-    def _on_reply(self, msg: wire.Message) -> None:
+    def link_reply(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.SessionOpened) and msg.session in self.sessions:
             self.sessions[msg.session]._opened(msg)
 
@@ -198,7 +198,7 @@ class Agent:
         except Refused as exc:
             log.error("the Intermediate refused this agent on reconnect: %s", exc)
 
-    def _on_up(self) -> None:
+    def link_up(self) -> None:
         for s in list(self.sessions.values()):
             if s.opened.done() and not s.opened.cancelled() and not s.opened.exception():
                 self.tasks.spawn(self._reopen(s))
@@ -311,7 +311,7 @@ class Agent:
         self.link.close()
         self.endpoint.close()
 
-    def _on_relay(self, data: bytes) -> None:
+    def link_datagram(self, data: bytes) -> None:
         try:
             sid, payload = wire.decode_app(data)
         except wire.WireError:
@@ -320,7 +320,7 @@ class Agent:
         if s is not None:
             s.deliver(payload, Path.RELAY)
 
-    def _on_message(self, msg: wire.Message) -> None:
+    def link_message(self, msg: wire.Message) -> None:
         if self.events.offer(ControlReceived(msg)):
             return
         if isinstance(msg, wire.SessionClosed):

@@ -90,7 +90,7 @@ class Connector:
         )
         self.link = IntermediateLink(
             self.endpoint, intermediate, creds, wire.Role.CONNECTOR, name,
-            on_message=self._on_message, on_up=self._on_up, on_datagram=self._on_relay,
+            owner=self,
         )
         self.registered = asyncio.Event()
         self.held = HeldDatagrams()
@@ -128,7 +128,7 @@ class Connector:
             self.failed.set()
             self.registered.set()  # wake waiters; they check `fatal`
 
-    def _on_up(self) -> None:
+    def link_up(self) -> None:
         self.registered.clear()
         self.tasks.spawn(self._register())
         self.events.emit(LinkUp())
@@ -172,7 +172,7 @@ class Connector:
         self.endpoint.close()
 
     # -- signaling ------------------------------------------------------------------------------
-    def _on_message(self, msg: wire.Message) -> None:
+    def link_message(self, msg: wire.Message) -> None:
         if self.events.offer(ControlReceived(msg)):
             return
         if isinstance(msg, wire.SessionNew):
@@ -187,7 +187,7 @@ class Connector:
             self.sessions[msg.session] = s
             log.info("session %08x from agent %s", msg.session, msg.agent)
             for data in self.held.take(asyncio.get_running_loop().time(), msg.session):
-                self._on_relay(data)
+                self.link_datagram(data)
             if old is not None:
                 self._end_session(old, "replaced by a new session with the same id")
             self.events.emit(SessionStarted(s))
@@ -213,7 +213,10 @@ class Connector:
         self.events.offer(RawReceived(data, addr))
 
     # -- application forwarding -----------------------------------------------------------------
-    def _on_relay(self, data: bytes) -> None:
+    def link_reply(self, msg: wire.Message) -> None:
+        pass  # the Connector makes no request whose reply matters before its waiter wakes
+
+    def link_datagram(self, data: bytes) -> None:
         try:
             sid, payload = wire.decode_app(data)
         except wire.WireError:

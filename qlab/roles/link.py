@@ -3,14 +3,14 @@
 Both roles keep one QUIC connection to the Intermediate on their one shared socket. This class owns
 that connection and moves its messages: the control rules (hello, QAD, request ids and reply
 matching, keepalive, backoff) are `qlab.roles.control`'s, shared with the QAD probes of
-`qlab.traversal.detect`. Role-specific control messages are handed to the role's `on_message`.
+`qlab.traversal.detect`. Role-specific control messages go to the owning role (`LinkOwner`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from typing import Protocol
 
 from qlab import wire
 from qlab.certs import INTERMEDIATE_NAME, Credentials
@@ -59,6 +59,40 @@ def _tls_failure(conn: Connection | None) -> bool:
     return event is not None and 0x100 <= event.error_code <= 0x1FF
 
 
+class LinkOwner(Protocol):
+    """What a link tells the role that owns it (the one observer protocol of a link, as
+    `endpoint.Handler` is a connection's)."""
+
+    def link_up(self) -> None:
+        """Connected and welcomed (again)."""
+
+    def link_message(self, msg: wire.Message) -> None:
+        """A role-specific control message (signaling) from the Intermediate."""
+
+    def link_reply(self, msg: wire.Message) -> None:
+        """A reply to a request, before it wakes the requester and before later messages of its
+        batch (a StartPunch that follows a SessionOpened needs the session key)."""
+
+    def link_datagram(self, data: bytes) -> None:
+        """A relayed DATAGRAM."""
+
+
+class _NoOwner:
+    """A link nobody listens to (handshake tests, benchmarks)."""
+
+    def link_up(self) -> None:
+        pass
+
+    def link_message(self, msg: wire.Message) -> None:
+        pass
+
+    def link_reply(self, msg: wire.Message) -> None:
+        pass
+
+    def link_datagram(self, data: bytes) -> None:
+        pass
+
+
 class IntermediateLink(Handler):
     """One role's connection to the Intermediate, kept up across losses (the asyncio shell of
     `ControlClient`)."""
@@ -70,10 +104,7 @@ class IntermediateLink(Handler):
         creds: Credentials,
         role: wire.Role,
         name: str,
-        on_message: Callable[[wire.Message], None] | None = None,
-        on_up: Callable[[], None] | None = None,
-        on_datagram: Callable[[bytes], None] | None = None,
-        on_reply: Callable[[wire.Message], None] | None = None,
+        owner: LinkOwner | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.intermediate = intermediate
@@ -81,10 +112,7 @@ class IntermediateLink(Handler):
         self.role = role
         self.name = name
         self.control = ControlClient(role, name, creds.secret)
-        self.on_message = on_message or (lambda m: None)
-        self.on_up = on_up
-        self.on_datagram_cb = on_datagram
-        self.on_reply = on_reply
+        self.owner: LinkOwner = owner or _NoOwner()
         self.conn: Connection | None = None
         self.observed_changed = asyncio.Event()
         self._welcome: asyncio.Future[None] | None = None
@@ -154,8 +182,7 @@ class IntermediateLink(Handler):
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
         self._keepalive_task = loop.create_task(self._keep_alive(self.conn))
-        if self.on_up is not None:
-            self.on_up()
+        self.owner.link_up()
 
     def _drop_attempt(self, reason: str) -> None:
         """Give up the current attempt at once. It is detached first: its end (now, or after its
@@ -269,18 +296,16 @@ class IntermediateLink(Handler):
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_exception(Refused(event.code, event.reason))
         elif isinstance(event, Replied):
-            if self.on_reply is not None:
-                self.on_reply(event.reply)  # now, before later messages of this batch (StartPunch needs the key)
+            self.owner.link_reply(event.reply)  # now, before later messages of this batch
             fut = self._pending.get(event.req)
             if fut is not None and not fut.done():
                 fut.set_result(event.reply)
         elif isinstance(event, RoleMessage):
-            self.on_message(event.msg)
+            self.owner.link_message(event.msg)
 
     def on_datagram(self, conn: Connection, data: bytes) -> None:
         self.liveness.heard(asyncio.get_running_loop().time())
-        if self.on_datagram_cb is not None:
-            self.on_datagram_cb(data)
+        self.owner.link_datagram(data)
 
     def on_closed(self, conn: Connection, reason: str) -> None:
         if conn is not self.conn:
