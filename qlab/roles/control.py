@@ -79,7 +79,6 @@ class ControlClient:
     client_id: int | None = None
     max_relay_payload: int = 0
     observed: Addr | None = None
-    observed_history: list[Addr] = field(default_factory=list)
     _next_req: int = field(default=1, init=False, repr=False)
     _pending: set[int] = field(default_factory=set, init=False, repr=False)
     _outbox: list[wire.Message] = field(default_factory=list, init=False, repr=False)
@@ -125,7 +124,6 @@ class ControlClient:
         if addr == self.observed:
             return None
         self.observed = addr
-        self.observed_history.append(addr)
         return AddressObserved(addr)
 
     def messages_to_send(self) -> list[wire.Message]:

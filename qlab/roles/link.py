@@ -114,7 +114,6 @@ class IntermediateLink(Handler):
         self.control = ControlClient(role, name, creds.secret)
         self.owner: LinkOwner = owner or _NoOwner()
         self.conn: Connection | None = None
-        self.observed_changed = asyncio.Event()
         self._welcome: asyncio.Future[None] | None = None
         self._pending: dict[int, asyncio.Future[wire.Message]] = {}
         self._closed = False
@@ -137,10 +136,6 @@ class IntermediateLink(Handler):
     @property
     def observed(self) -> Addr | None:
         return self.control.observed
-
-    @property
-    def observed_history(self) -> list[Addr]:
-        return self.control.observed_history
 
     # -- connection lifecycle -------------------------------------------------------------------
     async def connect(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
@@ -291,7 +286,6 @@ class IntermediateLink(Handler):
                 self._welcome.set_result(None)
         elif isinstance(event, AddressObserved):
             log.info("QAD: %s observed at %s:%d", self.name, *event.addr)
-            self.observed_changed.set()
         elif isinstance(event, HelloRefused):
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_exception(Refused(event.code, event.reason))
