@@ -159,3 +159,19 @@ def test_spec_accepts(kw):
 
 def test_spec_keeps_a_given_trial_id():
     assert TrialSpec(trial_id="abc").trial_id == "abc"
+
+
+def test_notebooks_of_the_flat_layout_still_import_for_one_release():
+    """`from qlab import results` (the old flat layout) resolves to qlab.study.results, with a warning."""
+    code = ("import warnings, qlab.study.results as new\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from qlab import results, analysis\n"
+            "assert results is new and analysis.__name__ == 'qlab.study.analysis'\n"
+            "assert any('qlab.study.results' in str(x.message) for x in w), [str(x.message) for x in w]\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    with pytest.raises(AttributeError):
+        import qlab
+
+        qlab.nothing_here  # noqa: B018
