@@ -81,15 +81,19 @@ def attach(state: dict):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from qlab.backends.netns.labcheck import check, format_table
+    from qlab.backends.netns.labcheck import RttBounds, check, format_table
 
     if args.samples < 10:
         raise ValueError("--samples must be at least 10")
+    if args.p95_slack < 0 or any(x is not None and x < 0 for x in (args.p50_tolerance, args.p50_above)):
+        raise ValueError("--p50-tolerance, --p50-above and --p95-slack must be >= 0")
     if args.rounds < 1:
         raise ValueError("--rounds must be at least 1")
     lab = attach(_pick(args.run))
     try:
-        rows = check(lab, samples=args.samples, refresh=not args.no_refresh, rounds=args.rounds)
+        rows = check(lab, samples=args.samples, refresh=not args.no_refresh, rounds=args.rounds,
+                     bounds=RttBounds(p50_ms=args.p50_tolerance, p50_above_ms=args.p50_above,
+                                      p95_slack_ms=args.p95_slack))
     except (RuntimeError, OSError) as exc:  # a namespace gone, a lab half down: say so in one line
         print(f"qlab lab check: the lab could not be measured: {exc}", file=sys.stderr)
         return 2
@@ -144,6 +148,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ck.add_argument("--samples", type=int, default=100, help="ICMP round trips per path")
     ck.add_argument("--rounds", type=int, default=3,
                     help="measure a path whose round fails again, up to this many rounds")
+    ck.add_argument("--p50-tolerance", type=float, default=None, metavar="MS",
+                    help="how far a path's RTT p50 may be from the profile (default: 5 %% or 1 ms)")
+    ck.add_argument("--p50-above", type=float, default=None, metavar="MS",
+                    help="how far above the profile a path's RTT p50 may be (default: as --p50-tolerance)")
+    ck.add_argument("--p95-slack", type=float, default=3.0, metavar="MS",
+                    help="how far above the profile (plus its jitter) a path's RTT p95 may be (3 ms)")
     ck.add_argument("--no-refresh", action="store_true", help="skip the binding-refresh check (5 s per NAT)")
     ck.add_argument("--json", action="store_true", help="the rows as JSON")
     ck.set_defaults(func=cmd_check)

@@ -283,24 +283,43 @@ def rtt_tolerance_ms(configured: float) -> float:
     return max(0.05 * configured, 1.0)
 
 
-def _path_rows(path: ProbePath, r: RttSamples, samples: int, note: str) -> list[CheckRow]:
+@dataclass(frozen=True)
+class RttBounds:
+    """How far a path's RTT may be from its profile: p50 within ±5 % or ±1 ms (`p50_ms` overrides
+    both sides, `p50_above_ms` the upper one), p95 at most `p95_slack_ms` above the profile plus its
+    jitter. The defaults are the lab's target on a quiet machine (benchmarks/wire.py measures it).
+    A busy or virtual host only adds delay, so tests keep the lower bound tight and the upper ones
+    loose: links without the profile, or with another one, still fail."""
+
+    p50_ms: float | None = None
+    p50_above_ms: float | None = None
+    p95_slack_ms: float = 3.0
+
+    def p50_range(self, configured: float) -> tuple[float, float]:
+        below = self.p50_ms if self.p50_ms is not None else rtt_tolerance_ms(configured)
+        above = self.p50_above_ms if self.p50_above_ms is not None else below
+        return configured - below, configured + above
+
+
+def _path_rows(path: ProbePath, r: RttSamples, samples: int, note: str, bounds: RttBounds) -> list[CheckRow]:
     label, configured, jitter, loss = path.label, path.configured_ms, path.jitter_ms, path.loss
     if r.p50 is None or r.p95 is None:
         return [CheckRow(label, "rtt", f"{configured:g} ms", "no reply" + note, False)]
-    tol = rtt_tolerance_ms(configured)
+    (lo, hi), p95_max = bounds.p50_range(configured), configured + jitter + bounds.p95_slack_ms
+    expected = f"{configured:g} ± {hi - configured:.2g} ms" if hi - configured == configured - lo else \
+        f"{lo:.3g} to {hi:.3g} ms"
     # loss within 4 standard deviations of the configured rate (and one packet)
     slack = 4 * math.sqrt(max(samples * loss * (1 - loss), 1.0)) + 1
     return [
-        CheckRow(label, "rtt p50", f"{configured:g} ± {tol:.2g} ms", f"{r.p50:.2f} ms{note}",
-                 abs(r.p50 - configured) <= tol),
-        CheckRow(label, "rtt p95", f"<= {configured + jitter + 3:g} ms", f"{r.p95:.2f} ms{note}",
-                 r.p95 <= configured + jitter + 3.0),
+        CheckRow(label, "rtt p50", expected, f"{r.p50:.2f} ms{note}", lo <= r.p50 <= hi),
+        CheckRow(label, "rtt p95", f"<= {p95_max:g} ms", f"{r.p95:.2f} ms{note}", r.p95 <= p95_max),
         CheckRow(label, "loss", f"{loss:.1%}", f"{r.lost / samples:.1%}{note}",
                  abs(r.lost - loss * samples) <= slack),
     ]
 
 
-def check_links(lab: Lab, *, samples: int = 100, interval: float = 0.02, rounds: int = 3) -> list[CheckRow]:
+def check_links(lab: Lab, *, samples: int = 100, interval: float = 0.02, rounds: int = 3,
+                bounds: RttBounds = RttBounds()) -> list[CheckRow]:
     """ICMP round trips on the paths a trial uses, against the profile.
 
     A path whose round fails is measured again, up to `rounds` rounds, and its rows say which round
@@ -310,14 +329,15 @@ def check_links(lab: Lab, *, samples: int = 100, interval: float = 0.02, rounds:
     for path in probe_paths(lab):
         for k in range(1, rounds + 1):
             note = f" (round {k} of {rounds})" if k > 1 else ""
-            found = _path_rows(path, measure(lab, path, samples=samples, interval=interval), samples, note)
+            found = _path_rows(path, measure(lab, path, samples=samples, interval=interval), samples, note, bounds)
             if all(r.ok for r in found):
                 break
         rows += found
     return rows
 
 
-def check(lab: Lab, *, samples: int = 100, refresh: bool = True, rounds: int = 3) -> list[CheckRow]:
+def check(lab: Lab, *, samples: int = 100, refresh: bool = True, rounds: int = 3,
+          bounds: RttBounds = RttBounds()) -> list[CheckRow]:
     """Every NAT against its spec, then every path against the profile."""
     rows: list[CheckRow] = []
     refl = _Reflectors(lab)
@@ -329,7 +349,7 @@ def check(lab: Lab, *, samples: int = 100, refresh: bool = True, rounds: int = 3
             rows += check_nat(lab, r.name, refl, refresh=refresh)
     finally:
         refl.close()
-    rows += check_links(lab, samples=samples, rounds=rounds)
+    rows += check_links(lab, samples=samples, rounds=rounds, bounds=bounds)
     return rows
 
 
