@@ -697,6 +697,14 @@ def decode_classify_test(data: bytes) -> tuple[int, tuple[str, int]]:
 # --- authentication ----------------------------------------------------------------------------
 
 
+def role_secret(root: bytes, role: Role) -> bytes:
+    """A role's own secret, derived from the deployment's root secret: HMAC-SHA256(root,
+    "qlab/1 role" | role), as 64 hex digits (the format of the files `qlab certs init` writes).
+    Agents hold only the Agent secret and Connectors only the Connector secret, so an Agent's
+    credentials cannot register a service; the Intermediate holds the root and derives both."""
+    return hmac.new(root, b"qlab/1 role\x00" + bytes([int(role)]), hashlib.sha256).hexdigest().encode()
+
+
 def hello_auth(secret: bytes, role: Role, name: str) -> bytes:
     """The HELLO tag: HMAC-SHA256(secret, "qlab/1 hello" | role | name). Sent inside TLS 1.3."""
     return hmac.new(secret, b"qlab/1 hello\x00" + bytes([int(role)]) + name.encode(), hashlib.sha256).digest()
