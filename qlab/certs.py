@@ -2,10 +2,12 @@
 
 `qlab certs init DIR` writes `ca.pem` (public, every client pins it), `ca.key`, a leaf for the
 Intermediate (`intermediate.pem/.key`, name `intermediate.qlab`) and one for the Connector's P2P
-listener (`connector.pem/.key`, name `connector.qlab`), and `secret` (the per-deployment secret a
-client needs to register or relay). Keys are EC P-256; leaves are CA-signed with CA:FALSE and
-serverAuth, which both aioquic and qh3 accept. Clients verify against the CA: there is no
-"verify off" switch.
+listener (`connector.pem/.key`, name `connector.qlab`), `secret` (the deployment's root secret: only
+the Intermediate holds it) and the two role secrets derived from it, `agent.secret` and
+`connector.secret` (`wire.role_secret`; an Agent's cannot register a service). Keys and secrets are
+0600, created exclusively (nothing already lying in DIR is reused or followed). Keys are EC P-256;
+leaves are CA-signed with CA:FALSE and serverAuth, which both aioquic and qh3 accept. Clients verify
+against the CA: there is no "verify off" switch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import datetime as dt
 import ipaddress
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,30 +85,58 @@ def make_leaf(
     return cert, key
 
 
+ROLE_SECRETS = {"agent.secret": wire.Role.AGENT, "connector.secret": wire.Role.CONNECTOR}
+
+
 def init_dir(directory: str | os.PathLike, *, force: bool = False) -> Path:
-    """Create a CA, both leaves and a secret in `directory`. Refuses to overwrite unless `force`."""
+    """Create a CA, both leaves, the root secret and both role secrets in `directory`. Refuses to
+    overwrite unless `force`. All or nothing: if any file cannot be written, none is replaced."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    existing = [p.name for p in d.iterdir() if p.name in {"ca.pem", "ca.key", "secret"}]
+    existing = [p.name for p in d.iterdir() if p.name in {"ca.pem", "ca.key", "secret", *ROLE_SECRETS}]
     if existing and not force:
         raise FileExistsError(f"{d} already holds a qlab CA ({', '.join(sorted(existing))}); use --force to replace it")
     ca_cert, ca_key = make_ca()
-    _write(d / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(d / "ca.key", _pem_key(ca_key), 0o600)
+    files = {"ca.pem": (ca_cert.public_bytes(serialization.Encoding.PEM), 0o644), "ca.key": (_pem_key(ca_key), 0o600)}
     for stem, dns in LEAVES.items():
         cert, key = make_leaf(ca_cert, ca_key, dns)
-        _write(d / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        _write(d / f"{stem}.key", _pem_key(key), 0o600)
-    _write(d / "secret", secrets.token_hex(32).encode() + b"\n", 0o600)
+        files[f"{stem}.pem"] = (cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        files[f"{stem}.key"] = (_pem_key(key), 0o600)
+    root = secrets.token_hex(32).encode()
+    files["secret"] = (root + b"\n", 0o600)
+    for name, role in ROLE_SECRETS.items():
+        files[name] = (wire.role_secret(root, role) + b"\n", 0o600)
+    _write(d, files)
     return d
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def _write(directory: Path, files: dict[str, tuple[bytes, int]]) -> None:
+    """Write each file {name: (data, mode)} into `directory` with exactly its mode, atomically.
+    Each goes first to a fresh temp name that mkstemp creates with O_EXCL|O_NOFOLLOW (so a stale
+    file, whatever its mode, or a symlink planted there is never reused or followed), is chmod-ed
+    and fsync-ed, and only when every temp file is complete are they renamed over the old files."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for name, (data, mode) in files.items():
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+            staged.append((tmp, directory / name))
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), mode)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        while staged:
+            os.replace(*staged[0])  # replaces a symlink at the final path itself, never its target
+            staged.pop(0)
+    finally:  # nothing half-written is left behind
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)  # the renames survive a crash
+    finally:
+        os.close(dir_fd)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     from qlab.certs import init_dir
 
     d = init_dir(args.dir, force=args.force)
-    print(f"qlab CA, leaves (intermediate.qlab, connector.qlab) and a deployment secret written to {d}")
+    print("qlab CA, leaves (intermediate.qlab, connector.qlab), the root secret (Intermediate only) and the "
+          f"role secrets agent.secret and connector.secret written to {d}")
     return 0
 
 
@@ -173,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _certs_and_intermediate(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("certs", help="the deployment's CA, leaf certificates and secret")
+    c = sub.add_parser("certs", help="the deployment's CA, leaf certificates and secrets")
     csub = c.add_subparsers(dest="certs_command", required=True)
-    ci = csub.add_parser("init", help="create a CA, leaves for intermediate.qlab and connector.qlab, and a secret")
+    ci = csub.add_parser("init", help="create a CA, leaves for intermediate.qlab and connector.qlab, the root "
+                                      "secret and the Agent's and Connector's secrets (all keys and secrets 0600)")
     ci.add_argument("dir")
     ci.add_argument("--force", action="store_true", help="replace an existing CA")
     ci.set_defaults(func=cmd_certs_init)
