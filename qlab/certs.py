@@ -193,13 +193,18 @@ class Credentials:
 
 
 def quic_config(*, is_client: bool, idle_timeout: float = 30.0) -> QuicConfiguration:
-    from qlab.endpoint import CID_LENGTH, MAX_DATAGRAM_SIZE
+    """qlab's QUIC settings. A DATAGRAM frame never exceeds the packet carrying it, so the largest
+    we accept is MAX_DATAGRAM_SIZE (aioquic refuses larger ones, PROTOCOL_VIOLATION); receive windows
+    are the endpoint's (they slide, see quic_internals.BoundedQuicConnection)."""
+    from qlab.endpoint import CID_LENGTH, CONNECTION_WINDOW, MAX_DATAGRAM_SIZE, STREAM_WINDOW
 
     cfg = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[wire.ALPN],
-        max_datagram_frame_size=65536,
+        max_datagram_frame_size=MAX_DATAGRAM_SIZE,
         max_datagram_size=MAX_DATAGRAM_SIZE,
+        max_data=CONNECTION_WINDOW,
+        max_stream_data=STREAM_WINDOW,
         idle_timeout=idle_timeout,
         connection_id_length=CID_LENGTH,
     )

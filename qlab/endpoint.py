@@ -8,6 +8,15 @@ configuration, and hands every datagram whose QUIC fixed bit is clear to a raw h
 
 Receiving and sending are batched: a burst of datagrams is fed to the connections first, then each
 connection that has something to send transmits once.
+
+A server-role connection is unproven until its role calls `mark_proven` (the Intermediate on an
+accepted HELLO, the Connector on a verified DirectHello). Whatever an unauthenticated peer can make
+the endpoint hold is bounded: a handshake must finish within `handshake_timeout` and the peer must
+prove itself within `proof_timeout`, or the connection goes; each source IP may hold at most
+`max_unproven_per_source` unproven connections, all of them `max_unproven`; past `retry_threshold`
+half-open handshakes a new one must first echo a Retry token (RFC 9000 8.1.2), which a spoofed
+source cannot; receive windows slide with consumed data (`quic_internals.BoundedQuicConnection`)
+and a peer may open one stream, the control stream.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+from collections import defaultdict
 from collections.abc import Callable
 
 from aioquic.buffer import Buffer
@@ -22,7 +33,8 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.packet import QuicErrorCode, QuicHeader, QuicPacketType, encode_quic_retry, pull_quic_header
+from aioquic.quic.retry import QuicRetryTokenHandler
 
 from qlab import quic_internals as qi
 from qlab import wire
@@ -34,7 +46,26 @@ CID_LENGTH = 8  # every connection on a socket shares it: short headers carry no
 MAX_DATAGRAM_SIZE = 1350  # UDP payload of QUIC packets; fits any path with a 1400+ MTU
 DATAGRAM_OVERHEAD = 40  # short header, packet number, AEAD tag and DATAGRAM frame header, with margin
 MAX_PENDING_DATAGRAMS = 1024  # per connection: aioquic's queue is unbounded, ours is not
-MAX_HALF_OPEN = 1024  # server connections still in their handshake, per socket
+# Receive windows. A connection carries one stream, the control stream, whose framer holds at most
+# 4 x 16 KiB (wire.ControlFramer), so one window of that size per stream and per connection: at most
+# 64 KiB reassembly + 64 KiB framed per connection, and 64 KiB per RTT is far above control traffic.
+# DATAGRAM frames (the relayed traffic) are not flow-controlled; their size is capped instead.
+STREAM_WINDOW = 64 * 1024
+CONNECTION_WINDOW = STREAM_WINDOW
+# Unauthenticated peers (issue 13). An honest handshake takes a few RTTs and a HELLO one more;
+# aioquic alone would hold a half-open connection for the 30 s idle timeout, an unproven one forever.
+HANDSHAKE_TIMEOUT = 3.0  # seconds from a server connection's first Initial to handshake completion
+PROOF_TIMEOUT = 5.0  # seconds from its first Initial until the role marks it proven
+RETRY_THRESHOLD = 64  # half-open handshakes beyond which a new one must answer a Retry first
+MAX_UNPROVEN_PER_SOURCE = 32  # unproven server connections per source IP
+MAX_UNPROVEN = 1024  # unproven server connections per socket
+# closes for cause, by the transport error aioquic raised on a peer's violation
+VIOLATIONS: dict[int, str] = {
+    QuicErrorCode.FLOW_CONTROL_ERROR: "flow_control",
+    QuicErrorCode.FINAL_SIZE_ERROR: "flow_control",
+    QuicErrorCode.STREAM_LIMIT_ERROR: "stream_violation",
+    QuicErrorCode.STREAM_STATE_ERROR: "stream_violation",
+}
 
 
 class DatagramTooLarge(ValueError):
@@ -59,25 +90,53 @@ class HeldDatagrams:
 
     aioquic writes DATAGRAM frames before STREAM frames in a packet, so a session's first relayed
     datagram can be processed before the message that opens the session. A receiver holds a few,
-    for a short time, and replays them when the session appears; the rest are dropped.
+    for a short time, and replays them when the session appears; the rest are dropped. Under a
+    running loop a timer drops them once `max_age` has passed, so nothing waits for the next call.
     """
 
     def __init__(self, limit: int = 32, max_age: float = 2.0) -> None:
         self.limit = limit
         self.max_age = max_age
         self.items: list[tuple[float, int, bytes]] = []
+        self._expiry: asyncio.TimerHandle | None = None
+        self._clock_offset = 0.0  # the callers' clock minus the loop's (sans-IO callers pass their own)
 
     def hold(self, now: float, key: int, data: bytes) -> bool:
-        self.items = [i for i in self.items if now - i[0] <= self.max_age]
+        self._expire(now)
         if len(self.items) >= self.limit:
             return False
         self.items.append((now, key, data))
+        self._arm(now)
         return True
 
     def take(self, now: float, key: int) -> list[bytes]:
         out = [d for t, k, d in self.items if k == key and now - t <= self.max_age]
-        self.items = [i for i in self.items if i[1] != key and now - i[0] <= self.max_age]
+        self.items = [i for i in self.items if i[1] != key]
+        self._expire(now)
         return out
+
+    def _expire(self, now: float) -> None:
+        self.items = [i for i in self.items if now - i[0] <= self.max_age]
+        if not self.items and self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _arm(self, now: float) -> None:
+        if self._expiry is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a sans-IO test): expiry happens on the next hold or take
+        self._clock_offset = now - loop.time()
+        self._expiry = loop.call_later(self.items[0][0] + self.max_age - now + 1e-3, self._on_expiry, loop)
+
+    def _on_expiry(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._expiry = None
+        now = loop.time() + self._clock_offset
+        self._expire(now)
+        if self.items:
+            self._arm(now)
 
 
 class Handler:
@@ -112,6 +171,19 @@ class Connection:
         self.close_reason = ""
         self.peer_addr: Addr | None = None
         self.handshake_done = asyncio.get_running_loop().create_future()
+        # server role: unproven until the role says otherwise; `source` is the IP it is counted under
+        self.proven = is_client
+        self.half_open = False
+        self.source: str | None = None
+        self.accepted_at = 0.0
+        self.deadline: asyncio.TimerHandle | None = None
+        self.close_noted = False  # its close was classified (and counted if for cause)
+
+    def mark_proven(self) -> None:
+        """The peer proved itself (an accepted HELLO, a verified DirectHello): it may stay."""
+        if not self.proven:
+            self.proven = True
+            self.endpoint.note_proven(self)
 
     # -- sending --------------------------------------------------------------------------------
     @property
@@ -167,7 +239,7 @@ class Connection:
 
     def __repr__(self) -> str:
         role = "client" if self.is_client else "server"
-        return f"<Connection {role} peer={self.peer_addr} established={self.established}>"
+        return f"<Connection {role} peer={self.peer_addr} established={self.established} proven={self.proven}>"
 
 
 class Endpoint:
@@ -193,8 +265,20 @@ class Endpoint:
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = {"rx": 0, "tx": 0, "raw_rx": 0, "dropped_unknown": 0, "dropped_malformed": 0,
-                      "dropped_half_open_cap": 0, "dropped_first_initial": 0}
-        self.max_half_open = MAX_HALF_OPEN
+                      "dropped_first_initial": 0, "dropped_source_cap": 0, "dropped_unproven_cap": 0,
+                      "dropped_bad_token": 0, "retry_sent": 0}
+        # knobs for unauthenticated peers (module constants explain the defaults)
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.proof_timeout = PROOF_TIMEOUT
+        self.retry_threshold = RETRY_THRESHOLD
+        self.max_unproven_per_source = MAX_UNPROVEN_PER_SOURCE
+        self.max_unproven = MAX_UNPROVEN
+        self.half_open = 0  # server connections in their handshake
+        self.unproven = 0  # server connections not yet proven (the half-open included)
+        self.unproven_by_source: dict[str, int] = {}
+        self.closed_for_cause: dict[str, int] = defaultdict(int, dict.fromkeys(
+            ("handshake_timeout", "unproven_timeout", *VIOLATIONS.values()), 0))
+        self._retry_tokens = QuicRetryTokenHandler()
 
     def claim_raw(self, handler: Callable[[bytes, Addr], bool]) -> Callable[[], None]:
         """Offer non-QUIC datagrams to `handler` before the owner's `raw_handler` (the latest claim
@@ -238,7 +322,7 @@ class Endpoint:
         """Open a client-role connection from this socket."""
         assert self._loop is not None
         config.connection_id_length = CID_LENGTH
-        quic = QuicConnection(configuration=config)
+        quic = qi.BoundedQuicConnection(configuration=config, peer_bidi_streams=0)
         conn = Connection(self, quic, True, handler)
         conn.peer_addr = addr
         self._add_cid(conn, quic.host_cid)
@@ -280,11 +364,11 @@ class Endpoint:
                     and header.packet_type == QuicPacketType.INITIAL
                     and len(data) >= 1200
                     and len(header.destination_cid) >= 8
+                    and header.version in self.server_config.supported_versions
                 ):
-                    if self._half_open() >= self.max_half_open:
-                        self.stats["dropped_half_open_cap"] += 1
+                    conn = self._admit(header, addr, now)
+                    if conn is None:
                         continue
-                    conn = self._accept(header.destination_cid, addr)
                     fresh = True
             if conn is None:
                 self.stats["dropped_unknown"] += 1
@@ -297,34 +381,124 @@ class Endpoint:
                 continue
             if fresh:
                 fresh = False
-                if _closing(conn.quic):
-                    # The first Initial we see of this connection made aioquic close it: answering
-                    # would kill a handshake that loss merely reordered. Forget it silently (see
-                    # `_closing`); the client's CRYPTO retransmission opens the connection normally.
-                    self._forget(conn)
-                    self.stats["dropped_first_initial"] += 1
-                    continue
-                if not qi.decrypted_any(conn.quic):
-                    # a junk Initial: keep no state for it (no memory for floods of them)
-                    self._forget(conn)
-                    self.stats["dropped_malformed"] += 1
+                if not self._keep_fresh(conn):
                     continue
             self._dirty[conn] = None
         self._flush()
 
-    def _accept(self, original_dcid: bytes, addr: Addr) -> Connection:
-        assert self.server_config is not None and self.server_handler is not None
-        quic = QuicConnection(configuration=self.server_config, original_destination_connection_id=original_dcid)
+    def _keep_fresh(self, conn: Connection) -> bool:
+        """Whether a server connection made by the Initial it just received is worth keeping."""
+        if _closing(conn.quic):
+            # The first Initial we see of this connection made aioquic close it: answering
+            # would kill a handshake that loss merely reordered. Forget it silently (see
+            # `_closing`); the client's CRYPTO retransmission opens the connection normally.
+            self._forget(conn)
+            self.stats["dropped_first_initial"] += 1
+            return False
+        if not qi.decrypted_any(conn.quic):
+            # a junk Initial: keep no state for it (no memory for floods of them)
+            self._forget(conn)
+            self.stats["dropped_malformed"] += 1
+            return False
+        return True
+
+    def _admit(self, header: QuicHeader, addr: Addr, now: float) -> Connection | None:
+        """A server connection for the first Initial of a handshake, or None: dropped by a cap,
+        an invalid token, or answered with a Retry (stateless) while many handshakes are open."""
+        if self.unproven_by_source.get(addr[0], 0) >= self.max_unproven_per_source:
+            self.stats["dropped_source_cap"] += 1
+            return None
+        if self.unproven >= self.max_unproven:
+            self.stats["dropped_unproven_cap"] += 1
+            return None
+        original_dcid, retry_scid = header.destination_cid, None
+        if header.token:  # qlab issues no NEW_TOKEN: any token is one of our Retry tokens
+            try:
+                original_dcid = self._retry_tokens.validate_token(
+                    address=addr, destination_cid=header.destination_cid, token=header.token, now=now)
+            except ValueError:
+                self.stats["dropped_bad_token"] += 1
+                return None
+            retry_scid = header.destination_cid
+        elif self.half_open >= self.retry_threshold:
+            self._send_retry(header, addr, now)
+            return None
+        return self._accept(header.destination_cid, original_dcid, retry_scid, addr)
+
+    def _send_retry(self, header: QuicHeader, addr: Addr, now: float) -> None:
+        assert self.sock is not None and header.version is not None
+        scid = os.urandom(CID_LENGTH)
+        token = self._retry_tokens.create_token(
+            address=addr, original_destination_connection_id=header.destination_cid,
+            retry_source_connection_id=scid, now=now)
+        self.sock.sendto(encode_quic_retry(version=header.version, source_cid=scid, destination_cid=header.source_cid,
+                                           original_destination_cid=header.destination_cid, retry_token=token), addr)
+        self.stats["retry_sent"] += 1
+        self.stats["tx"] += 1
+
+    def _accept(self, dcid: bytes, original_dcid: bytes, retry_scid: bytes | None, addr: Addr) -> Connection:
+        assert self.server_config is not None and self.server_handler is not None and self._loop is not None
+        quic = qi.BoundedQuicConnection(configuration=self.server_config, peer_bidi_streams=1,
+                                        original_destination_connection_id=original_dcid,
+                                        retry_source_connection_id=retry_scid)
         conn = Connection(self, quic, False, Handler())
         conn.peer_addr = addr
         conn.handler = self.server_handler(conn)
-        self._add_cid(conn, original_dcid)
+        self._add_cid(conn, dcid)
         self._add_cid(conn, quic.host_cid)
         self.connections.add(conn)
+        conn.half_open = True
+        self.half_open += 1
+        conn.source = addr[0]
+        self.unproven_by_source[conn.source] = self.unproven_by_source.get(conn.source, 0) + 1
+        self.unproven += 1
+        conn.accepted_at = self._loop.time()
+        conn.deadline = self._loop.call_later(self.handshake_timeout, self._on_deadline, conn)
         return conn
 
-    def _half_open(self) -> int:
-        return sum(1 for c in self.connections if not c.is_client and not c.established)
+    def _on_deadline(self, conn: Connection) -> None:
+        conn.deadline = None
+        if conn.closed or conn.proven or _closing(conn.quic):
+            return  # a closing connection ends within its closing period anyway
+        if conn.half_open:  # no CONNECTION_CLOSE: the source may be spoofed, and nothing was agreed
+            self.closed_for_cause["handshake_timeout"] += 1
+            log.info("dropping %s: no handshake within %.1fs", conn, self.handshake_timeout)
+            self._terminated(conn, "handshake timeout")
+        else:
+            self.closed_for_cause["unproven_timeout"] += 1
+            conn.close_noted = True
+            log.info("closing %s: not proven within %.1fs", conn, self.proof_timeout)
+            self.abandon(conn, "not proven in time", error_code=wire.CLOSE_UNAUTHENTICATED)
+
+    def _handshake_done(self, conn: Connection) -> None:
+        """A server connection finished its handshake: it now has until `proof_timeout`."""
+        assert self._loop is not None
+        conn.half_open = False
+        self.half_open -= 1
+        if conn.deadline is not None:
+            conn.deadline.cancel()
+            at = max(conn.accepted_at + self.proof_timeout, self._loop.time())
+            conn.deadline = self._loop.call_at(at, self._on_deadline, conn)
+
+    def note_proven(self, conn: Connection) -> None:
+        """`conn.mark_proven()` was called: release its unproven slot and its deadline."""
+        if conn.deadline is not None:
+            conn.deadline.cancel()
+            conn.deadline = None
+        self._leave_unproven(conn)
+
+    def _leave_unproven(self, conn: Connection) -> None:
+        if conn.half_open:
+            conn.half_open = False
+            self.half_open -= 1
+        source, conn.source = conn.source, None
+        if source is not None:
+            self.unproven -= 1
+            left = self.unproven_by_source[source] - 1
+            if left:
+                self.unproven_by_source[source] = left
+            else:
+                del self.unproven_by_source[source]
 
     def _forget(self, conn: Connection) -> None:
         for cid in conn.cids:
@@ -333,6 +507,10 @@ class Endpoint:
         conn.cids.clear()
         self.connections.discard(conn)
         conn.closed = True
+        if conn.deadline is not None:
+            conn.deadline.cancel()
+            conn.deadline = None
+        self._leave_unproven(conn)
 
     def mark(self, conn: Connection) -> None:
         """Note that `conn` has something to send; flush soon, once, for everything marked."""
@@ -399,6 +577,8 @@ class Endpoint:
             conn.cids.discard(ev.connection_id)
         elif isinstance(ev, events.HandshakeCompleted):
             conn.established = True
+            if conn.half_open:
+                self._handshake_done(conn)
             peer = conn.quic.get_peer_address()
             if peer is not None:
                 conn.peer_addr = normalize_addr(peer)
@@ -411,13 +591,8 @@ class Endpoint:
     def _terminated(self, conn: Connection, reason: str) -> None:
         if conn.closed:
             return
-        conn.closed = True
         conn.close_reason = reason
-        for cid in conn.cids:
-            if self.by_cid.get(cid) is conn:
-                del self.by_cid[cid]
-        conn.cids.clear()
-        self.connections.discard(conn)
+        self._forget(conn)
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
@@ -432,6 +607,8 @@ class Endpoint:
             return
         loop = self._loop
         assert loop is not None
+        if not conn.close_noted:
+            self._note_close(conn)
         sendto = self.sock.sendto
         n = 0
         for data, addr in conn.quic.datagrams_to_send(now=loop.time()):
@@ -454,10 +631,21 @@ class Endpoint:
             self._process(conn)  # deliver ConnectionTerminated
             self._terminated(conn, conn.close_reason or "terminated")
 
-    def abandon(self, conn: Connection, reason: str) -> None:
+    def _note_close(self, conn: Connection) -> None:
+        """Count a connection aioquic is closing for a peer's flow-control or stream violation."""
+        code = qi.local_close_code(conn.quic)
+        if code is None:
+            return
+        conn.close_noted = True
+        cause = VIOLATIONS.get(code)
+        if cause is not None:
+            self.closed_for_cause[cause] += 1
+            log.info("closing %s: %s (transport error 0x%x)", conn, cause, code)
+
+    def abandon(self, conn: Connection, reason: str, error_code: int = 0) -> None:
         """Give a connection up now (peer unresponsive): send CONNECTION_CLOSE once and forget it,
         without waiting out the closing period."""
-        conn.close(reason=reason)
+        conn.close(error_code=error_code, reason=reason)
         self._process(conn)
         self._transmit(conn)
         self._terminated(conn, reason)
@@ -475,7 +663,7 @@ class Endpoint:
         for conn in list(self.connections):
             if conn.timer is not None:
                 conn.timer.cancel()
-            conn.closed = True
+            self._forget(conn)
         self.connections.clear()
         self.by_cid.clear()
         if self.sock is not None:

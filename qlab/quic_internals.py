@@ -3,14 +3,22 @@
 aioquic's public API has no accessor for what qlab needs to know about a `QuicConnection`: whether it
 is closing, how large a DATAGRAM frame may be, how many datagrams are queued, the smoothed RTT.
 Every read of a private attribute lives here, as a small typed function; nothing else in qlab may
-touch `QuicConnection._*`. `tests/test_quic_internals.py` checks each attribute on a real connection
-of the pinned version, so an aioquic upgrade that renames one fails there, not in a trial.
+touch `QuicConnection._*`. `BoundedQuicConnection`, the connection every `Endpoint` makes, overrides
+how aioquic grants receive credit (its own policy grows without bound). `tests/test_quic_internals.py`
+checks each attribute and overridden method on a real connection of the pinned version, so an
+aioquic upgrade that renames one fails there, not in a trial.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.events import ConnectionTerminated
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream
 
 _ENDING = frozenset({QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED})
 
@@ -39,6 +47,66 @@ def decrypted_any(quic: QuicConnection) -> bool:
     return any(space.largest_received_packet >= 0 for space in quic._spaces.values())
 
 
+def local_close_code(quic: QuicConnection) -> int | None:
+    """The error code this side closes with (aioquic's on a peer's violation, or the caller's);
+    None while open or when the peer closed first."""
+    # private: who initiated a close is only visible in the connection state (draining: the peer)
+    event = quic._close_event
+    if event is None or quic._state == QuicConnectionState.DRAINING:
+        return None
+    return event.error_code
+
+
+class BoundedQuicConnection(QuicConnection):
+    """A QuicConnection whose receive credit slides with the data consumed, and whose peer may open
+    `peer_bidi_streams` bidirectional streams and no unidirectional one.
+
+    aioquic doubles a stream's window, and the connection's, whenever the highest offset received
+    passes half of it, and zero-fills every gap up to that offset: a peer sending one byte at the
+    edge of each new window makes it allocate the window and grant twice as much, without bound.
+    Here the credit is the offset consumed in order plus the configured window (`max_stream_data`,
+    `max_data`), so a stream's reassembly buffer never exceeds its window; data beyond the credit is
+    aioquic's FLOW_CONTROL_ERROR and closes the connection. It also offers 128 streams of each kind,
+    not configurable; a peer opening one stream too many gets STREAM_LIMIT_ERROR.
+    """
+
+    def __init__(self, *, configuration: QuicConfiguration, peer_bidi_streams: int, **kwargs: Any) -> None:
+        super().__init__(configuration=configuration, **kwargs)
+        self._qlab_stream_window = configuration.max_stream_data
+        self._qlab_connection_window = configuration.max_data
+        # private: the stream limits are set before the transport parameters are encoded
+        for limit, count in ((self._local_max_streams_bidi, peer_bidi_streams), (self._local_max_streams_uni, 0)):
+            limit.value = limit.sent = count
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        credit = self._local_max_data
+        unread = sum(s.receiver.highest_offset - s.receiver.starting_offset() for s in self._streams.values())
+        credit.value = _slid(credit.value, credit.used - unread, self._qlab_connection_window)
+        used, credit.used = credit.used, 0  # aioquic doubles when used > value / 2: show it none
+        try:
+            super()._write_connection_limits(builder=builder, space=space)
+        finally:
+            credit.used = used
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream) -> None:
+        receiver = stream.receiver
+        if stream.max_stream_data_local and not receiver.is_finished:  # 0: a send-only stream
+            stream.max_stream_data_local = _slid(
+                stream.max_stream_data_local, receiver.starting_offset(), self._qlab_stream_window)
+        highest, receiver.highest_offset = receiver.highest_offset, 0  # as above: no doubling
+        try:
+            super()._write_stream_limits(builder=builder, space=space, stream=stream)
+        finally:
+            receiver.highest_offset = highest
+
+
+def _slid(granted: int, consumed: int, window: int) -> int:
+    """The credit to grant: `consumed + window`, raised only once half a window was consumed since
+    the last grant (one MAX_*_DATA frame per half window, not per packet); never lowered."""
+    target = consumed + window
+    return target if target - granted >= window // 2 else granted
+
+
 def max_datagram_payload(quic: QuicConnection, overhead: int) -> int:
     """Largest DATAGRAM frame payload sendable now: the peer's limit (less the frame header) and our
     packet size less `overhead`; 0 if the peer accepts no DATAGRAM frames (or has not said yet)."""
@@ -60,3 +128,4 @@ def rtt_estimate(quic: QuicConnection) -> float | None:
     # private: the loss recovery's RTT estimate is not exposed
     loss = quic._loss
     return loss._rtt_smoothed if loss._rtt_initialized else None
+

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import ast
 import inspect
+from types import ModuleType
 
 from aioquic.buffer import Buffer
+from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import pull_quic_header
+from aioquic.quic.packet import QuicErrorCode, pull_quic_header
 
 from qlab import quic_internals as qi
 from qlab.certs import CONNECTOR_NAME, Credentials
-from qlab.endpoint import CID_LENGTH, DATAGRAM_OVERHEAD, MAX_DATAGRAM_SIZE
+from qlab.endpoint import CID_LENGTH, DATAGRAM_OVERHEAD, MAX_DATAGRAM_SIZE, STREAM_WINDOW
 
 CLIENT, SERVER = ("10.0.0.1", 4433), ("10.0.0.2", 4434)
 ONE_WAY = 0.010
@@ -22,15 +24,19 @@ ONE_WAY = 0.010
 class Pair:
     """A client and a server QuicConnection; `step` carries every datagram each has to send."""
 
-    def __init__(self, creds: Credentials) -> None:
+    def __init__(self, creds: Credentials, bounded: bool = False) -> None:
         self.now = 0.0
         self.client = QuicConnection(configuration=creds.client_config(CONNECTOR_NAME))
         self.client.connect(SERVER, now=self.now)
         self.server_config = creds.server_config("connector")
         self.server: QuicConnection | None = None
+        self.bounded = bounded
 
     def _accept(self, data: bytes) -> QuicConnection:
         header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        if self.bounded:
+            return qi.BoundedQuicConnection(configuration=self.server_config, peer_bidi_streams=1,
+                                            original_destination_connection_id=header.destination_cid)
         return QuicConnection(configuration=self.server_config,
                               original_destination_connection_id=header.destination_cid)
 
@@ -58,21 +64,27 @@ class Pair:
         return self.server
 
 
-def _private_names() -> set[str]:
-    """Every `quic._name` the adapter reads."""
-    tree = ast.parse(inspect.getsource(qi))
+def _private_names(owner: str, source: ModuleType | type = qi) -> set[str]:
+    """Every `<owner>._name` the adapter reads (qlab's own `_qlab_*` attributes aside)."""
+    tree = ast.parse(inspect.getsource(source))
     return {n.attr for n in ast.walk(tree)
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "quic"
-            and n.attr.startswith("_")}
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == owner
+            and n.attr.startswith("_") and not n.attr.startswith(("_qlab_", "__"))}
 
 
 def test_every_private_attribute_the_adapter_reads_exists(creds: Credentials) -> None:
-    names = _private_names()
-    assert names == {"_close_event", "_state", "_spaces", "_remote_max_datagram_frame_size",
+    names = _private_names("quic")
+    assert names >= {"_close_event", "_state", "_spaces", "_remote_max_datagram_frame_size",
                      "_max_datagram_size", "_datagrams_pending", "_loss"}
+    overridden = _private_names("self", qi.BoundedQuicConnection)
+    assert overridden == {"_local_max_streams_bidi", "_local_max_streams_uni", "_local_max_data", "_streams"}
     server = Pair(creds).handshake()
-    for name in names:
+    for name in names | overridden:
         assert hasattr(server, name), name
+    for method in ("_write_connection_limits", "_write_stream_limits"):  # what the subclass overrides
+        assert callable(getattr(QuicConnection, method)), method
+        assert list(inspect.signature(getattr(QuicConnection, method)).parameters) == \
+            list(inspect.signature(getattr(qi.BoundedQuicConnection, method)).parameters)
     assert hasattr(server._loss, "_rtt_smoothed") and hasattr(server._loss, "_rtt_initialized")
     assert all(hasattr(space, "largest_received_packet") for space in server._spaces.values())
 
@@ -93,7 +105,7 @@ def test_after_the_handshake_each_accessor_reads_the_connection(creds: Credentia
     for quic in (pair.client, server):
         assert qi.decrypted_any(quic)
         assert qi.close_event(quic) is None and not qi.is_ending(quic)
-        # qlab offers 65536-byte DATAGRAM frames, so our packet size is the limit
+        # qlab accepts DATAGRAM frames as large as its packets, so our packet size less overhead is the limit
         assert qi.max_datagram_payload(quic, DATAGRAM_OVERHEAD) == MAX_DATAGRAM_SIZE - DATAGRAM_OVERHEAD
         assert qi.max_datagram_payload(quic, MAX_DATAGRAM_SIZE) == 0
     rtt = qi.rtt_estimate(pair.client)
@@ -132,3 +144,97 @@ def test_a_first_initial_without_crypto_is_seen_as_closing(creds: Credentials) -
     pair.step()
     assert pair.server is not None
     assert qi.close_event(pair.server) is not None  # aioquic raised PROTOCOL_VIOLATION and will close
+
+
+# -- BoundedQuicConnection: receive credit and stream limits -------------------------------------
+def send_at(quic: QuicConnection, stream_id: int, offset: int, data: bytes) -> None:
+    """An attacker's STREAM frame: `data` at `offset`, as if all before it had been sent, whatever
+    credit the receiver granted (aioquic's own sender keeps within it)."""
+    stream = quic._get_or_create_stream_for_send(stream_id)
+    sender = stream.sender
+    sender._buffer_start = sender._buffer_stop = sender.highest_offset = offset
+    stream.max_stream_data_remote = max(stream.max_stream_data_remote, offset + len(data))
+    quic._remote_max_data = max(quic._remote_max_data, quic._remote_max_data_used + len(data))
+    quic.send_stream_data(stream_id, data)
+
+
+def _received(quic: QuicConnection) -> bytes:
+    out = bytearray()
+    while (ev := quic.next_event()) is not None:
+        if isinstance(ev, events.StreamDataReceived):
+            out += ev.data
+    return bytes(out)
+
+
+def test_credit_slides_with_the_data_consumed(creds: Credentials) -> None:
+    pair = Pair(creds, bounded=True)
+    server = pair.handshake()
+    _received(server)
+    sent = bytes(range(256)) * (5 * STREAM_WINDOW // 256)
+    pair.client.send_stream_data(0, sent)
+    got = b""
+    for _ in range(400):
+        pair.step()
+        got += _received(server)
+        stream = server._streams[0]
+        consumed = stream.receiver.starting_offset()
+        assert stream.max_stream_data_local <= consumed + STREAM_WINDOW
+        assert server._local_max_data.value <= consumed + STREAM_WINDOW
+        if len(got) == len(sent):
+            break
+    assert got == sent  # nothing stalls: the credit keeps moving
+    assert stream.max_stream_data_local >= len(sent) + STREAM_WINDOW // 2
+
+
+def _edge_attack(pair: Pair, rounds: int) -> list[int]:
+    """One byte at the far edge of the granted window, `rounds` times; the server's grants."""
+    server = pair.handshake()
+    grants = []
+    for _ in range(rounds):
+        edge = min(pair.client._streams[0].max_stream_data_remote if 0 in pair.client._streams
+                   else pair.client._remote_max_stream_data_bidi_remote, pair.client._remote_max_data)
+        send_at(pair.client, 0, edge - 1, b"x")
+        for _ in range(3):
+            pair.step()
+        grants.append(server._streams[0].max_stream_data_local)
+    return grants
+
+
+def test_a_byte_at_the_window_edge_grows_nothing(creds: Credentials) -> None:
+    pair = Pair(creds, bounded=True)
+    grants = _edge_attack(pair, 6)
+    assert grants == [STREAM_WINDOW] * 6
+    assert pair.server is not None and not qi.is_ending(pair.server)
+    assert len(pair.server._streams[0].receiver._buffer) <= STREAM_WINDOW
+    # plain aioquic, for contrast: each byte doubles the window (and what it will allocate)
+    assert _edge_attack(Pair(creds), 6) == [STREAM_WINDOW * 2 ** k for k in range(1, 7)]
+
+
+def test_data_beyond_the_credit_closes_with_flow_control_error(creds: Credentials) -> None:
+    pair = Pair(creds, bounded=True)
+    server = pair.handshake()
+    send_at(pair.client, 0, STREAM_WINDOW, b"x")
+    pair.step()
+    assert qi.local_close_code(server) == QuicErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_a_peer_may_open_the_control_stream_only(creds: Credentials) -> None:
+    for stream_id in (4, 2):  # a second bidirectional stream; any unidirectional one
+        pair = Pair(creds, bounded=True)
+        server = pair.handshake()
+        pair.client.send_stream_data(0, b"hello")
+        pair.step()
+        assert qi.local_close_code(server) is None
+        pair.client._remote_max_streams_bidi = pair.client._remote_max_streams_uni = 8  # ignore the limit
+        pair.client.send_stream_data(stream_id, b"more")
+        pair.step()
+        assert qi.local_close_code(server) == QuicErrorCode.STREAM_LIMIT_ERROR, stream_id
+
+
+def test_local_close_code_is_none_when_the_peer_closed(creds: Credentials) -> None:
+    pair = Pair(creds, bounded=True)
+    server = pair.handshake()
+    pair.client.close(error_code=0x102, reason_phrase="bye")
+    assert qi.local_close_code(pair.client) == 0x102
+    pair.step()
+    assert qi.close_event(server) is not None and qi.local_close_code(server) is None

@@ -20,7 +20,7 @@ from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler, HeldD
 from qlab.net import Addr, DatagramSocket, Net
 from qlab.roles.events import ControlReceived, EventHandler, LinkUp, Observers, RawReceived
 from qlab.roles.link import IntermediateLink, Refused
-from qlab.roles.metrics import Metrics
+from qlab.roles.metrics import Metrics, watch_endpoints
 from qlab.roles.tasks import Tasks
 from qlab.wire import Path
 
@@ -99,6 +99,7 @@ class Connector:
         self.metrics = Metrics()
         self.metrics.gauge("sessions", lambda: len(self.sessions), "open sessions")
         self.metrics.counter_source("udp_datagrams_total", "what", lambda: dict(self.endpoint.stats))
+        watch_endpoints(self.metrics, lambda: [self.endpoint])
         self.metrics.gauge("direct_sessions", lambda: sum(1 for s in self.sessions.values() if s.direct), "sessions with a direct path")
         self.failed = asyncio.Event()  # set with `fatal` when the Intermediate refuses us for good
 
@@ -288,6 +289,7 @@ class _DirectConn(Handler):
                 s.direct.close(reason="replaced by a newer direct connection")
             s.direct = conn
             self.session = s
+            conn.mark_proven()
             conn.send_control(wire.Ack(0))
             for data in self.held.take(asyncio.get_running_loop().time(), 0):
                 self.on_datagram(conn, data)

@@ -19,7 +19,7 @@ from qlab.certs import Credentials
 from qlab.endpoint import Connection, Endpoint, Handler
 from qlab.net import Addr, Net
 from qlab.roles.intermediate_core import Birthday, Client, IntermediateCore, SendClassifyTest, Session
-from qlab.roles.metrics import Metrics
+from qlab.roles.metrics import Metrics, watch_endpoints
 from qlab.roles.policy import AccessPolicy
 
 log = logging.getLogger("qlab.roles.intermediate")
@@ -45,6 +45,7 @@ class Intermediate:
         )
         self.listeners: list[Endpoint] = []
         self.metrics.counter_source("udp_datagrams_total", "what", self._socket_stats)
+        watch_endpoints(self.metrics, lambda: self.listeners)
 
     # the core's state, as callers (trials, tests) read it
     @property
@@ -146,6 +147,8 @@ class _PeerConn(Handler):
     # -- Handler --------------------------------------------------------------------------------
     def on_control(self, conn: Connection, msg: wire.Message) -> None:
         self.core.control(self, msg, self.time())
+        if not conn.proven and self in self.core.by_peer:  # its HELLO was accepted
+            conn.mark_proven()
         self.server.drain()
 
     def on_datagram(self, conn: Connection, data: bytes) -> None:

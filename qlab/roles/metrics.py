@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+from qlab.endpoint import Endpoint
 
 
 class Metrics:
@@ -58,6 +60,25 @@ class Metrics:
             lines.append(f"# TYPE {full} gauge")
             lines.append(f"{full} {gauge():g}")
         return "\n".join(lines) + "\n"
+
+
+def watch_endpoints(metrics: Metrics, endpoints: Callable[[], Iterable[Endpoint]]) -> None:
+    """Export what unauthenticated peers hold on a role's endpoints: half-open handshakes and
+    unproven connections (gauges), and connections closed for cause (a counter by reason). Retries
+    sent and Initials dropped by the caps are datagram counts, in udp_datagrams_total."""
+    metrics.gauge("half_open_connections", lambda: sum(ep.half_open for ep in endpoints()),
+                  "server connections still in their QUIC handshake")
+    metrics.gauge("unproven_connections", lambda: sum(ep.unproven for ep in endpoints()),
+                  "server connections that have not proven themselves yet (HELLO, DirectHello)")
+
+    def closed() -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for ep in endpoints():
+            for reason, n in ep.closed_for_cause.items():
+                out[reason] += n
+        return out
+
+    metrics.counter_source("connections_closed_total", "reason", closed)
 
 
 async def serve_http(host: str, port: int, metrics: Metrics, healthy: Callable[[], bool]) -> asyncio.Server:
