@@ -213,17 +213,99 @@ def test_run_refuses_a_deployment_without_agent_hosts(aws, certs_dir, wheel):
     assert down("qlab-test", cloud)["clean"]
 
 
+def _host_kind(name: str) -> str:
+    return next(k for k in ("intermediate", "nat", "agent", "connector") if name.startswith(f"qlab-test-{k}"))
+
+
+def _policies(iam, instance: dict) -> list[dict]:
+    """Every policy document (inline and attached managed) of an instance's role."""
+    profile = instance["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
+    (role,) = iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]["Roles"]
+    docs = [iam.get_role_policy(RoleName=role["RoleName"], PolicyName=n)["PolicyDocument"]
+            for n in iam.list_role_policies(RoleName=role["RoleName"])["PolicyNames"]]
+    for a in iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]:
+        version = iam.get_policy(PolicyArn=a["PolicyArn"])["Policy"]["DefaultVersionId"]
+        docs.append(iam.get_policy_version(PolicyArn=a["PolicyArn"], VersionId=version)["PolicyVersion"]["Document"])
+    return [json.loads(d) if isinstance(d, str) else d for d in docs]
+
+
+def _allowed(docs: list[dict], action: str, arn: str) -> bool:
+    """IAM's evaluation for one action on one resource: some Allow applies and no Deny does (moto
+    does not enforce IAM on instances, so the tests evaluate the documents themselves)."""
+    import fnmatch
+
+    def matches(patterns, value: str) -> bool:
+        return any(fnmatch.fnmatchcase(value.lower(), p.lower()) for p in ([patterns] if isinstance(patterns, str) else patterns))
+
+    def applies(st: dict) -> bool:
+        if not matches(st["Action"], action):
+            return False
+        return matches(st["Resource"], arn) if "Resource" in st else not matches(st["NotResource"], arn)
+
+    statements = [st for d in docs for st in d["Statement"]]
+    return (any(st["Effect"] == "Allow" and applies(st) for st in statements)
+            and not any(st["Effect"] == "Deny" and applies(st) for st in statements))
+
+
+@pytest.mark.parametrize("topology", ["relay", "nat-matrix"])
+def test_each_host_fetches_and_may_read_only_its_own_credentials(aws, certs_dir, wheel, topology):
+    """Before: every host (NAT routers and Agent hosts included) fetched the root secret,
+    intermediate.key and connector.key, and its role could read every parameter of the deployment.
+    Now the Intermediate gets ca.pem, its leaf and the root secret; Connectors ca.pem, their leaf
+    and connector.secret; Agent hosts ca.pem and agent.secret; NAT routers nothing; and each role's
+    policies (AmazonSSMManagedInstanceCore included, which allows GetParameter on "*") allow
+    exactly those parameters."""
+    import re
+
+    import boto3
+
+    from qlab import wire
+    from qlab.cloud.deploy import HOST_FILES, Cloud, down, up
+
+    up(spec(topology=topology, presets=["full_cone"]), Cloud("us-east-1"), certs_dir=str(certs_dir), wheel=wheel)
+    ec2, iam, ssm = (boto3.client(n, region_name="us-east-1") for n in ("ec2", "iam", "ssm"))
+    prefix = "arn:aws:ssm:us-east-1:123456789012:parameter"
+    every = [p["Name"] for p in ssm.get_parameters_by_path(Path="/qlab/qlab-test/")["Parameters"]]
+    assert len(every) == 8 and "/qlab/qlab-test/ca.key" not in every
+    kinds = set()
+    for r in ec2.describe_instances(Filters=[{"Name": "tag:qlab:deployment", "Values": ["qlab-test"]}])["Reservations"]:
+        for inst in r["Instances"]:
+            kind = _host_kind(next(t["Value"] for t in inst["Tags"] if t["Key"] == "Name"))
+            kinds.add(kind)
+            ud = base64.b64decode(ec2.describe_instance_attribute(InstanceId=inst["InstanceId"], Attribute="userData")
+                                  ["UserData"]["Value"]).decode()
+            fetches = re.findall(r"--name /qlab/qlab-test/(\S+) .* > /etc/qlab/certs/(\S+)$", ud, re.M)
+            assert sorted(fetches) == sorted((f, f) for f in HOST_FILES[kind]), kind
+            assert ud.count("get-parameter") == len(HOST_FILES[kind]) and ("/etc/qlab/certs" in ud) == (kind != "nat")
+            docs = _policies(iam, inst)
+            for action in ("ssm:GetParameter", "ssm:GetParameters", "ssm:GetParameterHistory"):
+                readable = {n.rsplit("/", 1)[1] for n in every + ["/qlab/other/secret"]
+                            if _allowed(docs, action, prefix + n)}
+                assert readable <= set(HOST_FILES[kind]), (kind, action)
+                assert action != "ssm:GetParameter" or readable == set(HOST_FILES[kind]), kind
+            assert not _allowed(docs, "ssm:GetParametersByPath", prefix + "/qlab/qlab-test")
+    assert kinds == ({"intermediate", "connector"} if topology == "relay" else set(HOST_FILES))
+    root = (certs_dir / "secret").read_bytes().strip()
+    for name, role in (("agent.secret", wire.Role.AGENT), ("connector.secret", wire.Role.CONNECTOR)):
+        value = ssm.get_parameter(Name=f"/qlab/qlab-test/{name}", WithDecryption=True)["Parameter"]
+        assert value["Type"] == "SecureString" and value["Value"].strip().encode() == wire.role_secret(root, role)
+    assert down("qlab-test", Cloud("us-east-1"))["clean"]
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None and os.environ.get("QLAB_REQUIRE_NETNS") != "1",
                     reason="shellcheck is not installed")
 def test_user_data_is_shellcheck_clean(tmp_path):
-    from qlab.cloud.deploy import nat_ruleset
+    from qlab.cloud.deploy import HOST_FILES, nat_ruleset
     from qlab.cloud.userdata import render_user_data
 
-    for roles, ruleset in ((["intermediate"], None), (["echo", "connector"], None), ([], nat_ruleset("symmetric", "10.80.0.100", "10.80.10.0/24"))):
+    for kind, roles, ruleset in (("intermediate", ["intermediate"], None), ("connector", ["echo", "connector"], None),
+                                 ("agent", [], None),
+                                 ("nat", [], nat_ruleset("symmetric", "10.80.0.100", "10.80.10.0/24"))):
         ud = render_user_data(deployment="qlab-test", region="us-east-1", bucket="b", wheel_key="wheels/q.whl",
-                              roles=roles, ttl_minutes=60, params={"secret": "/qlab/qlab-test/secret"},
+                              roles=roles, ttl_minutes=60, params={f: f"/qlab/qlab-test/{f}" for f in HOST_FILES[kind]},
                               nat_ruleset=ruleset, intermediate="198.51.100.7", service="echo-symmetric",
                               intermediate_addrs=(("10.80.0.10", "198.51.100.7"), ("10.80.0.11", "198.51.100.8")))
+        assert len(ud.encode()) < 16384, "EC2 takes at most 16 kB of user data"
         path = tmp_path / "ud.sh"
         path.write_text(ud)
         r = subprocess.run(["shellcheck", "-s", "bash", str(path)], capture_output=True, text=True)

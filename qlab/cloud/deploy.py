@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlab import wire
+from qlab.certs import ROLE_SECRETS
 from qlab.cloud.userdata import render_user_data
 from qlab.nat.nftables import render
 from qlab.nat.spec import PRESET_NAMES, preset
@@ -114,7 +116,8 @@ def plan(spec: DeploymentSpec) -> dict:
             "instances": [{"name": n, "subnet": s, "type": spec.instance_type} for n, s in instances],
             "elastic_ips": public_ips, "s3_bucket": f"{spec.deployment_id}-artifacts",
             "ssm_parameters": [f"/qlab/{spec.deployment_id}/{k}" for k in _PARAMS],
-            "iam": [f"{spec.deployment_id}-role", f"{spec.deployment_id}-profile"],
+            "iam": [n for k in host_kinds(spec) for n in (f"{spec.deployment_id}-{k}-role",
+                                                           f"{spec.deployment_id}-{k}-profile")],
             "nat_gateway": spec.managed_nat,
             "tls": f"Let's Encrypt for {spec.domain} (TCP 80 open for http-01)" if spec.domain else "the qlab CA",
         },
@@ -124,8 +127,46 @@ def plan(spec: DeploymentSpec) -> dict:
     }
 
 
-_PARAMS = {"secret": True, "ca.pem": False, "intermediate.pem": False, "intermediate.key": True,
-           "connector.pem": False, "connector.key": True}
+# Each kind of host receives the credentials of its own role and nothing else, so a compromised
+# Agent host cannot register a service and a NAT router holds no credential at all; its instance
+# role may read exactly these parameters (docs/cloud.md, "Credentials").
+HOST_FILES: dict[str, tuple[str, ...]] = {
+    "intermediate": ("ca.pem", "intermediate.pem", "intermediate.key", "secret"),
+    "connector": ("ca.pem", "connector.pem", "connector.key", "connector.secret"),
+    "agent": ("ca.pem", "agent.secret"),
+    "nat": (),
+}
+_PARAMS = {"secret": True, "agent.secret": True, "connector.secret": True, "ca.pem": False,
+           "intermediate.pem": False, "intermediate.key": True, "connector.pem": False, "connector.key": True}
+SSM_CORE = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+
+
+def host_kinds(spec: DeploymentSpec) -> tuple[str, ...]:
+    """The kinds of host a deployment launches (one instance role each)."""
+    return ("intermediate", "connector") if spec.topology == "relay" else tuple(HOST_FILES)
+
+
+def host_policy(kind: str, *, deployment: str, region: str, account: str, bucket: str) -> dict:
+    """The inline policy of one kind of host: the wheel, its own parameters and no other, and for
+    Agent hosts their results (`qlab probe --upload`)."""
+    own = [f"arn:aws:ssm:{region}:{account}:parameter/qlab/{deployment}/{f}" for f in HOST_FILES[kind]]
+    statements: list[dict] = [
+        {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/wheels/*"},
+        # SSM_CORE (Run Command, Session Manager) allows ssm:GetParameter(s) on every parameter: an
+        # explicit Deny is what keeps each host to its own
+        {"Effect": "Deny", "Action": "ssm:GetParameter*", **({"NotResource": own} if own else {"Resource": "*"})}]
+    if own:
+        statements.append({"Effect": "Allow", "Action": "ssm:GetParameter", "Resource": own})
+    if kind == "agent":
+        statements.append({"Effect": "Allow", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/results/*"})
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def _iam_names(deployment_id: str) -> list[tuple[str, str]]:
+    """(role, instance profile) of every host kind, and the single pair deployments made before
+    per-kind roles used, so `down` removes those too."""
+    return [(f"{deployment_id}-{k}-role", f"{deployment_id}-{k}-profile") for k in HOST_FILES] + [
+        (f"{deployment_id}-role", f"{deployment_id}-profile")]
 
 
 # --- AWS plumbing -------------------------------------------------------------------------------
@@ -192,16 +233,17 @@ def _up(spec: DeploymentSpec, cloud: Cloud, p: dict, certs_dir: str, wheel: str)
     """Create everything, in the order AWS needs it; `state` records each resource as it is made."""
     up = _Up(spec, cloud, p)
     bucket, wheel_key, params = up.artefacts(certs_dir, wheel)
-    up.instance_role(bucket)
+    up.instance_roles(bucket)
     vpc, public = up.network()
     up.security_groups(vpc)
+    up.params = params
     up.common = dict(bucket=bucket, wheel_key=wheel_key, deployment=spec.deployment_id, region=spec.region,
-                     ttl_minutes=max(1, int(spec.ttl_hours * 60)), params=params, domain=spec.domain,
-                     acme_email=spec.acme_email)
+                     ttl_minutes=max(1, int(spec.ttl_hours * 60)), domain=spec.domain, acme_email=spec.acme_email)
     up.intermediate(public)
     if spec.topology == "relay":
-        c = up.launch("connector", public, up.sgs["connector"], render_user_data(
-            roles=["echo", "connector"], intermediate=up.state["intermediate_ip"], service="echo", **up.common))
+        c = up.launch("connector", public, up.sgs["connector"], up.user_data(
+            "connector", roles=["echo", "connector"], intermediate=up.state["intermediate_ip"], service="echo"),
+                      kind="connector")
         up.state["connector_ip"] = up.public_ip(c, "connector")
     else:
         up.state["rulesets"] = {}
@@ -233,6 +275,7 @@ class _Up:
                             "instances": {}}
         self.sgs: dict[str, str] = {}
         self.common: dict = {}
+        self.params: dict[str, str] = {}
         self.ami = ""
 
     def tags(self, kind: str, name: str) -> list:
@@ -248,29 +291,36 @@ class _Up:
         wheel_key = f"wheels/{Path(wheel).name}"
         self.s3.upload_file(wheel, bucket, wheel_key)
         params = {}
+        root = Path(certs_dir, "secret").read_bytes().strip()
         for fname, secure in _PARAMS.items():
             name = f"/qlab/{self.did}/{fname}"
-            self.ssm.put_parameter(Name=name, Value=Path(certs_dir, fname).read_text(),
-                                   Type="SecureString" if secure else "String", Overwrite=True)
+            if fname in ROLE_SECRETS:  # derived from the root, as the Intermediate derives it (any certs dir)
+                value = (wire.role_secret(root, ROLE_SECRETS[fname]) + b"\n").decode()
+            else:
+                value = Path(certs_dir, fname).read_text()
+            self.ssm.put_parameter(Name=name, Value=value, Type="SecureString" if secure else "String",
+                                   Overwrite=True)
             params[fname] = name
         return bucket, wheel_key, params
 
-    def instance_role(self, bucket: str) -> None:
-        """An instance role that may read only this deployment's wheel and parameters."""
+    def user_data(self, kind: str, **kw) -> str:
+        """The boot script of a host of `kind`: it fetches that kind's credentials only."""
+        return render_user_data(params={f: self.params[f] for f in HOST_FILES[kind]}, **self.common, **kw)
+
+    def instance_roles(self, bucket: str) -> None:
+        """One instance role and profile per kind of host, each allowed only its own parameters."""
         did, iam = self.did, self.iam
-        role = f"{did}-role"
-        iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps({
-            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
-                                                    "Action": "sts:AssumeRole"}]}),
-                        Tags=_tags(self.spec, "role", self.exp))
-        iam.put_role_policy(RoleName=role, PolicyName="qlab-read", PolicyDocument=json.dumps({
-            "Version": "2012-10-17", "Statement": [
-                {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"},
-                {"Effect": "Allow", "Action": ["ssm:GetParameter"],
-                 "Resource": f"arn:aws:ssm:*:*:parameter/qlab/{did}/*"}]}))
-        iam.attach_role_policy(RoleName=role, PolicyArn="arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore")
-        iam.create_instance_profile(InstanceProfileName=f"{did}-profile")
-        iam.add_role_to_instance_profile(InstanceProfileName=f"{did}-profile", RoleName=role)
+        account = self.cloud.client("sts").get_caller_identity()["Account"]
+        trust = json.dumps({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
+        for kind in host_kinds(self.spec):
+            role, profile = f"{did}-{kind}-role", f"{did}-{kind}-profile"
+            iam.create_role(RoleName=role, AssumeRolePolicyDocument=trust, Tags=_tags(self.spec, f"{kind}-role", self.exp))
+            iam.put_role_policy(RoleName=role, PolicyName="qlab-read", PolicyDocument=json.dumps(host_policy(
+                kind, deployment=did, region=self.spec.region, account=account, bucket=bucket)))
+            iam.attach_role_policy(RoleName=role, PolicyArn=SSM_CORE)
+            iam.create_instance_profile(InstanceProfileName=profile)
+            iam.add_role_to_instance_profile(InstanceProfileName=profile, RoleName=role)
 
     def network(self) -> tuple[str, str]:
         """The VPC, its internet gateway and the public subnet; returns (vpc id, public subnet id)."""
@@ -307,7 +357,7 @@ class _Up:
             self.sgs[name] = sg
         self.ami = self.cloud.client("ssm").get_parameter(Name=AMI_PARAM)["Parameter"]["Value"]
 
-    def launch(self, name: str, subnet: str, sg: str, user_data: str, *, ip: str | None = None,
+    def launch(self, name: str, subnet: str, sg: str, user_data: str, *, kind: str, ip: str | None = None,
                extra_enis: list | None = None) -> str:
         nics = [{"DeviceIndex": 0, "SubnetId": subnet, "Groups": [sg], "DeleteOnTermination": True,
                  **({"PrivateIpAddress": ip} if ip else {})}]
@@ -317,7 +367,7 @@ class _Up:
         inst = self.ec2.run_instances(
             ImageId=self.ami, InstanceType=self.spec.instance_type, MinCount=1, MaxCount=1, UserData=user_data,
             NetworkInterfaces=nics, InstanceInitiatedShutdownBehavior="terminate",
-            IamInstanceProfile={"Name": f"{self.did}-profile"},
+            IamInstanceProfile={"Name": f"{self.did}-{kind}-profile"},
             MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled"},
             TagSpecifications=self.tags("instance", name) + self.tags("volume", name),
         )["Instances"][0]
@@ -338,9 +388,10 @@ class _Up:
         ec2 = self.ec2
         eips = [self.allocate("intermediate"), self.allocate("intermediate-alt")]
         privs = [INTERMEDIATE_IPS[0], INTERMEDIATE_IPS[1]]
-        inter = self.launch("intermediate", public, self.sgs["intermediate"], render_user_data(
-            roles=["intermediate"], intermediate_addrs=((privs[0], eips[0]["PublicIp"]), (privs[1], eips[1]["PublicIp"])),
-            **self.common), ip=privs[0])
+        inter = self.launch("intermediate", public, self.sgs["intermediate"], self.user_data(
+            "intermediate", roles=["intermediate"],
+            intermediate_addrs=((privs[0], eips[0]["PublicIp"]), (privs[1], eips[1]["PublicIp"]))),
+                            kind="intermediate", ip=privs[0])
         ec2.get_waiter("instance_running").wait(InstanceIds=[inter], WaiterConfig={"Delay": 2, "MaxAttempts": 90})
         eni = ec2.describe_instances(InstanceIds=[inter])["Reservations"][0]["Instances"][0]["NetworkInterfaces"][0]
         # the secondary private IP (Amazon Linux's ec2-net-utils configures it in the OS by itself)
@@ -358,10 +409,10 @@ class _Up:
 
     def cell_hosts(self, rec: dict, subnet_id: str) -> None:
         for host in rec["agents"]:
-            self.launch(host, subnet_id, self.sgs["private"], render_user_data(roles=[], **self.common))
-        self.launch(rec["connector"], subnet_id, self.sgs["private"], render_user_data(
-            roles=["echo", "connector"], intermediate=self.state["intermediate_ip"], service=rec["service"],
-            **self.common))
+            self.launch(host, subnet_id, self.sgs["private"], self.user_data("agent", roles=[]), kind="agent")
+        self.launch(rec["connector"], subnet_id, self.sgs["private"], self.user_data(
+            "connector", roles=["echo", "connector"], intermediate=self.state["intermediate_ip"],
+            service=rec["service"]), kind="connector")
 
     def nat_cell(self, vpc: str, public: str, name: str, i: int) -> None:
         """A NAT instance running the preset's nftables ruleset, its private subnet and hosts."""
@@ -373,9 +424,8 @@ class _Up:
         wan_ip, lan_ip = f"10.80.0.{100 + i}", f"10.80.{10 + i}.5"
         ruleset = nat_ruleset(name, wan_ip, cidr)
         self.state["rulesets"][name] = ruleset
-        nat = self.launch(rec["nat"], public, self.sgs["nat"],
-                          render_user_data(roles=[], nat_ruleset=ruleset, **self.common),
-                          ip=wan_ip, extra_enis=[(sub, self.sgs["nat"], lan_ip)])
+        nat = self.launch(rec["nat"], public, self.sgs["nat"], self.user_data("nat", roles=[], nat_ruleset=ruleset),
+                          kind="nat", ip=wan_ip, extra_enis=[(sub, self.sgs["nat"], lan_ip)])
         self.public_ip(nat, rec["nat"])
         for eni in ec2.describe_instances(InstanceIds=[nat])["Reservations"][0]["Instances"][0]["NetworkInterfaces"]:
             ec2.modify_network_interface_attribute(NetworkInterfaceId=eni["NetworkInterfaceId"],
@@ -513,21 +563,23 @@ def _delete_artefacts(cloud: Cloud, deployment_id: str) -> None:
         Path=f"/qlab/{deployment_id}/", Recursive=True) for p in page["Parameters"]]
     for i in range(0, len(names), 10):
         ssm.delete_parameters(Names=names[i:i + 10])
-    role, profile = f"{deployment_id}-role", f"{deployment_id}-profile"
-    with contextlib.suppress(iam.exceptions.NoSuchEntityException):
-        iam.remove_role_from_instance_profile(InstanceProfileName=profile, RoleName=role)
-    for call, kw in ((iam.delete_instance_profile, {"InstanceProfileName": profile}),
-                     (iam.detach_role_policy, {"RoleName": role,
-                                               "PolicyArn": "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"}),
-                     (iam.delete_role_policy, {"RoleName": role, "PolicyName": "qlab-read"}),
-                     (iam.delete_role, {"RoleName": role})):
-        with contextlib.suppress(iam.exceptions.NoSuchEntityException):
-            call(**kw)
+    for role, profile in _iam_names(deployment_id):
+        for call, kw in ((iam.remove_role_from_instance_profile, {"InstanceProfileName": profile, "RoleName": role}),
+                         (iam.delete_instance_profile, {"InstanceProfileName": profile}),
+                         (iam.detach_role_policy, {"RoleName": role, "PolicyArn": SSM_CORE}),
+                         (iam.delete_role_policy, {"RoleName": role, "PolicyName": "qlab-read"}),
+                         (iam.delete_role, {"RoleName": role})):
+            with contextlib.suppress(iam.exceptions.NoSuchEntityException):
+                call(**kw)
 
 
 def leftovers(deployment_id: str, cloud: Cloud) -> dict:
-    ec2, s3, ssm = (cloud.client(n) for n in ("ec2", "s3", "ssm"))
+    ec2, s3, ssm, iam = (cloud.client(n) for n in ("ec2", "s3", "ssm", "iam"))
     f = [{"Name": f"tag:{TAG}", "Values": [deployment_id]}]
+    roles = []
+    for role, _ in _iam_names(deployment_id):
+        with contextlib.suppress(iam.exceptions.NoSuchEntityException):
+            roles.append(iam.get_role(RoleName=role)["Role"]["RoleName"])
     try:
         s3.head_bucket(Bucket=f"{deployment_id}-artifacts")
         bucket = [f"{deployment_id}-artifacts"]
@@ -542,6 +594,7 @@ def leftovers(deployment_id: str, cloud: Cloud) -> dict:
         "nat_gateways": [g["NatGatewayId"] for g in ec2.describe_nat_gateways(Filters=f)["NatGateways"]
                          if g["State"] != "deleted"],
         "buckets": bucket,
+        "iam_roles": roles,
         "ssm_parameters": [p["Name"] for p in ssm.get_parameters_by_path(Path=f"/qlab/{deployment_id}/",
                                                                          Recursive=True)["Parameters"]],
     }

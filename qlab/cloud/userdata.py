@@ -1,9 +1,10 @@
 """What an instance runs at boot: a bash script (user data) and systemd units.
 
-No secret is ever in user data: the script fetches the deployment secret and TLS keys from SSM
-Parameter Store (SecureString) with the instance role, installs the qlab wheel from the deployment's
-S3 bucket, writes units with restart policies, and schedules its own shutdown at the deployment's
-expiry (instances are launched with shutdown behaviour `terminate`).
+No secret is ever in user data: the script fetches its own role's credentials, and only those (a
+NAT router none), from SSM Parameter Store (SecureString) with the instance role, which may read
+nothing else (deploy.HOST_FILES); it installs the qlab wheel from the deployment's S3 bucket,
+writes units with restart policies, and schedules its own shutdown at the deployment's expiry
+(instances are launched with shutdown behaviour `terminate`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: st
                      intermediate: str = "", service: str = "echo",
                      intermediate_addrs: tuple[tuple[str, str], tuple[str, str]] | None = None,
                      domain: str = "", acme_email: str = "") -> str:
-    """The boot script of one instance. `params` maps files under /etc/qlab/certs to SSM names;
+    """The boot script of one instance. `params` maps files under /etc/qlab/certs to SSM names
+    (exactly the files this host's role needs);
     `intermediate_addrs` is ((private, public), (private, public)) for the Intermediate's two addresses."""
     q = shlex.quote
     lines = [
@@ -60,15 +62,16 @@ def render_user_data(*, deployment: str, region: str, bucket: str, wheel_key: st
         f'shutdown -h +{int(ttl_minutes)} "qlab deployment $DEPLOYMENT expires"  # the TTL: instances terminate',
         "dnf install -y -q python3.11 python3.11-pip nftables conntrack-tools awscli >/dev/null",
         "python3.11 -m venv /opt/qlab",
-        "install -d -m 0700 /etc/qlab/certs",
         f'aws s3 cp --region "$REGION" {q(f"s3://{bucket}/{wheel_key}")} /tmp/',
         f'/opt/qlab/bin/pip install -q {q("/tmp/" + wheel_key.rsplit("/", 1)[-1])}',
     ]
-    for filename, name in sorted(params.items()):
-        lines.append(
-            f'aws ssm get-parameter --region "$REGION" --with-decryption --name {q(name)} '
-            f'--query Parameter.Value --output text > {q("/etc/qlab/certs/" + filename)}')
-    lines.append("chmod 0600 /etc/qlab/certs/*")
+    if params:  # created 0600 from the first byte (umask), in a directory only root can enter
+        lines += ["install -d -m 0700 /etc/qlab/certs", "umask 077"]
+        for filename, name in sorted(params.items()):
+            lines.append(
+                f'aws ssm get-parameter --region "$REGION" --with-decryption --name {q(name)} '
+                f'--query Parameter.Value --output text > {q("/etc/qlab/certs/" + filename)}')
+        lines.append("umask 022")
     if nat_ruleset is not None:
         lines += [
             "sysctl -qw net.ipv4.ip_forward=1",
