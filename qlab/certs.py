@@ -145,12 +145,14 @@ class Credentials:
 
     directory: Path
     ca_pem: bytes
-    secret: bytes
+    secret: bytes  # the deployment's root secret; b"" on a host that holds only role secrets
     # Let's Encrypt (docs/cloud.md): the Intermediate serves a publicly trusted certificate for a DNS
     # name; its clients then verify that name against the public roots (certifi, aioquic's default).
     # The qlab CA still signs the Connector's certificate for direct paths.
     intermediate_name: str = ""
     intermediate_tls: tuple[str, str] | None = None  # (certificate chain, key) files
+    # what each client role proves in its HELLO: derived from the root, or read from `<role>.secret`
+    role_secrets: dict[wire.Role, bytes] = dataclasses.field(default_factory=dict, repr=False)
 
     def with_tls(self, *, intermediate_name: str = "", cert: str = "", key: str = "") -> Credentials:
         """These credentials with the Let's Encrypt option (a public name, or a served chain and key)."""
@@ -164,14 +166,31 @@ class Credentials:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Credentials:
+        """A certs directory with the root `secret` (the Intermediate's, or a lab's: every role
+        secret is derived from it), or with only `agent.secret` and/or `connector.secret` (a host
+        of that role)."""
         d = Path(directory)
-        missing = [n for n in ("ca.pem", "secret") if not (d / n).is_file()]
+        held = [n for n in ("secret", *ROLE_SECRETS) if (d / n).is_file()]
+        missing = ([] if (d / "ca.pem").is_file() else ["ca.pem"]) + ([] if held else ["secret"])
         if missing:
             raise FileNotFoundError(f"{d}: missing {', '.join(missing)} (create it with `qlab certs init {d}`)")
-        secret = (d / "secret").read_bytes().strip()
-        if len(secret) < 16:
-            raise ValueError(f"{d / 'secret'}: the secret is too short (need >= 16 bytes)")
-        return cls(d, (d / "ca.pem").read_bytes(), secret)
+        read = {n: _read_secret(d / n) for n in held}
+        root = read.get("secret", b"")
+        if root:
+            roles = {role: wire.role_secret(root, role) for role in ROLE_SECRETS.values()}
+        else:
+            roles = {role: read[n] for n, role in ROLE_SECRETS.items() if n in read}
+        return cls(d, (d / "ca.pem").read_bytes(), root, role_secrets=roles)
+
+    def secret_for(self, role: wire.Role) -> bytes:
+        """The secret a client of `role` proves in its HELLO. PROBE (QAD and classification) uses
+        whichever role secret this host holds."""
+        order = (wire.Role.AGENT, wire.Role.CONNECTOR) if role == wire.Role.PROBE else (role,)
+        for r in order:
+            if r in self.role_secrets:
+                return self.role_secrets[r]
+        raise PermissionError(f"{self.directory}: no {role.name.lower()} secret here (this host holds "
+                              f"{', '.join(r.name.lower() for r in self.role_secrets) or 'none'})")
 
     def server_config(self, leaf: str, **kw) -> QuicConfiguration:
         """A server configuration with the `leaf` certificate (intermediate or connector)."""
@@ -190,6 +209,13 @@ class Credentials:
             cfg.server_name = server_name
             cfg.load_verify_locations(cadata=self.ca_pem)
         return cfg
+
+
+def _read_secret(path: Path) -> bytes:
+    secret = path.read_bytes().strip()
+    if len(secret) < 16:
+        raise ValueError(f"{path}: the secret is too short (need >= 16 bytes)")
+    return secret
 
 
 def quic_config(*, is_client: bool, idle_timeout: float = 30.0) -> QuicConfiguration:

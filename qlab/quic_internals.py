@@ -129,3 +129,20 @@ def rtt_estimate(quic: QuicConnection) -> float | None:
     loss = quic._loss
     return loss._rtt_smoothed if loss._rtt_initialized else None
 
+
+def peer_cid(quic: QuicConnection) -> bytes:
+    """The connection ID this side currently sends to. On a client right after the handshake: the
+    source CID the server chose for this connection (what a HELLO is bound to)."""
+    # private: the peer's current connection ID is not exposed
+    return quic._peer_cid.cid
+
+
+def validated_peer_address(quic: QuicConnection) -> tuple[str, int] | None:
+    """The most recent peer address whose path is validated (handshake or PATH_CHALLENGE answered);
+    `get_peer_address()` already follows a migration before its validation."""
+    # private: network paths and their validation state are not exposed
+    for path in quic._network_paths:
+        if path.is_validated:
+            host, port = path.addr[0], path.addr[1]
+            return str(host), int(port)
+    return None

@@ -452,6 +452,17 @@ class DirectHello(Message):
     auth: bytes
 
 
+@_message(0x0C, U32, NAME, KEY)
+class DirectAccept(Message):
+    """Connector -> Agent on a direct connection, the answer to a valid DirectHello: which session,
+    the Connector's name and `direct_accept_auth(key, session, connector)`, so the Agent knows the
+    peer holds the session key and is the Connector the Intermediate named in SessionOpened."""
+
+    session: int
+    connector: str
+    auth: bytes
+
+
 @_message(0x0A, U32, _Enum(NackCode), TEXT)
 class SessionClosed(Message):
     session: int
@@ -705,14 +716,24 @@ def role_secret(root: bytes, role: Role) -> bytes:
     return hmac.new(root, b"qlab/1 role\x00" + bytes([int(role)]), hashlib.sha256).hexdigest().encode()
 
 
-def hello_auth(secret: bytes, role: Role, name: str) -> bytes:
-    """The HELLO tag: HMAC-SHA256(secret, "qlab/1 hello" | role | name). Sent inside TLS 1.3."""
-    return hmac.new(secret, b"qlab/1 hello\x00" + bytes([int(role)]) + name.encode(), hashlib.sha256).digest()
+def hello_auth(secret: bytes, role: Role, name: str, binding: bytes) -> bytes:
+    """The HELLO tag: HMAC-SHA256(secret, "qlab/1 hello" | role | name | 0x00 | binding). Sent inside
+    TLS 1.3. `binding` is the connection ID the server chose for this connection (fresh and random
+    per connection, known to the client from the handshake), so a recorded HELLO is useless on any
+    other connection."""
+    body = b"qlab/1 hello\x00" + bytes([int(role)]) + name.encode() + b"\x00" + binding
+    return hmac.new(secret, body, hashlib.sha256).digest()
 
 
-def check_hello(secret: bytes, hello: Hello) -> bool:
-    return hmac.compare_digest(hello.auth, hello_auth(secret, hello.role, hello.name))
+def check_hello(secret: bytes, hello: Hello, binding: bytes) -> bool:
+    return hmac.compare_digest(hello.auth, hello_auth(secret, hello.role, hello.name, binding))
 
 
 def direct_auth(key: bytes, session: int) -> bytes:
     return hmac.new(key, b"qlab/1 direct\x00" + struct.pack("!I", session), hashlib.sha256).digest()
+
+
+def direct_accept_auth(key: bytes, session: int, connector: str) -> bytes:
+    """The Connector's proof on a direct connection: it holds the session key and is `connector`."""
+    body = b"qlab/1 direct accept\x00" + struct.pack("!I", session) + connector.encode()
+    return hmac.new(key, body, hashlib.sha256).digest()

@@ -28,8 +28,9 @@ def client() -> ControlClient:
 
 
 def test_hello_carries_version_role_name_and_the_secrets_tag():
-    hello = client().hello()
-    assert hello == wire.Hello(wire.VERSION, wire.Role.AGENT, "agent", wire.hello_auth(SECRET, wire.Role.AGENT, "agent"))
+    hello = client().hello(b"server-cid")
+    assert hello == wire.Hello(wire.VERSION, wire.Role.AGENT, "agent", wire.hello_auth(SECRET, wire.Role.AGENT, "agent", b"server-cid"))
+    assert client().hello(b"another-cid") != hello  # bound to the connection
 
 
 def test_request_ids_start_at_one_and_wrap_past_the_u16_without_zero():

@@ -15,6 +15,7 @@ import time
 
 from aioquic.quic.connection import QuicConnection
 
+from qlab import quic_internals as qi
 from qlab import wire
 from qlab.certs import INTERMEDIATE_NAME
 from qlab.endpoint import Endpoint, Handler
@@ -98,7 +99,8 @@ async def bad_quic_clients(d: Deployment, creds, n: int = 40) -> None:
         elif i % 4 == 2:
             payload = wire.Register(1, "echo").encode()  # before HELLO
         else:
-            hello = wire.Hello(1, wire.Role.AGENT, f"f{i}", wire.hello_auth(creds.secret, wire.Role.AGENT, f"f{i}"))
+            auth = wire.hello_auth(creds.secret_for(wire.Role.AGENT), wire.Role.AGENT, f"f{i}", qi.peer_cid(conn.quic))
+            hello = wire.Hello(1, wire.Role.AGENT, f"f{i}", auth)
             payload = hello.encode() + bytes([0, 3, 0x07, 0xFF, 0xFF])  # valid hello, then a broken message
         conn.quic.send_stream_data(conn.control_stream, payload)
         for _ in range(5):

@@ -24,7 +24,8 @@ from qlab.roles.policy import AccessPolicy, ClientRule
 SECRET = b"deployment-secret-0123456789"
 ALICE_SECRET = b"alice's-own-secret-0123"
 A, C, P = wire.Role.AGENT, wire.Role.CONNECTOR, wire.Role.PROBE
-CAST = {"alice": A, "bob": A, "edge1": C, "edge2": C, "probe": P}
+CAST = {"alice": A, "bob": A, "edge1": C, "edge2": C, "probe": P, "edge1b": C, "alice2": A}
+HELLO_AS = {"edge1b": "edge1", "alice2": "alice"}  # second connections of the same identity
 LISTENERS = [("192.0.2.1", 4433), ("192.0.2.1", 4434), ("192.0.2.2", 4433), ("192.0.2.2", 4434)]
 N = wire.NackCode
 SID = 7  # alice's session with the service "echo"
@@ -36,6 +37,8 @@ class FakePeer:
 
     name: str
     address: Addr | None
+    validated: Addr | None = None  # None: the address is validated (no migration pending)
+    binding: bytes = b"scid-0001"
     listener: int = 0
     max_app_payload: int = 1200
     rtt: float | None = 0.02
@@ -43,6 +46,10 @@ class FakePeer:
     accepts: bool = True  # False: every datagram is dropped (a full queue)
     got: list[tuple[Any, ...]] = field(default_factory=list)
     messages: list[wire.Message] = field(default_factory=list)  # the control messages themselves
+
+    @property
+    def validated_address(self) -> Addr | None:
+        return self.validated or self.address
 
     def send_control(self, msg: wire.Message) -> None:
         self.got.append(summary(msg))
@@ -81,9 +88,16 @@ def summary(msg: wire.Message) -> tuple[Any, ...]:
     return _SUMMARY[type(msg)](msg)
 
 
-def hello(name: str, role: wire.Role | None = None, secret: bytes = SECRET, version: int = wire.VERSION) -> wire.Hello:
+def role_secret(role: wire.Role) -> bytes:
+    """What a client of `role` holds: its role's secret (a probe: the Agent's)."""
+    return wire.role_secret(SECRET, wire.Role.AGENT if role == wire.Role.PROBE else role)
+
+
+def hello(name: str, role: wire.Role | None = None, secret: bytes | None = None, version: int = wire.VERSION,
+          binding: bytes = b"scid-0001") -> wire.Hello:
     role = role or CAST[name]
-    return wire.Hello(version, role, name, wire.hello_auth(secret, role, name))
+    secret = role_secret(role) if secret is None else secret
+    return wire.Hello(version, role, name, wire.hello_auth(secret, role, name, binding))
 
 
 def open_session(req: int = 1, sid: int = SID, service: str = "echo", nat: wire.NatKind = wire.NatKind.EIM) -> wire.OpenSession:
@@ -129,7 +143,7 @@ class Leave:
 
     def apply(self, w: World) -> None:
         w.peers[self.who].closed = True
-        w.core.closed(w.peers[self.who], "gone")
+        w.core.closed(w.peers[self.who], "gone", w.now)
 
 
 @dataclass
@@ -181,7 +195,8 @@ def run(row: Row) -> World:
     peers = {name: FakePeer(name, (f"198.51.100.{i}", 40000 + i)) for i, name in enumerate(CAST, 1)}
     w = World(core, peers)
     for name in row.connected:
-        core.control(peers[name], hello(name), w.now)
+        peers[name].binding = f"scid-{name}".encode()
+        core.control(peers[name], hello(HELLO_AS.get(name, name), CAST[name], binding=peers[name].binding), w.now)
     for p in peers.values():
         p.got.clear()
     for step in row.steps:
@@ -230,16 +245,30 @@ OWNERSHIP = [
                       "alice": [("SessionOpened", 1, SID, "edge1", 1200)]}), id="re-register is idempotent"),
     pytest.param(Row([Send("edge1", wire.Register(1, "echo")), Send("edge2", wire.Register(1, "echo")),
                       Send("alice", open_session())],
-                     {"edge1": [("Ack", 1)], "edge2": [("Ack", 1), ("SessionNew", SID, "alice", 1200)],
-                      "alice": [("SessionOpened", 1, SID, "edge2", 1200)]}), id="newest registration takes over"),
-    pytest.param(Row([Send("edge1", wire.Register(1, "echo")), Send("edge2", wire.Register(1, "echo")),
-                      Send("edge1", wire.Register(2, "echo")), Send("alice", open_session())],
-                     {"edge1": [("Ack", 1), ("Ack", 2), ("SessionNew", SID, "alice", 1200)], "edge2": [("Ack", 1)],
-                      "alice": [("SessionOpened", 1, SID, "edge1", 1200)]}), id="re-registering takes it back"),
-    pytest.param(Row([Send("edge1", wire.Register(1, "echo")), Send("edge2", wire.Register(1, "echo")),
-                      Leave("edge2"), Send("alice", open_session())],
-                     {"edge1": [("Ack", 1), ("SessionNew", SID, "alice", 1200)], "edge2": [("Ack", 1)],
-                      "alice": [("SessionOpened", 1, SID, "edge1", 1200)]}), id="previous owner serves when newest leaves"),
+                     {"edge1": [("Ack", 1), ("SessionNew", SID, "alice", 1200)], "edge2": [("Nack", 1, N.NOT_ALLOWED)],
+                      "alice": [("SessionOpened", 1, SID, "edge1", 1200)]},
+                     counters={("errors_total", "kind", "service_owned"): 1}), id="a second identity cannot take a service"),
+    pytest.param(Row([Send("edge1", wire.Register(1, "echo")), Send("edge1b", wire.Register(1, "echo")),
+                      Send("alice", open_session())],
+                     {"edge1": [("Ack", 1)], "edge1b": [("Ack", 1), ("SessionNew", SID, "alice", 1200)],
+                      "alice": [("SessionOpened", 1, SID, "edge1", 1200)]}), id="the owner's newest connection serves"),
+    pytest.param(Row([Send("edge1", wire.Register(1, "echo")), Leave("edge1"), Send("edge1b", wire.Register(1, "echo")),
+                      Send("alice", open_session())],
+                     {"edge1": [("Ack", 1)], "edge1b": [("Ack", 1), ("SessionNew", SID, "alice", 1200)],
+                      "alice": [("SessionOpened", 1, SID, "edge1", 1200)]}), id="a restarted owner takes its service back"),
+    pytest.param(Row([Send("edge1", wire.Register(1, "echo")), Send("edge1b", wire.Register(1, "echo")),
+                      Leave("edge1b"), Send("alice", open_session())],
+                     {"edge1": [("Ack", 1), ("SessionNew", SID, "alice", 1200)], "edge1b": [("Ack", 1)],
+                      "alice": [("SessionOpened", 1, SID, "edge1", 1200)]}), id="the owner's older connection serves when newest leaves"),
+    pytest.param(Row([Send("edge1", wire.Register(1, "echo")), Leave("edge1"), Send("edge2", wire.Register(1, "echo")),
+                      Wait(301.0), Send("edge2", wire.Register(2, "echo")), Send("alice", open_session())],
+                     {"edge1": [("Ack", 1)], "edge2": [("Nack", 1, N.NOT_ALLOWED), ("Ack", 2), ("SessionNew", SID, "alice", 1200)],
+                      "alice": [("SessionOpened", 1, SID, "edge2", 1200)]}),
+                 id="a vacated service passes to another identity only after the owner hold"),
+    pytest.param(Row([Send("edge2", wire.Register(1, "echo")), Send("edge2", wire.Register(2, "ssh"))],
+                     {"edge2": [("Nack", 1, N.NOT_ALLOWED), ("Ack", 2)]},
+                     core={"policy": AccessPolicy(clients={"edge1": ClientRule(C, b"", frozenset({"echo"}))})}),
+                 id="a service the policy gives a named connector: no unnamed one, even with default allow"),
     pytest.param(Row([Send("edge1", wire.Register(1, "echo")), Tweak("edge1", "closed", True),
                       Send("alice", open_session())],
                      {"edge1": [("Ack", 1)], "alice": [("Nack", 1, N.NO_CONNECTOR)]},

@@ -95,7 +95,7 @@ async def test_policy_limits_agents_to_their_services(lab, creds, tmp_path):
 
     from dataclasses import replace
 
-    alice_creds = replace(creds, secret=alice_secret)
+    alice_creds = replace(creds, secret=b"", role_secrets={wire.Role.AGENT: alice_secret})
     alice = await L.agent("alice", creds=alice_creds)
     s = await alice.open_session("echo")
     assert (await ping(s, 5, interval=0.005))["paths"]["relay"]["received"] == 5

@@ -35,7 +35,7 @@ FIELD_STRATEGIES = {
     "predicted_ports": ports, "birthday": u16, "success": st.integers(0, 1), "probes": u16, "message": texts,
     "alt_ip": st.integers(0, 1), "alt_port": st.integers(0, 1), "nonce": u64, "primary": addrs, "alternate": addrs,
 }
-OVERRIDES = {("DirectHello", "auth"): keys, ("PunchResult", "addr"): st.one_of(st.none(), addrs), ("Ping", "nonce"): u32, ("Pong", "nonce"): u32}
+OVERRIDES = {("DirectHello", "auth"): keys, ("DirectAccept", "auth"): keys, ("PunchResult", "addr"): st.one_of(st.none(), addrs), ("Ping", "nonce"): u32, ("Pong", "nonce"): u32}
 
 MESSAGE_TYPES = sorted(wire._REGISTRY.values(), key=lambda c: c.TYPE)
 
@@ -152,9 +152,24 @@ def test_encoding_refuses_out_of_range_values():
         wire.Offer(1, wire.NatKind.EIM, tuple([wire.Candidate(wire.CandidateKind.HOST, ("10.0.0.1", 1))] * 33)).encode()
 
 
-def test_hello_auth_depends_on_secret_role_and_name():
-    tag = wire.hello_auth(b"s" * 32, wire.Role.AGENT, "a")
-    assert wire.check_hello(b"s" * 32, wire.Hello(1, wire.Role.AGENT, "a", tag))
-    assert not wire.check_hello(b"t" * 32, wire.Hello(1, wire.Role.AGENT, "a", tag))
-    assert not wire.check_hello(b"s" * 32, wire.Hello(1, wire.Role.CONNECTOR, "a", tag))
-    assert not wire.check_hello(b"s" * 32, wire.Hello(1, wire.Role.AGENT, "b", tag))
+def test_hello_auth_depends_on_secret_role_name_and_connection():
+    cid = b"\x01" * 8
+    tag = wire.hello_auth(b"s" * 32, wire.Role.AGENT, "a", cid)
+    assert wire.check_hello(b"s" * 32, wire.Hello(1, wire.Role.AGENT, "a", tag), cid)
+    assert not wire.check_hello(b"t" * 32, wire.Hello(1, wire.Role.AGENT, "a", tag), cid)
+    assert not wire.check_hello(b"s" * 32, wire.Hello(1, wire.Role.CONNECTOR, "a", tag), cid)
+    assert not wire.check_hello(b"s" * 32, wire.Hello(1, wire.Role.AGENT, "b", tag), cid)
+    assert not wire.check_hello(b"s" * 32, wire.Hello(1, wire.Role.AGENT, "a", tag), b"\x02" * 8)  # another connection
+
+
+def test_role_secrets_differ_and_depend_on_the_root():
+    root = b"r" * 64
+    agent, connector = wire.role_secret(root, wire.Role.AGENT), wire.role_secret(root, wire.Role.CONNECTOR)
+    assert len({agent, connector, root, wire.role_secret(b"q" * 64, wire.Role.AGENT)}) == 4
+
+
+def test_direct_accept_names_the_connector_and_proves_the_key():
+    key = b"k" * 32
+    tag = wire.direct_accept_auth(key, 7, "edge1")
+    assert tag != wire.direct_accept_auth(key, 7, "edge2") != wire.direct_accept_auth(b"j" * 32, 7, "edge1")
+    assert tag != wire.direct_accept_auth(key, 8, "edge1") and tag != wire.direct_auth(key, 7)

@@ -71,9 +71,10 @@ def cmd_intermediate(args: argparse.Namespace) -> int:
     creds = _creds(args)
     policy = AccessPolicy.load(args.policy) if args.policy else None
     listen = [args.listen] + list(args.alt or [])
+    caps = intermediate.Caps(args.sessions_per_client, args.max_sessions, args.session_idle)
     return _run_until_signal(
         lambda stop: intermediate.run(RealNet(), creds, listen, metrics_addr=args.metrics, stop=stop, policy=policy,
-                                      advertise=dict(args.advertise or []))
+                                      advertise=dict(args.advertise or []), caps=caps)
     )
 
 
@@ -121,7 +122,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     creds = _creds(args)
 
     async def main(stop: asyncio.Event) -> int:
-        agent = Agent(RealNet(), creds, args.intermediate, name=args.name, host=args.bind, port=args.port)
+        agent = Agent(RealNet(), creds, args.intermediate, name=args.name, host=args.bind, port=args.port,
+                      expect_connector=args.expect_connector)
         try:
             await agent.start(timeout=args.timeout)
             session = await agent.open_session(args.service, timeout=args.timeout)
@@ -193,6 +195,9 @@ def _certs_and_intermediate(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--tls-key", default=None, help="the key of --tls-cert")
     i.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
     i.add_argument("--policy", default=None, help="JSON access policy (per-client secrets and services)")
+    i.add_argument("--sessions-per-client", type=int, default=64, help="open sessions per client identity (role, name)")
+    i.add_argument("--max-sessions", type=int, default=10_000, help="open sessions in total")
+    i.add_argument("--session-idle", type=float, default=1800.0, help="seconds without traffic before a session is closed")
     i.set_defaults(func=cmd_intermediate)
 
 
@@ -221,6 +226,8 @@ def _connector_agent_echo(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--bind", default="0.0.0.0")
     a.add_argument("--port", type=int, default=0)
     a.add_argument("--name", default="agent")
+    a.add_argument("--expect-connector", default=None, metavar="NAME",
+                   help="refuse a session (and a direct path) served by any other Connector")
     a.add_argument("--certs", required=True)
     a.add_argument("--intermediate-name", default=None,
                    help="the Intermediate's public DNS name, verified against public CAs (Let's Encrypt)")

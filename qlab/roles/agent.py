@@ -8,6 +8,7 @@ payloads over its active path; the traversal layer (`qlab.traversal`) upgrades i
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from qlab.roles.tasks import Tasks
 from qlab.wire import Path
 
 log = logging.getLogger("qlab.roles.agent")
+
+EARLY_DATAGRAMS = 16  # direct datagrams held until the Connector's DirectAccept (same flight)
 
 
 # -- events (see qlab.roles.events) --------------------------------------------------------------
@@ -157,10 +160,13 @@ class Agent:
         name: str = "agent",
         host: str = "0.0.0.0",
         port: int = 0,
+        expect_connector: str | None = None,
     ) -> None:
         self.net = net
         self.creds = creds
         self.name = name
+        # pin: sessions served by any other Connector identity are refused and closed
+        self.expect_connector = expect_connector
         self.host = host
         self.port = port
         self.sessions: dict[int, AgentSession] = {}
@@ -180,8 +186,18 @@ class Agent:
         return self.events.subscribe(handler)
 
     def link_reply(self, msg: wire.Message) -> None:
-        if isinstance(msg, wire.SessionOpened) and msg.session in self.sessions:
+        if isinstance(msg, wire.SessionOpened) and msg.session in self.sessions and self._pinned_refusal(msg) is None:
             self.sessions[msg.session]._opened(msg)
+
+    def _pinned_refusal(self, msg: wire.SessionOpened) -> Refused | None:
+        """When the session is served by another Connector than the pinned one: close it at the
+        Intermediate (its key is never used) and say why."""
+        if self.expect_connector is None or msg.connector == self.expect_connector:
+            return None
+        reason = f"served by connector {msg.connector!r}, not the expected {self.expect_connector!r}"
+        self.link.send(wire.SessionClosed(msg.session, wire.NackCode.NOT_ALLOWED, "unexpected connector"))
+        log.error("session %08x refused: %s", msg.session, reason)
+        return Refused(wire.NackCode.NOT_ALLOWED, reason)
 
     async def start(self, timeout: float = 5.0) -> Addr:
         """Bind the one socket and connect to the Intermediate (raises Refused on a bad secret)."""
@@ -228,6 +244,8 @@ class Agent:
             log.info("session %08x could not be re-opened yet: %s", s.id, exc)
             return False
         if isinstance(reply, wire.SessionOpened):
+            if self._pinned_refusal(reply) is not None:
+                return False
             s._opened(reply)
             s.reopened += 1
             log.info("session %08x re-opened", s.id)
@@ -251,6 +269,10 @@ class Agent:
                 # no timer of its own: under loss the reply can take seconds, and the id cannot be
                 # asked for twice (the Intermediate refuses a taken one); a lost link fails it
                 reply = await self.link.request(msg, timeout=None)
+                assert isinstance(reply, wire.SessionOpened)
+                refused = self._pinned_refusal(reply)
+                if refused is not None:
+                    raise refused
             except BaseException as exc:
                 self.sessions.pop(sid, None)
                 s.closed = str(exc)
@@ -259,7 +281,6 @@ class Agent:
                     s.opened.set_exception(exc)
                     s.opened.exception()
                 return
-            assert isinstance(reply, wire.SessionOpened)
             s._opened(reply)
             if not s.opened.done():
                 s.opened.set_result(s)
@@ -352,10 +373,19 @@ class _DirectClient(Handler):
     def __init__(self, session: AgentSession, accepted: asyncio.Future) -> None:
         self.session = session
         self.accepted = accepted
+        self.early: list[bytes] = []
 
     def on_control(self, conn: Connection, msg: wire.Message) -> None:
-        if isinstance(msg, wire.Ack) and not self.accepted.done():
-            self.accepted.set_result(True)
+        if isinstance(msg, wire.DirectAccept) and not self.accepted.done():
+            if self._proven(msg):
+                self.accepted.set_result(True)
+                early, self.early = self.early, []
+                for data in early:  # DATAGRAM frames precede stream frames in a packet
+                    self.on_datagram(conn, data)
+            else:
+                self.early.clear()
+                self.accepted.set_exception(ConnectionRefusedError("the direct peer is not the session's connector"))
+                conn.close(wire.CLOSE_UNAUTHENTICATED, "unauthenticated connector")
         elif isinstance(msg, wire.Nack) and not self.accepted.done():
             self.accepted.set_exception(ConnectionRefusedError(f"connector refused the direct path: {msg.reason}"))
         elif isinstance(msg, wire.Ping):
@@ -363,7 +393,21 @@ class _DirectClient(Handler):
         elif isinstance(msg, wire.Pong):
             self.session.on_direct_pong(msg.nonce)
 
+    def _proven(self, msg: wire.DirectAccept) -> bool:
+        """The peer holds the session key and is the Connector the Intermediate named (and the
+        Agent pinned, if it did)."""
+        s = self.session
+        if s.key is None or msg.session != s.id or msg.connector != s.connector:
+            return False
+        return hmac.compare_digest(msg.auth, wire.direct_accept_auth(s.key, s.id, msg.connector))
+
     def on_datagram(self, conn: Connection, data: bytes) -> None:
+        if not self.accepted.done():
+            if len(self.early) < EARLY_DATAGRAMS:  # held until the peer proves it is the session's connector
+                self.early.append(data)
+            return
+        if self.accepted.exception() is not None:
+            return
         try:
             sid, payload = wire.decode_app(data)
         except wire.WireError:

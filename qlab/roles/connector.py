@@ -290,7 +290,7 @@ class _DirectConn(Handler):
             s.direct = conn
             self.session = s
             conn.mark_proven()
-            conn.send_control(wire.Ack(0))
+            conn.send_control(wire.DirectAccept(s.id, self.c.name, wire.direct_accept_auth(s.key, s.id, self.c.name)))
             for data in self.held.take(asyncio.get_running_loop().time(), 0):
                 self.on_datagram(conn, data)
             log.info("session %08x: direct connection from %s:%d", s.id, *(conn.peer_addr or ("?", 0)))

@@ -83,9 +83,11 @@ class ControlClient:
     _pending: set[int] = field(default_factory=set, init=False, repr=False)
     _outbox: list[wire.Message] = field(default_factory=list, init=False, repr=False)
 
-    def hello(self) -> wire.Hello:
-        """The first message on a new connection: version, role, name and the secret's tag."""
-        return wire.Hello(wire.VERSION, self.role, self.name, wire.hello_auth(self.secret, self.role, self.name))
+    def hello(self, binding: bytes) -> wire.Hello:
+        """The first message on a new connection: version, role, name and the secret's tag, bound
+        to the connection ID the server chose for this connection (`wire.hello_auth`)."""
+        auth = wire.hello_auth(self.secret, self.role, self.name, binding)
+        return wire.Hello(wire.VERSION, self.role, self.name, auth)
 
     def next_req(self) -> int:
         """A fresh request id, 1..REQ_MAX and round again (ids in flight are few and short-lived)."""

@@ -14,17 +14,20 @@ import asyncio
 import functools
 import logging
 
+from qlab import quic_internals as qi
 from qlab import wire
 from qlab.certs import Credentials
 from qlab.endpoint import Connection, Endpoint, Handler
-from qlab.net import Addr, Net
-from qlab.roles.intermediate_core import Birthday, Client, IntermediateCore, SendClassifyTest, Session
+from qlab.net import Addr, Net, normalize_addr
+from qlab.roles.intermediate_core import Birthday, Caps, Client, IntermediateCore, SendClassifyTest, Session
 from qlab.roles.metrics import Metrics, watch_endpoints
 from qlab.roles.policy import AccessPolicy
+from qlab.roles.tasks import Tasks
 
 log = logging.getLogger("qlab.roles.intermediate")
+DEFAULT_CAPS = Caps()
 
-__all__ = ["Client", "Intermediate", "Session", "run"]
+__all__ = ["Caps", "Client", "Intermediate", "Session", "run"]
 
 
 class Intermediate:
@@ -34,16 +37,20 @@ class Intermediate:
         self, net: Net, creds: Credentials, *, relay_enabled: bool = True, birthday_ports: int = 0,
         birthday_probes: int = 1024,
         policy: AccessPolicy | None = None, rate_limits: dict[str, tuple[float, float]] | None = None,
-        advertise: dict[str, str] | None = None,
+        advertise: dict[str, str] | None = None, caps: Caps = DEFAULT_CAPS,
     ) -> None:
+        if not creds.secret:
+            raise PermissionError(f"{creds.directory}: the Intermediate needs the deployment's root `secret`")
         self.net = net
         self.creds = creds
         self.metrics = Metrics()
         self.core = IntermediateCore(
             creds.secret, self.metrics, policy=policy, rate_limits=rate_limits, relay_enabled=relay_enabled,
-            birthday=Birthday(birthday_ports, birthday_probes), advertise=advertise,
+            birthday=Birthday(birthday_ports, birthday_probes), advertise=advertise, caps=caps,
         )
         self.listeners: list[Endpoint] = []
+        self.tasks = Tasks()
+        self._expiry: asyncio.Task[None] | None = None
         self.metrics.counter_source("udp_datagrams_total", "what", self._socket_stats)
         watch_endpoints(self.metrics, lambda: self.listeners)
 
@@ -78,9 +85,22 @@ class Intermediate:
             self.listeners.append(ep)
             self.core.listeners.append(bound)
             log.info("listening on udp %s:%d", *bound)
+        if self._expiry is None:
+            self._expiry = self.tasks.spawn(self._expire_forever())
         return self.core.listeners
 
+    async def _expire_forever(self) -> None:
+        """Let the core close idle sessions and release vacated services, often enough that
+        nothing lives much past its bound."""
+        loop = asyncio.get_running_loop()
+        caps = self.core.caps
+        period = max(0.05, min(30.0, caps.session_idle / 4, caps.owner_hold / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.core.expire(loop.time())
+
     def close(self) -> None:
+        self.tasks.cancel_all()
         for ep in self.listeners:
             ep.close()
 
@@ -89,6 +109,8 @@ class Intermediate:
         for ep in self.listeners:
             ep.crash()
         self.core.reset()
+        self.tasks.cancel_all()
+        self._expiry = None
 
     def drain(self) -> None:
         """Carry out what the core asked for besides sends to its peers."""
@@ -117,11 +139,18 @@ class _PeerConn(Handler):
         self.conn = conn
         self.listener = listener
         self.time = asyncio.get_running_loop().time
+        # made before any packet is processed: still the CID this server chose for the connection
+        self.binding = conn.quic.host_cid
 
     # -- Peer -----------------------------------------------------------------------------------
     @property
     def address(self) -> Addr | None:
         return self.conn.peer_addr
+
+    @property
+    def validated_address(self) -> Addr | None:
+        addr = qi.validated_peer_address(self.conn.quic)
+        return normalize_addr(addr) if addr is not None else None
 
     @property
     def max_app_payload(self) -> int:
@@ -158,15 +187,16 @@ class _PeerConn(Handler):
         self.core.address_changed(self)
 
     def on_closed(self, conn: Connection, reason: str) -> None:
-        self.core.closed(self, reason)
+        self.core.closed(self, reason, self.time())
 
 
 async def run(
     net: Net, creds: Credentials, listen: list[Addr], *, metrics_addr: Addr | None = None,
     stop: asyncio.Event | None = None, policy: AccessPolicy | None = None, advertise: dict[str, str] | None = None,
+    caps: Caps = DEFAULT_CAPS,
 ) -> None:
     """Run an Intermediate until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
-    server = Intermediate(net, creds, policy=policy, advertise=advertise)
+    server = Intermediate(net, creds, policy=policy, advertise=advertise, caps=caps)
     await server.listen(listen)
     http = None
     if metrics_addr is not None:

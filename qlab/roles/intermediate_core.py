@@ -6,13 +6,18 @@ address, a closed connection. It answers through the `Peer` it was given and doe
 itself; what is not a send to a peer leaves by two documented ways: counters on the injected
 `Metrics`, and events (`SendClassifyTest`) that the shell drains with `next_event()`.
 
-Security model: a client must prove the deployment secret in its HELLO before anything else; a
-session belongs to exactly one Agent and one Connector, and only those two may relay on it or
-signal on it. Relay replies go to the session's Agent only.
+Security model (docs/security.md): a client proves its role's secret (derived from the
+deployment's root, or its own from the policy) in a HELLO bound to this connection, before anything
+else. A service belongs to the Connector identity that registered it first (or the one the policy
+names). A session belongs to exactly one Agent and one Connector, and only those two may relay on
+it or signal on it. Candidates are screened before they are forwarded (no reflection through a
+peer); rate limits and session caps are per identity (role and name), not per connection.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
 import secrets
 from collections import deque
@@ -33,6 +38,18 @@ log = logging.getLogger("qlab.roles.intermediate")
 PUNCH_MARGIN_MS = 2  # slack for RTT estimates when timing the common punch start
 MAX_PUNCH_DELAY_MS = 5000
 DEFAULT_RTT = 0.1  # seconds, for a peer whose RTT QUIC has not measured yet
+SESSION_ID_REFUSED = "session id refused; pick another"
+MAX_FORWARDED_CANDIDATES = 16  # host(s) + server-reflexive + 8 predicted ports fit
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Bounds on what authenticated clients make the Intermediate hold (knobs, with defaults)."""
+
+    sessions_per_identity: int = 64  # open sessions one Agent identity (role, name) may have
+    sessions: int = 10_000  # open sessions in total
+    session_idle: float = 1800.0  # s without relay or control traffic before a session is closed
+    owner_hold: float = 300.0  # s a service stays its Connector's after its last registration left
 
 
 class Peer(Protocol):
@@ -42,6 +59,16 @@ class Peer(Protocol):
     @property
     def address(self) -> Addr | None:
         """The client's address as this Intermediate sees it (QAD), once known."""
+
+    @property
+    def validated_address(self) -> Addr | None:
+        """The client's most recent address whose path QUIC has validated (classification tests
+        go there only: a client cannot point them at an address it has not proven)."""
+
+    @property
+    def binding(self) -> bytes:
+        """What a HELLO on this connection is bound to: the source connection ID this server chose
+        for the connection when it accepted it."""
 
     @property
     def listener(self) -> int:
@@ -126,12 +153,22 @@ class Birthday:
 
 
 @dataclass(eq=False)
+class Identity:
+    """What every connection of one client identity (role, name) shares: rate limits and the
+    session budget."""
+
+    limits: ClientLimits
+    connections: int = 0
+    sessions: int = 0  # open sessions this identity opened (as an Agent)
+
+
+@dataclass(eq=False)
 class Client:
     id: int
     peer: Peer
     role: wire.Role
     name: str
-    limits: ClientLimits
+    identity: Identity
     services: set[str] = field(default_factory=set)
     sessions: set[int] = field(default_factory=set)
     observed_seq: int = 0
@@ -146,6 +183,8 @@ class Session:
     agent: int
     connector: int
     key: bytes
+    opener: Identity
+    last_active: float
     offer: wire.Offer | None = None
     answer: wire.Answer | None = None
 
@@ -169,16 +208,56 @@ def _session_id(msg: wire.Message) -> int | None:
     return msg.session if isinstance(msg, _SESSION_MESSAGES) else None
 
 
+def _implausible(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+    """No peer is reachable there: port 0, multicast, broadcast/reserved, unspecified."""
+    return port == 0 or ip.is_multicast or ip.is_unspecified or ip.is_reserved
+
+
+def _screened(c: wire.Candidate, observed: Addr | None) -> wire.Candidate | None:
+    """`c` as it may be forwarded, or None. Only what the sender can prove is its own survives:
+    its server-reflexive address is the one we observe (rewritten to it), predicted and
+    peer-reflexive ports are on the IP we observe, host addresses are private/loopback/link-local
+    or that IP. A RELAY candidate is never forwarded (the Intermediate is the relay)."""
+    ip = ipaddress.ip_address(c.addr[0])
+    if _implausible(ip, c.addr[1]) or observed is None:
+        return None
+    seen = ipaddress.ip_address(observed[0])
+    if c.kind == wire.CandidateKind.SRFLX:
+        return c if c.addr == observed else dataclasses.replace(c, addr=observed)
+    if c.kind in (wire.CandidateKind.PREDICTED, wire.CandidateKind.PRFLX):
+        return c if ip == seen else None
+    if c.kind == wire.CandidateKind.HOST:
+        return c if ip == seen or not ip.is_global else None
+    return None
+
+
+def screen_candidates(candidates: tuple[wire.Candidate, ...], observed: Addr | None) -> tuple[wire.Candidate, ...]:
+    """The candidates of an offer, answer or announcement that the Intermediate forwards: screened
+    (`_screened`), without duplicates, at most MAX_FORWARDED_CANDIDATES, in the sender's order."""
+    out: list[wire.Candidate] = []
+    for c in candidates:
+        kept = _screened(c, observed)
+        if kept is not None and all(k.addr != kept.addr for k in out):
+            out.append(kept)
+            if len(out) == MAX_FORWARDED_CANDIDATES:
+                break
+    return tuple(out)
+
+
 class IntermediateCore:
     """All protocol state of one Intermediate. `listeners` are the bound addresses, primary first;
-    the shell appends to it as it binds."""
+    the shell appends to it as it binds. `root` is the deployment's root secret: the role secrets
+    clients prove are derived from it (`wire.role_secret`)."""
 
     def __init__(
-        self, secret: bytes, metrics: Metrics, *, policy: AccessPolicy | None = None,
+        self, root: bytes, metrics: Metrics, *, policy: AccessPolicy | None = None,
         rate_limits: dict[str, tuple[float, float]] | None = None, relay_enabled: bool = True,
-        birthday: Birthday = Birthday(), advertise: dict[str, str] | None = None,
+        birthday: Birthday = Birthday(), advertise: dict[str, str] | None = None, caps: Caps = Caps(),
     ) -> None:
-        self.secret = secret
+        if not root:
+            raise ValueError("the Intermediate needs the deployment's root secret")
+        self.role_secrets = {r: wire.role_secret(root, r) for r in (wire.Role.AGENT, wire.Role.CONNECTOR)}
+        self.caps = caps
         self.metrics = metrics
         self.policy = policy or AccessPolicy()
         self.rate_limits = rate_limits
@@ -190,7 +269,10 @@ class IntermediateCore:
         self.listeners: list[Addr] = []
         self.clients: dict[int, Client] = {}
         self.by_peer: dict[Peer, Client] = {}
-        self.services: dict[str, list[int]] = {}  # service -> connector client ids, newest last
+        self.services: dict[str, list[int]] = {}  # service -> its owner's connections (client ids), newest last
+        self.owners: dict[str, str] = {}  # service -> the name of the Connector it belongs to
+        self.vacated: dict[str, float] = {}  # service -> when its owner's last registration left
+        self.identities: dict[tuple[wire.Role, str], Identity] = {}
         self.sessions: dict[int, Session] = {}
         self.relay_blocked: set[int] = set()  # sessions whose relay is switched off (direct proof)
         # plain ints on the hot path, read by the metrics at scrape time
@@ -214,6 +296,7 @@ class IntermediateCore:
         m.counter_source("relayed_datagrams_total", "direction", lambda: self.relayed)
         m.counter_source("relayed_bytes_total", "direction", lambda: self.relayed_bytes)
         m.gauge("services", lambda: sum(1 for v in self.services.values() if v), "services with a Connector")
+        m.gauge("identities", lambda: len(self.identities), "client identities (role, name) connected")
 
     # -- outputs --------------------------------------------------------------------------------
     def next_event(self) -> Event | None:
@@ -249,7 +332,8 @@ class IntermediateCore:
     def _within_limits(self, c: Client, msg: wire.Message, now: float) -> bool:
         """Charge the message to its buckets; when one is empty, say so and drop the message."""
         limit = LIMITED.get(type(msg))
-        if c.limits.allow(Limit.CONTROL, now) and (limit is None or c.limits.allow(limit, now)):
+        limits = c.identity.limits
+        if limits.allow(Limit.CONTROL, now) and (limit is None or limits.allow(limit, now)):
             return True
         self.metrics.inc("rate_limited_total", kind=limit or Limit.CONTROL)
         what = limit or "control messages"
@@ -267,11 +351,23 @@ class IntermediateCore:
         if c is not None:
             self._send_observed(c)
 
-    def closed(self, peer: Peer, reason: str) -> None:
+    def closed(self, peer: Peer, reason: str, now: float) -> None:
         """`peer`'s connection is gone: its registrations and sessions go with it."""
         c = self.by_peer.pop(peer, None)
         if c is not None:
-            self.drop_client(c, reason)
+            self.drop_client(c, reason, now)
+
+    def expire(self, now: float) -> None:
+        """Close sessions idle for longer than `caps.session_idle` and forget owners of services
+        vacated for longer than `caps.owner_hold`. The shell calls this on a timer."""
+        idle = [s.id for s in self.sessions.values() if now - s.last_active > self.caps.session_idle]
+        for sid in idle:
+            self.metrics.inc("sessions_expired_total")
+            self.close_session(sid, wire.NackCode.BAD_STATE, f"idle for more than {self.caps.session_idle:.0f}s")
+        for svc in [s for s, t in self.vacated.items() if now - t > self.caps.owner_hold]:
+            del self.vacated[svc]
+            self.owners.pop(svc, None)
+            self.services.pop(svc, None)
 
     def reset(self) -> None:
         """Forget every client, service and session at once, as a killed process does."""
@@ -279,6 +375,9 @@ class IntermediateCore:
         self.by_peer.clear()
         self.sessions.clear()
         self.services.clear()
+        self.owners.clear()
+        self.vacated.clear()
+        self.identities.clear()
 
     # -- hello ----------------------------------------------------------------------------------
     @staticmethod
@@ -295,24 +394,38 @@ class IntermediateCore:
             self.error("bad_version")
             self._refuse(peer, wire.NackCode.BAD_VERSION, f"server speaks qlab/{wire.VERSION}")
             return
-        if not wire.check_hello(self.policy.secret_for(msg, self.secret), msg):
+        if not any(wire.check_hello(s, msg, peer.binding) for s in self._secrets_for(msg)):
             self.error("unauthenticated")
             self.metrics.inc("auth_failures_total")
             log.warning("refused %s %r from %s: bad secret", msg.role.name.lower(), msg.name, peer.address)
-            self._refuse(peer, wire.NackCode.UNAUTHENTICATED, "bad deployment secret")
+            self._refuse(peer, wire.NackCode.UNAUTHENTICATED, "bad secret for this role")
             return
         refused = self.policy.admits(msg)
         if refused is not None:
             self.error("not_allowed")
             self._refuse(peer, wire.NackCode.NOT_ALLOWED, refused)
             return
-        c = Client(self._new_id(self.clients), peer, msg.role, msg.name, ClientLimits(now, self.rate_limits))
+        identity = self.identities.get((msg.role, msg.name))
+        if identity is None:
+            identity = self.identities[msg.role, msg.name] = Identity(ClientLimits(now, self.rate_limits))
+        identity.connections += 1
+        c = Client(self._new_id(self.clients), peer, msg.role, msg.name, identity)
         self.clients[c.id] = c
         self.by_peer[peer] = c
         self.metrics.inc("hellos_total", role=msg.role.name.lower())
         peer.send_control(wire.Welcome(wire.VERSION, c.id, peer.max_app_payload))
         self._send_observed(c)
         log.info("%s %s connected from %s:%d", msg.role.name.lower(), msg.name, *(peer.address or ("?", 0)))
+
+    def _secrets_for(self, hello: wire.Hello) -> list[bytes]:
+        """What this HELLO's tag may be made with: a policy-named client's own secret, else its
+        role's secret (a probe: either client role's)."""
+        own = self.policy.own_secret(hello.name)
+        if own:
+            return [own]
+        if hello.role == wire.Role.PROBE:
+            return list(self.role_secrets.values())
+        return [self.role_secrets[hello.role]]
 
     @staticmethod
     def _new_id(taken: dict[int, Any]) -> int:
@@ -336,10 +449,10 @@ class IntermediateCore:
             c.peer.send_control(wire.Nack(msg.req, wire.NackCode.NOT_ALLOWED, f"{c.name} may not use {msg.service!r}"))
             return
         if c.role == wire.Role.CONNECTOR:
-            ids = self.services.setdefault(msg.service, [])
-            if c.id in ids:
-                ids.remove(c.id)
-            ids.append(c.id)  # the newest registration takes the service's new sessions
+            if not self._take_service(c, msg.service, now):
+                self.error("service_owned")
+                c.peer.send_control(wire.Nack(msg.req, wire.NackCode.NOT_ALLOWED, f"{msg.service!r} belongs to another connector"))
+                return
         elif c.role != wire.Role.AGENT:
             c.peer.send_control(wire.Nack(msg.req, wire.NackCode.NOT_ALLOWED, "probes do not register"))
             return
@@ -348,8 +461,26 @@ class IntermediateCore:
         c.peer.send_control(wire.Ack(msg.req))
         log.info("%s %s registered for %s", c.role.name.lower(), c.name, msg.service)
 
+    def _take_service(self, c: Client, service: str, now: float) -> bool:
+        """Register `c` for `service` unless another identity owns it. The owner's newest
+        connection takes the service's new sessions (a restarted Connector replaces its old one);
+        ownership passes only after the owner has been gone for `caps.owner_hold`."""
+        owner = self.owners.get(service)
+        vacated = self.vacated.get(service)
+        if owner is not None and owner != c.name and (vacated is None or now - vacated <= self.caps.owner_hold):
+            return False
+        if owner != c.name:
+            self.services[service] = []
+        self.owners[service] = c.name
+        self.vacated.pop(service, None)
+        ids = self.services.setdefault(service, [])
+        if c.id in ids:
+            ids.remove(c.id)
+        ids.append(c.id)
+        return True
+
     def connector_for(self, service: str) -> Client | None:
-        """The newest registered Connector of `service` whose connection is still up."""
+        """The owner's newest registered connection to `service` that is still up."""
         for cid in reversed(self.services.get(service, [])):
             c = self.clients.get(cid)
             if c is not None and not c.peer.closed:
@@ -357,18 +488,21 @@ class IntermediateCore:
         return None
 
     def _open_session(self, c: Client, msg: wire.OpenSession, now: float) -> None:
-        connector = self._session_refused(c, msg)
+        connector = self._session_refused(c, msg, now)
         if connector is None:
             return
         sid = msg.session
         key = new_session_key()
         limit = min(c.peer.max_app_payload, connector.peer.max_app_payload)
-        sess = Session(sid, msg.service, c.id, connector.id, key, offer=wire.Offer(sid, msg.nat, msg.candidates))
+        candidates = self._screen(c, msg.candidates)
+        sess = Session(sid, msg.service, c.id, connector.id, key, c.identity, now,
+                       offer=wire.Offer(sid, msg.nat, candidates))
         self.sessions[sid] = sess
         c.sessions.add(sid)
         connector.sessions.add(sid)
+        c.identity.sessions += 1
         self.metrics.inc("sessions_total")
-        connector.peer.send_control(wire.SessionNew(sid, key, c.name, msg.service, limit, msg.nat, msg.candidates))
+        connector.peer.send_control(wire.SessionNew(sid, key, c.name, msg.service, limit, msg.nat, candidates))
         c.peer.send_control(wire.SessionOpened(msg.req, sid, key, connector.name, limit))
         for data in c.held.take(now, sid):
             self.datagram(c.peer, data, now)
@@ -376,7 +510,7 @@ class IntermediateCore:
             sess.answer = wire.Answer(sid, connector.announced.nat, connector.announced.candidates)
             self._start_punch(sess, c, connector)
 
-    def _session_refused(self, c: Client, msg: wire.OpenSession) -> Client | None:
+    def _session_refused(self, c: Client, msg: wire.OpenSession, now: float) -> Client | None:
         """The Connector a new session would go to, or None after refusing it."""
         if c.role != wire.Role.AGENT:
             c.peer.send_control(wire.Nack(msg.req, wire.NackCode.NOT_ALLOWED, "only agents open sessions"))
@@ -385,8 +519,13 @@ class IntermediateCore:
             self.error("not_allowed")
             c.peer.send_control(wire.Nack(msg.req, wire.NackCode.NOT_ALLOWED, f"{c.name} may not reach {msg.service!r}"))
             return None
+        if c.identity.sessions >= self.caps.sessions_per_identity or len(self.sessions) >= self.caps.sessions:
+            self.metrics.inc("rate_limited_total", kind="open_sessions")
+            c.peer.send_control(wire.Nack(msg.req, wire.NackCode.RATE_LIMITED, "too many open sessions"))
+            return None
         if msg.session == 0 or msg.session in self.sessions:
-            c.peer.send_control(wire.Nack(msg.req, wire.NackCode.BAD_STATE, "session id taken; pick another"))
+            # one answer whatever the reason, so that a taken id (another agent's) is not told apart
+            c.peer.send_control(wire.Nack(msg.req, wire.NackCode.BAD_STATE, SESSION_ID_REFUSED))
             return None
         connector = self.connector_for(msg.service)
         if connector is None:
@@ -400,6 +539,7 @@ class IntermediateCore:
         if s is None:
             return
         self.relay_blocked.discard(sid)
+        s.opener.sessions -= 1
         for cid in (s.agent, s.connector):
             c = self.clients.get(cid)
             if c is not None:
@@ -407,7 +547,7 @@ class IntermediateCore:
                 if c is not notify:
                     c.peer.send_control(wire.SessionClosed(sid, code, reason))
 
-    def drop_client(self, client: Client, reason: str) -> None:
+    def drop_client(self, client: Client, reason: str, now: float) -> None:
         if self.clients.pop(client.id, None) is None:
             return
         self.by_peer.pop(client.peer, None)
@@ -415,9 +555,14 @@ class IntermediateCore:
             ids = self.services.get(svc, [])
             if client.id in ids:
                 ids.remove(client.id)
+                if not ids:
+                    self.vacated[svc] = now  # the owner's hold starts
         gone = f"{client.role.name.lower()} {client.name} left"
         for sid in list(client.sessions):
             self.close_session(sid, wire.NackCode.PEER_GONE, gone, notify=client)
+        client.identity.connections -= 1
+        if client.identity.connections <= 0 and client.identity.sessions <= 0:
+            self.identities.pop((client.role, client.name), None)
         log.info("%s %s left (%s)", client.role.name.lower(), client.name, reason)
 
     # -- signaling ------------------------------------------------------------------------------
@@ -425,15 +570,24 @@ class IntermediateCore:
         if c.role != wire.Role.CONNECTOR:
             c.peer.send_control(wire.Nack(0, wire.NackCode.NOT_ALLOWED, "only connectors announce candidates"))
             return
-        c.announced = msg
+        c.announced = wire.Announce(msg.nat, self._screen(c, msg.candidates))
 
-    def _session_for(self, c: Client, sid: int) -> Session | None:
+    def _screen(self, c: Client, candidates: tuple[wire.Candidate, ...]) -> tuple[wire.Candidate, ...]:
+        """`screen_candidates` against the address we observe `c` at, counting what it removed."""
+        kept = screen_candidates(candidates, c.peer.address)
+        changed = len(candidates) - sum(1 for k in kept if k in candidates)
+        if changed:
+            self.metrics.inc("candidates_screened_total", changed)
+        return kept
+
+    def _session_for(self, c: Client, sid: int, now: float) -> Session | None:
         sess = self.sessions.get(sid)
         if sess is None or c.id not in (sess.agent, sess.connector):
             # unknown and foreign sessions get the same answer: no oracle for session ids
             self.error("not_session_party")
             c.peer.send_control(wire.SessionError(sid, wire.NackCode.NO_SUCH_SESSION, "no such session"))
             return None
+        sess.last_active = now
         return sess
 
     def _forward(self, c: Client, sess: Session, msg: wire.Message) -> None:
@@ -443,24 +597,24 @@ class IntermediateCore:
             other.peer.send_control(msg)
 
     def _offer(self, c: Client, msg: wire.Offer, now: float) -> None:
-        sess = self._session_for(c, msg.session)
+        sess = self._session_for(c, msg.session, now)
         if sess is None:
             return
         if c.id != sess.agent:
             c.peer.send_control(wire.SessionError(msg.session, wire.NackCode.BAD_STATE, "only the agent offers"))
             return
-        sess.offer = msg
+        sess.offer = wire.Offer(msg.session, msg.nat, self._screen(c, msg.candidates))
         sess.answer = None
-        self._forward(c, sess, msg)
+        self._forward(c, sess, sess.offer)
 
     def _answer(self, c: Client, msg: wire.Answer, now: float) -> None:
-        sess = self._session_for(c, msg.session)
+        sess = self._session_for(c, msg.session, now)
         if sess is None:
             return
         if c.id != sess.connector or sess.offer is None:
             c.peer.send_control(wire.SessionError(msg.session, wire.NackCode.BAD_STATE, "answer without offer"))
             return
-        sess.answer = msg
+        sess.answer = wire.Answer(msg.session, msg.nat, self._screen(c, msg.candidates))
         agent = self.clients.get(sess.agent)
         if agent is not None:
             self._start_punch(sess, agent, c)
@@ -480,19 +634,19 @@ class IntermediateCore:
         self.metrics.inc("punches_started_total")
 
     def _punch_result(self, c: Client, msg: wire.PunchResult, now: float) -> None:
-        sess = self._session_for(c, msg.session)
+        sess = self._session_for(c, msg.session, now)
         if sess is None:
             return
         self.metrics.inc("punch_results_total", success=str(bool(msg.success)).lower())
         self._forward(c, sess, msg)
 
     def _session_error(self, c: Client, msg: wire.SessionError, now: float) -> None:
-        sess = self._session_for(c, msg.session)
+        sess = self._session_for(c, msg.session, now)
         if sess is not None:
             self._forward(c, sess, msg)
 
     def _session_closed(self, c: Client, msg: wire.SessionClosed, now: float) -> None:
-        if self._session_for(c, msg.session) is not None:
+        if self._session_for(c, msg.session, now) is not None:
             self.close_session(msg.session, msg.code, msg.reason, notify=c)
 
     # -- classification and liveness ------------------------------------------------------------
@@ -506,7 +660,7 @@ class IntermediateCore:
 
     def _change_request(self, c: Client, msg: wire.ChangeRequest, now: float) -> None:
         alt = self.alternate(c.peer.listener, bool(msg.alt_ip), bool(msg.alt_port))
-        addr = c.peer.address
+        addr = c.peer.validated_address  # never an address the client migrated to without proving it
         if alt is None or addr is None:
             c.peer.send_control(wire.Nack(msg.req, wire.NackCode.NOT_ALLOWED, "no such alternate listener"))
             return
@@ -544,6 +698,7 @@ class IntermediateCore:
         if sess is None or c.id not in (sess.agent, sess.connector):
             self.error("datagram_foreign_session")
             return
+        sess.last_active = now
         if not self.relay_enabled or sid in self.relay_blocked:
             self.metrics.inc("relay_blocked_total")
             return

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from typing import Protocol
 
+from qlab import quic_internals as qi
 from qlab import wire
 from qlab.certs import INTERMEDIATE_NAME, Credentials
 from qlab.endpoint import Connection, Endpoint, Handler
@@ -111,7 +112,7 @@ class IntermediateLink(Handler):
         self.creds = creds
         self.role = role
         self.name = name
-        self.control = ControlClient(role, name, creds.secret)
+        self.control = ControlClient(role, name, creds.secret_for(role))
         self.owner: LinkOwner = owner or _NoOwner()
         self.conn: Connection | None = None
         self._welcome: asyncio.Future[None] | None = None
@@ -270,7 +271,7 @@ class IntermediateLink(Handler):
     def on_handshake(self, conn: Connection) -> None:
         if conn is not self.conn:
             return  # an attempt already given up
-        conn.send_control(self.control.hello())
+        conn.send_control(self.control.hello(qi.peer_cid(conn.quic)))
 
     def on_control(self, conn: Connection, msg: wire.Message) -> None:
         self.liveness.heard(asyncio.get_running_loop().time())

@@ -1,8 +1,10 @@
 """Who may connect and what they may reach: an access policy and per-client rate limits.
 
-The deployment secret admits any client of the deployment. A policy file can go further: clients it
-names must prove their own secret (so a name cannot be borrowed) and reach only their services;
-`default` says what unnamed clients may do. Example:
+A role's secret (derived from the deployment's root) admits any client of that role. A policy file
+can go further: clients it names must prove their own secret (so a name cannot be borrowed) and
+reach only their services; a service a named Connector lists belongs to the named Connectors that
+list it (no unnamed one may register it, whatever `default` says); `default` says what unnamed
+clients may do. Example:
 
     {"default": "deny",
      "clients": {"alice": {"role": "agent", "secret": "<hex>", "services": ["echo"]},
@@ -52,9 +54,10 @@ class AccessPolicy:
             rules[name] = ClientRule(role, secret, services)
         return cls(data.get("default", "allow") == "allow", rules)
 
-    def secret_for(self, hello: wire.Hello, deployment_secret: bytes) -> bytes:
-        rule = self.clients.get(hello.name)
-        return rule.secret if rule is not None and rule.secret else deployment_secret
+    def own_secret(self, name: str) -> bytes:
+        """The secret the policy gives the client `name`, or b"" (it proves its role's secret)."""
+        rule = self.clients.get(name)
+        return rule.secret if rule is not None else b""
 
     def admits(self, hello: wire.Hello) -> str | None:
         """None if the client may connect, else the reason it may not."""
@@ -69,8 +72,12 @@ class AccessPolicy:
             return False
         rule = self.clients.get(name)
         if rule is None:
-            return self.default_allow
+            return self.default_allow and not (role == wire.Role.CONNECTOR and self.named_owners(service))
         return service in rule.services
+
+    def named_owners(self, service: str) -> list[str]:
+        """The named Connectors that list `service`: it belongs to them."""
+        return [n for n, r in self.clients.items() if r.role == wire.Role.CONNECTOR and service in r.services]
 
 
 class TokenBucket:

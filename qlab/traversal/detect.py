@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from qlab import quic_internals as qi
 from qlab import wire
 from qlab.certs import INTERMEDIATE_NAME, Credentials
 from qlab.endpoint import Connection, Endpoint, Handler
@@ -41,7 +42,7 @@ class _QadClient(Handler):
         self.replies: dict[int, asyncio.Future[wire.Message]] = {}
 
     def on_handshake(self, conn: Connection) -> None:
-        conn.send_control(self.control.hello())
+        conn.send_control(self.control.hello(qi.peer_cid(conn.quic)))
 
     def on_control(self, conn: Connection, msg: wire.Message) -> None:
         event = self.control.receive(msg)
@@ -70,7 +71,7 @@ class QadSession:
         self.addr = addr
         self.creds = creds
         self.name = name
-        self.control = ControlClient(wire.Role.PROBE, name, creds.secret)
+        self.control = ControlClient(wire.Role.PROBE, name, creds.secret_for(wire.Role.PROBE))
         self.handler: _QadClient | None = None
         self.conn: Connection | None = None
 
