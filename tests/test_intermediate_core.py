@@ -17,7 +17,7 @@ import pytest
 from qlab import wire
 from qlab.endpoint import DatagramTooLarge
 from qlab.net import Addr
-from qlab.roles.intermediate_core import Birthday, IntermediateCore, SendClassifyTest
+from qlab.roles.intermediate_core import Birthday, Caps, IntermediateCore, SendClassifyTest, screen_candidates
 from qlab.roles.metrics import Metrics
 from qlab.roles.policy import AccessPolicy, ClientRule
 
@@ -176,7 +176,15 @@ class Tweak:
         setattr(w.peers[self.who], self.attr, self.value)
 
 
-Step = Send | Relay | Leave | Wait | BlockRelay | Tweak
+@dataclass
+class Expire:
+    """The shell's expiry timer fires."""
+
+    def apply(self, w: World) -> None:
+        w.core.expire(w.now)
+
+
+Step = Send | Relay | Leave | Wait | BlockRelay | Tweak | Expire
 
 
 @dataclass
@@ -531,3 +539,148 @@ def test_reset_forgets_everything() -> None:
     assert not (w.core.clients or w.core.sessions or w.core.services or w.core.by_peer)
     w.core.control(w.peers["alice"], wire.Ping(1), w.now)
     assert w.peers["alice"].got[-2:] == [("Nack", 0, N.UNAUTHENTICATED), ("close", wire.CLOSE_UNAUTHENTICATED)]
+
+
+# -- credentials: each role proves its own secret, on this connection ---------------------------------
+WELCOME_ALICE = [("Welcome", 1200), ("Observed", 1, ("198.51.100.1", 40001))]
+REFUSED = [("Nack", 0, N.UNAUTHENTICATED), ("close", wire.CLOSE_UNAUTHENTICATED)]
+CREDENTIALS = [
+    pytest.param(Row([Send("edge1", hello("edge1", secret=role_secret(A), binding=b"scid-0001"))],
+                     {"edge1": REFUSED}, connected=()), id="an agent's secret cannot say hello as a connector"),
+    pytest.param(Row([Send("alice", hello("alice", secret=role_secret(C), binding=b"scid-0001"))],
+                     {"alice": REFUSED}, connected=()), id="a connector's secret cannot say hello as an agent"),
+    pytest.param(Row([Send("alice", hello("alice", secret=SECRET, binding=b"scid-0001"))],
+                     {"alice": REFUSED}, connected=()), id="the root secret itself is no client credential"),
+    pytest.param(Row([Send("probe", hello("probe", secret=role_secret(C), binding=b"scid-0001"))],
+                     {"probe": [("Welcome", 1200), ("Observed", 1, ("198.51.100.5", 40005))]}, connected=()),
+                 id="a probe proves either role's secret"),
+    pytest.param(Row([Send("alice", hello("alice", binding=b"scid-0002"))], {"alice": REFUSED}, connected=(),
+                     counters={("auth_failures_total", "", ""): 1}),
+                 id="a HELLO made for another connection is refused (replay)"),
+]
+
+
+@pytest.mark.parametrize("row", CREDENTIALS)
+def test_credentials(row: Row) -> None:
+    run(row)
+
+
+def test_the_core_refuses_to_run_without_the_root() -> None:
+    with pytest.raises(ValueError, match="root"):
+        IntermediateCore(b"", Metrics())
+
+
+# -- uniform answers, caps per identity, idle expiry ---------------------------------------------------
+REG = Send("edge1", wire.Register(1, "echo"))
+CAPS = [
+    pytest.param(Row([*ECHO, Send("bob", open_session(2, SID)), Send("bob", open_session(3, 0))],
+                     echo_then({"bob": [("Nack", 2, N.BAD_STATE), ("Nack", 3, N.BAD_STATE)]})),
+                 id="a taken id is refused as id 0 is"),
+    pytest.param(Row([REG, Send("alice", open_session(1, 1)), Send("alice2", open_session(1, 2)),
+                      Send("alice2", open_session(2, 3)), Send("bob", open_session(1, 4))],
+                     {"edge1": [("Ack", 1), ("SessionNew", 1, "alice", 1200), ("SessionNew", 2, "alice", 1200),
+                                ("SessionNew", 4, "bob", 1200)],
+                      "alice": [("SessionOpened", 1, 1, "edge1", 1200)],
+                      "alice2": [("SessionOpened", 1, 2, "edge1", 1200), ("Nack", 2, N.RATE_LIMITED)],
+                      "bob": [("SessionOpened", 1, 4, "edge1", 1200)]},
+                     core={"caps": Caps(sessions_per_identity=2)}, counters={("rate_limited_total", "kind", "open_sessions"): 1}),
+                 id="open sessions per identity: two connections under one name share the budget"),
+    pytest.param(Row([REG, Send("alice", open_session(1, 1)), Send("alice", wire.SessionClosed(1, N.PEER_GONE, "done")),
+                      Send("alice", open_session(2, 2))],
+                     {"edge1": [("Ack", 1), ("SessionNew", 1, "alice", 1200), ("SessionClosed", 1, N.PEER_GONE),
+                                ("SessionNew", 2, "alice", 1200)],
+                      "alice": [("SessionOpened", 1, 1, "edge1", 1200), ("SessionOpened", 2, 2, "edge1", 1200)]},
+                     core={"caps": Caps(sessions_per_identity=1)}), id="a closed session frees its place"),
+    pytest.param(Row([REG, Send("alice", open_session(1, 1)), Send("bob", open_session(1, 2))],
+                     {"edge1": [("Ack", 1), ("SessionNew", 1, "alice", 1200)],
+                      "alice": [("SessionOpened", 1, 1, "edge1", 1200)], "bob": [("Nack", 1, N.RATE_LIMITED)]},
+                     core={"caps": Caps(sessions=1)}), id="open sessions in total"),
+    pytest.param(Row([REG] + [Send(who, open_session(i, i)) for i, who in ((1, "alice"), (2, "alice2"), (3, "alice"))],
+                     {"edge1": [("Ack", 1), ("SessionNew", 1, "alice", 1200), ("SessionNew", 2, "alice", 1200)],
+                      "alice": [("SessionOpened", 1, 1, "edge1", 1200), ("Nack", 3, N.RATE_LIMITED)],
+                      "alice2": [("SessionOpened", 2, 2, "edge1", 1200)]},
+                     core={"rate_limits": SESSIONS_2}), id="the session rate is per identity, not per connection"),
+    pytest.param(Row([*ECHO, Wait(50.0), Relay("alice"), Wait(50.0), Send("edge1", wire.PunchResult(SID, 0, None, 1)),
+                      Wait(50.0), Expire(), Wait(61.0), Expire(), Relay("alice")],
+                     echo_then({"edge1": [("dgram", SID, b"hi"), ("SessionClosed", SID, N.BAD_STATE)],
+                                "alice": [("PunchResult", SID, 0), ("SessionClosed", SID, N.BAD_STATE)]}),
+                     core={"caps": Caps(session_idle=60.0)}, counters={("sessions_expired_total", "", ""): 1}),
+                 id="a session idle past the bound is closed; relay and control traffic keep it"),
+]
+
+
+@pytest.mark.parametrize("row", CAPS)
+def test_caps(row: Row) -> None:
+    run(row)
+
+
+def test_identity_state_goes_with_its_last_connection() -> None:
+    w = run(Row([REG, Send("alice", open_session(1, 1)), Leave("alice"), Leave("alice2")],
+                {"edge1": [("Ack", 1), ("SessionNew", 1, "alice", 1200), ("SessionClosed", 1, N.PEER_GONE)],
+                 "alice": [("SessionOpened", 1, 1, "edge1", 1200)]}))
+    assert (A, "alice") not in w.core.identities and (C, "edge1") in w.core.identities
+
+
+# -- candidates: nothing forwarded that the sender cannot prove is its own --------------------------
+K = wire.CandidateKind
+OBSERVED = ("198.51.100.1", 40001)  # alice, as the core sees her
+
+
+def cand(kind: wire.CandidateKind, ip: str, port: int) -> wire.Candidate:
+    return wire.Candidate(kind, (ip, port), 7)
+
+
+@pytest.mark.parametrize(("given", "kept"), [
+    (cand(K.SRFLX, *OBSERVED), cand(K.SRFLX, *OBSERVED)),
+    (cand(K.SRFLX, "203.0.113.66", 9), cand(K.SRFLX, *OBSERVED)),  # rewritten to what we observe
+    (cand(K.PREDICTED, "198.51.100.1", 40002), cand(K.PREDICTED, "198.51.100.1", 40002)),
+    (cand(K.PREDICTED, "198.51.100.66", 40002), None),  # not the observed IP
+    (cand(K.PRFLX, "198.51.100.66", 40002), None),
+    (cand(K.HOST, "10.1.2.3", 5000), cand(K.HOST, "10.1.2.3", 5000)),  # private: a LAN peer may reach it
+    (cand(K.HOST, "198.51.100.1", 5000), cand(K.HOST, "198.51.100.1", 5000)),  # no NAT: its own public IP
+    (cand(K.HOST, "8.8.8.8", 53), None),  # someone else's public address
+    (cand(K.HOST, "10.1.2.3", 0), None),
+    (cand(K.HOST, "224.0.0.1", 5000), None),
+    (cand(K.HOST, "255.255.255.255", 5000), None),
+    (cand(K.HOST, "0.0.0.0", 5000), None),
+    (cand(K.HOST, "ff02::1", 5000), None),
+    (cand(K.RELAY, "198.51.100.1", 40001), None),
+])
+def test_screen_one_candidate(given: wire.Candidate, kept: wire.Candidate | None) -> None:
+    assert screen_candidates((given,), OBSERVED) == ((kept,) if kept else ())
+
+
+def test_screen_caps_and_deduplicates() -> None:
+    many = tuple(cand(K.PREDICTED, "198.51.100.1", 41000 + i) for i in range(32))
+    assert len(screen_candidates(many, OBSERVED)) == 16
+    twice = (cand(K.SRFLX, *OBSERVED), cand(K.SRFLX, "203.0.113.66", 9))
+    assert screen_candidates(twice, OBSERVED) == (cand(K.SRFLX, *OBSERVED),)
+    assert screen_candidates(twice, None) == ()  # nothing observed yet: nothing to vouch for
+
+
+VICTIM = [cand(K.SRFLX, "203.0.113.66", 9), cand(K.PREDICTED, "203.0.113.66", 10), cand(K.HOST, "8.8.4.4", 11)]
+
+
+def forwarded(w: World, who: str) -> list[tuple[wire.Candidate, ...]]:
+    return [m.candidates if hasattr(m, "candidates") else m.peer_candidates for m in w.peers[who].messages
+            if isinstance(m, (wire.SessionNew, wire.Offer, wire.StartPunch))]
+
+
+def test_screened_in_open_session_offer_answer_and_announce() -> None:
+    alice_srflx = (cand(K.SRFLX, *OBSERVED),)
+    edge1_srflx = (cand(K.SRFLX, "198.51.100.3", 40003),)
+    w = run(Row([Send("edge1", wire.Announce(EIM, tuple(VICTIM))), REG,
+                 Send("alice", wire.OpenSession(1, SID, "echo", EIM, tuple(VICTIM))),
+                 Send("alice", wire.Offer(SID, EIM, tuple(VICTIM))), Send("edge1", wire.Answer(SID, EIM, tuple(VICTIM)))],
+                echo_then({"edge1": [("StartPunch", SID, EIM, 0), ("Offer", SID, EIM), ("StartPunch", SID, EIM, 0)],
+                           "alice": [("StartPunch", SID, EIM, 0), ("StartPunch", SID, EIM, 0)]})))
+    assert forwarded(w, "edge1") == [alice_srflx] * 4  # SessionNew, StartPunch, Offer, StartPunch
+    assert forwarded(w, "alice") == [edge1_srflx] * 2
+    assert w.core.metrics.get("candidates_screened_total") == 12  # 3 per message
+
+
+def test_classification_tests_go_to_the_validated_address_only() -> None:
+    w = run(Row([Tweak("probe", "address", ("203.0.113.66", 9)), Tweak("probe", "validated", ("198.51.100.5", 40005)),
+                 Send("probe", wire.ChangeRequest(1, 0, 1, 99))], {"probe": [("Ack", 1)]},
+                events=[SendClassifyTest(1, ("198.51.100.5", 40005), 99)]))
+    assert w.peers["probe"].address == ("203.0.113.66", 9)  # migrated, not yet proven

@@ -238,3 +238,21 @@ def test_local_close_code_is_none_when_the_peer_closed(creds: Credentials) -> No
     assert qi.local_close_code(pair.client) == 0x102
     pair.step()
     assert qi.close_event(server) is not None and qi.local_close_code(server) is None
+
+
+def test_peer_cid_is_the_servers_own_cid_and_the_validated_address_follows_validation(creds: Credentials) -> None:
+    """What a HELLO is bound to: the client's peer CID after the handshake is the CID the server chose
+    when it accepted the connection (`host_cid` then); the server's validated address is the client's."""
+    pair = Pair(creds)
+    pair.step()
+    assert pair.server is not None
+    chosen = pair.server.host_cid  # what the Intermediate records when it accepts
+    pair.handshake()
+    assert qi.peer_cid(pair.client) == chosen and len(chosen) == CID_LENGTH
+    assert qi.validated_peer_address(pair.server) == CLIENT
+    # a packet from a new address moves aioquic's peer address at once; the validated one stays
+    pair.client.send_ping(1)
+    for data, _ in pair.client.datagrams_to_send(now=pair.now):
+        pair.server.receive_datagram(data, ("10.0.0.66", 9), now=pair.now)
+    assert pair.server.get_peer_address() == ("10.0.0.66", 9)
+    assert qi.validated_peer_address(pair.server) == CLIENT
