@@ -639,6 +639,7 @@ def cand(kind: wire.CandidateKind, ip: str, port: int) -> wire.Candidate:
     (cand(K.HOST, "10.1.2.3", 5000), cand(K.HOST, "10.1.2.3", 5000)),  # private: a LAN peer may reach it
     (cand(K.HOST, "198.51.100.1", 5000), cand(K.HOST, "198.51.100.1", 5000)),  # no NAT: its own public IP
     (cand(K.HOST, "8.8.8.8", 53), None),  # someone else's public address
+    (cand(K.HOST, "127.0.0.1", 53), None),  # the receiver's own loopback
     (cand(K.HOST, "10.1.2.3", 0), None),
     (cand(K.HOST, "224.0.0.1", 5000), None),
     (cand(K.HOST, "255.255.255.255", 5000), None),

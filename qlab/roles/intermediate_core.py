@@ -216,8 +216,8 @@ def _implausible(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -
 def _screened(c: wire.Candidate, observed: Addr | None) -> wire.Candidate | None:
     """`c` as it may be forwarded, or None. Only what the sender can prove is its own survives:
     its server-reflexive address is the one we observe (rewritten to it), predicted and
-    peer-reflexive ports are on the IP we observe, host addresses are private/loopback/link-local
-    or that IP. A RELAY candidate is never forwarded (the Intermediate is the relay)."""
+    peer-reflexive ports are on the IP we observe, host addresses are private or link-local, or
+    that IP. A RELAY candidate is never forwarded (the Intermediate is the relay)."""
     ip = ipaddress.ip_address(c.addr[0])
     if _implausible(ip, c.addr[1]) or observed is None:
         return None
@@ -226,8 +226,8 @@ def _screened(c: wire.Candidate, observed: Addr | None) -> wire.Candidate | None
         return c if c.addr == observed else dataclasses.replace(c, addr=observed)
     if c.kind in (wire.CandidateKind.PREDICTED, wire.CandidateKind.PRFLX):
         return c if ip == seen else None
-    if c.kind == wire.CandidateKind.HOST:
-        return c if ip == seen or not ip.is_global else None
+    if c.kind == wire.CandidateKind.HOST:  # loopback is another host's own: never offered by a peer
+        return c if ip == seen or not (ip.is_global or ip.is_loopback) else None
     return None
 
 
