@@ -318,6 +318,26 @@ def test_user_data_is_shellcheck_clean(tmp_path):
     assert r.returncode == 0, r.stdout
 
 
+def test_user_data_fits_in_16_kB_for_every_host_and_preset():
+    """EC2 refuses user data over 16 kB; the largest is a NAT router's with symmetric_seq's ruleset
+    (for qlab-test: 16,328 bytes when every host fetched every credential, 15,284 now)."""
+    from qlab.cloud.deploy import ALL_PRESETS_WITH_NAT, HOST_FILES, nat_ruleset
+    from qlab.cloud.userdata import render_user_data
+
+    did = "qlab-" + "x" * 26  # the longest id
+    for kind, roles in (("intermediate", ["intermediate"]), ("connector", ["echo", "connector"]), ("agent", []),
+                        *((f"nat:{p}", []) for p in ALL_PRESETS_WITH_NAT)):
+        files = HOST_FILES[kind.split(":")[0]]
+        ruleset = nat_ruleset(kind[4:], "10.80.0.100", "10.80.10.0/24") if kind.startswith("nat:") else None
+        ud = render_user_data(deployment=did, region="ap-southeast-2", bucket=f"{did}-artifacts",
+                              wheel_key="wheels/qlab-0.1.0-py3-none-any.whl", roles=roles, ttl_minutes=1440,
+                              params={f: f"/qlab/{did}/{f}" for f in files}, nat_ruleset=ruleset,
+                              intermediate="198.51.100.7", service="echo-symmetric_seq", domain="relay.example.org",
+                              acme_email="ops@example.org",
+                              intermediate_addrs=(("10.80.0.10", "198.51.100.7"), ("10.80.0.11", "198.51.100.8")))
+        assert len(ud.encode()) < 16384, kind
+
+
 def test_units_start_real_qlab_commands():
     """Every ExecStart in the user data parses with qlab's own CLI, with the values the roles need."""
     import shlex
