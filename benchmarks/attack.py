@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="length of the timed attacks (default 6)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args(argv)
-    logging.disable(logging.WARNING)  # the in-process clients' own logs would drown the table
+    logging.disable(logging.CRITICAL)  # the in-process clients' own logs would drown the table
     signal.signal(signal.SIGTERM, _interrupted)
     results: dict[str, dict[str, object]] = {}
     print(f"qlab checkout: {checkout()}", flush=True)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from qlab import wire
+from qlab.roles.agent import ping
 
 from . import login
 from .common import Ctx, Figures, mb, wrap_socket
@@ -134,6 +135,10 @@ async def _takeover(ctx: Ctx, s: Stack) -> Figures:
     clients: list[Any] = [mallory]
     try:
         took = mallory.fatal is None and mallory.registered.is_set()
+        borrowed = await login.connector(ctx.certs, s.addr, "agent-host", "other", ("127.0.0.1", s.echo_port),
+                                         proving=wire.Role.AGENT)
+        clients.append(borrowed)
+        with_agent_secret = borrowed.fatal is None and borrowed.registered.is_set()
         a = await login.agent(ctx.certs, s.addr, "alice")
         clients.append(a)
         to_mallory = 0
@@ -144,7 +149,9 @@ async def _takeover(ctx: Ctx, s: Stack) -> Figures:
     finally:
         login.close_all(clients)
     return [("second identity's REGISTER of the service", "accepted" if took else f"refused ({mallory.fatal})"),
-            ("honest sessions routed to the second identity", f"{to_mallory}/{n}")]
+            ("honest sessions routed to the second identity", f"{to_mallory}/{n}"),
+            ("an Agent's secret registers a (new) service", "yes" if with_agent_secret else
+             f"no ({borrowed.fatal or 'not registered'})")]
 
 
 # -- sessions ----------------------------------------------------------------------------------------
@@ -187,7 +194,10 @@ class Outcomes:
         return ", ".join(f"{k} {v}" for k, v in sorted(self.refused.items())) or "none"
 
 
-def sessions_burst(ctx: Ctx, conns: int = 6, rate: float = 19.0) -> Figures:
+def sessions_burst(ctx: Ctx, conns: int = 20, rate: float = 6.0) -> Figures:
+    """`conns` Agent identities open sessions (each with one relayed datagram, so the Connector opens
+    an app socket for it) at `rate` per second each, against a Connector limited to 1,024 fds; an
+    honest session opened before, and an honest Agent after, say whether service survived."""
     return _run(lambda c, s: _burst(c, s, conns, rate), {"connector_nofile": 1024}, ctx)
 
 
@@ -196,6 +206,10 @@ async def _burst(ctx: Ctx, s: Stack, conns: int, rate: float) -> Figures:
     seconds = max(10.0, ctx.seconds)
     fds0, peak = s.connector.fds(), 0
     agents = [await login.agent(ctx.certs, s.addr, f"burst{i}") for i in range(conns)]
+    alice = await login.agent(ctx.certs, s.addr, "alice")
+    agents.append(alice)
+    before = await alice.open_session(s.service, timeout=3.0)
+    await ping(before, 3, interval=0.01, wait=1.0)  # its app socket exists before the burst
     out = Outcomes()
     for a in agents:
         out.watch(a)
@@ -203,12 +217,13 @@ async def _burst(ctx: Ctx, s: Stack, conns: int, rate: float) -> Figures:
     try:
         t0 = time.monotonic()
         while time.monotonic() - t0 < seconds:
-            pending += [asyncio.ensure_future(out.open(a, s.service)) for a in agents]
+            pending += [asyncio.ensure_future(out.open(a, s.service)) for a in agents[:conns]]
             if s.connector.alive():
                 peak = max(peak, s.connector.fds())
             await asyncio.sleep(1 / rate)
         await asyncio.gather(*pending)
         peak = max(peak, s.connector.fds() if s.connector.alive() else 0)
+        kept = (await ping(before, 20, interval=0.02, wait=2.0))["paths"].get("relay", {}).get("received", 0)
         honest = s.agent_cli("--ping", "30", "--interval", "20", "--timeout", "5")
         rc = await asyncio.get_running_loop().run_in_executor(None, honest.p.wait, 60)
         replies = _agent_replies(honest.out)
@@ -218,7 +233,9 @@ async def _burst(ctx: Ctx, s: Stack, conns: int, rate: float) -> Figures:
             ("refused", out.text()), ("SESSION_ERRORs to the attackers", _fmt(out.session_errors)),
             ("Connector fds (limit 1024): before / peak", f"{fds0} / {peak}"),
             ("Connector tracebacks logged", s.connector.count("Traceback")),
+            ("honest session opened before: echo replies after", f"{kept}/20"),
             ("honest Agent afterwards: replies / exit code", f"{replies}/30 / {rc}"),
+            ("honest Agent afterwards: SESSION_ERROR in its log", honest.count(" error: ")),
             ("Connector alive", s.connector.alive())]
 
 
@@ -243,7 +260,7 @@ def _close_session(agent: Any, sess: Any) -> None:
     agent.sessions.pop(sess.id, None)
 
 
-def sessions_open_close(ctx: Ctx, total: int = 1000, conns: int = 10) -> Figures:
+def sessions_open_close(ctx: Ctx, total: int = 1000, conns: int = 20) -> Figures:
     return _run(lambda c, s: _open_close(c, s, total, conns), {"alt": True}, ctx)
 
 

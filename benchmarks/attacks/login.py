@@ -10,6 +10,7 @@ credentials its `Credentials.load` reads. `HelloRecorder` keeps the HELLO bytes 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,16 @@ def credentials(certs: Path, role: wire.Role) -> Credentials:
     return Credentials.load(certs)
 
 
+def masquerade(creds: Credentials, as_role: wire.Role, with_role: wire.Role) -> Credentials:
+    """Credentials that make the checkout's client of `as_role` prove `with_role`'s secret (an Agent
+    host's files used to register as a Connector). A checkout with one deployment secret needs no
+    change: every client holds the same one."""
+    if not hasattr(creds, "role_secrets"):
+        return creds
+    secret_for: Any = getattr(creds, "secret_for")  # noqa: B009  (only newer checkouts have it)
+    return dataclasses.replace(creds, secret=b"", role_secrets={as_role: secret_for(with_role)})
+
+
 async def agent(certs: Path, intermediate: Addr, name: str, *, timeout: float = 5.0) -> Agent:
     a = Agent(RealNet(), credentials(certs, wire.Role.AGENT), intermediate, name=name, host="127.0.0.1")
     try:
@@ -44,9 +55,11 @@ async def agent(certs: Path, intermediate: Addr, name: str, *, timeout: float = 
 
 
 async def connector(certs: Path, intermediate: Addr, name: str, service: str, forward: Addr,
-                    *, timeout: float = 5.0) -> Connector:
-    """A Connector registered for `service` (or refused: `connector.fatal`)."""
-    c = Connector(RealNet(), credentials(certs, wire.Role.CONNECTOR), intermediate, service=service,
+                    *, timeout: float = 5.0, proving: wire.Role = wire.Role.CONNECTOR) -> Connector:
+    """A Connector registered for `service` (or refused: `connector.fatal`), proving the secret of
+    `proving` (an Agent's, for the credential-separation figure)."""
+    creds = masquerade(credentials(certs, wire.Role.CONNECTOR), wire.Role.CONNECTOR, proving)
+    c = Connector(RealNet(), creds, intermediate, service=service,
                   forward=forward, name=name, host="127.0.0.1", p2p_port=0)
     await c.start()
     with contextlib.suppress(TimeoutError, Exception):
