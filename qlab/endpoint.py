@@ -12,11 +12,14 @@ connection that has something to send transmits once.
 A server-role connection is unproven until its role calls `mark_proven` (the Intermediate on an
 accepted HELLO, the Connector on a verified DirectHello). Whatever an unauthenticated peer can make
 the endpoint hold is bounded: a handshake must finish within `handshake_timeout` and the peer must
-prove itself within `proof_timeout`, or the connection goes; each source IP may hold at most
-`max_unproven_per_source` unproven connections, all of them `max_unproven`; past `retry_threshold`
-half-open handshakes a new one must first echo a Retry token (RFC 9000 8.1.2), which a spoofed
-source cannot; receive windows slide with consumed data (`quic_internals.BoundedQuicConnection`)
-and a peer may open one stream, the control stream.
+prove itself within `proof_timeout`, or the connection goes. Past `retry_threshold` half-open
+handshakes, or `source_retry_threshold` unproven connections from one source IP, a new handshake
+must first echo a Retry token (RFC 9000 8.1.2), which a spoofed source cannot: a flood from spoofed
+addresses, or from the very address of an honest peer, costs the endpoint a stateless Retry per
+Initial and the honest peer one round trip. A source that does answer Retries may hold at most
+`max_unproven_per_source` unproven connections, all sources `max_unproven`. Receive windows slide
+with consumed data (`quic_internals.BoundedQuicConnection`) and a peer may open one stream, the
+control stream.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ CONNECTION_WINDOW = STREAM_WINDOW
 HANDSHAKE_TIMEOUT = 3.0  # seconds from a server connection's first Initial to handshake completion
 PROOF_TIMEOUT = 5.0  # seconds from its first Initial until the role marks it proven
 RETRY_THRESHOLD = 64  # half-open handshakes beyond which a new one must answer a Retry first
-MAX_UNPROVEN_PER_SOURCE = 32  # unproven server connections per source IP
+SOURCE_RETRY_THRESHOLD = 8  # ... and unproven connections from its source IP beyond which it must too
+MAX_UNPROVEN_PER_SOURCE = 32  # unproven server connections per source IP, validated ones included
 MAX_UNPROVEN = 1024  # unproven server connections per socket
 # closes for cause, by the transport error aioquic raised on a peer's violation
 VIOLATIONS: dict[int, str] = {
@@ -271,6 +275,7 @@ class Endpoint:
         self.handshake_timeout = HANDSHAKE_TIMEOUT
         self.proof_timeout = PROOF_TIMEOUT
         self.retry_threshold = RETRY_THRESHOLD
+        self.source_retry_threshold = SOURCE_RETRY_THRESHOLD
         self.max_unproven_per_source = MAX_UNPROVEN_PER_SOURCE
         self.max_unproven = MAX_UNPROVEN
         self.half_open = 0  # server connections in their handshake
@@ -403,14 +408,9 @@ class Endpoint:
         return True
 
     def _admit(self, header: QuicHeader, addr: Addr, now: float) -> Connection | None:
-        """A server connection for the first Initial of a handshake, or None: dropped by a cap,
-        an invalid token, or answered with a Retry (stateless) while many handshakes are open."""
-        if self.unproven_by_source.get(addr[0], 0) >= self.max_unproven_per_source:
-            self.stats["dropped_source_cap"] += 1
-            return None
-        if self.unproven >= self.max_unproven:
-            self.stats["dropped_unproven_cap"] += 1
-            return None
+        """A server connection for the first Initial of a handshake, or None: answered with a
+        Retry (stateless) while many handshakes are open, or dropped by a cap or an invalid token."""
+        from_source = self.unproven_by_source.get(addr[0], 0)
         original_dcid, retry_scid = header.destination_cid, None
         if header.token:  # qlab issues no NEW_TOKEN: any token is one of our Retry tokens
             try:
@@ -420,8 +420,14 @@ class Endpoint:
                 self.stats["dropped_bad_token"] += 1
                 return None
             retry_scid = header.destination_cid
-        elif self.half_open >= self.retry_threshold:
+        elif self.half_open >= self.retry_threshold or from_source >= self.source_retry_threshold:
             self._send_retry(header, addr, now)
+            return None
+        if from_source >= self.max_unproven_per_source:
+            self.stats["dropped_source_cap"] += 1
+            return None
+        if self.unproven >= self.max_unproven:
+            self.stats["dropped_unproven_cap"] += 1
             return None
         return self._accept(header.destination_cid, original_dcid, retry_scid, addr)
 

@@ -16,6 +16,7 @@ from aioquic.quic.packet import QuicErrorCode, pull_quic_header
 from qlab import quic_internals as qi
 from qlab.certs import CONNECTOR_NAME, Credentials
 from qlab.endpoint import CID_LENGTH, DATAGRAM_OVERHEAD, MAX_DATAGRAM_SIZE, STREAM_WINDOW
+from tests.hostile.test_flow_control import send_at
 
 CLIENT, SERVER = ("10.0.0.1", 4433), ("10.0.0.2", 4434)
 ONE_WAY = 0.010
@@ -147,17 +148,6 @@ def test_a_first_initial_without_crypto_is_seen_as_closing(creds: Credentials) -
 
 
 # -- BoundedQuicConnection: receive credit and stream limits -------------------------------------
-def send_at(quic: QuicConnection, stream_id: int, offset: int, data: bytes) -> None:
-    """An attacker's STREAM frame: `data` at `offset`, as if all before it had been sent, whatever
-    credit the receiver granted (aioquic's own sender keeps within it)."""
-    stream = quic._get_or_create_stream_for_send(stream_id)
-    sender = stream.sender
-    sender._buffer_start = sender._buffer_stop = sender.highest_offset = offset
-    stream.max_stream_data_remote = max(stream.max_stream_data_remote, offset + len(data))
-    quic._remote_max_data = max(quic._remote_max_data, quic._remote_max_data_used + len(data))
-    quic.send_stream_data(stream_id, data)
-
-
 def _received(quic: QuicConnection) -> bytes:
     out = bytearray()
     while (ev := quic.next_event()) is not None:
