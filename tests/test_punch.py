@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qlab import wire
-from qlab.traversal.punch import PunchConfig, Puncher, gather, lan_candidates
+from qlab.traversal.punch import PunchConfig, Puncher, gather, lan_candidates, signal_bytes
 
 KEY = b"k" * 32
 C = wire.CandidateKind
@@ -87,7 +87,7 @@ def test_timeout_gives_a_reason_and_stops_probing():
         sent += len(a.poll(t))
     assert a.failed and "no working pair" in a.failed
     assert a.poll(2.0) == [] and a.next_timer() is None
-    assert 4 <= a.probes_sent <= 7
+    assert a.probes_sent == 3  # at 0, 20 and 60 ms: the gap doubles for a target that does not answer
 
 
 def test_predicted_ports_are_a_fallback():
@@ -132,3 +132,69 @@ async def test_a_probe_during_the_start_delay_does_not_cancel_the_start():
     assert p.started_at is not None and done == [p], "the runner started and reported"
     assert sent.count(peer) >= 2 and p.probes_sent >= 2  # the answer, then our own rounds
     assert p.failed  # nobody answered our probes: a clean timeout, not a hang
+
+
+def drive(p: Puncher, until: float, step: float = 0.005) -> list[tuple[bytes, tuple]]:
+    """Poll `p` from its start to `until` (nobody answers); what it sent."""
+    out = p.start(0.0)
+    t = 0.0
+    while t < until:
+        t += step
+        out += p.poll(t)
+    return out
+
+
+def test_a_silent_target_gets_a_bounded_number_of_requests_with_backoff():
+    cfg = PunchConfig(interval=0.02, timeout=3.0, max_sends=7, max_gap=0.5)
+    p = Puncher(7, KEY, (), (cand(C.SRFLX, "198.51.100.2", 1),), cfg)
+    p.budget.earn(10_000)  # the budget is not what limits here
+    out = drive(p, 3.5, step=0.001)
+    assert len(out) == 7 and p.failed
+    # sent at 0, .02, .06, .14, .30, .62 and 1.12 s (the gap doubles, capped at 0.5): the 8th would be due at 1.62
+    assert p.sends == {("198.51.100.2", 1): 7} and p.due[("198.51.100.2", 1)] == pytest.approx(1.62, abs=0.01)
+
+
+def test_candidates_at_a_victim_get_at_most_three_times_what_signalled_them():
+    """32 candidates, all at one silent address: the bytes toward it stay within 3x the bytes the
+    peer must have spent to signal them, and within the session cap, for the whole punch."""
+    victim = [cand(C.HOST, "198.51.100.9", 1000 + i) for i in range(32)]
+    p = Puncher(7, KEY, (), tuple(victim))
+    sent = sum(len(d) for d, _ in drive(p, 4.0))
+    assert p.failed
+    assert 0 < sent <= 3 * signal_bytes(tuple(victim)) and sent <= p.budget.cap
+    assert p.budget.spent == sent
+
+
+def test_spoofed_requests_earn_at_most_three_times_their_bytes():
+    """A holder of the key sends authentic requests from many addresses (spoofed: a victim's): what
+    goes back to them is bounded by 3x what came in, and the learned targets are capped."""
+    p = Puncher(7, KEY, (), (cand(C.SRFLX, "198.51.100.2", 1),), PunchConfig(max_targets=8))
+    p.start(0.0)
+    came, went = 0, 0
+    for i in range(200):
+        req = wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, 7, i), KEY)
+        came += len(req)
+        went += sum(len(d) for d, _ in p.receive(req, ("198.51.100.9", 2000 + i), 0.001 * i))
+    assert went <= 3 * (came + signal_bytes(p.peer)) and len(p.targets) <= 8
+
+
+def test_an_address_that_answers_is_paid_back_and_may_be_probed_freely():
+    peer = ("198.51.100.2", 1)
+    p = Puncher(7, KEY, (), (cand(C.HOST, "10.0.0.9", 1), cand(C.SRFLX, *peer)))
+    out = p.start(0.0)
+    assert p.budget.spent == sum(len(d) for d, _ in out)
+    txn = next(t for t, a in p.txns.items() if a == peer)
+    p.receive(wire.encode_probe(wire.Probe(wire.PROBE_RESPONSE, 7, txn, ("1.2.3.4", 5)), KEY), peer, 0.01)
+    assert p.success is not None and peer in p.proven
+    assert p.budget.spent == sum(len(d) for d, a in out if a != peer)  # only the silent host address is charged
+
+
+def test_the_birthday_spray_goes_only_to_the_given_ip_outside_the_budget():
+    import random
+
+    p = Puncher(7, KEY, (), (cand(C.SRFLX, "198.51.100.2", 1),), PunchConfig(spray_rate=1000.0))
+    p.birthday_spray("198.51.100.2", 300, random.Random(1))
+    out = drive(p, 1.0)
+    sprayed = [a for _, a in out if a in p.sprayed]
+    assert len(sprayed) == 300 and {a[0] for _, a in out} == {"198.51.100.2"}
+    assert p.budget.spent == sum(len(d) for d, a in out if a not in p.sprayed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,23 @@ class ConnectorSession:
     counters: dict[str, int] = field(default_factory=lambda: {"relay_in": 0, "relay_out": 0, "direct_in": 0, "direct_out": 0})
     agent_nat: wire.NatKind = wire.NatKind.UNKNOWN
     agent_candidates: tuple[wire.Candidate, ...] = ()
+    app_used: dict[Path, float] = field(default_factory=dict)  # when each app socket last carried a datagram
+    app_opening: dict[Path, list[bytes]] = field(default_factory=dict)  # payloads waiting for their socket
+    refused: bool = False  # the Agent was told this session has no app socket (told once until one opens)
+    closed: bool = False
+
+
+APP_PENDING = 16  # payloads held per path while its app socket opens
+SAME_PASS_DATAGRAMS = 2  # datagrams of an unproven direct connection kept until its packets are processed
+
+
+def app_socket_limit() -> int:
+    """Half the process's open-file limit: the other half stays for the QUIC socket, the direct
+    connections' birthday pools and whatever else the process opens."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 65536:
+        soft = 65536
+    return max(8, soft // 2)
 
 
 # -- events (see qlab.roles.events) --------------------------------------------------------------
@@ -72,6 +90,9 @@ class Connector:
         name: str = "connector",
         host: str = "0.0.0.0",
         p2p_port: int = 4434,
+        max_sessions: int = 4096,
+        max_app_sockets: int | None = None,
+        app_idle: float = 60.0,
     ) -> None:
         self.net = net
         self.creds = creds
@@ -80,6 +101,11 @@ class Connector:
         self.name = name
         self.host = host
         self.p2p_port = p2p_port
+        self.max_sessions = max_sessions  # more are refused (SessionError, then SessionClosed)
+        # one app socket per session and path: more are refused with a SessionError (default: half the fd limit)
+        self.max_app_sockets = app_socket_limit() if max_app_sockets is None else max_app_sockets
+        self.app_idle = app_idle  # an app socket that carried nothing this long is closed
+        self.app_sockets = 0  # open or opening
         self.sessions: dict[int, ConnectorSession] = {}
         self.events: Observers[ConnectorEvent] = Observers()
         self.endpoint = Endpoint(
@@ -101,6 +127,7 @@ class Connector:
         self.metrics.counter_source("udp_datagrams_total", "what", lambda: dict(self.endpoint.stats))
         watch_endpoints(self.metrics, lambda: [self.endpoint])
         self.metrics.gauge("direct_sessions", lambda: sum(1 for s in self.sessions.values() if s.direct), "sessions with a direct path")
+        self.metrics.gauge("app_sockets", lambda: self.app_sockets, "per-session sockets towards the application")
         self.failed = asyncio.Event()  # set with `fatal` when the Intermediate refuses us for good
 
     def subscribe(self, handler: EventHandler[ConnectorEvent]) -> Callable[[], None]:
@@ -118,6 +145,7 @@ class Connector:
     async def start(self) -> Addr:
         addr = await self.endpoint.bind(self.host, self.p2p_port)
         self.tasks.spawn(self._stay_connected())
+        self.tasks.spawn(self._close_idle_app_sockets())
         return addr
 
     async def _stay_connected(self) -> None:
@@ -183,6 +211,9 @@ class Connector:
                 old.key, old.max_payload = msg.key, msg.max_payload
                 old.agent_nat, old.agent_candidates = msg.nat, msg.candidates
                 return
+            if old is None and len(self.sessions) >= self.max_sessions:
+                self._refuse_session(msg.session, f"the connector has {len(self.sessions)} sessions, its limit")
+                return
             s = ConnectorSession(msg.session, msg.key, msg.agent, msg.service, msg.max_payload,
                                  agent_nat=msg.nat, agent_candidates=msg.candidates)
             self.sessions[msg.session] = s
@@ -199,14 +230,22 @@ class Connector:
         else:
             log.debug("unhandled %s", type(msg).__name__)
 
+    def _refuse_session(self, sid: int, reason: str) -> None:
+        log.warning("session %08x refused: %s", sid, reason)
+        self.metrics.inc("sessions_refused_total")
+        self.link.send(wire.SessionError(sid, wire.NackCode.RATE_LIMITED, reason))
+        self.link.send(wire.SessionClosed(sid, wire.NackCode.RATE_LIMITED, reason))
+
     def _end_session(self, s: ConnectorSession, reason: str) -> None:
         self._release(s)
         self.events.emit(SessionEnded(s, reason))
 
     def _release(self, s: ConnectorSession) -> None:
-        for sock in s.app_socks.values():
-            sock.close()
-        s.app_socks.clear()
+        s.closed = True
+        for path in list(s.app_socks):
+            self._close_app_socket(s, path)
+        self.app_sockets -= len(s.app_opening)  # their tasks see `closed` and close what they open
+        s.app_opening.clear()
         if s.direct is not None:
             s.direct.close(reason="session closed")
 
@@ -236,17 +275,67 @@ class Connector:
     def _spawn_or_send(self, s: ConnectorSession, path: Path, payload: bytes) -> None:
         sock = s.app_socks.get(path)
         if sock is not None:
+            s.app_used[path] = asyncio.get_running_loop().time()
             sock.sendto(payload, self.forward)
-        else:
-            self.tasks.spawn(self._open_app_socket(s, path, payload))
+            return
+        pending = s.app_opening.get(path)
+        if pending is not None:
+            if len(pending) < APP_PENDING:
+                pending.append(payload)
+            return
+        if self.app_sockets >= self.max_app_sockets:
+            self._refuse_app_socket(s, f"the connector has {self.app_sockets} app sockets, its limit")
+            return
+        self.app_sockets += 1
+        s.app_opening[path] = [payload]
+        self.tasks.spawn(self._open_app_socket(s, path))
 
-    async def _open_app_socket(self, s: ConnectorSession, path: Path, first: bytes) -> None:
-        if path not in s.app_socks:
-            host = "::" if ":" in self.forward[0] else "0.0.0.0"
-            s.app_socks[path] = await self.net.bind_udp(host, 0, lambda batch: self._from_app(s, path, batch))
-        s.app_socks[path].sendto(first, self.forward)
+    async def _open_app_socket(self, s: ConnectorSession, path: Path) -> None:
+        host = "::" if ":" in self.forward[0] else "0.0.0.0"
+        try:
+            sock = await self.net.bind_udp(host, 0, lambda batch: self._from_app(s, path, batch))
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: this session waits, the others go on
+            if s.app_opening.pop(path, None) is not None:
+                self.app_sockets -= 1
+            self._refuse_app_socket(s, f"the connector cannot open an app socket: {exc.strerror or exc}")
+            return
+        if s.closed:
+            sock.close()  # the session ended while the socket opened (its count went with it)
+            return
+        s.app_socks[path] = sock
+        s.app_used[path] = asyncio.get_running_loop().time()
+        s.refused = False
+        for payload in s.app_opening.pop(path, []):
+            sock.sendto(payload, self.forward)
+
+    def _refuse_app_socket(self, s: ConnectorSession, reason: str) -> None:
+        """Drop the datagram; tell the Agent once (a SessionError) rather than on every datagram."""
+        self.metrics.inc("app_socket_refusals_total")
+        if not s.refused:
+            s.refused = True
+            log.warning("session %08x: %s", s.id, reason)
+            self.link.send(wire.SessionError(s.id, wire.NackCode.RATE_LIMITED, reason))
+
+    def _close_app_socket(self, s: ConnectorSession, path: Path) -> None:
+        sock = s.app_socks.pop(path, None)
+        s.app_used.pop(path, None)
+        if sock is not None:
+            sock.close()
+            self.app_sockets -= 1
+
+    async def _close_idle_app_sockets(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.05, self.app_idle / 4))
+            now = loop.time()
+            for s in list(self.sessions.values()):
+                for path, used in list(s.app_used.items()):
+                    if now - used > self.app_idle:
+                        self._close_app_socket(s, path)
 
     def _from_app(self, s: ConnectorSession, path: Path, batch: list[tuple[bytes, Addr]]) -> None:
+        if path in s.app_used:
+            s.app_used[path] = asyncio.get_running_loop().time()
         for payload, src in batch:
             if src != self.forward:
                 continue  # only the application may answer on this socket
@@ -276,7 +365,8 @@ class _DirectConn(Handler):
         self.c = connector
         self.conn = conn
         self.session: ConnectorSession | None = None
-        self.held = HeldDatagrams(limit=16)
+        # datagrams of the packets being processed right now, before the DirectHello they came with
+        self.same_pass: list[bytes] = []
 
     def on_control(self, conn: Connection, msg: wire.Message) -> None:
         if isinstance(msg, wire.DirectHello) and self.session is None:
@@ -291,8 +381,6 @@ class _DirectConn(Handler):
             self.session = s
             conn.mark_proven()
             conn.send_control(wire.DirectAccept(s.id, self.c.name, wire.direct_accept_auth(s.key, s.id, self.c.name)))
-            for data in self.held.take(asyncio.get_running_loop().time(), 0):
-                self.on_datagram(conn, data)
             log.info("session %08x: direct connection from %s:%d", s.id, *(conn.peer_addr or ("?", 0)))
         elif isinstance(msg, wire.Ping):
             conn.send_control(wire.Pong(msg.nonce))
@@ -302,7 +390,7 @@ class _DirectConn(Handler):
     def on_datagram(self, conn: Connection, data: bytes) -> None:
         s = self.session
         if s is None:
-            self.held.hold(asyncio.get_running_loop().time(), 0, data)  # the DirectHello is in this flight
+            self._until_end_of_pass(data)
             return
         try:
             sid, payload = wire.decode_app(data)
@@ -313,6 +401,23 @@ class _DirectConn(Handler):
         s.counters["direct_in"] += 1
         self.c.metrics.inc("datagrams_in_total", path=Path.DIRECT)
         self.c.to_app(s, Path.DIRECT, payload)
+
+    def _until_end_of_pass(self, data: bytes) -> None:
+        """aioquic puts DATAGRAM frames before STREAM frames in a packet, so the Agent's first
+        datagram is read just before the DirectHello it came with. Kept only until the endpoint has
+        processed the packets at hand (the next loop iteration), SAME_PASS_DATAGRAMS at most: then
+        delivered if the hello proved the session, dropped otherwise. Nothing waits for a later packet."""
+        if len(self.same_pass) >= SAME_PASS_DATAGRAMS:
+            return
+        if not self.same_pass:
+            asyncio.get_running_loop().call_soon(self._end_of_pass)
+        self.same_pass.append(data)
+
+    def _end_of_pass(self) -> None:
+        held, self.same_pass = self.same_pass, []
+        if self.session is not None:
+            for data in held:
+                self.on_datagram(self.conn, data)
 
     def on_closed(self, conn: Connection, reason: str) -> None:
         if self.session is not None and self.session.direct is conn:

@@ -75,11 +75,64 @@ def lan_candidates(own: tuple[wire.Candidate, ...], peer: tuple[wire.Candidate, 
 
 @dataclass
 class PunchConfig:
-    interval: float = 0.02  # one round of requests to every target this often
+    interval: float = 0.02  # Ta: a round of due requests this often; a target's first retransmission gap
     timeout: float = 3.0  # give up after this long without a working pair
     nominate_wait: float = 0.01  # after a WAN success, how long a same-LAN host pair may still win
     predict_after: float = 0.06  # predicted ports are a fallback: probed only if nothing worked by then
     spray_rate: float = 1000.0  # birthday mode: random-port probes per second (each sent once)
+    # RFC 8445 §14 / RFC 5389 §7.2.1: a target that does not answer gets a bounded number of
+    # requests, the gap doubling from `interval` up to `max_gap`
+    max_sends: int = 7
+    max_gap: float = 0.5
+    max_targets: int = 2 * wire.MAX_CANDIDATES  # signalled plus learned (peer-reflexive) addresses
+
+
+# the least a requester spends to signal candidates: a QUIC short header with an 8-byte connection
+# id and a packet number (10), a STREAM frame header (3), the message header (11) and the AEAD tag (16)
+SIGNAL_OVERHEAD = 40
+
+
+@dataclass
+class ProbeBudget:
+    """What one session may send toward addresses that have not answered yet (RFC 9000 §8.1's 3x
+    anti-amplification rule applied to punching): at most `ratio` x the bytes the peer is known to
+    have spent (its signalled candidates, its authentic probes), and never more than `cap`. Bytes
+    toward an address are given back when it answers: only silent addresses use the budget."""
+
+    cap: int = 8000
+    ratio: int = 3
+    earned: int = 0
+    spent: int = 0
+    by_addr: dict[Addr, int] = field(default_factory=dict)
+
+    def earn(self, nbytes: int) -> None:
+        self.earned += nbytes
+
+    def spend(self, addr: Addr, nbytes: int) -> bool:
+        """Charge `nbytes` toward the unproven `addr`; False (and nothing charged) when over budget."""
+        if self.spent + nbytes > min(self.cap, self.ratio * self.earned):
+            return False
+        self.spent += nbytes
+        self.by_addr[addr] = self.by_addr.get(addr, 0) + nbytes
+        return True
+
+    def answered(self, addr: Addr) -> None:
+        self.spent -= self.by_addr.pop(addr, 0)
+
+    def affordable(self, nbytes: int) -> bool:
+        return self.spent + nbytes <= min(self.cap, self.ratio * self.earned)
+
+
+def signal_bytes(candidates: tuple[wire.Candidate, ...]) -> int:
+    """The bytes a peer spent at least to signal `candidates` (what it earns the budget)."""
+    out = bytearray()
+    wire.CANDIDATES.put(out, candidates)
+    return SIGNAL_OVERHEAD + len(out)
+
+
+# a loop timer may fire this much before the time it was set for (float rounding, clock resolution)
+TIMER_SLACK = 1e-6
+REQUEST_BYTES = len(wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, 0, 0), bytes(wire.KEY_LEN)))
 
 
 @dataclass
@@ -93,15 +146,24 @@ class Success:
 @dataclass
 class Puncher:
     """The probing state of one side of one session. Feed it time and datagrams; it returns the
-    datagrams to send. No I/O."""
+    datagrams to send. No I/O.
+
+    Every target gets its first request in the first round it is due, then retransmissions with a
+    doubling gap, `max_sends` in all; every datagram toward an address that has not answered is
+    paid from `budget` (shared by the session's punchers). The birthday spray is not: it goes only
+    to the IP the Intermediate observed for the peer (its server-reflexive candidate)."""
 
     session: int
     key: bytes
     own: tuple[wire.Candidate, ...]
     peer: tuple[wire.Candidate, ...]
     config: PunchConfig = field(default_factory=PunchConfig)
+    budget: ProbeBudget = field(default_factory=ProbeBudget)
     targets: dict[Addr, wire.CandidateKind] = field(default_factory=dict)
     sent_to: set[Addr] = field(default_factory=set)
+    sends: dict[Addr, int] = field(default_factory=dict)  # requests sent per target
+    due: dict[Addr, float] = field(default_factory=dict)  # when a target's next request is due
+    proven: set[Addr] = field(default_factory=set)  # addresses that answered
     txns: dict[int, Addr] = field(default_factory=dict)
     probes_sent: int = 0
     responses_sent: int = 0
@@ -120,12 +182,17 @@ class Puncher:
         self.set_peer(self.peer)
 
     def set_peer(self, peer: tuple[wire.Candidate, ...]) -> None:
-        """The peer's candidates (known at StartPunch; before that a Puncher only answers)."""
+        """The peer's candidates (known at StartPunch; before that a Puncher only answers). Their
+        signalling earns the budget its first requests."""
         self.peer = peer
+        if peer:
+            self.budget.earn(signal_bytes(peer))
         own_addrs = {c.addr for c in self.own}
         for c in sorted(peer, key=lambda c: -c.priority):
             if c.kind == wire.CandidateKind.RELAY or c.addr in own_addrs or c.addr in self.targets:
                 continue
+            if len(self.targets) + len(self.deferred) >= self.config.max_targets:
+                break
             if c.kind == wire.CandidateKind.PREDICTED:
                 self.deferred.setdefault(c.addr, c.kind)
             else:
@@ -138,41 +205,67 @@ class Puncher:
         return self.poll(now)
 
     def next_timer(self) -> float | None:
-        if self.started_at is None or self.failed is not None:
+        """When `poll` has something to do next: a due request the budget can pay, the spray's next
+        share, the predicted ports, or the timeout."""
+        if self.started_at is None or self.failed is not None or self.success is not None:
             return None
-        if self.success is not None:
-            return None
-        return self._next_round
+        at = [self.started_at + self.config.timeout]
+        if self.spray:
+            at.append(self._next_round)
+        if self.deferred:
+            at.append(self.started_at + self.config.predict_after)
+        affordable = self.budget.affordable(REQUEST_BYTES)
+        at += [self.due.get(a, self._next_round) for a in self.targets
+               if self.sends.get(a, 0) < self.config.max_sends and (affordable or a in self.proven)]
+        return min(at)
 
     def poll(self, now: float) -> list[tuple[bytes, Addr]]:
-        """Requests due now: one round to every target, every `interval`, until success or timeout."""
+        """Requests due now, until success or timeout."""
         if self.started_at is None or self.failed is not None or self.success is not None:
             return []
-        if self.best is not None and now >= self.best.at + self.config.nominate_wait:
+        if self.best is not None and now + TIMER_SLACK >= self.best.at + self.config.nominate_wait:
             self.success = self.best
             return []
-        if now - self.started_at >= self.config.timeout:
+        if now + TIMER_SLACK - self.started_at >= self.config.timeout:
             self.failed = f"no working pair after {self.config.timeout:.1f}s and {self.probes_sent} probes"
             return []
-        if now < self._next_round:
-            return []
-        self._next_round = now + self.config.interval
-        out = []
-        if self.spray:  # birthday mode: a paced share of the random ports, once each
-            self._spray_credit += self.config.spray_rate * self.config.interval
-            while self.spray and self._spray_credit >= 1:
-                self._spray_credit -= 1
-                addr = self.spray.pop()
-                out.append(self._request(addr))
-                self.sprayed.add(addr)
-        if self.deferred and now - self.started_at >= self.config.predict_after:
+        out = self._spray_share(now)
+        if self.deferred and now + TIMER_SLACK - self.started_at >= self.config.predict_after:
             self.targets.update(self.deferred)  # nothing worked yet: try the predicted ports too
             self.deferred.clear()
         for addr in self.targets:
-            out.append(self._request(addr))
+            n = self.sends.get(addr, 0)
+            if n >= self.config.max_sends or now + TIMER_SLACK < self.due.get(addr, now):
+                continue
+            req = self._request(addr)
+            if req is None:
+                continue  # the budget is spent: the peer's next probe earns more
+            out.append(req)
+            self.sends[addr] = n + 1
+            self.due[addr] = now + min(self.config.max_gap, self.config.interval * 2 ** n)
         return out
 
-    def _request(self, addr: Addr) -> tuple[bytes, Addr]:
+    def _spray_share(self, now: float) -> list[tuple[bytes, Addr]]:
+        """Birthday mode: a paced share of the random ports, once each."""
+        if not self.spray or now + TIMER_SLACK < self._next_round:
+            return []
+        self._next_round = now + self.config.interval
+        out = []
+        self._spray_credit += self.config.spray_rate * self.config.interval
+        while self.spray and self._spray_credit >= 1:
+            self._spray_credit -= 1
+            addr = self.spray.pop()
+            out.append(self._encode_request(addr))
+            self.sprayed.add(addr)
+        return out
+
+    def _request(self, addr: Addr) -> tuple[bytes, Addr] | None:
+        """A request to `addr`, paid from the budget unless `addr` answered; None when unaffordable."""
+        if addr not in self.proven and not self.budget.spend(addr, REQUEST_BYTES):
+            return None
+        return self._encode_request(addr)
+
+    def _encode_request(self, addr: Addr) -> tuple[bytes, Addr]:
         txn = secrets.randbits(64)
         self.txns[txn] = addr
         self.sent_to.add(addr)
@@ -182,7 +275,8 @@ class Puncher:
     def birthday_spray(self, ip: str, count: int, rng: random.Random) -> None:
         """Birthday mode against a random-port symmetric peer: probe `count` random ports of its
         public IP (RFC 6056 range 1024-65535), paced at `spray_rate`, each once; the budget extends
-        the timeout by the time the spray takes."""
+        the timeout by the time the spray takes. `ip` must be the one the Intermediate observed for
+        the peer: the spray is outside the budget."""
         ports = rng.sample(range(1024, 65536), min(count, 64512))
         self.spray = [(ip, p) for p in ports]
         extra = count / max(1.0, self.config.spray_rate) + 1.0
@@ -194,23 +288,15 @@ class Puncher:
         probe = wire.decode_probe(data, self.key)
         if probe.session != self.session:
             raise wire.WireError("probe for another session")
+        self.budget.earn(len(data))
         out: list[tuple[bytes, Addr]] = []
         if probe.kind == wire.PROBE_REQUEST:
-            resp = wire.Probe(wire.PROBE_RESPONSE, self.session, probe.txn, addr)
-            out.append((wire.encode_probe(resp, self.key), addr))
-            self.responses_sent += 1
-            if addr not in self.targets:
-                # peer-reflexive: the peer's NAT gave it a mapping we were not told about (or one
-                # we predicted but had not probed yet: the peer found us, prediction did not)
-                self.deferred.pop(addr, None)
-                self.targets[addr] = wire.CandidateKind.PRFLX
-                self.learned.append(addr)
-                if self.success is None and self.failed is None and self.started_at is not None:
-                    txn = secrets.randbits(64)
-                    self.txns[txn] = addr
-                    out.append((wire.encode_probe(wire.Probe(wire.PROBE_REQUEST, self.session, txn), self.key), addr))
-                    self.sent_to.add(addr)
-                    self.probes_sent += 1
+            resp = wire.encode_probe(wire.Probe(wire.PROBE_RESPONSE, self.session, probe.txn, addr), self.key)
+            if addr in self.proven or self.budget.spend(addr, len(resp)):
+                out.append((resp, addr))
+                self.responses_sent += 1
+            if addr not in self.targets and len(self.targets) < self.config.max_targets:
+                self._learn(addr, now, out)
             if addr in self.sent_to:
                 self._works(addr, now, "request")
         elif probe.kind == wire.PROBE_RESPONSE:
@@ -219,6 +305,19 @@ class Puncher:
             self._works(addr, now, "response")
         return out
 
+    def _learn(self, addr: Addr, now: float, out: list[tuple[bytes, Addr]]) -> None:
+        """Peer-reflexive: the peer's NAT gave it a mapping we were not told about (or one we
+        predicted but had not probed yet: the peer found us, prediction did not)."""
+        self.deferred.pop(addr, None)
+        self.targets[addr] = wire.CandidateKind.PRFLX
+        self.learned.append(addr)
+        if self.success is None and self.failed is None and self.started_at is not None:
+            req = self._request(addr)
+            if req is not None:
+                out.append(req)
+                self.sends[addr] = 1
+                self.due[addr] = now + self.config.interval
+
     def _lan_possible(self) -> bool:
         """Whether a peer host candidate shares a LAN prefix with one of ours: only then is a LAN
         pair worth waiting for after a WAN pair worked."""
@@ -226,6 +325,8 @@ class Puncher:
         return bool(lan_candidates(self.own, hosts))
 
     def _works(self, addr: Addr, now: float, via: str) -> None:
+        self.proven.add(addr)
+        self.budget.answered(addr)
         if self.success is not None or self.failed is not None:
             return
         kind = wire.CandidateKind.PREDICTED if addr in self.sprayed else self.targets.get(addr, wire.CandidateKind.PRFLX)

@@ -27,7 +27,7 @@ from qlab.roles.tasks import Tasks
 from qlab.traversal.birthday import BirthdayPool, MakeEndpoint
 from qlab.traversal.detect import Detection, detect_nat_kind
 from qlab.traversal.path import TraversalConfig
-from qlab.traversal.punch import PunchConfig, Puncher, PunchRunner, lan_candidates
+from qlab.traversal.punch import ProbeBudget, PunchConfig, Puncher, PunchRunner, lan_candidates
 
 log = logging.getLogger("qlab.traversal")
 
@@ -99,6 +99,7 @@ class PunchSession:
         self.peer_candidates: tuple[wire.Candidate, ...] = ()
         self.peer_result: wire.PunchResult | None = None  # what the other side reported
         self.punch_started_at: float | None = None
+        self.budget = ProbeBudget()  # every attempt of this session pays from it
         self.tasks = Tasks()
         self.closed = False
 
@@ -133,7 +134,7 @@ class PunchSession:
 
     # -- shared ----------------------------------------------------------------------------------
     def new_puncher(self) -> Puncher:
-        self.puncher = Puncher(self.id, self.key or b"", self.candidates, (), self.cfg.punch)
+        self.puncher = Puncher(self.id, self.key or b"", self.candidates, (), self.cfg.punch, self.budget)
         return self.puncher
 
     def stop_punching(self) -> None:
