@@ -141,7 +141,7 @@ def _flood_row(ctx: Ctx, rate: float, seconds: float, sources: int, pool: list[b
 
         async def main() -> tuple[tuple[int, int, list[float]], bool]:
             await asyncio.sleep(0.3)  # the flood first
-            during = await _honest_connects(ctx, s.addr, seconds - 0.3)
+            during = await _honest_connects(ctx, s.addr, seconds - 0.3, every=0.25)
             flood.join()
             after = await _honest_connects(ctx, s.addr, 2.6, every=1.0)
             return during, after[0] == after[1]
