@@ -78,13 +78,16 @@ class BoundedQuicConnection(QuicConnection):
         for limit, count in ((self._local_max_streams_bidi, peer_bidi_streams), (self._local_max_streams_uni, 0)):
             limit.value = limit.sent = count
 
+    # Both run for every packet built: kept lean (a relayed datagram is a packet).
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
         credit = self._local_max_data
-        unread = sum(s.receiver.highest_offset - s.receiver.starting_offset() for s in self._streams.values())
-        credit.value = _slid(credit.value, credit.used - unread, self._qlab_connection_window)
-        used, credit.used = credit.used, 0  # aioquic doubles when used > value / 2: show it none
+        used = consumed = credit.used
+        for stream in self._streams.values():  # less what is received but not yet delivered in order
+            consumed -= stream.receiver.highest_offset - stream.receiver.starting_offset()
+        credit.value = _slid(credit.value, consumed, self._qlab_connection_window)
+        credit.used = 0  # aioquic doubles when used > value / 2: show it none
         try:
-            super()._write_connection_limits(builder=builder, space=space)
+            super()._write_connection_limits(builder, space)
         finally:
             credit.used = used
 
@@ -93,9 +96,10 @@ class BoundedQuicConnection(QuicConnection):
         if stream.max_stream_data_local and not receiver.is_finished:  # 0: a send-only stream
             stream.max_stream_data_local = _slid(
                 stream.max_stream_data_local, receiver.starting_offset(), self._qlab_stream_window)
-        highest, receiver.highest_offset = receiver.highest_offset, 0  # as above: no doubling
+        highest = receiver.highest_offset
+        receiver.highest_offset = 0  # as above: no doubling
         try:
-            super()._write_stream_limits(builder=builder, space=space, stream=stream)
+            super()._write_stream_limits(builder, space, stream)
         finally:
             receiver.highest_offset = highest
 
@@ -104,7 +108,7 @@ def _slid(granted: int, consumed: int, window: int) -> int:
     """The credit to grant: `consumed + window`, raised only once half a window was consumed since
     the last grant (one MAX_*_DATA frame per half window, not per packet); never lowered."""
     target = consumed + window
-    return target if target - granted >= window // 2 else granted
+    return target if target - granted >= window >> 1 else granted
 
 
 def max_datagram_payload(quic: QuicConnection, overhead: int) -> int:
