@@ -36,24 +36,25 @@ from attacks import keys as keyfiles  # noqa: E402
 from attacks.common import Ctx, Figures  # noqa: E402
 from attacks.harness import QLAB_ROOT, NotApplicable, kill_all, qlab_cli  # noqa: E402
 
-ROWS: dict[str, Callable[[Ctx], Figures]] = {
-    "gap-intermediate": unauth.gap_intermediate,
-    "gap-connector": unauth.gap_connector,
-    "flood-one-source": unauth.flood_one_source,
-    "flood-rotating": unauth.flood_rotating_sources,
-    "initials-300s": unauth.initials_cycled,
-    "unproven-300": unauth.unproven_connections,
-    "held-datagrams": unauth.held_before_proof,
-    "hello-replay": unauth.hello_replay,
-    "victim-candidates": authed.victim_candidates,
-    "rogue-announce": authed.rogue_announce,
-    "service-takeover": authed.service_takeover,
-    "sessions-burst": authed.sessions_burst,
-    "sessions-open-close": authed.sessions_open_close,
-    "identity-rate-limit": authed.identity_rate_limit,
-    "migration-classify": authed.migration_classify,
-    "session-id-probe": authed.session_id_probe,
-    "certs-force-tmp": keyfiles.certs_force_tmp,
+# row -> (the attack, what the issue's table measured for it)
+ROWS: dict[str, tuple[Callable[[Ctx], Figures], str]] = {
+    "gap-intermediate": (unauth.gap_intermediate, "a byte at the edge of each flow-control window, no HELLO: RSS"),
+    "gap-connector": (unauth.gap_connector, "the same on the Connector's P2P port"),
+    "flood-one-source": (unauth.flood_one_source, "1,000 Initials/s from one address: honest connects within 2 s"),
+    "flood-rotating": (unauth.flood_rotating_sources, "1,000 Initials/s from 500 127.x addresses: the same"),
+    "initials-300s": (unauth.initials_cycled, "3,000 Initials cycled at 300/s: honest connects, Intermediate CPU"),
+    "unproven-300": (unauth.unproven_connections, "300 connections that never say HELLO: memory, life, /metrics"),
+    "held-datagrams": (unauth.held_before_proof, "datagrams held before DirectHello / OPEN_SESSION"),
+    "hello-replay": (unauth.hello_replay, "a recorded HELLO sent on new connections"),
+    "victim-candidates": (authed.victim_candidates, "OPEN_SESSION with 32 candidates at a victim: bytes to it"),
+    "rogue-announce": (authed.rogue_announce, "a Connector ANNOUNCEs a victim's addresses: what Agents send"),
+    "service-takeover": (authed.service_takeover, "a second identity registers a service that has an owner"),
+    "sessions-burst": (authed.sessions_burst, "sessions with an app socket each vs a 1,024-fd Connector"),
+    "sessions-open-close": (authed.sessions_open_close, "1,000 sessions open then closed, twice: RSS, fds"),
+    "identity-rate-limit": (authed.identity_rate_limit, "10 connections under one name open sessions at once"),
+    "migration-classify": (authed.migration_classify, "a client moves to a victim's address, asks for NAT tests"),
+    "session-id-probe": (authed.session_id_probe, "OPEN_SESSION with someone else's id: does the answer tell?"),
+    "certs-force-tmp": (keyfiles.certs_force_tmp, "qlab certs init --force over stale 0644 *.tmp files"),
 }
 
 
@@ -62,14 +63,14 @@ def checkout() -> str:
         rev = subprocess.run(["git", "-C", str(QLAB_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        rev = "?"
-    return f"{QLAB_ROOT} @ {rev or '?'}"
+        rev = ""
+    return f"{QLAB_ROOT} @ {rev}" if rev else f"{QLAB_ROOT} (not a git checkout)"
 
 
 def run_row(name: str, ctx: Ctx) -> Figures:
     t0 = time.monotonic()
     try:
-        figs = ROWS[name](ctx)
+        figs = ROWS[name][0](ctx)
     except NotApplicable as exc:
         figs = [("n/a", str(exc))]
     except Exception as exc:  # a row that breaks says why, and the others still run
@@ -91,10 +92,15 @@ def _interrupted(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", nargs="+", choices=list(ROWS), metavar="ROW", help=f"rows to run: {', '.join(ROWS)}")
+    ap.add_argument("--only", nargs="+", choices=list(ROWS), metavar="ROW", help="rows to run (--list)")
     ap.add_argument("--seconds", type=float, default=6.0, help="length of the timed attacks (default 6)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--list", action="store_true", help="list the rows and what each measures")
     args = ap.parse_args(argv)
+    if args.list:
+        for name, (_, what) in ROWS.items():
+            print(f"{name:<22} {what}")
+        return 0
     logging.disable(logging.CRITICAL)  # the in-process clients' own logs would drown the table
     signal.signal(signal.SIGTERM, _interrupted)
     results: dict[str, dict[str, object]] = {}
