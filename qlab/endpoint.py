@@ -57,7 +57,8 @@ STREAM_WINDOW = 64 * 1024
 CONNECTION_WINDOW = STREAM_WINDOW
 # Unauthenticated peers (issue 13). An honest handshake takes a few RTTs and a HELLO one more;
 # aioquic alone would hold a half-open connection for the 30 s idle timeout, an unproven one forever.
-HANDSHAKE_TIMEOUT = 3.0  # seconds from a server connection's first Initial to handshake completion
+HANDSHAKE_TIMEOUT = 3.0  # seconds from a server connection's first Initial to handshake completion,
+# or to the client's first Handshake packet (which proves its address; it then has PROOF_TIMEOUT)
 PROOF_TIMEOUT = 5.0  # seconds from its first Initial until the role marks it proven
 RETRY_THRESHOLD = 64  # half-open handshakes beyond which a new one must answer a Retry first
 SOURCE_RETRY_THRESHOLD = 8  # ... and unproven connections from its source IP beyond which it must too
@@ -466,7 +467,15 @@ class Endpoint:
         conn.deadline = None
         if conn.closed or conn.proven or _closing(conn.quic):
             return  # a closing connection ends within its closing period anyway
-        if conn.half_open:  # no CONNECTION_CLOSE: the source may be spoofed, and nothing was agreed
+        if conn.half_open:
+            assert self._loop is not None
+            at = conn.accepted_at + self.proof_timeout
+            if qi.validated_peer_address(conn.quic) is not None and self._loop.time() < at:
+                # A Handshake packet came back: the address is real (no spoofer gets this far), the
+                # handshake merely slow (loss); it gets until the proof deadline.
+                conn.deadline = self._loop.call_at(at, self._on_deadline, conn)
+                return
+            # no CONNECTION_CLOSE: the source may be spoofed, and nothing was agreed
             self.closed_for_cause["handshake_timeout"] += 1
             log.info("dropping %s: no handshake within %.1fs", conn, self.handshake_timeout)
             self._terminated(conn, "handshake timeout")

@@ -11,6 +11,7 @@ import socket
 import pytest
 from aioquic.quic.packet import QuicErrorCode
 
+from qlab import quic_internals as qi
 from qlab import wire
 from qlab.certs import INTERMEDIATE_NAME, Credentials
 from qlab.endpoint import STREAM_WINDOW, Connection, Endpoint, Handler, HeldDatagrams
@@ -124,6 +125,25 @@ def test_half_open_handshakes_are_dropped_at_the_handshake_timeout(creds):
         assert server.half_open == 0 and server.unproven == 0 and not server.connections and not server.by_cid
         assert server.closed_for_cause["handshake_timeout"] == 5
         assert 'qlab_connections_closed_total{reason="handshake_timeout"} 5' in metrics.render()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_a_half_open_handshake_with_a_validated_address_gets_the_proof_deadline(creds, monkeypatch):
+    """A slow handshake whose client sent a Handshake packet (address proven: no spoofer) is kept
+    until the proof deadline; one without is dropped at the handshake timeout."""
+    async def main() -> None:
+        server, addr = await _server(creds, handshake_timeout=0.2, proof_timeout=0.6)
+        await asyncio.to_thread(_raw_initials, creds, 2, addr)
+        await _settle(0.1)
+        slow = next(iter(server.connections))
+        real = qi.validated_peer_address
+        monkeypatch.setattr(qi, "validated_peer_address", lambda quic: ("127.0.0.1", 1) if quic is slow.quic else real(quic))
+        await _settle(0.25)
+        assert server.connections == {slow} and server.closed_for_cause["handshake_timeout"] == 1
+        await _settle(0.4)
+        assert not server.connections and server.closed_for_cause["handshake_timeout"] == 2
         server.close()
 
     asyncio.run(main())
