@@ -127,11 +127,27 @@ def test_up_then_down_leaves_nothing(aws, certs_dir, wheel):
     assert down("qlab-test", cloud)["clean"], "down is idempotent"
 
 
+def _host_certs(instance_id: str, folder):
+    """What a host's user data writes to /etc/qlab/certs: each parameter it fetches, from moto's SSM."""
+    import re
+
+    import boto3
+
+    ec2, ssm = (boto3.client(n, region_name="us-east-1") for n in ("ec2", "ssm"))
+    ud = base64.b64decode(ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+                          ["UserData"]["Value"]).decode()
+    folder.mkdir()
+    for name, file in re.findall(r"--name (\S+) .* > /etc/qlab/certs/(\S+)$", ud, re.M):
+        (folder / file).write_text(ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"] + "\n")
+    return folder
+
+
 def test_run_matrix_commands_remote_results_and_collection(aws, certs_dir, wheel, tmp_path):
     """`run`: one SSM command per Agent host (the matrix: every cell's Agents against every cell's
     Connector). moto cannot execute them, so this test plays the Agent hosts: it runs each command
-    exactly as sent — argv parsed from the command, only the Intermediate address, certs and
-    results folder swapped for a loopback deployment's — which mirrors real field trials into the
+    exactly as sent — argv parsed from the command, only the Intermediate address, certs (an Agent
+    host's own two files, as its user data fetches them from SSM) and results folder swapped for a
+    loopback deployment's — which mirrors real field trials into the
     deployment's bucket; then progress, collection into one `aws` campaign, idempotent re-collection,
     refusal of foreign keys, and no credential anywhere."""
     import shlex
@@ -164,12 +180,16 @@ def test_run_matrix_commands_remote_results_and_collection(aws, certs_dir, wheel
     before = runs.progress(state, cloud, "c1", commands)
     assert before["trials"] == 0
 
+    agent_certs = _host_certs(state["instances"]["agent-symmetric-0"]["id"], tmp_path / "agent-certs")
+    assert sorted(p.name for p in agent_certs.iterdir()) == ["agent.secret", "ca.pem"]
+    for f in agent_certs.iterdir():  # byte for byte what `qlab certs init` wrote (a PEM with a blank last line fails TLS)
+        assert f.read_bytes() == (certs_dir / f.name).read_bytes(), f.name
     lab = LoopbackDeployment(str(certs_dir), ["echo-full_cone", "echo-symmetric"])
     try:
         for c in commands.values():
             a = shlex.split(c["command"])[1:]
             a[a.index("--intermediate") + 1] = f"127.0.0.1:{lab.port}"
-            a[a.index("--certs") + 1] = str(certs_dir)
+            a[a.index("--certs") + 1] = str(agent_certs)  # an Agent host's own files, nothing more
             a[a.index("--results") + 1] = str(tmp_path / "remote" / a[a.index("--host") + 1])  # one per host
             assert qlab_main([*a, "--bind", "127.0.0.1"]) == 0  # loopback has no NAT: outcomes are not the point
     finally:

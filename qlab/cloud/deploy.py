@@ -295,9 +295,11 @@ class _Up:
         for fname, secure in _PARAMS.items():
             name = f"/qlab/{self.did}/{fname}"
             if fname in ROLE_SECRETS:  # derived from the root, as the Intermediate derives it (any certs dir)
-                value = (wire.role_secret(root, ROLE_SECRETS[fname]) + b"\n").decode()
+                value = wire.role_secret(root, ROLE_SECRETS[fname]).decode()
             else:
-                value = Path(certs_dir, fname).read_text()
+                # without its final newline: `aws ssm get-parameter --output text` adds one, and a PEM
+                # file ending in a blank line fails aioquic's certificate loading
+                value = Path(certs_dir, fname).read_text().rstrip("\n")
             self.ssm.put_parameter(Name=name, Value=value, Type="SecureString" if secure else "String",
                                    Overwrite=True)
             params[fname] = name
