@@ -161,8 +161,10 @@ def _check(results: list[float | None], rate: float, proc: Proc) -> None:
     ok = [t for t in results if t is not None and t <= HONEST_WITHIN]
     assert proc.p.poll() is None, proc.log()
     assert rate >= 0.9 * FLOOD_RATE, f"the flood fell behind: {rate:.0f} Initials/s"
-    # every honest connect must succeed: 95 % of 20 allows one miss, which a 2-core VM under load
-    # may cost; the old code failed all of them
+    # Nothing here is left to chance: a Retry costs the honest client one round trip, and measured
+    # connects took 25 ms (p50) and 0.3 s at most (36/36, benchmarks/attack_floods.py), so 2 s is a
+    # wide margin; 95 % of 20 still allows one miss to a 2-core VM starved by other work. The old
+    # code failed 20/20.
     assert len(ok) >= 0.95 * len(results), f"{len(ok)}/{len(results)} honest connects within {HONEST_WITHIN}s: {results}"
 
 
