@@ -44,6 +44,7 @@ class ConnectorSession:
     app_opening: dict[Path, list[bytes]] = field(default_factory=dict)  # payloads waiting for their socket
     refused: bool = False  # the Agent was told this session has no app socket (told once until one opens)
     closed: bool = False
+    orphaned_at: float | None = None  # the link to the Intermediate was lost since SessionNew
 
 
 APP_PENDING = 16  # payloads held per path while its app socket opens
@@ -93,6 +94,7 @@ class Connector:
         max_sessions: int = 4096,
         max_app_sockets: int | None = None,
         app_idle: float = 60.0,
+        reopen_grace: float = 90.0,
     ) -> None:
         self.net = net
         self.creds = creds
@@ -105,6 +107,9 @@ class Connector:
         # one app socket per session and path: more are refused with a SessionError (default: half the fd limit)
         self.max_app_sockets = app_socket_limit() if max_app_sockets is None else max_app_sockets
         self.app_idle = app_idle  # an app socket that carried nothing this long is closed
+        # after a reconnection, a session its Agent has not re-opened this long is released (the
+        # Agent gives up re-opening after 60 s; a SessionClosed sent while we were away never came)
+        self.reopen_grace = reopen_grace
         self.app_sockets = 0  # open or opening
         self.sessions: dict[int, ConnectorSession] = {}
         self.events: Observers[ConnectorEvent] = Observers()
@@ -145,7 +150,7 @@ class Connector:
     async def start(self) -> Addr:
         addr = await self.endpoint.bind(self.host, self.p2p_port)
         self.tasks.spawn(self._stay_connected())
-        self.tasks.spawn(self._close_idle_app_sockets())
+        self.tasks.spawn(self._sweep())
         return addr
 
     async def _stay_connected(self) -> None:
@@ -158,6 +163,10 @@ class Connector:
             self.registered.set()  # wake waiters; they check `fatal`
 
     def link_up(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for s in self.sessions.values():
+            if s.orphaned_at is None:
+                s.orphaned_at = now
         self.registered.clear()
         self.tasks.spawn(self._register())
         self.events.emit(LinkUp())
@@ -210,6 +219,7 @@ class Connector:
                 # the Intermediate restarted and the Agent re-opened: keep the direct path and app sockets
                 old.key, old.max_payload = msg.key, msg.max_payload
                 old.agent_nat, old.agent_candidates = msg.nat, msg.candidates
+                old.orphaned_at = None
                 return
             if old is None and len(self.sessions) >= self.max_sessions:
                 self._refuse_session(msg.session, f"the connector has {len(self.sessions)} sessions, its limit")
@@ -323,15 +333,22 @@ class Connector:
             sock.close()
             self.app_sockets -= 1
 
-    async def _close_idle_app_sockets(self) -> None:
+    async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(max(0.05, self.app_idle / 4))
-            now = loop.time()
-            for s in list(self.sessions.values()):
-                for path, used in list(s.app_used.items()):
-                    if now - used > self.app_idle:
-                        self._close_app_socket(s, path)
+            await asyncio.sleep(max(0.05, min(self.app_idle, self.reopen_grace) / 4))
+            self.sweep(loop.time())
+
+    def sweep(self, now: float) -> None:
+        """Close idle app sockets; release sessions not re-opened after a reconnection."""
+        for s in list(self.sessions.values()):
+            if s.orphaned_at is not None and now - s.orphaned_at > self.reopen_grace:
+                del self.sessions[s.id]
+                self._end_session(s, "not re-opened after the link to the Intermediate was lost")
+                continue
+            for path, used in list(s.app_used.items()):
+                if now - used > self.app_idle:
+                    self._close_app_socket(s, path)
 
     def _from_app(self, s: ConnectorSession, path: Path, batch: list[tuple[bytes, Addr]]) -> None:
         if path in s.app_used:
