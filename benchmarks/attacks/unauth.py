@@ -16,7 +16,7 @@ from qlab.certs import CONNECTOR_NAME, INTERMEDIATE_NAME
 
 from . import login
 from .common import Ctx, Figures, mb, ms, wait_for
-from .harness import NotApplicable, Proc, Stack
+from .harness import NotApplicable, Proc, Stack, metric
 from .quic import RawQuic, initials, raw_connect
 
 GAP_ROUNDS = 9  # each round doubles the window: 2^9 MiB at the end if nothing caps it
@@ -290,7 +290,8 @@ class _Tap:
 
 async def _held_intermediate(ctx: Ctx, s: Stack, sent: int = 100) -> Figures:
     """An Agent sends `sent` relay datagrams for a session id before the OPEN_SESSION that opens
-    it: the echo replies that come back count what the Intermediate held and replayed."""
+    it: the Intermediate's relayed-to-Connector counter says how many it held and replayed (the echo
+    replies that come back are counted too)."""
     a = await login.agent(ctx.certs, s.addr, "holder")
     try:
         conn = a.link.conn
@@ -300,6 +301,7 @@ async def _held_intermediate(ctx: Ctx, s: Stack, sent: int = 100) -> Figures:
             sid = secrets.randbits(31) | 1
             tap = _Tap(a.link.owner, sid)
             a.link.owner = tap
+            relayed0 = metric(s.metrics(), "relayed_datagrams_total", direction="to_connector")
             for i in range(sent):
                 conn.send_datagram(wire.encode_app(sid, i.to_bytes(4, "big") + bytes(60)))
             await asyncio.sleep(delay)
@@ -307,9 +309,11 @@ async def _held_intermediate(ctx: Ctx, s: Stack, sent: int = 100) -> Figures:
                 await a.link.request(wire.OpenSession(a.link.next_req(), sid, s.service, wire.NatKind.UNKNOWN, ()))
             except Exception as exc:
                 raise NotApplicable(f"OPEN_SESSION with a chosen id: {exc}") from None
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.5)
             a.link.owner = tap.owner
-            figs.append((f"Intermediate: held, then relayed once opened {delay:.1f} s later", f"{tap.got}/{sent}"))
+            relayed = metric(s.metrics(), "relayed_datagrams_total", direction="to_connector") - relayed0
+            figs.append((f"Intermediate: held, then relayed once opened {delay:.1f} s later",
+                         f"{relayed:g}/{sent} (echoed back: {tap.got})"))
         return figs
     finally:
         a.close()
