@@ -222,6 +222,48 @@ def test_run_matrix_commands_remote_results_and_collection(aws, certs_dir, wheel
             assert FAKE_KEY_ID.encode() not in text and FAKE_SECRET.encode() not in text, f
 
 
+def test_each_host_runs_its_role_with_only_its_own_files(aws, certs_dir, wheel, tmp_path):
+    """The files each host's user data fetches suffice for its role — an Intermediate, a Connector
+    and an Agent, each with only its host's files, on loopback, carry echoes — and an Agent host's
+    secret cannot register a service, even passed off as `connector.secret` beside a Connector leaf
+    (before, every host held the root secret, so it could)."""
+    import json as json_
+
+    from qlab.cloud.deploy import Cloud, down, up
+    from tests.procs import QLAB, Proc, free_udp_port
+
+    state = up(spec(topology="nat-matrix", presets=["full_cone"]), Cloud("us-east-1"), certs_dir=str(certs_dir),
+               wheel=wheel)
+    hosts = {k: _host_certs(state["instances"][n]["id"], tmp_path / k) for k, n in (
+        ("intermediate", "intermediate"), ("connector", "connector-full_cone"), ("agent", "agent-full_cone-0"))}
+    rogue = tmp_path / "rogue"  # an Agent host's secret passed off as a Connector's, with a Connector leaf
+    rogue.mkdir()
+    (rogue / "connector.secret").write_bytes((hosts["agent"] / "agent.secret").read_bytes())
+    for f in ("ca.pem", "connector.pem", "connector.key"):
+        (rogue / f).write_bytes((certs_dir / f).read_bytes())
+    assert down("qlab-test", Cloud("us-east-1"))["clean"]
+    port, eport = free_udp_port(), free_udp_port()
+    procs = [Proc([*QLAB, "intermediate", "--listen", f"127.0.0.1:{port}", "--certs", str(hosts["intermediate"])],
+                  name="intermediate"), Proc([*QLAB, "echo", "--listen", f"127.0.0.1:{eport}"], name="echo")]
+    try:
+        procs[-1].wait_for("UDP echo on")
+        for name, certs in (("echo-full_cone", hosts["connector"]), ("echo-rogue", rogue)):
+            procs.append(Proc([*QLAB, "connector", "--intermediate", f"127.0.0.1:{port}", "--service", name,
+                               "--forward", f"127.0.0.1:{eport}", "--p2p-port", str(free_udp_port()),
+                               "--bind", "127.0.0.1", "--certs", str(certs)], name=f"connector-{name}"))
+        procs[2].wait_for("registered service echo-full_cone")
+        procs[3].wait_for("the Intermediate refused this connector: unauthenticated")
+        assert not any("registered service" in line for line in procs[3].err)
+        agent = Proc([*QLAB, "agent", "--intermediate", f"127.0.0.1:{port}", "--service", "echo-full_cone",
+                      "--ping", "3", "--bind", "127.0.0.1", "--certs", str(hosts["agent"])], name="agent")
+        rc, out, err = agent.communicate(30)
+        assert rc == 0, err
+        assert sum(p["received"] for p in json_.loads(out.splitlines()[-1])["paths"].values()) == 3
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+
+
 def test_run_refuses_a_deployment_without_agent_hosts(aws, certs_dir, wheel):
     from qlab.cloud import runs
     from qlab.cloud.deploy import Cloud, down, load_state, up
