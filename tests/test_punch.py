@@ -145,13 +145,13 @@ def drive(p: Puncher, until: float, step: float = 0.005) -> list[tuple[bytes, tu
 
 
 def test_a_silent_target_gets_a_bounded_number_of_requests_with_backoff():
-    cfg = PunchConfig(interval=0.02, timeout=3.0, max_sends=7, max_gap=0.5)
+    cfg = PunchConfig(interval=0.02, timeout=3.0, max_sends=7, steady_sends=3, max_gap=0.25)
     p = Puncher(7, KEY, (), (cand(C.SRFLX, "198.51.100.2", 1),), cfg)
     p.budget.earn(10_000)  # the budget is not what limits here
     out = drive(p, 3.5, step=0.001)
     assert len(out) == 7 and p.failed
-    # sent at 0, .02, .06, .14, .30, .62 and 1.12 s (the gap doubles, capped at 0.5): the 8th would be due at 1.62
-    assert p.sends == {("198.51.100.2", 1): 7} and p.due[("198.51.100.2", 1)] == pytest.approx(1.62, abs=0.01)
+    # sent at 0, .02, .04, .06, then .10, .18, .34 (the gap doubles, capped at .25): the 8th would be due at .59
+    assert p.sends == {("198.51.100.2", 1): 7} and p.due[("198.51.100.2", 1)] == pytest.approx(0.59, abs=0.01)
 
 
 def test_candidates_at_a_victim_get_at_most_three_times_what_signalled_them():

@@ -81,8 +81,10 @@ class PunchConfig:
     predict_after: float = 0.06  # predicted ports are a fallback: probed only if nothing worked by then
     spray_rate: float = 1000.0  # birthday mode: random-port probes per second (each sent once)
     # RFC 8445 §14 / RFC 5389 §7.2.1: a target that does not answer gets a bounded number of
-    # requests, the gap doubling from `interval` up to `max_gap`
+    # requests: the first `steady_sends` every `interval`, then the gap doubles up to `max_gap`
+    # (doubling from the first keeps more of the session's budget for later rounds and new targets)
     max_sends: int = 7
+    steady_sends: int = 1
     max_gap: float = 0.5
     max_targets: int = 2 * wire.MAX_CANDIDATES  # signalled plus learned (peer-reflexive) addresses
 
@@ -242,8 +244,13 @@ class Puncher:
                 continue  # the budget is spent: the peer's next probe earns more
             out.append(req)
             self.sends[addr] = n + 1
-            self.due[addr] = now + min(self.config.max_gap, self.config.interval * 2 ** n)
+            self.due[addr] = now + self._gap(n + 1)
         return out
+
+    def _gap(self, sent: int) -> float:
+        """The wait after a target's `sent`-th request."""
+        cfg = self.config
+        return min(cfg.max_gap, cfg.interval * 2 ** max(0, sent - cfg.steady_sends))
 
     def _spray_share(self, now: float) -> list[tuple[bytes, Addr]]:
         """Birthday mode: a paced share of the random ports, once each."""
@@ -316,7 +323,7 @@ class Puncher:
             if req is not None:
                 out.append(req)
                 self.sends[addr] = 1
-                self.due[addr] = now + self.config.interval
+                self.due[addr] = now + self._gap(1)
 
     def _lan_possible(self) -> bool:
         """Whether a peer host candidate shares a LAN prefix with one of ours: only then is a LAN
