@@ -250,7 +250,8 @@ class Puncher:
     def _gap(self, sent: int) -> float:
         """The wait after a target's `sent`-th request."""
         cfg = self.config
-        return min(cfg.max_gap, cfg.interval * 2 ** max(0, sent - cfg.steady_sends))
+        doublings: int = max(0, sent - cfg.steady_sends)
+        return min(cfg.max_gap, cfg.interval * float(2**doublings))
 
     def _spray_share(self, now: float) -> list[tuple[bytes, Addr]]:
         """Birthday mode: a paced share of the random ports, once each."""
