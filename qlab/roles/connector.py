@@ -47,7 +47,7 @@ class ConnectorSession:
     orphaned_at: float | None = None  # the link to the Intermediate was lost since SessionNew
 
 
-APP_PENDING = 16  # payloads held per path while its app socket opens
+APP_PENDING = 64  # payloads kept per path while its app socket opens (a loop iteration on real sockets)
 SAME_PASS_DATAGRAMS = 2  # datagrams of an unproven direct connection kept until its packets are processed
 
 
