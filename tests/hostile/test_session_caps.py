@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from qlab import wire
+from qlab.certs import CONNECTOR_NAME
+from qlab.endpoint import Connection, Endpoint, Handler
 from qlab.net import RealNet
 from qlab.roles.agent import Agent, AgentSession, ping
 from qlab.roles.events import ControlReceived
@@ -32,6 +34,7 @@ RSS_SLACK_KB = 3 * 1024  # what a second round of 1,000 sessions may add to the 
 class Deployment:
     intermediate: tuple[str, int]
     connector: Proc
+    p2p: tuple[str, int]
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.connector.p.pid}/fd"))
@@ -43,9 +46,9 @@ class Deployment:
         raise AssertionError("no VmRSS")
 
 
-def _connector_argv(port: int, eport: int, certs: Path, fd_limit: int | None) -> list[str]:
+def _connector_argv(port: int, eport: int, p2p: int, certs: Path, fd_limit: int | None) -> list[str]:
     args = ["connector", "--intermediate", f"127.0.0.1:{port}", "--service", "echo", "--forward",
-            f"127.0.0.1:{eport}", "--p2p-port", "0", "--bind", "127.0.0.1", "--certs", str(certs)]
+            f"127.0.0.1:{eport}", "--p2p-port", str(p2p), "--bind", "127.0.0.1", "--certs", str(certs)]
     if fd_limit is None:
         return [*QLAB, *args]
     # the same CLI, under a lower open-file limit
@@ -55,14 +58,14 @@ def _connector_argv(port: int, eport: int, certs: Path, fd_limit: int | None) ->
 
 
 def _deploy(certs_dir: Path, fd_limit: int | None) -> Iterator[Deployment]:
-    port, eport = free_udp_port(), free_udp_port()
+    port, eport, p2p = free_udp_port(), free_udp_port(), free_udp_port()
     procs = [Proc([*QLAB, "intermediate", "--listen", f"127.0.0.1:{port}", "--certs", str(certs_dir),
                    "--sessions-per-client", "1000"], name="intermediate"),
              Proc([*QLAB, "echo", "--listen", f"127.0.0.1:{eport}"], name="echo")]
     try:
-        procs.append(Proc(_connector_argv(port, eport, certs_dir, fd_limit), name="connector"))
+        procs.append(Proc(_connector_argv(port, eport, p2p, certs_dir, fd_limit), name="connector"))
         procs[-1].wait_for("registered service echo")
-        yield Deployment(("127.0.0.1", port), procs[-1])
+        yield Deployment(("127.0.0.1", port), procs[-1], ("127.0.0.1", p2p))
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -186,3 +189,49 @@ async def _settle(d: Deployment, fds: int | None = None, timeout: float = 5.0) -
     await asyncio.sleep(0.5)
     while fds is not None and d.fds() != fds and loop.time() < deadline:
         await asyncio.sleep(0.1)
+
+
+class _DirectRecorder(Handler):
+    def __init__(self) -> None:
+        self.control: list[wire.Message] = []
+        self.datagrams: list[bytes] = []
+
+    def on_control(self, conn: Connection, msg: wire.Message) -> None:
+        self.control.append(msg)
+
+    def on_datagram(self, conn: Connection, data: bytes) -> None:
+        self.datagrams.append(data)
+
+
+async def test_datagrams_before_the_direct_hello_are_dropped_not_held(creds, deployment) -> None:
+    """A direct connection to the Connector's P2P port sends datagrams, then (0.3 s later, in
+    other packets) its DirectHello: what came before the proof never reaches the application.
+    Before: up to 16 datagrams (of up to 64 KB) were held per unproven connection and replayed."""
+    d = deployment
+    agent = (await _agents(creds, d, 1, "direct"))[0]
+    ep = Endpoint(RealNet())
+    await ep.bind("127.0.0.1", 0)
+    try:
+        s = (await _open([agent], 1))[0]
+        assert s.key is not None
+        rec = _DirectRecorder()
+        conn = ep.connect(d.p2p, creds.client_config(CONNECTOR_NAME), rec)
+        await asyncio.wait_for(conn.handshake_done, 5.0)
+        for i in range(3):
+            conn.send_datagram(wire.encode_app(s.id, b"before-%d" % i))
+        await asyncio.sleep(0.3)
+        conn.send_control(wire.DirectHello(s.id, wire.direct_auth(s.key, s.id)))
+        async with asyncio.timeout(5.0):
+            while not rec.control:
+                await asyncio.sleep(0.01)
+        assert not isinstance(rec.control[0], wire.Nack), rec.control
+        await asyncio.sleep(0.5)
+        assert rec.datagrams == []  # nothing held was replayed to the application
+        conn.send_datagram(wire.encode_app(s.id, b"after"))
+        async with asyncio.timeout(5.0):
+            while not rec.datagrams:
+                await asyncio.sleep(0.01)
+        assert rec.datagrams == [wire.encode_app(s.id, b"after")]  # the proven path carries traffic
+    finally:
+        ep.close()
+        agent.close()
