@@ -530,6 +530,18 @@ class Announce(Message):
     candidates: tuple[Candidate, ...]
 
 
+@_message(0x16, U32)
+class SessionAlive(Message):
+    """Agent -> Intermediate, every `SESSION_ALIVE_INTERVAL` s per open session: the session is in
+    use, even when its traffic runs on the direct path where the Intermediate sees none. Keeps the
+    Intermediate's idle expiry for the sessions that are really abandoned. Never answered."""
+
+    session: int
+
+
+SESSION_ALIVE_INTERVAL = 60.0  # s; an Intermediate's idle expiry must be longer (the CLI refuses less than 2x)
+
+
 @_message(0x20, U16, U8, U8, U64)
 class ChangeRequest(Message):
     """Client -> Intermediate (RFC 5780 style): send a raw Test probe carrying `nonce` to my

@@ -606,6 +606,13 @@ CAPS = [
                                 "alice": [("PunchResult", SID, 0), ("SessionClosed", SID, N.BAD_STATE)]}),
                      core={"caps": Caps(session_idle=60.0)}, counters={("sessions_expired_total", "", ""): 1}),
                  id="a session idle past the bound is closed; relay and control traffic keep it"),
+    pytest.param(Row([*ECHO, Wait(50.0), Send("alice", wire.SessionAlive(SID)), Wait(50.0), Expire(),
+                      Send("bob", wire.SessionAlive(SID)), Wait(61.0), Expire()],
+                     echo_then({"bob": [("SessionError", SID, N.NO_SUCH_SESSION)],
+                                "edge1": [("SessionClosed", SID, N.BAD_STATE)],
+                                "alice": [("SessionClosed", SID, N.BAD_STATE)]}),
+                     core={"caps": Caps(session_idle=60.0)}, counters={("sessions_expired_total", "", ""): 1}),
+                 id="SessionAlive from a party keeps a direct-only session; a non-party's is refused and keeps nothing"),
 ]
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
-from qlab import __version__
+from qlab import __version__, wire
 from qlab.cli import campaign as campaign_cli
 from qlab.cli import cloud as cloud_cli
 from qlab.cli import lab as lab_cli
@@ -71,6 +71,9 @@ def cmd_intermediate(args: argparse.Namespace) -> int:
     creds = _creds(args)
     policy = AccessPolicy.load(args.policy) if args.policy else None
     listen = [args.listen] + list(args.alt or [])
+    if args.session_idle < 2 * wire.SESSION_ALIVE_INTERVAL:
+        raise ValueError(f"--session-idle must be at least {2 * wire.SESSION_ALIVE_INTERVAL:.0f} s "
+                         f"(Agents say a session is alive every {wire.SESSION_ALIVE_INTERVAL:.0f} s)")
     caps = intermediate.Caps(args.sessions_per_client, args.max_sessions, args.session_idle)
     return _run_until_signal(
         lambda stop: intermediate.run(RealNet(), creds, listen, metrics_addr=args.metrics, stop=stop, policy=policy,

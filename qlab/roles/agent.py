@@ -92,6 +92,11 @@ class AgentSession:
         self.connector = msg.connector
         self.relay_max_payload = msg.max_payload
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the Intermediate answered SessionOpened (and the session was not refused)."""
+        return self.opened.done() and not self.opened.cancelled() and self.opened.exception() is None
+
     async def wait_open(self, timeout: float = 5.0) -> AgentSession:
         await asyncio.wait_for(asyncio.shield(self.opened), timeout)
         return self
@@ -204,7 +209,17 @@ class Agent:
         addr = await self.endpoint.bind(self.host, self.port)
         await self.link.connect(timeout)
         self.tasks.spawn(self._stay_connected())
+        self.tasks.spawn(self._keep_sessions_alive())
         return addr
+
+    async def _keep_sessions_alive(self) -> None:
+        """Tell the Intermediate which sessions are in use, so its idle expiry spares a session
+        whose traffic runs on the direct path."""
+        while True:
+            await asyncio.sleep(wire.SESSION_ALIVE_INTERVAL)
+            for s in list(self.sessions.values()):
+                if s.is_open:
+                    self.link.send(wire.SessionAlive(s.id))
 
     async def _stay_connected(self) -> None:
         """After a loss of the Intermediate: reconnect with backoff, then re-open every session
@@ -216,7 +231,7 @@ class Agent:
 
     def link_up(self) -> None:
         for s in list(self.sessions.values()):
-            if s.opened.done() and not s.opened.cancelled() and not s.opened.exception():
+            if s.is_open:
                 self.tasks.spawn(self._reopen(s))
         self.events.emit(LinkUp())
 

@@ -285,7 +285,7 @@ class IntermediateCore:
             wire.Offer: self._offer, wire.Answer: self._answer, wire.PunchResult: self._punch_result,
             wire.SessionError: self._session_error, wire.SessionClosed: self._session_closed,
             wire.ChangeRequest: self._change_request, wire.ServerInfoRequest: self._server_info,
-            wire.Ping: self._ping, wire.Pong: self._pong,
+            wire.Ping: self._ping, wire.Pong: self._pong, wire.SessionAlive: self._session_alive,
         }
         self._gauges()
 
@@ -673,6 +673,10 @@ class IntermediateCore:
         primary = addrs[0]
         alternate = next((a for a in addrs if a[0] != primary[0] and a[1] != primary[1]), primary)
         c.peer.send_control(wire.ServerInfo(msg.req, primary, alternate))
+
+    def _session_alive(self, c: Client, msg: wire.SessionAlive, now: float) -> None:
+        """A party says its session is in use (on the direct path the Intermediate sees nothing)."""
+        self._session_for(c, msg.session, now)  # refreshes last_active; a non-party gets the usual answer
 
     def _ping(self, c: Client, msg: wire.Ping, now: float) -> None:
         c.peer.send_control(wire.Pong(msg.nonce))
