@@ -15,6 +15,23 @@ from collections.abc import Sequence
 QLAB = [sys.executable, "-m", "qlab.cli.main"]
 
 
+def rss_kb(pid: int) -> int:
+    """A process's resident memory in kB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def stop_all(procs: Sequence[Proc]) -> None:
+    """Terminate `procs` (last started first), then fail if any of them logged a traceback."""
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        assert "Traceback" not in "\n".join(p.err), p.log()
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

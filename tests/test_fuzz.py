@@ -20,17 +20,11 @@ from qlab import wire
 from qlab.certs import INTERMEDIATE_NAME
 from qlab.endpoint import Endpoint, Handler
 from qlab.net import RealNet
+from tests.procs import rss_kb
 from tests.test_roles_e2e import Deployment, start_deployment
 
 N_DATAGRAMS = 100_000
 
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def quic_samples(creds, n: int = 20) -> list[bytes]:

@@ -23,18 +23,12 @@ from aioquic.quic.connection import QuicConnection
 from qlab.certs import CONNECTOR_NAME, INTERMEDIATE_NAME, Credentials
 from qlab.endpoint import Connection, Endpoint, Handler
 from qlab.net import RealNet
+from tests.procs import rss_kb
 from tests.test_roles_e2e import Deployment, start_deployment
 
 GAP_ROUNDS = 8  # doublings before the fix: 1 MiB << 8 = 256 MiB
 RSS_BOUND_KB = 2048
 
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def send_at(quic: QuicConnection, stream_id: int, offset: int, data: bytes) -> None:

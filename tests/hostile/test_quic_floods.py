@@ -31,7 +31,7 @@ from qlab.certs import INTERMEDIATE_NAME, Credentials
 from qlab.endpoint import CID_LENGTH, Connection, Endpoint, Handler
 from qlab.net import RealNet
 from qlab.traversal.detect import QadSession
-from tests.procs import QLAB, Proc, free_tcp_port, free_udp_port
+from tests.procs import QLAB, Proc, free_tcp_port, free_udp_port, rss_kb
 
 FLOOD_RATE = 1000  # Initials per second
 FLOOD_SECONDS = 7.0
@@ -192,13 +192,6 @@ PROOF_TIMEOUT = 5.0  # qlab.endpoint.PROOF_TIMEOUT (not imported: the old code h
 UNPROVEN = 300
 PER_SOURCE = 15  # connections per source address (a source may hold 32 unproven)
 
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def metric(mport: int, name: str) -> float | None:

@@ -21,7 +21,7 @@ from qlab.roles.agent import Agent
 from qlab.roles.connector import Connector
 from qlab.traversal.agent_side import AgentTraversal
 from qlab.traversal.path import TraversalConfig
-from tests.procs import QLAB, Proc, free_udp_port
+from tests.procs import QLAB, Proc, free_udp_port, stop_all
 
 VICTIMS = 16  # what the Intermediate forwards at most (MAX_FORWARDED_CANDIDATES)
 SESSION_CAP = 10_000
@@ -80,10 +80,7 @@ def deployment(certs_dir) -> Iterator[tuple[Addr, list[Proc]]]:
         procs[-1].wait_for("registered service echo")
         yield ("127.0.0.1", port), procs
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            assert "Traceback" not in "\n".join(p.err), p.log()
+        stop_all(procs)
 
 
 @pytest.fixture

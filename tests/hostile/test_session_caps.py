@@ -24,7 +24,7 @@ from qlab.endpoint import Connection, Endpoint, Handler
 from qlab.net import RealNet
 from qlab.roles.agent import Agent, AgentSession, ping
 from qlab.roles.events import ControlReceived
-from tests.procs import QLAB, Proc, free_udp_port
+from tests.procs import QLAB, Proc, free_udp_port, rss_kb, stop_all
 
 FD_LIMIT = 128  # the Connector's open-file limit in the exhaustion test: its app-socket cap is half
 RSS_SLACK_KB = 3 * 1024  # what a second round of 1,000 sessions may add to the Connector's RSS (measured: 0.2-0.8 MB)
@@ -40,10 +40,7 @@ class Deployment:
         return len(os.listdir(f"/proc/{self.connector.p.pid}/fd"))
 
     def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.connector.p.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        return rss_kb(self.connector.p.pid)
 
 
 def _connector_argv(port: int, eport: int, p2p: int, certs: Path, fd_limit: int | None) -> list[str]:
@@ -67,10 +64,7 @@ def _deploy(certs_dir: Path, fd_limit: int | None) -> Iterator[Deployment]:
         procs[-1].wait_for("registered service echo")
         yield Deployment(("127.0.0.1", port), procs[-1], ("127.0.0.1", p2p))
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            assert "Traceback" not in "\n".join(p.err), p.log()
+        stop_all(procs)
 
 
 @pytest.fixture
