@@ -136,6 +136,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
             result = await ping(session, args.ping, interval=args.interval / 1000, size=args.size, sizes=sizes)
             result.update(agent=args.name, service=args.service, observed=agent.link.observed)
             print(json.dumps(result), flush=True)
+            sent = sum(p["sent"] for p in result["paths"].values())
+            if sent and not any(p["received"] for p in result["paths"].values()):
+                why = f" (the session's last error: {session.error})" if session.error else ""
+                print(f"qlab agent: no echo came back of {sent} sent{why}", file=sys.stderr)
+                return 4
             return 0
         except Refused as exc:
             print(f"qlab agent: refused by the Intermediate: {exc}", file=sys.stderr)

@@ -86,6 +86,7 @@ class AgentSession:
         self.last_direct_rx = 0.0  # loop time anything last came back over the direct path
         self.reopened = 0
         self.interrupted: str | None = None  # the Connector left; being re-opened
+        self.error: str | None = None  # the last SessionError about it (the Connector refused a resource)
 
     def _opened(self, msg: wire.SessionOpened) -> None:
         self.key = msg.key
@@ -376,6 +377,8 @@ class Agent:
             self.events.emit(SessionEnded(s, reason))
         elif isinstance(msg, wire.SessionError):
             log.warning("session %08x error: %s %s", msg.session, msg.code.name, msg.message)
+            if (s := self.sessions.get(msg.session)) is not None:
+                s.error = f"{msg.code.name.lower()}: {msg.message}"
 
     def _on_raw(self, data: bytes, addr: Addr) -> None:
         self.events.offer(RawReceived(data, addr))

@@ -523,14 +523,16 @@ class IntermediateCore:
             self.metrics.inc("rate_limited_total", kind="open_sessions")
             c.peer.send_control(wire.Nack(msg.req, wire.NackCode.RATE_LIMITED, "too many open sessions"))
             return None
-        if msg.session == 0 or msg.session in self.sessions:
-            # one answer whatever the reason, so that a taken id (another agent's) is not told apart
-            c.peer.send_control(wire.Nack(msg.req, wire.NackCode.BAD_STATE, SESSION_ID_REFUSED))
-            return None
         connector = self.connector_for(msg.service)
         if connector is None:
             self.error("no_connector")
             c.peer.send_control(wire.Nack(msg.req, wire.NackCode.NO_CONNECTOR, f"no connector for {msg.service!r}"))
+            return None
+        if msg.session == 0 or msg.session in self.sessions:
+            # Checked last, and one answer whatever the reason: a taken id (another agent's) is told
+            # apart only from a session that opens, which costs the prober a session of its budget.
+            c.peer.send_control(wire.Nack(msg.req, wire.NackCode.BAD_STATE, SESSION_ID_REFUSED))
+            return None
         return connector
 
     def close_session(self, sid: int, code: wire.NackCode, reason: str, notify: Client | None = None) -> None:

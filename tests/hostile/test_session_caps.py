@@ -122,7 +122,7 @@ async def _echo_once(sessions: list[AgentSession], timeout: float, resend: bool 
 
 
 async def test_app_socket_exhaustion_refuses_with_session_error_and_open_sessions_keep_working(
-        creds, small_deployment) -> None:
+        creds, small_deployment, certs_dir) -> None:
     """Before: one socket per session without a cap; past the fd limit every new socket failed
     with EMFILE in an unretrieved task (tracebacks), the Agent heard nothing."""
     d = small_deployment
@@ -141,6 +141,11 @@ async def test_app_socket_exhaustion_refuses_with_session_error_and_open_session
         assert answered <= FD_LIMIT // 2 and len(refused) >= len(flood) - FD_LIMIT // 2
         assert d.fds() < FD_LIMIT
         assert (await ping(mine, 10, wait=2.0))["paths"]["relay"]["received"] == 10  # the open session goes on
+        # a new Agent while the sockets are held: told why, and a failing exit code (it used to exit 0)
+        late = Proc([*QLAB, "agent", "--intermediate", "{}:{}".format(*d.intermediate), "--service", "echo",
+                     "--ping", "5", "--bind", "127.0.0.1", "--name", "late", "--certs", str(certs_dir)], name="late")
+        rc, _, err = await asyncio.to_thread(late.communicate, 30.0)
+        assert rc == 4 and "no echo came back of 5 sent" in err and "rate_limited" in err, (rc, err)
         assert "Traceback" not in "\n".join(d.connector.err)
     finally:
         for a in [honest, *attackers]:
