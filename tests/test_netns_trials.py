@@ -71,8 +71,9 @@ def test_classifier_names_every_preset_in_the_kernel(netns_ok, nat):
 
 
 def test_simulator_agrees_with_the_kernel(netns_ok):
-    """Same outcome class in every cell; RTT medians within 15% (the wires add ~0.3 ms per hop and
-    the sim's links are exact). The simulator does not charge the CPU time of QUIC handshakes
+    """Same outcome class in every cell; the kernel's relay RTT median no shorter than the sim's and
+    at most 25 % + 10 ms longer (the wires add ~0.3 ms per hop, a loaded machine more; the sim's
+    links are exact). The simulator does not charge the CPU time of QUIC handshakes
     (several ms each in Python), which the kernel lab pays in real time, so the sim's ttd is a lower
     bound of the kernel's and the gap grows with the machine's speed and load (31 ms here idle,
     51 ms once in CI): the kernel's median ttd lies between the sim's and twice it plus 20 ms, where
@@ -95,7 +96,9 @@ def test_simulator_agrees_with_the_kernel(netns_ok):
             ttd_pairs.append((statistics.median(r.ttd_ms for r in sims), statistics.median(r.ttd_ms for r in nets)))
     assert not mismatch, mismatch
     s, n = statistics.median(rtt_s), statistics.median(rtt_d)
-    assert abs(s - n) <= 0.15 * n, (s, n)
+    # one-sided, as for ttd: the wires never shorten a path, a busy machine only lengthens it; a
+    # missing or extra hop (tens of ms) still lands outside
+    assert 0.97 * s - 1 <= n <= 1.25 * s + 10, (s, n)
     ttd_s = statistics.median(p[0] for p in ttd_pairs)
     ttd_n = statistics.median(p[1] for p in ttd_pairs)
     assert 0.97 * ttd_s - 2 <= ttd_n <= 2 * ttd_s + 20, (ttd_s, ttd_n)
