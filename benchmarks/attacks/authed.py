@@ -17,7 +17,7 @@ from qlab.roles.agent import ping
 
 from . import login
 from .common import Ctx, Figures, mb, wrap_socket
-from .harness import NotApplicable, Stack, metric
+from .harness import NotApplicable, Stack, metric, run_on_stack
 from .quic import Victim
 
 PUNCH_WAIT = 4.5  # a punch gives up after 3 s; what it sends by then is what a session costs
@@ -28,17 +28,9 @@ def _victim_candidates(victim: Victim, kind: wire.CandidateKind = wire.Candidate
                  for i, addr in enumerate(victim.addrs))
 
 
-def _run(coro_fn, stack_kw: dict[str, Any], ctx: Ctx) -> Figures:
-    s = Stack(ctx.work, ctx.certs, **stack_kw)
-    try:
-        return asyncio.run(coro_fn(ctx, s))
-    finally:
-        s.close()
-
-
 # -- reflection ------------------------------------------------------------------------------------
 def victim_candidates(ctx: Ctx) -> Figures:
-    return _run(_victim_candidates_attack, {"alt": True}, ctx)
+    return run_on_stack(ctx, _victim_candidates_attack, {"alt": True})
 
 
 async def _victim_candidates_attack(ctx: Ctx, s: Stack) -> Figures:
@@ -81,7 +73,7 @@ async def _victim_candidates_attack(ctx: Ctx, s: Stack) -> Figures:
 
 
 def rogue_announce(ctx: Ctx) -> Figures:
-    return _run(_rogue_announce, {"alt": True, "connector": False}, ctx)
+    return run_on_stack(ctx, _rogue_announce, {"alt": True, "connector": False})
 
 
 async def _rogue_announce(ctx: Ctx, s: Stack) -> Figures:
@@ -119,12 +111,12 @@ async def _rogue_announce(ctx: Ctx, s: Stack) -> Figures:
 
 # -- service ownership --------------------------------------------------------------------------------
 def service_takeover(ctx: Ctx) -> Figures:
-    figs = _run(_takeover, {}, ctx)
+    figs = run_on_stack(ctx, _takeover, {})
     policy = ctx.work / "policy.json"
     policy.write_text(json.dumps({"default": "allow", "clients": {
         "connector": {"role": "connector", "services": ["echo"]}}}))
     try:
-        named = _run(_takeover, {"policy": policy}, ctx)
+        named = run_on_stack(ctx, _takeover, {"policy": policy})
     except NotApplicable as exc:
         named = [("n/a", str(exc))]
     return figs + [(f"policy names the owner, default allow: {f}", v) for f, v in named]
@@ -198,7 +190,7 @@ def sessions_burst(ctx: Ctx, conns: int = 20, rate: float = 6.0) -> Figures:
     """`conns` Agent identities open sessions (each with one relayed datagram, so the Connector opens
     an app socket for it) at `rate` per second each, against a Connector limited to 1,024 fds; an
     honest session opened before, and an honest Agent after, say whether service survived."""
-    return _run(lambda c, s: _burst(c, s, conns, rate), {"connector_nofile": 1024}, ctx)
+    return run_on_stack(ctx, lambda c, s: _burst(c, s, conns, rate), {"connector_nofile": 1024})
 
 
 async def _burst(ctx: Ctx, s: Stack, conns: int, rate: float) -> Figures:
@@ -261,7 +253,7 @@ def _close_session(agent: Any, sess: Any) -> None:
 
 
 def sessions_open_close(ctx: Ctx, total: int = 1000, conns: int = 20) -> Figures:
-    return _run(lambda c, s: _open_close(c, s, total, conns), {"alt": True}, ctx)
+    return run_on_stack(ctx, lambda c, s: _open_close(c, s, total, conns), {"alt": True})
 
 
 async def _open_close(ctx: Ctx, s: Stack, total: int, conns: int) -> Figures:
@@ -316,7 +308,7 @@ async def _open_then_close(agents: list[Any], out: Outcomes, service: str, offer
 
 
 def identity_rate_limit(ctx: Ctx, conns: int = 10, each: int = 60) -> Figures:
-    return _run(lambda c, s: _identity(c, s, conns, each), {}, ctx)
+    return run_on_stack(ctx, lambda c, s: _identity(c, s, conns, each), {})
 
 
 async def _identity(ctx: Ctx, s: Stack, conns: int, each: int) -> Figures:
@@ -332,7 +324,7 @@ async def _identity(ctx: Ctx, s: Stack, conns: int, each: int) -> Figures:
 
 # -- source address, id probing -------------------------------------------------------------------------
 def migration_classify(ctx: Ctx, n: int = 30) -> Figures:
-    return _run(lambda c, s: _migration(c, s, n), {"alt": True, "connector": False}, ctx)
+    return run_on_stack(ctx, lambda c, s: _migration(c, s, n), {"alt": True, "connector": False})
 
 
 async def _migration(ctx: Ctx, s: Stack, n: int) -> Figures:
@@ -367,7 +359,7 @@ async def _migration(ctx: Ctx, s: Stack, n: int) -> Figures:
 
 
 def session_id_probe(ctx: Ctx) -> Figures:
-    return _run(_id_probe, {}, ctx)
+    return run_on_stack(ctx, _id_probe, {})
 
 
 async def _id_probe(ctx: Ctx, s: Stack) -> Figures:

@@ -8,6 +8,7 @@ process group; `kill_all()` ends them all, also on errors and Ctrl-C.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import qlab
 
@@ -223,3 +225,12 @@ class Stack:
 
 def settle(seconds: float) -> None:
     time.sleep(seconds)
+
+
+def run_on_stack(ctx: Any, coro_fn: Any, stack_kw: dict[str, Any]) -> Any:
+    """Run the row `coro_fn(ctx, stack)` on a fresh Stack (built with `stack_kw`), always torn down."""
+    s = Stack(ctx.work, ctx.certs, **stack_kw)
+    try:
+        return asyncio.run(coro_fn(ctx, s))
+    finally:
+        s.close()

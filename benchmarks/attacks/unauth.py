@@ -16,7 +16,7 @@ from qlab.certs import CONNECTOR_NAME, INTERMEDIATE_NAME
 
 from . import login
 from .common import Ctx, Figures, mb, ms, wait_for
-from .harness import NotApplicable, Proc, Stack, metric
+from .harness import NotApplicable, Proc, Stack, metric, run_on_stack
 from .quic import RawQuic, initials, raw_connect
 
 GAP_ROUNDS = 9  # each round doubles the window: 2^9 MiB at the end if nothing caps it
@@ -52,11 +52,7 @@ async def _gap(ctx: Ctx, addr: tuple[str, int], server_name: str, victim: Proc) 
 
 
 def gap_intermediate(ctx: Ctx) -> Figures:
-    s = Stack(ctx.work, ctx.certs, connector=False)
-    try:
-        return asyncio.run(_gap(ctx, s.addr, INTERMEDIATE_NAME, s.intermediate))
-    finally:
-        s.close()
+    return run_on_stack(ctx, lambda c, s: _gap(c, s.addr, INTERMEDIATE_NAME, s.intermediate), {"connector": False})
 
 
 def gap_connector(ctx: Ctx) -> Figures:
@@ -192,11 +188,7 @@ def _source(i: int, sources: int) -> str:
 
 
 def unproven_connections(ctx: Ctx, n: int = 300) -> Figures:
-    s = Stack(ctx.work, ctx.certs, connector=False)
-    try:
-        return asyncio.run(_unproven(ctx, s, n))
-    finally:
-        s.close()
+    return run_on_stack(ctx, lambda c, s: _unproven(c, s, n), {"connector": False})
 
 
 async def _unproven(ctx: Ctx, s: Stack, n: int) -> Figures:
@@ -324,11 +316,7 @@ async def _held_intermediate(ctx: Ctx, s: Stack, sent: int = 100) -> Figures:
 def hello_replay(ctx: Ctx, tries: int = 3) -> Figures:
     """Record the HELLO the checkout's own Agent sends, then send those bytes as the first message
     of new connections (no secret known to the replayer)."""
-    s = Stack(ctx.work, ctx.certs, connector=False)
-    try:
-        return asyncio.run(_replay(ctx, s, tries))
-    finally:
-        s.close()
+    return run_on_stack(ctx, lambda c, s: _replay(c, s, tries), {"connector": False})
 
 
 async def _replay(ctx: Ctx, s: Stack, tries: int) -> Figures:
