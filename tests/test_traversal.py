@@ -162,15 +162,31 @@ def test_loopback_backend_refuses_nat_presets_with_a_clear_error():
         run_trial(TrialSpec(backend="loopback", agent_nat="full_cone", connector_nat="public", profile="lan"))
 
 
+def _birthday_trial(agent_nat: str, connector_nat: str, seed: int):
+    return run_trial(TrialSpec(backend="sim", agent_nat=agent_nat, connector_nat=connector_nat, seed=seed,
+                               birthday=256, birthday_probes=1024, samples=5, verify_echoes=5))
+
+
 @pytest.mark.parametrize("agent_nat,connector_nat", [("port_restricted", "symmetric"), ("symmetric", "port_restricted")])
 def test_birthday_mode_on_sim_reaches_at_least_90_percent(agent_nat, connector_nat):
-    """256 mappings x 1,024 random probes: ~98% by the birthday arithmetic (Tailscale's numbers)."""
-    runs = [run_trial(TrialSpec(backend="sim", agent_nat=agent_nat, connector_nat=connector_nat, seed=s,
-                                birthday=256, birthday_probes=1024, samples=5, verify_echoes=5)) for s in range(20)]
+    """256 mappings x 1,024 random probes hit with p = 1 - (1 - 256/64512)^1024 = 98.3% (Tailscale's
+    arithmetic; 1,968/2,000 measured). At least 54 of 60: a correct build misses that with
+    p < 1e-4 (binomial tail), and since the sim seeds the spray from the trial's seed, not at all
+    for a given build."""
+    runs = [_birthday_trial(agent_nat, connector_nat, s) for s in range(60)]
     direct = [r for r in runs if r.outcome == "direct_predicted" and r.direct_verified]
-    assert len(direct) >= 18, [(r.outcome, r.reason) for r in runs]
+    assert len(direct) >= 54, [(r.outcome, r.reason) for r in runs]
     assert all(r.as_expected for r in direct)
     assert all(r.outcome != "failed" for r in runs)
+
+
+def test_a_birthday_trial_on_sim_repeats_exactly():
+    """The spray's random ports come from the trial's seed on the sim: one seed, one story (a miss
+    included: seed 710 misses with these NATs)."""
+    for seed in (3, 710):
+        a, b = (_birthday_trial("port_restricted", "symmetric", seed) for _ in range(2))
+        assert (a.outcome, a.agent_probes, a.path_events) == (b.outcome, b.agent_probes, b.path_events)
+    assert _birthday_trial("port_restricted", "symmetric", 710).outcome == "relay"
 
 
 def test_birthday_mode_is_off_by_default():

@@ -266,7 +266,9 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials) -> Trial
 
 
 def trial_traversal_config(spec: TrialSpec) -> TraversalConfig:
-    return TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout, spray_rate=spec.birthday_rate),
+    spray_seed = spec.seed if spec.backend == "sim" else None
+    return TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout, spray_rate=spec.birthday_rate,
+                                             spray_seed=spray_seed),
                            keepalive=spec.keepalive, failover=max(2.0, 3 * spec.keepalive),
                            punch_anyway=spec.punch_anyway)
 

@@ -80,6 +80,9 @@ class PunchConfig:
     nominate_wait: float = 0.01  # after a WAN success, how long a same-LAN host pair may still win
     predict_after: float = 0.06  # predicted ports are a fallback: probed only if nothing worked by then
     spray_rate: float = 1000.0  # birthday mode: random-port probes per second (each sent once)
+    # birthday mode: seed of the random ports sprayed; None draws fresh ones each session. The
+    # simulator sets it from the trial's seed so that a trial repeats exactly
+    spray_seed: int | None = None
     # RFC 8445 §14 / RFC 5389 §7.2.1: a target that does not answer gets a bounded number of
     # requests: the first `steady_sends` every `interval`, then the gap doubles up to `max_gap`
     # (doubling from the first keeps more of the session's budget for later rounds and new targets)

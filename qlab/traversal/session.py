@@ -168,7 +168,7 @@ class PunchSession:
         role = wire.birthday_role(self.own_nat, msg.peer_nat) if msg.birthday else None
         reflexive = peer_reflexive(msg.peer_candidates)
         if role == wire.BirthdayRole.EASY and reflexive is not None:
-            p.birthday_spray(reflexive[0], msg.birthday, random.Random(self.id))
+            p.birthday_spray(reflexive[0], msg.birthday, random.Random(self.cfg.punch.spray_seed))
             self.note("birthday", f"spraying {msg.birthday} random ports of the peer")
         elif role == wire.BirthdayRole.HARD and reflexive is not None and self.key:
             self.tasks.spawn(self._birthday_hard(reflexive, msg.birthday))
