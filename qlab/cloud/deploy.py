@@ -187,7 +187,10 @@ class Cloud:
 
 
 def _tags(spec: DeploymentSpec, name: str, expires: str) -> list[dict]:
+    # qlab:created: describe_addresses gives an Elastic IP no creation time for `ls` to price it by
+    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return [{"Key": TAG, "Value": spec.deployment_id}, {"Key": "qlab:expires", "Value": expires},
+            {"Key": "qlab:created", "Value": created},
             {"Key": "qlab:owner", "Value": getpass.getuser()}, {"Key": "Name", "Value": f"{spec.deployment_id}-{name}"}]
 
 
