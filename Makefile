@@ -10,7 +10,7 @@ SYSDEPS := nft conntrack ip chromium shellcheck
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[lab,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -5,6 +5,9 @@
     results/<campaign-id>/trials.parquet  the same table, rewritten atomically at checkpoints
     results/<campaign-id>/trials.csv      the same, for people without pyarrow
 
+The JSONL is the record of truth; the tables need pandas (the `lab` extra) and are not written
+without it (an AWS host runs the slim runtime: its folder is manifest.json and trials.jsonl).
+
 `load(...)` gives a pandas DataFrame of one or many campaigns, checked against the schema. The
 schema is the TrialResult dataclass; docs/results.md describes every column.
 """
@@ -17,8 +20,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from qlab.experiment.record import ADDED_FIELDS, OUTCOMES, TrialResult
 
@@ -26,6 +28,9 @@ RESULTS_DIR = Path(os.environ.get("QLAB_RESULTS", "results"))
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 JSON_COLUMNS = ("agent_candidates", "connector_candidates", "predicted_ports", "path_events", "extra")
 REQUIRED = [f.name for f in dataclasses.fields(TrialResult) if f.name not in ADDED_FIELDS]
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class SchemaError(ValueError):
@@ -110,7 +115,13 @@ class CampaignStore:
                 continue
         return out
 
-    def write_tables(self) -> pd.DataFrame:
+    def write_tables(self) -> pd.DataFrame | None:
+        """trials.csv (and trials.parquet with pyarrow) from the JSONL; None, and no tables, without
+        pandas."""
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            return None
         df = to_frame(self.records())
         flat = _flatten(df)
         _write_atomic(self.dir / "trials.csv", flat.to_csv(index=False).encode())
@@ -126,6 +137,8 @@ class CampaignStore:
 
 
 def to_frame(records: list[dict]) -> pd.DataFrame:
+    import pandas as pd
+
     df = pd.DataFrame.from_records(records, columns=REQUIRED if not records else None)
     for col in REQUIRED:
         if col not in df.columns:
@@ -153,6 +166,8 @@ def load(campaigns: str | Path | Iterable[str | Path], root: Path | str | None =
 
     Reads trials.parquet when present, else trials.csv, else the durable trials.jsonl.
     """
+    import pandas as pd
+
     items = [campaigns] if isinstance(campaigns, (str, Path)) else list(campaigns)
     frames = []
     for item in items:
@@ -187,6 +202,8 @@ def _rows(path: Path) -> int:
 
 
 def _csv_rows(path: Path) -> int:
+    import pandas as pd
+
     try:
         return len(pd.read_csv(path, usecols=["trial_id"]))
     except Exception:
