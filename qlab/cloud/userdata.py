@@ -40,7 +40,8 @@ ROLE_COMMANDS = {
     "echo": "qlab echo --listen 127.0.0.1:9999",
 }
 # `retry CMD...`: bounded, doubling waits, and one clear line in the boot log (cloud-init's output,
-# which `qlab cloud logs` shows) when it gives up; every dnf and aws call below goes through it
+# which `qlab cloud logs` shows) when it gives up; every dnf and aws call below goes through it. The
+# wrappers return (not exit) so that the ERR trap names the script's own failing line.
 RETRY = f"""retry() {{
   local n=1 w=5
   until "$@"; do
@@ -48,9 +49,9 @@ RETRY = f"""retry() {{
     echo "qlab boot: try $n failed: $*" >&2; sleep $w; n=$((n + 1)) w=$((w * 2))
   done
 }}
-dnf() {{ retry command dnf "$@"; }}
-aws() {{ retry command aws "$@"; }}
-trap 'echo "qlab boot: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR"""
+dnf() {{ retry command dnf "$@" || return 1; }}
+aws() {{ retry command aws "$@" || return 1; }}
+trap 'echo "qlab boot: FAILED at line $LINENO: $(sed -n "${{LINENO}}p" "$0")" >&2' ERR"""
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")  # what may go into a unit file unquoted
 _SYSCTL = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_-]+)+$")
 
