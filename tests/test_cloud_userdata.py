@@ -30,17 +30,20 @@ LAB = {"pandas", "pyarrow", "matplotlib", "papermill", "nbconvert", "nbclient", 
 TRIES = 8
 HAS_SHELLCHECK = shutil.which("shellcheck") is not None or os.environ.get("QLAB_REQUIRE_NETNS") == "1"
 ADDRS = (("10.80.0.10", "198.51.100.7"), ("10.80.0.11", "198.51.100.8"))
+# the credential files each kind of host fetches (docs/cloud.md, "Credentials: which host holds what")
+CREDENTIALS = {"intermediate": ("ca.pem", "intermediate.pem", "intermediate.key", "secret"),
+               "connector": ("ca.pem", "connector.pem", "connector.key", "connector.secret"),
+               "agent": ("ca.pem", "agent.secret"), "nat": ()}
 
 
 def user_data(kind: str, **kw) -> str:
     """The user data of one kind of host as the deployment renders it (its own parameters only)."""
-    from qlab.cloud.iam import HOST_FILES
     from qlab.cloud.userdata import render_user_data
 
     roles = {"intermediate": ["intermediate"], "connector": ["echo", "connector"], "agent": [], "nat": []}[kind]
     base = dict(deployment="qlab-test", region="us-east-1", bucket="qlab-test-artifacts",
                 wheel_key="wheels/qlab-0.1.0-py3-none-any.whl", roles=roles, ttl_minutes=120,
-                params={f: f"/qlab/qlab-test/{f}" for f in HOST_FILES[kind]}, intermediate="198.51.100.7",
+                params={f: f"/qlab/qlab-test/{f}" for f in CREDENTIALS[kind]}, intermediate="198.51.100.7",
                 service="echo-symmetric", intermediate_addrs=ADDRS)
     return render_user_data(**{**base, **kw})
 
@@ -292,7 +295,6 @@ def test_every_preset_ships_its_ruleset_as_text_within_16_kB():
     """With the longest deployment id every preset's router script fits as plain text (readable in
     the console, the ruleset byte for byte), and so does every host's."""
     from qlab.cloud.deploy import ALL_PRESETS_WITH_NAT
-    from qlab.cloud.iam import HOST_FILES
     from qlab.cloud.userdata import USER_DATA_LIMIT
 
     did = "qlab-" + "x" * 26
@@ -304,7 +306,7 @@ def test_every_preset_ships_its_ruleset_as_text_within_16_kB():
         assert kw["nat_ruleset"] in ud and len(ud.encode()) <= USER_DATA_LIMIT, p
     for kind in ("intermediate", "connector", "agent"):
         extra = {"reaper": (did, "2026-11-28T04:30:00+00:00")} if kind == "intermediate" else {}
-        ud = user_data(kind, **common, **extra, params={f: f"/qlab/{did}/{f}" for f in HOST_FILES[kind]})
+        ud = user_data(kind, **common, **extra, params={f: f"/qlab/{did}/{f}" for f in CREDENTIALS[kind]})
         assert len(ud.encode()) <= USER_DATA_LIMIT - 8192, kind
 
 
