@@ -143,6 +143,22 @@ def test_overdue_and_unknown_prices_are_said_never_guessed(account):
     assert "unknown price" in unknown["note"] and "c5.xlarge" in unknown["note"]
 
 
+def test_an_instances_own_public_address_is_counted_but_not_an_elastic_ip_twice(account):
+    from qlab.cloud.deploy import PRICES
+    from qlab.cloud.inventory import billable
+
+    ec2, east = account["east"]["ec2"], account["east"]
+    subnet = ec2.describe_instances(InstanceIds=[east["instance"]])["Reservations"][0]["Instances"][0]["SubnetId"]
+    public = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.micro",
+                               NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": subnet, "AssociatePublicIpAddress": True}],
+                               TagSpecifications=_spec("instance", "qlab-east", "public", LONG_AGO))["Instances"][0]
+    ec2.associate_address(AllocationId=east["eip"], InstanceId=east["instance"])
+    rows = _by_id(billable(FakeCloud, [EAST], now=LATER))
+    assert rows[public["InstanceId"]]["hourly_usd"] == pytest.approx(PRICES["t3.micro"] + PRICES["public_ipv4"])
+    assert rows[east["instance"]]["hourly_usd"] == PRICES["t3.micro"]  # its address is the Elastic IP's row
+    assert rows[east["eip"]]["state"] == "associated"
+
+
 def test_a_stopped_instance_is_still_listed(account):
     from qlab.cloud.inventory import billable
 

@@ -79,6 +79,9 @@ def _row(region: str, kind: str, rid: str, tags: dict[str, str], state: str, cre
 
 
 def _instance_rows(ec2: Any, region: str, f: list[dict], did: str | None, now: dt.datetime) -> list[dict]:
+    """An instance bills its type's price, and its public IPv4 address unless that is an Elastic IP
+    (listed on its own row): AWS charges every public IPv4 address by the hour (Amazon VPC pricing)."""
+    elastic = {a.get("PublicIp") for a in ec2.describe_addresses()["Addresses"]}
     rows = []
     for page in ec2.get_paginator("describe_instances").paginate(Filters=f):
         for i in (i for r in page["Reservations"] for i in r["Instances"] if _ours(i, did)):
@@ -90,6 +93,8 @@ def _instance_rows(ec2: Any, region: str, f: list[dict], did: str | None, now: d
                 price, note = None, "stopped: its EBS volumes bill per GB-month (not counted)"
             elif price is None:
                 note = f"unknown price for {i['InstanceType']}"
+            elif i.get("PublicIpAddress") and i["PublicIpAddress"] not in elastic:
+                price, note = price + PRICES["public_ipv4"], "includes its public IPv4 address"
             # LaunchTime is the last start: an instance stopped and started again counts from there
             rows.append(_row(region, "instance", i["InstanceId"], _tags(i), state, _time(i["LaunchTime"]),
                              price, now, note))
@@ -111,7 +116,7 @@ def _address_rows(ec2: Any, region: str, f: list[dict], did: str | None, now: dt
 
 def _gateway_rows(ec2: Any, region: str, f: list[dict], did: str | None, now: dt.datetime) -> list[dict]:
     rows = []
-    for page in ec2.get_paginator("describe_nat_gateways").paginate(Filter=f):
+    for page in ec2.get_paginator("describe_nat_gateways").paginate(Filters=f):
         for g in (g for g in page["NatGateways"] if _ours(g, did) and g["State"] != "deleted"):
             rows.append(_row(region, "nat_gateway", g["NatGatewayId"], _tags(g), g["State"], _time(g["CreateTime"]),
                              PRICES["nat_gateway"], now, "plus data processed per GB (not counted)"))
@@ -207,7 +212,7 @@ def _holds(cloud: Cloud, deployment_id: str) -> bool:
         return True
     if any(_ours(a, deployment_id) for a in ec2.describe_addresses(Filters=f)["Addresses"]):
         return True
-    if any(_ours(g, deployment_id) and g["State"] != "deleted" for g in ec2.describe_nat_gateways(Filter=f)["NatGateways"]):
+    if any(_ours(g, deployment_id) and g["State"] != "deleted" for g in ec2.describe_nat_gateways(Filters=f)["NatGateways"]):
         return True
     if any(_ours(v, deployment_id) for v in ec2.describe_vpcs(Filters=f)["Vpcs"]):
         return True

@@ -79,7 +79,7 @@ def _find(ec2: Any, deployment_id: str) -> dict[str, list[dict]]:
     f = [{"Name": f"tag:{TAG}", "Values": [deployment_id]}]
     instances = [i for page in ec2.get_paginator("describe_instances").paginate(Filters=f)
                  for r in page["Reservations"] for i in r["Instances"]]
-    gateways = [g for page in ec2.get_paginator("describe_nat_gateways").paginate(Filter=f)
+    gateways = [g for page in ec2.get_paginator("describe_nat_gateways").paginate(Filters=f)
                 for g in page["NatGateways"]]
     # EC2 filters by tag server-side; checking again costs nothing and keeps a lenient endpoint honest
     own = [r for r in instances + gateways if _tags(r).get(TAG) == deployment_id]
