@@ -266,6 +266,31 @@ def test_a_dependency_violation_on_the_first_release_is_retried(lab, sleeps):
     assert not set(lab["mine"]["addresses"].values()) & _allocations(lab["ec2"])
 
 
+def test_the_reaper_waits_out_losing_its_route_with_its_own_address(lab, sleeps):
+    from botocore.exceptions import EndpointConnectionError
+
+    from qlab.cloud.reaper import ATTEMPTS, reap
+
+    me = lab["mine"]["instances"]["intermediate"]
+    primary = lab["mine"]["addresses"]["intermediate"]
+    assoc = lab["ec2"].describe_addresses(AllocationIds=[primary])["Addresses"][0]["AssociationId"]
+    cloud = RecordingCloud()
+    cut = [0]  # calls refused since its own primary address went, until EC2 gives it a new one
+
+    def route(params, model, **_):
+        if model.name == "DisassociateAddress" and params["AssociationId"] == assoc:
+            cut[0] = 1
+        elif 0 < cut[0] <= ATTEMPTS + 2:
+            cut[0] += 1
+            raise EndpointConnectionError(endpoint_url=f"https://ec2.{REGION}.amazonaws.com/")
+
+    cloud.ec2.meta.events.register("provide-client-params.ec2.*", route)
+    out = reap(DID, cloud, now=AFTER, self_instance=me)
+    assert out["errors"] == [] and primary in out["deleted"]["elastic_ips"]
+    assert len(sleeps) == ATTEMPTS + 2  # more than any other step may wait
+    assert cloud.changes()[-1] == ("TerminateInstances", {"InstanceIds": [me]})
+
+
 def test_a_refused_step_is_recorded_and_the_others_still_run(lab, sleeps):
     from botocore.exceptions import ClientError
 

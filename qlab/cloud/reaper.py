@@ -23,13 +23,16 @@ from qlab.cloud.deploy import ID_RE, TAG, Cloud
 # Amazon EC2 API"; botocore's own retries cover throttling only for a few attempts.)
 RETRYABLE = {"DependencyViolation", "InvalidIPAddress.InUse", "RequestLimitExceeded", "Throttling",
              "ThrottlingException", "IncorrectState"}
-# The reaper's own host may lose its route to the EC2 endpoint for a moment while its own public
-# address changes; a connection error is then "not yet" too.
+# The reaper's host loses its route to the EC2 endpoint when its own Elastic IP is disassociated,
+# until EC2 gives it a new public IPv4 address "within a few minutes" — which EC2 does only for an
+# instance launched with a public address on its only interface (Amazon EC2 User Guide, "Elastic IP
+# addresses"). A connection error is then "not yet" too, and its own steps wait longer.
 NETWORK_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"}
 # A delete answered "not found" found the resource already gone (a second reaper, or `down`): done.
 GONE = {"InvalidAllocationID.NotFound", "InvalidAssociationID.NotFound", "InvalidInstanceID.NotFound",
         "InvalidNatGatewayID.NotFound", "NatGatewayNotFound", "InvalidAddress.NotFound"}
 ATTEMPTS = 8  # delays 1, 2, 4, 8, 15, 15, 15 s: about a minute before a step is given up
+OWN_ATTEMPTS = 20  # about four minutes, for the steps after the reaper's host lost its address
 NAT_WAIT_ATTEMPTS = 40  # at 15 s at most: ten minutes (a NAT gateway usually takes one or two)
 LIVE_INSTANCE = ("pending", "running", "stopping", "stopped")
 SLEEP: Callable[[float], None] = time.sleep  # tests replace it to run retries without waiting
@@ -40,11 +43,11 @@ def error_code(exc: BaseException) -> str:
     return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
-def attempt(step: str, call: Callable[[], Any], errors: list[str]) -> bool:
+def attempt(step: str, call: Callable[[], Any], errors: list[str], *, attempts: int = ATTEMPTS) -> bool:
     """`call()`, again after bounded exponential backoff while AWS answers "not yet"; True once it
     succeeded or the resource was already gone, False (and the error recorded) otherwise."""
     delay = 1.0
-    for n in range(ATTEMPTS):
+    for n in range(attempts):
         try:
             call()
             return True
@@ -53,7 +56,7 @@ def attempt(step: str, call: Callable[[], Any], errors: list[str]) -> bool:
             if code in GONE:
                 return True
             temporary = code in RETRYABLE or type(exc).__name__ in NETWORK_ERRORS
-            if not temporary or n == ATTEMPTS - 1:
+            if not temporary or n == attempts - 1:
                 errors.append(f"{step}: {code or type(exc).__name__}: {exc}")
                 return False
             SLEEP(delay)
@@ -206,17 +209,20 @@ class _Reaper:
             self.errors.append(f"NAT gateways {gateways} not deleted after waiting; their addresses may stay")
 
     def release(self, address: dict) -> None:
-        aid = address["AllocationId"]
+        aid, n = address["AllocationId"], OWN_ATTEMPTS if self.on_self(address) else ATTEMPTS
         if address.get("AssociationId"):
             assoc = address["AssociationId"]
             if not attempt(f"DisassociateAddress {aid}",
-                           lambda: self.ec2.disassociate_address(AssociationId=assoc), self.errors):
+                           lambda: self.ec2.disassociate_address(AssociationId=assoc), self.errors, attempts=n):
                 return
-        if attempt(f"ReleaseAddress {aid}", lambda: self.ec2.release_address(AllocationId=aid), self.errors):
+        if attempt(f"ReleaseAddress {aid}", lambda: self.ec2.release_address(AllocationId=aid), self.errors,
+                   attempts=n):
             self.out["deleted"]["elastic_ips"].append(aid)
 
     def terminate(self, iid: str) -> None:
-        if attempt(f"TerminateInstances {iid}", lambda: self.ec2.terminate_instances(InstanceIds=[iid]), self.errors):
+        n = OWN_ATTEMPTS if iid == self.self_instance else ATTEMPTS
+        if attempt(f"TerminateInstances {iid}", lambda: self.ec2.terminate_instances(InstanceIds=[iid]), self.errors,
+                   attempts=n):
             self.out["deleted"]["instances"].append(iid)
 
 
