@@ -10,9 +10,10 @@ associated by interface, and a NAT gateway with its own Elastic IP.
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 
 import pytest
+
+from tests.aws_strict import policy_allows
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's account
@@ -321,42 +322,9 @@ def test_ids_are_never_patterns(aws):
 
 
 # --- the reaper's own policy --------------------------------------------------------------------------
-# A minimal IAM evaluator for the subset reaper_policy uses (Allow/Deny, Action and Resource with
-# wildcards, StringEquals/StringLike conditions; a missing condition key never matches), from AWS's
-# "Policy evaluation logic" (IAM User Guide): an explicit Deny wins, else any Allow, else denied.
-
-
-def policy_allows(documents: list[dict], action: str, resource: str, context: dict[str, str] | None = None) -> bool:
-    context = context or {}
-    allowed = False
-    for doc in documents:
-        for st in doc["Statement"]:
-            if _matches(st, action, resource, context):
-                if st["Effect"] == "Deny":
-                    return False
-                allowed = True
-    return allowed
-
-
-def _listed(value) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _matches(st: dict, action: str, resource: str, context: dict[str, str]) -> bool:
-    if not any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in _listed(st["Action"])):
-        return False
-    if not any(fnmatch.fnmatchcase(resource, r) for r in _listed(st["Resource"])):
-        return False
-    for op, keys in st.get("Condition", {}).items():
-        if op not in ("StringEquals", "StringLike"):
-            raise NotImplementedError(f"condition operator {op}")
-        for key, wanted in keys.items():
-            have = context.get(key)
-            ok = (lambda v, have=have: have == v) if op == "StringEquals" else \
-                (lambda v, have=have: fnmatch.fnmatchcase(have, v))
-            if have is None or not any(ok(v) for v in _listed(wanted)):
-                return False
-    return True
+# Each call the reaper makes is evaluated, as IAM would, against the policy its role carries
+# (tests.aws_strict.policy_allows: identity-policy evaluation with Allow/Deny, wildcards and String
+# conditions).
 
 
 def _arn(kind: str, rid: str) -> str:
