@@ -346,7 +346,7 @@ def policy_allows(documents: list[dict], action: str, resource: str, context: di
     """IAM's decision for one action on one resource under identity policies (IAM User Guide,
     "Policy evaluation logic"): allowed when a statement allows it and no statement denies it (an
     explicit Deny wins). Supports Action/NotAction, Resource/NotResource with * and ? wildcards
-    (actions case-insensitive) and Condition with the String operators; `context` holds the
+    (actions case-insensitive) and Condition with the String operators and ArnEquals/ArnLike; `context` holds the
     request's condition keys (e.g. "aws:ResourceTag/qlab:deployment"). Anything else raises
     ValueError rather than guessing."""
     statements = [st for d in documents for st in _statements(d)]
@@ -400,9 +400,11 @@ def _condition(operator: str, key: str, expected: list[str], context: dict[str, 
     match = {"StringEquals": lambda v: v in expected,
              "StringNotEquals": lambda v: v not in expected,
              "StringLike": lambda v: any(_wildcard(e, v, fold=False) for e in expected),
-             "StringNotLike": lambda v: not any(_wildcard(e, v, fold=False) for e in expected)}.get(operator)
+             "StringNotLike": lambda v: not any(_wildcard(e, v, fold=False) for e in expected),
+             "ArnEquals": lambda v: v in expected,
+             "ArnLike": lambda v: any(_wildcard(e, v, fold=False) for e in expected)}.get(operator)
     if match is None:
         raise ValueError(f"condition operator {operator!r} is not supported by this evaluator")
     if found is None:
-        return operator.startswith("StringNot")
+        return "Not" in operator
     return bool(match(found))
