@@ -23,6 +23,9 @@ def fake_aws(monkeypatch, tmp_path):
                  "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
                  "QLAB_CLOUD_STATE": str(tmp_path / "state"), "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}.items():
         monkeypatch.setenv(k, v)
+    from qlab.cloud import aws
+
+    monkeypatch.setattr(aws, "SLEEP", lambda _s: None)  # retries keep their count, not their wait
 
 
 @pytest.fixture
@@ -54,19 +57,23 @@ def test_plan_creates_nothing_and_prices_the_deployment(aws):
     p = plan(spec(topology="nat-matrix", presets=["full_cone", "symmetric"], agents_per_cell=2))
     names = [i["name"] for i in p["resources"]["instances"]]
     assert names.count("nat-full_cone") == 1 and len([n for n in names if n.startswith("agent-")]) == 4
-    assert p["hourly_cost_usd"] > 0 and p["cost_for_ttl_usd"] == pytest.approx(p["hourly_cost_usd"] * 2, rel=1e-3)
+    assert p["hourly_cost_usd"] > 0 and p["cost_for_ttl_usd"] == pytest.approx(p["hourly_cost_usd"] * (2 + 20 / 60), rel=1e-3)
     ec2 = boto3.client("ec2", region_name="us-east-1")
     assert not [v for v in ec2.describe_vpcs()["Vpcs"] if not v.get("IsDefault")]
 
 
 def test_bad_input_is_refused_before_anything_exists():
-    with pytest.raises(ValueError, match="cap"):
-        from qlab.cloud.deploy import plan
+    """Each refusal names the flag to change, not an internal field."""
+    from qlab.cloud.deploy import plan
 
+    with pytest.raises(ValueError, match="exceed --max-instances 3"):
         plan(spec(topology="nat-matrix", presets=["full_cone", "symmetric"], max_instances=3))
-    for bad in (dict(ttl_hours=48), dict(topology="mesh"), dict(presets=["public"]), dict(region="moon-1"),
-                dict(deployment_id="Bad_Id")):
-        with pytest.raises(ValueError):
+    for bad, flag in ((dict(ttl_hours=48), "--ttl"), (dict(topology="mesh"), "--topology"),
+                      (dict(presets=["public"]), "--presets"), (dict(region="moon-1"), "--region"),
+                      (dict(deployment_id="Bad_Id"), "--id"), (dict(topology="nat-matrix", presets=[]), "--presets"),
+                      (dict(instance_type="t4g.micro"), "--instance-type"),
+                      (dict(instance_type="m7i.48xlarge"), "--instance-type"), (dict(agents_per_cell=0), "--agents")):
+        with pytest.raises(ValueError, match=flag):
             spec(**bad)
 
 
@@ -102,8 +109,9 @@ def test_up_then_down_leaves_nothing(aws, certs_dir, wheel):
             ud = base64.b64decode(ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
                                   ["UserData"]["Value"]).decode()
             assert secret not in ud and "PRIVATE KEY" not in ud and key not in ud, "secrets travel via SSM only"
-            assert "shutdown -h +120" in ud
             tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
+            # the TTL; the Intermediate, which runs the reaper then, 20 minutes later as a backstop
+            assert f"shutdown -h +{140 if tags['Name'].endswith('-intermediate') else 120}" in ud
             assert tags["qlab:deployment"] == "qlab-test" and "qlab:expires" in tags
             beh = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
             assert beh["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
@@ -322,7 +330,8 @@ def test_each_host_fetches_and_may_read_only_its_own_credentials(aws, certs_dir,
     import boto3
 
     from qlab import wire
-    from qlab.cloud.deploy import HOST_FILES, Cloud, down, up
+    from qlab.cloud.deploy import Cloud, down, up
+    from qlab.cloud.iam import HOST_FILES
 
     up(spec(topology=topology, presets=["full_cone"]), Cloud("us-east-1"), certs_dir=str(certs_dir), wheel=wheel)
     ec2, iam, ssm = (boto3.client(n, region_name="us-east-1") for n in ("ec2", "iam", "ssm"))
@@ -357,7 +366,8 @@ def test_each_host_fetches_and_may_read_only_its_own_credentials(aws, certs_dir,
 @pytest.mark.skipif(shutil.which("shellcheck") is None and os.environ.get("QLAB_REQUIRE_NETNS") != "1",
                     reason="shellcheck is not installed")
 def test_user_data_is_shellcheck_clean(tmp_path):
-    from qlab.cloud.deploy import HOST_FILES, nat_ruleset
+    from qlab.cloud.deploy import nat_ruleset
+    from qlab.cloud.iam import HOST_FILES
     from qlab.cloud.userdata import render_user_data
 
     for kind, roles, ruleset in (("intermediate", ["intermediate"], None), ("connector", ["echo", "connector"], None),
@@ -383,7 +393,8 @@ def test_user_data_is_shellcheck_clean(tmp_path):
 def test_user_data_fits_in_16_kB_for_every_host_and_preset():
     """EC2 refuses user data over 16 kB; the largest is a NAT router's with symmetric_seq's ruleset
     (for qlab-test: 16,328 bytes when every host fetched every credential, 15,284 now)."""
-    from qlab.cloud.deploy import ALL_PRESETS_WITH_NAT, HOST_FILES, nat_ruleset
+    from qlab.cloud.deploy import ALL_PRESETS_WITH_NAT, nat_ruleset
+    from qlab.cloud.iam import HOST_FILES
     from qlab.cloud.userdata import render_user_data
 
     did = "qlab-" + "x" * 26  # the longest id
@@ -449,7 +460,7 @@ def test_end_to_end_against_moto_server(tmp_path, certs_dir, wheel, capsys):
         assert main(["cloud", "up", "--id", "qlab-e2e", *topo, "--certs", str(certs_dir), "--wheel", wheel, *ep]) == 0
         capsys.readouterr()
         assert main(["cloud", "status", "qlab-e2e", *ep]) == 0
-        assert len(json.loads(capsys.readouterr().out)["instances"]) == 4  # intermediate, NAT, agent, connector
+        assert len(json.loads(capsys.readouterr().out)[0]["instances"]) == 4  # intermediate, NAT, agent, connector
         assert main(["cloud", "ls", *ep]) == 0
         assert {i["deployment"] for i in json.loads(capsys.readouterr().out)} == {"qlab-e2e"}
         assert main(["cloud", "run", "qlab-e2e", "--campaign", "c9", "--results", str(tmp_path / "r"), "--poll", "0.1",
@@ -575,15 +586,18 @@ def test_several_regions_in_parallel_and_rollback_everywhere(aws, certs_dir, whe
     for st in states:
         assert deploy.down(st["deployment_id"], Cloud(st["region"]))["clean"]
 
-    real_up = deploy._up
+    from botocore.exceptions import ClientError
 
-    def fail_in_eu(sp, cloud, *a, **kw):
-        if sp.region == "eu-west-1":
-            raise RuntimeError("capacity exhausted")
-        return real_up(sp, cloud, *a, **kw)
+    class FailInEu(deploy.Up):  # eu-west-1 has its VPC made, then AWS is out of capacity
+        def run(self, certs_dir, wheel):
+            if self.spec.region == "eu-west-1":
+                self.network()
+                raise ClientError({"Error": {"Code": "InsufficientInstanceCapacity", "Message": "capacity exhausted"}},
+                                  "RunInstances")
+            return super().run(certs_dir, wheel)
 
-    monkeypatch.setattr(deploy, "_up", fail_in_eu)
-    with pytest.raises(RuntimeError, match="capacity"):
+    monkeypatch.setattr(deploy, "Up", FailInEu)
+    with pytest.raises(deploy.UpFailed, match="InsufficientInstanceCapacity: capacity exhausted; rolled back, nothing left"):
         runs.up_regions(spec(deployment_id="qlab-rb", topology="nat-matrix", presets=["full_cone"]),
                         ["us-east-1", "eu-west-1"], Cloud, certs_dir=str(certs_dir), wheel=wheel)
     for region in ("us-east-1", "eu-west-1"):
@@ -625,7 +639,7 @@ def test_lets_encrypt_option(aws, certs_dir, wheel, tmp_path):
     assert "certbot certonly --standalone" in ud and "-d relay.example.org" in ud and "for _ in $(seq 1 4)" in ud
     execs = {u: [shlex.split(line.split("=", 1)[1]) for line in text.splitlines() if line.startswith("ExecStart=")]
              for u, text in uds.items()}
-    inter = build_parser().parse_args(execs["qlab-test-intermediate"][0][1:])
+    inter = build_parser().parse_args(next(a for a in execs["qlab-test-intermediate"] if a[1] == "intermediate")[1:])
     assert inter.tls_cert == "/etc/letsencrypt/live/relay.example.org/fullchain.pem"
     conn = build_parser().parse_args(execs["qlab-test-connector-full_cone"][1][1:])
     assert conn.intermediate_name == "relay.example.org"
@@ -665,7 +679,8 @@ def test_cells_in_state_and_down_removes_every_gateway_of_the_vpc_first(aws, cer
     class Recording(Cloud):
         def client(self, name):
             c = super().client(name)
-            c.meta.events.register("before-call.ec2.*", lambda model, **_: calls.append(model.name))
+            c.meta.events.register("before-call.ec2.*", lambda model, **_: calls.append(model.name),
+                                   unique_id="record")  # once: Cloud hands out one client per service
             return c
 
     cloud = Recording("us-east-1")

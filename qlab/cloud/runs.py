@@ -98,8 +98,12 @@ def progress(state: dict, cloud, campaign_id: str, commands: dict[str, dict]) ->
     ssm, s3 = cloud.client("ssm"), cloud.client("s3")
     hosts = {}
     for host, c in commands.items():
+        error = ""
         try:
-            status = ssm.get_command_invocation(CommandId=c["command_id"], InstanceId=c["instance"])["Status"]
+            inv = ssm.get_command_invocation(CommandId=c["command_id"], InstanceId=c["instance"])
+            status = inv["Status"]
+            if status in FINAL and status != "Success":  # what the host said: the last lines of its stderr
+                error = " | ".join((inv.get("StandardErrorContent") or "").strip().splitlines()[-3:])
         except ssm.exceptions.InvocationDoesNotExist:
             status = "Pending"
         try:
@@ -107,7 +111,7 @@ def progress(state: dict, cloud, campaign_id: str, commands: dict[str, dict]) ->
             done = sum(1 for line in body.read().splitlines() if line.strip())
         except s3.exceptions.NoSuchKey:
             done = 0
-        hosts[host] = {"status": status, "trials": done}
+        hosts[host] = {"status": status, "trials": done, **({"error": error} if error else {})}
     finished = sum(h["status"] in FINAL for h in hosts.values())
     return {"hosts": hosts, "trials": sum(h["trials"] for h in hosts.values()), "hosts_finished": finished,
             "finished": finished == len(hosts)}
@@ -219,8 +223,11 @@ def regional_specs(spec, regions: list[str]) -> list:
     return [dataclasses.replace(spec, region=r, deployment_id=f"{spec.deployment_id}-{r}") for r in regions]
 
 
-def up_regions(spec, regions: list[str], cloud_for: Callable[[str], Cloud], *, certs_dir: str, wheel: str) -> list[dict]:
-    """`up` in every region in parallel; if any region fails, every region is taken down again."""
+def up_regions(spec, regions: list[str], cloud_for: Callable[[str], Cloud], *, certs_dir: str, wheel: str,
+               on_step: Callable[[str], None] | None = None) -> list[dict]:
+    """`up` in every region in parallel; if any region fails, the regions that came up are taken
+    down again (a failed `up` has rolled itself back, or refused before creating anything — an id
+    that already exists there must not be deleted by this rollback)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from qlab.cloud import deploy
@@ -229,13 +236,23 @@ def up_regions(spec, regions: list[str], cloud_for: Callable[[str], Cloud], *, c
     for s in specs:
         deploy.plan(s)  # every cap and input checked before anything exists anywhere
     with ThreadPoolExecutor(len(specs)) as pool:
-        futures = [pool.submit(deploy.up, s, cloud_for(s.region), certs_dir=certs_dir, wheel=wheel) for s in specs]
+        futures = [pool.submit(deploy.up, s, cloud_for(s.region), certs_dir=certs_dir, wheel=wheel,
+                               on_step=_prefixed(on_step, s.region)) for s in specs]
         errors = [f.exception() for f in futures]
     if any(errors):
-        with ThreadPoolExecutor(len(specs)) as pool:
-            list(pool.map(lambda s: deploy.down(s.deployment_id, cloud_for(s.region)), specs))
+        came_up = [s for s, e in zip(specs, errors, strict=True) if e is None]
+        if came_up:
+            with ThreadPoolExecutor(len(came_up)) as pool:
+                list(pool.map(lambda s: deploy.down(s.deployment_id, cloud_for(s.region)), came_up))
         raise next(e for e in errors if e)
     return [f.result() for f in futures]
+
+
+def _prefixed(on_step: Callable[[str], None] | None, region: str) -> Callable[[str], None] | None:
+    """Progress of one region's `up` among several, each line led by the region."""
+    if on_step is None:
+        return None
+    return lambda message: on_step(f"{region}: {message}")
 
 
 def run_regions(deployment_ids: list[str], cloud_for: Callable[[str], Cloud], *, campaign_id: str, trials: int,
