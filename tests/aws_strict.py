@@ -53,7 +53,7 @@ class StrictAWS:
     eventual-consistency rules, on by default."""
     calls: list[tuple[str, str]] = field(default_factory=list)
     eip_quota: int = DEFAULT_EIP_QUOTA
-    vcpu_quota: int = 32
+    vcpu_quota: int = 32  # a stand-in for an applied quota: AWS sets a new account's by its history
     profile_propagation: bool = True
     describe_lag: bool = True
     pending: set[str] = field(default_factory=set)  # launched, not yet seen running by the code

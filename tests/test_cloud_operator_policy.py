@@ -1,6 +1,6 @@
 """The operator's minimal IAM policy (qlab.cloud.operator_policy) against moto's IAM enforcement, with
-the strict AWS layer on: an IAM user holding exactly that policy runs plan, up and down (relay, and a
-nat-matrix of one preset), and is refused what lies outside it.
+the strict AWS layer on: an IAM user holding exactly that policy runs plan, up, status, run, ls, logs and
+down (relay, and a nat-matrix of one preset), and is refused what lies outside it.
 
 What moto's enforcement checks (moto 5.2, `moto.core.enable_iam_authentication`): the request's
 signature and access key, then the action against the user's policies, for every service this test
@@ -61,30 +61,45 @@ def allowed_somewhere(policy: dict, action: str) -> bool:
                for st in policy["Statement"])
 
 
-def run_everything(certs_dir, wheel) -> set[str]:
-    """up, status, run (start and progress), logs-like reads and down, relay and nat-matrix, under the
-    strict layer; returns the IAM actions of every call made."""
+def operate(cloud, certs_dir, wheel, tmp_path) -> None:
+    """What an operator runs, relay and then a nat-matrix of one preset: plan, up, status, run
+    (start, progress, collect), ls, logs (each host's console), the region search of `down` without
+    local state, and down."""
     from qlab.cloud import runs
-    from qlab.cloud.deploy import Cloud, down, load_state, plan, status, up
+    from qlab.cloud.deploy import down, load_state, plan, status, up
+    from qlab.cloud.inventory import all_regions, billable, deployment_regions
 
-    with strict_aws() as strict:
-        cloud = Cloud("us-east-1")
-        for s in (spec(topology="relay"), spec(topology="nat-matrix", presets=["full_cone"])):
-            plan(s, cloud)
-            up(s, cloud, certs_dir=str(certs_dir), wheel=wheel)
-            status(s.deployment_id, cloud)
-            if s.topology == "nat-matrix":
-                state = load_state(s.deployment_id)
-                commands = runs.start(state, cloud, campaign_id="c1", trials=1)
-                runs.progress(state, cloud, "c1", commands)
-            assert down(s.deployment_id, cloud)["clean"]
-    return strict.actions()
+    for s in (spec(topology="relay"), spec(topology="nat-matrix", presets=["full_cone"])):
+        plan(s, cloud)
+        up(s, cloud, certs_dir=str(certs_dir), wheel=wheel)
+        assert status(s.deployment_id, cloud)["instances"]
+        if s.topology == "nat-matrix":
+            state = load_state(s.deployment_id)
+            commands = runs.start(state, cloud, campaign_id="c1", trials=1)
+            runs.progress(state, cloud, "c1", commands)
+            runs.collect(state, cloud, "c1", tmp_path / "results")
+        regions = ["us-east-1", "eu-west-1"]
+        assert "us-east-1" in all_regions(cloud)
+        assert all(row["kind"] != "error" for row in billable(type(cloud), regions)), "ls"
+        assert deployment_regions(s.deployment_id, type(cloud), regions) == ["us-east-1"]
+        ec2 = cloud.client("ec2")
+        for r in ec2.describe_instances(Filters=[{"Name": "tag:qlab:deployment", "Values": [s.deployment_id]}])[
+                "Reservations"]:
+            for inst in r["Instances"]:  # logs
+                ec2.get_console_output(InstanceId=inst["InstanceId"], Latest=True)
+        r = down(s.deployment_id, cloud)
+        assert r["clean"] and not r["errors"], r
 
 
-def test_the_policy_names_every_action_the_code_calls(certs_dir, wheel):
+def test_the_policy_names_every_action_the_code_calls(certs_dir, wheel, tmp_path):
+    from qlab.cloud.deploy import Cloud
+
     policy = operator_policy()
-    called = run_everything(certs_dir, wheel)
-    assert {"ec2:RunInstances", "iam:CreateRole", "s3:PutObject", "ssm:SendCommand"} <= called
+    with strict_aws() as strict:
+        operate(Cloud("us-east-1"), certs_dir, wheel, tmp_path)
+    called = strict.actions()
+    assert {"ec2:RunInstances", "iam:CreateRole", "s3:PutObject", "ssm:SendCommand", "ec2:GetConsoleOutput",
+            "ec2:DescribeRegions", "s3:ListAllMyBuckets", "servicequotas:GetServiceQuota"} <= called
     # what AWS checks besides the called action: tagging on create, passing the hosts' roles
     implied = {"ec2:CreateTags", "iam:TagRole", "iam:TagInstanceProfile", "iam:PassRole", "ssm:AddTagsToResource"}
     missing = sorted(a for a in called | implied if not allowed_somewhere(policy, a))
@@ -146,10 +161,11 @@ def operator_user(monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
 
 
-def test_an_operator_with_only_the_policy_runs_plan_up_down(certs_dir, wheel, monkeypatch, moto_checks_actions):
+def test_an_operator_with_only_the_policy_runs_every_command(certs_dir, wheel, tmp_path, monkeypatch,
+                                                            moto_checks_actions):
     from moto.core.authorization import enable_iam_authentication
 
-    from qlab.cloud.deploy import Cloud, down, plan, up
+    from qlab.cloud.deploy import Cloud
 
     with strict_aws():
         ec2 = boto3.client("ec2", region_name="us-east-1")
@@ -159,11 +175,7 @@ def test_an_operator_with_only_the_policy_runs_plan_up_down(certs_dir, wheel, mo
         operator_user(monkeypatch)
         with enable_iam_authentication():
             cloud = Cloud("us-east-1")
-            for s in (spec(topology="relay"), spec(topology="nat-matrix", presets=["full_cone"])):
-                plan(s, cloud)
-                up(s, cloud, certs_dir=str(certs_dir), wheel=wheel)
-                r = down(s.deployment_id, cloud)
-                assert r["clean"] and not r["errors"], r
+            operate(cloud, certs_dir, wheel, tmp_path)
             refusals = outside_the_policy(cloud, untagged)
     assert refusals == {"s3:CreateBucket": "AccessDenied", "iam:PutRolePolicy": "AccessDenied",
                         "ec2:CreateKeyPair": "AccessDenied", "ec2:TerminateInstances": "refused"}, refusals
