@@ -26,6 +26,7 @@ def fake_aws(monkeypatch, tmp_path):
     from qlab.cloud import aws
 
     monkeypatch.setattr(aws, "SLEEP", lambda _s: None)  # retries keep their count, not their wait
+    monkeypatch.setattr(aws, "WAIT_DELAY", 0)  # waiters poll at once (moto has nothing to wait for)
 
 
 @pytest.fixture
@@ -788,3 +789,240 @@ def test_lets_encrypt_boot_waits_for_the_a_record(tmp_path, resolve_at, certbot_
     assert calls[getent[0]] == "getent ahostsv4 relay.example.org"
     assert calls[certbot[0]].startswith("certbot certonly --standalone --non-interactive --agree-tos "
                                         "-m ops@example.org -d relay.example.org")
+
+
+# --- issue 14: what real AWS refuses, what must not be destroyed or keep billing ------------------
+
+
+def _tagged(ec2, kind: str, deployment: str = "qlab-test") -> list[dict]:
+    f = [{"Name": "tag:qlab:deployment", "Values": [deployment]}]
+    return {"subnets": lambda: ec2.describe_subnets(Filters=f)["Subnets"],
+            "instances": lambda: [i for r in ec2.describe_instances(Filters=f)["Reservations"] for i in r["Instances"]
+                                  if i["State"]["Name"] != "terminated"],
+            "acls": lambda: ec2.describe_network_acls(Filters=f)["NetworkAcls"]}[kind]()
+
+
+def test_plan_checks_the_account_quotas_and_zone(aws):
+    """--presets all needs 7 Elastic IPs (the Intermediate's two and one per NAT) against the default quota of 5: refused before anything
+    exists, with the quota code to raise; a raised quota passes, and the vCPU quota is checked too."""
+    from qlab.cloud.deploy import Cloud, QuotaError, plan
+    from qlab.cloud.plan import hosts
+
+    everything = spec(topology="nat-matrix", presets=[p for p in __import__("qlab.nat.spec", fromlist=["x"]).PRESET_NAMES
+                                                      if p != "public"], max_instances=30)
+    cloud = Cloud("us-east-1")
+    with pytest.raises(QuotaError, match=r"needs 7 Elastic IPs, 0 of the quota of 5 are in use .*L-0263D0A3"):
+        plan(everything, cloud)
+    aws.eip_quota = 10
+    checks = plan(everything, cloud)["account"]
+    assert checks["elastic_ips"] == {"needed": 7, "in_use": 0, "quota": 10}
+    assert checks["availability_zone"].startswith("us-east-1")
+    assert checks["vcpus"]["needed"] == 2 * len(hosts(everything))
+    aws.vcpu_quota = 16
+    with pytest.raises(QuotaError, match=rf"needs {2 * len(hosts(everything))} vCPUs.*L-1216C47A"):
+        plan(everything, cloud)
+    assert not aws.pending, "plan created nothing"
+
+
+def test_up_uses_one_zone_and_isolates_the_cells(aws, certs_dir, wheel):
+    """Every subnet in the zone plan chose; each cell's network ACL admits its own subnet and the
+    internet (what its NAT forwards) but not the VPC's other addresses, so an Agent of cell A can
+    reach Connector B only through the two NATs; private hosts admit UDP from anywhere (the NAT
+    filters); the Intermediate's role may reap, limited by the deployment's tag."""
+    import boto3
+
+    from qlab.cloud.deploy import Cloud, down, up
+
+    state = up(spec(topology="nat-matrix", presets=["full_cone", "symmetric"]), Cloud("us-east-1"),
+               certs_dir=str(certs_dir), wheel=wheel)
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    assert {s["AvailabilityZone"] for s in _tagged(ec2, "subnets")} == {state["availability_zone"]}
+    subnet_of = {s["CidrBlock"]: s["SubnetId"] for s in _tagged(ec2, "subnets")}
+    for cell in state["cells"].values():
+        acl = next(a for a in _tagged(ec2, "acls") if any(x["SubnetId"] == subnet_of[cell["subnet"]]
+                                                            for x in a["Associations"]))
+        for egress in (False, True):
+            rules = sorted((e["RuleNumber"], e["RuleAction"], e["CidrBlock"]) for e in acl["Entries"]
+                           if e["Egress"] == egress and e["RuleNumber"] < 32767)
+            assert rules == [(100, "allow", cell["subnet"]), (110, "deny", "10.80.0.0/16"), (120, "allow", "0.0.0.0/0")]
+    groups = {g["GroupName"]: g for g in ec2.describe_security_groups(
+        Filters=[{"Name": "tag:qlab:deployment", "Values": ["qlab-test"]}])["SecurityGroups"]}
+    assert {"IpProtocol": "udp", "FromPort": 1, "ToPort": 65535} in [
+        {k: p[k] for k in ("IpProtocol", "FromPort", "ToPort")} for p in groups["qlab-test-private"]["IpPermissions"]
+        if p.get("IpRanges") == [{"CidrIp": "0.0.0.0/0"}]]
+    iam = boto3.client("iam")
+    reaper = iam.get_role_policy(RoleName="qlab-test-intermediate-role", PolicyName="qlab-reaper")["PolicyDocument"]
+    conditions = [st.get("Condition") for st in reaper["Statement"] if "ec2:TerminateInstances" in st["Action"]]
+    assert conditions == [{"StringEquals": {"aws:ResourceTag/qlab:deployment": "qlab-test"}}]
+    for kind in ("connector", "agent", "nat"):
+        assert "qlab-reaper" not in iam.list_role_policies(RoleName=f"qlab-test-{kind}-role")["PolicyNames"]
+    assert down("qlab-test", Cloud("us-east-1"))["clean"]
+
+
+def test_up_refuses_an_existing_id_and_leaves_that_deployment_alone(aws, certs_dir, wheel, tmp_path, monkeypatch):
+    """Item 5: a second `up` with the same id used to overwrite the first's secrets and then, in its
+    rollback, delete it. Now it is refused before anything is created — also when the local state
+    is gone (found by its tag and IAM roles)."""
+    import boto3
+
+    from qlab.cloud.deploy import Cloud, down, up
+    from qlab.cloud.state import state_dir
+
+    s = spec(topology="nat-matrix", presets=["full_cone"])
+    up(s, Cloud("us-east-1"), certs_dir=str(certs_dir), wheel=wheel)
+    ec2, ssm = boto3.client("ec2", region_name="us-east-1"), boto3.client("ssm", region_name="us-east-1")
+    before = sorted(i["InstanceId"] for i in _tagged(ec2, "instances"))
+    secret = ssm.get_parameter(Name="/qlab/qlab-test/secret", WithDecryption=True)["Parameter"]["Value"]
+    other = tmp_path / "other-certs"
+    from qlab.certs import init_dir
+
+    init_dir(str(other))
+    for with_state in (True, False):
+        if not with_state:
+            (state_dir() / "qlab-test.json").unlink()
+        with pytest.raises(ValueError, match="deployment qlab-test already exists"):
+            up(s, Cloud("us-east-1"), certs_dir=str(other), wheel=wheel)
+        assert sorted(i["InstanceId"] for i in _tagged(ec2, "instances")) == before
+        assert ssm.get_parameter(Name="/qlab/qlab-test/secret", WithDecryption=True)["Parameter"]["Value"] == secret
+    assert down("qlab-test", Cloud("us-east-1"))["clean"]
+
+
+def test_down_takes_exact_ids_only(aws, capsys):
+    """Item 6: EC2 tag filters expand * and ?, so `down 'qlab-aa*'` deleted two deployments."""
+    from qlab.cli.main import main
+    from qlab.cloud.deploy import Cloud, down
+
+    for pattern in ("qlab-aa*", "qlab-a?", "qlab-test,x", ""):
+        with pytest.raises(ValueError, match="not a deployment id"):
+            down(pattern, Cloud("us-east-1"))
+    assert main(["cloud", "down", "qlab-aa*", "--region", "us-east-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a deployment id: 'qlab-aa*'" in err
+
+
+def test_down_runs_every_step_past_a_failure_and_says_what_is_left(aws, certs_dir, wheel, monkeypatch):
+    """Item 8: a security group that AWS keeps refusing (DependencyViolation) no longer stops `down`
+    at the first error: the buckets, parameters and roles still go, the result names the group and
+    the VPC as left, and a second `down` once AWS lets go finishes."""
+    import botocore.client
+
+    from qlab.cloud.deploy import Cloud, down, up
+
+    up(spec(topology="relay"), Cloud("us-east-1"), certs_dir=str(certs_dir), wheel=wheel)
+    real = botocore.client.BaseClient._make_api_call
+    refused = []
+
+    def sticky_group(client, operation, params):
+        if operation == "DeleteSecurityGroup" and params["GroupId"] == refused_group[0]:
+            refused.append(operation)
+            raise client.exceptions.from_code("DependencyViolation")(
+                {"Error": {"Code": "DependencyViolation", "Message": "resource sg has a dependent object"}}, operation)
+        return real(client, operation, params)
+
+    import boto3
+    refused_group = [g["GroupId"] for g in boto3.client("ec2", region_name="us-east-1").describe_security_groups(
+        Filters=[{"Name": "tag:Name", "Values": ["qlab-test-connector"]}])["SecurityGroups"]]
+    with monkeypatch.context() as m:
+        m.setattr(botocore.client.BaseClient, "_make_api_call", sticky_group)
+        r = down("qlab-test", Cloud("us-east-1"), patience=30)
+    assert not r["clean"] and len(refused) > 1, "retried before giving up"
+    assert r["left"]["security_groups"] == refused_group
+    assert not r["left"]["instances"] and not r["left"]["elastic_ips"] and not r["left"]["buckets"]
+    assert not r["left"]["iam_roles"] and not r["left"]["ssm_parameters"]
+    assert any("DependencyViolation" in e for e in r["errors"])
+    assert down("qlab-test", Cloud("us-east-1"))["clean"]
+
+
+def test_a_bucket_name_taken_elsewhere_rolls_back_cleanly(aws, certs_dir, wheel, monkeypatch):
+    """Item 9: bucket names are global. Ours carry the account and region; if one is taken all the
+    same, `up` says so in one line and rolls back without touching that bucket; an old-style
+    `<id>-artifacts` bucket that is not tagged ours is never deleted."""
+    import boto3
+    import botocore.client
+
+    from qlab.cloud.deploy import Cloud, UpFailed, down, up
+    from qlab.cloud.spec import bucket_name
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="qlab-test-artifacts")  # someone's bucket of the old naming, not tagged ours
+    assert bucket_name("qlab-test", "123456789012", "us-east-1") == "qlab-test-123456789012-us-east-1"
+    real = botocore.client.BaseClient._make_api_call
+
+    def taken(client, operation, params):
+        if operation == "CreateBucket":
+            raise client.exceptions.from_code("BucketAlreadyExists")(
+                {"Error": {"Code": "BucketAlreadyExists", "Message": "The requested bucket name is not available"}},
+                operation)
+        return real(client, operation, params)
+
+    with monkeypatch.context() as m:
+        m.setattr(botocore.client.BaseClient, "_make_api_call", taken)
+        with pytest.raises(UpFailed, match="taken by another account.*rolled back, nothing left"):
+            up(spec(topology="relay"), Cloud("us-east-1"), certs_dir=str(certs_dir), wheel=wheel)
+    assert down("qlab-test", Cloud("us-east-1"))["clean"]
+    assert "qlab-test-artifacts" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
+def test_region_comes_from_the_boto3_chain_and_down_searches_every_region(aws, certs_dir, wheel, monkeypatch,
+                                                                           capsys):
+    """Item 10: no --region means boto3's region (not us-east-1); with no region anywhere, one clear
+    line. `down` without local state finds the deployment in whichever region holds it."""
+    from qlab.cli.main import main
+    from qlab.cloud.deploy import Cloud, up
+    from qlab.cloud.state import state_dir
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    s = spec(topology="relay")
+    assert s.region == "eu-west-1"
+    up(s, Cloud(s.region), certs_dir=str(certs_dir), wheel=wheel)
+    (state_dir() / "qlab-test.json").unlink()
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert main(["cloud", "down", "qlab-test"]) == 0
+    out = capsys.readouterr()
+    assert [(r["region"], r["clean"]) for r in json.loads(out.out)] == [("eu-west-1", True)]
+    assert "searching every region" in out.err
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    with pytest.raises(ValueError, match="no AWS region"):
+        spec(topology="relay")
+    assert main(["cloud", "plan", "--offline"]) == 2
+    assert capsys.readouterr().err.strip().endswith("no AWS region: pass --region or set one in your AWS profile or AWS_REGION")
+
+
+def test_cloud_errors_are_one_line(aws, monkeypatch, capsys, tmp_path):
+    """Item 14: AWS's and boto3's errors end as one line and a non-zero exit, and flags are named
+    as the user typed them."""
+    from qlab.cli.main import main
+
+    assert main(["cloud", "plan", "--offline", "--ttl", "48"]) == 2
+    assert capsys.readouterr().err.strip() == "qlab: --ttl: between 0.25 and 24 hours"
+    assert main(["cloud", "plan", "--offline", "--topology", "nat-matrix", "--presets", "public"]) == 2
+    assert "leaves no NAT cell" in capsys.readouterr().err
+    assert main(["cloud", "plan", "--offline"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["deployment_id"] is None and p["resources"]["s3_bucket"] == "<id>-<account>-us-east-1" and "fresh id" in p["note"]
+    assert main(["cloud", "plan", "--id", "qlab-x", "--topology", "nat-matrix", "--presets", "all"]) == 2
+    assert "needs 7 Elastic IPs" in capsys.readouterr().err
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    assert main(["cloud", "status", "qlab-test", "--region", "us-east-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no AWS credentials" in err and "Traceback" not in err
+
+
+def test_run_exits_non_zero_when_a_host_failed_and_shows_why(monkeypatch, capsys):
+    """Item 2: `run` counted `Failed` as finished and exited 0."""
+    from qlab.cli.main import main
+    from qlab.cloud import runs
+
+    def one_failed(ids, cloud_for, **kw):
+        hosts = {"agent-full_cone-0": {"status": "Success", "trials": 3},
+                 "agent-symmetric-0": {"status": "Failed", "trials": 0,
+                                       "error": "upload failed: AccessDenied on PutObject"}}
+        return {"campaign": "results/c", "commands": {}, "progress": {"qlab-x": {
+            "hosts": hosts, "trials": 3, "hosts_finished": 2, "finished": True, "timed_out": False}}}
+
+    monkeypatch.setattr(runs, "run_regions", one_failed)
+    assert main(["cloud", "run", "qlab-x", "--campaign", "c", "--region", "us-east-1"]) == 1
+    assert "agent-symmetric-0: Failed: upload failed: AccessDenied on PutObject" in capsys.readouterr().err

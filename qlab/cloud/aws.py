@@ -62,6 +62,12 @@ def retry(call: Callable[[], T], *, until: float = 120.0, when: Callable[[BaseEx
 
 
 SLEEP: Callable[[float], None] = time.sleep  # tests replace it to run retries without waiting
+WAIT_DELAY = 5  # seconds between a waiter's polls (tests against moto set 0)
+
+
+def waiter_config(max_wait: float) -> dict:
+    """A waiter's polling: every WAIT_DELAY seconds, for about `max_wait` seconds in all."""
+    return {"Delay": WAIT_DELAY, "MaxAttempts": max(1, int(max_wait / max(WAIT_DELAY, 1)))}
 
 
 class Cloud:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from qlab.cloud import aws
 from qlab.cloud import iam as host_iam
 from qlab.cloud.aws import Cloud, error_code, explain, not_yet, retry
 from qlab.cloud.plan import QuotaError, plan
@@ -54,11 +55,11 @@ def up(spec: DeploymentSpec, cloud: Cloud, *, certs_dir: str, wheel: str, on_ste
     created; on any later failure everything created so far is deleted again (`UpFailed`)."""
     say = on_step or (lambda _m: None)
     say(f"checking the account in {spec.region}")
-    checks = plan(spec, cloud)  # quotas, AZ: refused (QuotaError) before anything exists
     existing = exists(spec.deployment_id, cloud)
     if existing:
         raise ValueError(f"deployment {spec.deployment_id} already exists ({existing}): pick another --id, "
                          f"or `qlab cloud down {spec.deployment_id}` first")
+    checks = plan(spec, cloud)  # quotas, AZ: refused (QuotaError) before anything exists
     try:
         state = Up(spec, cloud, checks, say).run(certs_dir, wheel)
     except BaseException as exc:
@@ -149,7 +150,7 @@ class _Down:
             self.say(f"terminating {len(ids)} instances")
             self.step("terminate instances", lambda: self.ec2.terminate_instances(InstanceIds=ids))
             self.step("wait for termination", lambda: self.ec2.get_waiter("instance_terminated").wait(
-                InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120}))
+                InstanceIds=ids, WaiterConfig=aws.waiter_config(600)))
 
     def gateways(self) -> None:
         """The deployment's gateways, and any other in its VPCs (they would block deleting the subnets)."""
@@ -163,7 +164,7 @@ class _Down:
         if gateways:  # its Elastic IP and subnet are released only once the gateway is gone
             self.say(f"waiting for {len(gateways)} NAT gateways to be deleted")
             self.step("wait for NAT gateways", lambda: self.ec2.get_waiter("nat_gateway_deleted").wait(
-                NatGatewayIds=gateways, WaiterConfig={"Delay": 5, "MaxAttempts": 60}))
+                NatGatewayIds=gateways, WaiterConfig=aws.waiter_config(300)))
 
     def addresses(self) -> None:
         for a in self.ec2.describe_addresses(Filters=self.f)["Addresses"]:
@@ -177,6 +178,9 @@ class _Down:
         for vpc in self.ec2.describe_vpcs(Filters=self.f)["Vpcs"]:
             self.say(f"deleting {vpc['VpcId']} and what is in it")
             _delete_vpc(self, vpc["VpcId"])
+        # a group left by an earlier `down` whose VPC is gone (moto allows that; AWS would have kept the VPC)
+        for sg in self.ec2.describe_security_groups(Filters=self.f)["SecurityGroups"]:
+            self.step(f"security group {sg['GroupId']}", partial(self.ec2.delete_security_group, GroupId=sg["GroupId"]))
 
     def artefacts(self) -> None:
         """The deployment's buckets (only ones tagged with it), SSM parameters and instance roles."""

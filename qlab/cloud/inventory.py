@@ -13,8 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from qlab.cloud.deploy import ID_RE, PRICES, TAG, Cloud
-from qlab.cloud.reaper import error_code
+from qlab.cloud.aws import Cloud, error_code
+from qlab.cloud.spec import ID_RE, PRICES, TAG
 
 CloudFor = Callable[[str], Cloud]
 FIELDS = ("region", "kind", "id", "deployment", "name", "state", "created", "age_h", "expires", "hourly_usd",

@@ -99,7 +99,7 @@ def account_checks(spec: DeploymentSpec, cloud: Any, n_instances: int, eips: int
     vcpus = n_instances * INSTANCE_VCPUS[spec.instance_type]
     refusals = []
     if eips_used + eips > eip_quota:
-        refusals.append(f"needs {eips} Elastic IPs, {eips_used} of the quota of {eip_quota} are in use in "
+        refusals.append(f"needs {eips} Elastic IPs, {eips_used} of the quota of {eip_quota:g} are in use in "
                         f"{spec.region} (Service Quotas {EIP_QUOTA}: request more, or use fewer presets)")
     if vcpu_quota is not None and vcpus_used + vcpus > vcpu_quota:
         refusals.append(f"needs {vcpus} vCPUs, {vcpus_used} of the quota of {vcpu_quota:g} are in use "
@@ -107,7 +107,7 @@ def account_checks(spec: DeploymentSpec, cloud: Any, n_instances: int, eips: int
     if refusals:
         raise QuotaError("; ".join(refusals))
     return {"availability_zone": az,
-            "elastic_ips": {"needed": eips, "in_use": eips_used, "quota": eip_quota},
+            "elastic_ips": {"needed": eips, "in_use": eips_used, "quota": int(eip_quota)},
             "vcpus": {"needed": vcpus, "in_use": vcpus_used,
                       "quota": vcpu_quota if vcpu_quota is not None else "unknown (not readable)"}}
 

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from qlab.cloud.deploy import ID_RE, TAG, Cloud
+from qlab.cloud.aws import Cloud, error_code
+from qlab.cloud.spec import ID_RE, TAG
 
 # AWS is eventually consistent: a dependency just removed (an association, a NAT gateway's address)
 # may still be reported for a while, and a busy account is throttled. Those answers mean "not yet".
@@ -36,11 +37,6 @@ OWN_ATTEMPTS = 20  # about four minutes, for the steps after the reaper's host l
 NAT_WAIT_ATTEMPTS = 40  # at 15 s at most: ten minutes (a NAT gateway usually takes one or two)
 LIVE_INSTANCE = ("pending", "running", "stopping", "stopped")
 SLEEP: Callable[[float], None] = time.sleep  # tests replace it to run retries without waiting
-
-
-def error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
 def attempt(step: str, call: Callable[[], Any], errors: list[str], *, attempts: int = ATTEMPTS) -> bool:

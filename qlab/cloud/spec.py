@@ -26,7 +26,8 @@ PRICES = {"t3.micro": 0.0104, "t3.small": 0.0208, "t3.medium": 0.0416, "c5n.larg
 INSTANCE_VCPUS = {"t3.micro": 2, "t3.small": 2, "t3.medium": 2, "c5n.large": 2, "c6in.large": 2,
                   "c7i.large": 2, "m7i.large": 2}
 TOPOLOGIES = ("relay", "nat-matrix")
-ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,30}$")
+# "qlab-" first: the operator's policy (`qlab cloud policy`) allows IAM, S3 and SSM on qlab-* names only
+ID_RE = re.compile(r"^qlab-[a-z0-9][a-z0-9-]{0,25}$")
 DOMAIN_RE = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
 
@@ -35,7 +36,8 @@ def check_id(deployment_id: str) -> str:
     """A deployment id as `down` and `status` accept it: never a pattern (EC2 tag filters expand `*`
     and `?`, so `qlab-aa*` would match other deployments)."""
     if not ID_RE.match(deployment_id):
-        raise ValueError(f"not a deployment id: {deployment_id!r} (3-31 lowercase letters, digits and '-')")
+        raise ValueError(f"not a deployment id: {deployment_id!r} ('qlab-' and up to 26 lowercase letters, "
+                         "digits and '-')")
     return deployment_id
 
 
@@ -63,7 +65,7 @@ class DeploymentSpec:
         if not self.deployment_id:
             self.deployment_id = f"qlab-{secrets.token_hex(3)}"
         if not ID_RE.match(self.deployment_id):
-            raise ValueError("--id: 3-31 lowercase letters, digits and '-'")
+            raise ValueError("--id: 'qlab-' and up to 26 lowercase letters, digits and '-'")
         if not self.region:
             from qlab.cloud.aws import default_region
 

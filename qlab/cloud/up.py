@@ -15,6 +15,7 @@ from typing import Any
 
 from qlab import wire
 from qlab.certs import ROLE_SECRETS
+from qlab.cloud import aws
 from qlab.cloud import iam as host_iam
 from qlab.cloud.aws import Cloud, retry
 from qlab.cloud.plan import host_kinds
@@ -222,7 +223,7 @@ class Up:
     def attach_addresses(self) -> None:
         ids = sorted({p.instance_id for p in self.pending})
         if ids:
-            self.ec2.get_waiter("instance_running").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 80})
+            self.ec2.get_waiter("instance_running").wait(InstanceIds=ids, WaiterConfig=aws.waiter_config(400))
         for p in self.pending:
             kw = {"PrivateIpAddress": p.private_ip} if p.private_ip else {}
             retry(partial(self.ec2.associate_address,
@@ -325,7 +326,7 @@ class Up:
         ngw_id = ec2.create_nat_gateway(SubnetId=public, AllocationId=eip["AllocationId"],
                                         TagSpecifications=self.tags("natgateway", "nat-gateway"))["NatGateway"]["NatGatewayId"]
         self.say("waiting for the NAT gateway to become available")
-        ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[ngw_id], WaiterConfig={"Delay": 5, "MaxAttempts": 60})
+        ec2.get_waiter("nat_gateway_available").wait(NatGatewayIds=[ngw_id], WaiterConfig=aws.waiter_config(300))
         rt_id = ec2.create_route_table(VpcId=vpc, TagSpecifications=self.tags("route-table", "private-managed"))[
             "RouteTable"]["RouteTableId"]
         retry(lambda: ec2.create_route(RouteTableId=rt_id, DestinationCidrBlock="0.0.0.0/0", NatGatewayId=ngw_id))
