@@ -460,11 +460,19 @@ def test_end_to_end_against_moto_server(tmp_path, certs_dir, wheel, capsys):
         assert json.loads(capsys.readouterr().out)["hourly_cost_usd"] > 0
         topo = ["--topology", "nat-matrix", "--presets", "port_restricted"]
         assert main(["cloud", "up", "--id", "qlab-e2e", *topo, "--certs", str(certs_dir), "--wheel", wheel, *ep]) == 0
-        capsys.readouterr()
+        err = capsys.readouterr().err  # progress while it works
+        assert "qlab cloud: launching nat-port_restricted" in err and "then attaching 3 Elastic IPs" in err
         assert main(["cloud", "status", "qlab-e2e", *ep]) == 0
         assert len(json.loads(capsys.readouterr().out)[0]["instances"]) == 4  # intermediate, NAT, agent, connector
-        assert main(["cloud", "ls", *ep]) == 0
-        assert {i["deployment"] for i in json.loads(capsys.readouterr().out)} == {"qlab-e2e"}
+        assert main(["cloud", "ls", *ep]) == 0  # every region
+        rows = json.loads(capsys.readouterr().out)
+        assert {i["deployment"] for i in rows} == {"qlab-e2e"} and {i["region"] for i in rows} == {"us-east-1"}
+        assert {i["kind"] for i in rows} >= {"instance", "elastic_ip", "bucket"} and not any(i["overdue"] for i in rows)
+        assert main(["cloud", "reap", "qlab-e2e", "--region", "us-east-1", *ep]) == 0  # before the TTL: nothing
+        reaped = json.loads(capsys.readouterr().out)
+        assert not reaped["expired"] and not any(reaped["deleted"].values())
+        assert main(["cloud", "logs", "qlab-e2e", "--host", "intermediate", *ep]) == 0
+        assert capsys.readouterr().out.startswith("== qlab-e2e-intermediate (i-")
         assert main(["cloud", "run", "qlab-e2e", "--campaign", "c9", "--results", str(tmp_path / "r"), "--poll", "0.1",
                      *ep]) == 0
         out = capsys.readouterr()
@@ -856,6 +864,27 @@ def test_up_uses_one_zone_and_isolates_the_cells(aws, certs_dir, wheel):
     assert conditions == [{"StringEquals": {"aws:ResourceTag/qlab:deployment": "qlab-test"}}]
     for kind in ("connector", "agent", "nat"):
         assert "qlab-reaper" not in iam.list_role_policies(RoleName=f"qlab-test-{kind}-role")["PolicyNames"]
+    # NAT routers get the lab's conntrack timeouts, and install nothing (item 12, 13)
+    from qlab.nat.nftables import conntrack_sysctls
+    from qlab.nat.spec import preset
+
+    for name in ("full_cone", "symmetric"):
+        ud = base64.b64decode(ec2.describe_instance_attribute(InstanceId=state["instances"][f"nat-{name}"]["id"],
+                                                              Attribute="userData")["UserData"]["Value"]).decode()
+        assert all(f"{k}={v}" in ud for k, v in conntrack_sysctls(preset(name)).items())
+        assert "pip install" not in ud and "get-parameter" not in ud and "s3 cp" not in ud
+    # `qlab probe --upload` on an Agent host may write its results; no other host may (item 2)
+    from botocore.exceptions import ClientError
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    key = "results/c1/agent-full_cone-0/trials.jsonl"
+    with aws.as_role(iam, "qlab-test-agent-role"):
+        s3.put_object(Bucket=state["bucket"], Key=key, Body=b"{}")
+        with pytest.raises(ClientError, match="AccessDenied"):
+            s3.put_object(Bucket=state["bucket"], Key="wheels/qlab-0.1.0-py3-none-any.whl", Body=b"evil")
+    for kind in ("connector", "nat", "intermediate"):
+        with aws.as_role(iam, f"qlab-test-{kind}-role"), pytest.raises(ClientError, match="AccessDenied"):
+            s3.put_object(Bucket=state["bucket"], Key=key, Body=b"{}")
     assert down("qlab-test", Cloud("us-east-1"))["clean"]
 
 
