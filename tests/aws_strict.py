@@ -374,21 +374,20 @@ def _wildcard(pattern: str, value: str, *, fold: bool) -> bool:
     return re.fullmatch(regex, value, re.IGNORECASE if fold else 0) is not None
 
 
+def _names(st: dict, element: str, value: str, *, fold: bool) -> bool:
+    """Whether `value` is named by the statement's `element` (e.g. Action) or left out by its
+    Not-element (NotAction)."""
+    for key, named in ((element, True), (f"Not{element}", False)):
+        if key in st:
+            return any(_wildcard(p, value, fold=fold) for p in _listed(st[key])) == named
+    raise ValueError(f"statement without {element} or Not{element}: {st}")
+
+
 def _applies(st: dict, action: str, resource: str, context: dict[str, str]) -> bool:
     if st.get("Effect") not in ("Allow", "Deny"):
         raise ValueError(f"statement without Effect Allow or Deny: {st}")
-    if "Action" in st:
-        acted = any(_wildcard(p, action, fold=True) for p in _listed(st["Action"]))
-    elif "NotAction" in st:
-        acted = not any(_wildcard(p, action, fold=True) for p in _listed(st["NotAction"]))
-    else:
-        raise ValueError(f"statement without Action or NotAction: {st}")
-    if "Resource" in st:
-        on = any(_wildcard(p, resource, fold=False) for p in _listed(st["Resource"]))
-    elif "NotResource" in st:
-        on = not any(_wildcard(p, resource, fold=False) for p in _listed(st["NotResource"]))
-    else:
-        raise ValueError(f"statement without Resource or NotResource: {st}")
+    acted = _names(st, "Action", action, fold=True)  # actions are case-insensitive, resources are not
+    on = _names(st, "Resource", resource, fold=False)
     return acted and on and all(_condition(op, key, _listed(values), context)
                                 for op, keys in st.get("Condition", {}).items() for key, values in keys.items())
 

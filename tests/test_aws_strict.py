@@ -21,6 +21,7 @@ from tests.aws_strict import (
     role_documents,
     strict_aws,
 )
+from tests.cloud_support import fake_aws_env
 
 AMI = "ami-12c6146b"  # one of moto's AMIs
 FAST = {"Delay": 1, "MaxAttempts": 5}  # moto runs an instance at once; the layer makes the waiter retry once
@@ -28,11 +29,8 @@ FAST = {"Delay": 1, "MaxAttempts": 5}  # moto runs an instance at once; the laye
 
 @pytest.fixture(autouse=True)
 def fake_aws(monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "AKIAQLABSTRICTTEST01", "AWS_SECRET_ACCESS_KEY": "strict-test-secret",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
-                 "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    fake_aws_env(monkeypatch, key_id="AKIAQLABSTRICTTEST01", secret="strict-test-secret", session_token=False)
+
 
 
 def ec2():

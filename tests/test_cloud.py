@@ -12,21 +12,13 @@ import subprocess
 
 import pytest
 
-FAKE_KEY_ID = "AKIAQLABTESTKEY12345"
-FAKE_SECRET = "qlabFakeSecretAccessKeyDoNotUse1234567890"
+from tests.cloud_support import FAKE_KEY_ID, FAKE_SECRET, fake_aws_env, stand_in_wheel
 
 
 @pytest.fixture(autouse=True)
 def fake_aws(monkeypatch, tmp_path):
-    for k, v in {"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
-                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-                 "QLAB_CLOUD_STATE": str(tmp_path / "state"), "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}.items():
-        monkeypatch.setenv(k, v)
-    from qlab.cloud import aws
+    fake_aws_env(monkeypatch, state=tmp_path / "state")
 
-    monkeypatch.setattr(aws, "SLEEP", lambda _s: None)  # retries keep their count, not their wait
-    monkeypatch.setattr(aws, "WAIT_DELAY", 0)  # waiters poll at once (moto has nothing to wait for)
 
 
 @pytest.fixture
@@ -40,9 +32,7 @@ def aws():
 
 @pytest.fixture
 def wheel(tmp_path):
-    w = tmp_path / "qlab-0.1.0-py3-none-any.whl"
-    w.write_bytes(b"not really a wheel")
-    return str(w)
+    return stand_in_wheel(tmp_path)
 
 
 def spec(**kw):

@@ -8,6 +8,8 @@ import datetime as dt
 
 import pytest
 
+from tests.cloud_support import fake_aws_env
+
 TAG = "qlab:deployment"
 EAST, WEST = "us-east-1", "eu-west-1"
 CREATED = dt.datetime(2026, 11, 27, 0, 0, tzinfo=dt.UTC)
@@ -17,10 +19,7 @@ LONG_AGO, SOON = CREATED + dt.timedelta(hours=2), LATER + dt.timedelta(hours=1) 
 
 @pytest.fixture(autouse=True)
 def fake_aws(monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "AKIAQLABTESTKEY12345", "AWS_SECRET_ACCESS_KEY": "qlabFakeSecret",
-                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": EAST,
-                 "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}.items():
-        monkeypatch.setenv(k, v)
+    fake_aws_env(monkeypatch, region=EAST)
 
 
 class FakeCloud:

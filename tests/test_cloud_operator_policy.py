@@ -26,26 +26,19 @@ from botocore.exceptions import ClientError
 
 from qlab.cloud.operator_policy import operator_policy
 from tests.aws_strict import ACCOUNT, iam_action, policy_allows, strict_aws
+from tests.cloud_support import fake_aws_env, stand_in_wheel
 
 
 @pytest.fixture(autouse=True)
 def fake_aws(monkeypatch, tmp_path):
-    for k, v in {"AWS_ACCESS_KEY_ID": "AKIAQLABOPERATOR0001", "AWS_SECRET_ACCESS_KEY": "operator-test-secret",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
-                 "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "QLAB_CLOUD_STATE": str(tmp_path / "state"),
-                 "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    from qlab.cloud import aws
+    fake_aws_env(monkeypatch, key_id="AKIAQLABOPERATOR0001", secret="operator-test-secret", state=tmp_path / "state",
+                 session_token=False)
 
-    monkeypatch.setattr(aws, "SLEEP", lambda _s: None)  # retries run without waiting
 
 
 @pytest.fixture
 def wheel(tmp_path):
-    w = tmp_path / "qlab-0.1.0-py3-none-any.whl"
-    w.write_bytes(b"not really a wheel")
-    return str(w)
+    return stand_in_wheel(tmp_path)
 
 
 def spec(**kw):

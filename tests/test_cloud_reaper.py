@@ -14,6 +14,7 @@ import datetime as dt
 import pytest
 
 from tests.aws_strict import policy_allows
+from tests.cloud_support import fake_aws_env
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's account
@@ -26,10 +27,7 @@ TAG = "qlab:deployment"
 
 @pytest.fixture(autouse=True)
 def fake_aws(monkeypatch):
-    for k, v in {"AWS_ACCESS_KEY_ID": "AKIAQLABTESTKEY12345", "AWS_SECRET_ACCESS_KEY": "qlabFakeSecret",
-                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": REGION,
-                 "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}.items():
-        monkeypatch.setenv(k, v)
+    fake_aws_env(monkeypatch, region=REGION)
 
 
 @pytest.fixture
