@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -123,8 +124,21 @@ def strict_aws() -> Iterator[StrictAWS]:
         c = Call(client.meta.service_model.service_name, operation_name, api_params, client.meta.region_name, client)
         return strict.call(original, c)
 
-    with mock_aws(), mock.patch.object(botocore.client.BaseClient, "_make_api_call", make_api_call):
-        yield strict
+    # moto rebuilds every backend when the mock ends; AWS's managed IAM policies (~2.5 s to load)
+    # are not needed again then
+    key = "MOTO_IAM_LOAD_MANAGED_POLICIES"
+    saved = os.environ.get(key)
+    try:
+        with mock_aws(), mock.patch.object(botocore.client.BaseClient, "_make_api_call", make_api_call):
+            try:
+                yield strict
+            finally:
+                os.environ[key] = "false"
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
 
 
 # --- the rules: each takes the call (and the call before it) and returns (error code, message) or None

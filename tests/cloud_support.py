@@ -10,12 +10,14 @@ FAKE_SECRET = "qlabFakeSecretAccessKeyDoNotUse1234567890"
 
 
 def fake_aws_env(monkeypatch, *, region: str = "us-east-1", key_id: str = FAKE_KEY_ID, secret: str = FAKE_SECRET,
-                 state: Path | None = None, session_token: bool = True) -> None:
+                 state: Path | None = None, session_token: bool = True, managed_policies: bool = False) -> None:
     """boto3 sees only these credentials and no config file; qlab's AWS retries and waiters run
-    without waiting (they keep their count)."""
+    without waiting (they keep their count). `managed_policies`: moto loads AWS's managed IAM
+    policies (AmazonSSMManagedInstanceCore, which `up` attaches) — about 2.5 s per test, so only
+    where a role is made."""
     env = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": region,
            "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-           "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}
+           "MOTO_IAM_LOAD_MANAGED_POLICIES": "true" if managed_policies else "false"}
     if state is not None:
         env["QLAB_CLOUD_STATE"] = str(state)
     for k, v in env.items():

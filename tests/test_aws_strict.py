@@ -192,9 +192,10 @@ def test_describe_instances_right_after_run_instances_fails_once():
         assert c.describe_instances(InstanceIds=[iid])["Reservations"]
 
 
-def test_a_host_role_may_do_only_what_its_policy_allows():
+def test_a_host_role_may_do_only_what_its_policy_allows(monkeypatch):
     """As an Agent host and as a Connector host, with the policies qlab.cloud.iam writes for them
     (and AmazonSSMManagedInstanceCore attached, which allows ssm:GetParameter on everything)."""
+    monkeypatch.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
     from qlab.cloud.iam import SSM_CORE, host_policy
 
     with strict_aws() as strict:
@@ -310,7 +311,8 @@ def test_what_the_evaluator_cannot_judge_raises():
             policy_allows([{"Statement": [st]}], "s3:GetObject", "arn:aws:s3:::b/k")
 
 
-def test_role_documents_collects_inline_and_attached_managed_policies():
+def test_role_documents_collects_inline_and_attached_managed_policies(monkeypatch):
+    monkeypatch.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
     with strict_aws():
         iam = boto3.client("iam", region_name="us-east-1")
         iam.create_role(RoleName="r", AssumeRolePolicyDocument="{}")

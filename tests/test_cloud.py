@@ -17,7 +17,7 @@ from tests.cloud_support import FAKE_KEY_ID, FAKE_SECRET, fake_aws_env, stand_in
 
 @pytest.fixture(autouse=True)
 def fake_aws(monkeypatch, tmp_path):
-    fake_aws_env(monkeypatch, state=tmp_path / "state")
+    fake_aws_env(monkeypatch, state=tmp_path / "state", managed_policies=True)
 
 
 

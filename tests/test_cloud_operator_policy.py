@@ -32,7 +32,7 @@ from tests.cloud_support import fake_aws_env, stand_in_wheel
 @pytest.fixture(autouse=True)
 def fake_aws(monkeypatch, tmp_path):
     fake_aws_env(monkeypatch, key_id="AKIAQLABOPERATOR0001", secret="operator-test-secret", state=tmp_path / "state",
-                 session_token=False)
+                 session_token=False, managed_policies=True)
 
 
 

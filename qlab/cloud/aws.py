@@ -76,7 +76,8 @@ class Cloud:
     def __init__(self, region: str, *, profile: str | None = None, endpoint_url: str | None = None) -> None:
         import boto3
 
-        self.session = boto3.Session(profile_name=profile, region_name=region or None)
+        self.session = boto3.Session(botocore_session=_botocore_session(), profile_name=profile,
+                                     region_name=region or None)
         self.region = region or self.session.region_name or ""
         if not self.region:
             raise ValueError("no AWS region: pass --region or set one in your AWS profile or AWS_REGION")
@@ -99,6 +100,23 @@ class Cloud:
         if not self._account:
             self._account = str(self.client("sts").get_caller_identity()["Account"])
         return self._account
+
+
+_LOADER: Any = None
+
+
+def _botocore_session() -> Any:
+    """A new botocore session (its own credentials and config) sharing one loader of AWS's service
+    models: each session would otherwise parse the EC2 model (megabytes of JSON) again."""
+    import botocore.session
+
+    global _LOADER
+    session = botocore.session.get_session()
+    if _LOADER is None:
+        _LOADER = session.get_component("data_loader")
+    else:
+        session.register_component("data_loader", _LOADER)
+    return session
 
 
 def default_region(profile: str | None = None) -> str:
