@@ -32,10 +32,10 @@ def fake_aws(monkeypatch):
 
 @pytest.fixture
 def sleeps(monkeypatch):
-    from qlab.cloud import reaper
+    from qlab.cloud import aws as cloud_aws
 
     waited: list[float] = []
-    monkeypatch.setattr(reaper, "SLEEP", waited.append)
+    monkeypatch.setattr(cloud_aws, "SLEEP", waited.append)
     return waited
 
 

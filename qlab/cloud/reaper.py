@@ -10,13 +10,14 @@ past a failure and the result lists what was left.
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from qlab.cloud import aws
 from qlab.cloud.aws import Cloud, error_code
 from qlab.cloud.spec import ID_RE, TAG
+from qlab.roles.control import Backoff
 
 # AWS is eventually consistent: a dependency just removed (an association, a NAT gateway's address)
 # may still be reported for a while, and a busy account is throttled. Those answers mean "not yet".
@@ -36,13 +37,12 @@ ATTEMPTS = 8  # delays 1, 2, 4, 8, 15, 15, 15 s: about a minute before a step is
 OWN_ATTEMPTS = 20  # about four minutes, for the steps after the reaper's host lost its address
 NAT_WAIT_ATTEMPTS = 40  # at 15 s at most: ten minutes (a NAT gateway usually takes one or two)
 LIVE_INSTANCE = ("pending", "running", "stopping", "stopped")
-SLEEP: Callable[[float], None] = time.sleep  # tests replace it to run retries without waiting
 
 
 def attempt(step: str, call: Callable[[], Any], errors: list[str], *, attempts: int = ATTEMPTS) -> bool:
     """`call()`, again after bounded exponential backoff while AWS answers "not yet"; True once it
     succeeded or the resource was already gone, False (and the error recorded) otherwise."""
-    delay = 1.0
+    backoff = Backoff(1.0, 15.0, jitter=0.0)  # counted tries: the delays are part of the bound
     for n in range(attempts):
         try:
             call()
@@ -55,8 +55,7 @@ def attempt(step: str, call: Callable[[], Any], errors: list[str], *, attempts: 
             if not temporary or n == attempts - 1:
                 errors.append(f"{step}: {code or type(exc).__name__}: {exc}")
                 return False
-            SLEEP(delay)
-            delay = min(2 * delay, 15.0)
+            aws.SLEEP(backoff.next())
     return False
 
 
@@ -199,7 +198,7 @@ class _Reaper:
                 states = {}
             if states and all(s == "deleted" for s in states.values()):
                 return
-            SLEEP(delay)
+            aws.SLEEP(delay)
             delay = min(2 * delay, 15.0)
         if gateways:
             self.errors.append(f"NAT gateways {gateways} not deleted after waiting; their addresses may stay")
