@@ -176,12 +176,13 @@ def cmd_reap(args) -> int:
 def cmd_logs(args) -> int:
     """Each instance's boot log (its serial console: cloud-init prints the user data's output there)."""
     from qlab.cloud.deploy import tagged_instances
+    from qlab.cloud.spec import tag_map
 
     for region in _regions_of(args, args.id):
         cloud = _cloud(args, region)
         ec2 = cloud.client("ec2")
         for inst in tagged_instances(cloud, args.id):
-            name = next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "Name"), inst["InstanceId"])
+            name = tag_map(inst).get("Name", inst["InstanceId"])
             if args.host and not name.endswith(f"-{args.host}"):
                 continue
             raw = ec2.get_console_output(InstanceId=inst["InstanceId"], Latest=True).get("Output") or ""

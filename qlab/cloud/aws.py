@@ -126,13 +126,18 @@ def default_region(profile: str | None = None) -> str:
     return boto3.Session(profile_name=profile).region_name or ""
 
 
-def explain(exc: BaseException) -> str:
-    """One line for an error of a cloud step: what AWS or boto3 said, without a traceback."""
+def brief(exc: BaseException) -> str:
+    """An error as its AWS code and message (or its type and text), on one line."""
     code = error_code(exc)
     if code:
-        message = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
-        op = getattr(exc, "operation_name", "")
-        return f"AWS refused {op}: {code}: {message}".replace("\n", " ")
+        return f"{code}: {getattr(exc, 'response', {}).get('Error', {}).get('Message', '')}".replace("\n", " ")
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def explain(exc: BaseException) -> str:
+    """One line for an error of a cloud step: what AWS or boto3 said, without a traceback."""
+    if error_code(exc):
+        return f"AWS refused {getattr(exc, 'operation_name', '')}: {brief(exc)}"
     name = type(exc).__name__
     hints = {
         "NoCredentialsError": "no AWS credentials found (boto3's chain: environment, profile, SSO)",

@@ -20,8 +20,9 @@ from typing import Any
 from qlab.cloud import aws
 from qlab.cloud import iam as host_iam
 from qlab.cloud.aws import Cloud, error_code, explain, not_yet, retry
+from qlab.cloud.inventory import holds
 from qlab.cloud.plan import QuotaError, plan
-from qlab.cloud.spec import ID_RE, PRICES, TAG, DeploymentSpec, bucket_name, check_id
+from qlab.cloud.spec import ID_RE, PRICES, TAG, DeploymentSpec, bucket_name, check_id, tag_filter, tag_map
 from qlab.cloud.state import load_state, save_state, state_dir
 from qlab.cloud.up import Up, nat_ruleset
 from qlab.nat.spec import PRESET_NAMES
@@ -75,13 +76,8 @@ def exists(deployment_id: str, cloud: Cloud) -> str:
     (IAM is global: another region's deployment of that id has them)."""
     if (state_dir() / f"{deployment_id}.json").exists():
         return f"local state in {state_dir()}"
-    ec2 = cloud.client("ec2")
-    f = [{"Name": f"tag:{TAG}", "Values": [deployment_id]}]
-    if tagged_instances(cloud, deployment_id) or ec2.describe_vpcs(Filters=f)["Vpcs"] \
-            or ec2.describe_addresses(Filters=f)["Addresses"]:
-        return f"resources tagged with it in {cloud.region}"
-    if cloud.client("ssm").get_parameters_by_path(Path=f"/qlab/{deployment_id}/", Recursive=True)["Parameters"]:
-        return f"SSM parameters under /qlab/{deployment_id}/"
+    if holds(cloud, deployment_id):
+        return f"resources or SSM parameters of it in {cloud.region}"
     iam = cloud.client("iam")
     for role, _ in host_iam.role_names(deployment_id):
         with contextlib.suppress(iam.exceptions.NoSuchEntityException):
@@ -97,8 +93,7 @@ def tagged_instances(cloud: Cloud, deployment_id: str, *, live_only: bool = True
     """The deployment's instances; `live_only` drops terminated and shutting-down ones."""
     ec2 = cloud.client("ec2")
     out = []
-    for page in ec2.get_paginator("describe_instances").paginate(
-            Filters=[{"Name": f"tag:{TAG}", "Values": [check_id(deployment_id)]}]):
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=tag_filter(deployment_id)):
         for r in page["Reservations"]:
             for i in r["Instances"]:
                 if not live_only or i["State"]["Name"] not in ("terminated", "shutting-down"):
@@ -114,7 +109,7 @@ def status(deployment_id: str, cloud: Cloud) -> dict:
 
 
 def _name(inst: dict) -> str:
-    return next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "Name"), inst["InstanceId"])
+    return tag_map(inst).get("Name", inst["InstanceId"])
 
 
 # --- down ---------------------------------------------------------------------------------------
@@ -134,7 +129,7 @@ class _Down:
     def __init__(self, deployment_id: str, cloud: Cloud, say: Step, patience: float) -> None:
         self.did, self.cloud, self.say, self.patience = deployment_id, cloud, say, patience
         self.ec2 = cloud.client("ec2")
-        self.f = [{"Name": f"tag:{TAG}", "Values": [deployment_id]}]
+        self.f = tag_filter(deployment_id)
         self.errors: list[str] = []
 
     def step(self, what: str, call: Callable[[], Any]) -> None:
@@ -272,7 +267,7 @@ def _empty_and_delete(s3: Any, bucket: str) -> None:
 
 def leftovers(deployment_id: str, cloud: Cloud) -> dict:
     ec2, ssm, iam = (cloud.client(n) for n in ("ec2", "ssm", "iam"))
-    f = [{"Name": f"tag:{TAG}", "Values": [check_id(deployment_id)]}]
+    f = tag_filter(deployment_id)
     roles = []
     for role, _ in host_iam.role_names(deployment_id):
         with contextlib.suppress(iam.exceptions.NoSuchEntityException):

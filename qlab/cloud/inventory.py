@@ -13,8 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from qlab.cloud.aws import Cloud, error_code
-from qlab.cloud.spec import ID_RE, PRICES, TAG
+from qlab.cloud.aws import Cloud, brief, error_code
+from qlab.cloud.spec import PRICES, TAG, tag_filter, tag_map, tag_time
 
 CloudFor = Callable[[str], Cloud]
 FIELDS = ("region", "kind", "id", "deployment", "name", "state", "created", "age_h", "expires", "hourly_usd",
@@ -32,36 +32,12 @@ def all_regions(cloud: Cloud) -> list[str]:
     return sorted(r["RegionName"] for r in regions if r.get("OptInStatus") != "not-opted-in")
 
 
-def _explain(exc: BaseException) -> str:
-    code = error_code(exc)
-    return f"{code}: {exc}" if code else f"{type(exc).__name__}: {exc}"
-
-
-def _tags(resource: dict) -> dict[str, str]:
-    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
-
-
-def _time(value: Any) -> dt.datetime | None:
-    if isinstance(value, dt.datetime):
-        t = value
-    else:
-        try:
-            t = dt.datetime.fromisoformat(str(value))
-        except ValueError:
-            return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
-
-
 def _filters(deployment_id: str | None) -> list[dict]:
-    if deployment_id is None:
-        return [{"Name": "tag-key", "Values": [TAG]}]
-    if not ID_RE.match(deployment_id):  # EC2 tag filters expand * and ?: never a pattern
-        raise ValueError(f"not a deployment id: {deployment_id!r}")
-    return [{"Name": f"tag:{TAG}", "Values": [deployment_id]}]
+    return [{"Name": "tag-key", "Values": [TAG]}] if deployment_id is None else tag_filter(deployment_id)
 
 
 def _ours(resource: dict, deployment_id: str | None) -> bool:
-    value = _tags(resource).get(TAG)
+    value = tag_map(resource).get(TAG)
     return value is not None and (deployment_id is None or value == deployment_id)
 
 
@@ -69,7 +45,7 @@ def _row(region: str, kind: str, rid: str, tags: dict[str, str], state: str, cre
          hourly: float | None, now: dt.datetime, note: str = "") -> dict:
     """One billable resource: age and cost from `created` and `hourly` (None when unknown)."""
     age = max(0.0, (now - created).total_seconds() / 3600) if created else None
-    expires = _time(tags["qlab:expires"]) if "qlab:expires" in tags else None
+    expires = tag_time(tags["qlab:expires"]) if "qlab:expires" in tags else None
     return {"region": region, "kind": kind, "id": rid, "deployment": tags.get(TAG), "name": tags.get("Name"),
             "state": state, "created": created.isoformat() if created else None,
             "age_h": round(age, 2) if age is not None else None, "expires": tags.get("qlab:expires"),
@@ -96,7 +72,7 @@ def _instance_rows(ec2: Any, region: str, f: list[dict], did: str | None, now: d
             elif i.get("PublicIpAddress") and i["PublicIpAddress"] not in elastic:
                 price, note = price + PRICES["public_ipv4"], "includes its public IPv4 address"
             # LaunchTime is the last start: an instance stopped and started again counts from there
-            rows.append(_row(region, "instance", i["InstanceId"], _tags(i), state, _time(i["LaunchTime"]),
+            rows.append(_row(region, "instance", i["InstanceId"], tag_map(i), state, tag_time(i["LaunchTime"]),
                              price, now, note))
     return rows
 
@@ -106,8 +82,8 @@ def _address_rows(ec2: Any, region: str, f: list[dict], did: str | None, now: dt
     no creation time for an Elastic IP, so qlab's own `qlab:created` tag dates it."""
     rows = []
     for a in (a for a in ec2.describe_addresses(Filters=f)["Addresses"] if _ours(a, did)):
-        tags = _tags(a)
-        created = _time(tags["qlab:created"]) if "qlab:created" in tags else None
+        tags = tag_map(a)
+        created = tag_time(tags["qlab:created"]) if "qlab:created" in tags else None
         state = "associated" if a.get("AssociationId") else "unassociated"
         rows.append(_row(region, "elastic_ip", a["AllocationId"], tags, state, created, PRICES["public_ipv4"], now,
                          "" if created else "no qlab:created tag: age unknown"))
@@ -118,7 +94,7 @@ def _gateway_rows(ec2: Any, region: str, f: list[dict], did: str | None, now: dt
     rows = []
     for page in ec2.get_paginator("describe_nat_gateways").paginate(Filters=f):
         for g in (g for g in page["NatGateways"] if _ours(g, did) and g["State"] != "deleted"):
-            rows.append(_row(region, "nat_gateway", g["NatGatewayId"], _tags(g), g["State"], _time(g["CreateTime"]),
+            rows.append(_row(region, "nat_gateway", g["NatGatewayId"], tag_map(g), g["State"], tag_time(g["CreateTime"]),
                              PRICES["nat_gateway"], now, "plus data processed per GB (not counted)"))
     return rows
 
@@ -131,7 +107,7 @@ def _region_rows(cloud: Cloud, region: str, did: str | None, now: dt.datetime) -
 
 def _error_row(region: str, exc: BaseException) -> dict:
     row: dict = dict.fromkeys(FIELDS)
-    row.update(region=region, kind="error", overdue=False, note=_explain(exc))
+    row.update(region=region, kind="error", overdue=False, note=brief(exc))
     return row
 
 
@@ -167,7 +143,7 @@ def _buckets(cloud_for_region: CloudFor, regions: list[str], did: str | None) ->
 def _bucket_rows(cloud_for_region: CloudFor, regions: list[str], did: str | None, now: dt.datetime) -> list[dict]:
     rows = []
     for region, b, tags in _buckets(cloud_for_region, regions, did):
-        created = _time(tags["qlab:created"]) if "qlab:created" in tags else _time(b.get("CreationDate"))
+        created = tag_time(tags["qlab:created"]) if "qlab:created" in tags else tag_time(b.get("CreationDate"))
         rows.append(_row(region, "bucket", b["Name"], tags, "exists", created, None, now,
                          "storage bills per GB-month (not counted)"))
     return rows
@@ -202,7 +178,7 @@ def billable(cloud_for_region: CloudFor, regions: list[str], *, now: dt.datetime
     return sorted(rows, key=lambda r: (order.get(r["region"], len(order)), r["kind"], r["id"] or ""))
 
 
-def _holds(cloud: Cloud, deployment_id: str) -> bool:
+def holds(cloud: Cloud, deployment_id: str) -> bool:
     """Anything of the deployment in this region: a live instance, an address, a NAT gateway, a VPC
     (its subnets and security groups are inside it) or an SSM parameter."""
     ec2, f = cloud.client("ec2"), _filters(deployment_id)
@@ -232,9 +208,9 @@ def deployment_regions(deployment_id: str, cloud_for_region: CloudFor, regions: 
 
     def one(region: str) -> bool:
         try:
-            return _holds(cloud_for_region(region), deployment_id)
+            return holds(cloud_for_region(region), deployment_id)
         except Exception as exc:
-            errors.append(f"{region}: {_explain(exc)}")
+            errors.append(f"{region}: {brief(exc)}")
             return True
 
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(regions))) as pool:
@@ -242,5 +218,5 @@ def deployment_regions(deployment_id: str, cloud_for_region: CloudFor, regions: 
     try:
         found |= {region for region, _, _ in _buckets(cloud_for_region, regions, deployment_id)}
     except Exception as exc:
-        errors.append(f"s3: {_explain(exc)}")
+        errors.append(f"s3: {brief(exc)}")
     return [r for r in regions if r in found]

@@ -15,8 +15,8 @@ from functools import partial
 from typing import Any
 
 from qlab.cloud import aws
-from qlab.cloud.aws import Cloud, error_code
-from qlab.cloud.spec import ID_RE, TAG
+from qlab.cloud.aws import Cloud, brief, error_code
+from qlab.cloud.spec import TAG, check_id, tag_filter, tag_map, tag_time
 from qlab.roles.control import Backoff
 
 # AWS is eventually consistent: a dependency just removed (an association, a NAT gateway's address)
@@ -53,47 +53,35 @@ def attempt(step: str, call: Callable[[], Any], errors: list[str], *, attempts: 
                 return True
             temporary = code in RETRYABLE or type(exc).__name__ in NETWORK_ERRORS
             if not temporary or n == attempts - 1:
-                errors.append(f"{step}: {code or type(exc).__name__}: {exc}")
+                errors.append(f"{step}: {brief(exc)}")
                 return False
             aws.SLEEP(backoff.next())
     return False
 
 
-def _tags(resource: dict) -> dict[str, str]:
-    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
-
-
-def _parse_time(value: str) -> dt.datetime | None:
-    try:
-        t = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
-
-
 def _find(ec2: Any, deployment_id: str) -> dict[str, list[dict]]:
     """Everything of the deployment that bills by the hour, as EC2 describes it now (terminated
     instances and deleted gateways too: their tags still tell the expiry)."""
-    f = [{"Name": f"tag:{TAG}", "Values": [deployment_id]}]
+    f = tag_filter(deployment_id)
     instances = [i for page in ec2.get_paginator("describe_instances").paginate(Filters=f)
                  for r in page["Reservations"] for i in r["Instances"]]
     gateways = [g for page in ec2.get_paginator("describe_nat_gateways").paginate(Filters=f)
                 for g in page["NatGateways"]]
     # EC2 filters by tag server-side; checking again costs nothing and keeps a lenient endpoint honest
-    own = [r for r in instances + gateways if _tags(r).get(TAG) == deployment_id]
+    own = [r for r in instances + gateways if tag_map(r).get(TAG) == deployment_id]
     return {"instances": [i for i in own if "InstanceId" in i],
             "nat_gateways": [g for g in own if "NatGatewayId" in g], "elastic_ips": _addresses(ec2, deployment_id)}
 
 
 def _addresses(ec2: Any, deployment_id: str) -> list[dict]:
-    f = [{"Name": f"tag:{TAG}", "Values": [deployment_id]}]
-    return [a for a in ec2.describe_addresses(Filters=f)["Addresses"] if _tags(a).get(TAG) == deployment_id]
+    f = tag_filter(deployment_id)
+    return [a for a in ec2.describe_addresses(Filters=f)["Addresses"] if tag_map(a).get(TAG) == deployment_id]
 
 
 def expiry(found: dict[str, list[dict]]) -> dt.datetime | None:
     """The deployment's expiry: the latest `qlab:expires` any of its resources carries (they all carry
     the same one; if they ever differ, the reaper waits for the last)."""
-    times = [_parse_time(_tags(r).get("qlab:expires", "")) for rs in found.values() for r in rs]
+    times = [tag_time(tag_map(r).get("qlab:expires", "")) for rs in found.values() for r in rs]
     known = [t for t in times if t is not None]
     return max(known) if known else None
 
@@ -108,8 +96,7 @@ def reap(deployment_id: str, cloud: Cloud, *, now: dt.datetime | None = None, fo
          self_instance: str | None = None) -> dict:
     """Delete the deployment's NAT gateways, Elastic IPs and instances once its TTL has passed (or
     with `force`). `self_instance`, the instance the reaper runs on, goes last. Idempotent."""
-    if not ID_RE.match(deployment_id):  # EC2 tag filters expand * and ?: never a pattern
-        raise ValueError(f"not a deployment id: {deployment_id!r}")
+    check_id(deployment_id)  # EC2 tag filters expand * and ?: never a pattern
     ec2 = cloud.client("ec2")
     now = now or dt.datetime.now(dt.UTC)
     found = _find(ec2, deployment_id)
@@ -193,7 +180,7 @@ class _Reaper:
                           self.ec2.describe_nat_gateways(NatGatewayIds=gateways)["NatGateways"]}
             except Exception as exc:
                 if error_code(exc) not in RETRYABLE | GONE:
-                    self.errors.append(f"DescribeNatGateways: {error_code(exc) or type(exc).__name__}: {exc}")
+                    self.errors.append(f"DescribeNatGateways: {brief(exc)}")
                     return
                 states = {}
             if states and all(s == "deleted" for s in states.values()):
@@ -235,8 +222,7 @@ def reaper_policy(deployment_id: str, region: str, account: str) -> dict:
     required resource, must still carry the tag. The Describe* actions support no resource-level
     permissions, so they take "*".
     """
-    if not ID_RE.match(deployment_id):
-        raise ValueError(f"not a deployment id: {deployment_id!r}")
+    check_id(deployment_id)
     arn = f"arn:aws:ec2:{region}:{account}"
     own = {"StringEquals": {f"aws:ResourceTag/{TAG}": deployment_id}}
     return {"Version": "2012-10-17", "Statement": [

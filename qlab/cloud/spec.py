@@ -7,6 +7,7 @@ import datetime as dt
 import re
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from qlab.nat.spec import preset
 
@@ -39,6 +40,29 @@ def check_id(deployment_id: str) -> str:
         raise ValueError(f"not a deployment id: {deployment_id!r} ('qlab-' and up to 26 lowercase letters, "
                          "digits and '-')")
     return deployment_id
+
+
+def tag_filter(deployment_id: str) -> list[dict]:
+    """The EC2 filter for one deployment's resources (the id checked first: never a pattern)."""
+    return [{"Name": f"tag:{TAG}", "Values": [check_id(deployment_id)]}]
+
+
+def tag_map(resource: dict) -> dict[str, str]:
+    """A resource's tags as EC2 lists them, as a dict."""
+    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
+
+
+def tag_time(value: Any) -> dt.datetime | None:
+    """A time from a tag (ISO 8601) or from EC2 (a datetime), in UTC when it names no zone; None
+    when it is not one."""
+    if isinstance(value, dt.datetime):
+        t = value
+    else:
+        try:
+            t = dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 def bucket_name(deployment_id: str, account: str, region: str) -> str:
