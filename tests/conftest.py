@@ -36,3 +36,13 @@ def creds(certs_dir):
     from qlab.certs import Credentials
 
     return Credentials.load(certs_dir)
+
+
+@pytest.fixture(scope="session")
+def published_report(tmp_path_factory) -> Path:
+    """One small published report (two Agent NATs, one trial per cell) for every test that reads
+    the HTML: the report tests and the browser checks share it."""
+    from qlab.study.report import run_report
+
+    root = tmp_path_factory.mktemp("report")
+    return run_report(trials=1, presets="full_cone,symmetric", root=root, progress=False)
