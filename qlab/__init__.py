@@ -19,3 +19,21 @@ def __getattr__(name: str) -> ModuleType:
                       f"release", DeprecationWarning, stacklevel=2)
         return importlib.import_module(_MOVED[name])
     raise AttributeError(f"module 'qlab' has no attribute {name!r}")
+
+
+def load(campaigns=None, root=None, *, backend: str | None = None, profile: str | None = None):
+    """Trials of one or many campaigns as a tidy pandas DataFrame (one row per trial, typed
+    columns, list columns as lists); None = every campaign in the results folder. See
+    `qlab.study.results.load`."""
+    from qlab.study.results import load as load_results
+
+    return load_results(campaigns, root, backend=backend, profile=profile)
+
+
+def compare(a, b, root=None):
+    """Two campaigns (ids, folders or DataFrames from `load`) side by side, per NAT pair: rates
+    with intervals and medians of each, and the differences. See `qlab.study.analysis.compare`."""
+    from qlab.study.analysis import compare as compare_frames
+
+    frames = [x if hasattr(x, "columns") else load(x, root) for x in (a, b)]
+    return compare_frames(*frames)

@@ -22,6 +22,8 @@ for var, sub in (
 ):
     os.environ[var] = str(Path(_HOME, sub))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# a test that forgets `root=` writes here, never into the checkout's results/
+os.environ["QLAB_RESULTS"] = str(Path(_HOME, "results"))
 
 
 @pytest.fixture(scope="session")

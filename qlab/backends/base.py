@@ -54,7 +54,7 @@ class Backend(Protocol, Generic[E]):
     def run(self, env: E, main: Main[T]) -> T: ...
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(RuntimeError, ValueError):
     """The backend cannot run here; the message says what is missing."""
 
 
@@ -105,17 +105,27 @@ class LoopbackEnvironment:
         raise BackendUnavailable("the loopback backend has no NAT")
 
 
+def check_loopback(nats: list[str], profile: str) -> None:
+    """The loopback backend runs only hosts on the internet (`public`) over an ideal link (`lan`):
+    refuse anything else before a trial starts, not as a failed record after it."""
+    from qlab.scenario.profiles import profile as get_profile
+
+    behind = sorted({n for n in nats if n != "public"})  # NAT presets, or a topology's router names
+    if behind:
+        raise BackendUnavailable(f"the loopback backend has no NAT ({', '.join(behind)}): use --backend sim "
+                                 "or netns, or NAT preset public")
+    if not get_profile(profile).ideal:
+        raise BackendUnavailable(f"the loopback backend cannot add delay or loss (profile {profile}): use "
+                                 "--backend sim or netns, or profile lan")
+
+
 class LoopbackBackend:
     name = "loopback"
     parallel = True
 
     @contextmanager
     def environment(self, topology: Topology, seed: int) -> Iterator[LoopbackEnvironment]:
-        if topology.routers:
-            raise BackendUnavailable(
-                "the loopback backend has no NAT: use --backend sim or --backend netns for NAT presets")
-        if topology.profile.ideal is False:
-            raise BackendUnavailable("the loopback backend cannot add delay or loss: use sim or netns")
+        check_loopback([r.name for r in topology.routers], topology.profile.name)
         yield LoopbackEnvironment(topology)
 
     def run(self, env: LoopbackEnvironment, main: Main[T]) -> T:

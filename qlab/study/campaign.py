@@ -2,7 +2,8 @@
 and a seed; run with progress, durably, resumable.
 
 Every trial has a fixed index and seed (derived from the campaign seed, the cell and the index), so
-`resume` runs exactly the missing ones. A trial that raises is recorded as `failed` with its error,
+`resume` runs exactly the missing ones. A campaign's manifest is its contract: running an existing id
+with other settings is refused (`ManifestMismatch`), and `resume` runs the manifest's settings. A trial that raises is recorded as `failed` with its error,
 never dropped. Trials run in worker processes where the backend allows (sim), in order otherwise.
 """
 
@@ -19,19 +20,24 @@ import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from qlab import __version__
+from qlab.backends.base import BACKENDS, check_loopback
 from qlab.certs import default_certs
 from qlab.experiment.record import TrialResult, TrialSpec
 from qlab.experiment.trial import run_trial
 from qlab.nat.spec import expected_outcome, parse_presets
 from qlab.scenario.profiles import profile as get_profile
-from qlab.study.results import CampaignStore, campaign_dir, check_id
+from qlab.study.results import CampaignStore, campaign_dir, check_id, find_campaign
 
 log = logging.getLogger("qlab.study.campaign")
+
+
+class ManifestMismatch(ValueError):
+    """A campaign id that exists was asked to run with other settings than its manifest's."""
 
 
 @dataclass
@@ -52,10 +58,14 @@ class CampaignSpec:
         if isinstance(self.connector_nats, str):
             self.connector_nats = parse_presets(self.connector_nats)
         get_profile(self.profile)
-        if self.backend not in ("sim", "netns", "loopback"):
-            raise ValueError(f"unknown backend {self.backend!r}")
-        if not 1 <= self.trials <= 10000:
-            raise ValueError("trials per cell must be between 1 and 10000")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
+        if self.backend == "loopback":
+            check_loopback([*self.agent_nats, *self.connector_nats], self.profile)
+        for name, lo, hi in (("trials", 1, 10000), ("samples", 1, 10000)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
         if not self.campaign_id:
             agents = self.agent_nats[0] if len(self.agent_nats) == 1 else "multi"
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
@@ -135,9 +145,13 @@ def failed_record(spec: TrialSpec, exc: BaseException) -> dict:
 def run(spec: CampaignSpec, *, root: Path | str | None = None, workers: int | None = None, progress: bool = True,
         on_result: Callable[[dict], None] | None = None) -> Path:
     """Run (or continue) a campaign; returns its folder. Ctrl-C keeps every finished trial."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a whole number of at least 1, got {workers!r}")
     d = campaign_dir(spec.campaign_id, root)
     store = CampaignStore(d)
-    if not (d / "manifest.json").exists():
+    if (d / "manifest.json").exists():
+        check_contract(spec, store.manifest())
+    else:
         store.write_manifest(manifest_for(spec))
     done = {r["trial_id"] for r in store.records()}
     todo = [t for t in spec.trial_specs() if t.trial_id not in done]
@@ -179,12 +193,38 @@ def run(spec: CampaignSpec, *, root: Path | str | None = None, workers: int | No
     return d
 
 
-def resume(campaign_id: str, *, root: Path | str | None = None, progress: bool = True) -> Path:
-    d = campaign_dir(campaign_id, root)
-    if not (d / "manifest.json").exists():
-        raise FileNotFoundError(f"no campaign {campaign_id!r} under {d.parent}")
-    params = CampaignStore(d).manifest()["parameters"]
-    return run(CampaignSpec(**params), root=root, progress=progress)
+def check_contract(spec: CampaignSpec, manifest: dict) -> None:
+    """Refuse to add trials of other settings to a campaign: one line naming every difference."""
+    asked = asdict(spec)
+    have = _manifest_spec(manifest)
+    diff = [f"{k}={_show(have[k])} (asked {_show(asked[k])})" for k in asked
+            if k != "campaign_id" and have[k] != asked[k]]
+    if diff:
+        raise ManifestMismatch(f"campaign {spec.campaign_id} exists with other settings: {'; '.join(diff)}; "
+                               f"use another id, or `qlab campaign resume {spec.campaign_id}` to complete it")
+
+
+def _manifest_spec(manifest: dict) -> dict:
+    """The manifest's parameters as CampaignSpec fields (a key an older qlab did not write takes its
+    default, which is what that qlab ran)."""
+    params = manifest.get("parameters", {})
+    unknown = set(params) - {f.name for f in fields(CampaignSpec)}
+    if unknown:
+        raise ManifestMismatch(f"campaign {manifest.get('campaign_id')} was written by another qlab "
+                               f"(unknown settings: {', '.join(sorted(unknown))})")
+    return asdict(CampaignSpec(**{**params, "campaign_id": manifest.get("campaign_id") or params.get("campaign_id")}))
+
+
+def _show(v: object) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def resume(campaign_id: str, *, root: Path | str | None = None, progress: bool = True,
+           workers: int | None = None) -> Path:
+    """Complete a campaign with exactly its manifest's settings."""
+    d = find_campaign(campaign_id, root)
+    spec = CampaignSpec(**_manifest_spec(CampaignStore(d).manifest()))
+    return run(spec, root=root, progress=progress, workers=workers)
 
 
 class _Progress:

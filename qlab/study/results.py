@@ -1,9 +1,13 @@
 """The results store: one folder per campaign, every trial durable before the next one starts.
 
-    results/<campaign-id>/manifest.json   what ran: versions, parameters, seed, times, host
-    results/<campaign-id>/trials.jsonl    one TrialResult per line, appended and fsynced per trial
-    results/<campaign-id>/trials.parquet  the same table, rewritten atomically at checkpoints
-    results/<campaign-id>/trials.csv      the same, for people without pyarrow
+    <results>/<campaign-id>/manifest.json   what ran: versions, parameters, seed, times, host
+    <results>/<campaign-id>/trials.jsonl    one TrialResult per line, appended and fsynced per trial
+    <results>/<campaign-id>/trials.parquet  the same table, rewritten atomically at checkpoints
+    <results>/<campaign-id>/trials.csv      the same, for people without pyarrow
+
+<results> is one folder wherever qlab runs (`results_root`): the CLI in the project, a JupyterLab
+kernel started in `notebooks/`, papermill and `make report` all read and write the project's
+`results/` (or `$QLAB_RESULTS`).
 
 The JSONL is the record of truth; the tables need pandas (the `lab` extra) and are not written
 without it (an AWS host runs the slim runtime: its folder is manifest.json and trials.jsonl).
@@ -15,6 +19,7 @@ schema is the TrialResult dataclass; docs/results.md describes every column.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -24,7 +29,6 @@ from typing import TYPE_CHECKING
 
 from qlab.experiment.record import ADDED_FIELDS, OUTCOMES, TrialResult
 
-RESULTS_DIR = Path(os.environ.get("QLAB_RESULTS", "results"))
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 JSON_COLUMNS = ("agent_candidates", "connector_candidates", "predicted_ports", "path_events", "extra")
 REQUIRED = [f.name for f in dataclasses.fields(TrialResult) if f.name not in ADDED_FIELDS]
@@ -43,8 +47,36 @@ def check_id(campaign_id: str) -> str:
     return campaign_id
 
 
+def results_root(root: Path | str | None = None) -> Path:
+    """The results folder: `root` if given, else `$QLAB_RESULTS`, else `<project>/results` where the
+    project is the nearest folder at or above the working directory holding `pyproject.toml` (so a
+    kernel that JupyterLab starts in `notebooks/` finds the same folder as the CLI), else
+    `./results`. Relative paths are taken from the working directory."""
+    if root:
+        return Path(root).expanduser()
+    if os.environ.get("QLAB_RESULTS"):
+        return Path(os.environ["QLAB_RESULTS"]).expanduser()
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file():
+            return folder / "results"
+    return here / "results"
+
+
 def campaign_dir(campaign_id: str, root: Path | str | None = None) -> Path:
-    return Path(root or RESULTS_DIR) / check_id(campaign_id)
+    return results_root(root) / check_id(campaign_id)
+
+
+def find_campaign(campaign_id: str, root: Path | str | None = None) -> Path:
+    """The folder of an existing campaign, or FileNotFoundError naming the root and close ids."""
+    d = campaign_dir(campaign_id, root)
+    if (d / "manifest.json").is_file():
+        return d
+    ids = [c["id"] for c in list_campaigns(root)]
+    close = difflib.get_close_matches(campaign_id, ids, n=3, cutoff=0.6)
+    hint = (f"; did you mean {' or '.join(close)}?" if close else
+            f"; {len(ids)} campaign(s) there (qlab campaign ls)" if ids else "; it holds no campaign")
+    raise FileNotFoundError(f"no campaign {campaign_id!r} under {d.parent}{hint}")
 
 
 def validate_record(rec: dict) -> dict:
@@ -81,7 +113,12 @@ class CampaignStore:
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise NotADirectoryError(f"results folder {self.dir}: a file is in the way") from None
+        except OSError as exc:  # read-only, permission, a file where a folder belongs
+            raise type(exc)(f"results folder {self.dir}: {exc.strerror}") from None
         self.jsonl = self.dir / "trials.jsonl"
 
     def write_manifest(self, manifest: dict) -> None:
@@ -161,35 +198,77 @@ def _unflatten(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def load(campaigns: str | Path | Iterable[str | Path], root: Path | str | None = None) -> pd.DataFrame:
-    """A DataFrame of one or many campaigns (ids under `root`, or folders), schema-checked.
+def load(campaigns: str | Path | Iterable[str | Path] | None = None, root: Path | str | None = None, *,
+         backend: str | None = None, profile: str | None = None) -> pd.DataFrame:
+    """A tidy DataFrame of one or many campaigns (ids under the results root, or folders; None =
+    every campaign there), schema-checked and typed as the TrialResult fields say (numbers as
+    floats or nullable ints, flags as bools, list columns as lists). `backend` and `profile`
+    keep only those rows.
 
     Reads trials.parquet when present, else trials.csv, else the durable trials.jsonl.
     """
     import pandas as pd
 
-    items = [campaigns] if isinstance(campaigns, (str, Path)) else list(campaigns)
-    frames = []
-    for item in items:
-        d = Path(item) if Path(item).is_dir() else campaign_dir(str(item), root)
-        if not d.is_dir():
-            raise FileNotFoundError(f"no campaign at {d}")
-        store = CampaignStore(d)
-        records = store.records()
-        if (d / "trials.parquet").exists() and _rows(d / "trials.parquet") == len(records):
-            df = _unflatten(pd.read_parquet(d / "trials.parquet"))
-        elif (d / "trials.csv").exists() and records and _csv_rows(d / "trials.csv") == len(records):
-            df = _unflatten(pd.read_csv(d / "trials.csv", keep_default_na=True))
-        else:
-            df = to_frame(records)
-        missing = [c for c in REQUIRED if c not in df.columns]
-        if missing:
-            raise SchemaError(f"{d}: columns missing: {', '.join(missing)}")
-        bad = set(df["outcome"]) - set(OUTCOMES)
-        if bad:
-            raise SchemaError(f"{d}: unknown outcomes {bad}")
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else to_frame([])
+    if campaigns is None:
+        items: list[str | Path] = [c["id"] for c in list_campaigns(root)]
+    else:
+        items = [campaigns] if isinstance(campaigns, (str, Path)) else list(campaigns)
+    frames = [_load_one(Path(item) if Path(item).is_dir() else find_campaign(str(item), root)) for item in items]
+    df = typed(pd.concat(frames, ignore_index=True) if frames else to_frame([]))
+    if backend is not None:
+        df = df[df["backend"] == backend].reset_index(drop=True)
+    if profile is not None:
+        df = df[df["profile"] == profile].reset_index(drop=True)
+    return df
+
+
+def _load_one(d: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    records = CampaignStore(d).records()
+    if (d / "trials.parquet").exists() and _rows(d / "trials.parquet") == len(records):
+        df = _unflatten(pd.read_parquet(d / "trials.parquet"))
+    elif (d / "trials.csv").exists() and records and _csv_rows(d / "trials.csv") == len(records):
+        df = _unflatten(pd.read_csv(d / "trials.csv", keep_default_na=True))
+    else:
+        df = to_frame(records)
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise SchemaError(f"{d}: columns missing: {', '.join(missing)}")
+    bad = set(df["outcome"]) - set(OUTCOMES)
+    if bad:
+        raise SchemaError(f"{d}: unknown outcomes {bad}")
+    return df
+
+
+def _column_kinds() -> dict[str, str]:
+    """TrialResult's annotations, reduced to the pandas dtype each column gets."""
+    kinds = {}
+    for f in dataclasses.fields(TrialResult):
+        t = str(f.type)
+        kinds[f.name] = ("float64" if t.startswith("float") else "Int64" if t.startswith("int") else
+                         "bool" if t == "bool" else "str" if t.startswith("str") else "object")
+    return kinds
+
+
+def typed(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns in the types the record declares, whichever file they came from (a CSV gives
+    strings and floats where the JSONL gave ints and None)."""
+    import pandas as pd
+
+    out = df.copy()
+    for col, kind in _column_kinds().items():
+        if col not in out.columns:
+            continue
+        if kind == "float64":
+            out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
+        elif kind == "Int64":
+            out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
+        elif kind == "bool":
+            out[col] = out[col].map(lambda v: v if isinstance(v, bool) else str(v).lower() == "true").astype(bool)
+        elif kind == "str":
+            out[col] = out[col].map(lambda v: "" if v is None or (isinstance(v, float) and v != v) else str(v))
+    return out
 
 
 def _rows(path: Path) -> int:
@@ -211,13 +290,27 @@ def _csv_rows(path: Path) -> int:
 
 
 def list_campaigns(root: Path | str | None = None) -> list[dict]:
-    r = Path(root or RESULTS_DIR)
+    """Every campaign under the results root: id, backend, profile, cells, trials per cell, total
+    and done trials, finished, started_at (oldest first by id). A folder whose manifest cannot be
+    read is listed with its `error`, not skipped."""
+    r = results_root(root)
     out = []
     if r.is_dir():
         for d in sorted(r.iterdir()):
-            if (d / "manifest.json").exists():
-                m = json.loads((d / "manifest.json").read_text())
-                out.append({"id": d.name, "backend": m.get("backend"), "cells": len(m.get("cells", [])),
-                            "trials_per_cell": m.get("trials"), "done": len(CampaignStore(d).records()),
-                            "finished": m.get("finished_at") is not None})
+            if (d / "manifest.json").is_file():
+                out.append(_summary(d))
     return out
+
+
+def _summary(d: Path) -> dict:
+    try:
+        m = json.loads((d / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return {"id": d.name, "error": f"unreadable manifest: {exc}"}
+    params = m.get("parameters", {})
+    cells, per_cell = len(m.get("cells", [])), m.get("trials")
+    return {"id": d.name, "backend": m.get("backend"), "profile": m.get("profile"), "cells": cells,
+            "trials_per_cell": per_cell, "total": cells * per_cell if isinstance(per_cell, int) else None,
+            "done": len(CampaignStore(d).records()), "finished": m.get("finished_at") is not None,
+            "started_at": m.get("started_at"),
+            **{k: params[k] for k in ("birthday", "punch_anyway") if params.get(k)}}
