@@ -162,6 +162,13 @@ ADDED_FIELDS = ("rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_
                 "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch")
 
 
+def error_text(exc: BaseException) -> str:
+    """An exception as a record's `error`: its type and message, and what an empty message means
+    (asyncio's timeouts carry none, which left reports reading just "TimeoutError:")."""
+    message = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "no message")
+    return f"{type(exc).__name__}: {message}"
+
+
 def is_direct(outcome: str) -> bool:
     return outcome.startswith("direct")
 

@@ -31,6 +31,7 @@ from qlab.experiment.record import (
     Outcome,
     TrialResult,
     TrialSpec,
+    error_text,
     is_direct,
     judge,
     punch_state,
@@ -256,7 +257,7 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials) -> Trial
             srv, connector, ct = res.intermediate or srv, res.connector or connector, res.ct or ct
     except Exception as exc:  # recorded, never dropped: a failing trial is a result too
         log.exception("trial %s failed", spec.trial_id)
-        error = f"{type(exc).__name__}: {exc}"
+        error = error_text(exc)
     finally:
         for role in (side, ct, connector, srv, echo):
             if role is not None:

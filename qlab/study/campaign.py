@@ -27,7 +27,7 @@ from typing import Any
 from qlab import __version__
 from qlab.backends.base import BACKENDS, check_loopback
 from qlab.certs import default_certs
-from qlab.experiment.record import TrialResult, TrialSpec
+from qlab.experiment.record import TrialResult, TrialSpec, error_text
 from qlab.experiment.trial import run_trial
 from qlab.nat.spec import expected_outcome, parse_presets
 from qlab.scenario.profiles import profile as get_profile
@@ -135,7 +135,7 @@ def failed_record(spec: TrialSpec, exc: BaseException) -> dict:
         connector_candidates=[], agent_probes=0, connector_probes=0, predicted_ports=[], working_pair="",
         rtt_relay_n=0, rtt_direct_n=0, relay_bytes_out=0, relay_bytes_in=0, direct_bytes_out=0,
         direct_bytes_in=0, verify_sent=0, verify_received=0, path_events=[], measured_with="",
-        error=f"{type(exc).__name__}: {exc}", extra={}, rtt_relay_sent=0, rtt_relay_received=0,
+        error=error_text(exc), extra={}, rtt_relay_sent=0, rtt_relay_received=0,
         rtt_direct_sent=0, rtt_direct_received=0, echo_direct_answered_on_relay=0,
         echo_relay_answered_on_direct=0, punch="none",
     )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlab.certs import Credentials
-from qlab.experiment.record import TrialResult, TrialSpec
+from qlab.experiment.record import TrialResult, TrialSpec, error_text
 from qlab.experiment.trial import AgentSide, side_result, trial_traversal_config
 from qlab.experiment.trial import off_loop as _off_loop
 from qlab.nat.spec import PRESET_NAMES
@@ -124,7 +124,7 @@ async def field_trial(spec: TrialSpec, creds: Credentials, intermediate: tuple[s
         await side.run()
     except Exception as exc:  # a failing trial is a result too
         log.warning("trial %s failed: %s", spec.trial_id, exc)
-        error = f"{type(exc).__name__}: {exc}"
+        error = error_text(exc)
     finally:
         if side is not None:
             side.close()
@@ -153,7 +153,7 @@ async def _probe(ps: ProbeSpec, root, on_result) -> Path:
         try:
             verdict = await classify_here(ps.intermediate, creds, ps.bind)
         except Exception as exc:  # classification failing must not cost the trials
-            verdict = {"preset": None, "error": f"{type(exc).__name__}: {exc}"}
+            verdict = {"preset": None, "error": error_text(exc)}
     agent_nat = ps.agent_nat or verdict.get("preset") or UNKNOWN
     manifest = {
         "campaign_id": ps.campaign_id, "backend": ps.label, "profile": "internet",
