@@ -27,7 +27,7 @@ sysdeps:
 	fi
 
 report: $(STAMP)
-	$(BIN)/qlab report
+	@$(BIN)/qlab report
 
 test: sysdeps $(STAMP)
 	$(BIN)/ruff check qlab tests benchmarks
