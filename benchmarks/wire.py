@@ -47,7 +47,7 @@ def load(on: bool):
     if on:
         procs += [subprocess.Popen(["sh", "-c", "while :; do :; done"], start_new_session=True) for _ in range(2)]
         trials = ("while :; do {py} -m qlab.cli.main trial --backend netns --agent-nat port_restricted "
-                  "--connector-nat full_cone --profile wan-20ms --compact >/dev/null 2>&1; done")
+                  "--connector-nat full_cone --profile wan-20ms --json >/dev/null 2>&1; done")
         procs.append(subprocess.Popen(["sh", "-c", trials.format(py=sys.executable)], start_new_session=True))
         time.sleep(2.0)  # the first trial's lab is up
     try:

@@ -202,7 +202,7 @@ def test_trial_command_punches_anyway_and_proves_with_the_relay_on(capsys):
     from qlab.cli.main import main
 
     assert main(["trial", "--agent-nat", "symmetric", "--connector-nat", "symmetric", "--punch-anyway",
-                 "--relay-stays-on", "--samples", "5", "--compact"]) == 0
+                 "--relay-stays-on", "--samples", "5", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["punch"] == "attempted" and rec["agent_probes"] > 0 and rec["outcome"] == "relay"
     assert "the relay stayed on" in rec["measured_with"]

@@ -1,12 +1,31 @@
-"""`qlab campaign run|resume|ls` and `qlab report`."""
+"""`qlab campaign run|resume|ls|show` and `qlab report`.
+
+`ls` and `show` print tables read from the durable trials.jsonl (no pandas needed: the slim runtime
+of an AWS host has these commands too); `--json` prints the same as one line of JSON.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+from collections import Counter
+from pathlib import Path
 
+from qlab.backends.base import BACKENDS
+from qlab.cli.table import pairs, table, text
+from qlab.cli.util import RESULTS_HELP, example, positive_int
 from qlab.scenario.profiles import PROFILE_NAMES
+
+NATS_HELP = "NAT preset, comma list, or all (required: all x all is 36 cells, 1,080 trials at --trials 30)"
+JSON_HELP = "one line of JSON instead of the table"
+
+
+def _interrupted(campaign_id: str) -> int:
+    print(f"interrupted: every finished trial is kept; continue with `qlab campaign resume {campaign_id}`",
+          file=sys.stderr)
+    return 130
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -15,30 +34,108 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = campaign.CampaignSpec(backend=args.backend, agent_nats=args.agent_nat, connector_nats=args.connector_nat,
                                  profile=args.profile, trials=args.trials, seed=args.seed,
                                  campaign_id=args.id or "", samples=args.samples, punch_anyway=args.punch_anyway)
+    folder = results.campaign_dir(spec.campaign_id, args.results)
+    print(f"campaign {spec.campaign_id}: {len(spec.cells)} cell(s) x {spec.trials} trial(s) = "
+          f"{len(spec.cells) * spec.trials} trial(s) on {spec.backend}, profile {spec.profile} -> {folder}",
+          flush=True)  # stdout: stderr is for the progress bar and errors
     try:
-        folder = campaign.run(spec, root=args.results, workers=args.workers)
+        campaign.run(spec, root=args.results, workers=args.workers)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: every finished trial is kept; continue with `qlab campaign resume {spec.campaign_id}`",
-              file=sys.stderr)
-        return 130
-    df = results.load(folder)
-    print(f"campaign {spec.campaign_id}: {len(df)} trials, {int(df.as_expected.sum())} as expected -> {folder}")
+        return _interrupted(spec.campaign_id)
+    print(campaign_table(campaign_summary(folder)))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from qlab.study import campaign
 
-    folder = campaign.resume(args.id, root=args.results)
-    print(f"campaign {args.id} complete -> {folder}")
+    try:
+        folder = campaign.resume(args.id, root=args.results, workers=args.workers)
+    except KeyboardInterrupt:
+        return _interrupted(args.id)
+    print(campaign_table(campaign_summary(folder)))
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from qlab.study import results
 
-    print(json.dumps(results.list_campaigns(args.results), indent=1))
+    root = results.results_root(args.results)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"results root {root} is not a directory")
+    rows = results.list_campaigns(root)
+    if args.json:
+        print(json.dumps(rows))
+    elif not rows:
+        print(f"no campaigns under {root}")
+    else:
+        print(table(("id", "backend", "profile", "cells", "trials/cell", "done", "of", "finished", "started"),
+                    [(c["id"], c.get("backend"), c.get("profile"), c.get("cells"), c.get("trials_per_cell"),
+                      c.get("done"), c.get("total"), text(c.get("finished")) if "error" not in c else c["error"],
+                      (c.get("started_at") or "")[:19]) for c in rows]))
     return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from qlab.study import results
+
+    summary = campaign_summary(results.find_campaign(args.id, args.results))
+    print(json.dumps(summary) if args.json else campaign_table(summary))
+    return 0
+
+
+def _median(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def cell_summary(expected: str | None, recs: list[dict]) -> dict:
+    """One cell's counts and medians (of the trials' own p50s), and its most frequent reason."""
+    from qlab.experiment.record import is_direct
+
+    reasons = Counter(r["reason"] for r in recs if r["reason"])
+    top = reasons.most_common(1)
+    return {
+        "n": len(recs), "direct": sum(is_direct(r["outcome"]) for r in recs),
+        "relay": sum(r["outcome"] == "relay" for r in recs), "failed": sum(r["outcome"] == "failed" for r in recs),
+        "expected": expected or (recs[0]["expected"] if recs else None),
+        "as_expected": sum(bool(r["as_expected"]) for r in recs),
+        "ttd_p50_ms": _median([r["ttd_ms"] for r in recs]),
+        "rtt_direct_p50_ms": _median([r["rtt_direct_p50_ms"] for r in recs]),
+        "rtt_relay_p50_ms": _median([r["rtt_relay_p50_ms"] for r in recs]),
+        "top_reason": f"{top[0][0]} ({top[0][1]} of {len(recs)})" if top else "",
+    }
+
+
+def campaign_summary(folder: Path) -> dict:
+    """A campaign's manifest settings and, per cell (in the manifest's order), what its trials did."""
+    from qlab.study.results import CampaignStore
+
+    store = CampaignStore(folder)
+    m = store.manifest()
+    by_cell: dict[tuple[str, str], list[dict]] = {(a, c): [] for a, c in m.get("cells", [])}
+    for r in store.records():
+        by_cell.setdefault((r["agent_nat"], r["connector_nat"]), []).append(r)
+    expected = m.get("expected", {})
+    cells = [{"agent_nat": a, "connector_nat": c, **cell_summary(expected.get(f"{a}|{c}"), recs)}
+             for (a, c), recs in by_cell.items()]
+    return {"id": folder.name, "folder": str(folder), "backend": m.get("backend"), "profile": m.get("profile"),
+            "trials_per_cell": m.get("trials"), "seed": m.get("seed"), "started_at": m.get("started_at"),
+            "finished_at": m.get("finished_at"), "cells": cells}
+
+
+def campaign_table(s: dict) -> str:
+    done = sum(c["n"] for c in s["cells"])
+    finished = s["finished_at"] or f"no: `qlab campaign resume {s['id']}` runs the rest"
+    head = pairs([("campaign", s["id"]), ("backend", s["backend"]), ("profile", s["profile"]),
+                  ("trials", f"{s['trials_per_cell']} per cell, {done} done"), ("seed", s["seed"]),
+                  ("started", s["started_at"]), ("finished", finished), ("folder", s["folder"])])
+    body = table(("agent", "connector", "N", "direct", "relay", "failed", "expected", "as expected",
+                  "ttd p50 ms", "direct RTT p50 ms", "relay RTT p50 ms", "top reason"),
+                 [(c["agent_nat"], c["connector_nat"], c["n"], c["direct"], c["relay"], c["failed"], c["expected"],
+                   c["as_expected"], c["ttd_p50_ms"], c["rtt_direct_p50_ms"], c["rtt_relay_p50_ms"], c["top_reason"])
+                  for c in s["cells"]])
+    return f"{head}\n\n{body}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -51,35 +148,61 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("campaign", help="campaigns of trials and their results store")
-    cs = c.add_subparsers(dest="campaign_command", required=True)
-    r = cs.add_parser("run", help="run a campaign (agent NATs x connector NATs x trials)")
-    r.add_argument("--backend", default="sim", choices=("sim", "netns", "loopback"))
-    r.add_argument("--agent-nat", default="all", help="preset, comma list, or all")
-    r.add_argument("--connector-nat", default="all", help="preset, comma list, or all")
-    r.add_argument("--profile", default="wan-20ms", choices=PROFILE_NAMES)
-    r.add_argument("--trials", type=int, default=30, help="per cell")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--samples", type=int, default=20, help="echo samples per path per trial")
+    c = sub.add_parser("campaign", help="campaigns of trials and their results store",
+                       epilog=example("qlab campaign run --agent-nat all --connector-nat symmetric --trials 10",
+                                      "qlab campaign ls"))
+    cs = c.add_subparsers(dest="campaign_command", required=True, metavar="COMMAND")
+    _register_run(cs)
+    rs = cs.add_parser("resume", help="complete an interrupted campaign with its manifest's settings",
+                       epilog=example("qlab campaign resume 20261128-042000-sim-full_cone-1a2b"))
+    rs.add_argument("id", help="the campaign id (qlab campaign ls)")
+    rs.add_argument("--workers", type=positive_int, default=None,
+                    help="trial processes (default: one per CPU on sim, 1 otherwise)")
+    rs.add_argument("--results", default=None, help=RESULTS_HELP)
+    rs.set_defaults(func=cmd_resume)
+    ls = cs.add_parser("ls", help="the campaigns under the results folder, as a table",
+                       epilog=example("qlab campaign ls", "qlab campaign ls --results /tmp/qlab --json"))
+    ls.add_argument("--json", action="store_true", help=JSON_HELP)
+    ls.add_argument("--results", default=None, help=RESULTS_HELP)
+    ls.set_defaults(func=cmd_ls)
+    sh = cs.add_parser("show", help="one campaign's settings and, per cell, its outcomes and medians",
+                       epilog=example("qlab campaign show 20261128-042000-sim-full_cone-1a2b"))
+    sh.add_argument("id", help="the campaign id (qlab campaign ls)")
+    sh.add_argument("--json", action="store_true", help=JSON_HELP)
+    sh.add_argument("--results", default=None, help=RESULTS_HELP)
+    sh.set_defaults(func=cmd_show)
+
+    rp = sub.add_parser("report", help="run the default campaigns and publish the HTML report",
+                        epilog=example("qlab report --trials 10"))
+    rp.add_argument("--backend", default="sim", choices=("sim", "netns"), help="where the campaigns run")
+    rp.add_argument("--trials", type=positive_int, default=30, help="trials per cell")
+    rp.add_argument("--presets", default="all", help="agent NAT presets (one campaign each)")
+    rp.add_argument("--profile", default="wan-20ms", choices=PROFILE_NAMES, help="link profile")
+    rp.add_argument("--results", default=None, help=RESULTS_HELP)
+    rp.add_argument("--out", default=None, help="where the HTML goes (default: <results>/reports)")
+    rp.set_defaults(func=cmd_report)
+
+
+def _register_run(cs: argparse._SubParsersAction) -> None:
+    r = cs.add_parser("run", help="run a campaign (agent NATs x connector NATs x trials)",
+                      description="Run a campaign: every (agent NAT, connector NAT) cell, --trials times, durably "
+                                  "(Ctrl-C keeps every finished trial; `qlab campaign resume ID` runs the rest). "
+                                  "The NATs are required, so a bare `campaign run` never starts 1,080 trials; "
+                                  "the size is printed before the first trial.",
+                      epilog=example("qlab campaign run --agent-nat all --connector-nat symmetric --trials 10"))
+    r.add_argument("--agent-nat", required=True, metavar="NATS", help=NATS_HELP)
+    r.add_argument("--connector-nat", required=True, metavar="NATS", help=NATS_HELP)
+    r.add_argument("--backend", default="sim", choices=BACKENDS, help="where the trials run (loopback: public, lan)")
+    r.add_argument("--profile", default="wan-20ms", choices=PROFILE_NAMES, help="link profile")
+    r.add_argument("--trials", type=positive_int, default=30, help="trials per cell")
+    r.add_argument("--seed", type=int, default=0, help="the campaign's seed (each trial's is derived from it)")
+    r.add_argument("--samples", type=positive_int, default=20, help="echo samples per path per trial")
     r.add_argument("--punch-anyway", action="store_true",
                    help="punch even when both sides are endpoint-dependent (policy skips it; the table says relay)")
-    r.add_argument("--id", default=None, help="campaign id (default: date-backend-nat-random)")
-    r.add_argument("--workers", type=int, default=None)
-    r.add_argument("--results", default="results")
+    r.add_argument("--id", default=None,
+                   help="campaign id (default: date-backend-nat-random); an existing id continues that campaign "
+                        "if the settings match")
+    r.add_argument("--workers", type=positive_int, default=None,
+                   help="trial processes (default: one per CPU on sim, 1 otherwise)")
+    r.add_argument("--results", default=None, help=RESULTS_HELP)
     r.set_defaults(func=cmd_run)
-    rs = cs.add_parser("resume", help="complete an interrupted campaign")
-    rs.add_argument("id")
-    rs.add_argument("--results", default="results")
-    rs.set_defaults(func=cmd_resume)
-    ls = cs.add_parser("ls", help="campaigns under the results folder")
-    ls.add_argument("--results", default="results")
-    ls.set_defaults(func=cmd_ls)
-
-    rp = sub.add_parser("report", help="run the default campaigns and publish the HTML report")
-    rp.add_argument("--backend", default="sim", choices=("sim", "netns"))
-    rp.add_argument("--trials", type=int, default=30, help="per cell")
-    rp.add_argument("--presets", default="all", help="agent NAT presets (one campaign each)")
-    rp.add_argument("--profile", default="wan-20ms", choices=PROFILE_NAMES)
-    rp.add_argument("--results", default="results")
-    rp.add_argument("--out", default=None, help="default: <results>/reports")
-    rp.set_defaults(func=cmd_report)

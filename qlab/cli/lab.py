@@ -15,9 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qlab.cli.roles import PRESETS_HELP
+from qlab.cli.util import example, positive_int
 from qlab.nat.spec import PRESET_NAMES
 from qlab.scenario.profiles import PROFILE_NAMES
 from qlab.scenario.topology import SCENARIOS, build
+
+RUN_HELP = "the lab's run id (default: the only lab that is up)"
 
 
 def _pick(run: str | None) -> dict:
@@ -127,24 +131,31 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    lab = sub.add_parser("lab", help="the kernel NAT lab in network namespaces (root)")
+    lab = sub.add_parser("lab", help="the kernel NAT lab in network namespaces (root)",
+                         epilog=example("sudo qlab lab up --agent-nat symmetric", "sudo qlab lab down --all"))
     lsub = lab.add_subparsers(dest="lab_command", required=True)
-    up = lsub.add_parser("up", help="build a lab and leave it running")
-    up.add_argument("--agent-nat", choices=PRESET_NAMES, default="port_restricted")
-    up.add_argument("--connector-nat", choices=PRESET_NAMES, default="port_restricted")
-    up.add_argument("--profile", choices=PROFILE_NAMES, default="lan")
-    up.add_argument("--scenario", choices=SCENARIOS, default="pair")
-    up.add_argument("--agents", type=int, default=1)
+    up = lsub.add_parser("up", help="build a lab and leave it running",
+                         epilog=example("sudo qlab lab up --agent-nat symmetric --profile wan-20ms"))
+    up.add_argument("--agent-nat", choices=PRESET_NAMES, metavar="PRESET", default="port_restricted",
+                    help=f"the Agent's {PRESETS_HELP}")
+    up.add_argument("--connector-nat", choices=PRESET_NAMES, metavar="PRESET", default="port_restricted",
+                    help=f"the Connector's {PRESETS_HELP}")
+    up.add_argument("--profile", choices=PROFILE_NAMES, default="lan", help="link profile")
+    up.add_argument("--scenario", choices=SCENARIOS, default="pair", help="where the hosts sit")
+    up.add_argument("--agents", type=positive_int, default=1, help="Agent hosts (scenario multi_agent)")
     up.set_defaults(func=cmd_up)
-    st = lsub.add_parser("status", help="labs that are up, and their namespaces")
+    st = lsub.add_parser("status", help="labs that are up, and their namespaces (JSON)",
+                         epilog=example("sudo qlab lab status"))
     st.set_defaults(func=cmd_status)
-    ex = lsub.add_parser("exec", help="run a command inside a lab host: qlab lab exec HOST -- CMD")
-    ex.add_argument("--run", default=None)
-    ex.add_argument("host")
-    ex.add_argument("cmd", nargs=argparse.REMAINDER)
+    ex = lsub.add_parser("exec", help="run a command inside a lab host: qlab lab exec HOST -- CMD",
+                         epilog=example("sudo qlab lab exec agent -- ip addr"))
+    ex.add_argument("--run", default=None, help=RUN_HELP)
+    ex.add_argument("host", help="a host of the lab: agent, connector, intermediate, nat-a, ...")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     ex.set_defaults(func=cmd_exec)
-    ck = lsub.add_parser("check", help="measure a lab that is up against its NAT specs and link profile")
-    ck.add_argument("--run", default=None)
+    ck = lsub.add_parser("check", help="measure a lab that is up against its NAT specs and link profile",
+                         epilog=example("sudo qlab lab check --samples 200"))
+    ck.add_argument("--run", default=None, help=RUN_HELP)
     ck.add_argument("--samples", type=int, default=100, help="ICMP round trips per path")
     ck.add_argument("--rounds", type=int, default=3,
                     help="measure a path whose round fails again, up to this many rounds")
@@ -153,11 +164,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ck.add_argument("--p50-above", type=float, default=None, metavar="MS",
                     help="how far above the profile a path's RTT p50 may be (default: as --p50-tolerance)")
     ck.add_argument("--p95-slack", type=float, default=3.0, metavar="MS",
-                    help="how far above the profile (plus its jitter) a path's RTT p95 may be (3 ms)")
+                    help="how far above the profile (plus its jitter) a path's RTT p95 may be")
     ck.add_argument("--no-refresh", action="store_true", help="skip the binding-refresh check (5 s per NAT)")
     ck.add_argument("--json", action="store_true", help="the rows as JSON")
     ck.set_defaults(func=cmd_check)
-    dn = lsub.add_parser("down", help="tear a lab down (--all: everything qlab left behind)")
-    dn.add_argument("--run", default=None)
-    dn.add_argument("--all", action="store_true")
+    dn = lsub.add_parser("down", help="tear a lab down (--all: everything qlab left behind)",
+                         epilog=example("sudo qlab lab down --all"))
+    dn.add_argument("--run", default=None, help=RUN_HELP)
+    dn.add_argument("--all", action="store_true", help="every namespace and wire qlab left behind")
     dn.set_defaults(func=cmd_down)

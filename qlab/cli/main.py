@@ -14,11 +14,12 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from qlab import __version__, wire
+from qlab.backends.base import BackendUnavailable
 from qlab.cli import campaign as campaign_cli
 from qlab.cli import cloud as cloud_cli
 from qlab.cli import lab as lab_cli
 from qlab.cli import roles as roles_cli
-from qlab.cli.util import parse_addr, parse_advertise
+from qlab.cli.util import Parser, example, parse_addr, parse_advertise, positive_int
 
 
 def _setup_logging(verbose: int) -> None:
@@ -174,9 +175,11 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlab", description="A lab for QUIC NAT traversal.")
+    p = Parser(prog="qlab", description="A lab for QUIC NAT traversal.",
+               epilog=example("qlab trial --agent-nat port_restricted --connector-nat symmetric_seq",
+                              "qlab COMMAND --help"))
     p.add_argument("--version", action="version", version=f"qlab {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for QUIC internals)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for QUIC internals); an error shows its traceback")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (_certs_and_intermediate, _connector_agent_echo, *_EXTENSIONS):
         register(sub)
@@ -184,16 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _certs_and_intermediate(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("certs", help="the deployment's CA, leaf certificates and secrets")
+    c = sub.add_parser("certs", help="the deployment's CA, leaf certificates and secrets",
+                       epilog=example("qlab certs init ./certs"))
     csub = c.add_subparsers(dest="certs_command", required=True)
     ci = csub.add_parser("init", help="create a CA, leaves for intermediate.qlab and connector.qlab, the root "
-                                      "secret and the Agent's and Connector's secrets (all keys and secrets 0600)")
-    ci.add_argument("dir")
+                                      "secret and the Agent's and Connector's secrets (all keys and secrets 0600)",
+                        epilog=example("qlab certs init ./certs"))
+    ci.add_argument("dir", help="where to write them (created)")
     ci.add_argument("--force", action="store_true", help="replace an existing CA")
     ci.set_defaults(func=cmd_certs_init)
 
-    i = sub.add_parser("intermediate", help="run the Intermediate Server")
-    i.add_argument("--listen", type=lambda s: parse_addr(s, 4433), default=("0.0.0.0", 4433), help="HOST:PORT (4433)")
+    i = sub.add_parser("intermediate", help="run the Intermediate Server",
+                       epilog=example("qlab intermediate --certs ./certs --listen 0.0.0.0:4433 --metrics 127.0.0.1:9100"))
+    i.add_argument("--listen", type=lambda s: parse_addr(s, 4433), default=("0.0.0.0", 4433), metavar="HOST:PORT",
+                   help="where clients connect (default: 0.0.0.0:4433; port alone: 4433)")
     i.add_argument("--alt", type=parse_addr, action="append",
                    help="extra HOST:PORT for NAT classification (repeat: alternate port, alternate IP, both)")
     i.add_argument("--advertise", type=parse_advertise, action="append", metavar="LOCAL_IP=PUBLIC_IP",
@@ -203,46 +210,54 @@ def _certs_and_intermediate(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--tls-key", default=None, help="the key of --tls-cert")
     i.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
     i.add_argument("--policy", default=None, help="JSON access policy (per-client secrets and services)")
-    i.add_argument("--sessions-per-client", type=int, default=64, help="open sessions per client identity (role, name)")
-    i.add_argument("--max-sessions", type=int, default=10_000, help="open sessions in total")
+    i.add_argument("--sessions-per-client", type=positive_int, default=64, help="open sessions per client identity (role, name)")
+    i.add_argument("--max-sessions", type=positive_int, default=10_000, help="open sessions in total")
     i.add_argument("--session-idle", type=float, default=1800.0, help="seconds without traffic before a session is closed")
     i.set_defaults(func=cmd_intermediate)
 
 
 def _connector_agent_echo(sub: argparse._SubParsersAction) -> None:
-    cn = sub.add_parser("connector", help="run an App Connector")
-    cn.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True)
-    cn.add_argument("--service", required=True)
+    cn = sub.add_parser("connector", help="run an App Connector",
+                        epilog=example("qlab connector --intermediate relay.example.org:4433 --service echo "
+                                       "--forward 127.0.0.1:9999 --certs ./certs"))
+    cn.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True, metavar="HOST[:PORT]",
+                    help="the Intermediate (port default 4433)")
+    cn.add_argument("--service", required=True, help="the service name Agents ask for")
     cn.add_argument("--forward", type=parse_addr, required=True, help="HOST:PORT of the application (UDP)")
-    cn.add_argument("--p2p-port", type=int, default=4434, help="the one UDP port for everything (4434; 0 = any)")
-    cn.add_argument("--bind", default="0.0.0.0")
-    cn.add_argument("--name", default="connector")
+    cn.add_argument("--p2p-port", type=int, default=4434, help="the one UDP port for everything (0 = any)")
+    cn.add_argument("--bind", default="0.0.0.0", help="local address (0.0.0.0: any)")
+    cn.add_argument("--name", default="connector", help="this Connector's name (in its certificate's role)")
     cn.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
-    cn.add_argument("--certs", required=True)
+    cn.add_argument("--certs", required=True, help="directory made by `qlab certs init`")
     cn.add_argument("--intermediate-name", default=None,
                    help="the Intermediate's public DNS name, verified against public CAs (Let's Encrypt)")
     cn.set_defaults(func=cmd_connector)
 
-    a = sub.add_parser("agent", help="run an Agent: open a session and send echo probes through it")
-    a.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True)
-    a.add_argument("--service", required=True)
+    a = sub.add_parser("agent", help="run an Agent: open a session and send echo probes through it",
+                       epilog=example("qlab agent --intermediate relay.example.org:4433 --service echo "
+                                      "--certs ./certs --ping 20"))
+    a.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True, metavar="HOST[:PORT]",
+                   help="the Intermediate (port default 4433)")
+    a.add_argument("--service", required=True, help="the service to open a session to")
     a.add_argument("--ping", type=int, default=10, help="number of echo probes")
     a.add_argument("--size", type=int, default=64, help="payload bytes per probe")
     a.add_argument("--sizes", default=None, help="comma-separated payload sizes to send once each ('max' allowed)")
     a.add_argument("--interval", type=float, default=20.0, help="ms between probes")
     a.add_argument("--timeout", type=float, default=5.0, help="seconds for connect and session setup")
-    a.add_argument("--bind", default="0.0.0.0")
-    a.add_argument("--port", type=int, default=0)
-    a.add_argument("--name", default="agent")
+    a.add_argument("--bind", default="0.0.0.0", help="local address (0.0.0.0: any)")
+    a.add_argument("--port", type=int, default=0, help="local UDP port (0: any)")
+    a.add_argument("--name", default="agent", help="this Agent's name")
     a.add_argument("--expect-connector", default=None, metavar="NAME",
                    help="refuse a session (and a direct path) served by any other Connector")
-    a.add_argument("--certs", required=True)
+    a.add_argument("--certs", required=True, help="directory made by `qlab certs init`")
     a.add_argument("--intermediate-name", default=None,
                    help="the Intermediate's public DNS name, verified against public CAs (Let's Encrypt)")
     a.set_defaults(func=cmd_agent)
 
-    e = sub.add_parser("echo", help="run the lab's application: a UDP echo")
-    e.add_argument("--listen", type=lambda s: parse_addr(s, 9999), default=("127.0.0.1", 9999))
+    e = sub.add_parser("echo", help="run the lab's application: a UDP echo",
+                       epilog=example("qlab echo --listen 127.0.0.1:9999"))
+    e.add_argument("--listen", type=lambda s: parse_addr(s, 9999), default=("127.0.0.1", 9999), metavar="HOST:PORT",
+                   help="where to answer (default: 127.0.0.1:9999; port alone: 9999)")
     e.set_defaults(func=cmd_echo)
 
 
@@ -282,11 +297,23 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("qlab").setLevel(logging.WARNING)  # lab commands print results, not role chatter
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"qlab: {exc}", file=sys.stderr)
+    except (ValueError, OSError, BackendUnavailable) as exc:
+        if args.verbose:  # -v: the whole story, for a bug report
+            raise
+        print(f"qlab: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def one_line(exc: BaseException) -> str:
+    """A user error in one line: bad parameters (ValueError, a campaign's ManifestMismatch), a path that
+    cannot be used (OSError: not a directory, read-only, missing), a backend that cannot run here."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":
