@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import time
@@ -252,3 +253,15 @@ def test_trial_help_lists_the_presets_and_classify_offers_only_its_flags():
 def test_verbose_shows_the_traceback_for_a_bug_report():
     r = qlab("-v", "trial", "--backend", "loopback")
     assert r.returncode != 0 and "Traceback" in r.stderr and "BackendUnavailable" in r.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_error(tmp_path):
+    """`qlab campaign ls | head -1`: the pipe closes, qlab stops quietly (141, as a shell reports SIGPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([*QLAB, "campaign", "ls", "--results", str(tmp_path)], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")

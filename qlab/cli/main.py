@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("qlab").setLevel(logging.WARNING)  # lab commands print results, not role chatter
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `qlab ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush is quiet too
+        return 141
     except (ValueError, OSError, BackendUnavailable) as exc:
         if args.verbose:  # -v: the whole story, for a bug report
             raise
