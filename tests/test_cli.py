@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -156,6 +157,13 @@ def test_trial_prints_a_table_and_json_on_request(capsys):
         assert out.count("\n") == 1  # one line: a record per line, for machines
         rec = json.loads(out)
         assert rec["outcome"] == "direct_wan" and rec["rtt_direct_n"] > 0 and "path_events" in rec
+    from qlab.cli.roles import trial_table
+
+    faulted = {**rec, "failover_ms": 1517.0, "echo_gap_ms": None,
+               "extra": {"fault": {"fault": "rebind", "path_after": "direct", "max_echo_gap_ms": 40.0, "qad_after": []}}}
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in trial_table(faulted).splitlines()[1:])
+    assert rows["fault"] == "rebind: path_after direct, max_echo_gap_ms 40"  # scalars only
+    assert rows["failover"] == "1517 ms" and rows["longest echo gap"] == "-"
 
 
 def test_classify_prints_a_table_and_json_on_request(capsys):

@@ -73,6 +73,13 @@ def trial_table(rec: dict) -> str:
         ("direct RTT p50", _rtt(rec, "direct")), ("relay RTT p50", _rtt(rec, "relay")),
         ("direct verified", verified), ("reason", rec["reason"]),
     ]
+    if rec["failover_ms"] is not None or rec["echo_gap_ms"] is not None:  # --blackhole
+        rows += [("failover", text(rec["failover_ms"], " ms")), ("longest echo gap", text(rec["echo_gap_ms"], " ms"))]
+    fault = (rec.get("extra") or {}).get("fault")
+    if fault:
+        figures = ", ".join(f"{k} {text(v)}" for k, v in fault.items()
+                            if k != "fault" and (v is None or isinstance(v, (str, int, float))))
+        rows.append(("fault", f"{fault.get('fault')}: {figures}"))
     if rec["error"]:
         rows.append(("error", rec["error"]))
     head = (f"trial {rec['trial_id']}: {rec['agent_nat']} -> {rec['connector_nat']}, backend {rec['backend']}, "
