@@ -141,8 +141,13 @@ def campaign_table(s: dict) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     from qlab.study.report import run_report
 
-    index = run_report(backend=args.backend, trials=args.trials, presets=args.presets, profile=args.profile,
-                       root=args.results, out=args.out)
+    try:
+        index = run_report(backend=args.backend, trials=args.trials, presets=args.presets, profile=args.profile,
+                           root=args.results, out=args.out)
+    except KeyboardInterrupt:
+        print("interrupted: every finished trial is kept; `qlab campaign ls` lists the report's campaigns and "
+              "`qlab campaign resume ID` completes one", file=sys.stderr)
+        return 130
     print(f"report: {index}")
     return 0
 
