@@ -273,3 +273,16 @@ def test_a_reader_that_stops_early_gets_no_error(tmp_path):
     finally:
         os.close(write_end)
     assert (r.returncode, r.stderr) == (141, "")
+
+
+def test_the_probe_command_that_cloud_hosts_run_parses():
+    """`qlab cloud run` starts `qlab probe` on each Agent host with a field NAT (not a preset) as
+    --agent-nat: the parser must take it."""
+    import shlex
+
+    from qlab.cloud.runs import probe_command
+
+    cmd = probe_command(host="agent-0", cell="managed", cells={"managed": {"service": "echo"}},
+                        intermediate="198.51.100.7", campaign_id="c1", bucket="b", region="us-east-1", trials=3)
+    args = cli.build_parser().parse_args(shlex.split(cmd)[1:])
+    assert (args.command, args.agent_nat, args.trials) == ("probe", "aws_nat_gateway", 3)

@@ -207,8 +207,9 @@ def _register_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--certs", required=True, help="the deployment's certs dir (ca.pem and secret)")
     p.add_argument("--connector", action="append", metavar="SERVICE[=NAT][@same_lan]",
                    help="a Connector service to try, with the NAT in front of it if known (repeatable; default echo)")
-    p.add_argument("--agent-nat", choices=PRESET_NAMES, metavar="PRESET", default=None,
-                   help=f"this machine's NAT if known (default: classify); {PRESETS_HELP}")
+    p.add_argument("--agent-nat", default=None, metavar="NAT",  # ProbeSpec checks it (field NATs too)
+                   help=f"this machine's NAT if known (default: classify): a preset ({', '.join(PRESET_NAMES)}) "
+                        "or a field NAT such as aws_nat_gateway")
     p.add_argument("--no-classify", action="store_true", help="skip classifying this machine's NAT")
     p.add_argument("--trials", type=positive_int, default=5, help="trials per Connector service")
     p.add_argument("--samples", type=positive_int, default=20, help="echo samples per path")
