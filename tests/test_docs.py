@@ -8,7 +8,7 @@ Info strings decide what a block is:
 - `text` (layouts, diagrams, output samples): not run; `json`: parsed, not run.
 A block without an info string fails: say what it is.
 
-Every block runs in a temporary project (pyproject.toml, Makefile and notebooks/ copied, `.venv`
+Every block runs in a temporary project (pyproject.toml, Makefile and the notebooks copied, `.venv`
 linked), with `QLAB_RESULTS` in that folder and the venv's bin first on PATH. The comment on the
 line above a block (invisible when rendered) marks the exceptions:
 - `<!-- qlab-doc: root -->`: needs root and the kernel lab; runs in `test_root_block_runs`
@@ -120,7 +120,9 @@ def project(tmp: Path) -> Path:
     work.mkdir(parents=True)
     for name in ("pyproject.toml", "Makefile"):
         shutil.copy(ROOT / name, work / name)
-    shutil.copytree(ROOT / "notebooks", work / "notebooks")
+    (work / "notebooks").mkdir()
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):  # not the sockets or checkpoints kernels leave
+        shutil.copy(notebook, work / "notebooks" / notebook.name)
     for name in (".venv", "benchmarks"):
         (work / name).symlink_to(ROOT / name)
     return work
