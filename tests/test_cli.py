@@ -234,8 +234,6 @@ def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 def test_every_help_shows_defaults_and_an_example():
     for words, parser in _commands(cli.build_parser()):
-        if words[0] == "cloud":  # qlab/cli/cloud.py registers its own commands (another owner)
-            continue
         text = parser.format_help()
         assert "example:\n  qlab " in text or "example:\n  sudo qlab " in text, words
         options = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS

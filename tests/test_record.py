@@ -178,10 +178,8 @@ def test_notebooks_of_the_flat_layout_still_import_for_one_release():
 
 
 def test_an_exception_without_a_message_still_says_what_happened():
-    import asyncio
-
     from qlab.experiment.record import error_text
 
-    assert error_text(asyncio.TimeoutError()) == "TimeoutError: timed out"
+    assert error_text(TimeoutError()) == "TimeoutError: timed out"
     assert error_text(RuntimeError()) == "RuntimeError: no message"
     assert error_text(OSError("port in use")) == "OSError: port in use"

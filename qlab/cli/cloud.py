@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from qlab.cli.util import RESULTS_HELP, example
 from qlab.nat.spec import parse_presets
 
 
@@ -224,12 +225,26 @@ def _common(p: argparse.ArgumentParser, *, spec: bool = False) -> None:
         p.add_argument("--acme-email", default=None, help="Let's Encrypt contact (with --domain)")
 
 
+EXAMPLES = {
+    "plan": "qlab cloud plan --id qlab-demo --presets full_cone,symmetric --offline",
+    "up": "qlab cloud up --id qlab-demo --presets full_cone,symmetric --certs certs",
+    "status": "qlab cloud status qlab-demo",
+    "down": "qlab cloud down qlab-demo",
+    "run": "qlab cloud run qlab-demo --campaign aws-demo --trials 5",
+    "ls": "qlab cloud ls",
+    "reap": "qlab cloud reap qlab-demo --now",
+    "logs": "qlab cloud logs qlab-demo --host intermediate",
+    "policy": "qlab cloud policy --account 123456789012",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("cloud", help="deploy the lab on AWS (boto3's usual credentials)")
+    c = sub.add_parser("cloud", help="deploy the lab on AWS (boto3's usual credentials)",
+                       epilog=example("qlab cloud plan --offline", "qlab cloud up --certs certs"))
     cs = c.add_subparsers(dest="cloud_command", required=True)
 
     def command(name: str, func: Callable, help_text: str, *, spec: bool = False) -> argparse.ArgumentParser:
-        p = cs.add_parser(name, help=help_text)
+        p = cs.add_parser(name, help=help_text, description=help_text, epilog=example(EXAMPLES[name]))
         _common(p, spec=spec)
         p.set_defaults(func=_one_line(func))
         return p
@@ -250,7 +265,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--campaign", required=True)
     p.add_argument("--trials", type=int, default=10, help="trials per (Agent host, Connector cell)")
     p.add_argument("--samples", type=int, default=20, help="echo samples per path")
-    p.add_argument("--results", default=None, help="results root (default results/ or $QLAB_RESULTS)")
+    p.add_argument("--results", default=None, help=RESULTS_HELP)
     p.add_argument("--timeout", type=float, default=3600, help="seconds to follow the run before giving up")
     p.add_argument("--poll", type=float, default=10, help="seconds between progress checks")
     command("ls", cmd_ls, "every billable qlab resource (instances, addresses, NAT gateways, buckets), "

@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import secrets
+import signal
 import socket
 import subprocess
 import time
@@ -115,6 +116,12 @@ def manifest_for(spec: CampaignSpec) -> dict:
     }
 
 
+def _ignore_sigint() -> None:
+    """Ctrl-C is the driver's to handle (it keeps what finished); a worker interrupted mid-trial
+    only prints warnings about its half-closed event loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_one(spec: TrialSpec, certs: str) -> dict:
     logging.disable(logging.CRITICAL)
     try:
@@ -163,7 +170,7 @@ def run(spec: CampaignSpec, *, root: Path | str | None = None, workers: int | No
         bars.update(r)
     try:
         if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, initializer=_ignore_sigint) as pool:
                 pending = {pool.submit(_run_one, t, certs) for t in todo[: workers * 2]}
                 queue = list(todo[workers * 2:])
                 while pending:
