@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -103,10 +108,19 @@ def test_bad_input_is_refused_clearly(tmp_path):
         results.load("nope", root=tmp_path)
 
 
+NOTEBOOK_NAMES = ("nat_campaign", "matrix_report", "explore", "cloud_campaign")
+
+
 def _execute(name, tmp_path, **params):
     from qlab.study.report import execute
 
     return execute(name, tmp_path / f"{name}.ipynb", params)
+
+
+def _outputs(nb_path) -> str:
+    import nbformat
+
+    return json.dumps([c.get("outputs", []) for c in nbformat.read(nb_path, as_version=4).cells])
 
 
 def test_every_notebook_runs_under_papermill(tmp_path):
@@ -114,54 +128,287 @@ def test_every_notebook_runs_under_papermill(tmp_path):
 
     root = tmp_path / "results"
     _execute("nat_campaign", tmp_path, agent_nats="port_restricted", connector_nats="full_cone,symmetric",
-             trials=1, results_root=str(root), campaign_id="nb-test")
+             trials=1, results_root=str(root), new_campaign_id="nb-test", progress=False)
     assert (root / "nb-test" / "trials.parquet").exists()
     nb = _execute("matrix_report", tmp_path, results_root=str(root))
-    _execute("explore", tmp_path, trials=1)
-    text = json.dumps(nbformat.read(nb, as_version=4).cells)
-    assert "image/png" in text
-    for name in ("nat_campaign", "matrix_report", "explore"):  # committed without outputs
+    explore = _execute("explore", tmp_path, trials=1, progress=False)
+    assert "image/png" in _outputs(nb)
+    note = "interactive controls"
+    from qlab.study.report import to_html
+
+    assert to_html(explore, tmp_path / "explore.html").read_text().count(note) == 1  # the widget, once
+    for name in NOTEBOOK_NAMES:  # committed without outputs
         src = nbformat.read(f"notebooks/{name}.ipynb", as_version=4)
         assert all(not c.get("outputs") for c in src.cells if c.cell_type == "code"), name
-        params = [c for c in src.cells if "parameters" in c.metadata.get("tags", [])]
-        assert len(params) == 1 and ":" in params[0].source  # typed, for papermill --help-notebook
 
 
-@pytest.fixture(scope="module")
-def published(tmp_path_factory):
-    from qlab.study.report import run_report
+def test_notebooks_in_a_lab_kernel_use_the_project_results(tmp_path, monkeypatch):
+    """JupyterLab starts kernels in notebooks/: with the default results_root and no QLAB_RESULTS
+    the campaign lands in <project>/results/ and matrix_report finds it there."""
+    import shutil
 
-    root = tmp_path_factory.mktemp("report")
-    index = run_report(trials=1, presets="full_cone,symmetric", root=root, progress=False)
-    return index
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("[project]\nname = 'scratch'\n")
+    for name in ("nat_campaign", "matrix_report"):
+        shutil.copy(f"notebooks/{name}.ipynb", project / "notebooks")
+    monkeypatch.delenv("QLAB_RESULTS", raising=False)
+    monkeypatch.chdir(tmp_path)  # the caller's cwd is not the project: only the kernel's counts
+    from qlab.study.report import execute
+
+    execute("nat_campaign", tmp_path / "out" / "nat.ipynb", dict(
+        agent_nats="full_cone", connector_nats="public,symmetric", trials=1, new_campaign_id="lab-run",
+        progress=False), notebooks=project / "notebooks")
+    assert (project / "results" / "lab-run" / "manifest.json").is_file()
+    assert not (project / "notebooks" / "results").exists()
+    nb = execute("matrix_report", tmp_path / "out" / "matrix.ipynb", {}, notebooks=project / "notebooks")
+    text = _outputs(nb)
+    assert "1 campaign(s)" in text and "backend sim, profile wan-20ms" in text and "2 NAT pairs" in text
 
 
-def test_report_pages_exist_and_reference_nothing_outside(published):
+def _declared_parameters(name: str) -> dict[str, tuple[str, str]]:
+    """Every annotated assignment of a notebook's parameters cell, read with Python's own parser."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(f"notebooks/{name}.ipynb", as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, name
+    return {n.target.id: (ast.unparse(n.annotation), ast.get_source_segment(cells[0].source, n.value))
+            for n in ast.parse(cells[0].source).body if isinstance(n, ast.AnnAssign)}
+
+
+def test_papermill_lists_every_parameter_with_its_type_and_default(caplog):
+    import papermill as pm
+
+    caplog.set_level(logging.WARNING)
+    for name in NOTEBOOK_NAMES:
+        declared = _declared_parameters(name)
+        listed = pm.inspect_notebook(f"notebooks/{name}.ipynb")
+        assert {k: (v["inferred_type_name"], v["default"]) for k, v in listed.items()} == declared, name
+    assert [r.getMessage() for r in caplog.records] == []  # e.g. "Unable to parse line 1"
+    assert "campaign_ids" in _declared_parameters("matrix_report")
+    assert _declared_parameters("nat_campaign")["results_root"] == ("str", '""')
+
+
+def test_bad_notebook_parameters_are_one_line(tmp_path):
+    from qlab.study import params
+
+    cases = [
+        (dict(trials="three"), "trials must be a whole number, got 'three'"),
+        (dict(trials=-2), "trials must be from 1 to 10000, got -2"),
+        (dict(trials=True), "trials must be a whole number"),
+        (dict(agent_nats="full_cone,cone_of_silence"), "unknown NAT preset 'cone_of_silence'"),
+        (dict(profile="wan-2ms"), "unknown profile 'wan-2ms'; choose one of: lan"),
+        (dict(backend="vm"), "unknown backend 'vm'; choose one of: sim, netns, loopback"),
+        (dict(backend="loopback"), "loopback backend has no NAT"),
+    ]
+    base = dict(backend="sim", agent_nats="full_cone", connector_nats="public", profile="wan-20ms", trials=1,
+                seed=0, campaign_id="", new_campaign_id="", results_root=str(tmp_path))
+    for change, message in cases:
+        with pytest.raises(params.ParameterError, match=re.escape(message)) as err:
+            params.nat_campaign(**{**base, **change})
+        assert err.value._render_traceback_() == [f"ParameterError: {err.value}"] and "\n" not in str(err.value)
+    with pytest.raises(params.ParameterError, match="trials must be from 1 to 20"):
+        params.explore(agent_nat="full_cone", connector_nat="public", profile="lan", backend="sim", trials=-2)
+    with pytest.raises(params.ParameterError, match="compare takes two campaign ids"):
+        params.matrix_report(campaign_ids="", compare="a,b,c", backend="", profile="", pool=False,
+                             results_root=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # checked before any work: nothing written
+
+
+def test_a_mistyped_campaign_id_stops_the_notebook_in_one_line(tmp_path):
+    """In a real kernel: a campaign_id that does not exist names close matches and starts nothing;
+    the error output is the one line (IPython calls _render_traceback_), and `qlab report` gets
+    the same line as NotebookFailed."""
+    import nbformat
+
+    from qlab.study.report import NotebookFailed
+
+    root = tmp_path / "results"
+    campaign.run(small_spec(campaign_id="wan-run-1", agent_nats="full_cone", connector_nats="public", trials=1),
+                 root=root, progress=False)
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(NotebookFailed) as err:
+        _execute("nat_campaign", tmp_path, campaign_id="wan-run-2", results_root=str(root), progress=False)
+    assert "ParameterError: no campaign 'wan-run-2'" in str(err.value) and "did you mean wan-run-1" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in root.iterdir()) == before  # no new campaign
+    errors = [o for c in nbformat.read(tmp_path / "nat_campaign.ipynb", as_version=4).cells
+              for o in c.get("outputs", []) if o.output_type == "error"]
+    assert len(errors) == 1 and len(errors[0].traceback) == 1 and "did you mean wan-run-1" in errors[0].traceback[0]
+
+
+def _frame(cells: dict[tuple[str, str, str, str], list[str]]):
+    """Synthetic trials: per (backend, profile, agent, connector) the outcomes in order; direct
+    trials have RTTs 10, 11, ... ms, every trial a relay RTT of 50 + index ms."""
+    import pandas as pd
+
+    from qlab.nat.spec import expected_or_unknown
+
+    rows = []
+    for (backend, profile, a, c), outs in cells.items():
+        for i, o in enumerate(outs):
+            direct = o.startswith("direct")
+            rows.append(dict(
+                campaign_id=f"c-{backend}-{profile}", backend=backend, profile=profile, agent_nat=a, connector_nat=c,
+                outcome=o, as_expected=direct, punch="attempted", expected=expected_or_unknown(a, c),
+                rtt_direct_p50_ms=10.0 + i if direct else None, rtt_relay_p50_ms=50.0 + i,
+                ttfb_ms=60.0, ttd_ms=80.0 + i if direct else None,
+                reason="" if direct else ("TimeoutError: " if o == "failed" else "no direct path was verified"),
+                measured_with=f"echo probe on {backend}; proof: {i} of 10"))
+    return pd.DataFrame(rows)
+
+
+def test_summary_shows_failed_trials_per_backend_and_profile():
+    """A cell of 2 direct and 1 failed trial reads 67% direct, 0% fallback and 33% failed, each
+    with its interval; profiles stay apart unless pooled; the matrix refuses to average them."""
+    from qlab.study import analysis
+
+    cell = ("sim", "lossy-5pct", "port_restricted", "symmetric_seq")
+    df = _frame({cell: ["direct_predicted", "direct_predicted", "failed"],
+                 ("sim", "wan-20ms", "port_restricted", "symmetric_seq"): ["relay"] * 4})
+    s = analysis.cell_summary(df)
+    assert len(s) == 2
+    lossy = s[s.profile == "lossy-5pct"].iloc[0]
+    assert (lossy.direct, lossy.relay, lossy.failed, lossy.n) == (2, 0, 1, 3)
+    assert lossy.failed_rate == pytest.approx(1 / 3) and lossy.fallback_rate == 0
+    assert (lossy.failed_ci_low, lossy.failed_ci_high) == pytest.approx(analysis.wilson(1, 3))
+    assert lossy.top_reason == "TimeoutError (timed out, no message)"
+    table = analysis.readable(s)
+    row = table[table.profile == "lossy-5pct"].iloc[0]
+    assert row["failed rate (95% CI)"] == "33% (6%–79%)" and row["direct / relay / failed"] == "2 / 0 / 1"
+    assert "0.33" not in table.to_string() and "0.67" not in table.to_string()
+    with pytest.raises(ValueError, match="several backends or profiles"):
+        analysis.matrix(s, "direct_rate")
+    assert analysis.matrix(s, "failed_rate", profile="lossy-5pct").loc["port_restricted", "symmetric_seq"] == \
+        pytest.approx(1 / 3)
+    pooled = analysis.cell_summary(df, pool=True)
+    assert len(pooled) == 1 and pooled.profile.iat[0] == "lossy-5pct + wan-20ms" and pooled.n.iat[0] == 7
+    said = analysis.describe(df)
+    assert said.count("\n") == 1 and "profile lossy-5pct**: 3 trials" in said and "echo probe on sim" in said
+    assert "proof" not in said  # the method, not one row's counts
+
+
+def test_median_intervals_come_from_order_statistics():
+    from qlab.study import analysis
+
+    assert analysis.median_ci([1, 2, 3, 4, 5])[1:] == (pytest.approx(float("nan"), nan_ok=True),) * 2
+    assert analysis.median_ci(range(1, 7)) == (3.5, 1.0, 6.0)  # coverage 1 - 2/64 >= 95%
+    med, lo, hi = analysis.median_ci(range(1, 101))
+    assert (med, lo, hi) == (50.5, 40.0, 61.0)  # ranks 40 and 61 of 100: the textbook pair
+
+
+def test_compare_puts_two_campaigns_side_by_side():
+    """Two campaigns of different profiles compare on the NAT pair; rates, intervals, medians and
+    b − a for each cell; a cell only one side ran is there with NaN on the other."""
+    from qlab.study import analysis
+
+    a = _frame({("sim", "wan-20ms", "full_cone", "symmetric"): ["direct_wan"] * 4,
+                ("sim", "wan-20ms", "full_cone", "public"): ["direct_wan"] * 2})
+    b = _frame({("sim", "lossy-20pct", "full_cone", "symmetric"): ["direct_wan", "relay", "failed", "failed"]})
+    cmp = analysis.compare(a, b)
+    sym = cmp[cmp.connector_nat == "symmetric"].iloc[0]
+    assert (sym.profile_a, sym.profile_b, sym.n_a, sym.n_b) == ("wan-20ms", "lossy-20pct", 4, 4)
+    assert sym.direct_rate_diff == pytest.approx(-0.75) and sym.failed_rate_diff == pytest.approx(0.5)
+    assert (sym.failed_ci_low_b, sym.failed_ci_high_b) == pytest.approx(analysis.wilson(2, 4))
+    assert sym.rtt_relay_p50_ms_a == pytest.approx(51.5) and sym.ttd_p50_ms_b == pytest.approx(80.0)
+    public = cmp[cmp.connector_nat == "public"].iloc[0]
+    assert public.n_a == 2 and math.isnan(public.n_b)
+    shown = analysis.readable_compare(cmp)
+    assert shown.loc[shown.connector_nat == "symmetric", "failed b − a"].iat[0] == "+50 pp"
+    import qlab
+
+    assert qlab.compare(a, b).equals(cmp)
+
+
+def test_plots_describe_themselves_and_label_their_scales():
+    """Every figure's alt text says what it shows with the numbers drawn; the heatmap's colour bar
+    is labelled, its title names backend and profile; the outcome legend sits outside the bars."""
+    import matplotlib.pyplot as plt
+
+    from qlab.study import analysis, plots
+
+    df = _frame({("sim", "lossy-5pct", "port_restricted", "symmetric_seq"): ["direct_predicted"] * 2 + ["failed"]})
+    s = analysis.cell_summary(df)
+    ax = plots.heatmap(s, "failed_rate", "Failure rate", profile="lossy-5pct")
+    assert "backend sim, profile lossy-5pct" in ax.get_title()
+    colorbar = ax.figure.axes[-1]
+    assert colorbar.get_ylabel() == "Failure rate"
+    alt = plots.alt_text(ax.figure)
+    assert "Heatmap of failure rate" in alt and "port_restricted to symmetric_seq 33% (2/0/1 direct/relay/failed" in alt
+    ax = plots.outcomes(df)
+    legend = ax.get_legend().get_window_extent()
+    ax.figure.canvas.draw()
+    assert legend.x0 >= ax.get_window_extent().x1  # right of the plotting area, over no bar
+    ax = plots.rates(s)
+    assert "failed 33% (6%–79%)" in plots.alt_text(ax.figure)
+    assert len(ax.containers) == 3  # one error-bar series per outcome family
+    ax = plots.rtt_by_cell(df)
+    assert "direct 10.5 ms, relay 51.0 ms" in plots.alt_text(ax.figure)
+    plt.close("all")
+
+
+def test_report_is_quiet_and_its_pages_link_their_data(tmp_path):
+    """`qlab report` prints progress and the final path, nothing else: no papermill parse warning,
+    no kernel-over-TCP warning, no missing alt text."""
+    env = {k: v for k, v in os.environ.items() if k != "QLAB_RESULTS"}
+    r = subprocess.run([sys.executable, "-m", "qlab.cli.main", "report", "--trials", "1", "--presets", "full_cone",
+                        "--results", str(tmp_path / "results")], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    index = tmp_path / "results" / "reports" / "index.html"
+    lines = [seg.strip() for seg in (r.stdout + "\n" + r.stderr).replace("\r", "\n").splitlines() if seg.strip()]
+    progress = re.compile(r"^(campaign \S+|notebooks): +\d+%\|")
+    assert [ln for ln in lines if not progress.match(ln)] == [f"report: {index}"], lines
+    assert any(ln.startswith("notebooks:") for ln in lines)
+
+
+def test_report_pages_exist_and_reference_nothing_outside(published_report):
     from qlab.study.report import external_references
 
-    pages = sorted(published.parent.glob("*.html"))
+    pages = sorted(published_report.parent.glob("*.html"))
     names = {p.name for p in pages}
     assert {"index.html", "matrix_report.html", "nat_full_cone.html", "nat_symmetric.html", "explore.html"} <= names
     for p in pages:
         assert external_references(p.read_text()) == [], p.name
     for p in pages:
         if p.name != "index.html":
-            assert p.read_text().count("data:image/png") >= 1, p.name
+            text = p.read_text()
+            assert text.count("data:image/png") >= 1, p.name
+            alts = re.findall(r"<img\b[^>]*\balt=\"([^\"]*)\"", text)
+            assert len(alts) == text.count("<img") and "No description" not in text, p.name
+            assert all("backend sim, profile wan-20ms" in a for a in alts), p.name
+    assert (published_report.parent / "explore.html").read_text().count("interactive controls") == 1
 
+
+def test_index_links_each_campaigns_data_and_the_executed_notebooks(published_report):
+    index = published_report.read_text()
+    links = re.findall(r'href="([^"]+)"', index)
+    for preset in ("full_cone", "symmetric"):
+        assert f"notebooks/nat_{preset}.ipynb" in links
+        data = [link for link in links if link.startswith("data/") and preset in link.split("/")[1]]
+        assert {link.rsplit("/", 1)[1] for link in data} == {"manifest.json", "trials.parquet", "trials.csv"}
+    for link in links:
+        assert (published_report.parent / link).is_file(), link
+    facts = json.loads(re.search(r'id="qlab-summary">([^<]*)<', index).group(1))
+    assert facts["trials"] == 2 * 6 and len(facts["campaigns"]) == 2
+    assert "backend <code>sim</code>, profile <code>wan-20ms</code>: 12 trials over 12 NAT pairs, N = 1 per pair" in index
 
 @pytest.mark.skipif(chromium() is None and os.environ.get("QLAB_REQUIRE_NETNS") != "1",
                     reason="chromium is not installed")
-def test_report_renders_offline_in_chromium(published):
+def test_report_renders_offline_in_chromium(published_report):
     from PIL import Image
 
     for page_name, min_images in (("nat_symmetric.html", 3), ("matrix_report.html", 3), ("index.html", 0)):
-        page = Page((published.parent / page_name).resolve().as_uri()).load()
+        page = Page((published_report.parent / page_name).resolve().as_uri()).load()
         assert page.outside_requests() == [], page.outside_requests()
         assert page.images >= min_images, (page_name, page.images)
         img = Image.open(io.BytesIO(page.png)).convert("L")
         dark = sum(img.histogram()[:200])
         assert dark > 0.005 * img.width * img.height, f"{page_name} looks blank"
-    (published.parent / "screenshot-nat_symmetric.png").write_bytes(page.png)
+    (published_report.parent / "screenshot-nat_symmetric.png").write_bytes(page.png)
 
 
 def test_campaign_killed_mid_run_loses_nothing_and_resumes(tmp_path):

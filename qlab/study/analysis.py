@@ -1,9 +1,14 @@
-"""From trial records to the numbers a report shows: rates with confidence intervals, RTT
-distributions from the same echo probe, and the matrix against the expected outcomes."""
+"""From trial records to the numbers a report shows: rates of every outcome (direct, relay, failed)
+with 95% Wilson intervals, RTT medians with order-statistic intervals from the same echo probe, the
+matrix against the expected outcomes, and two campaigns compared cell by cell.
+
+Cells are (backend, profile, Agent NAT, Connector NAT): trials of different backends or profiles
+are never pooled unless asked (`pool=True`)."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -11,6 +16,12 @@ import pandas as pd
 from qlab.nat.spec import PRESET_NAMES, expected_or_unknown
 
 DIRECT = ("direct_lan", "direct_wan", "direct_predicted")
+GROUP = ["backend", "profile"]
+CELL = [*GROUP, "agent_nat", "connector_nat"]
+# Each outcome family: its count column and the rate/interval prefix (`fallback` = relay, as before).
+FAMILIES = (("direct", "direct"), ("relay", "fallback"), ("failed", "failed"))
+# "TimeoutError: " — an exception whose message is empty (str(TimeoutError()) == "").
+_EMPTY_EXC = re.compile(r"\b(\w+(?:Error|Exception|Timeout))\s*:\s*(?=$|[;)])")
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -24,55 +35,104 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (backend, Agent NAT, Connector NAT): N, direct and fallback rates with 95% CIs,
-    median RTTs on both paths, their ratio, ttfb and ttd medians, the expected outcome.
+def median_ci(values, conf: float = 0.95) -> tuple[float, float, float]:
+    """The median and its distribution-free interval from order statistics: the widest symmetric
+    pair of ranks (j, n+1-j) whose coverage under Binomial(n, 1/2) is at least `conf`. Below 6
+    samples no pair covers 95%, so the bounds are NaN (the median alone is shown)."""
+    x = np.sort(np.asarray(values, dtype=float))
+    x = x[~np.isnan(x)]
+    n = len(x)
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    median = float(np.median(x))
+    tail, j = 0, 0  # tail = number of outcomes of Binomial(n, 1/2) below rank j+1, times 2**n
+    while True:
+        tail += math.comb(n, j)
+        if 2 * tail / 2**n > 1 - conf:
+            break
+        j += 1
+    if j == 0:
+        return (median, math.nan, math.nan)
+    return (median, float(x[j - 1]), float(x[n - j]))
+
+
+def full_reason(text: str) -> str:
+    """A reason as a person reads it: an exception with an empty message ("TimeoutError:") says
+    what happened instead of ending in a colon."""
+    def say(m: re.Match) -> str:
+        name = m.group(1)
+        return f"{name} (timed out, no message)" if "Timeout" in name else f"{name} (no message)"
+    return _EMPTY_EXC.sub(say, text.strip())
+
+
+def pooled(df: pd.DataFrame) -> pd.DataFrame:
+    """The same trials with backend and profile merged into one label each (pooling on request)."""
+    return df.assign(**{col: " + ".join(sorted(df[col].astype(str).unique())) for col in GROUP})
+
+
+def cell_summary(df: pd.DataFrame, *, pool: bool = False) -> pd.DataFrame:
+    """One row per (backend, profile, Agent NAT, Connector NAT): N; counts and rates of direct,
+    relay (`fallback_*`) and failed trials with 95% Wilson intervals; median RTTs on both paths
+    with order-statistic 95% intervals and their ratio; ttfb and ttd medians; the expected outcome.
 
     `not_punched_rate`: trials whose punch policy skipped (both sides endpoint-dependent), so their
     relay outcome was decided, not measured; `punch_failed_rate`: trials that punched and stayed on
     the relay; `decided`: every trial of the cell was decided by policy. Records from before the
     `punch` column count in neither (NaN when none of the cell's records has it)."""
-    rows = []
-    for (backend, a, c), g in df.groupby(["backend", "agent_nat", "connector_nat"], sort=False):
-        n = len(g)
-        direct = int(g["outcome"].isin(DIRECT).sum())
-        relay = int((g["outcome"] == "relay").sum())
-        punch = g["punch"] if "punch" in g else pd.Series([None] * n, index=g.index)
-        known = int(punch.notna().sum())
-        skipped = int((punch == "skipped").sum())
-        punch_failed = int(((punch == "attempted") & (g["outcome"] == "relay")).sum())
-        lo, hi = wilson(direct, n)
-        flo, fhi = wilson(relay, n)
-        rd, rr = g["rtt_direct_p50_ms"].median(), g["rtt_relay_p50_ms"].median()
-        rows.append({
-            "backend": backend, "agent_nat": a, "connector_nat": c, "n": n,
-            "expected": expected_or_unknown(str(a), str(c)),
-            "as_expected_rate": float(g["as_expected"].mean()),
-            "direct_rate": direct / n, "direct_ci_low": lo, "direct_ci_high": hi,
-            "fallback_rate": relay / n, "fallback_ci_low": flo, "fallback_ci_high": fhi,
-            "failed": int((g["outcome"] == "failed").sum()),
-            "not_punched_rate": skipped / known if known else math.nan,
-            "punch_failed_rate": punch_failed / known if known else math.nan,
-            "decided": bool(known == n and skipped == n),
-            "top_outcome": g["outcome"].mode().iat[0],
-            "rtt_direct_p50_ms": rd, "rtt_relay_p50_ms": rr,
-            "direct_relay_ratio": rd / rr if rr and not math.isnan(rd) else math.nan,
-            "ttfb_p50_ms": g["ttfb_ms"].median(), "ttd_p50_ms": g["ttd_ms"].median(),
-            "top_reason": _top_reason(g),
-        })
+    if pool:
+        df = pooled(df)
+    rows = [_cell_row(dict(zip(CELL, key, strict=True)), g) for key, g in df.groupby(CELL, sort=False)]
     return pd.DataFrame(rows)
 
 
+def _cell_row(row: dict, g: pd.DataFrame) -> dict:
+    n = len(g)
+    counts = {"direct": int(g["outcome"].isin(DIRECT).sum()), "relay": int((g["outcome"] == "relay").sum()),
+              "failed": int((g["outcome"] == "failed").sum())}
+    row.update(n=n, campaigns=int(g["campaign_id"].nunique()) if "campaign_id" in g else 1,
+               expected=expected_or_unknown(str(row["agent_nat"]), str(row["connector_nat"])),
+               as_expected_rate=float(g["as_expected"].astype(float).mean()), **counts)
+    for outcome, prefix in FAMILIES:
+        lo, hi = wilson(counts[outcome], n)
+        row.update({f"{prefix}_rate": counts[outcome] / n, f"{prefix}_ci_low": lo, f"{prefix}_ci_high": hi})
+    punch = g["punch"] if "punch" in g else pd.Series([None] * n, index=g.index)
+    known = int(punch.notna().sum())
+    skipped = int((punch == "skipped").sum())
+    punch_failed = int(((punch == "attempted") & (g["outcome"] == "relay")).sum())
+    row.update(not_punched_rate=skipped / known if known else math.nan,
+               punch_failed_rate=punch_failed / known if known else math.nan,
+               decided=bool(known == n and skipped == n), top_outcome=str(g["outcome"].mode().iat[0]))
+    for path in ("direct", "relay"):
+        med, lo, hi = median_ci(g[f"rtt_{path}_p50_ms"])
+        row.update({f"rtt_{path}_p50_ms": med, f"rtt_{path}_ci_low": lo, f"rtt_{path}_ci_high": hi})
+    rd, rr = row["rtt_direct_p50_ms"], row["rtt_relay_p50_ms"]
+    row.update(direct_relay_ratio=rd / rr if rr and not math.isnan(rd) else math.nan,
+               ttfb_p50_ms=float(g["ttfb_ms"].median()), ttd_p50_ms=float(g["ttd_ms"].median()),
+               top_reason=_top_reason(g))
+    return row
+
+
 def _top_reason(g: pd.DataFrame) -> str:
-    reasons = g.loc[~g["outcome"].isin(DIRECT), "reason"].dropna()
+    reasons = g.loc[~g["outcome"].isin(DIRECT), "reason"].dropna().astype(str)
     reasons = reasons[reasons != ""]
-    return str(reasons.mode().iat[0]) if len(reasons) else ""
+    return full_reason(str(reasons.mode().iat[0])) if len(reasons) else ""
 
 
-def matrix(summary: pd.DataFrame, value: str, backend: str | None = None) -> pd.DataFrame:
-    """A 6 x 6 table (Agent NAT rows, Connector NAT columns) of one summary column."""
+def groups(summary: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (backend, profile) pairs of a summary, in order: one matrix each."""
+    return sorted({(str(b), str(p)) for b, p in zip(summary["backend"], summary["profile"], strict=True)})
+
+
+def matrix(summary: pd.DataFrame, value: str, backend: str | None = None, profile: str | None = None
+           ) -> pd.DataFrame:
+    """A 6 x 6 table (Agent NAT rows, Connector NAT columns) of one summary column, for one backend
+    and profile. Refuses to average cells of several backends or profiles into one."""
     s = summary if backend is None else summary[summary["backend"] == backend]
-    m = s.pivot_table(index="agent_nat", columns="connector_nat", values=value, aggfunc="mean")
+    s = s if profile is None else s[s["profile"] == profile]
+    if s.groupby(["agent_nat", "connector_nat"]).size().max() > 1:
+        raise ValueError("the summary holds several backends or profiles: pick one (backend=, profile=) "
+                         "or pool them explicitly (cell_summary(df, pool=True))")
+    m = s.pivot_table(index="agent_nat", columns="connector_nat", values=value, aggfunc="first", dropna=False)
     order = list(PRESET_NAMES) + sorted({*m.index, *m.columns} - set(PRESET_NAMES))  # field NATs last
     return m.reindex(index=[p for p in order if p in m.index], columns=[p for p in order if p in m.columns])
 
@@ -85,12 +145,114 @@ def rtt_samples(df: pd.DataFrame) -> dict[str, np.ndarray]:
     }
 
 
+def method(measured_with: pd.Series) -> str:
+    """How trials were measured, without the per-trial counts (the text before the first ';')."""
+    kinds = sorted({str(m).split(";")[0].strip() for m in measured_with.dropna() if str(m).strip()})
+    return " | ".join(kinds) if kinds else "no record says (trials that failed before measuring)"
+
+
 def describe(df: pd.DataFrame) -> str:
-    """One sentence on what a table is and how it was measured."""
+    """What a table is and how it was measured, one Markdown line per (backend, profile)."""
     if df.empty:
         return "no trials"
-    backends = ", ".join(sorted(df["backend"].unique()))
-    profiles = ", ".join(sorted(df["profile"].unique()))
-    how = df["measured_with"].dropna()
-    return (f"{len(df)} trials on backend {backends}, profile {profiles}; "
-            f"{str(how.iat[0]) if len(how) else 'echo probe'}")
+    lines = []
+    for (backend, profile), g in df.groupby(GROUP, sort=True):
+        cells = g.groupby(["agent_nat", "connector_nat"]).size()
+        per = f"{cells.min()}" if cells.min() == cells.max() else f"{cells.min()}–{cells.max()}"
+        camps = g["campaign_id"].nunique() if "campaign_id" in g else 1
+        lines.append(f"- **backend {backend}, profile {profile}**: {len(g)} trials in {camps} campaign(s), "
+                     f"{len(cells)} NAT pairs, {per} per pair; measured with {method(g['measured_with'])}")
+    return "\n".join(lines)
+
+
+def percent(rate: float, lo: float = math.nan, hi: float = math.nan) -> str:
+    """67% (30–90%): a rate with its interval, as people read it."""
+    if rate is None or math.isnan(rate):
+        return "–"
+    return f"{rate:.0%}" if math.isnan(lo) else f"{rate:.0%} ({lo:.0%}–{hi:.0%})"
+
+
+def _ms(value: float, lo: float = math.nan, hi: float = math.nan) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    return f"{value:.1f}" if math.isnan(lo) else f"{value:.1f} ({lo:.1f}–{hi:.1f})"
+
+
+def readable(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-cell table for people: counts, rates as percentages with their 95% intervals, RTT
+    medians in ms with theirs, and the most common reason in full."""
+    out = pd.DataFrame({
+        "backend": summary["backend"], "profile": summary["profile"],
+        "Agent NAT": summary["agent_nat"], "Connector NAT": summary["connector_nat"], "N": summary["n"],
+        "expected": summary["expected"],
+        "direct / relay / failed": [f"{d} / {r} / {f}" for d, r, f in
+                                    zip(summary["direct"], summary["relay"], summary["failed"], strict=True)],
+        "as expected": [percent(v) for v in summary["as_expected_rate"]],
+    })
+    for outcome, prefix in FAMILIES:
+        out[f"{outcome} rate (95% CI)"] = [percent(*v) for v in zip(
+            summary[f"{prefix}_rate"], summary[f"{prefix}_ci_low"], summary[f"{prefix}_ci_high"], strict=True)]
+    for path in ("direct", "relay"):
+        out[f"{path} RTT ms, median (95% CI)"] = [_ms(*v) for v in zip(
+            summary[f"rtt_{path}_p50_ms"], summary[f"rtt_{path}_ci_low"], summary[f"rtt_{path}_ci_high"],
+            strict=True)]
+    out["ttd ms, median"] = [_ms(v) for v in summary["ttd_p50_ms"]]
+    out["reason (most common, non-direct)"] = summary["top_reason"]
+    return out
+
+
+COMPARED = ("direct_rate", "fallback_rate", "failed_rate", "rtt_direct_p50_ms", "rtt_relay_p50_ms", "ttd_p50_ms")
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Two sets of trials cell by cell: for each (backend, profile, Agent NAT, Connector NAT), N,
+    direct/relay/failed rates with 95% Wilson intervals and direct RTT, relay RTT and ttd medians of
+    each (suffixes `_a`, `_b`), and `<column>_diff` = b − a.
+
+    Where each side holds a single backend (or profile) and they differ, that difference is what is
+    compared: cells then match on the NAT pair alone and `backend_a`/`backend_b` name both sides.
+    A cell only one side has gets NaN on the other."""
+    sa, sb = cell_summary(a), cell_summary(b)
+    keys = ["agent_nat", "connector_nat"] + [c for c in GROUP if not (sa[c].nunique() == 1 == sb[c].nunique())]
+    cols = ["n", *[f"{p}_{s}" for _, p in FAMILIES for s in ("rate", "ci_low", "ci_high")],
+            "rtt_direct_p50_ms", "rtt_relay_p50_ms", "ttd_p50_ms"]
+    side = {"a": sa[[*CELL, *cols]], "b": sb[[*CELL, *cols]]}
+    for name, s in side.items():
+        side[name] = s.rename(columns={c: f"{c}_{name}" for c in [*cols, *GROUP] if c not in keys})
+    out = side["a"].merge(side["b"], on=keys, how="outer")
+    for c in COMPARED:
+        out[f"{c}_diff"] = out[f"{c}_b"] - out[f"{c}_a"]
+    order = {p: i for i, p in enumerate(PRESET_NAMES)}
+    return out.sort_values(keys, key=lambda s: s.map(lambda v: order.get(v, len(order))) if s.name in (
+        "agent_nat", "connector_nat") else s).reset_index(drop=True)
+
+
+def settings(manifest: dict) -> str:
+    """A campaign's own settings, from its manifest, in one Markdown line."""
+    p = manifest.get("parameters", {})
+    agents, connectors = p.get("agent_nats", []), p.get("connector_nats", [])
+    state = f"finished {manifest['finished_at'][:19]}" if manifest.get("finished_at") else "not finished"
+    return (f"**Campaign `{manifest.get('campaign_id')}`**: backend {manifest.get('backend')}, profile "
+            f"{manifest.get('profile')}, Agent NAT {', '.join(agents)} × Connector NAT {', '.join(connectors)}, "
+            f"{manifest.get('trials')} trials per cell, seed {manifest.get('seed')}, {p.get('samples')} echo samples "
+            f"per path{', punch_anyway' if p.get('punch_anyway') else ''}; started "
+            f"{str(manifest.get('started_at'))[:19]}, {state}.")
+
+
+def readable_compare(cmp: pd.DataFrame) -> pd.DataFrame:
+    """compare()'s table for people: each side's N and rates (with intervals) and the differences
+    in percentage points and ms."""
+    out = cmp[[c for c in ("backend", "profile", "agent_nat", "connector_nat") if c in cmp]].copy()
+    for side in ("a", "b"):
+        out[f"N {side}"] = cmp[f"n_{side}"]
+        for outcome, prefix in FAMILIES:
+            out[f"{outcome} {side}"] = [percent(*v) for v in zip(
+                cmp[f"{prefix}_rate_{side}"], cmp[f"{prefix}_ci_low_{side}"], cmp[f"{prefix}_ci_high_{side}"],
+                strict=True)]
+    for outcome, prefix in FAMILIES:
+        out[f"{outcome} b − a"] = [f"{v * 100:+.0f} pp" if not math.isnan(v) else "–"
+                                   for v in cmp[f"{prefix}_rate_diff"]]
+    for col, name in (("rtt_direct_p50_ms", "direct RTT"), ("rtt_relay_p50_ms", "relay RTT"), ("ttd_p50_ms", "ttd")):
+        out[f"{name} ms a → b"] = [f"{_ms(a)} → {_ms(b)}" for a, b in zip(cmp[f"{col}_a"], cmp[f"{col}_b"],
+                                                                            strict=True)]
+    return out

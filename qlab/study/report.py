@@ -1,10 +1,16 @@
 """`qlab report`: run the default campaigns, execute the notebooks with papermill (one executed copy
 per NAT-type campaign, plus the matrix and explore notebooks) and publish self-contained HTML with
-nbconvert (code hidden) under results/reports/, with an index.html.
+nbconvert (code hidden) under <results>/reports/, with an index.html that links every page, the
+executed notebooks and each campaign's data (copied next to the pages).
 
-The HTML must work offline: figures are embedded PNGs; widget views are replaced by their static
-output (an offline file has no widget manager); any script or stylesheet that would be fetched from
-a CDN is removed, and the result is checked to reference nothing outside the file.
+Notebooks run as JupyterLab runs them: the kernel's working directory is `notebooks/`, so the
+notebooks' default results folder is the project's (results.results_root). The kernel talks over
+IPC sockets in its runtime folder (no TCP port, so ipykernel has nothing to warn about).
+
+The HTML must work offline: figures are embedded PNGs with their alt text (plots.show puts it in
+the output metadata; the template below writes it into `<img alt>`); widget views are replaced by
+their static output (an offline file has no widget manager); any script or stylesheet that would be
+fetched from a CDN is removed, and the result is checked to reference nothing outside the file.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
+import logging
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -22,27 +30,72 @@ from qlab.study.analysis import cell_summary
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = "(interactive controls: open the notebook in JupyterLab)"
+DATA_FILES = ("manifest.json", "trials.parquet", "trials.csv")
 _EXTERNAL = re.compile(r"""<(script|link)\b[^>]*\b(?:src|href)=["']https?://[^"']*["'][^>]*>(?:\s*</script>)?""", re.I)
+# JupyterLab's nbconvert template writes no alt attribute for images (the classic one reads the
+# output's metadata); this one does, from the same metadata key.
+_ALT_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{% block data_png scoped %}
+{%- set alttext = output | get_metadata('alt', 'image/png') -%}
+{%- if alttext -%}
+{{ super() | replace('<img src=', '<img alt="' ~ (alttext | escape_html) ~ '" src=', 1) }}
+{%- else -%}{{ super() }}{%- endif -%}
+{%- endblock data_png %}
+"""
 
 
-def notebook_path(name: str) -> Path:
-    p = NOTEBOOKS / f"{name}.ipynb"
+class NotebookFailed(ValueError):
+    """A notebook raised while papermill ran it: one line naming the notebook and the error (a
+    ValueError, so the CLI reports it as the user error it usually is, e.g. a bad parameter)."""
+
+
+def notebook_path(name: str, folder: Path | None = None) -> Path:
+    p = (folder or NOTEBOOKS) / f"{name}.ipynb"
     if not p.exists():
         raise FileNotFoundError(f"notebook {p} is missing")
     return p
 
 
-def execute(name: str, out: Path, parameters: dict) -> Path:
+def execute(name: str, out: Path, parameters: dict, notebooks: Path | None = None) -> Path:
+    """Run <notebooks>/<name>.ipynb (default: the project's notebooks/) with `parameters` into
+    `out`, the kernel started in that folder as JupyterLab does. A cell that raises is
+    NotebookFailed."""
     import papermill as pm
 
+    source = notebook_path(name, notebooks)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(notebook_path(name)), str(out), parameters=parameters, kernel_name="python3",
-                        progress_bar=False, cwd=str(Path.cwd()))
+    papermill_log = logging.getLogger("papermill")
+    level = papermill_log.level
+    papermill_log.setLevel(logging.WARNING)  # its INFO lines (paths, kernel name) are not progress
+    try:
+        pm.execute_notebook(str(source), str(out), parameters=parameters, kernel_name="python3",
+                            progress_bar=False, cwd=str(source.parent), kernel_manager_class=_ipc_kernels())
+    except pm.PapermillExecutionError as exc:
+        message = str(exc.evalue).strip().splitlines()[0] if str(exc.evalue).strip() else "(no message)"
+        raise NotebookFailed(f"notebook {name} failed: {exc.ename}: {message} (executed copy: {out})") from None
+    finally:
+        papermill_log.setLevel(level)
     return out
+
+
+def _ipc_kernels() -> type:
+    """A kernel manager whose kernels listen on IPC sockets next to their connection file (the
+    client owns it, so it also shuts the kernel down when the notebook is done)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IpcKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+    return IpcKernelManager
 
 
 def to_html(executed: Path, html_out: Path) -> Path:
     """Publish an executed notebook as offline HTML with the code hidden."""
+    import jinja2
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -58,11 +111,12 @@ def to_html(executed: Path, html_out: Path) -> Path:
                 data.pop(WIDGET_VIEW)
                 if not data:
                     continue
-                data["text/plain"] = "(interactive controls: open the notebook in JupyterLab)"
+                data["text/plain"] = WIDGET_NOTE
             kept.append(o)
         cell["outputs"] = kept
-    exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
-                            exclude_output_prompt=True)
+    exporter = HTMLExporter(template_name="lab", template_file="qlab_lab.html.j2",
+                            extra_loaders=[jinja2.DictLoader({"qlab_lab.html.j2": _ALT_TEMPLATE})],
+                            exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
     body = offline(body)
     html_out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,11 +135,11 @@ def external_references(page: str) -> list[str]:
 
 
 def run_report(*, backend: str = "sim", trials: int = 30, presets: str = "all", profile: str = "wan-20ms",
-               root: str | Path = "results", out: str | Path | None = None, progress: bool = True) -> Path:
+               root: str | Path | None = None, out: str | Path | None = None, progress: bool = True) -> Path:
     """The default campaigns (one per Agent NAT, against every Connector NAT), their notebooks and
     the index. Returns the index.html path."""
-    root = Path(root)
-    out = Path(out) if out else root / "reports"
+    root = results.results_root(root).resolve()  # absolute: the kernels run in notebooks/
+    out = Path(out).resolve() if out else root / "reports"
     agents = parse_presets(presets)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     t0 = time.monotonic()
@@ -96,39 +150,77 @@ def run_report(*, backend: str = "sim", trials: int = 30, presets: str = "all", 
         campaign.run(spec, root=root, progress=progress)
         ids.append(spec.campaign_id)
     t_campaigns = time.monotonic() - t0
+    jobs = [("nat_campaign", f"nat_{a}", f"Agent behind {a}", cid,
+             {"campaign_id": cid, "results_root": str(root), "progress": False})
+            for a, cid in zip(agents, ids, strict=True)]
+    jobs.insert(0, ("matrix_report", "matrix_report", "The NAT matrix", ",".join(ids),
+                    {"campaign_ids": ",".join(ids), "results_root": str(root)}))
+    jobs.append(("explore", "explore", "Explore (static snapshot)", "",
+                 {"backend": backend, "profile": profile, "progress": False}))
     pages = []
-    for a, cid in zip(agents, ids, strict=True):
-        nb = execute("nat_campaign", out / "notebooks" / f"nat_{a}.ipynb",
-                     {"campaign_id": cid, "results_root": str(root), "backend": backend})
-        pages.append((f"Agent behind {a}", to_html(nb, out / f"nat_{a}.html"), cid))
-    nb = execute("matrix_report", out / "notebooks" / "matrix_report.ipynb",
-                 {"campaign_ids": ",".join(ids), "results_root": str(root)})
-    pages.insert(0, ("The NAT matrix", to_html(nb, out / "matrix_report.html"), ",".join(ids)))
-    nb = execute("explore", out / "notebooks" / "explore.ipynb", {"backend": backend})
-    pages.append(("Explore (static snapshot)", to_html(nb, out / "explore.html"), ""))
-    df = results.load(ids, root=root)
-    index = write_index(out, pages, df, backend=backend, trials=trials, profile=profile,
-                        seconds=time.monotonic() - t0, campaign_seconds=t_campaigns)
-    return index
+    for name, page, title, cid, params in _progress(jobs, progress):
+        nb = execute(name, out / "notebooks" / f"{page}.ipynb", params)
+        pages.append((title, to_html(nb, out / f"{page}.html"), cid))
+    return write_index(out, pages, results.load(ids, root=root), {cid: root / cid for cid in ids},
+                       seconds=time.monotonic() - t0, campaign_seconds=t_campaigns)
 
 
-def write_index(out: Path, pages: list[tuple[str, Path, str]], df, **info) -> Path:
+def _progress(jobs: list, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(jobs, desc="notebooks", unit="notebook", disable=not enabled)
+
+
+def copy_data(out: Path, folders: dict[str, Path]) -> dict[str, list[Path]]:
+    """Each campaign's manifest and tables under <out>/data/<id>/, so a published folder carries
+    its own data; returns the copies per campaign id."""
+    copies: dict[str, list[Path]] = {}
+    for cid, folder in folders.items():
+        dest = out / "data" / cid
+        dest.mkdir(parents=True, exist_ok=True)
+        copies[cid] = [Path(shutil.copy2(folder / f, dest / f)) for f in DATA_FILES if (folder / f).exists()]
+    return copies
+
+
+def _link(path: Path, out: Path, text: str | None = None) -> str:
+    rel = path.relative_to(out).as_posix()
+    return f'<a href="{html.escape(rel)}">{html.escape(text or path.name)}</a>'
+
+
+def write_index(out: Path, pages: list[tuple[str, Path, str]], df, folders: dict[str, Path], **info) -> Path:
+    """index.html: what was measured (per backend and profile: trials, NAT pairs, N per pair, pairs
+    as expected), the pages, the executed notebooks and each campaign's data."""
     s = cell_summary(df)
-    ok = int((s.as_expected_rate == 1).sum())
-    rows = "".join(
-        f"<li><a href=\"{html.escape(p.name)}\">{html.escape(title)}</a>"
-        f"{' — campaign ' + html.escape(cid) if cid and ',' not in cid else ''}</li>" for title, p, cid in pages)
+    copies = copy_data(out, folders)
+    facts = []
+    for (backend, profile), g in s.groupby(["backend", "profile"]):
+        per = sorted(set(g["n"]))
+        facts.append(f"<li>backend <code>{html.escape(str(backend))}</code>, profile "
+                     f"<code>{html.escape(str(profile))}</code>: {int(g['n'].sum())} trials over {len(g)} NAT pairs, "
+                     f"N = {'–'.join(map(str, (per[0], per[-1])) if len(per) > 1 else map(str, per))} per pair; "
+                     f"{int((g.as_expected_rate == 1).sum())} of {len(g)} pairs behaved as expected in every trial; "
+                     f"{int(g['failed'].sum())} trials failed.</li>")
+    rows = []
+    for title, p, cid in pages:
+        executed = out / "notebooks" / f"{p.stem}.ipynb"
+        data = "".join(f" · {_link(f, out)}" for f in copies.get(cid, []))
+        rows.append(f"<li>{_link(p, out, title)}{' — campaign <code>' + html.escape(cid) + '</code>' if cid in copies else ''}"
+                    f" · notebook {_link(executed, out)}{data}</li>")
+    summary = {"trials": len(df), "pairs": len(s), "as_expected_pairs": int((s.as_expected_rate == 1).sum()),
+               "failed_trials": int(s["failed"].sum()), "campaigns": sorted(copies)}
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>qlab report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.5}}code{{background:#eee}}</style>
 </head><body><h1>qlab report</h1>
-<p>{len(df)} hole-punch trials on backend <code>{html.escape(info['backend'])}</code>, profile
-<code>{html.escape(info['profile'])}</code>, {info['trials']} per cell; {ok} of {len(s)} NAT pairs behaved as expected.
-Generated {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} in {info['seconds']:.0f} s
-(campaigns {info['campaign_seconds']:.0f} s).</p>
-<ul>{rows}</ul>
-<p>RTTs come from the same echo probe on both paths; rates carry 95% Wilson intervals. Raw data:
-<code>results/&lt;campaign-id&gt;/trials.parquet</code>, schema in docs/results.md.</p>
-<script type="application/json" id="qlab-summary">{json.dumps({'trials': len(df), 'pairs': len(s), 'as_expected_pairs': ok})}</script>
+<ul>{''.join(facts)}</ul>
+<p>Generated {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} in {info['seconds']:.0f} s
+(campaigns {info['campaign_seconds']:.0f} s). Each page is linked with the notebook that made it
+(executed, with its outputs; open it in JupyterLab) and its campaign's data (manifest and trial tables,
+copied under <code>data/</code>; columns in docs/results.md).</p>
+<ul>{''.join(rows)}</ul>
+<p>RTTs come from the same echo probe on both paths; rates carry 95% Wilson intervals, RTT medians
+95% order-statistic intervals. The simulator's numbers describe the simulated NATs and links, not a
+calibration against real networks.</p>
+<script type="application/json" id="qlab-summary">{json.dumps(summary)}</script>
 </body></html>"""
     path = out / "index.html"
     path.write_text(body, encoding="utf-8")
