@@ -102,8 +102,9 @@ def _wait_ready(lab: Lab) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture
-def lab(tmp_path) -> Iterator[Lab]:
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory) -> Iterator[Lab]:
+    tmp_path = tmp_path_factory.mktemp("jupyterlab")
     project = tmp_path / "project"
     (project / "notebooks").mkdir(parents=True)
     for notebook in (ROOT / "notebooks").glob("*.ipynb"):  # only the notebooks: not what kernels left there
@@ -238,3 +239,13 @@ def test_notebooks_in_jupyterlab_write_and_read_the_projects_results(lab):
     assert not _errors(outputs), _errors(outputs)
     assert _pngs(outputs) >= 1
     assert "2 trials in 1 campaign(s)" in _texts(outputs), _texts(outputs)
+
+
+def test_explore_in_jupyterlab_shows_its_controls_once(lab):
+    outputs = run_notebook(lab, "explore.ipynb", "trials = 1\nprogress = False\n")
+    assert not _errors(outputs), _errors(outputs)
+    views = [m for cell in outputs for m in cell
+             if "application/vnd.jupyter.widget-view+json" in m["content"].get("data", {})]
+    assert len(views) == 1, f"{len(views)} widget views displayed"
+    assert _pngs(outputs) >= 1
+    assert not (lab.project / "notebooks" / "results").exists()
