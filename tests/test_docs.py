@@ -201,6 +201,18 @@ def test_json_blocks_parse():
                 pytest.fail(f"{b.id}: {exc}")
 
 
+def test_the_manifest_sample_has_the_keys_of_a_real_manifest(tmp_path):
+    """docs/results.md shows a manifest: a campaign run now writes the same keys."""
+    from qlab.study import campaign
+
+    sample = next(json.loads(b.code) for b in ALL if b.doc == "docs/results.md" and b.info == "json"
+                  and '"parameters"' in b.code)
+    spec = campaign.CampaignSpec(agent_nats="full_cone", connector_nats="full_cone", trials=1, campaign_id="m")
+    real = json.loads((campaign.run(spec, root=tmp_path, workers=1, progress=False) / "manifest.json").read_text())
+    assert sorted(sample) == sorted(real)
+    assert sorted(sample["parameters"]) == sorted(real["parameters"])
+
+
 def test_aws_blocks_name_a_test_that_exists():
     for b in (b for b in ALL if b.mark == "aws"):
         file, _, name = b.mark_arg.partition("::")
