@@ -6,7 +6,8 @@ Info strings decide what a block is:
   the other lines are sample output and are not compared (timings and ids change every run);
 - `python`: run in a fresh interpreter of the project's venv;
 - `text` (layouts, diagrams, output samples): not run; `json`: parsed, not run.
-A block without an info string fails: say what it is.
+A block without an info string fails: say what it is. Where the text after a block begins
+"prints `X`", the block's output must contain X.
 
 Every block runs in a temporary project (pyproject.toml, Makefile and the notebooks copied, `.venv`
 linked), with `QLAB_RESULTS` in that folder and the venv's bin first on PATH. The comment on the
@@ -39,6 +40,7 @@ STATIC = {"text", "json"}
 BLOCK_TIMEOUT = 300.0
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 MARK = re.compile(r"^\s*<!--\s*qlab-doc:\s*(?P<kind>\w+):?\s*(?P<arg>.*?)\s*-->\s*$")
+PRINTS = re.compile(r"^prints `(?P<out>[^`]+)`")
 
 # Blocks in docs/cloud.md and docs/reports.md (owned elsewhere) waiting for the info strings, marks
 # and smaller example of /work/issue16-docs.patch: first line of the block -> the test that would
@@ -70,6 +72,7 @@ class Block:
     code: str
     mark: str  # "", "root", "aws", "skip"
     mark_arg: str
+    prints: str = ""  # what the text after the block says it prints ("prints `...`")
 
     @property
     def id(self) -> str:
@@ -93,8 +96,10 @@ def extract(path: Path) -> list[Block]:
         body = "\n".join(line[indent:] if not line[:indent].strip() else line for line in lines[i + 1:end])
         above = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         mark = MARK.match(above)
+        below = PRINTS.match(next((line for line in lines[end + 1:] if line.strip()), ""))
         blocks.append(Block(str(path.relative_to(ROOT)), i + 1, opening["info"].strip().split(" ")[0],
-                            body + "\n", mark["kind"] if mark else "", mark["arg"] if mark else ""))
+                            body + "\n", mark["kind"] if mark else "", mark["arg"] if mark else "",
+                            below["out"] if below else ""))
         i = end + 1
     return blocks
 
@@ -157,6 +162,7 @@ def _check_ran(block: Block, tmp: Path) -> None:
     proc = run_block(block, tmp)
     assert proc.returncode == 0, (f"{block.id} ({block.info}) exited {proc.returncode}\n--- block\n{block.code}"
                                   f"--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-3000:]}")
+    assert block.prints in proc.stdout, f"{block.id}: the doc says it prints {block.prints!r}; it printed {proc.stdout!r}"
 
 
 def _first_line(block: Block) -> str:
