@@ -120,7 +120,7 @@ def _execute(name, tmp_path, **params):
 def _outputs(nb_path) -> str:
     import nbformat
 
-    return json.dumps([c.get("outputs", []) for c in nbformat.read(nb_path, as_version=4).cells])
+    return json.dumps([c.get("outputs", []) for c in nbformat.read(nb_path, as_version=4).cells], ensure_ascii=False)
 
 
 def test_every_notebook_runs_under_papermill(tmp_path):
@@ -130,7 +130,8 @@ def test_every_notebook_runs_under_papermill(tmp_path):
     _execute("nat_campaign", tmp_path, agent_nats="port_restricted", connector_nats="full_cone,symmetric",
              trials=1, results_root=str(root), new_campaign_id="nb-test", progress=False)
     assert (root / "nb-test" / "trials.parquet").exists()
-    nb = _execute("matrix_report", tmp_path, results_root=str(root))
+    nb = _execute("matrix_report", tmp_path, results_root=str(root), backend="sim", compare="nb-test,nb-test")
+    assert "direct b − a" in _outputs(nb) and "+0 pp" in _outputs(nb)  # the comparison table
     explore = _execute("explore", tmp_path, trials=1, progress=False)
     assert "image/png" in _outputs(nb)
     note = "interactive controls"

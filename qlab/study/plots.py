@@ -106,7 +106,7 @@ def rtt_by_cell(df: pd.DataFrame, ax=None):
         med = s[f"rtt_{path}_p50_ms"].to_numpy(dtype=float)
         err = np.vstack([med - s[f"rtt_{path}_ci_low"].to_numpy(dtype=float),
                          s[f"rtt_{path}_ci_high"].to_numpy(dtype=float) - med])
-        ax.errorbar(med, y + offset, xerr=np.nan_to_num(err), fmt="o", capsize=3, label=f"{path} path",
+        ax.errorbar(med, y + offset, xerr=np.clip(np.nan_to_num(err), 0, None), fmt="o", capsize=3, label=f"{path} path",
                     color=FAMILY_COLORS["direct" if path == "direct" else "relay"])
     ax.set_yticks(y, [_cell_label(r) for r in s.itertuples()])
     ax.invert_yaxis()
@@ -167,7 +167,7 @@ def rates(summary: pd.DataFrame, ax=None):
         rate = s[f"{prefix}_rate"].to_numpy(dtype=float)
         err = np.vstack([rate - s[f"{prefix}_ci_low"].to_numpy(dtype=float),
                          s[f"{prefix}_ci_high"].to_numpy(dtype=float) - rate])
-        ax.errorbar(rate, y + offset, xerr=err, fmt="o", capsize=3, color=FAMILY_COLORS[outcome],
+        ax.errorbar(rate, y + offset, xerr=np.clip(err, 0, None), fmt="o", capsize=3, color=FAMILY_COLORS[outcome],
                     label=RATE_NAMES[outcome])
     ax.set_yticks(y, [_cell_label(r) for r in s.itertuples()])
     ax.invert_yaxis()
