@@ -19,8 +19,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-domain-reliability", "--dns-prefetch-disable", "--remote-debugging-pipe"]
 LOCAL = ("file://", "data:")
-# the images once every one has finished (or the deadline passed): [src, loaded?] each
-IMAGES_JS = "[...document.images].map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0])"
+# the images once every one has finished (or the deadline passed): [src (cut), loaded?, alt] each
+IMAGES_JS = "[...document.images].map(i => [(i.currentSrc || i.src).slice(0, 200), i.complete && i.naturalWidth > 0, i.alt])"
 IMAGES_DONE_JS = "[...document.images].every(i => i.complete)"
 LINKS_JS = "[...document.querySelectorAll('a[href]')].map(a => a.href)"
 
@@ -39,6 +39,7 @@ class Page:
         self.blocked: list[str] = []  # of those, the ones refused before they left (not file:/data:)
         self.console_errors: list[str] = []
         self.broken_images: list[str] = []
+        self.alts: list[str] = []  # each image's alt text
         self.links: list[str] = []
         self.images = 0  # rendered images
         self.png = b""
@@ -132,8 +133,9 @@ class Browser:
 
     def _inspect(self, page: Page) -> None:
         images = self._eval(IMAGES_JS)
-        page.images = sum(1 for _, ok in images if ok)
-        page.broken_images = [src for src, ok in images if not ok]
+        page.images = sum(1 for _, ok, _ in images if ok)
+        page.broken_images = [src for src, ok, _ in images if not ok]
+        page.alts = [alt for _, _, alt in images]
         page.links = self._eval(LINKS_JS)
         page.title = self._eval("document.title")
         shot = self._call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})

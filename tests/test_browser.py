@@ -19,6 +19,9 @@ pytestmark = pytest.mark.skipif(chromium() is None and os.environ.get("QLAB_REQU
                                 reason="chromium is not installed")
 
 
+NBCONVERT_DEFAULT_ALT = "No description has been provided for this image"
+
+
 def _local_path(url: str) -> Path:
     return Path(unquote(urlsplit(url).path))
 
@@ -26,9 +29,12 @@ def _local_path(url: str) -> Path:
 def _check_data_file(path: Path) -> None:
     """A linked file that is not a page: it exists and reads as what its name says."""
     assert path.is_file() and path.stat().st_size > 0, f"linked file missing or empty: {path}"
-    if path.suffix == ".ipynb":
-        nb = json.loads(path.read_text())
-        assert nb["cells"], path
+    if path.suffix == ".ipynb":  # an executed notebook: outputs, and no error among them
+        outputs = [o for c in json.loads(path.read_text())["cells"] for o in c.get("outputs", [])]
+        assert outputs, f"{path}: not executed"
+        assert not [o for o in outputs if o["output_type"] == "error"], f"{path}: an error output"
+    elif path.suffix == ".json":
+        assert json.loads(path.read_text()), path
     elif path.suffix in (".csv", ".parquet"):
         import pandas as pd
 
@@ -67,6 +73,8 @@ def test_published_pages_have_no_console_error_broken_image_or_outside_request(p
     for url, page in pages.items():
         if not url.endswith("index.html"):
             assert page.images >= 1, f"{url}: no rendered image"
+        unsaid = [alt for alt in page.alts if not alt.strip() or alt == NBCONVERT_DEFAULT_ALT]
+        assert not unsaid, f"{url}: {len(unsaid)} of {len(page.alts)} images do not say what they show"
 
 
 def _write(folder: Path, name: str, body: str) -> str:
