@@ -384,6 +384,26 @@ def test_report_pages_exist_and_reference_nothing_outside(published_report):
     assert (published_report.parent / "explore.html").read_text().count("interactive controls") == 1
 
 
+def test_nat_pages_give_every_reason_in_full(published_report):
+    """Each non-direct trial's reason (one trial per pair: it is the pair's top reason) is on its
+    page whole, not cut at pandas' 50 characters."""
+    import html
+
+    import pandas as pd
+
+    from qlab.study.analysis import DIRECT, full_reason
+
+    reasons = 0
+    for preset in ("full_cone", "symmetric"):
+        page = (published_report.parent / f"nat_{preset}.html").read_text()
+        data = next((published_report.parent / "data").glob(f"*-{preset}"))
+        trials = pd.read_csv(data / "trials.csv", keep_default_na=False)
+        for reason in trials.loc[~trials.outcome.isin(DIRECT), "reason"]:
+            assert html.escape(full_reason(reason), quote=False) in page, reason
+            reasons += 1
+    assert reasons >= 3  # symmetric's relay pairs at least
+
+
 def test_index_links_each_campaigns_data_and_the_executed_notebooks(published_report):
     index = published_report.read_text()
     links = re.findall(r'href="([^"]+)"', index)
