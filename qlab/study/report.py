@@ -81,7 +81,8 @@ def execute(name: str, out: Path, parameters: dict, notebooks: Path | None = Non
 
 def _ipc_kernels() -> type:
     """A kernel manager whose kernels listen on IPC sockets next to their connection file (the
-    client owns it, so it also shuts the kernel down when the notebook is done)."""
+    client owns it, so it also shuts the kernel down when the notebook is done), and are not
+    interrupted on their way out."""
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
 
@@ -89,6 +90,13 @@ def _ipc_kernels() -> type:
         @default("transport")
         def _transport_default(self) -> str:
             return "ipc"
+
+        async def _async_interrupt_kernel(self) -> None:
+            # jupyter_client sends SIGINT before every shutdown request; when it lands while the
+            # kernel answers a message the kernel logs "KeyboardInterrupt caught in kernel". A
+            # kernel whose notebook is done has nothing to interrupt.
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
 
     return IpcKernelManager
 
