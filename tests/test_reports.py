@@ -322,6 +322,8 @@ def test_compare_puts_two_campaigns_side_by_side():
     import qlab
 
     assert qlab.compare(a, b).equals(cmp)
+    with pytest.raises(ValueError, match="b holds no trials"):
+        analysis.compare(a, b.iloc[0:0])
 
 
 def test_plots_describe_themselves_and_label_their_scales():
