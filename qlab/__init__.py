@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Iterable
+from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __version__ = "0.1.0"
 
@@ -21,7 +27,11 @@ def __getattr__(name: str) -> ModuleType:
     raise AttributeError(f"module 'qlab' has no attribute {name!r}")
 
 
-def load(campaigns=None, root=None, *, backend: str | None = None, profile: str | None = None):
+Campaigns = str | Path | Iterable[str | Path]
+
+
+def load(campaigns: Campaigns | None = None, root: str | Path | None = None, *, backend: str | None = None,
+         profile: str | None = None) -> pd.DataFrame:
     """Trials of one or many campaigns as a tidy pandas DataFrame (one row per trial, typed
     columns, list columns as lists); None = every campaign in the results folder. See
     `qlab.study.results.load`."""
@@ -30,10 +40,12 @@ def load(campaigns=None, root=None, *, backend: str | None = None, profile: str 
     return load_results(campaigns, root, backend=backend, profile=profile)
 
 
-def compare(a, b, root=None):
+def compare(a: Campaigns | pd.DataFrame, b: Campaigns | pd.DataFrame, root: str | Path | None = None) -> pd.DataFrame:
     """Two campaigns (ids, folders or DataFrames from `load`) side by side, per NAT pair: rates
     with intervals and medians of each, and the differences. See `qlab.study.analysis.compare`."""
+    import pandas as pd
+
     from qlab.study.analysis import compare as compare_frames
 
-    frames = [x if hasattr(x, "columns") else load(x, root) for x in (a, b)]
-    return compare_frames(*frames)
+    first, second = (x if isinstance(x, pd.DataFrame) else load(x, root) for x in (a, b))
+    return compare_frames(first, second)

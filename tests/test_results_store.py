@@ -132,3 +132,11 @@ def test_load_gives_typed_columns_from_every_file_kind(tmp_path):
     assert from_tables.drop(columns=["path_events", "extra"]).equals(from_jsonl.drop(columns=["path_events", "extra"]))
     assert len(qlab.load("t-typed", root=tmp_path, profile="lan")) == 0
     assert len(qlab.load("t-typed", root=tmp_path, backend="sim")) == 2
+
+
+def test_compare_two_campaigns_at_the_top_level(tmp_path):
+    campaign.run(spec(campaign_id="t-a"), root=tmp_path, progress=False)
+    campaign.run(spec(campaign_id="t-b", profile="lan"), root=tmp_path, progress=False)
+    by_id = qlab.compare("t-a", "t-b", root=tmp_path)
+    by_frame = qlab.compare(qlab.load("t-a", root=tmp_path), tmp_path / "t-b")
+    assert by_id.equals(by_frame) and len(by_id) == 2
