@@ -226,7 +226,7 @@ def heatmap(summary: pd.DataFrame, value: str, title: str, *, backend: str | Non
     shown = "; ".join(f"{r['agent_nat']} to {r['connector_nat']} {'–' if pd.isna(r[value]) else fmt.format(r[value])}"
                       f" ({r['direct']}/{r['relay']}/{r['failed']} direct/relay/failed, expected {r['expected']})"
                       for r in cells)
-    return _say(ax, f"Heatmap of {title.lower()} over Agent NAT by Connector NAT ({where}). "
+    return _say(ax, f"Heatmap of {title[:1].lower() + title[1:]} over Agent NAT by Connector NAT ({where}). "
                     f"{len(off)} of {len(s)} pairs not as expected{': ' + ', '.join(off) if off else ''}. "
                     f"Cells: {shown}.")
 
