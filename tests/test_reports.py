@@ -163,7 +163,8 @@ def test_notebooks_in_a_lab_kernel_use_the_project_results(tmp_path, monkeypatch
     assert (project / "results" / "lab-run" / "manifest.json").is_file()
     assert not (project / "notebooks" / "results").exists()
     nb = execute("matrix_report", tmp_path / "out" / "matrix.ipynb", {}, notebooks=project / "notebooks")
-    text = _outputs(nb)
+    assert sorted(p.name for p in (project / "notebooks").iterdir()) == ["matrix_report.ipynb", "nat_campaign.ipynb"]
+    text = _outputs(nb)  # nothing left beside the notebooks (e.g. the kernels' sockets)
     assert "1 campaign(s)" in text and "backend sim, profile wan-20ms" in text and "2 NAT pairs" in text
 
 

@@ -212,9 +212,9 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     Where each side holds a single backend (or profile) and they differ, that difference is what is
     compared: cells then match on the NAT pair alone and `backend_a`/`backend_b` name both sides.
     A cell only one side has gets NaN on the other."""
-    for side, frame in (("a", a), ("b", b)):
+    for name, frame in (("a", a), ("b", b)):
         if frame.empty:
-            raise ValueError(f"nothing to compare: {side} holds no trials")
+            raise ValueError(f"nothing to compare: {name} holds no trials")
     sa, sb = cell_summary(a), cell_summary(b)
     keys = ["agent_nat", "connector_nat"] + [c for c in GROUP if not (sa[c].nunique() == 1 == sb[c].nunique())]
     cols = ["n", *[f"{p}_{s}" for _, p in FAMILIES for s in ("rate", "ci_low", "ci_high")],

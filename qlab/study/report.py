@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,8 +70,10 @@ def execute(name: str, out: Path, parameters: dict, notebooks: Path | None = Non
     level = papermill_log.level
     papermill_log.setLevel(logging.WARNING)  # its INFO lines (paths, kernel name) are not progress
     try:
-        pm.execute_notebook(str(source), str(out), parameters=parameters, kernel_name="python3",
-                            progress_bar=False, cwd=str(source.parent), kernel_manager_class=_ipc_kernels())
+        with tempfile.TemporaryDirectory(prefix="qlab-kernel-") as sockets:  # private (0700), removed after
+            pm.execute_notebook(str(source), str(out), parameters=parameters, kernel_name="python3",
+                                progress_bar=False, cwd=str(source.parent),
+                                kernel_manager_class=_ipc_kernels(Path(sockets)))
     except pm.PapermillExecutionError as exc:
         message = str(exc.evalue).strip().splitlines()[0] if str(exc.evalue).strip() else "(no message)"
         raise NotebookFailed(f"notebook {name} failed: {exc.ename}: {message} (executed copy: {out})") from None
@@ -79,10 +82,10 @@ def execute(name: str, out: Path, parameters: dict, notebooks: Path | None = Non
     return out
 
 
-def _ipc_kernels() -> type:
-    """A kernel manager whose kernels listen on IPC sockets next to their connection file (the
-    client owns it, so it also shuts the kernel down when the notebook is done), and are not
-    interrupted on their way out."""
+def _ipc_kernels(sockets: Path) -> type:
+    """A kernel manager whose kernels listen on IPC sockets in `sockets` (jupyter_client's default
+    path is relative: the sockets would land in notebooks/), and are not interrupted on their way
+    out. The notebook client owns it, so it shuts the kernel down when the notebook is done."""
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
 
@@ -90,6 +93,10 @@ def _ipc_kernels() -> type:
         @default("transport")
         def _transport_default(self) -> str:
             return "ipc"
+
+        @default("ip")
+        def _ip_default(self) -> str:
+            return str(sockets / "kernel")
 
         async def _async_interrupt_kernel(self) -> None:
             # jupyter_client sends SIGINT before every shutdown request; when it lands while the
