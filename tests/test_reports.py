@@ -354,7 +354,7 @@ def test_plots_describe_themselves_and_label_their_scales():
     plt.close("all")
 
 
-def test_report_is_quiet_and_its_pages_link_their_data(tmp_path):
+def test_qlab_report_prints_only_progress_and_the_path(tmp_path):
     """`qlab report` prints progress and the final path, nothing else: no papermill parse warning,
     no kernel-over-TCP warning, no missing alt text."""
     env = {k: v for k, v in os.environ.items() if k != "QLAB_RESULTS"}
