@@ -42,26 +42,10 @@ FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 MARK = re.compile(r"^\s*<!--\s*qlab-doc:\s*(?P<kind>\w+):?\s*(?P<arg>.*?)\s*-->\s*$")
 PRINTS = re.compile(r"^prints `(?P<out>[^`]+)`")
 
-# Blocks in docs/cloud.md and docs/reports.md (owned elsewhere) waiting for the info strings, marks
-# and smaller example of /work/issue16-docs.patch: first line of the block -> the test that would
-# fail. Not run meanwhile (an unmarked AWS block must not run); an entry whose block no longer
-# needs it fails test_pending_entries_still_apply.
-PENDING: dict[str, str] = {
-    "$ qlab cloud plan --topology nat-matrix --presets all": "test_block_says_what_it_is",
-    "qlab cloud: qlab-demo in us-east-1: nothing left                     # exit 0": "test_block_says_what_it_is",
-    "/opt/qlab/bin/qlab probe --intermediate <EIP>:4433 --certs /etc/qlab/certs --agent-nat <cell>":
-        "test_block_says_what_it_is",
-    "qlab cloud policy --account 123456789012 > qlab-operator.json": "test_block_runs",
-    ". .venv/bin/activate": "test_block_runs",
-    "papermill notebooks/cloud_campaign.ipynb results/cloud_campaign.ipynb \\": "test_block_runs",
-    "aws service-quotas request-service-quota-increase --service-code ec2 --quota-code L-0263D0A3 \\":
-        "test_block_runs",
-    "aws iam remove-role-from-instance-profile --instance-profile-name <id>-agent-profile --role-name "
-    "<id>-agent-role": "test_block_runs",
-    "qlab probe --intermediate <EIP>:4433 --certs certs/ \\": "test_block_runs",
-    "qlab cloud up ... --domain relay.example.org --acme-email ops@example.org": "test_block_runs",
-    "qlab campaign run --backend sim --agent-nat all --connector-nat symmetric --trials 30": "test_block_runs",
-}
+# Blocks that wait for a fix in a doc this file's owner may not edit: first line of the block -> the
+# test that would fail. Not run meanwhile (an unmarked AWS block must not run); an entry whose
+# block no longer needs it fails test_pending_entries_still_apply.
+PENDING: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

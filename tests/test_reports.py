@@ -351,6 +351,8 @@ def test_plots_describe_themselves_and_label_their_scales():
     assert len(ax.containers) == 3  # one error-bar series per outcome family
     ax = plots.rtt_by_cell(df)
     assert "direct 10.5 ms, relay 51.0 ms" in plots.alt_text(ax.figure)
+    ax = plots.rtt_by_cell(_frame({("sim", "wan-20ms", "symmetric", "symmetric"): ["relay"] * 2}))
+    assert "symmetric to symmetric: no direct path, relay 50.5 ms" in plots.alt_text(ax.figure)
     plt.close("all")
 
 

@@ -408,7 +408,8 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
         failover_ms=_r(measure["failover_ms"]), echo_gap_ms=_r(measure["echo_gap_ms"]),
         path_events=st.path.events if st is not None else [],
         measured_with=(f"echo probe, {spec.echo_size} B payload through the Connector to a UDP echo app, "
-                       f"{spec.samples} samples per path interleaved every {spec.echo_interval * 1000:g} ms, "
+                       f"{spec.samples} measurement echoes per path interleaved every "
+                       f"{spec.echo_interval * 1000:g} ms (RTT percentiles over every echo the path answered), "
                        f"backend {spec.backend}, profile {spec.profile}{measured_where}; "
                        f"{_proof(side, measure, probe)}"),
         error=error,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import weakref
 
 import matplotlib.pyplot as plt
@@ -114,9 +115,14 @@ def rtt_by_cell(df: pd.DataFrame, ax=None):
     ax.set_title(f"Direct vs relay RTT per NAT pair ({_label(df)})")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    pairs = "; ".join(f"{r.agent_nat} to {r.connector_nat}: direct {r.rtt_direct_p50_ms:.1f} ms, relay "
-                      f"{r.rtt_relay_p50_ms:.1f} ms" for r in s.itertuples())
+    pairs = "; ".join(f"{r.agent_nat} to {r.connector_nat}: {_ms_or('direct', r.rtt_direct_p50_ms)}, "
+                      f"{_ms_or('relay', r.rtt_relay_p50_ms)}" for r in s.itertuples())
     return _say(ax, f"Median direct and relay RTT per NAT pair with 95% intervals ({_label(df)}): {pairs}.")
+
+
+def _ms_or(path: str, value: object) -> str:
+    ms = float(str(value))
+    return f"no {path} path" if math.isnan(ms) else f"{path} {ms:.1f} ms"  # NaN: no trial of the pair had that path
 
 
 def _cell_label(r) -> str:
