@@ -216,28 +216,32 @@ def _certs_and_intermediate(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=cmd_intermediate)
 
 
+def _client_of_intermediate(p: argparse.ArgumentParser) -> None:
+    """What a Connector and an Agent need to reach and trust the Intermediate."""
+    p.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True, metavar="HOST[:PORT]",
+                   help="the Intermediate (port default 4433)")
+    p.add_argument("--certs", required=True, help="directory made by `qlab certs init`")
+    p.add_argument("--intermediate-name", default=None,
+                   help="the Intermediate's public DNS name, verified against public CAs (Let's Encrypt)")
+
+
 def _connector_agent_echo(sub: argparse._SubParsersAction) -> None:
     cn = sub.add_parser("connector", help="run an App Connector",
                         epilog=example("qlab connector --intermediate relay.example.org:4433 --service echo "
                                        "--forward 127.0.0.1:9999 --certs ./certs"))
-    cn.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True, metavar="HOST[:PORT]",
-                    help="the Intermediate (port default 4433)")
+    _client_of_intermediate(cn)
     cn.add_argument("--service", required=True, help="the service name Agents ask for")
     cn.add_argument("--forward", type=parse_addr, required=True, help="HOST:PORT of the application (UDP)")
     cn.add_argument("--p2p-port", type=int, default=4434, help="the one UDP port for everything (0 = any)")
     cn.add_argument("--bind", default="0.0.0.0", help="local address (0.0.0.0: any)")
     cn.add_argument("--name", default="connector", help="this Connector's name (in its certificate's role)")
     cn.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
-    cn.add_argument("--certs", required=True, help="directory made by `qlab certs init`")
-    cn.add_argument("--intermediate-name", default=None,
-                   help="the Intermediate's public DNS name, verified against public CAs (Let's Encrypt)")
     cn.set_defaults(func=cmd_connector)
 
     a = sub.add_parser("agent", help="run an Agent: open a session and send echo probes through it",
                        epilog=example("qlab agent --intermediate relay.example.org:4433 --service echo "
                                       "--certs ./certs --ping 20"))
-    a.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), required=True, metavar="HOST[:PORT]",
-                   help="the Intermediate (port default 4433)")
+    _client_of_intermediate(a)
     a.add_argument("--service", required=True, help="the service to open a session to")
     a.add_argument("--ping", type=int, default=10, help="number of echo probes")
     a.add_argument("--size", type=int, default=64, help="payload bytes per probe")
@@ -249,9 +253,6 @@ def _connector_agent_echo(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--name", default="agent", help="this Agent's name")
     a.add_argument("--expect-connector", default=None, metavar="NAME",
                    help="refuse a session (and a direct path) served by any other Connector")
-    a.add_argument("--certs", required=True, help="directory made by `qlab certs init`")
-    a.add_argument("--intermediate-name", default=None,
-                   help="the Intermediate's public DNS name, verified against public CAs (Let's Encrypt)")
     a.set_defaults(func=cmd_agent)
 
     e = sub.add_parser("echo", help="run the lab's application: a UDP echo",
