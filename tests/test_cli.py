@@ -83,6 +83,7 @@ def test_reusing_an_id_with_other_settings_and_an_unknown_id_are_one_line(campai
     r = qlab("campaign", "run", "--agent-nat", "full_cone,symmetric", "--connector-nat", "symmetric",
              "--id", "c2", "--results", str(campaign_root), "--trials", "2", "--samples", "5")
     assert_one_line_error(r, "c2", "trials=1 (asked 2)")
+    assert r.stdout == ""  # refused before the size line, which promises a run
     assert_one_line_error(qlab("campaign", "show", "c3", "--results", str(campaign_root)), "c3")
 
 

@@ -35,6 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  profile=args.profile, trials=args.trials, seed=args.seed,
                                  campaign_id=args.id or "", samples=args.samples, punch_anyway=args.punch_anyway)
     folder = results.campaign_dir(spec.campaign_id, args.results)
+    if (folder / "manifest.json").is_file():  # refused before the size line promises a run
+        campaign.check_contract(spec, results.CampaignStore(folder).manifest())
     print(f"campaign {spec.campaign_id}: {len(spec.cells)} cell(s) x {spec.trials} trial(s) = "
           f"{len(spec.cells) * spec.trials} trial(s) on {spec.backend}, profile {spec.profile} -> {folder}",
           flush=True)  # stdout: stderr is for the progress bar and errors
