@@ -24,6 +24,8 @@ for var, sub in (
 os.environ.setdefault("MPLBACKEND", "Agg")
 # a test that forgets `root=` writes here, never into the checkout's results/
 os.environ["QLAB_RESULTS"] = str(Path(_HOME, "results"))
+# sim trials charge the shipped calibration, whatever this machine's user measured
+os.environ["QLAB_SIM_CALIBRATION"] = "default"
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ FIELDS = [
     "rtt_direct_loss", "rtt_direct_n", "relay_bytes_out", "relay_bytes_in", "direct_bytes_out", "direct_bytes_in",
     "verify_sent", "verify_received", "failover_ms", "echo_gap_ms", "path_events", "measured_with", "error",
     "extra", "rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_direct_received",
-    "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch",
+    "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch", "sim_calibration",
 ]
 
 

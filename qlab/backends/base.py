@@ -25,6 +25,9 @@ Main = Callable[[], Coroutine[Any, Any, T]]  # a trial's async main, run to comp
 
 class Environment(Protocol):
     topology: Topology
+    # What stands for the roles' processing time: the simulator's calibration label (its roles run
+    # in zero time and are charged), None where the work really runs on a CPU.
+    processing_cost: str | None
 
     def net(self, host: str) -> Any: ...
 
@@ -77,6 +80,8 @@ class LoopbackNet(RealNet):
 
 
 class LoopbackEnvironment:
+    processing_cost = None
+
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         base = int(ipaddress.IPv4Address("127.0.0.1"))

@@ -19,6 +19,7 @@ from qlab.cli import campaign as campaign_cli
 from qlab.cli import cloud as cloud_cli
 from qlab.cli import lab as lab_cli
 from qlab.cli import roles as roles_cli
+from qlab.cli import sim as sim_cli
 from qlab.cli.util import Parser, example, parse_addr, parse_advertise, positive_int
 
 
@@ -263,7 +264,7 @@ def _connector_agent_echo(sub: argparse._SubParsersAction) -> None:
 
 
 # command groups that live in their own modules: `qlab trial/classify/probe`, `campaign`, `lab`, `cloud`
-_EXTENSIONS = (roles_cli.register, campaign_cli.register, lab_cli.register, cloud_cli.register)
+_EXTENSIONS = (roles_cli.register, campaign_cli.register, lab_cli.register, sim_cli.register, cloud_cli.register)
 
 
 def _uses_netns(args: argparse.Namespace) -> bool:

@@ -152,6 +152,9 @@ class TrialResult:
     echo_direct_answered_on_relay: int | None = None
     echo_relay_answered_on_direct: int | None = None
     punch: str | None = None  # a PunchState value
+    # Added by issue 20: the sim's processing-cost calibration (`name@digest`); None on kernel sockets
+    # (and in sim records written before, which charged no processing time).
+    sim_calibration: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,7 +162,7 @@ class TrialResult:
 
 # columns older records may lack (loaded as None)
 ADDED_FIELDS = ("rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_direct_received",
-                "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch")
+                "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch", "sim_calibration")
 
 
 def error_text(exc: BaseException) -> str:

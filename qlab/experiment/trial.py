@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from qlab import __version__, wire
-from qlab.backends.base import Environment, get_backend
+from qlab.backends.base import Backend, Environment, get_backend
 from qlab.certs import Credentials, default_certs
 from qlab.experiment import faults
 from qlab.experiment.record import (
@@ -440,15 +440,18 @@ def off_loop(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return pool.submit(fn, *args, **kw).result()
 
 
-def run_trial(spec: TrialSpec, *, certs_dir: str | None = None) -> TrialResult:
-    """Build the topology, bring the backend up, run one trial, tear everything down."""
-    return off_loop(_run_trial, spec, certs_dir=certs_dir)
+def run_trial(spec: TrialSpec, *, certs_dir: str | None = None, backend: Backend[Any] | None = None) -> TrialResult:
+    """Build the topology, bring the backend up, run one trial, tear everything down. `backend`: an
+    instance to use instead of `spec.backend`'s default one (a `SimBackend` with its own calibration)."""
+    return off_loop(_run_trial, spec, certs_dir=certs_dir, backend=backend)
 
 
-def _run_trial(spec: TrialSpec, *, certs_dir: str | None = None) -> TrialResult:
+def _run_trial(spec: TrialSpec, *, certs_dir: str | None = None, backend: Backend[Any] | None = None) -> TrialResult:
     topo = build(spec.agent_nat, spec.connector_nat, scenario=spec.scenario, profile_name=spec.profile,
                  agents=spec.agents, carrier_nat=spec.carrier_nat)
-    backend = get_backend(spec.backend)
+    backend = backend or get_backend(spec.backend)
     creds = Credentials.load(certs_dir or default_certs())
     with backend.environment(topo, spec.seed) as env:
-        return backend.run(env, lambda: run_in(env, spec, creds))
+        result = backend.run(env, lambda: run_in(env, spec, creds))
+        result.sim_calibration = env.processing_cost
+        return result

@@ -37,6 +37,8 @@ class NetnsNet:
 
 
 class NetnsEnvironment:
+    processing_cost = None
+
     def __init__(self, lab) -> None:
         self.lab = lab
         self.topology: Topology = lab.topology

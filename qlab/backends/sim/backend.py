@@ -1,4 +1,6 @@
-"""The `sim` backend for trials: a SimNetwork per trial, run on the virtual-time loop."""
+"""The `sim` backend for trials: a SimNetwork per trial, run on the virtual-time loop, with the
+roles' processing charged from a calibration (`qlab.backends.sim.cost`; by default the active one,
+`calibrate.active()`)."""
 
 from __future__ import annotations
 
@@ -8,16 +10,20 @@ from typing import TypeVar
 
 from qlab.backends import sim
 from qlab.backends.base import Main
+from qlab.backends.sim.calibrate import active
+from qlab.backends.sim.cost import Calibration, ProcessingCost
 from qlab.scenario.topology import Topology
 
 T = TypeVar("T")
 
 
 class SimEnvironment:
-    def __init__(self, topology: Topology, seed: int) -> None:
+    def __init__(self, topology: Topology, seed: int, calibration: Calibration) -> None:
         self.topology = topology
         self.seed = seed
-        self.network = sim.SimNetwork(topology, seed=seed)
+        self.calibration = calibration
+        self.processing_cost = calibration.label
+        self.network = sim.SimNetwork(topology, seed=seed, cost=ProcessingCost(calibration))
 
     def net(self, host: str) -> sim.SimNet:
         return self.network.net(host)
@@ -42,9 +48,12 @@ class SimBackend:
     name = "sim"
     parallel = True
 
+    def __init__(self, calibration: Calibration | None = None) -> None:
+        self.calibration = calibration  # None: the active one, read when a trial starts
+
     @contextmanager
     def environment(self, topology: Topology, seed: int) -> Iterator[SimEnvironment]:
-        yield SimEnvironment(topology, seed)
+        yield SimEnvironment(topology, seed, self.calibration or active())
 
     def run(self, env: SimEnvironment, main: Main[T]) -> T:
         return sim.run(main(), seed=env.seed)

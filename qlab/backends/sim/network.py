@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qlab.backends.sim.clock import CLOCK_RESOLUTION
+from qlab.backends.sim.cost import Classifier, ProcessingCost
 from qlab.backends.sim.nat import NatEngine, Verdict
 from qlab.scenario.profiles import IDEAL, LinkProfile
 from qlab.scenario.topology import Host, Router, Topology
@@ -313,7 +314,7 @@ class SimHost(Node):
         if sock is None:
             self.network._drop(self.name, "no_socket", pkt)
             return
-        sock._deliver(pkt)
+        sock._receive(pkt)
 
 
 class SimRouter(Node):
@@ -417,6 +418,7 @@ class SimSocket:
         self.sent = 0
         self.received = 0
         self.send_errors = 0
+        self._classifier = Classifier()
 
     @property
     def local_address(self) -> Addr:
@@ -434,7 +436,16 @@ class SimSocket:
         if dst[0] in host.ips or dst[0].startswith("127."):
             src_ip = dst[0] if self._ip == "0.0.0.0" else src_ip
         self.sent += 1
-        host.output(Packet((src_ip, self._port), dst, bytes(data), sent_at=host.network.loop.time()))
+        network = host.network
+        if network.cost is None:
+            host.output(Packet((src_ip, self._port), dst, bytes(data), sent_at=network.loop.time()))
+            return
+        payload = bytes(data)
+
+        def leave(at: float) -> None:
+            host.output(Packet((src_ip, self._port), dst, payload, sent_at=at))
+
+        network.cost.send(host.name, self._classifier, payload, network.loop.time(), self._when(leave))
 
     def close(self) -> None:
         if not self.closed:
@@ -442,6 +453,26 @@ class SimSocket:
             self._pending.clear()
             if self._host.sockets.get((self._ip, self._port)) is self:
                 del self._host.sockets[(self._ip, self._port)]
+
+    def _receive(self, pkt: Packet) -> None:
+        network = self._host.network
+        if network.cost is None:
+            self._deliver(pkt)
+            return
+        network.cost.receive(self._host.name, self._classifier, pkt.data, network.loop.time(),
+                             self._when(lambda at: self._deliver(pkt)))
+
+    def _when(self, action: Callable[[float], None]) -> Callable[[float], None]:
+        """`action` at virtual time `at`: now if the CPU is free, else when it is done."""
+        loop = self._host.network.loop
+
+        def schedule(at: float) -> None:
+            if at <= loop.time():
+                action(at)
+            else:
+                loop.call_at(at, action, at)
+
+        return schedule
 
     def _deliver(self, pkt: Packet) -> None:
         self.received += 1
@@ -491,10 +522,12 @@ class SimNetwork:
     running loop); on a `VirtualTimeLoop` every delay is virtual.
     """
 
-    def __init__(self, topology: Topology, seed: int | str = 0, *, queue_limit: int = QUEUE_LIMIT) -> None:
+    def __init__(self, topology: Topology, seed: int | str = 0, *, queue_limit: int = QUEUE_LIMIT,
+                 cost: ProcessingCost | None = None) -> None:
         self.topology = topology
         self.seed = seed
         self.queue_limit = queue_limit
+        self.cost = cost  # None: the roles' work takes no virtual time
         self.counters: Counter[str] = Counter()
         self.trace: Tracer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
