@@ -236,11 +236,22 @@ def _with(calibration: Calibration, shell_us: float = 0.0, handshake_us: float =
 
 def _solve(figure: str, real: float, calibration: Calibration, knob: str) -> float:
     """The microseconds of `knob` (an argument of `_with`) that make the simulated `figure` the real
-    one. The figure is linear in the knob: two simulated trials give its slope."""
-    step = 100.0
-    base, more = _sim(calibration)[figure], _sim(_with(calibration, **{knob: step}))[figure]
-    slope = (more - base) / step
-    return max(0.0, (real - base) / slope) if slope > 0 else 0.0
+    one. The figure grows with the knob, but not smoothly (a cost can move an event past a timer), so
+    bisection: about 15 simulated trials, 2 s."""
+    def at(x: float) -> float:
+        return _sim(_with(calibration, **{knob: x}))[figure]
+
+    lo, hi = 0.0, 100.0
+    if at(lo) >= real:
+        return 0.0  # the protocol's costs alone already reach it
+    while at(hi) < real:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise CalibrationError(f"cannot fit {figure} = {real} ms: the simulator does not reach it")
+    while hi - lo > 0.5:  # us
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at(mid) < real else (lo, mid)
+    return round(hi, 1)
 
 
 def fit(protocol: Calibration, real: dict[str, float]) -> tuple[Calibration, dict[str, float]]:

@@ -87,6 +87,9 @@ class _VirtualSelector(selectors.BaseSelector):
         ready = self._real.select(0)
         if ready or timeout == 0:
             return ready
+        if loop._idle:  # this instant is done: its idle callbacks run before the clock moves
+            loop._run_idle()
+            return []
         if loop._external_jobs:
             # An executor job runs in real time and takes no virtual time: wait for it, clock frozen.
             ready = self._real.select(EXTERNAL_WAIT)
@@ -126,6 +129,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self.rng = random.Random(seed)
         self._external_jobs = 0
         self._external_lock = threading.Lock()
+        self._idle: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
     # -- the clock ----------------------------------------------------------------------------
     def time(self) -> float:
@@ -162,6 +166,17 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             f"simulation deadlock at t={self._now:.6f}: nothing is ready and no timer is scheduled, "
             f"so nothing can happen again, but {len(tasks)} task(s) still wait: {shown}{more}"
         )
+
+    def call_when_idle(self, callback: Callable[[*Ts], object], *args: *Ts) -> None:
+        """Run `callback(*args)` once nothing else is ready at this virtual instant (every callback and
+        timer due now has run), before the clock moves on. The simulator's CPU uses it to take the next
+        datagram only after a role has done everything the last one caused."""
+        self._idle.append((callback, args))
+
+    def _run_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for callback, args in idle:
+            self.call_soon(callback, *args)
 
     # -- outside work: keep the deadlock detector from firing while a thread may still call back --
     def _external_begin(self) -> None:

@@ -15,11 +15,12 @@ in one process; `per_host=True` gives each host its own (roles on separate machi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import platform
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -170,7 +171,8 @@ class Classifier:
     handshakes it has already paid for, so that only the first ClientHello of a connection and the
     first flight from a server cost a handshake."""
 
-    own_cids: _Remembered = field(default_factory=_Remembered)
+    own_cids: _Remembered = field(default_factory=_Remembered)  # source CIDs of connections it dialed
+    accepted: _Remembered = field(default_factory=_Remembered)  # clients' CIDs of connections it accepted
     paid: _Remembered = field(default_factory=_Remembered)
 
     def sent(self, data: bytes) -> DatagramClass:
@@ -179,7 +181,8 @@ class Classifier:
         header = _long_header(data)
         if header is None:
             return DatagramClass.SHORT if not data[0] & 0x80 else DatagramClass.RAW
-        self.own_cids.add(header[2])
+        if header[1] not in self.accepted:  # not an answer to a client: this socket dialed
+            self.own_cids.add(header[2])
         return DatagramClass.LONG
 
     def received(self, data: bytes) -> DatagramClass:
@@ -194,7 +197,8 @@ class Classifier:
         if dcid in self.own_cids:  # our server's Initial: the first one carries its whole flight
             cls, key = DatagramClass.SERVER_FLIGHT, b"f" + scid
         else:  # a client's Initial to a connection ID we never chose: its ClientHello
-            cls, key = DatagramClass.CLIENT_HELLO, b"h" + dcid + scid
+            cls, key = DatagramClass.CLIENT_HELLO, b"h" + scid  # the client's CID: same in all its Initials
+            self.accepted.add(scid)
         if key in self.paid:
             return DatagramClass.LONG
         self.paid.add(key)
@@ -202,19 +206,43 @@ class Classifier:
 
 
 class Cpu:
-    """One processor: work is done in the order it is asked for, each piece when the last is done."""
-
-    __slots__ = ("free_at", "busy_s")
+    """One processor running the roles' work as one thread does. A received datagram waits for the
+    datagrams before it, then takes its rx cost; what handling it sends is protected right after (tx
+    cost), before the next datagram is taken in. A send from a timer waits for the work in hand."""
 
     def __init__(self) -> None:
         self.free_at = 0.0
         self.busy_s = 0.0
+        self._waiting: deque[tuple[float, Callable[[], None]]] = deque()
+        self._running = False
 
-    def do(self, now: float, seconds: float) -> float:
-        """Queue `seconds` of work at `now`; returns when it is done."""
+    def protect(self, now: float, seconds: float) -> float:
+        """A datagram sent at `now`: returns when it leaves."""
         self.free_at = max(now, self.free_at) + seconds
         self.busy_s += seconds
         return self.free_at
+
+    def take_in(self, loop: asyncio.AbstractEventLoop, seconds: float, deliver: Callable[[], None]) -> None:
+        """A datagram received: `deliver()` hands it to its socket when the CPU has taken it in."""
+        self._waiting.append((seconds, deliver))
+        if not self._running:
+            self._start(loop)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._waiting:
+            self._running = False
+            return
+        self._running = True
+        seconds, deliver = self._waiting.popleft()
+        self.free_at = max(loop.time(), self.free_at) + seconds
+        self.busy_s += seconds
+        loop.call_at(self.free_at, self._finish, loop, deliver)
+
+    def _finish(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[], None]) -> None:
+        deliver()
+        # the next datagram once the role has handled this one (its zero-time callbacks and sends)
+        when_idle = getattr(loop, "call_when_idle", loop.call_soon)
+        when_idle(self._start, loop)
 
 
 class ProcessingCost:
@@ -225,23 +253,21 @@ class ProcessingCost:
         self.per_host = per_host
         self._shared = Cpu()
         self._cpus: dict[str, Cpu] = {}
-        self.charged: dict[str, int] = {}
+        self.charged: Counter[str] = Counter()
 
     def cpu(self, host: str) -> Cpu:
         if not self.per_host:
             return self._shared
         return self._cpus.setdefault(host, Cpu())
 
-    def receive(self, host: str, classifier: Classifier, data: bytes, now: float,
-                at: Callable[[float], None]) -> None:
-        """`at(t)` hands the datagram over at t, when the CPU has taken it in."""
+    def receive(self, loop: asyncio.AbstractEventLoop, host: str, classifier: Classifier, data: bytes,
+                deliver: Callable[[], None]) -> None:
         cls = classifier.received(data)
-        self.charged[f"rx_{cls.value}"] = self.charged.get(f"rx_{cls.value}", 0) + 1
-        at(self.cpu(host).do(now, self.calibration.rx_seconds(cls)))
+        self.charged[f"rx_{cls.value}"] += 1
+        self.cpu(host).take_in(loop, self.calibration.rx_seconds(cls), deliver)
 
-    def send(self, host: str, classifier: Classifier, data: bytes, now: float,
-             at: Callable[[float], None]) -> None:
-        """`at(t)` puts the datagram on the wire at t, when the CPU has protected it."""
+    def send(self, now: float, host: str, classifier: Classifier, data: bytes) -> float:
+        """When a datagram sent at `now` leaves its host."""
         cls = classifier.sent(data)
-        self.charged[f"tx_{cls.value}"] = self.charged.get(f"tx_{cls.value}", 0) + 1
-        at(self.cpu(host).do(now, self.calibration.tx_seconds(cls)))
+        self.charged[f"tx_{cls.value}"] += 1
+        return self.cpu(host).protect(now, self.calibration.tx_seconds(cls))

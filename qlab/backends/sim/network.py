@@ -437,15 +437,14 @@ class SimSocket:
             src_ip = dst[0] if self._ip == "0.0.0.0" else src_ip
         self.sent += 1
         network = host.network
-        if network.cost is None:
-            host.output(Packet((src_ip, self._port), dst, bytes(data), sent_at=network.loop.time()))
-            return
-        payload = bytes(data)
-
-        def leave(at: float) -> None:
-            host.output(Packet((src_ip, self._port), dst, payload, sent_at=at))
-
-        network.cost.send(host.name, self._classifier, payload, network.loop.time(), self._when(leave))
+        now = network.loop.time()
+        pkt = Packet((src_ip, self._port), dst, bytes(data), sent_at=now)
+        leaves = now if network.cost is None else network.cost.send(now, host.name, self._classifier, pkt.data)
+        if leaves <= now:
+            host.output(pkt)
+        else:  # the CPU protects it first
+            pkt.sent_at = leaves
+            network.loop.call_at(leaves, host.output, pkt)
 
     def close(self) -> None:
         if not self.closed:
@@ -458,21 +457,9 @@ class SimSocket:
         network = self._host.network
         if network.cost is None:
             self._deliver(pkt)
-            return
-        network.cost.receive(self._host.name, self._classifier, pkt.data, network.loop.time(),
-                             self._when(lambda at: self._deliver(pkt)))
-
-    def _when(self, action: Callable[[float], None]) -> Callable[[float], None]:
-        """`action` at virtual time `at`: now if the CPU is free, else when it is done."""
-        loop = self._host.network.loop
-
-        def schedule(at: float) -> None:
-            if at <= loop.time():
-                action(at)
-            else:
-                loop.call_at(at, action, at)
-
-        return schedule
+        else:  # the CPU takes it in first
+            network.cost.receive(network.loop, self._host.name, self._classifier, pkt.data,
+                                 lambda: self._deliver(pkt))
 
     def _deliver(self, pkt: Packet) -> None:
         self.received += 1
