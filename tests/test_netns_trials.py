@@ -71,39 +71,30 @@ def test_classifier_names_every_preset_in_the_kernel(netns_ok, nat):
 
 
 def test_simulator_agrees_with_the_kernel(netns_ok):
-    """Same outcome class in every cell; the kernel's relay RTT median no shorter than the sim's and
-    at most 25 % + 10 ms longer (the wires add ~0.3 ms per hop, a loaded machine more; the sim's
-    links are exact). The simulator does not charge the CPU time of QUIC handshakes
-    (several ms each in Python), which the kernel lab pays in real time, so the sim's ttd is a lower
-    bound of the kernel's and the gap grows with the machine's speed and load (31 ms here idle,
-    51 ms once in CI): the kernel's median ttd lies between the sim's and twice it plus 20 ms, where
-    a lost punch round (hundreds of ms) would land outside."""
+    """Cross-validation: the same outcome in every cell, and over the endpoint-independent cells the
+    simulator's medians (the shipped calibration, docs/sim.md) within 10 % of the kernel's for the
+    direct and relay RTT and within 25 % for ttd and ttfb. benchmarks/crossval.py measures them within
+    10 % on this machine, idle; the looser bound here holds on a loaded machine (the kernel lab's
+    processing slows with load, the calibration does not), while a missing or extra round trip
+    (20-60 ms at wan-20ms) or a lost punch round (hundreds of ms) still lands outside."""
     for a, c in CELLS:  # the matrix test's results when it ran in this session, else measured here
         if (a, c) not in RESULTS["netns"]:
             RESULTS["netns"][(a, c)] = [trial("netns", a, c, seed) for seed in (1, 2, 3)]
     mismatch = []
-    rtt_d, rtt_s, ttd_pairs = [], [], []
+    figures: dict[str, dict[str, list[float]]] = {"sim": {}, "netns": {}}
     for a, c in CELLS:
-        sims = [trial("sim", a, c, seed) for seed in (1, 2, 3)]
-        nets = RESULTS["netns"][(a, c)]
-        cls = lambda rs: {("direct" if is_direct(r.outcome) else r.outcome) for r in rs}  # noqa: E731
-        if {r.outcome for r in sims} != {r.outcome for r in nets}:
-            mismatch.append((a, c, sorted({r.outcome for r in sims}), sorted({r.outcome for r in nets})))
-        assert cls(sims) == cls(nets), (a, c)
-        for rs, sink in ((sims, rtt_s), (nets, rtt_d)):
-            sink += [r.rtt_relay_p50_ms for r in rs]
+        runs = {"sim": [trial("sim", a, c, seed) for seed in (1, 2, 3)], "netns": RESULTS["netns"][(a, c)]}
+        if {r.outcome for r in runs["sim"]} != {r.outcome for r in runs["netns"]}:
+            mismatch.append((a, c, sorted({r.outcome for r in runs["sim"]}), sorted({r.outcome for r in runs["netns"]})))
         if a in EIM and c in EIM:
-            ttd_pairs.append((statistics.median(r.ttd_ms for r in sims), statistics.median(r.ttd_ms for r in nets)))
+            for backend, rs in runs.items():
+                for f in ("ttd_ms", "ttfb_ms", "rtt_direct_p50_ms", "rtt_relay_p50_ms"):
+                    figures[backend].setdefault(f, []).append(statistics.median(getattr(r, f) for r in rs))
     assert not mismatch, mismatch
-    s, n = statistics.median(rtt_s), statistics.median(rtt_d)
-    # one-sided, as for ttd: the wires never shorten a path, a busy machine only lengthens it; a
-    # missing or extra hop (tens of ms) still lands outside
-    assert 0.97 * s - 1 <= n <= 1.25 * s + 10, (s, n)
-    ttd_s = statistics.median(p[0] for p in ttd_pairs)
-    ttd_n = statistics.median(p[1] for p in ttd_pairs)
-    assert 0.97 * ttd_s - 2 <= ttd_n <= 2 * ttd_s + 20, (ttd_s, ttd_n)
-    print(f"\nrelay RTT median: sim {s:.1f} ms, netns {n:.1f} ms; ttd median (EIM cells): sim {ttd_s:.1f} ms, "
-          f"netns {ttd_n:.1f} ms")
+    ratios = {f: statistics.median(figures["sim"][f]) / statistics.median(figures["netns"][f]) for f in figures["sim"]}
+    print(f"\nsim / netns medians over the EIM cells: {ratios}")
+    for f, bound in (("rtt_direct_p50_ms", 0.10), ("rtt_relay_p50_ms", 0.10), ("ttd_ms", 0.25), ("ttfb_ms", 0.25)):
+        assert abs(ratios[f] - 1) <= bound, (f, ratios)
 
 
 @pytest.mark.parametrize("agent_nat,connector_nat", [("port_restricted", "symmetric"), ("symmetric", "port_restricted")])

@@ -230,7 +230,8 @@ def test_fit_reproduces_the_real_figures():
 
 def test_calibrate_command_measures_stores_and_is_used(tmp_path, capsys, monkeypatch):
     out = tmp_path / "cal.json"
-    assert main(["sim", "calibrate", "--rounds", "10", "--trials", "2", "--name", "ci", "--out", str(out), "--json"]) == 0
+    assert main(["sim", "calibrate", "--against", "loopback", "--rounds", "10", "--trials", "2", "--name", "ci",
+                 "--out", str(out), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     cal = calibrate.load(out)
     assert cal.name == "ci" and shown["file"] == str(out)

@@ -23,7 +23,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     logging.disable(logging.WARNING)  # the fit's trials would log their roles
     try:
-        cal, figures = calibrate.measure(rounds=args.rounds, trials=args.trials, name=args.name)
+        cal, figures = calibrate.measure(rounds=args.rounds, trials=args.trials, name=args.name, against=args.against)
     finally:
         logging.disable(logging.NOTSET)
     path = calibrate.save(cal, args.out)
@@ -33,8 +33,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(_show(cal))
     print()
     rows = [(k, figures["real"][k], figures["sim"][k]) for k in figures["real"]]
-    print(table(["fitted on loopback (ms)", "real roles", "sim"], rows))
-    print(f"\nstored in {path}; sim trials use it from now on (${calibrate.ENV} overrides)")
+    print(table(["fitted figure (ms)", "real", "sim"], rows))
+    used = (f"sim trials use it from now on (${calibrate.ENV} overrides)" if path == calibrate.calibration_file()
+            else f"use it with {calibrate.ENV}={path}")
+    print(f"\nstored in {path}; {used}")
     return 0
 
 
@@ -53,12 +55,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("sim", help="the simulator's processing-cost calibration",
                        epilog=example("qlab sim calibrate", "qlab sim calibration"))
     ssub = s.add_subparsers(dest="sim_command", required=True)
-    c = ssub.add_parser("calibrate", help="measure what the roles' work costs on this machine (about 20 s) "
+    c = ssub.add_parser("calibrate", help="measure what the roles' work costs on this machine (about 30 s) "
                                           "and store it for sim trials",
                         epilog=example("qlab sim calibrate", "qlab sim calibrate --name ci-runner --out cal.json"))
     c.add_argument("--rounds", type=positive_int, default=200, help="handshakes measured without sockets (default: 200)")
     c.add_argument("--trials", type=positive_int, default=7,
                    help="real trials on loopback the costs are fitted to (default: 7)")
+    c.add_argument("--against", choices=("netns", "loopback"), default="",
+                   help="what the costs are fitted to: the kernel lab (default where it runs: root) or "
+                        "real sockets on loopback")
     c.add_argument("--name", default="", help="the calibration's name in records (default: this host's name)")
     c.add_argument("--out", default="", help="where to store it (default: this user's cache, used by every sim trial)")
     c.add_argument("--json", action="store_true", help="print the calibration as JSON")

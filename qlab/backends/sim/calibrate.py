@@ -1,15 +1,20 @@
 """Measure what each kind of datagram costs on this machine, for the simulator's `Calibration`.
 
-    qlab sim calibrate [--rounds N] [--name NAME]     # measures (~10 s) and stores it for this user
+    qlab sim calibrate [--against netns|loopback] [--rounds N] [--name NAME]   # ~30 s; stored for this user
 
-Two parts, each the real code the roles run:
+Two parts, each the real code the roles run, then a fit:
 - the protocol: aioquic connections with qlab's own QUIC and TLS settings and the lab's certificates,
   driven without sockets: the server taking a ClientHello, the client taking the server's flight,
   1-RTT DATAGRAMs each way, and qlab's punch probes (encode, authenticate, decode);
 - the shell: qlab's `RealSocket` on loopback, the asyncio reader and system calls every datagram
   of a role goes through (`sendto` timed for sending; the rest of a round trip is receiving).
 
-Each figure is the median of `rounds` repetitions: the kernel lab runs on a busy machine too.
+Each figure is the median of `rounds` repetitions: the kernel lab runs on a busy machine too. What
+the roles do beyond these pieces (their own Python around each datagram, the direct handshake's
+setup) and what the kernel lab's path adds is then fitted: real trials of one reference cell give the
+direct echo RTT and the punch-to-first-echo time, and two knobs (a per-datagram share, a handshake
+share) are set so that the simulator gives the same (`fit`). Every other cell, profile and figure
+is left to check it (benchmarks/crossval.py).
 Where the calibration is kept: `calibration_file()`; which one a trial uses: `active()`.
 """
 
@@ -190,11 +195,29 @@ def measure_protocol(rounds: int = 200, name: str = "") -> Calibration:
     )
 
 
-def fit_spec(backend: str, seed: int):
-    """What the fit runs: both ends public, no added delay, so every millisecond is processing."""
+# What the fit runs, on the real backend and on the simulator alike. `netns`: the kernel lab, so the
+# fit also takes in what a datagram costs the lab's kernel path and wires (needs root); `loopback`: both
+# ends public, no added delay, every millisecond is the roles' processing.
+REFERENCES = {"netns": ("full_cone", "full_cone", "wan-20ms"), "loopback": ("public", "public", "lan")}
+
+
+def reference_spec(against: str, backend: str, seed: int):
     from qlab.experiment.record import TrialSpec
 
-    return TrialSpec(backend=backend, seed=seed, agent_nat="public", connector_nat="public", profile="lan")
+    agent_nat, connector_nat, profile = REFERENCES[against]
+    return TrialSpec(backend=backend, seed=seed, agent_nat=agent_nat, connector_nat=connector_nat, profile=profile)
+
+
+def default_reference() -> str:
+    """`netns` where the kernel lab can run, else `loopback`."""
+    from qlab.backends.base import BackendUnavailable
+    from qlab.backends.netns.lab import check_requirements
+
+    try:
+        check_requirements()
+    except (BackendUnavailable, OSError, RuntimeError):
+        return "loopback"
+    return "netns"
 
 
 def phases(result) -> dict[str, float]:
@@ -211,17 +234,17 @@ def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def _sim(calibration: Calibration, seed: int = 1) -> dict[str, float]:
+def _sim(calibration: Calibration, against: str, seed: int = 1) -> dict[str, float]:
     from qlab.backends.sim.backend import SimBackend
     from qlab.experiment.trial import run_trial
 
-    return phases(run_trial(fit_spec("sim", seed), backend=SimBackend(calibration)))
+    return phases(run_trial(reference_spec(against, "sim", seed), backend=SimBackend(calibration)))
 
 
-def _real(trials: int) -> dict[str, float]:
+def _real(trials: int, against: str) -> dict[str, float]:
     from qlab.experiment.trial import run_trial
 
-    return _medians([phases(run_trial(fit_spec("loopback", i))) for i in range(trials)])
+    return _medians([phases(run_trial(reference_spec(against, against, i))) for i in range(trials)])
 
 
 def _with(calibration: Calibration, shell_us: float = 0.0, handshake_us: float = 0.0) -> Calibration:
@@ -234,12 +257,12 @@ def _with(calibration: Calibration, shell_us: float = 0.0, handshake_us: float =
                                shell_tx_us=round(calibration.shell_tx_us + shell_us, 1))
 
 
-def _solve(figure: str, real: float, calibration: Calibration, knob: str) -> float:
+def _solve(figure: str, real: float, calibration: Calibration, knob: str, against: str) -> float:
     """The microseconds of `knob` (an argument of `_with`) that make the simulated `figure` the real
     one. The figure grows with the knob, but not smoothly (a cost can move an event past a timer), so
     bisection: about 15 simulated trials, 2 s."""
     def at(x: float) -> float:
-        return _sim(_with(calibration, **{knob: x}))[figure]
+        return _sim(_with(calibration, **{knob: x}), against)[figure]
 
     lo, hi = 0.0, 100.0
     if at(lo) >= real:
@@ -254,24 +277,29 @@ def _solve(figure: str, real: float, calibration: Calibration, knob: str) -> flo
     return round(hi, 1)
 
 
-def fit(protocol: Calibration, real: dict[str, float]) -> tuple[Calibration, dict[str, float]]:
+def fit(protocol: Calibration, real: dict[str, float], against: str = "loopback") -> tuple[Calibration, dict[str, float]]:
     """`protocol` with what the real roles spend beyond it: a per-datagram share (the roles' own
     code around each datagram) that makes the simulated direct echo RTT the real one, then a
     handshake share that makes the punch-to-first-echo time the real one."""
-    shelled = _with(protocol, shell_us=_solve("direct_rtt", real["direct_rtt"], protocol, "shell_us"))
-    fitted = _with(shelled, handshake_us=_solve("handshake", real["handshake"], shelled, "handshake_us"))
-    return fitted, _sim(fitted)
+    shelled = _with(protocol, shell_us=_solve("direct_rtt", real["direct_rtt"], protocol, "shell_us", against))
+    fitted = _with(shelled, handshake_us=_solve("handshake", real["handshake"], shelled, "handshake_us", against))
+    return fitted, _sim(fitted, against)
 
 
-def measure(rounds: int = 200, trials: int = 7, name: str = "") -> tuple[Calibration, dict[str, dict[str, float]]]:
-    """Calibrate this machine (about 20 s): the protocol piece by piece, then fitted to `trials`
-    real trials of the roles on loopback. Returns the calibration and the figures it matches
-    (`real`, and `sim` with the fitted costs)."""
+def measure(rounds: int = 200, trials: int = 7, name: str = "",
+            against: str = "") -> tuple[Calibration, dict[str, dict[str, float]]]:
+    """Calibrate this machine (about 30 s): the protocol piece by piece, then fitted to `trials` real
+    trials `against` the kernel lab (`netns`, the default where it runs) or `loopback`. Returns the
+    calibration and the figures it matches (`real`, and `sim` with the fitted costs)."""
     if trials < 1:
         raise ValueError("trials must be at least 1")
+    against = against or default_reference()
+    if against not in REFERENCES:
+        raise ValueError(f"cannot calibrate against {against!r}; choose one of: {', '.join(REFERENCES)}")
     protocol = measure_protocol(rounds, name)
-    real = _real(trials)
-    fitted, sim = fit(protocol, real)
-    fitted = dataclasses.replace(fitted, method=f"qlab sim calibrate: {rounds} handshakes without sockets, "
-                                                f"fitted to {trials} loopback trials")
+    real = _real(trials, against)
+    fitted, sim = fit(protocol, real, against)
+    agent_nat, connector_nat, profile = REFERENCES[against]
+    fitted = dataclasses.replace(fitted, method=f"qlab sim calibrate: {rounds} handshakes without sockets, fitted to "
+                                                f"{trials} {against} trials ({agent_nat} -> {connector_nat}, {profile})")
     return fitted, {"real": real, "sim": sim}

@@ -110,17 +110,17 @@ def zero(name: str = "none") -> Calibration:
 
 
 # Shipped for machines that never ran `qlab sim calibrate`: measured on the development machine
-# (2 vCPU x86_64, Python 3.11) with `qlab sim calibrate --name default`, 2026-11-28.
+# (2 vCPU x86_64, Python 3.11) with `qlab sim calibrate --name default` (fitted to the kernel lab).
 DEFAULT = Calibration(
     name="default",
-    rx_us={"client_hello": 1160.0, "server_flight": 1180.0, "long": 60.0, "short": 45.0, "raw": 12.0},
-    tx_us={"client_hello": 90.0, "server_flight": 90.0, "long": 90.0, "short": 30.0, "raw": 8.0},
-    shell_rx_us=60.0,
-    shell_tx_us=40.0,
-    machine="x86_64, 2 vCPU",
-    python="3.11",
-    measured_at="2026-11-28",
-    method="qlab sim calibrate",
+    rx_us={'client_hello': 5685.2, 'server_flight': 6015.8, 'long': 225.2, 'short': 48.7, 'raw': 4.6},
+    tx_us={'client_hello': 130.0, 'server_flight': 130.0, 'long': 130.0, 'short': 46.7, 'raw': 3.2},
+    shell_rx_us=197.1,
+    shell_tx_us=189.0,
+    machine='x86_64, 2 CPU',
+    python='3.11',
+    measured_at='2026-11-28',
+    method='qlab sim calibrate: 200 handshakes without sockets, fitted to 7 netns trials (full_cone -> full_cone, wan-20ms)',
 )
 
 
