@@ -160,9 +160,26 @@ def describe(df: pd.DataFrame) -> str:
         cells = g.groupby(["agent_nat", "connector_nat"]).size()
         per = f"{cells.min()}" if cells.min() == cells.max() else f"{cells.min()}–{cells.max()}"
         camps = g["campaign_id"].nunique() if "campaign_id" in g else 1
-        lines.append(f"- **backend {backend}, profile {profile}**: {len(g)} trials in {camps} campaign(s), "
-                     f"{len(cells)} NAT pairs, {per} per pair; measured with {method(g['measured_with'])}")
+        lines.append(f"- **backend {backend}, profile {profile}**{profile_text(str(profile))}: {len(g)} trials in "
+                     f"{camps} campaign(s), {len(cells)} NAT pairs, {per} per pair; measured with "
+                     f"{method(g['measured_with'])}{processing_text(g)}")
     return "\n".join(lines)
+
+
+def profile_text(name: str) -> str:
+    from qlab.scenario.profiles import PROFILES
+
+    known = PROFILES.get(name)
+    return f" ({known.description})" if known is not None and known.description else ""
+
+
+def processing_text(g: pd.DataFrame) -> str:
+    """Which processing-cost calibration simulated trials were charged (docs/sim.md)."""
+    if "sim_calibration" not in g or (g["backend"] != "sim").all():
+        return ""
+    labels = sorted({str(c) for c in g["sim_calibration"].dropna()})
+    return (f"; processing charged from calibration {', '.join(labels)}" if labels
+            else "; no processing time charged (records from before calibrations)")
 
 
 def percent(rate: float, lo: float = math.nan, hi: float = math.nan) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from qlab.nat.spec import PRESET_NAMES, parse_presets
 from qlab.study import campaign, results
-from qlab.study.analysis import cell_summary
+from qlab.study.analysis import cell_summary, processing_text, profile_text
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -210,8 +210,10 @@ def write_index(out: Path, pages: list[tuple[str, Path, str]], df, folders: dict
     facts = []
     for (backend, profile), g in s.groupby(["backend", "profile"]):
         per = sorted(set(g["n"]))
+        trials = df[(df["backend"] == backend) & (df["profile"] == profile)]
         facts.append(f"<li>backend <code>{html.escape(str(backend))}</code>, profile "
-                     f"<code>{html.escape(str(profile))}</code>: {int(g['n'].sum())} trials over {len(g)} NAT pairs, "
+                     f"<code>{html.escape(str(profile))}</code>{html.escape(profile_text(str(profile)))}"
+                     f"{html.escape(processing_text(trials))}: {int(g['n'].sum())} trials over {len(g)} NAT pairs, "
                      f"N = {'–'.join(map(str, (per[0], per[-1])) if len(per) > 1 else map(str, per))} per pair; "
                      f"{int((g.as_expected_rate == 1).sum())} of {len(g)} pairs behaved as expected in every trial; "
                      f"{int(g['failed'].sum())} trials failed.</li>")
@@ -233,8 +235,11 @@ def write_index(out: Path, pages: list[tuple[str, Path, str]], df, folders: dict
 copied under <code>data/</code>; columns in docs/results.md).</p>
 <ul>{''.join(rows)}</ul>
 <p>RTTs come from the same echo probe on both paths; rates carry 95% Wilson intervals, RTT medians
-95% order-statistic intervals. The simulator's numbers describe the simulated NATs and links, not a
-calibration against real networks.</p>
+95% order-statistic intervals. Link profiles (delay, jitter, loss per access link) are described, with
+the public measurements they come from, in docs/sim.md. Simulated trials charge each role's processing
+(handshakes, packet protection, the socket shell) from the calibration named above, measured on a
+machine by <code>qlab sim calibrate</code>; the simulator's agreement with the kernel lab is
+measured by benchmarks/crossval.py (docs/sim.md).</p>
 <script type="application/json" id="qlab-summary">{json.dumps(summary)}</script>
 </body></html>"""
     path = out / "index.html"
