@@ -148,6 +148,11 @@ def _long_header(data: bytes) -> tuple[int, bytes, bytes] | None:
 INITIAL = 0
 
 
+def _without_long_header(data: bytes) -> DatagramClass:
+    """A 1-RTT packet (short header, fixed bit set), or anything else (qlab's probes clear the fixed bit)."""
+    return DatagramClass.SHORT if data and data[0] & 0xC0 == 0x40 else DatagramClass.RAW
+
+
 class _Remembered:
     """A bounded set: the oldest entries go first."""
 
@@ -176,21 +181,17 @@ class Classifier:
     paid: _Remembered = field(default_factory=_Remembered)
 
     def sent(self, data: bytes) -> DatagramClass:
-        if not data or not data[0] & 0x40:
-            return DatagramClass.RAW
         header = _long_header(data)
         if header is None:
-            return DatagramClass.SHORT if not data[0] & 0x80 else DatagramClass.RAW
+            return _without_long_header(data)
         if header[1] not in self.accepted:  # not an answer to a client: this socket dialed
             self.own_cids.add(header[2])
         return DatagramClass.LONG
 
     def received(self, data: bytes) -> DatagramClass:
-        if not data or not data[0] & 0x40:
-            return DatagramClass.RAW
         header = _long_header(data)
         if header is None:
-            return DatagramClass.SHORT if not data[0] & 0x80 else DatagramClass.RAW
+            return _without_long_header(data)
         kind, dcid, scid = header
         if kind != INITIAL:
             return DatagramClass.LONG
