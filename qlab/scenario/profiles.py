@@ -8,29 +8,62 @@ links; both read these numbers, so `wan-20ms` means the same on every backend.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
+
+JitterDistribution = Literal["uniform", "normal", "pareto", "paretonormal"]
+JITTER_DISTRIBUTIONS: tuple[str, ...] = get_args(JitterDistribution)  # netem's names
 
 
 @dataclass(frozen=True)
 class LinkProfile:
-    """One link, the same in both directions. `loss` is a probability per packet per direction."""
+    """One link, the same in both directions; every probability is per packet per direction.
+
+    `delay_ms` is the base one-way delay, `jitter_ms` the spread around it drawn from
+    `jitter_distribution` (netem's meaning: the half-width of `uniform`, the standard deviation of
+    `normal`, the scale of netem's `pareto` and `paretonormal` tables), `jitter_correlation` how much
+    each draw leans on the previous one (netem's `delay D J C`), `reorder` the chance that a packet
+    skips the delay (netem's `reorder P`) and `rate_mbit` a serialization rate behind a queue.
+    `qlab.scenario.linkmodel` turns these into each packet's fate on every backend.
+    """
 
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     loss: float = 0.0
     rate_mbit: float | None = None
+    jitter_distribution: JitterDistribution = "uniform"
+    jitter_correlation: float = 0.0
+    reorder: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.delay_ms < 0 or self.jitter_ms < 0:
-            raise ValueError("delay and jitter must be >= 0")
-        if not 0.0 <= self.loss < 1.0:
-            raise ValueError(f"loss must be in [0, 1), got {self.loss}")
-        if self.rate_mbit is not None and self.rate_mbit <= 0:
-            raise ValueError("rate_mbit must be > 0")
+        problem = _problem(self)
+        if problem:
+            raise ValueError(f"bad link profile: {problem}")
 
     @property
     def ideal(self) -> bool:
         return self.delay_ms == 0 and self.jitter_ms == 0 and self.loss == 0 and self.rate_mbit is None
+
+
+def _problem(link: LinkProfile) -> str:
+    """What is wrong with a link's fields, or "" (written so that NaN fails every range)."""
+    for name in ("delay_ms", "jitter_ms"):
+        value = getattr(link, name)
+        if not 0 <= value < math.inf:
+            return f"{name} must be a finite number >= 0, got {value}"
+    for name in ("loss", "jitter_correlation", "reorder"):
+        value = getattr(link, name)
+        if not 0 <= value < 1:
+            return f"{name} must be in [0, 1), got {value}"
+    if link.rate_mbit is not None and not 0 < link.rate_mbit < math.inf:
+        return f"rate_mbit must be a finite number > 0 or None, got {link.rate_mbit}"
+    if link.jitter_distribution not in JITTER_DISTRIBUTIONS:
+        return (f"jitter_distribution must be one of {', '.join(JITTER_DISTRIBUTIONS)}, "
+                f"got {link.jitter_distribution!r}")
+    if link.reorder and not link.delay_ms:
+        return "reorder needs a delay_ms > 0 to skip (netem refuses it too)"
+    return ""
 
 
 IDEAL = LinkProfile()
