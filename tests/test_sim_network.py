@@ -17,6 +17,7 @@ import pytest
 
 from qlab.backends import sim
 from qlab.scenario import topology
+from qlab.scenario.linkmodel import LinkModel
 from qlab.scenario.profiles import LinkProfile, profile
 
 Addr = tuple[str, int]
@@ -142,6 +143,52 @@ def test_jitter_spreads_rtt_around_the_configured_delay() -> None:
     assert all(12.0 - 1e-9 <= r <= 28.0 + 1e-9 for r in rtts)  # 20 ms +- 4 wires x 2 ms
     assert statistics.mean(rtts) == pytest.approx(20.0, abs=0.3)
     assert statistics.pstdev(rtts) > 1.0
+
+
+async def _one_way(network: sim.SimNetwork, n: int, interval: float = 0.001) -> list[tuple[int, float]]:
+    """(index, one-way delay in s) of n datagrams the Agent sends the Intermediate, in arrival order."""
+    loop = asyncio.get_running_loop()
+    sent: dict[bytes, float] = {}
+    got: list[tuple[int, float]] = []
+    await network.net("intermediate").bind_udp(A, 9, lambda b: got.extend(
+        (int(d), loop.time() - sent[d]) for d, _ in b))
+    s = await network.net("agent").bind_udp("0.0.0.0", 0, lambda b: None)
+    for i in range(n):
+        sent[b"%d" % i] = loop.time()
+        s.sendto(b"%d" % i, (A, 9))
+        await asyncio.sleep(interval)
+    await asyncio.sleep(1)
+    return got
+
+
+def test_each_packet_is_delayed_as_the_link_model_says() -> None:
+    """A normal jitter on the Agent's link: every datagram's one-way delay is exactly what a model of
+    the same profile on the wire's own random stream draws, so the arrivals spread around the base
+    delay, past +-1 jitter about a third of the time (a uniform jitter never goes past it)."""
+    link = LinkProfile(delay_ms=20, jitter_ms=4, jitter_distribution="normal")
+    network = sim.SimNetwork(topology.build("public", "public"), seed=5)
+    network.set_link("agent", link)
+    wire = network.hosts["agent"].iface.up
+    twin = LinkModel(link, network._rng("wire", wire.name))
+    got = sorted(sim.run(_one_way(network, 2000)))
+    assert [d for _, d in got] == pytest.approx([twin.delay() for _ in range(2000)], abs=1e-9)
+    ms = [d * 1000 for _, d in got]
+    assert statistics.mean(ms) == pytest.approx(20.0, abs=5 * 4 / 2000 ** 0.5)
+    assert statistics.pstdev(ms) == pytest.approx(4.0, rel=0.1)
+    assert 0.25 < sum(abs(x - 20) > 4 for x in ms) / len(ms) < 0.4
+
+
+def test_reordered_packets_skip_the_delay_and_the_rest_keep_their_order() -> None:
+    network = sim.SimNetwork(topology.build("public", "public"), seed=4)
+    network.set_link("agent", LinkProfile(delay_ms=10, reorder=0.2))
+    got = sim.run(_one_way(network, 500))
+    assert len(got) == 500
+    skipped = [i for i, d in got if d == pytest.approx(0.0, abs=1e-9)]
+    delayed = [i for i, d in got if d == pytest.approx(0.010, abs=1e-9)]
+    assert len(skipped) + len(delayed) == 500  # the whole delay or none of it, as netem's reorder
+    assert abs(len(skipped) / 500 - 0.2) < 5 * (0.2 * 0.8 / 500) ** 0.5
+    assert delayed == sorted(delayed)  # no jitter: the delayed ones stay in FIFO order ...
+    assert [i for i, _ in got] != sorted(i for i, _ in got)  # ... and the skipped ones overtake them
 
 
 def test_rate_limit_serializes_and_tail_drops() -> None:
