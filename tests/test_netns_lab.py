@@ -15,6 +15,7 @@ import pytest
 
 from qlab.backends.netns.icmp import ping
 from qlab.backends.netns.lab import Lab, LabUnavailable, _run, lab_namespaces, netem_args, netem_available
+from qlab.backends.netns.labcheck import expected_rtt_ms, measure, probe_paths
 from qlab.nat.nftables import render
 from qlab.nat.spec import (
     PRESET_NAMES,
@@ -306,6 +307,35 @@ def test_link_profile_rtt_within_tolerance(netns_ok):
         print(f"\nwan-20ms: direct RTT p50 {direct.p50:.2f} / p95 {direct.p95:.2f} ms (configured 20, round {nd}), "
               f"agent-intermediate {to_intermediate.p50:.2f} / {to_intermediate.p95:.2f} ms (configured 30, "
               f"round {ni}); lab up in {lab.up_seconds:.3f} s")
+
+
+def test_normal_jitter_gives_the_rtt_spread_of_the_profile(netns_ok):
+    """`intercontinental` jitters every access link (normal, 2 ms on each site's): the direct path's
+    ICMP round trips spread as the link model says (p5 to p50 and p50 to p95 about 6.6 ms each;
+    without the jitter well under 1 ms). A busy host only adds delay, so the spread below the median
+    must be at least half the profile's, the one above at least half and at most 15 ms more; p50 as
+    in the test above. Up to 3 rounds of 200, as `qlab lab check` does."""
+
+    def spread(r) -> tuple[float, float]:
+        return r.p50 - r.quantile(0.05), r.p95 - r.p50
+
+    with Lab(build("full_cone", "public", profile_name="intercontinental")) as lab:
+        path = next(p for p in probe_paths(lab) if "direct" in p.label)
+        p5, p50, p95 = expected_rtt_ms(path.near, path.far, (0.05, 0.5, 0.95))
+        below, above = p50 - p5, p95 - p50
+        assert 5.5 < below < 7.5 and 5.5 < above < 7.5  # the profile's own: 1.645 x 4 ms
+
+        def within(r) -> bool:
+            return (r.lost == 0 and r.p50 is not None and p50 - 1.5 <= r.p50 <= p50 + 25
+                    and spread(r)[0] >= below / 2 and above / 2 <= spread(r)[1] <= above + 15)
+
+        rounds = [measure(lab, path, samples=200)]
+        while not within(rounds[-1]) and len(rounds) < 3:
+            rounds.append(measure(lab, path, samples=200))
+        got = rounds[-1]
+        assert within(got), [(r.p50, spread(r), r.lost) for r in rounds if r.p50 is not None]
+        print(f"\nintercontinental direct path: p5/p50/p95 {got.quantile(0.05):.2f} / {got.p50:.2f} / {got.p95:.2f} ms, "
+              f"the profile's {p5:.2f} / {p50:.2f} / {p95:.2f} ms (round {len(rounds)})")
 
 
 @pytest.mark.parametrize("scenario", ["same_lan", "double_nat", "multi_agent"])

@@ -85,11 +85,9 @@ async def start_relay(network: sim.SimNetwork) -> None:
     sock = await network.net("intermediate").bind_udp(A, 4433, on)
 
 
-@pytest.mark.parametrize("prof", ["wan-20ms", "intercontinental"])
-@pytest.mark.parametrize("nats", [("public", "public"), ("full_cone", "full_cone")])
-def test_direct_and_relay_rtt_match_the_profile_exactly(prof: str, nats: tuple[str, str]) -> None:
-    network = sim.SimNetwork(topology.build(*nats, profile_name=prof), seed=1)
-    p = profile(prof)
+def _relay_and_direct_rtts(network: sim.SimNetwork, n: int) -> tuple[list[float], list[float]]:
+    """n echoes Agent -> Intermediate's toy relay -> Connector, then n straight to the Connector's site."""
+    connector_nat = network.topology.connector_nat
 
     async def main() -> tuple[list[float], list[float]]:
         await start_relay(network)
@@ -98,17 +96,40 @@ def test_direct_and_relay_rtt_match_the_profile_exactly(prof: str, nats: tuple[s
         agent = await Pinger().open(network.net("agent"), 5000)
         agent.sock.sendto(b"register", RELAY)  # type: ignore[union-attr]
         await asyncio.sleep(1)
-        relay = await agent.ping(RELAY, 20)
+        relay = await agent.ping(RELAY, n)
         agent.rtts = []
-        connector_public = (network.topology.router("nat-c").wan_ip if nats[1] != "public"
+        connector_public = (network.topology.router("nat-c").wan_ip if connector_nat != "public"
                             else network.topology.host("connector").ip, 4434)
-        direct = await agent.ping(connector_public, 20)
+        direct = await agent.ping(connector_public, n)
         return relay, direct
 
-    relay, direct = sim.run(main())
+    return sim.run(main())
+
+
+@pytest.mark.parametrize("prof", ["wan-20ms", "lan"])
+@pytest.mark.parametrize("nats", [("public", "public"), ("full_cone", "full_cone")])
+def test_direct_and_relay_rtt_match_the_profile_exactly(prof: str, nats: tuple[str, str]) -> None:
+    """Without jitter every round trip is the configured one, to 1e-9 s."""
+    p = profile(prof)
+    relay, direct = _relay_and_direct_rtts(sim.SimNetwork(topology.build(*nats, profile_name=prof), seed=1), 20)
     assert len(relay) == len(direct) == 20
     assert relay == pytest.approx([p.relay_rtt_ms / 1000] * 20, abs=1e-9)
     assert direct == pytest.approx([p.direct_rtt_ms / 1000] * 20, abs=1e-9)
+
+
+@pytest.mark.parametrize("prof", ["home-broadband", "mobile-lte", "intercontinental"])
+def test_real_path_profiles_spread_rtt_around_their_base(prof: str) -> None:
+    """The named real-path profiles jitter: their RTT CDFs are no vertical lines (p50 to p95 at
+    least 3 ms), and `direct_rtt_ms` / `relay_rtt_ms`, the base delays, stay their mean within 3 %
+    (pareto jitter is skewed, its mean a little below 0)."""
+    p = profile(prof)
+    network = sim.SimNetwork(topology.build("full_cone", "full_cone", profile_name=prof), seed=2)
+    relay, direct = _relay_and_direct_rtts(network, 400)
+    assert len(relay) == len(direct) == 400  # no loss in these profiles
+    for rtts, base in ((relay, p.relay_rtt_ms), (direct, p.direct_rtt_ms)):
+        ms = sorted(r * 1000 for r in rtts)
+        assert statistics.mean(ms) == pytest.approx(base, rel=0.03)
+        assert ms[int(0.95 * 399)] - ms[200] >= 3.0, (ms[200], ms[int(0.95 * 399)])
 
 
 def test_loss_rate_is_statistically_right() -> None:
