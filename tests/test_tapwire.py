@@ -77,11 +77,11 @@ def test_the_loop_lets_through_what_each_model_says_after_its_delay() -> None:
     ab = LinkProfile(30.0, 5.0, 0.1, jitter_distribution="normal", reorder=0.05)
     ba = LinkProfile(5.0, loss=0.3)
     (a_wire, a_host), (b_wire, b_host) = _device(), _device()
-    fates = {a_wire.fileno(): LinkModel(ab, random.Random(1)), b_wire.fileno(): LinkModel(ba, random.Random(2))}
+    models = {a_wire.fileno(): LinkModel(ab, random.Random(1)), b_wire.fileno(): LinkModel(ba, random.Random(2))}
     twins = {b"a>b": LinkModel(ab, random.Random(1)), b"b>a": LinkModel(ba, random.Random(2))}
     stop_wire, stop_collecting = threading.Event(), threading.Event()
     got: dict[bytes, tuple[bytes, float]] = {}
-    threads = [threading.Thread(target=tapwire.run, args=(a_wire.fileno(), b_wire.fileno(), fates, 0.0,
+    threads = [threading.Thread(target=tapwire.run, args=(a_wire.fileno(), b_wire.fileno(), models, 0.0,
                                                           stop_wire.is_set)),
                threading.Thread(target=_collect, args=({a_host: b"a", b_host: b"b"}, got, stop_collecting))]
     for t in threads:

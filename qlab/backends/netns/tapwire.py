@@ -84,10 +84,10 @@ def realtime() -> str:
         return "other"
 
 
-def run(a: int, b: int, fates: dict[int, LinkModel], spin: float = SPIN,
+def run(a: int, b: int, models: dict[int, LinkModel], spin: float = SPIN,
         stop: Callable[[], bool] = lambda: False) -> None:
-    """Copy frames between the two devices: a frame read from `fd` meets `fates[fd]` (lost, or its
-    delay) and is written to the other device at its absolute deadline. The loop sleeps until
+    """Copy frames between the two devices: `models[fd]` decides the fate of each frame read from
+    `fd` (lost, or its delay), which is written to the other device at its absolute deadline. The loop sleeps until
     `spin` seconds before the earliest deadline, then busy-waits the rest (a sleep overshoots by the
     wake-up latency). `stop` is asked at every wake-up (at least once a second)."""
     queue: list[tuple[float, int, int, bytes]] = []
@@ -99,13 +99,13 @@ def run(a: int, b: int, fates: dict[int, LinkModel], spin: float = SPIN,
         ready, _, _ = select.select([a, b], [], [], timeout)
         now = clock()
         for fd in ready:
-            fate = fates[fd]
+            model = models[fd]
             for _ in range(64):
                 try:
                     frame = os.read(fd, 65536)
                 except BlockingIOError:
                     break
-                delay = fate.fate()
+                delay = model.fate()
                 if delay is not None:
                     seq += 1
                     heapq.heappush(queue, (now + delay, seq, other[fd], frame))
@@ -143,7 +143,8 @@ def parse_link(args: argparse.Namespace) -> LinkProfile:
 
 def direction_models(link: LinkProfile, seed: int, a: int, b: int) -> dict[int, LinkModel]:
     """One model per direction, each on its own random stream (as netem has a qdisc per end)."""
-    return {fd: LinkModel(link, random.Random(f"qlab-tapwire/{seed}/{side}")) for fd, side in ((a, "a>b"), (b, "b>a"))}
+    return {fd: LinkModel(link, random.Random(f"qlab-tapwire/{seed}/{side}"))
+            for fd, side in ((a, "a>b"), (b, "b>a"))}
 
 
 def main(argv: list[str] | None = None) -> int:
