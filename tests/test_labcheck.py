@@ -108,3 +108,20 @@ def test_a_failed_round_is_measured_again_and_named(monkeypatch):
     assert rows["bursty", "rtt p95"].ok and rows["bursty", "rtt p95"].measured == "20.20 ms (round 2 of 3)"
     assert not rows["slow", "rtt p95"].ok and rows["slow", "rtt p95"].measured.endswith("(round 3 of 3)")
     assert rounds == {"bursty": [], "slow": [calm]}  # no fourth round
+
+
+def test_the_expected_rtt_is_what_the_profile_gives():
+    """No lab needed: the bounds are centred on the round trip the link model itself draws (four
+    link directions per probe), not on the base delays alone: exact without jitter, around the base
+    for symmetric jitter, below it at the median and above in the tail for skewed jitter."""
+    from qlab.backends.netns.labcheck import expected_rtt_ms
+    from qlab.scenario.profiles import LinkProfile
+
+    assert expected_rtt_ms(LinkProfile(5.0), LinkProfile(10.0)) == (30.0, 30.0)
+    uniform = LinkProfile(5.0, 2.0)  # each leg within +-2 ms: the old bound allowed +8 at p95
+    p50, p95 = expected_rtt_ms(uniform, uniform)
+    assert abs(p50 - 20.0) < 0.2 and 22.5 < p95 < 24.5  # 1.645 x the sum's 2.31 ms standard deviation
+    pareto = LinkProfile(20.0, 8.0, jitter_distribution="pareto")
+    p50, p95 = expected_rtt_ms(pareto, LinkProfile(5.0))
+    assert p50 < 50.0 - 3 and p95 > 50.0 + 10
+    assert expected_rtt_ms(pareto, LinkProfile(5.0)) == (p50, p95)  # seeded: the same every time

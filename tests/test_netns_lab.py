@@ -3,15 +3,19 @@ link-profile RTTs, scenarios, and teardown that leaves nothing behind."""
 
 from __future__ import annotations
 
+import os
+import re
 import select
 import socket
+import subprocess
 import time
 from dataclasses import replace
 
 import pytest
 
 from qlab.backends.netns.icmp import ping
-from qlab.backends.netns.lab import Lab, lab_namespaces
+from qlab.backends.netns.lab import Lab, LabUnavailable, _run, lab_namespaces, netem_args, netem_available
+from qlab.backends.netns.labcheck import expected_rtt_ms, measure, probe_paths
 from qlab.nat.nftables import render
 from qlab.nat.spec import (
     PRESET_NAMES,
@@ -23,6 +27,7 @@ from qlab.nat.spec import (
     Refresh,
     preset,
 )
+from qlab.scenario.profiles import JITTER_DISTRIBUTIONS, PROFILES, LinkProfile
 from qlab.scenario.topology import Topology, build
 
 NATTED = [p for p in PRESET_NAMES if p != "public"]
@@ -304,6 +309,35 @@ def test_link_profile_rtt_within_tolerance(netns_ok):
               f"round {ni}); lab up in {lab.up_seconds:.3f} s")
 
 
+def test_normal_jitter_gives_the_rtt_spread_of_the_profile(netns_ok):
+    """`intercontinental` jitters every access link (normal, 2 ms on each site's): the direct path's
+    ICMP round trips spread as the link model says (p5 to p50 and p50 to p95 about 6.6 ms each;
+    without the jitter well under 1 ms). A busy host only adds delay, so the spread below the median
+    must be at least half the profile's, the one above at least half and at most 15 ms more; p50 as
+    in the test above. Up to 3 rounds of 200, as `qlab lab check` does."""
+
+    def spread(r) -> tuple[float, float]:
+        return r.p50 - r.quantile(0.05), r.p95 - r.p50
+
+    with Lab(build("full_cone", "public", profile_name="intercontinental")) as lab:
+        path = next(p for p in probe_paths(lab) if "direct" in p.label)
+        p5, p50, p95 = expected_rtt_ms(path.near, path.far, (0.05, 0.5, 0.95))
+        below, above = p50 - p5, p95 - p50
+        assert 5.5 < below < 7.5 and 5.5 < above < 7.5  # the profile's own: 1.645 x 4 ms
+
+        def within(r) -> bool:
+            return (r.lost == 0 and r.p50 is not None and p50 - 1.5 <= r.p50 <= p50 + 25
+                    and spread(r)[0] >= below / 2 and above / 2 <= spread(r)[1] <= above + 15)
+
+        rounds = [measure(lab, path, samples=200)]
+        while not within(rounds[-1]) and len(rounds) < 3:
+            rounds.append(measure(lab, path, samples=200))
+        got = rounds[-1]
+        assert within(got), [(r.p50, spread(r), r.lost) for r in rounds if r.p50 is not None]
+        print(f"\nintercontinental direct path: p5/p50/p95 {got.quantile(0.05):.2f} / {got.p50:.2f} / {got.p95:.2f} ms, "
+              f"the profile's {p5:.2f} / {p50:.2f} / {p95:.2f} ms (round {len(rounds)})")
+
+
 @pytest.mark.parametrize("scenario", ["same_lan", "double_nat", "multi_agent"])
 def test_scenarios_come_up_and_route(netns_ok, scenario):
     topo = build("port_restricted", "full_cone", scenario=scenario, agents=3 if scenario == "multi_agent" else 1)
@@ -335,3 +369,132 @@ def test_two_labs_at_once_do_not_clash(netns_ok):
         sa, sb = servers_for(a), servers_for(b)
         ia, ib = a.socket("agent"), b.socket("agent")
         assert observed(a, ia, sa, (I1, 3478))[0] == observed(b, ib, sb, (I1, 3478))[0] == "203.0.113.101"
+
+
+# -- link rendering: netem's syntax, the wires' flags ------------------------------------------------
+TC_TIME = re.compile(r"\d+(\.\d+)?(s|ms|us)")
+TC_PERCENT = re.compile(r"\d+(\.\d+)?%")
+NETEM_TABLES = {"normal", "pareto", "paretonormal"}  # iproute2 netem/Makefile installs these (and experimental)
+
+
+def _take(words: list[str], pattern: re.Pattern[str], most: int) -> list[str]:
+    taken = []
+    while words and len(taken) < most and pattern.fullmatch(words[0]):
+        taken.append(words.pop(0))
+    return taken
+
+
+def netem_syntax_problem(args: list[str]) -> str:
+    """What tc-netem(8)'s grammar, and the checks iproute2's q_netem.c makes after parsing, refuse in
+    `args`, or "": `delay TIME [JITTER [CORRELATION]]`, `distribution NAME` (a table iproute2
+    installs, with a delay and a jitter), `loss PERCENT [CORRELATION]`, `reorder PERCENT
+    [CORRELATION]` (with a delay), `rate RATE`."""
+    if args[:1] != ["netem"]:
+        return "not a netem qdisc"
+    words, seen = list(args[1:]), {}
+    while words:
+        word = words.pop(0)
+        if word in seen:
+            return f"{word} twice"
+        if word == "delay":
+            times = _take(words, TC_TIME, 2)
+            correlation = _take(words, TC_PERCENT, 1) if len(times) == 2 else []
+            if not times:
+                return "delay without a time"
+            seen[word] = times + correlation
+        elif word == "distribution":
+            name = words.pop(0) if words else ""
+            if name not in NETEM_TABLES:
+                return f"no table for distribution {name!r}"
+            seen[word] = [name]
+        elif word in ("loss", "reorder"):
+            seen[word] = _take(words, TC_PERCENT, 2)
+            if not seen[word]:
+                return f"{word} without a percentage"
+        elif word == "rate":
+            seen[word] = [words.pop(0)] if words and re.fullmatch(r"\d+(\.\d+)?[kmg]?bit", words[0]) else []
+            if not seen[word]:
+                return "rate without a rate"
+        else:
+            return f"what is {word!r}?"
+    delay = seen.get("delay", [])
+    if "distribution" in seen and len(delay) < 2:
+        return "distribution specified but no latency and jitter values"
+    if "reorder" in seen and not delay:
+        return "reordering not possible without specifying some delay"
+    return ""
+
+
+def test_the_syntax_check_refuses_what_tc_refuses():
+    assert netem_syntax_problem(["netem", "delay", "5ms", "2ms", "25%", "distribution", "normal", "reorder", "1%"]) == ""
+    assert "no latency and jitter" in netem_syntax_problem(["netem", "delay", "5ms", "distribution", "normal"])
+    assert "no table" in netem_syntax_problem(["netem", "delay", "5ms", "2ms", "distribution", "uniform"])
+    assert "without specifying some delay" in netem_syntax_problem(["netem", "reorder", "1%"])
+    assert "what is" in netem_syntax_problem(["netem", "delay", "5ms", "25%"])  # a correlation needs a jitter
+    # stricter than tc, whose strtod reads exponents: netem_args never writes one
+    assert netem_syntax_problem(["netem", "delay", "1e-05ms"]) == "delay without a time"
+
+
+RENDERED = [
+    (LinkProfile(10, 2, 0.05, 100), ["netem", "delay", "10ms", "2ms", "loss", "5%", "rate", "100mbit"]),
+    (LinkProfile(5), ["netem", "delay", "5ms"]),
+    (LinkProfile(5, jitter_distribution="normal", jitter_correlation=0.5), ["netem", "delay", "5ms"]),
+    (LinkProfile(5, 1, jitter_correlation=0.3), ["netem", "delay", "5ms", "1ms", "30%"]),
+    (LinkProfile(40, 2, jitter_distribution="normal"), ["netem", "delay", "40ms", "2ms", "distribution", "normal"]),
+    (LinkProfile(20, 8, 0.01, jitter_distribution="paretonormal", jitter_correlation=0.25, reorder=0.02),
+     ["netem", "delay", "20ms", "8ms", "25%", "distribution", "paretonormal", "loss", "1%", "reorder", "2%"]),
+    (LinkProfile(0.1 + 0.2, 1 / 3, 1e-7, jitter_distribution="pareto"),
+     ["netem", "delay", "0.3ms", "0.333333ms", "distribution", "pareto", "loss", "0.00001%"]),
+]
+
+
+@pytest.mark.parametrize(("link", "args"), RENDERED)
+def test_netem_args_render_every_field(link, args):
+    """Correlation and distribution only after a jitter (netem has no place for them without one),
+    `uniform` left unnamed (netem's default, and iproute2 has no table for it), no float noise."""
+    assert netem_args(link) == args
+    assert netem_syntax_problem(args) == ""
+
+
+def test_every_profile_renders_in_netem_syntax():
+    links = [LinkProfile(d, j, loss, rate, dist, c, r)
+             for d in (0.0, 5.0) for j in (0.0, 2.5) for loss in (0.0, 0.01) for rate in (None, 10.0)
+             for dist in JITTER_DISTRIBUTIONS for c in (0.0, 0.25) for r in ((0.0, 0.1) if d else (0.0,))]
+    links += [link for p in PROFILES.values() for link in (p.agent, p.connector, p.intermediate)]
+    assert {str(link): netem_syntax_problem(netem_args(link)) for link in links} == {str(link): "" for link in links}
+
+
+def test_tc_itself_parses_the_rendered_arguments(netns_ok):
+    """iproute2's own parser, in a throwaway namespace: where the kernel has no netem, tc gets as far
+    as asking it (`Specified qdisc kind is unknown`) only when every word parsed; a word it does not
+    know stops it before. With netem, the qdisc is simply added."""
+    ns = f"qlab-tcparse-{os.getpid()}"
+    _run(["ip", "netns", "add", ns])
+    try:
+        def verdict(args: list[str]) -> str:
+            p = subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", "lo", "root", *args],
+                               capture_output=True, text=True, timeout=10)
+            if p.returncode == 0 or "Specified qdisc kind is unknown" in p.stderr:
+                return "parsed"
+            return p.stderr.strip().splitlines()[0] if p.stderr.strip() else f"exit {p.returncode}"
+
+        for link, args in RENDERED:
+            result = verdict(netem_args(link))
+            if result.startswith("No distribution data"):
+                pytest.skip(f"iproute2's distribution tables are not installed here: {result}")
+            assert result == "parsed", (args, result)
+        assert verdict(["netem", "delay", "5ms", "2ms", "distribution", "uniform"]) != "parsed"  # the check discriminates
+        assert verdict(["netem", "delay", "5ms", "distribution", "normal"]) != "parsed"
+    finally:
+        _run(["ip", "netns", "del", ns], check=False)
+
+
+def test_a_rate_limited_link_is_refused_where_only_tap_wires_exist(netns_ok):
+    if netem_available():
+        pytest.skip("this kernel has netem, which has a rate")
+    topo = build("public", "public", profile_name="wan-20ms")
+    topo = replace(topo, hosts=tuple(replace(h, link=replace(h.link, rate_mbit=10.0)) for h in topo.hosts))
+    before = set(lab_namespaces())
+    with pytest.raises(LabUnavailable, match="rate_mbit needs netem"), Lab(topo):
+        pass
+    assert set(lab_namespaces()) == before

@@ -17,6 +17,7 @@ import pytest
 
 from qlab.backends import sim
 from qlab.scenario import topology
+from qlab.scenario.linkmodel import LinkModel
 from qlab.scenario.profiles import LinkProfile, profile
 
 Addr = tuple[str, int]
@@ -84,11 +85,9 @@ async def start_relay(network: sim.SimNetwork) -> None:
     sock = await network.net("intermediate").bind_udp(A, 4433, on)
 
 
-@pytest.mark.parametrize("prof", ["wan-20ms", "intercontinental"])
-@pytest.mark.parametrize("nats", [("public", "public"), ("full_cone", "full_cone")])
-def test_direct_and_relay_rtt_match_the_profile_exactly(prof: str, nats: tuple[str, str]) -> None:
-    network = sim.SimNetwork(topology.build(*nats, profile_name=prof), seed=1)
-    p = profile(prof)
+def _relay_and_direct_rtts(network: sim.SimNetwork, n: int) -> tuple[list[float], list[float]]:
+    """n echoes Agent -> Intermediate's toy relay -> Connector, then n straight to the Connector's site."""
+    connector_nat = network.topology.connector_nat
 
     async def main() -> tuple[list[float], list[float]]:
         await start_relay(network)
@@ -97,17 +96,40 @@ def test_direct_and_relay_rtt_match_the_profile_exactly(prof: str, nats: tuple[s
         agent = await Pinger().open(network.net("agent"), 5000)
         agent.sock.sendto(b"register", RELAY)  # type: ignore[union-attr]
         await asyncio.sleep(1)
-        relay = await agent.ping(RELAY, 20)
+        relay = await agent.ping(RELAY, n)
         agent.rtts = []
-        connector_public = (network.topology.router("nat-c").wan_ip if nats[1] != "public"
+        connector_public = (network.topology.router("nat-c").wan_ip if connector_nat != "public"
                             else network.topology.host("connector").ip, 4434)
-        direct = await agent.ping(connector_public, 20)
+        direct = await agent.ping(connector_public, n)
         return relay, direct
 
-    relay, direct = sim.run(main())
+    return sim.run(main())
+
+
+@pytest.mark.parametrize("prof", ["wan-20ms", "lan"])
+@pytest.mark.parametrize("nats", [("public", "public"), ("full_cone", "full_cone")])
+def test_direct_and_relay_rtt_match_the_profile_exactly(prof: str, nats: tuple[str, str]) -> None:
+    """Without jitter every round trip is the configured one, to 1e-9 s."""
+    p = profile(prof)
+    relay, direct = _relay_and_direct_rtts(sim.SimNetwork(topology.build(*nats, profile_name=prof), seed=1), 20)
     assert len(relay) == len(direct) == 20
     assert relay == pytest.approx([p.relay_rtt_ms / 1000] * 20, abs=1e-9)
     assert direct == pytest.approx([p.direct_rtt_ms / 1000] * 20, abs=1e-9)
+
+
+@pytest.mark.parametrize("prof", ["home-broadband", "mobile-lte", "intercontinental"])
+def test_real_path_profiles_spread_rtt_around_their_base(prof: str) -> None:
+    """The named real-path profiles jitter: their RTT CDFs are no vertical lines (p50 to p95 at
+    least 3 ms), and `direct_rtt_ms` / `relay_rtt_ms`, the base delays, stay their mean within 3 %
+    (pareto jitter is skewed, its mean a little below 0)."""
+    p = profile(prof)
+    network = sim.SimNetwork(topology.build("full_cone", "full_cone", profile_name=prof), seed=2)
+    relay, direct = _relay_and_direct_rtts(network, 400)
+    assert len(relay) == len(direct) == 400  # no loss in these profiles
+    for rtts, base in ((relay, p.relay_rtt_ms), (direct, p.direct_rtt_ms)):
+        ms = sorted(r * 1000 for r in rtts)
+        assert statistics.mean(ms) == pytest.approx(base, rel=0.03)
+        assert ms[int(0.95 * 399)] - ms[200] >= 3.0, (ms[200], ms[int(0.95 * 399)])
 
 
 def test_loss_rate_is_statistically_right() -> None:
@@ -142,6 +164,52 @@ def test_jitter_spreads_rtt_around_the_configured_delay() -> None:
     assert all(12.0 - 1e-9 <= r <= 28.0 + 1e-9 for r in rtts)  # 20 ms +- 4 wires x 2 ms
     assert statistics.mean(rtts) == pytest.approx(20.0, abs=0.3)
     assert statistics.pstdev(rtts) > 1.0
+
+
+async def _one_way(network: sim.SimNetwork, n: int, interval: float = 0.001) -> list[tuple[int, float]]:
+    """(index, one-way delay in s) of n datagrams the Agent sends the Intermediate, in arrival order."""
+    loop = asyncio.get_running_loop()
+    sent: dict[bytes, float] = {}
+    got: list[tuple[int, float]] = []
+    await network.net("intermediate").bind_udp(A, 9, lambda b: got.extend(
+        (int(d), loop.time() - sent[d]) for d, _ in b))
+    s = await network.net("agent").bind_udp("0.0.0.0", 0, lambda b: None)
+    for i in range(n):
+        sent[b"%d" % i] = loop.time()
+        s.sendto(b"%d" % i, (A, 9))
+        await asyncio.sleep(interval)
+    await asyncio.sleep(1)
+    return got
+
+
+def test_each_packet_is_delayed_as_the_link_model_says() -> None:
+    """A normal jitter on the Agent's link: every datagram's one-way delay is exactly what a model of
+    the same profile on the wire's own random stream draws, so the arrivals spread around the base
+    delay, past +-1 jitter about a third of the time (a uniform jitter never goes past it)."""
+    link = LinkProfile(delay_ms=20, jitter_ms=4, jitter_distribution="normal")
+    network = sim.SimNetwork(topology.build("public", "public"), seed=5)
+    network.set_link("agent", link)
+    wire = network.hosts["agent"].iface.up
+    twin = LinkModel(link, network._rng("wire", wire.name))
+    got = sorted(sim.run(_one_way(network, 2000)))
+    assert [d for _, d in got] == pytest.approx([twin.delay() for _ in range(2000)], abs=1e-9)
+    ms = [d * 1000 for _, d in got]
+    assert statistics.mean(ms) == pytest.approx(20.0, abs=5 * 4 / 2000 ** 0.5)
+    assert statistics.pstdev(ms) == pytest.approx(4.0, rel=0.1)
+    assert 0.25 < sum(abs(x - 20) > 4 for x in ms) / len(ms) < 0.4
+
+
+def test_reordered_packets_skip_the_delay_and_the_rest_keep_their_order() -> None:
+    network = sim.SimNetwork(topology.build("public", "public"), seed=4)
+    network.set_link("agent", LinkProfile(delay_ms=10, reorder=0.2))
+    got = sim.run(_one_way(network, 500))
+    assert len(got) == 500
+    skipped = [i for i, d in got if d == pytest.approx(0.0, abs=1e-9)]
+    delayed = [i for i, d in got if d == pytest.approx(0.010, abs=1e-9)]
+    assert len(skipped) + len(delayed) == 500  # the whole delay or none of it, as netem's reorder
+    assert abs(len(skipped) / 500 - 0.2) < 5 * (0.2 * 0.8 / 500) ** 0.5
+    assert delayed == sorted(delayed)  # no jitter: the delayed ones stay in FIFO order ...
+    assert [i for i, _ in got] != sorted(i for i, _ in got)  # ... and the skipped ones overtake them
 
 
 def test_rate_limit_serializes_and_tail_drops() -> None:

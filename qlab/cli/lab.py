@@ -164,7 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ck.add_argument("--p50-above", type=float, default=None, metavar="MS",
                     help="how far above the profile a path's RTT p50 may be (default: as --p50-tolerance)")
     ck.add_argument("--p95-slack", type=float, default=3.0, metavar="MS",
-                    help="how far above the profile (plus its jitter) a path's RTT p95 may be")
+                    help="how far above the p95 its profile gives a path's RTT p95 may be")
     ck.add_argument("--no-refresh", action="store_true", help="skip the binding-refresh check (5 s per NAT)")
     ck.add_argument("--json", action="store_true", help="the rows as JSON")
     ck.set_defaults(func=cmd_check)

@@ -5,7 +5,8 @@ Layout: a hub namespace holds the "internet" bridge (203.0.113.0/24, which exist
 lab); every router and public host has an uplink into it; each router holds its LAN bridge and its
 LAN hosts hang off it; a carrier NAT's LAN is the home router's uplink segment. Links with a delay
 or loss profile use netem where the kernel has it, else TAP pairs bridged by a `tapwire` process (this
-machine's kernel has no netem); the others are veths.
+machine's kernel has no netem; each frame's fate comes from the same link model as in the
+simulator, `qlab/scenario/linkmodel.py`); the others are veths.
 
 Names are `qlab-<run id>-<node>`, so several labs coexist and `down_all()` finds what a crash left
 behind. Wire processes die with the process that made the lab; a lab made by `qlab lab up` records
@@ -29,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlab.backends.netns.tapwire import link_args
 from qlab.nat.nftables import conntrack_sysctls, render
 from qlab.nat.spec import NatSpec
 from qlab.scenario.profiles import LinkProfile
@@ -102,15 +104,29 @@ def netem_available() -> bool:
 
 
 def netem_args(link: LinkProfile) -> list[str]:
-    """tc arguments for one direction of a link (each end shapes what it sends)."""
-    args = ["netem", "delay", f"{link.delay_ms}ms"]
+    """tc arguments for one direction of a link (each end shapes what it sends), in tc-netem(8)'s
+    syntax: `delay TIME [JITTER [CORRELATION]] [distribution NAME]`, `loss P`, `reorder P`,
+    `rate R`. A correlation or a distribution has no place without a jitter, and `uniform`, netem's
+    default, is not named: iproute2 installs tables for normal, pareto and paretonormal only."""
+    args = ["netem", "delay", f"{_number(link.delay_ms)}ms"]
     if link.jitter_ms:
-        args.append(f"{link.jitter_ms}ms")
+        args.append(f"{_number(link.jitter_ms)}ms")
+        if link.jitter_correlation:
+            args.append(f"{_number(link.jitter_correlation * 100)}%")
+        if link.jitter_distribution != "uniform":
+            args += ["distribution", link.jitter_distribution]
     if link.loss:
-        args += ["loss", f"{link.loss * 100:g}%"]
+        args += ["loss", f"{_number(link.loss * 100)}%"]
+    if link.reorder:
+        args += ["reorder", f"{_number(link.reorder * 100)}%"]
     if link.rate_mbit:
-        args += ["rate", f"{link.rate_mbit:g}mbit"]
+        args += ["rate", f"{_number(link.rate_mbit)}mbit"]
     return args
+
+
+def _number(x: float) -> str:
+    """A decimal tc reads: no exponent, no float noise (5.000000000000001 is 5), ns resolution in ms."""
+    return f"{x:.6f}".rstrip("0").rstrip(".")
 
 
 def _run(argv: list[str], *, input: str | None = None, check: bool = True, timeout: float = 20) -> str:
@@ -195,6 +211,9 @@ class Lab:
         shaped = any(not link.ideal for link in self._links().values())
         self.link_mechanism = "netem" if shaped and shutil.which("tc") and netem_available() else "tapwire"
         check_requirements(need_tun=shaped and self.link_mechanism == "tapwire")
+        if self.link_mechanism == "tapwire" and any(link.rate_mbit for link in self._links().values()):
+            raise LabUnavailable("a link profile with rate_mbit needs netem, which this kernel lacks: "
+                                 "the TAP wires have no rate queue")
         for ns in [self.hub, *self.namespaces.values()]:
             _run(["ip", "netns", "add", ns])
         cmds: dict[str, list[str]] = {ns: ["link set lo up"] for ns in [self.hub, *self.namespaces.values()]}
@@ -318,8 +337,7 @@ class Lab:
         procs = []
         for i, (ns, ifname, up_ns, port, link) in enumerate(wires):
             argv = [sys.executable, "-m", "qlab.backends.netns.tapwire", "--ns-a", ns, "--if-a", ifname, "--ns-b", up_ns,
-                    "--if-b", port, "--delay", str(link.delay_ms), "--jitter", str(link.jitter_ms),
-                    "--loss", str(link.loss), "--seed", str(i), *self.wire_options]
+                    "--if-b", port, *link_args(link), "--seed", str(i), *self.wire_options]
             if not self.persistent:
                 argv.append("--die-with-parent")
             p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

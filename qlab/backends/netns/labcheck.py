@@ -11,8 +11,9 @@ the lab's namespaces (none of qlab's roles or probes take part):
 - refresh: with a 2 s binding timeout, whether inbound packets alone keep a mapping alive
   (it is put back afterwards);
 and for the links, ICMP round trips with the kernel's timestamps (see `icmp.py`) between the
-Agent's site, the Connector's site and the Intermediate, compared with the profile: p50 within
-±5 % or ±1 ms (the larger), p95 at most 3 ms above the configured delay plus its jitter.
+Agent's site, the Connector's site and the Intermediate, compared with what the profile gives those
+round trips (the link model's own p50 and p95, `expected_rtt_ms`): p50 within ±5 % or ±1 ms (the
+larger), p95 at most 3 ms above.
 
 The check measures the rulesets as they are loaded (it reloads one only to shorten and then restore
 the binding timeout for the refresh check): run it on a lab no trial is using.
@@ -20,7 +21,9 @@ the binding timeout for the refresh check): run it on a lab no trial is using.
 
 from __future__ import annotations
 
+import functools
 import math
+import random
 import select
 import socket
 import time
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from qlab.backends.netns.icmp import RttSamples, ping
 from qlab.backends.netns.lab import Lab
 from qlab.nat.spec import Filtering, Mapping, PortAllocation
+from qlab.scenario.linkmodel import LinkModel
 from qlab.scenario.profiles import LinkProfile
 from qlab.scenario.topology import INTERMEDIATE_IPS, INTERNET
 
@@ -238,12 +242,8 @@ class ProbePath:
 
     @property
     def configured_ms(self) -> float:
+        """The round trip from the configured base delays (jitter aside)."""
         return 2 * (self.near.delay_ms + self.far.delay_ms)
-
-    @property
-    def jitter_ms(self) -> float:
-        """The most uniform jitter can add to a round trip."""
-        return 2 * (self.near.jitter_ms + self.far.jitter_ms)
 
     @property
     def loss(self) -> float:
@@ -278,6 +278,19 @@ def measure(lab: Lab, path: ProbePath, *, samples: int = 100, interval: float = 
         sock.close()
 
 
+@functools.cache
+def expected_rtt_ms(near: LinkProfile, far: LinkProfile, qs: tuple[float, ...] = (0.5, 0.95),
+                    samples: int = 20000) -> tuple[float, ...]:
+    """Quantiles (ms) of the round trip across `near` and `far` that the profile itself gives:
+    a delay from each of the four link directions a probe crosses, drawn by the same model as the
+    wires, over `samples` seeded round trips (so jitter of any distribution, correlation and
+    reordering count as the wires apply them). Quantiles are taken as `RttSamples.quantile` does."""
+    rng = random.Random("qlab-labcheck-expected")
+    legs = [LinkModel(link, rng) for link in (near, far, far, near)]
+    rtts = sorted(1000.0 * math.fsum(leg.delay() for leg in legs) for _ in range(samples))
+    return tuple(rtts[round(q * (samples - 1))] for q in qs)
+
+
 def rtt_tolerance_ms(configured: float) -> float:
     """The p50 tolerance: ±5 % or ±1 ms, whichever is larger."""
     return max(0.05 * configured, 1.0)
@@ -285,34 +298,35 @@ def rtt_tolerance_ms(configured: float) -> float:
 
 @dataclass(frozen=True)
 class RttBounds:
-    """How far a path's RTT may be from its profile: p50 within ±5 % or ±1 ms (`p50_ms` overrides
-    both sides, `p50_above_ms` the upper one), p95 at most `p95_slack_ms` above the profile plus its
-    jitter. The defaults are the lab's target on a quiet machine (benchmarks/wire.py measures it).
-    A busy or virtual host only adds delay, so tests keep the lower bound tight and the upper ones
-    loose: links without the profile, or with another one, still fail."""
+    """How far a path's RTT may be from what its profile gives (`expected_rtt_ms`): p50 within ±5 %
+    or ±1 ms (`p50_ms` overrides both sides, `p50_above_ms` the upper one), p95 at most
+    `p95_slack_ms` above the profile's p95. The defaults are the lab's target on a quiet machine
+    (benchmarks/wire.py measures it). A busy or virtual host only adds delay, so tests keep the
+    lower bound tight and the upper ones loose: links without the profile, or with another one,
+    still fail."""
 
     p50_ms: float | None = None
     p50_above_ms: float | None = None
     p95_slack_ms: float = 3.0
 
-    def p50_range(self, configured: float) -> tuple[float, float]:
-        below = self.p50_ms if self.p50_ms is not None else rtt_tolerance_ms(configured)
+    def p50_range(self, expected: float) -> tuple[float, float]:
+        below = self.p50_ms if self.p50_ms is not None else rtt_tolerance_ms(expected)
         above = self.p50_above_ms if self.p50_above_ms is not None else below
-        return configured - below, configured + above
+        return expected - below, expected + above
 
 
 def _path_rows(path: ProbePath, r: RttSamples, samples: int, note: str, bounds: RttBounds) -> list[CheckRow]:
-    label, configured, jitter, loss = path.label, path.configured_ms, path.jitter_ms, path.loss
+    label, loss = path.label, path.loss
+    p50, p95 = expected_rtt_ms(path.near, path.far)
     if r.p50 is None or r.p95 is None:
-        return [CheckRow(label, "rtt", f"{configured:g} ms", "no reply" + note, False)]
-    (lo, hi), p95_max = bounds.p50_range(configured), configured + jitter + bounds.p95_slack_ms
-    expected = f"{configured:g} ± {hi - configured:.2g} ms" if hi - configured == configured - lo else \
-        f"{lo:.3g} to {hi:.3g} ms"
+        return [CheckRow(label, "rtt", f"{p50:.4g} ms", "no reply" + note, False)]
+    (lo, hi), p95_max = bounds.p50_range(p50), p95 + bounds.p95_slack_ms
+    expected = f"{p50:.4g} ± {hi - p50:.2g} ms" if hi - p50 == p50 - lo else f"{lo:.3g} to {hi:.3g} ms"
     # loss within 4 standard deviations of the configured rate (and one packet)
     slack = 4 * math.sqrt(max(samples * loss * (1 - loss), 1.0)) + 1
     return [
         CheckRow(label, "rtt p50", expected, f"{r.p50:.2f} ms{note}", lo <= r.p50 <= hi),
-        CheckRow(label, "rtt p95", f"<= {p95_max:g} ms", f"{r.p95:.2f} ms{note}", r.p95 <= p95_max),
+        CheckRow(label, "rtt p95", f"<= {p95_max:.4g} ms", f"{r.p95:.2f} ms{note}", r.p95 <= p95_max),
         CheckRow(label, "loss", f"{loss:.1%}", f"{r.lost / samples:.1%}{note}",
                  abs(r.lost - loss * samples) <= slack),
     ]

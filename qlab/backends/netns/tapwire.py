@@ -1,11 +1,14 @@
-"""A userspace link between two network namespaces, with delay, jitter and loss.
+"""A userspace link between two network namespaces, with a link profile's delay, jitter, loss and
+reordering.
 
 Where the kernel has no netem (this machine's: `tc qdisc ... netem` says "Specified qdisc kind is
 unknown"), a link with a profile is two TAP devices, one in each namespace, and this small process copying frames
-between them through a delay queue (docs/netns-lab.md has its measured precision).
+between them through a delay queue (docs/netns-lab.md has its measured precision). Each direction
+asks its own `qlab.scenario.linkmodel.LinkModel` for every frame's fate, as the simulator's wires do.
 
     python -m qlab.backends.netns.tapwire --ns-a NS --if-a NAME --ns-b NS --if-b NAME \
-        [--delay MS] [--jitter MS] [--loss P] [--seed N] [--die-with-parent]
+        [--delay MS] [--jitter MS] [--jitter-distribution NAME] [--jitter-correlation C] \
+        [--loss P] [--reorder P] [--seed N] [--die-with-parent]
 
 It prints "ready" once both devices exist, and ends on SIGTERM (or with its parent).
 """
@@ -24,7 +27,11 @@ import signal
 import struct
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
+
+from qlab.scenario.linkmodel import LinkModel
+from qlab.scenario.profiles import JITTER_DISTRIBUTIONS, LinkProfile
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -77,28 +84,31 @@ def realtime() -> str:
         return "other"
 
 
-def run(a: int, b: int, delay: float, jitter: float, loss: float, rng: random.Random, spin: float = SPIN) -> None:
-    """Copy frames between the two devices, each released at an absolute deadline: sleep until
-    `spin` seconds before it, then busy-wait the rest (a sleep overshoots by the wake-up latency)."""
+def run(a: int, b: int, models: dict[int, LinkModel], spin: float = SPIN,
+        stop: Callable[[], bool] = lambda: False) -> None:
+    """Copy frames between the two devices: `models[fd]` decides the fate of each frame read from
+    `fd` (lost, or its delay), which is written to the other device at its absolute deadline. The loop sleeps until
+    `spin` seconds before the earliest deadline, then busy-waits the rest (a sleep overshoots by the
+    wake-up latency). `stop` is asked at every wake-up (at least once a second)."""
     queue: list[tuple[float, int, int, bytes]] = []
     seq = 0
     other = {a: b, b: a}
     clock = time.monotonic
-    while True:
+    while not stop():
         timeout = max(0.0, queue[0][0] - clock() - spin) if queue else 1.0
         ready, _, _ = select.select([a, b], [], [], timeout)
         now = clock()
         for fd in ready:
+            model = models[fd]
             for _ in range(64):
                 try:
                     frame = os.read(fd, 65536)
                 except BlockingIOError:
                     break
-                if loss and rng.random() < loss:
-                    continue
-                d = delay + (rng.uniform(-jitter, jitter) if jitter else 0.0)
-                seq += 1
-                heapq.heappush(queue, (now + max(0.0, d), seq, other[fd], frame))
+                delay = model.fate()
+                if delay is not None:
+                    seq += 1
+                    heapq.heappush(queue, (now + delay, seq, other[fd], frame))
         while queue and queue[0][0] <= clock() + spin:
             due, _, out, frame = heapq.heappop(queue)
             while clock() < due:
@@ -107,20 +117,52 @@ def run(a: int, b: int, delay: float, jitter: float, loss: float, rng: random.Ra
                 os.write(out, frame)
 
 
+def link_args(link: LinkProfile) -> list[str]:
+    """The command-line flags that give a wire `link` (what `parse_link` reads back)."""
+    return ["--delay", repr(link.delay_ms), "--jitter", repr(link.jitter_ms),
+            "--jitter-distribution", link.jitter_distribution,
+            "--jitter-correlation", repr(link.jitter_correlation),
+            "--loss", repr(link.loss), "--reorder", repr(link.reorder)]
+
+
+def add_link_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--delay", type=float, default=0.0, help="one-way ms")
+    ap.add_argument("--jitter", type=float, default=0.0, help="ms (the distribution's spread)")
+    ap.add_argument("--jitter-distribution", choices=JITTER_DISTRIBUTIONS, default="uniform")
+    ap.add_argument("--jitter-correlation", type=float, default=0.0, help="0 to 1, as netem's delay correlation")
+    ap.add_argument("--loss", type=float, default=0.0, help="probability per frame per direction")
+    ap.add_argument("--reorder", type=float, default=0.0, help="probability that a frame skips the delay")
+
+
+def parse_link(args: argparse.Namespace) -> LinkProfile:
+    """The profile the flags describe (ValueError, saying what is wrong, for a bad one)."""
+    return LinkProfile(delay_ms=args.delay, jitter_ms=args.jitter, loss=args.loss,
+                       jitter_distribution=args.jitter_distribution,
+                       jitter_correlation=args.jitter_correlation, reorder=args.reorder)
+
+
+def direction_models(link: LinkProfile, seed: int, a: int, b: int) -> dict[int, LinkModel]:
+    """One model per direction, each on its own random stream (as netem has a qdisc per end)."""
+    return {fd: LinkModel(link, random.Random(f"qlab-tapwire/{seed}/{side}"))
+            for fd, side in ((a, "a>b"), (b, "b>a"))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ns-a", required=True)
     ap.add_argument("--if-a", required=True)
     ap.add_argument("--ns-b", required=True)
     ap.add_argument("--if-b", required=True)
-    ap.add_argument("--delay", type=float, default=0.0, help="one-way ms")
-    ap.add_argument("--jitter", type=float, default=0.0, help="ms, uniform +-")
-    ap.add_argument("--loss", type=float, default=0.0, help="probability per frame per direction")
+    add_link_flags(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--die-with-parent", action="store_true")
     ap.add_argument("--spin-us", type=float, default=SPIN * 1e6, help="busy-wait before each deadline (0: sleep only)")
     ap.add_argument("--no-realtime", action="store_true", help="stay a normal task (to measure the difference)")
     args = ap.parse_args(argv)
+    try:
+        link = parse_link(args)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.die_with_parent:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -131,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     b = open_tap(args.ns_b, args.if_b)
     print("ready", flush=True)
     with suppress(KeyboardInterrupt):
-        run(a, b, args.delay / 1000, args.jitter / 1000, args.loss, random.Random(args.seed), args.spin_us / 1e6)
+        run(a, b, direction_models(link, args.seed, a, b), args.spin_us / 1e6)
     return 0
 
 

@@ -59,21 +59,24 @@ class Packet:
 
 
 class Wire:
-    """One direction of a link: loss, then the rate queue, then delay +- jitter, then `sink`.
+    """One direction of a link: loss, then the rate queue, then the delay, then `sink`. Whether a
+    packet is lost and how long it is delayed (jitter, correlation, reordering) is its `model`'s
+    call (`qlab.scenario.linkmodel`, which the kernel lab's wires ask too).
 
     Without jitter, in-flight packets sit in a heap keyed by (arrival, sequence) with one loop timer
-    for the earliest, so packets arriving at the same instant keep FIFO order and share a timer. With
-    jitter every packet gets its own timer and may overtake another, as netem reorders.
+    for the earliest, so packets arriving at the same instant keep FIFO order and share a timer (a
+    packet that skips the delay to be reordered goes in the same heap). With jitter every packet
+    gets its own timer and may overtake another, as netem reorders.
     """
 
-    __slots__ = ("name", "profile", "rng", "sink", "network", "_heap", "_seq", "_timer", "_timer_at",
+    __slots__ = ("name", "rng", "model", "sink", "network", "_profile", "_heap", "_seq", "_timer", "_timer_at",
                  "_busy_until", "_queue")
 
     def __init__(self, network: SimNetwork, name: str, profile: LinkProfile, sink: Callable[[Packet], None]) -> None:
         self.network = network
         self.name = name
-        self.profile = profile
         self.rng = network._rng("wire", name)
+        self.profile = profile
         self.sink = sink
         self._heap: list[tuple[float, int, Packet]] = []
         self._seq = 0
@@ -82,9 +85,21 @@ class Wire:
         self._busy_until = 0.0
         self._queue: deque[float] = deque()  # departure times of packets still in the rate queue
 
+    @property
+    def profile(self) -> LinkProfile:
+        return self._profile
+
+    @profile.setter
+    def profile(self, profile: LinkProfile) -> None:
+        """A new profile (`SimNetwork.set_link`) gets a new model drawing from the same stream."""
+        from qlab.scenario.linkmodel import LinkModel
+
+        self._profile = profile
+        self.model = LinkModel(profile, self.rng)
+
     def send(self, pkt: Packet) -> None:
-        p = self.profile
-        if p.loss and self.rng.random() < p.loss:
+        p = self._profile
+        if self.model.lost():
             self.network._drop(self.name, "loss", pkt)
             return
         if p.delay_ms == 0 and p.jitter_ms == 0 and p.rate_mbit is None:
@@ -103,12 +118,10 @@ class Wire:
             t = max(now, self._busy_until) + (len(pkt.data) + UDP_IP_OVERHEAD) * 8 / (p.rate_mbit * 1e6)
             self._busy_until = t
             q.append(t)
-        delay = p.delay_ms / 1000.0
+        arrival = t + self.model.delay()
         if p.jitter_ms:
-            delay = max(0.0, delay + self.rng.uniform(-p.jitter_ms, p.jitter_ms) / 1000.0)
-            loop.call_at(t + delay, self._arrive, pkt)
+            loop.call_at(arrival, self._arrive, pkt)
             return
-        arrival = t + delay
         heapq.heappush(self._heap, (arrival, self._seq, pkt))
         self._seq += 1
         if arrival < self._timer_at:

@@ -1,0 +1,115 @@
+"""The kernel lab's TAP wire (`qlab/backends/netns/tapwire.py`): its flags carry a whole link
+profile and refuse a bad one, each direction draws from its own seeded stream, and its loop lets
+through exactly the frames each direction's link model lets through, each after that model's delay
+(socket pairs stand in for the TAP devices: the loop only reads and writes file descriptors)."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+from qlab.backends.netns import tapwire
+from qlab.scenario.linkmodel import LinkModel
+from qlab.scenario.profiles import PROFILES, LinkProfile
+
+LINKS = [
+    LinkProfile(),
+    LinkProfile(5.0),
+    LinkProfile(10.0, 2.0, 0.05),
+    LinkProfile(0.1 + 0.2, 1 / 3, 1e-7, jitter_distribution="pareto", jitter_correlation=0.999),
+    LinkProfile(20.0, 8.0, 0.01, jitter_distribution="paretonormal", jitter_correlation=0.25, reorder=0.02),
+    *{link for p in PROFILES.values() for link in (p.agent, p.connector, p.intermediate)},
+]
+
+
+@pytest.mark.parametrize("link", LINKS)
+def test_the_flags_carry_the_whole_profile(link: LinkProfile) -> None:
+    ap = argparse.ArgumentParser()
+    tapwire.add_link_flags(ap)
+    assert tapwire.parse_link(ap.parse_args(tapwire.link_args(link))) == link
+
+
+def test_a_bad_profile_is_refused_before_any_device_is_touched(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        tapwire.main(["--ns-a", "none", "--if-a", "x", "--ns-b", "none", "--if-b", "y", "--delay", "5",
+                      "--jitter-correlation", "1.5"])
+    assert exc.value.code == 2
+    assert "bad link profile: jitter_correlation must be in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_each_direction_has_its_own_stream_fixed_by_the_seed() -> None:
+    link = LinkProfile(10.0, 3.0, 0.1, jitter_distribution="pareto", jitter_correlation=0.5)
+
+    def draws(seed: int) -> list[list[float | None]]:
+        models = tapwire.direction_models(link, seed, 3, 4)
+        return [[models[fd].fate() for _ in range(200)] for fd in (3, 4)]
+
+    a_to_b, b_to_a = draws(1)
+    assert draws(1) == [a_to_b, b_to_a] and a_to_b != b_to_a and draws(2) != draws(1)
+
+
+def _device() -> tuple[socket.socket, socket.socket]:
+    """(the wire's end, the namespace's end): a datagram socket pair keeps frames whole, as a TAP does."""
+    wire_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    wire_end.setblocking(False)
+    return wire_end, host_end
+
+
+def _collect(ends: dict[socket.socket, bytes], got: dict[bytes, tuple[bytes, float]], stop: threading.Event) -> None:
+    """Frame -> (the side it came out at, arrival time), from the namespace ends, until `stop`."""
+    while not stop.is_set():
+        ready, _, _ = select.select(list(ends), [], [], 0.05)
+        for s in ready:
+            got[s.recv(2048)] = (ends[s], time.monotonic())
+
+
+def test_the_loop_lets_through_what_each_model_says_after_its_delay() -> None:
+    """300 frames each way: a->b with normal jitter, loss and reordering, b->a with heavy loss. The
+    frames that arrive are exactly those the twin models (same profiles, same seeds) let through, at
+    the other side, none early, each within 50 ms of its due time (a shared machine schedules
+    threads late, never early); reordered ones skip the 30 ms delay."""
+    ab = LinkProfile(30.0, 5.0, 0.1, jitter_distribution="normal", reorder=0.05)
+    ba = LinkProfile(5.0, loss=0.3)
+    (a_wire, a_host), (b_wire, b_host) = _device(), _device()
+    models = {a_wire.fileno(): LinkModel(ab, random.Random(1)), b_wire.fileno(): LinkModel(ba, random.Random(2))}
+    twins = {b"a>b": LinkModel(ab, random.Random(1)), b"b>a": LinkModel(ba, random.Random(2))}
+    stop_wire, stop_collecting = threading.Event(), threading.Event()
+    got: dict[bytes, tuple[bytes, float]] = {}
+    threads = [threading.Thread(target=tapwire.run, args=(a_wire.fileno(), b_wire.fileno(), models, 0.0,
+                                                          stop_wire.is_set)),
+               threading.Thread(target=_collect, args=({a_host: b"a", b_host: b"b"}, got, stop_collecting))]
+    for t in threads:
+        t.start()
+    sent: dict[bytes, float] = {}
+    due: dict[bytes, float] = {}
+    try:
+        for i in range(300):
+            for host, tag in ((a_host, b"a>b"), (b_host, b"b>a")):
+                frame = b"%s %d" % (tag, i)
+                sent[frame] = time.monotonic()
+                host.send(frame)
+                fate = twins[tag].fate()  # the wire reads each direction in send order, as the twins decide
+                if fate is not None:
+                    due[frame] = fate
+            time.sleep(0.001)
+        deadline = time.monotonic() + 5
+        while len(got) < len(due) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop_wire.set()
+        stop_collecting.set()
+        for t in threads:
+            t.join(5)
+    assert not any(t.is_alive() for t in threads)
+    assert set(got) == set(due)
+    assert all(side == frame[2:3] for frame, (side, _) in got.items())  # "a>b ..." comes out at b
+    late = [got[f][1] - sent[f] - due[f] for f in due]
+    assert min(late) > -0.001 and max(late) < 0.050, (min(late), max(late))
+    skipped = [f for f, d in due.items() if f.startswith(b"a>b") and d == 0.0]
+    assert skipped and all(got[f][1] - sent[f] < 0.025 for f in skipped)
