@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from qlab.backends.sim.clock import CLOCK_RESOLUTION
 from qlab.backends.sim.cost import Classifier, ProcessingCost
 from qlab.backends.sim.nat import NatEngine, Verdict
+from qlab.scenario.linkmodel import LinkModel
 from qlab.scenario.profiles import IDEAL, LinkProfile
 from qlab.scenario.topology import Host, Router, Topology
 
@@ -92,8 +93,6 @@ class Wire:
     @profile.setter
     def profile(self, profile: LinkProfile) -> None:
         """A new profile (`SimNetwork.set_link`) gets a new model drawing from the same stream."""
-        from qlab.scenario.linkmodel import LinkModel
-
         self._profile = profile
         self.model = LinkModel(profile, self.rng)
 
