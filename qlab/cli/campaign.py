@@ -16,7 +16,7 @@ from pathlib import Path
 from qlab.backends.base import BACKENDS
 from qlab.cli.table import pairs, table, text
 from qlab.cli.util import RESULTS_HELP, example, positive_int
-from qlab.scenario.profiles import PROFILE_NAMES
+from qlab.scenario.profiles import PROFILE_NAMES, REPORT_PROFILES
 
 NATS_HELP = "NAT preset, comma list, or all (required: all x all is 36 cells, 1,080 trials at --trials 30)"
 JSON_HELP = "one line of JSON instead of the table"
@@ -184,7 +184,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--backend", default="sim", choices=("sim", "netns"), help="where the campaigns run")
     rp.add_argument("--trials", type=positive_int, default=30, help="trials per cell")
     rp.add_argument("--presets", default="all", help="agent NAT presets (one campaign each)")
-    rp.add_argument("--profile", default="wan-20ms", choices=PROFILE_NAMES, help="link profile")
+    rp.add_argument("--profile", default=",".join(REPORT_PROFILES),
+                    help=f"link profiles, comma-separated, one campaign set each (default: {','.join(REPORT_PROFILES)}; "
+                         f"choices: {', '.join(PROFILE_NAMES)})")
     rp.add_argument("--results", default=None, help=RESULTS_HELP)
     rp.add_argument("--out", default=None, help="where the HTML goes (default: <results>/reports)")
     rp.set_defaults(func=cmd_report)

@@ -155,6 +155,9 @@ PROFILES: dict[str, NetProfile] = {
 }
 
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
+# `qlab report`'s default campaigns: paths as users have them, so its RTT and ttd plots show
+# distributions; the first is the headline (its pages are `nat_<preset>`)
+REPORT_PROFILES: tuple[str, ...] = ("home-broadband", "mobile-lte")
 
 
 def profile(name: str) -> NetProfile:

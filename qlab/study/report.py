@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from qlab.nat.spec import PRESET_NAMES, parse_presets
+from qlab.scenario.profiles import REPORT_PROFILES
 from qlab.study import campaign, results
 from qlab.study.analysis import cell_summary, processing_text, profile_text
 
@@ -149,29 +150,41 @@ def external_references(page: str) -> list[str]:
     return re.findall(r"""(?:src|href)=["'](https?://[^"']+)["']""", page)
 
 
-def run_report(*, backend: str = "sim", trials: int = 30, presets: str = "all", profile: str = "wan-20ms",
+def parse_profiles(profiles: str) -> list[str]:
+    from qlab.scenario.profiles import profile
+
+    names = [p.strip() for p in profiles.split(",") if p.strip()]
+    if not names:
+        raise ValueError("name at least one link profile")
+    for name in names:
+        profile(name)  # ValueError naming the choices
+    return list(dict.fromkeys(names))
+
+
+def run_report(*, backend: str = "sim", trials: int = 30, presets: str = "all", profile: str = ",".join(REPORT_PROFILES),
                root: str | Path | None = None, out: str | Path | None = None, progress: bool = True) -> Path:
-    """The default campaigns (one per Agent NAT, against every Connector NAT), their notebooks and
-    the index. Returns the index.html path."""
+    """The default campaigns (per link profile, one per Agent NAT against every Connector NAT), their
+    notebooks and the index. `profile`: one or several profiles, comma-separated. Returns the index.html path."""
     root = results.results_root(root).resolve()  # absolute: the kernels run in notebooks/
     out = Path(out).resolve() if out else root / "reports"
-    agents = parse_presets(presets)
+    agents, profiles = parse_presets(presets), parse_profiles(profile)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     t0 = time.monotonic()
-    ids = []
-    for a in agents:
-        spec = campaign.CampaignSpec(backend=backend, agent_nats=[a], connector_nats=list(PRESET_NAMES),
-                                     profile=profile, trials=trials, campaign_id=f"report-{stamp}-{backend}-{a}")
-        campaign.run(spec, root=root, progress=progress)
-        ids.append(spec.campaign_id)
+    runs = []  # (agent, profile, campaign id)
+    for prof in profiles:
+        for a in agents:
+            spec = campaign.CampaignSpec(backend=backend, agent_nats=[a], connector_nats=list(PRESET_NAMES), profile=prof,
+                                         trials=trials, campaign_id=f"report-{stamp}-{backend}-{prof}-{a}")
+            campaign.run(spec, root=root, progress=progress)
+            runs.append((a, prof, spec.campaign_id))
     t_campaigns = time.monotonic() - t0
-    jobs = [("nat_campaign", f"nat_{a}", f"Agent behind {a}", cid,
-             {"campaign_id": cid, "results_root": str(root), "progress": False})
-            for a, cid in zip(agents, ids, strict=True)]
+    ids = [cid for _, _, cid in runs]
+    jobs = [("nat_campaign", f"nat_{a}" if prof == profiles[0] else f"nat_{a}_{prof}", f"Agent behind {a}, {prof}", cid,
+             {"campaign_id": cid, "results_root": str(root), "progress": False}) for a, prof, cid in runs]
     jobs.insert(0, ("matrix_report", "matrix_report", "The NAT matrix", ",".join(ids),
                     {"campaign_ids": ",".join(ids), "results_root": str(root)}))
     jobs.append(("explore", "explore", "Explore (static snapshot)", "",
-                 {"backend": backend, "profile": profile, "progress": False}))
+                 {"backend": backend, "profile": profiles[0], "progress": False}))
     pages = []
     for name, page, title, cid, params in _progress(jobs, progress):
         nb = execute(name, out / "notebooks" / f"{page}.ipynb", params)
