@@ -3,6 +3,7 @@ browser."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import logging
@@ -289,7 +290,12 @@ def test_summary_shows_failed_trials_per_backend_and_profile():
     pooled = analysis.cell_summary(df, pool=True)
     assert len(pooled) == 1 and pooled.profile.iat[0] == "lossy-5pct + wan-20ms" and pooled.n.iat[0] == 7
     said = analysis.describe(df)
-    assert said.count("\n") == 1 and "profile lossy-5pct**: 3 trials" in said and "echo probe on sim" in said
+    assert said.count("\n") == 1 and "profile lossy-5pct** (wan-20ms with 5% loss each way on every access link): 3 trials" \
+        in said and "echo probe on sim" in said
+    df["sim_calibration"] = None  # as results.load gives records written before calibrations
+    assert analysis.describe(df).count("no processing time charged") == 2
+    df["sim_calibration"] = "default@541660"
+    assert analysis.describe(df).count("processing charged from calibration default@541660") == 2
     assert "proof" not in said  # the method, not one row's counts
 
 
@@ -376,7 +382,9 @@ def test_report_pages_exist_and_reference_nothing_outside(published_report):
 
     pages = sorted(published_report.parent.glob("*.html"))
     names = {p.name for p in pages}
-    assert {"index.html", "matrix_report.html", "nat_full_cone.html", "nat_symmetric.html", "explore.html"} <= names
+    # the default report: two real-path profiles, the first one's pages unsuffixed
+    assert {"index.html", "matrix_report.html", "nat_full_cone.html", "nat_symmetric.html", "explore.html",
+            "nat_full_cone_mobile-lte.html", "nat_symmetric_mobile-lte.html"} <= names
     for p in pages:
         assert external_references(p.read_text()) == [], p.name
     for p in pages:
@@ -385,14 +393,16 @@ def test_report_pages_exist_and_reference_nothing_outside(published_report):
             assert text.count("data:image/png") >= 1, p.name
             alts = re.findall(r"<img\b[^>]*\balt=\"([^\"]*)\"", text)
             assert len(alts) == text.count("<img") and "No description" not in text, p.name
-            assert all("backend sim, profile wan-20ms" in a for a in alts), p.name
+            profile = "mobile-lte" if "mobile-lte" in p.name else "home-broadband"
+            shown = {"backend sim, profile home-broadband", "backend sim, profile mobile-lte"} if p.name.startswith(
+                "matrix") else {f"backend sim, profile {profile}"}
+            assert all(any(s in a for s in shown) for a in alts), p.name
     assert (published_report.parent / "explore.html").read_text().count("interactive controls") == 1
 
 
 def test_nat_pages_give_every_reason_in_full(published_report):
     """Each non-direct trial's reason (one trial per pair: it is the pair's top reason) is on its
     page whole, not cut at pandas' 50 characters."""
-    import html
 
     import pandas as pd
 
@@ -419,8 +429,15 @@ def test_index_links_each_campaigns_data_and_the_executed_notebooks(published_re
     for link in links:
         assert (published_report.parent / link).is_file(), link
     facts = json.loads(re.search(r'id="qlab-summary">([^<]*)<', index).group(1))
-    assert facts["trials"] == 2 * 6 and len(facts["campaigns"]) == 2
-    assert "backend <code>sim</code>, profile <code>wan-20ms</code>: 12 trials over 12 NAT pairs, N = 1 per pair" in index
+    assert facts["trials"] == 2 * 2 * 6 and len(facts["campaigns"]) == 4  # two profiles x two presets
+    from qlab.backends.sim.cost import DEFAULT
+    from qlab.scenario.profiles import PROFILES
+
+    for profile in ("home-broadband", "mobile-lte"):  # what the links are, and what processing cost the sim charged
+        said = (f"backend <code>sim</code>, profile <code>{profile}</code>{html.escape(f' ({PROFILES[profile].description})')}"
+                f"{html.escape(f'; processing charged from calibration {DEFAULT.label}')}: 12 trials over 12 NAT pairs, "
+                "N = 1 per pair")
+        assert said in index, said
 
 @pytest.mark.skipif(chromium() is None and os.environ.get("QLAB_REQUIRE_NETNS") != "1",
                     reason="chromium is not installed")
