@@ -2,7 +2,8 @@
 profile and refuse a bad one, each direction draws from its own seeded stream, and its loop lets
 through exactly the frames each direction's link model lets through, each after that model's delay,
 and with a rate serializes each direction behind its own drop-tail queue (socket pairs stand in for
-the TAP devices: the loop only reads and writes file descriptors)."""
+the TAP devices: the loop only reads and writes file descriptors). In the kernel lab, a link with a
+rate limits a burst's throughput."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from qlab.backends.netns import tapwire
+from qlab.backends.netns.lab import Lab
 from qlab.scenario.linkmodel import LinkModel, RateQueue
 from qlab.scenario.profiles import PROFILES, LinkProfile
+from qlab.scenario.topology import INTERMEDIATE_IPS, build
 
 LINKS = [
     LinkProfile(),
@@ -204,3 +208,36 @@ def test_a_burst_beyond_the_limit_loses_the_excess_each_direction_its_own() -> N
         time.sleep(0.1)  # time for a frame that should have been dropped to show up
     assert set(got) == set(to_b[:5]) | set(through_to_a)
 
+
+def test_a_rate_limited_lab_link_limits_throughput(netns_ok) -> None:
+    """The agent's link at 10 Mbit/s with a 5 ms delay: 200 datagrams of 1,000 bytes (1,028 bytes of
+    IP packet: 0.8224 ms each) sent at once reach the Intermediate, datagram k no earlier than
+    (k + 1) x 0.8224 ms + 5 ms after the first was sent, all within 10 s: the burst takes at least
+    164.5 ms, where the same burst without a rate takes a few. One datagram first, so that ARP has
+    resolved before the burst. `-s` prints the throughput measured."""
+    topo = build("public", "public")
+    topo = replace(topo, hosts=tuple(replace(h, link=LinkProfile(5.0, rate_mbit=10.0)) if h.name == "agent" else h
+                                     for h in topo.hosts))
+    n, ser = 200, 1028 * 8 / 10e6
+    with Lab(topo) as lab:
+        rx, tx = lab.socket("intermediate"), lab.socket("agent")
+        with contextlib.suppress(OSError):  # root: past rmem_max, so a stalled reader drops nothing
+            rx.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 1 << 22)
+        rx.bind((INTERMEDIATE_IPS[0], 9000))
+        tx.sendto(b"arp", (INTERMEDIATE_IPS[0], 9000))
+        assert select.select([rx], [], [], 5)[0] and rx.recv(2048) == b"arp"
+        start = time.monotonic()
+        for k in range(n):
+            tx.sendto(b"%04d" % k + bytes(996), (INTERMEDIATE_IPS[0], 9000))
+        arrived: dict[int, float] = {}
+        deadline = start + 10
+        while len(arrived) < n and select.select([rx], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            arrived[int(rx.recv(2048)[:4])] = time.monotonic() - start
+        rx.close()
+        tx.close()
+        mechanism = lab.link_mechanism
+    assert sorted(arrived) == list(range(n))
+    print(f"\n10 Mbit/s link ({mechanism}): {n} x 1028 bytes in {arrived[n - 1] * 1e3:.1f} ms, "
+          f"{(n - 1) * 1028 * 8 / (arrived[n - 1] - arrived[0]) / 1e6:.3f} Mbit/s from the first arrival to the last")
+    early = [arrived[k] - (k + 1) * ser - 0.005 for k in range(n)]
+    assert min(early) > -1e-6, min(early)
