@@ -1,7 +1,9 @@
 """The link model (`qlab/scenario/linkmodel.py`) and the profile fields it reads: each jitter
 distribution against its definition (netem's table generators, and netem's installed tables where
 iproute2 put them), correlation, reordering, loss, clamping at zero, one seed one sequence, the
-simulator's old uniform arithmetic kept, and every bad field refused with one clear message.
+simulator's old uniform arithmetic kept, every bad field refused with one clear message, and the
+rate queue's exact times (serialization back to back, drop-tail at the limit, an idle link starting
+afresh).
 
 Statistical checks use a fixed seed and 20,000 draws, with bounds of five standard errors or more:
 for these seeds they pass, and a change of the model's meaning moves them far outside."""
@@ -15,7 +17,7 @@ import statistics
 
 import pytest
 
-from qlab.scenario.linkmodel import JITTER, TABLE_LIMIT, LinkModel
+from qlab.scenario.linkmodel import JITTER, QUEUE_LIMIT, TABLE_LIMIT, LinkModel, RateQueue
 from qlab.scenario.profiles import JITTER_DISTRIBUTIONS, LinkProfile
 
 N = 20000
@@ -191,3 +193,40 @@ def test_every_distribution_a_profile_may_name_has_its_function() -> None:
 def test_every_bad_field_is_refused_with_one_clear_message(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=f"^bad link profile: {message}"):
         LinkProfile(**fields)
+
+
+# 8 kbit/s: 125 bytes take 1/8 s, so every time below is exact in binary floating point
+SLOW = 0.008
+
+
+def test_a_burst_leaves_back_to_back_at_the_rate() -> None:
+    q = RateQueue(SLOW)
+    assert q.limit == QUEUE_LIMIT == 1000  # netem's default
+    assert [q.admit(0.0, size) for size in (125, 250, 125)] == [0.125, 0.375, 0.5]
+    assert q.admit(0.25, 125) == 0.625  # arrives mid-burst: waits for the ones ahead
+    assert q.admit(0.625, 125) == 0.75  # arrives as the last one finishes: starts then
+    at_1mbit = RateQueue(1.0)
+    assert [at_1mbit.admit(0.0, 1250) for _ in range(3)] == pytest.approx([0.010, 0.020, 0.030], abs=1e-15)
+
+
+def test_the_queue_drops_the_tail_beyond_its_limit() -> None:
+    q = RateQueue(SLOW, limit=3)
+    assert [q.admit(0.0, 125) for _ in range(5)] == [0.125, 0.25, 0.375, None, None]
+    assert q.admit(0.124, 125) is None  # the first is still being sent: it counts
+    assert q.admit(0.125, 125) == 0.5  # it has left: one place
+    assert q.admit(0.125, 125) is None
+    assert q.admit(0.3, 125) == 0.625 and q.admit(0.3, 125) is None  # the second and third have left
+
+
+def test_an_idle_link_starts_afresh() -> None:
+    """No credit for idle time (a serializer, not a token bucket), and the whole limit again."""
+    q = RateQueue(SLOW, limit=2)
+    assert [q.admit(0.0, 125) for _ in range(3)] == [0.125, 0.25, None]
+    assert [q.admit(10.0, 125) for _ in range(3)] == [10.125, 10.25, None]
+
+
+def test_a_new_rate_applies_to_the_packets_after_it() -> None:
+    q = RateQueue(SLOW)
+    assert q.admit(0.0, 125) == 0.125
+    q.rate_mbit = SLOW * 2
+    assert q.admit(0.0, 125) == 0.1875  # behind the first, at twice the rate

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 
 from qlab.backends.netns.icmp import ping
-from qlab.backends.netns.lab import Lab, LabUnavailable, _run, lab_namespaces, netem_args, netem_available
+from qlab.backends.netns.lab import Lab, _run, lab_namespaces, netem_args
 from qlab.backends.netns.labcheck import expected_rtt_ms, measure, probe_paths
 from qlab.nat.nftables import render
 from qlab.nat.spec import (
@@ -488,13 +488,3 @@ def test_tc_itself_parses_the_rendered_arguments(netns_ok):
     finally:
         _run(["ip", "netns", "del", ns], check=False)
 
-
-def test_a_rate_limited_link_is_refused_where_only_tap_wires_exist(netns_ok):
-    if netem_available():
-        pytest.skip("this kernel has netem, which has a rate")
-    topo = build("public", "public", profile_name="wan-20ms")
-    topo = replace(topo, hosts=tuple(replace(h, link=replace(h.link, rate_mbit=10.0)) for h in topo.hosts))
-    before = set(lab_namespaces())
-    with pytest.raises(LabUnavailable, match="rate_mbit needs netem"), Lab(topo):
-        pass
-    assert set(lab_namespaces()) == before

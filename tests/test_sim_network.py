@@ -230,6 +230,48 @@ def test_rate_limit_serializes_and_tail_drops() -> None:
     assert network.dropped == {"queue": 2}
 
 
+
+def _rated_trace() -> tuple[list[tuple[float, str, int]], dict[str, int]]:
+    """Four bursts of 7 packets, 25 ms apart, over a lossy, jittery, reordering 2 Mbit/s link with a
+    queue of 4: (time, event, payload size) of every drop and delivery, and the drops per reason."""
+    network = sim.SimNetwork(topology.build("public", "public"), seed=7, queue_limit=4)
+    network.set_link("agent", LinkProfile(4.0, 1.5, 0.1, 2.0, "normal", 0.25, 0.05))
+    got: list[tuple[float, str, int]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        network.trace = lambda ev, node, pkt: None if ev == "send" else got.append((loop.time(), ev, len(pkt.data)))
+        await network.net("intermediate").bind_udp(A, 9, lambda b: None)
+        s = await network.net("agent").bind_udp("0.0.0.0", 5000, lambda b: None)
+        for _ in range(4):
+            for i in range(7):
+                s.sendto(bytes(200 + 150 * i), (A, 9))
+            await asyncio.sleep(0.025)
+        await asyncio.sleep(1)
+
+    sim.run(main())
+    return got, network.dropped
+
+
+def test_a_rate_limited_links_seeded_trace_is_pinned() -> None:
+    """Every float as the wire's inline rate queue gave it before the queue moved into
+    `qlab.scenario.linkmodel.RateQueue` (captured at commit 579ea1c): loss first (a lost packet takes
+    no place in the queue), then the queue of 4 (the rest of each burst dropped), then the jitter."""
+    got, dropped = _rated_trace()
+    drops = {0.0: ["loss", "queue", "queue"], 0.025: ["queue", "loss", "loss"],
+             0.05: ["loss", "queue", "queue"], 0.07500000000000001: ["queue", "queue", "queue"]}
+    assert [(t, ev) for t, ev, _ in got if ev != "deliver"] == [
+        (t, f"drop:{why}") for t, whys in drops.items() for why in whys]
+    assert [(t, size) for t, ev, size in got if ev == "deliver"] == [
+        (0.004613658107804433, 200), (0.006553663113609216, 350), (0.008661276176921568, 650),
+        (0.013111815126618217, 800), (0.030817247706557575, 200), (0.031245666811098194, 350),
+        (0.032040511349644744, 500), (0.035311452580452235, 650), (0.05342450764851359, 200),
+        (0.05625851774269408, 350), (0.05904431242170843, 500), (0.060883827937947214, 650),
+        (0.07975448651280745, 200), (0.08164616791349315, 350), (0.08384634435734999, 500),
+        (0.08627844520062629, 650)]
+    assert dropped == {"loss": 4, "queue": 8}
+
+
 @pytest.mark.parametrize(
     "scenario,nats,kw",
     [

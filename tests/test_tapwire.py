@@ -1,22 +1,29 @@
 """The kernel lab's TAP wire (`qlab/backends/netns/tapwire.py`): its flags carry a whole link
 profile and refuse a bad one, each direction draws from its own seeded stream, and its loop lets
-through exactly the frames each direction's link model lets through, each after that model's delay
-(socket pairs stand in for the TAP devices: the loop only reads and writes file descriptors)."""
+through exactly the frames each direction's link model lets through, each after that model's delay,
+and with a rate serializes each direction behind its own drop-tail queue (socket pairs stand in for
+the TAP devices: the loop only reads and writes file descriptors). In the kernel lab, a link with a
+rate limits a burst's throughput."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from qlab.backends.netns import tapwire
-from qlab.scenario.linkmodel import LinkModel
+from qlab.backends.netns.lab import Lab
+from qlab.scenario.linkmodel import LinkModel, RateQueue
 from qlab.scenario.profiles import PROFILES, LinkProfile
+from qlab.scenario.topology import INTERMEDIATE_IPS, build
 
 LINKS = [
     LinkProfile(),
@@ -24,6 +31,8 @@ LINKS = [
     LinkProfile(10.0, 2.0, 0.05),
     LinkProfile(0.1 + 0.2, 1 / 3, 1e-7, jitter_distribution="pareto", jitter_correlation=0.999),
     LinkProfile(20.0, 8.0, 0.01, jitter_distribution="paretonormal", jitter_correlation=0.25, reorder=0.02),
+    LinkProfile(5.0, rate_mbit=1 / 3),
+    LinkProfile(10.0, 2.0, 0.05, 100.0, "normal", 0.5, 0.01),
     *{link for p in PROFILES.values() for link in (p.agent, p.connector, p.intermediate)},
 ]
 
@@ -113,3 +122,122 @@ def test_the_loop_lets_through_what_each_model_says_after_its_delay() -> None:
     assert min(late) > -0.001 and max(late) < 0.050, (min(late), max(late))
     skipped = [f for f, d in due.items() if f.startswith(b"a>b") and d == 0.0]
     assert skipped and all(got[f][1] - sent[f] < 0.025 for f in skipped)
+
+
+
+@contextlib.contextmanager
+def _wire(models: dict[int, LinkModel], rates: dict[int, RateQueue],
+          devices: tuple[tuple[socket.socket, socket.socket], tuple[socket.socket, socket.socket]],
+          got: dict[bytes, tuple[bytes, float]]) -> Iterator[float]:
+    """Run the loop between two devices (frames already written to them wait there) and collect
+    what comes out into `got`; yields the time just before the loop started."""
+    (a_wire, a_host), (b_wire, b_host) = devices
+    stop_wire, stop_collecting = threading.Event(), threading.Event()
+    threads = [threading.Thread(target=tapwire.run, args=(a_wire.fileno(), b_wire.fileno(), models, 0.0,
+                                                          stop_wire.is_set, rates)),
+               threading.Thread(target=_collect, args=({a_host: b"a", b_host: b"b"}, got, stop_collecting))]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        yield start
+    finally:
+        stop_wire.set()
+        stop_collecting.set()
+        for t in threads:
+            t.join(5)
+    assert not any(t.is_alive() for t in threads)
+
+
+def _wait_for(got: dict, n: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while len(got) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _frame(tag: bytes, i: int, size: int) -> bytes:
+    return (b"%s %d " % (tag, i)).ljust(size, b".")
+
+
+def test_a_burst_leaves_at_the_rate_never_early() -> None:
+    """20 frames of 1,000 bytes (986 bytes of IP packet: 7.888 ms each at 1 Mbit/s), all waiting at
+    the device when the loop starts, then a 5 ms delay: frame k comes out no earlier than
+    (k + 1) x 7.888 ms + 5 ms after the loop started (the wire reads them no earlier than that, and
+    releases nothing before its deadline), in order, and no more than 250 ms late (a shared
+    machine runs threads late, never early). The whole burst takes at least 162.76 ms."""
+    link = LinkProfile(5.0, rate_mbit=1.0)
+    devices = _device(), _device()
+    fds = devices[0][0].fileno(), devices[1][0].fileno()
+    got: dict[bytes, tuple[bytes, float]] = {}
+    frames = [_frame(b"a>b", i, 1000) for i in range(20)]
+    for f in frames:
+        devices[0][1].send(f)
+    twin = RateQueue(1.0)
+    due = [twin.admit(0.0, 1000 - tapwire.ETH_HEADER) for _ in frames]  # from the wire's reading time
+    with _wire(tapwire.direction_models(link, 0, *fds), tapwire.direction_rates(link, *fds), devices, got) as start:
+        _wait_for(got, len(frames), 5)
+    assert list(got) == frames and {side for side, _ in got.values()} == {b"b"}
+    after = [got[f][1] - start for f in frames]
+    early = [a - d - 0.005 for a, d in zip(after, due, strict=True)]
+    assert min(early) > -1e-6 and max(early) < 0.250, (min(early), max(early))  # float noise only
+    assert due[-1] == pytest.approx(20 * 986 * 8 / 1e6)
+
+
+def test_a_burst_beyond_the_limit_loses_the_excess_each_direction_its_own() -> None:
+    """Queues of 5 frames: 8 frames a->b lose exactly the last 3. At the same time 12 frames b->a
+    with 50 % loss lose exactly what a twin model and a twin queue say: loss comes first (a lost
+    frame takes no place in the queue), and a->b's full queue takes none of b->a's places. All the
+    frames wait at the devices when the loop starts, so it reads each burst at one instant:
+    nothing here depends on timing."""
+    ab, ba = LinkProfile(1.0, rate_mbit=1.0), LinkProfile(1.0, 0.0, 0.5, 1.0)
+    devices = _device(), _device()
+    fds = devices[0][0].fileno(), devices[1][0].fileno()
+    models = {fds[0]: LinkModel(ab, random.Random(1)), fds[1]: LinkModel(ba, random.Random(2))}
+    rates = {fd: RateQueue(1.0, limit=5) for fd in fds}
+    to_b = [_frame(b"a>b", i, 1000) for i in range(8)]
+    to_a = [_frame(b"b>a", i, 1000) for i in range(12)]
+    for host, frames in ((devices[0][1], to_b), (devices[1][1], to_a)):
+        for f in frames:
+            host.send(f)
+    twin_model, twin_queue = LinkModel(ba, random.Random(2)), RateQueue(1.0, limit=5)
+    through_to_a = [f for f in to_a if not twin_model.lost() and twin_queue.admit(0.0, len(f) - tapwire.ETH_HEADER) is not None]
+    assert len(through_to_a) == 5 and len(to_a) - len(through_to_a) > 5  # both the loss and the queue drop
+    got: dict[bytes, tuple[bytes, float]] = {}
+    with _wire(models, rates, devices, got):
+        _wait_for(got, 10, 5)
+        time.sleep(0.1)  # time for a frame that should have been dropped to show up
+    assert set(got) == set(to_b[:5]) | set(through_to_a)
+
+
+def test_a_rate_limited_lab_link_limits_throughput(netns_ok) -> None:
+    """The agent's link at 10 Mbit/s with a 5 ms delay: 200 datagrams of 1,000 bytes (1,028 bytes of
+    IP packet: 0.8224 ms each) sent at once reach the Intermediate, datagram k no earlier than
+    (k + 1) x 0.8224 ms + 5 ms after the first was sent, all within 10 s: the burst takes at least
+    164.5 ms, where the same burst without a rate takes a few. One datagram first, so that ARP has
+    resolved before the burst. `-s` prints the throughput measured."""
+    topo = build("public", "public")
+    topo = replace(topo, hosts=tuple(replace(h, link=LinkProfile(5.0, rate_mbit=10.0)) if h.name == "agent" else h
+                                     for h in topo.hosts))
+    n, ser = 200, 1028 * 8 / 10e6
+    with Lab(topo) as lab:
+        rx, tx = lab.socket("intermediate"), lab.socket("agent")
+        with contextlib.suppress(OSError):  # root: past rmem_max, so a stalled reader drops nothing
+            rx.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 1 << 22)
+        rx.bind((INTERMEDIATE_IPS[0], 9000))
+        tx.sendto(b"arp", (INTERMEDIATE_IPS[0], 9000))
+        assert select.select([rx], [], [], 5)[0] and rx.recv(2048) == b"arp"
+        start = time.monotonic()
+        for k in range(n):
+            tx.sendto(b"%04d" % k + bytes(996), (INTERMEDIATE_IPS[0], 9000))
+        arrived: dict[int, float] = {}
+        deadline = start + 10
+        while len(arrived) < n and select.select([rx], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            arrived[int(rx.recv(2048)[:4])] = time.monotonic() - start
+        rx.close()
+        tx.close()
+        mechanism = lab.link_mechanism
+    assert sorted(arrived) == list(range(n))
+    print(f"\n10 Mbit/s link ({mechanism}): {n} x 1028 bytes in {arrived[n - 1] * 1e3:.1f} ms, "
+          f"{(n - 1) * 1028 * 8 / (arrived[n - 1] - arrived[0]) / 1e6:.3f} Mbit/s from the first arrival to the last")
+    early = [arrived[k] - (k + 1) * ser - 0.005 for k in range(n)]
+    assert min(early) > -1e-6, min(early)

@@ -32,17 +32,22 @@ documentation describes correlation.
 Every draw comes from the `random.Random` given, so a seed fixes every fate. Draws happen only for
 what a profile has (no loss draw without loss, no correlation state without correlation), so a
 profile with uniform jitter draws exactly what the simulator's wires drew before this module.
+
+A profile's `rate_mbit` is a `RateQueue` between the loss and the delay: a packet that was not lost
+waits its turn to be serialized, or is dropped when the queue is full, and only then is delayed.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from collections.abc import Callable
 from statistics import NormalDist
 
 from qlab.scenario.profiles import LinkProfile
 
+QUEUE_LIMIT = 1000  # packets a rate queue holds before it drops (netem's default limit)
 TABLE_LIMIT = 4.0  # netem's table entries are 16-bit, 8192 per unit: every value lies within +-4
 
 _NORMAL = NormalDist()
@@ -121,3 +126,51 @@ class LinkModel:
         self._last_u = (1.0 - c) * fresh + c * self._last_u
         return self._last_u
 
+
+
+class RateQueue:
+    """One link direction's serializer: `rate_mbit` behind a drop-tail queue of `limit` packets.
+
+    netem's `rate R` and `limit N`, as this project models them:
+    - a packet of b bytes takes b * 8 / (R * 1e6) seconds to serialize, starting when it arrives or
+      when the packet before it has finished, whichever is later: back to back in a burst, at once
+      on an idle link;
+    - b is the IP packet: the UDP payload plus 28 bytes of IPv4 and UDP header in the simulator, the
+      Ethernet frame less its 14-byte header on the TAP wire. netem counts the frame it is handed,
+      on a veth the Ethernet header too, so it sends 14 bytes more per packet (1.1 % at 1,250 bytes);
+    - a packet that arrives while `limit` packets have not finished serializing (the one being sent
+      included) is dropped. netem's limit counts every packet it holds, those waiting out their
+      delay too, so with a long delay and very many packets in flight netem drops first (1000
+      packets of 1,250 bytes in flight during a 20 ms delay is 500 Mbit/s);
+    - the delay comes after the queue: the link model's delay starts when the packet has finished
+      serializing. netem draws the delay first and serializes behind the previous packet's time to
+      send, delay included; with a constant delay both give arrival = max(arrival time + delay,
+      previous arrival) + serialization, the same numbers. With jitter netem never lets a packet
+      out before the one queued ahead of it, where here the jitter may reorder them as it does
+      without a rate; and a packet that `reorder` sends at once skips netem's rate too, where here
+      it waits in the queue and skips only the delay.
+
+    Sans-IO: the caller says when each packet arrives and how big it is. `rate_mbit` may change
+    between packets (as `tc qdisc change` does): packets already admitted keep their times.
+    """
+
+    __slots__ = ("rate_mbit", "limit", "_busy_until", "_departures")
+
+    def __init__(self, rate_mbit: float, limit: int = QUEUE_LIMIT) -> None:
+        self.rate_mbit = rate_mbit
+        self.limit = limit
+        self._busy_until = 0.0
+        self._departures: deque[float] = deque()  # when each packet not yet serialized will be
+
+    def admit(self, now: float, ip_bytes: int) -> float | None:
+        """When a packet of `ip_bytes` arriving at `now` (seconds, any clock that never goes back)
+        has finished serializing, or None when the queue is full and drops it."""
+        departures = self._departures
+        while departures and departures[0] <= now:
+            departures.popleft()
+        if len(departures) >= self.limit:
+            return None
+        done = max(now, self._busy_until) + ip_bytes * 8 / (self.rate_mbit * 1e6)
+        self._busy_until = done
+        departures.append(done)
+        return done

@@ -1,14 +1,16 @@
-"""A userspace link between two network namespaces, with a link profile's delay, jitter, loss and
-reordering.
+"""A userspace link between two network namespaces, with a link profile's delay, jitter, loss,
+reordering and rate.
 
 Where the kernel has no netem (this machine's: `tc qdisc ... netem` says "Specified qdisc kind is
 unknown"), a link with a profile is two TAP devices, one in each namespace, and this small process copying frames
 between them through a delay queue (docs/netns-lab.md has its measured precision). Each direction
-asks its own `qlab.scenario.linkmodel.LinkModel` for every frame's fate, as the simulator's wires do.
+asks its own `qlab.scenario.linkmodel.LinkModel` for every frame's fate, as the simulator's wires do,
+and with a rate its own `RateQueue` when the frame has been serialized: loss, then the rate queue
+(the IP packet's size: the frame less its Ethernet header), then the delay.
 
     python -m qlab.backends.netns.tapwire --ns-a NS --if-a NAME --ns-b NS --if-b NAME \
         [--delay MS] [--jitter MS] [--jitter-distribution NAME] [--jitter-correlation C] \
-        [--loss P] [--reorder P] [--seed N] [--die-with-parent]
+        [--loss P] [--reorder P] [--rate MBIT] [--seed N] [--die-with-parent]
 
 It prints "ready" once both devices exist, and ends on SIGTERM (or with its parent).
 """
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 
-from qlab.scenario.linkmodel import LinkModel
+from qlab.scenario.linkmodel import LinkModel, RateQueue
 from qlab.scenario.profiles import JITTER_DISTRIBUTIONS, LinkProfile
 
 TUNSETIFF = 0x400454CA
@@ -41,6 +43,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_TIMERSLACK = 29
 RT_PRIORITY = 20  # SCHED_FIFO; below the kernel's own threaded IRQs (50)
 SPIN = 0.0003  # s of busy-waiting before a deadline
+ETH_HEADER = 14  # bytes of a TAP frame before its IP packet (IFF_NO_PI: no other header)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -84,33 +87,49 @@ def realtime() -> str:
         return "other"
 
 
+def deadline(model: LinkModel, rate: RateQueue | None, now: float, frame: bytes) -> float | None:
+    """When a frame read at `now` is due at the other device, or None when it is lost (the model's
+    loss) or dropped (its direction's rate queue is full), in the simulator's order."""
+    if model.lost():
+        return None
+    if rate is not None:
+        serialized = rate.admit(now, len(frame) - ETH_HEADER)
+        if serialized is None:
+            return None
+        now = serialized
+    return now + model.delay()
+
+
 def run(a: int, b: int, models: dict[int, LinkModel], spin: float = SPIN,
-        stop: Callable[[], bool] = lambda: False) -> None:
+        stop: Callable[[], bool] = lambda: False, rates: dict[int, RateQueue] | None = None) -> None:
     """Copy frames between the two devices: `models[fd]` decides the fate of each frame read from
-    `fd` (lost, or its delay), which is written to the other device at its absolute deadline. The loop sleeps until
-    `spin` seconds before the earliest deadline, then busy-waits the rest (a sleep overshoots by the
-    wake-up latency). `stop` is asked at every wake-up (at least once a second)."""
-    queue: list[tuple[float, int, int, bytes]] = []
+    `fd` (lost, or its delay) and `rates[fd]`, if there is one, when it has been serialized; the
+    frame is written to the other device at its absolute deadline. Every frame read at one wake-up
+    counts as arrived at that wake-up. The loop sleeps until `spin` seconds before the earliest
+    deadline, then busy-waits the rest (a sleep overshoots by the wake-up latency). `stop` is asked
+    at every wake-up (at least once a second)."""
+    pending: list[tuple[float, int, int, bytes]] = []
     seq = 0
     other = {a: b, b: a}
+    rates = rates or {}
     clock = time.monotonic
     while not stop():
-        timeout = max(0.0, queue[0][0] - clock() - spin) if queue else 1.0
+        timeout = max(0.0, pending[0][0] - clock() - spin) if pending else 1.0
         ready, _, _ = select.select([a, b], [], [], timeout)
         now = clock()
         for fd in ready:
-            model = models[fd]
+            model, rate = models[fd], rates.get(fd)
             for _ in range(64):
                 try:
                     frame = os.read(fd, 65536)
                 except BlockingIOError:
                     break
-                delay = model.fate()
-                if delay is not None:
+                due = deadline(model, rate, now, frame)
+                if due is not None:
                     seq += 1
-                    heapq.heappush(queue, (now + delay, seq, other[fd], frame))
-        while queue and queue[0][0] <= clock() + spin:
-            due, _, out, frame = heapq.heappop(queue)
+                    heapq.heappush(pending, (due, seq, other[fd], frame))
+        while pending and pending[0][0] <= clock() + spin:
+            due, _, out, frame = heapq.heappop(pending)
             while clock() < due:
                 pass
             with suppress(OSError):  # the device is gone or full: a lost frame
@@ -122,7 +141,8 @@ def link_args(link: LinkProfile) -> list[str]:
     return ["--delay", repr(link.delay_ms), "--jitter", repr(link.jitter_ms),
             "--jitter-distribution", link.jitter_distribution,
             "--jitter-correlation", repr(link.jitter_correlation),
-            "--loss", repr(link.loss), "--reorder", repr(link.reorder)]
+            "--loss", repr(link.loss), "--reorder", repr(link.reorder),
+            *(["--rate", repr(link.rate_mbit)] if link.rate_mbit is not None else [])]
 
 
 def add_link_flags(ap: argparse.ArgumentParser) -> None:
@@ -132,11 +152,13 @@ def add_link_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--jitter-correlation", type=float, default=0.0, help="0 to 1, as netem's delay correlation")
     ap.add_argument("--loss", type=float, default=0.0, help="probability per frame per direction")
     ap.add_argument("--reorder", type=float, default=0.0, help="probability that a frame skips the delay")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="Mbit/s each way, behind a queue of 1000 frames (netem's rate and limit); none by default")
 
 
 def parse_link(args: argparse.Namespace) -> LinkProfile:
     """The profile the flags describe (ValueError, saying what is wrong, for a bad one)."""
-    return LinkProfile(delay_ms=args.delay, jitter_ms=args.jitter, loss=args.loss,
+    return LinkProfile(delay_ms=args.delay, jitter_ms=args.jitter, loss=args.loss, rate_mbit=args.rate,
                        jitter_distribution=args.jitter_distribution,
                        jitter_correlation=args.jitter_correlation, reorder=args.reorder)
 
@@ -145,6 +167,11 @@ def direction_models(link: LinkProfile, seed: int, a: int, b: int) -> dict[int, 
     """One model per direction, each on its own random stream (as netem has a qdisc per end)."""
     return {fd: LinkModel(link, random.Random(f"qlab-tapwire/{seed}/{side}"))
             for fd, side in ((a, "a>b"), (b, "b>a"))}
+
+
+def direction_rates(link: LinkProfile, a: int, b: int) -> dict[int, RateQueue]:
+    """One rate queue per direction (each end of a netem link has its own), none without a rate."""
+    return {} if link.rate_mbit is None else {fd: RateQueue(link.rate_mbit) for fd in (a, b)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     b = open_tap(args.ns_b, args.if_b)
     print("ready", flush=True)
     with suppress(KeyboardInterrupt):
-        run(a, b, direction_models(link, args.seed, a, b), args.spin_us / 1e6)
+        run(a, b, direction_models(link, args.seed, a, b), args.spin_us / 1e6, rates=direction_rates(link, a, b))
     return 0
 
 

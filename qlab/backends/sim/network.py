@@ -23,14 +23,14 @@ import heapq
 import ipaddress
 import math
 import random
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from qlab.backends.sim.clock import CLOCK_RESOLUTION
 from qlab.backends.sim.cost import Classifier, ProcessingCost
 from qlab.backends.sim.nat import NatEngine, Verdict
-from qlab.scenario.linkmodel import LinkModel
+from qlab.scenario.linkmodel import QUEUE_LIMIT, LinkModel, RateQueue
 from qlab.scenario.profiles import IDEAL, LinkProfile
 from qlab.scenario.topology import Host, Router, Topology
 
@@ -39,7 +39,6 @@ Receiver = Callable[[list[tuple[bytes, Addr]]], None]
 Tracer = Callable[[str, str, "Packet"], None]
 
 RECV_BATCH = 256  # datagrams handed to a receiver per call, as qlab.net.RealSocket does
-QUEUE_LIMIT = 1000  # packets waiting on a rate-limited wire before drop-tail (netem's default limit)
 UDP_IP_OVERHEAD = 28  # IPv4 + UDP header bytes, counted in serialization delay
 MAX_UDP_PAYLOAD = 65507
 EPHEMERAL_PORTS = (32768, 60999)  # Linux ip_local_port_range
@@ -61,8 +60,9 @@ class Packet:
 
 class Wire:
     """One direction of a link: loss, then the rate queue, then the delay, then `sink`. Whether a
-    packet is lost and how long it is delayed (jitter, correlation, reordering) is its `model`'s
-    call (`qlab.scenario.linkmodel`, which the kernel lab's wires ask too).
+    packet is lost, when it has been serialized and how long it is delayed (jitter, correlation,
+    reordering) is the call of its `model` and its `RateQueue` (`qlab.scenario.linkmodel`, which the
+    kernel lab's wires ask too).
 
     Without jitter, in-flight packets sit in a heap keyed by (arrival, sequence) with one loop timer
     for the earliest, so packets arriving at the same instant keep FIFO order and share a timer (a
@@ -71,20 +71,19 @@ class Wire:
     """
 
     __slots__ = ("name", "rng", "model", "sink", "network", "_profile", "_heap", "_seq", "_timer", "_timer_at",
-                 "_busy_until", "_queue")
+                 "_rate")
 
     def __init__(self, network: SimNetwork, name: str, profile: LinkProfile, sink: Callable[[Packet], None]) -> None:
         self.network = network
         self.name = name
         self.rng = network._rng("wire", name)
+        self._rate: RateQueue | None = None  # made by the first profile with a rate, kept after
         self.profile = profile
         self.sink = sink
         self._heap: list[tuple[float, int, Packet]] = []
         self._seq = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
-        self._busy_until = 0.0
-        self._queue: deque[float] = deque()  # departure times of packets still in the rate queue
 
     @property
     def profile(self) -> LinkProfile:
@@ -92,9 +91,16 @@ class Wire:
 
     @profile.setter
     def profile(self, profile: LinkProfile) -> None:
-        """A new profile (`SimNetwork.set_link`) gets a new model drawing from the same stream."""
+        """A new profile (`SimNetwork.set_link`) gets a new model drawing from the same stream; the
+        rate queue stays, with the new rate for packets from now on."""
         self._profile = profile
         self.model = LinkModel(profile, self.rng)
+        if profile.rate_mbit is None:
+            return
+        if self._rate is None:
+            self._rate = RateQueue(profile.rate_mbit, self.network.queue_limit)
+        else:
+            self._rate.rate_mbit = profile.rate_mbit
 
     def send(self, pkt: Packet) -> None:
         p = self._profile
@@ -105,18 +111,14 @@ class Wire:
             self.sink(pkt)
             return
         loop = self.network.loop
-        now = loop.time()
-        t = now
+        t = loop.time()
         if p.rate_mbit is not None:
-            q = self._queue
-            while q and q[0] <= now:
-                q.popleft()
-            if len(q) >= self.network.queue_limit:
+            assert self._rate is not None  # the profile setter made it
+            serialized = self._rate.admit(t, len(pkt.data) + UDP_IP_OVERHEAD)
+            if serialized is None:
                 self.network._drop(self.name, "queue", pkt)
                 return
-            t = max(now, self._busy_until) + (len(pkt.data) + UDP_IP_OVERHEAD) * 8 / (p.rate_mbit * 1e6)
-            self._busy_until = t
-            q.append(t)
+            t = serialized
         arrival = t + self.model.delay()
         if p.jitter_ms:
             loop.call_at(arrival, self._arrive, pkt)
