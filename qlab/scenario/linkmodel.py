@@ -88,7 +88,7 @@ class LinkModel:
     packet for its rate in between), or `fate()` for both at once.
     """
 
-    __slots__ = ("profile", "rng", "_base", "_jitter", "_shape", "_correlation", "_last_u")
+    __slots__ = ("profile", "rng", "_base", "_jitter", "_shape", "_correlation", "_last_u", "_last_arrival")
 
     def __init__(self, profile: LinkProfile, rng: random.Random) -> None:
         self.profile = profile
@@ -99,6 +99,7 @@ class LinkModel:
         self._correlation = profile.jitter_correlation if profile.jitter_ms else 0.0
         # netem seeds the correlation with a random "previous" value; drawn only when it is used
         self._last_u = rng.random() if self._correlation else 0.0
+        self._last_arrival = 0.0
 
     def lost(self) -> bool:
         loss = self.profile.loss
@@ -113,6 +114,15 @@ class LinkModel:
             return self._base
         # milliseconds first, then seconds, as the simulator always computed it (same numbers)
         return max(0.0, self._base + self._shape(self._next_u(), self._jitter) / 1000.0)
+
+    def arrival(self, start: float) -> float:
+        """When a packet that was not lost, leaving at `start` (seconds, a clock that never goes
+        back), arrives: `start + delay()`, and with `in_order` no earlier than the packet before it."""
+        at = start + self.delay()
+        if self.profile.in_order:
+            at = max(at, self._last_arrival)
+            self._last_arrival = at
+        return at
 
     def fate(self) -> float | None:
         """None for a lost packet, else its delay in seconds."""

@@ -30,6 +30,10 @@ class LinkProfile:
     `normal`, the scale of netem's `pareto` and `paretonormal` tables), `jitter_correlation` how much
     each draw leans on the previous one (netem's `delay D J C`), `reorder` the chance that a packet
     skips the delay (netem's `reorder P`) and `rate_mbit` a serialization rate behind a queue.
+    `in_order` keeps packets in the order they were sent: jitter then acts as queueing delay (a
+    packet never arrives before the one sent ahead of it), as on a real access link, where
+    independent per-packet jitter reorders them (netem's default; `in_order` is netem with a pfifo
+    child queue).
     `qlab.scenario.linkmodel` turns these into each packet's fate on every backend.
     """
 
@@ -40,6 +44,7 @@ class LinkProfile:
     jitter_distribution: JitterDistribution = "uniform"
     jitter_correlation: float = 0.0
     reorder: float = 0.0
+    in_order: bool = False
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -66,6 +71,8 @@ def _problem(link: LinkProfile) -> str:
     if link.jitter_distribution not in JITTER_DISTRIBUTIONS:
         return (f"jitter_distribution must be one of {', '.join(JITTER_DISTRIBUTIONS)}, "
                 f"got {link.jitter_distribution!r}")
+    if link.reorder and link.in_order:
+        return "reorder and in_order contradict each other"
     if link.reorder and not link.delay_ms:
         return "reorder needs a delay_ms > 0 to skip (netem refuses it too)"
     return ""
@@ -120,13 +127,16 @@ def _wan(name: str, a: float, c: float, i: float, loss: float = 0.0, jitter: flo
 # Access links of real paths (sources and how the numbers were chosen: docs/sim.md, "Link profiles").
 # Home access: cable, DSL or fibre to the ISP's core; queueing there only adds, so the jitter is
 # right-skewed (NISTnet's paretonormal).
-HOME_ACCESS = LinkProfile(12.0, 3.0, jitter_distribution="paretonormal")
+# Every named real path keeps order (`in_order`): routers queue, they do not shuffle; per-packet
+# jitter that reorders made aioquic drop a server flight's Handshake packets that overtook its
+# Initial and wait out a PTO, a loss no real access link causes at these rates.
+HOME_ACCESS = LinkProfile(12.0, 3.0, jitter_distribution="paretonormal", in_order=True)
 # 4G/LTE radio access: scheduling grants and HARQ retransmissions (8 ms each) make a wide,
 # right-skewed spread. No correlation in any named profile: netem's narrows the spread and, for a
 # skewed distribution, moves the mean, so the numbers here would stop being the mean and spread.
-LTE_ACCESS = LinkProfile(20.0, 6.0, jitter_distribution="paretonormal")
+LTE_ACCESS = LinkProfile(20.0, 6.0, jitter_distribution="paretonormal", in_order=True)
 # a cloud region's server: well connected, little variation
-CLOUD_SERVER = LinkProfile(5.0, 0.5, jitter_distribution="normal")
+CLOUD_SERVER = LinkProfile(5.0, 0.5, jitter_distribution="normal", in_order=True)
 
 PROFILES: dict[str, NetProfile] = {
     "lan": NetProfile("lan", description="no added delay or loss (kernel speed)"),
@@ -142,9 +152,9 @@ PROFILES: dict[str, NetProfile] = {
                     "region: base direct RTT 64 ms, relay RTT 84 ms, phone to the Intermediate 50 ms; wide, "
                     "right-skewed radio jitter"),
     "intercontinental": NetProfile(
-        "intercontinental", agent=LinkProfile(40.0, 2.0, jitter_distribution="normal"),
-        connector=LinkProfile(40.0, 2.0, jitter_distribution="normal"),
-        intermediate=LinkProfile(20.0, 1.0, jitter_distribution="normal"),
+        "intercontinental", agent=LinkProfile(40.0, 2.0, jitter_distribution="normal", in_order=True),
+        connector=LinkProfile(40.0, 2.0, jitter_distribution="normal", in_order=True),
+        intermediate=LinkProfile(20.0, 1.0, jitter_distribution="normal", in_order=True),
         description="Agent and Connector on two continents (about Paris and California), Intermediate far "
                     "from both: base direct RTT 160 ms, relay RTT 240 ms; normal jitter on every access link"),
     "lossy-1pct": _wan("lossy-1pct", 5, 5, 10, loss=0.01, desc="wan-20ms with 1% loss each way on every access link"),

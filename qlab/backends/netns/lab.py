@@ -249,7 +249,9 @@ class Lab:
         for ns, c in cmds.items():
             _batch(ns, c)
         for ns, dev, link in shaping:  # netem where the kernel has it: each end delays what it sends
-            _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *netem_args(link)])
+            _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", *netem_args(link)])
+            if link.in_order:  # a pfifo child replaces netem's time-sorted queue: no overtaking
+                _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "parent", "1:1", "pfifo", "limit", "1000"])
         for r in topo.routers:
             ns = self.netns(r.name)
             _sysctl(ns, {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.send_redirects": "0",

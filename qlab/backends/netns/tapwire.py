@@ -97,7 +97,7 @@ def deadline(model: LinkModel, rate: RateQueue | None, now: float, frame: bytes)
         if serialized is None:
             return None
         now = serialized
-    return now + model.delay()
+    return model.arrival(now)
 
 
 def run(a: int, b: int, models: dict[int, LinkModel], spin: float = SPIN,
@@ -141,7 +141,7 @@ def link_args(link: LinkProfile) -> list[str]:
     return ["--delay", repr(link.delay_ms), "--jitter", repr(link.jitter_ms),
             "--jitter-distribution", link.jitter_distribution,
             "--jitter-correlation", repr(link.jitter_correlation),
-            "--loss", repr(link.loss), "--reorder", repr(link.reorder),
+            "--loss", repr(link.loss), "--reorder", repr(link.reorder), *(["--in-order"] if link.in_order else []),
             *(["--rate", repr(link.rate_mbit)] if link.rate_mbit is not None else [])]
 
 
@@ -152,6 +152,7 @@ def add_link_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--jitter-correlation", type=float, default=0.0, help="0 to 1, as netem's delay correlation")
     ap.add_argument("--loss", type=float, default=0.0, help="probability per frame per direction")
     ap.add_argument("--reorder", type=float, default=0.0, help="probability that a frame skips the delay")
+    ap.add_argument("--in-order", action="store_true", help="frames keep their order (jitter as queueing delay)")
     ap.add_argument("--rate", type=float, default=None,
                     help="Mbit/s each way, behind a queue of 1000 frames (netem's rate and limit); none by default")
 
@@ -160,7 +161,7 @@ def parse_link(args: argparse.Namespace) -> LinkProfile:
     """The profile the flags describe (ValueError, saying what is wrong, for a bad one)."""
     return LinkProfile(delay_ms=args.delay, jitter_ms=args.jitter, loss=args.loss, rate_mbit=args.rate,
                        jitter_distribution=args.jitter_distribution,
-                       jitter_correlation=args.jitter_correlation, reorder=args.reorder)
+                       jitter_correlation=args.jitter_correlation, reorder=args.reorder, in_order=args.in_order)
 
 
 def direction_models(link: LinkProfile, seed: int, a: int, b: int) -> dict[int, LinkModel]:

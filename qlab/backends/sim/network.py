@@ -119,7 +119,7 @@ class Wire:
                 self.network._drop(self.name, "queue", pkt)
                 return
             t = serialized
-        arrival = t + self.model.delay()
+        arrival = self.model.arrival(t)
         if p.jitter_ms:
             loop.call_at(arrival, self._arrive, pkt)
             return
