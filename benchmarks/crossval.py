@@ -62,7 +62,7 @@ def compare(runs: dict[str, list[TrialResult]]) -> tuple[bool, dict[str, tuple[f
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--profiles", default="wan-20ms")
+    ap.add_argument("--profiles", default="wan-20ms,home-broadband,mobile-lte,intercontinental")
     ap.add_argument("--calibration", choices=("measure", "active"), default="measure")
     args = ap.parse_args()
     logging.disable(logging.CRITICAL)

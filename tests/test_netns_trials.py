@@ -97,6 +97,25 @@ def test_simulator_agrees_with_the_kernel(netns_ok):
         assert abs(ratios[f] - 1) <= bound, (f, ratios)
 
 
+def test_simulator_agrees_with_the_kernel_on_a_real_path(netns_ok):
+    """The same on `home-broadband` (jittered, in-order links of the same link model on both
+    backends): outcomes equal per cell; over three cells the medians of the direct and relay RTT
+    within 10 %, ttd within 25 % (benchmarks/crossval.py: within 12 % per cell on 5 trials)."""
+    cells = [("full_cone", "full_cone"), ("port_restricted", "port_restricted"), ("port_restricted", "symmetric_seq")]
+    figures: dict[str, dict[str, list[float]]] = {"sim": {}, "netns": {}}
+    for a, c in cells:
+        runs = {b: [run_trial(TrialSpec(backend=b, agent_nat=a, connector_nat=c, profile="home-broadband", seed=s,
+                                        samples=8, verify_echoes=5)) for s in (1, 2, 3)] for b in ("sim", "netns")}
+        assert {r.outcome for r in runs["sim"]} == {r.outcome for r in runs["netns"]}, (a, c, runs)
+        for backend, rs in runs.items():
+            for f in ("ttd_ms", "rtt_direct_p50_ms", "rtt_relay_p50_ms"):
+                figures[backend].setdefault(f, []).append(statistics.median(getattr(r, f) for r in rs))
+    ratios = {f: statistics.median(figures["sim"][f]) / statistics.median(figures["netns"][f]) for f in figures["sim"]}
+    print(f"\nsim / netns medians, home-broadband: {ratios}")
+    for f, bound in (("rtt_direct_p50_ms", 0.10), ("rtt_relay_p50_ms", 0.10), ("ttd_ms", 0.25)):
+        assert abs(ratios[f] - 1) <= bound, (f, ratios)
+
+
 @pytest.mark.parametrize("agent_nat,connector_nat", [("port_restricted", "symmetric"), ("symmetric", "port_restricted")])
 def test_birthday_mode_in_the_kernel(netns_ok, agent_nat, connector_nat):
     """256 mappings on the random-port side, 1,024 probes to random ports of it: a trial misses only

@@ -66,8 +66,9 @@ class Wire:
 
     Without jitter, in-flight packets sit in a heap keyed by (arrival, sequence) with one loop timer
     for the earliest, so packets arriving at the same instant keep FIFO order and share a timer (a
-    packet that skips the delay to be reordered goes in the same heap). With jitter every packet
-    gets its own timer and may overtake another, as netem reorders.
+    packet that skips the delay to be reordered goes in the same heap); so does an `in_order` link's
+    jittered traffic. Other jitter gives every packet its own timer, and packets may overtake each
+    other, as netem reorders.
     """
 
     __slots__ = ("name", "rng", "model", "sink", "network", "_profile", "_heap", "_seq", "_timer", "_timer_at",
@@ -120,9 +121,11 @@ class Wire:
                 return
             t = serialized
         arrival = self.model.arrival(t)
-        if p.jitter_ms:
+        if p.jitter_ms and not p.in_order:
             loop.call_at(arrival, self._arrive, pkt)
             return
+        # the heap keeps the order of equal arrivals (an in-order link gives many); the loop's
+        # timers do not: asyncio's heap breaks ties between equal times arbitrarily
         heapq.heappush(self._heap, (arrival, self._seq, pkt))
         self._seq += 1
         if arrival < self._timer_at:
