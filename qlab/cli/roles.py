@@ -73,6 +73,8 @@ def trial_table(rec: dict) -> str:
         ("direct RTT p50", _rtt(rec, "direct")), ("relay RTT p50", _rtt(rec, "relay")),
         ("direct verified", verified), ("reason", rec["reason"]),
     ]
+    if rec.get("sim_calibration"):  # what the simulator charged for the roles' work (docs/sim.md)
+        rows.append(("processing", f"calibration {rec['sim_calibration']}"))
     if rec["failover_ms"] is not None or rec["echo_gap_ms"] is not None:  # --blackhole
         rows += [("failover", text(rec["failover_ms"], " ms")), ("longest echo gap", text(rec["echo_gap_ms"], " ms"))]
     fault = (rec.get("extra") or {}).get("fault")
