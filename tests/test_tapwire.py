@@ -88,16 +88,10 @@ def test_the_loop_lets_through_what_each_model_says_after_its_delay() -> None:
     (a_wire, a_host), (b_wire, b_host) = _device(), _device()
     models = {a_wire.fileno(): LinkModel(ab, random.Random(1)), b_wire.fileno(): LinkModel(ba, random.Random(2))}
     twins = {b"a>b": LinkModel(ab, random.Random(1)), b"b>a": LinkModel(ba, random.Random(2))}
-    stop_wire, stop_collecting = threading.Event(), threading.Event()
     got: dict[bytes, tuple[bytes, float]] = {}
-    threads = [threading.Thread(target=tapwire.run, args=(a_wire.fileno(), b_wire.fileno(), models, 0.0,
-                                                          stop_wire.is_set)),
-               threading.Thread(target=_collect, args=({a_host: b"a", b_host: b"b"}, got, stop_collecting))]
-    for t in threads:
-        t.start()
     sent: dict[bytes, float] = {}
     due: dict[bytes, float] = {}
-    try:
+    with _wire(models, {}, ((a_wire, a_host), (b_wire, b_host)), got):
         for i in range(300):
             for host, tag in ((a_host, b"a>b"), (b_host, b"b>a")):
                 frame = b"%s %d" % (tag, i)
@@ -107,15 +101,7 @@ def test_the_loop_lets_through_what_each_model_says_after_its_delay() -> None:
                 if fate is not None:
                     due[frame] = fate
             time.sleep(0.001)
-        deadline = time.monotonic() + 5
-        while len(got) < len(due) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        stop_wire.set()
-        stop_collecting.set()
-        for t in threads:
-            t.join(5)
-    assert not any(t.is_alive() for t in threads)
+        _wait_for(got, len(due), 5)
     assert set(got) == set(due)
     assert all(side == frame[2:3] for frame, (side, _) in got.items())  # "a>b ..." comes out at b
     late = [got[f][1] - sent[f] - due[f] for f in due]
