@@ -71,7 +71,7 @@ class NetnsBackend:
         from qlab.backends.netns.lab import Lab, check_requirements
 
         check_requirements()
-        with Lab(topology) as lab:
+        with Lab(topology, seed=seed) as lab:
             yield NetnsEnvironment(lab)
 
     def run(self, env: NetnsEnvironment, main: Main[T]) -> T:

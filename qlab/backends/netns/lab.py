@@ -174,6 +174,7 @@ class Lab:
     up_seconds: float | None = None
     link_mechanism: str = "tapwire"
     wire_options: tuple[str, ...] = ()  # extra tapwire arguments (benchmarks compare wire modes)
+    seed: int = 0  # the wires' random streams: a trial's seed, so trials draw different jitter and loss
     _specs: dict[str, NatSpec] = field(default_factory=dict)
     _blocking: set[str] = field(default_factory=set)
 
@@ -336,7 +337,7 @@ class Lab:
         procs = []
         for i, (ns, ifname, up_ns, port, link) in enumerate(wires):
             argv = [sys.executable, "-m", "qlab.backends.netns.tapwire", "--ns-a", ns, "--if-a", ifname, "--ns-b", up_ns,
-                    "--if-b", port, *link_args(link), "--seed", str(i), *self.wire_options]
+                    "--if-b", port, *link_args(link), "--seed", f"{self.seed}{i:02d}", *self.wire_options]
             if not self.persistent:
                 argv.append("--die-with-parent")
             p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
