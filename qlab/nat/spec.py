@@ -52,6 +52,19 @@ class CounterScope(StrEnum):
     HOST = "host"  # one counter per inside host address
 
 
+class MappingProtocol(StrEnum):
+    """A protocol by which an inside host asks the NAT for an explicit inbound mapping, in the order
+    a client tries them (newest first)."""
+
+    PCP = "pcp"  # Port Control Protocol (RFC 6887), MAP opcode, UDP 5351
+    NATPMP = "natpmp"  # NAT Port Mapping Protocol (RFC 6886), UDP 5351
+    UPNP = "upnp"  # UPnP Internet Gateway Device: SSDP discovery, SOAP AddPortMapping over HTTP
+
+
+# what one daemon speaks: the lab's routers run miniupnpd, which answers all three
+MAPPING_PROTOCOLS: tuple[MappingProtocol, ...] = (MappingProtocol.PCP, MappingProtocol.NATPMP, MappingProtocol.UPNP)
+
+
 @dataclass(frozen=True)
 class NatSpec:
     """One NAT's UDP behaviour.
@@ -61,7 +74,8 @@ class NatSpec:
     endpoint (another host, or another socket of its own) through its public mapping, seen from the
     public address (REQ-9). When `ports` is sequential, the k-th new mapping of a counter takes port
     `sequential_base + k mod sequential_count`, with one counter per `sequential_scope`. A spec with
-    `nat=False` is no NAT at all (`public`).
+    `nat=False` is no NAT at all (`public`). `port_mapping` names the protocols the router answers
+    to create explicit mappings (empty: none, as most of the presets).
     """
 
     name: str
@@ -75,6 +89,7 @@ class NatSpec:
     sequential_base: int = 40000
     sequential_count: int = 1000
     sequential_scope: CounterScope = CounterScope.NAT
+    port_mapping: tuple[MappingProtocol, ...] = ()
 
     def __post_init__(self) -> None:
         if self.binding_timeout <= 0:
@@ -89,6 +104,7 @@ class NatSpec:
         d = asdict(self)
         for k in ("mapping", "filtering", "ports", "refresh", "sequential_scope"):
             d[k] = d[k].value
+        d["port_mapping"] = [p.value for p in self.port_mapping]
         return d
 
 
