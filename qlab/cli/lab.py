@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 from qlab.cli.roles import PRESETS_HELP
-from qlab.cli.util import example, positive_int
-from qlab.nat.spec import PRESET_NAMES
+from qlab.cli.util import example, nat_preset, positive_int
 from qlab.scenario.profiles import PROFILE_NAMES
 from qlab.scenario.topology import SCENARIOS, build
 
@@ -136,9 +135,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lsub = lab.add_subparsers(dest="lab_command", required=True)
     up = lsub.add_parser("up", help="build a lab and leave it running",
                          epilog=example("sudo qlab lab up --agent-nat symmetric --profile wan-20ms"))
-    up.add_argument("--agent-nat", choices=PRESET_NAMES, metavar="PRESET", default="port_restricted",
+    up.add_argument("--agent-nat", type=nat_preset, metavar="PRESET", default="port_restricted",
                     help=f"the Agent's {PRESETS_HELP}")
-    up.add_argument("--connector-nat", choices=PRESET_NAMES, metavar="PRESET", default="port_restricted",
+    up.add_argument("--connector-nat", type=nat_preset, metavar="PRESET", default="port_restricted",
                     help=f"the Connector's {PRESETS_HELP}")
     up.add_argument("--profile", choices=PROFILE_NAMES, default="lan", help="link profile")
     up.add_argument("--scenario", choices=SCENARIOS, default="pair", help="where the hosts sit")

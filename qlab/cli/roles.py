@@ -8,12 +8,12 @@ import json
 
 from qlab.backends.base import BACKENDS, check_loopback
 from qlab.cli.table import pairs, text
-from qlab.cli.util import RESULTS_HELP, example, non_negative_float, parse_addr, positive_int
+from qlab.cli.util import RESULTS_HELP, example, nat_preset, non_negative_float, parse_addr, positive_int
 from qlab.nat.spec import PRESET_NAMES
 from qlab.scenario.profiles import PROFILE_NAMES
 from qlab.scenario.topology import SCENARIOS
 
-PRESETS_HELP = f"NAT preset, one of: {', '.join(PRESET_NAMES)}"
+PRESETS_HELP = f"NAT preset, one of: {', '.join(PRESET_NAMES)}; +map, +pcp or +upnp adds port mapping"
 JSON_HELP = "print the full record as one line of JSON instead of the table (the table is printed whether or " \
             "not stdout is a terminal: ask for JSON explicitly)"
 
@@ -164,7 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "a deployed Intermediate (--intermediate). Prints a table; --json for machines.",
                        epilog=example("qlab classify --backend sim --nat symmetric_seq",
                                       "qlab classify --intermediate relay.example.org:4433 --certs ./certs --json"))
-    c.add_argument("--nat", choices=PRESET_NAMES, metavar="PRESET", default="port_restricted",
+    c.add_argument("--nat", type=nat_preset, metavar="PRESET", default="port_restricted",
                    help=f"the NAT put in front of the lab's Agent host; {PRESETS_HELP}")
     c.add_argument("--intermediate", type=lambda s: parse_addr(s, 4433), default=None, metavar="HOST:PORT",
                    help="classify this machine's NAT against a deployed Intermediate instead (needs --certs)")
@@ -181,9 +181,9 @@ def _register_trial(sub: argparse._SubParsersAction) -> None:
                                    "table; --json prints the full record (docs/results.md).",
                        epilog=example("qlab trial --agent-nat port_restricted --connector-nat symmetric_seq",
                                       "qlab trial --backend netns --agent-nat full_cone --json | jq .ttd_ms"))
-    t.add_argument("--agent-nat", choices=PRESET_NAMES, metavar="PRESET", default="port_restricted",
+    t.add_argument("--agent-nat", type=nat_preset, metavar="PRESET", default="port_restricted",
                    help=f"the Agent's {PRESETS_HELP}")
-    t.add_argument("--connector-nat", choices=PRESET_NAMES, metavar="PRESET", default="port_restricted",
+    t.add_argument("--connector-nat", type=nat_preset, metavar="PRESET", default="port_restricted",
                    help=f"the Connector's {PRESETS_HELP}")
     t.add_argument("--json", action="store_true", help=JSON_HELP)
     t.add_argument("--compact", dest="json", action="store_true", help=argparse.SUPPRESS)  # the old name of --json

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
+from qlab.nat.spec import preset
+
 
 def parse_addr(text: str, default_port: int | None = None) -> tuple[str, int]:
     """HOST:PORT, [V6]:PORT, or HOST alone when a default port exists."""
@@ -99,3 +101,11 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def nat_preset(text: str) -> str:
+    """A NAT preset name, with or without a port-mapping suffix (`symmetric+map`)."""
+    try:
+        return preset(text).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

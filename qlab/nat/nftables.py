@@ -10,6 +10,15 @@ bytes on every backend. Pitfalls the rules avoid (docs/netns-lab.md):
 - `ct original proto-src` needs `meta l4proto udp` first; hairpin SNAT matches the LAN prefix
   because `iifname` never matches in postrouting.
 
+Port mapping (`spec.port_mapping`): the router runs miniupnpd, which adds its DNAT rules to its
+own table (`daemon_table`). An unsolicited packet to a port the daemon mapped must get past the gate,
+which runs before any DNAT, so on these routers the gate marks what it would drop instead; the
+qlab DNAT skips marked packets, and a `late` chain after DNAT lets through the marked packets the
+daemon redirected and drops the rest. Such a packet reaches conntrack before it is dropped, so on a
+mapping router a dropped inbound packet can refresh a conntrack entry (docs/netns-lab.md). The
+daemon learns its public address by STUN from the lab's server (it refuses a TEST-NET address
+otherwise), so the STUN server's answers reach the router itself.
+
 Refresh: conntrack refreshes its entries on packets in both directions, so the binding lives in
 dynamic sets/maps that only the packets `spec.refresh` names update, and a `gate` chain at raw
 priority (before conntrack) drops inbound packets, established flows included, whose binding or
@@ -24,6 +33,10 @@ import ipaddress
 from qlab.nat.spec import CounterScope, Filtering, Mapping, NatSpec, PortAllocation, Refresh
 
 TABLE = "qlab_nat"
+DAEMON_TABLE = "qlab_pmap"  # miniupnpd's own table (inet): it adds rules, it does not create chains
+DAEMON_CHAINS = {"forward": "miniupnpd", "prerouting": "prerouting_miniupnpd", "postrouting": "postrouting_miniupnpd"}
+GATE_MARK = "0x00000071"  # "the gate would drop this" on a router whose daemon may redirect it
+STUN_PORTS = (3478, 3479)
 MAX_HOST_COUNTERS = 1024  # per-host sequential counters are one rule per LAN address
 
 
@@ -38,8 +51,10 @@ def conntrack_sysctls(spec: NatSpec) -> dict[str, str]:
     return {"net.netfilter.nf_conntrack_udp_timeout": t, "net.netfilter.nf_conntrack_udp_timeout_stream": t}
 
 
-def render(spec: NatSpec, *, wan_if: str, lan_if: str, wan_ip: str, lan_cidr: str) -> str:
-    """The full ruleset for one router. ValueError for behaviour this renderer cannot express."""
+def render(spec: NatSpec, *, wan_if: str, lan_if: str, wan_ip: str, lan_cidr: str,
+           stun_servers: tuple[str, ...] = ()) -> str:
+    """The full ruleset for one router. ValueError for behaviour this renderer cannot express.
+    `stun_servers`: where a port-mapping router's daemon asks for its public address."""
     if not spec.nat:
         raise ValueError(f"NatSpec {spec.name!r} is not a NAT: nothing to render")
     ipaddress.IPv4Address(wan_ip)
@@ -67,12 +82,58 @@ def render(spec: NatSpec, *, wan_if: str, lan_if: str, wan_ip: str, lan_cidr: st
         f"delete table ip {TABLE}",
         f"table ip {TABLE} {{",
     ]
+    if spec.port_mapping and not stun_servers:
+        raise ValueError(f"NatSpec {spec.name!r} offers port mapping: its daemon needs a STUN server")
     if spec.mapping == Mapping.EIM:
         body = _eim(spec, wan_if, lan_if, wan_ip, str(lan))
     else:
         body = _apdm(spec, wan_if, lan_if, wan_ip, str(lan))
-    body += _filter(wan_if, lan_if)
+    if spec.port_mapping:
+        body += _late(stun_servers, wan_if, wan_ip)
+    body += _filter(wan_if, lan_if, stun_servers if spec.port_mapping else ())
     return "\n".join(head + body + ["}", ""])
+
+
+def daemon_table() -> str:
+    """miniupnpd's table, empty: the daemon fills its chains. Loaded once when the daemon starts
+    (reloading the NAT's own table leaves it alone) and deleted with the lab."""
+    c = DAEMON_CHAINS
+    return "\n".join([
+        "# miniupnpd's table: its DNAT and filter rules for the mappings it grants",
+        f"table inet {DAEMON_TABLE}",
+        f"delete table inet {DAEMON_TABLE}",
+        f"table inet {DAEMON_TABLE} {{",
+        f"  chain forward {{ type filter hook forward priority filter; policy accept; jump {c['forward']}; }}",
+        f"  chain {c['forward']} {{ }}",
+        f"  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; jump {c['prerouting']}; }}",
+        f"  chain {c['prerouting']} {{ }}",
+        f"  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump {c['postrouting']}; }}",
+        f"  chain {c['postrouting']} {{ }}",
+        "}",
+        "",
+    ])
+
+
+def _own_traffic(spec: NatSpec, wan: str, wan_ip: str) -> list[str]:
+    """A mapping router's own packets (its daemon's STUN test) leave unNATed: the daemon must see
+    its ports unchanged to call the router's address public."""
+    return [f'    oifname "{wan}" ip saddr {wan_ip} accept'] if spec.port_mapping else []
+
+
+def _late(stun_servers: tuple[str, ...], wan: str, wan_ip: str) -> list[str]:
+    """After DNAT: what the gate marked passes only if the daemon redirected it, or if it is a STUN
+    server answering the daemon (from another address and port than it asked: RFC 3489 tests)."""
+    stun = ", ".join(stun_servers)
+    ports = ", ".join(map(str, STUN_PORTS))
+    return [
+        "  # after DNAT: a packet the gate marked passes only if the mapping daemon redirected it",
+        "  chain late {",
+        "    type filter hook prerouting priority dstnat + 10; policy accept;",
+        f"    meta mark {GATE_MARK} ct status dnat accept",
+        f'    meta mark {GATE_MARK} iifname "{wan}" ip daddr {wan_ip} ip saddr {{ {stun} }} udp sport {{ {ports} }} accept',
+        f"    meta mark {GATE_MARK} drop",
+        "  }",
+    ]
 
 
 def _eim(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list[str]:
@@ -83,6 +144,7 @@ def _eim(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list[
         Filtering.APDF: "udp dport . ip saddr . udp sport @permit_ap ",
     }[spec.filtering]
     first_pick = "masquerade random" if spec.ports == PortAllocation.RANDOM else "masquerade"
+    unmarked = f"meta mark != {GATE_MARK} " if spec.port_mapping else ""
     lines = [
         "  # mapped port -> internal ip.port, and back: the endpoint-independent binding",
         f"  map emap {{ type inet_service : ipv4_addr . inet_service; flags dynamic,timeout; timeout {t}; }}",
@@ -96,11 +158,11 @@ def _eim(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list[
         Filtering.ADF: ["udp dport . ip saddr != @permit_a"],
         Filtering.APDF: ["udp dport . ip saddr . udp sport != @permit_ap"],
     }[spec.filtering]]
-    lines += _gate(wan, wan_ip, refused)
+    lines += _gate(spec, wan, wan_ip, refused)
     lines += [
         "  chain pre {",
         "    type nat hook prerouting priority dstnat; policy accept;",
-        f'    iifname "{wan}" ip daddr {wan_ip} {admit}dnat ip to udp dport map @emap',
+        f'    iifname "{wan}" ip daddr {wan_ip} {unmarked}{admit}dnat ip to udp dport map @emap',
     ]
     if spec.hairpinning:
         lines.append(f'    iifname "{lan}" ip daddr {wan_ip} dnat ip to udp dport map @emap')
@@ -108,6 +170,7 @@ def _eim(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list[
         "  }",
         "  chain post {",
         "    type nat hook postrouting priority srcnat; policy accept;",
+        *_own_traffic(spec, wan, wan_ip),
         f'    oifname "{wan}" ip saddr . udp sport @imap snat ip to {wan_ip} : ip saddr . udp sport map @imap',
         f'    oifname "{wan}" udp sport @emap masquerade random',
         f'    oifname "{wan}" {first_pick}',
@@ -157,14 +220,17 @@ def _eim_track(spec: NatSpec, wan: str) -> list[str]:
     return lines
 
 
-def _gate(wan: str, wan_ip: str, refused: list[str], refresh: tuple[str, ...] | list[str] = ()) -> list[str]:
+def _gate(spec: NatSpec, wan: str, wan_ip: str, refused: list[str],
+          refresh: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Inbound to the public address: drop what no live binding or permission admits, before
-    conntrack can refresh anything; then run the inbound refresh `update`s, if any."""
+    conntrack can refresh anything (mark it, on a port-mapping router: see `_late`); then run the
+    inbound refresh `update`s, if any."""
+    verdict = f"meta mark set {GATE_MARK}" if spec.port_mapping else "drop"
     return [
         "  # inbound: only to a live binding, from a remote its filter admits (established flows too)",
         "  chain gate {",
         "    type filter hook prerouting priority raw; policy accept;",
-        *(f'    iifname "{wan}" ip daddr {wan_ip} {cond} drop' for cond in refused),
+        *(f'    iifname "{wan}" ip daddr {wan_ip} {cond} {verdict}' for cond in refused),
         *(f'    iifname "{wan}" ip daddr {wan_ip} {upd}' for upd in refresh),
         "  }",
     ]
@@ -185,13 +251,14 @@ def _apdm(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list
         ]
     flow = "udp dport . ip saddr . udp sport"
     refresh = [f"update @flows {{ {flow} }}"] if spec.refresh == Refresh.BOTH else []
-    lines += _gate(wan, wan_ip, [f"{flow} != @flows"], refresh)
+    lines += _gate(spec, wan, wan_ip, [f"{flow} != @flows"], refresh)
     lines += [
         "  chain pre {",
         "    type nat hook prerouting priority dstnat; policy accept;",
         "  }",
         "  chain post {",
         "    type nat hook postrouting priority srcnat; policy accept;",
+        *_own_traffic(spec, wan, wan_ip),
     ]
     if spec.ports == PortAllocation.SEQUENTIAL:
         snat = f"meta l4proto udp snat ip to {wan_ip} : numgen inc mod {spec.sequential_count} map @seq"
@@ -216,7 +283,10 @@ def _apdm(spec: NatSpec, wan: str, lan: str, wan_ip: str, lan_cidr: str) -> list
     return lines
 
 
-def _filter(wan: str, lan: str) -> list[str]:
+def _filter(wan: str, lan: str, stun_servers: tuple[str, ...]) -> list[str]:
+    stun = ", ".join(stun_servers)
+    ports = ", ".join(map(str, STUN_PORTS))
+    own_stun = [f'    iifname "{wan}" ip saddr {{ {stun} }} udp sport {{ {ports} }} accept'] if stun_servers else []
     return [
         "  chain forward_f {",
         "    type filter hook forward priority filter; policy drop;",
@@ -230,6 +300,7 @@ def _filter(wan: str, lan: str) -> list[str]:
         '    iifname "lo" accept',
         "    ct state established,related accept",
         f'    iifname "{lan}" accept',
+        *own_stun,
         "    icmp type echo-request accept",
         "  }",
     ]

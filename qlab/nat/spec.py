@@ -135,12 +135,28 @@ PRESETS: dict[str, NatSpec] = {
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 
+# a preset name may end in one of these: the same NAT, whose router also answers port mapping
+# requests (miniupnpd answers PCP and NAT-PMP on one switch, UPnP IGD on another)
+MAPPING_SUFFIXES: dict[str, tuple[MappingProtocol, ...]] = {
+    "map": MAPPING_PROTOCOLS,
+    "pcp": (MappingProtocol.PCP, MappingProtocol.NATPMP),
+    "upnp": (MappingProtocol.UPNP,),
+}
+
+
 def preset(name: str) -> NatSpec:
-    """The preset called `name`, or a ValueError that lists the valid names."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown NAT preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}") from None
+    """The preset called `name` (`NAME+map`, `+pcp`, `+upnp`: with port mapping), or a ValueError
+    that lists the valid names."""
+    base, _, suffix = name.partition("+")
+    spec = PRESETS.get(base)
+    if spec is None or (suffix and suffix not in MAPPING_SUFFIXES):
+        raise ValueError(f"unknown NAT preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}, "
+                         f"each optionally with +{', +'.join(MAPPING_SUFFIXES)} (port mapping)")
+    if not suffix:
+        return spec
+    if not spec.nat:
+        raise ValueError(f"NAT preset {name!r}: {base} is no NAT, there is nothing to map")
+    return replace(spec, name=name, port_mapping=MAPPING_SUFFIXES[suffix])
 
 
 def parse_presets(text: str) -> list[str]:
@@ -158,7 +174,8 @@ def parse_presets(text: str) -> list[str]:
 # Expected outcome per (Agent NAT, Connector NAT), from the project's first design sketch.
 # D = direct by simultaneous open; D> = direct once the endpoint-dependent side sent first and the
 # other answered the observed (peer-reflexive) source; P = direct only with port prediction;
-# B = relay unless birthday-paradox probing is switched on; R = relay.
+# B = relay unless birthday-paradox probing is switched on; R = relay; M = direct through a port
+# mapping that one side's router granted (any cell where a side's NAT offers mapping, `NAME+map`).
 _EXPECTED_ROWS = {
     "public": "D D D D D> D>",
     "full_cone": "D D D D D> D>",
@@ -174,13 +191,19 @@ EXPECTED: dict[tuple[str, str], str] = {
 
 
 def expected_outcome(agent_nat: str, connector_nat: str) -> str:
-    """The expected-outcome code of a cell: D, D>, P, B or R (see EXPECTED)."""
-    return EXPECTED[(preset(agent_nat).name, preset(connector_nat).name)]
+    """The expected-outcome code of a cell: D, D>, P, B, R or M (see EXPECTED). A cell that works
+    without a mapping keeps its own code: the mapping is not what makes it direct."""
+    a, c = preset(agent_nat), preset(connector_nat)
+    code = EXPECTED[(agent_nat.partition("+")[0], connector_nat.partition("+")[0])]
+    if (a.port_mapping or c.port_mapping) and code not in ("D", "D>"):
+        return "M"
+    return code
 
 
 def expected_or_unknown(agent_nat: str, connector_nat: str) -> str:
     """The expected-outcome code, or "?" where a NAT is not a preset (a field NAT of unknown
     behaviour, an AWS NAT Gateway): nothing is expected of it."""
-    if agent_nat in PRESET_NAMES and connector_nat in PRESET_NAMES:
+    try:
         return expected_outcome(agent_nat, connector_nat)
-    return "?"
+    except ValueError:
+        return "?"

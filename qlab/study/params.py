@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlab.backends.base import BACKENDS
-from qlab.nat.spec import PRESET_NAMES, parse_presets
+from qlab.nat.spec import parse_presets, preset
 from qlab.scenario.profiles import PROFILE_NAMES
 from qlab.study import campaign, results
 
@@ -112,8 +112,12 @@ def nat_campaign(*, backend: str, agent_nats: str, connector_nats: str, profile:
 
 def explore(*, agent_nat: str, connector_nat: str, profile: str, backend: str, trials: int) -> None:
     """explore's parameters (its slider goes from 1 to 20 trials)."""
-    one_of("agent_nat", agent_nat, PRESET_NAMES)
-    one_of("connector_nat", connector_nat, PRESET_NAMES)
+    for name, value in (("agent_nat", agent_nat), ("connector_nat", connector_nat)):
+        typed(name, value, str)
+        try:
+            preset(value)
+        except ValueError as exc:
+            raise ParameterError(f"{name}: {exc}") from None
     one_of("profile", profile, PROFILE_NAMES)
     one_of("backend", backend, BACKENDS)
     typed("trials", trials, int, low=1, high=20)

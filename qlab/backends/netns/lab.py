@@ -10,7 +10,9 @@ simulator, `qlab/scenario/linkmodel.py`); the others are veths.
 
 Names are `qlab-<run id>-<node>`, so several labs coexist and `down_all()` finds what a crash left
 behind. Wire processes die with the process that made the lab; a lab made by `qlab lab up` records
-its wires in /run/qlab/<run id>.json so `qlab lab down` can stop them later.
+its wires in /run/qlab/<run id>.json so `qlab lab down` can stop them later. A router whose NAT offers
+port mapping runs miniupnpd, with a STUN server on the Intermediate (`daemons.py`); whatever runs in a
+lab's namespaces is killed before they are deleted.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlab.backends.netns import daemons
 from qlab.backends.netns.tapwire import link_args
-from qlab.nat.nftables import conntrack_sysctls, render
+from qlab.nat.nftables import conntrack_sysctls, daemon_table, render
 from qlab.nat.spec import NatSpec
 from qlab.scenario.profiles import LinkProfile
-from qlab.scenario.topology import INTERNET, Topology
+from qlab.scenario.topology import INTERMEDIATE_IPS, INTERNET, Topology
 
 PREFIX = "qlab-"
 STATE_DIR = Path(os.environ.get("QLAB_STATE_DIR", "/run/qlab"))
@@ -46,11 +50,14 @@ class LabUnavailable(RuntimeError):
     """The lab cannot run on this machine; the message says exactly what is missing."""
 
 
-def check_requirements(need_tun: bool = True) -> None:
+def check_requirements(need_tun: bool = True, port_mapping: bool = False) -> None:
     missing = [tool for tool in ("ip", "nft", "conntrack") if shutil.which(tool) is None]
     if missing:
         raise LabUnavailable(
             f"the netns lab needs {', '.join(missing)} (Debian: apt-get install nftables conntrack iproute2)")
+    if port_mapping and not (os.access(daemons.MINIUPNPD, os.X_OK) and os.access(daemons.STUND, os.X_OK)):
+        raise LabUnavailable("a NAT that offers port mapping needs miniupnpd and stund "
+                             "(Debian: apt-get install miniupnpd-nftables stun-server)")
     if os.geteuid() != 0:
         hint = ("the qlab command re-runs itself in an unprivileged user namespace for this"
                 if userns_available() else "unprivileged user namespaces are not allowed here either")
@@ -174,6 +181,7 @@ class Lab:
     up_seconds: float | None = None
     link_mechanism: str = "tapwire"
     wire_options: tuple[str, ...] = ()  # extra tapwire arguments (benchmarks compare wire modes)
+    services: list[daemons.Daemon] = field(default_factory=list)  # miniupnpd, stund
     seed: int = 0  # the wires' random streams: a trial's seed, so trials draw different jitter and loss
     _specs: dict[str, NatSpec] = field(default_factory=dict)
     _blocking: set[str] = field(default_factory=set)
@@ -211,7 +219,8 @@ class Lab:
         topo = self.topology
         shaped = any(not link.ideal for link in self._links().values())
         self.link_mechanism = "netem" if shaped and shutil.which("tc") and netem_available() else "tapwire"
-        check_requirements(need_tun=shaped and self.link_mechanism == "tapwire")
+        mapping = any(r.nat.port_mapping for r in topo.routers)
+        check_requirements(need_tun=shaped and self.link_mechanism == "tapwire", port_mapping=mapping)
         for ns in [self.hub, *self.namespaces.values()]:
             _run(["ip", "netns", "add", ns])
         cmds: dict[str, list[str]] = {ns: ["link set lo up"] for ns in [self.hub, *self.namespaces.values()]}
@@ -259,11 +268,40 @@ class Lab:
                          "net.ipv4.conf.lan.send_redirects": "0", **_routed_lan()})
             self._load_nat(r.name)
         self._pin_neighbours()
+        if mapping:
+            self._start_port_mapping()
         self.up_seconds = time.monotonic() - t0
         self._save_state()
         return self
 
+    def _start_port_mapping(self) -> None:
+        """stund on the Intermediate, then miniupnpd on every router that offers mapping."""
+        run_dir = STATE_DIR / self.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        primary, alternate = INTERMEDIATE_IPS
+        self.services.append(daemons.start(
+            "stund", self._exec("intermediate", daemons.stund_argv(primary, alternate)), run_dir / "stund.log",
+            ready=("Opened port 3478", "Opened port 3479")))
+        for r in self.topology.routers:
+            if not r.nat.port_mapping:
+                continue
+            _run(["ip", "netns", "exec", self.netns(r.name), "nft", "-f", "-"], input=daemon_table())
+            lan = next(s for s in self.topology.segments if s.name == r.lan_segment)
+            conf = run_dir / f"{r.name}.conf"
+            conf.write_text(daemons.miniupnpd_config(r.nat, wan_if="wan", lan_if="lan", lan_cidr=lan.cidr,
+                                                     stun_server=primary, uuid=_uuid(self.run_id, r.name)))
+            self.services.append(daemons.start(
+                f"miniupnpd on {r.name}", self._exec(r.name, daemons.miniupnpd_argv(conf, run_dir / f"{r.name}.pid")),
+                run_dir / f"{r.name}.log", ready=daemons.miniupnpd_ready(r.nat), failed=daemons.MINIUPNPD_FAILED))
+        self._save_state()
+
+    def _exec(self, node: str, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns(node), *argv]
+
     def down(self) -> None:
+        for d in self.services:
+            d.stop()
+        self.services.clear()
         for w in self.wires:
             if w.proc.poll() is None:
                 w.proc.terminate()
@@ -274,9 +312,11 @@ class Lab:
                 w.proc.kill()
         self.wires.clear()
         for ns in [*self.namespaces.values(), self.hub]:
+            _kill_inside(ns)
             _run(["ip", "netns", "del", ns], check=False)
         with contextlib.suppress(FileNotFoundError):
             (STATE_DIR / f"{self.run_id}.json").unlink()
+        shutil.rmtree(STATE_DIR / self.run_id, ignore_errors=True)
 
     # -- topology helpers -----------------------------------------------------------------------
     def _plen(self, segment: str) -> int:
@@ -365,7 +405,9 @@ class Lab:
     def ruleset(self, router: str) -> str:
         r = self.topology.router(router)
         lan = next(s for s in self.topology.segments if s.name == r.lan_segment)
-        return render(self._specs[router], wan_if="wan", lan_if="lan", wan_ip=r.wan_ip, lan_cidr=lan.cidr)
+        stun = INTERMEDIATE_IPS if self._specs[router].port_mapping else ()
+        return render(self._specs[router], wan_if="wan", lan_if="lan", wan_ip=r.wan_ip, lan_cidr=lan.cidr,
+                      stun_servers=stun)
 
     def _load_nat(self, router: str) -> None:
         ns = self.netns(router)
@@ -440,6 +482,7 @@ class Lab:
             "profile": t.profile.name, "up_seconds": self.up_seconds, "links": self.link_mechanism,
             "rootless": os.environ.get(IN_USERNS_ENV) == "1",
             "namespaces": dict(self.namespaces), "wires": [w.proc.pid for w in self.wires],
+            "daemons": {d.name: d.proc.pid for d in self.services},
             "hosts": {h.name: list(h.ips) for h in t.hosts},
             "routers": {r.name: {"nat": r.nat.name, "wan": r.wan_ip, "lan": r.lan_ip} for r in t.routers},
         }
@@ -488,14 +531,31 @@ def down_all() -> list[str]:
                             os.kill(pid, signal.SIGTERM)
             f.unlink(missing_ok=True)
     for ns in lab_namespaces():
+        _kill_inside(ns)
         _run(["ip", "netns", "del", ns], check=False)
         removed.append(ns)
+    if STATE_DIR.is_dir():
+        for d in STATE_DIR.iterdir():
+            if d.is_dir() and d.name.isalnum():
+                shutil.rmtree(d, ignore_errors=True)
     # wires whose state file was lost
     for pid_dir in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
             if "qlab.backends.netns.tapwire" in (pid_dir / "cmdline").read_text(errors="replace"):
                 os.kill(int(pid_dir.name), signal.SIGTERM)
     return removed
+
+
+def _kill_inside(ns: str) -> None:
+    """Kill every process in namespace `ns` (a daemon outlives `ip netns del` otherwise)."""
+    for pid in _run(["ip", "netns", "pids", ns], check=False).split():
+        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def _uuid(run_id: str, router: str) -> str:
+    """A stable UPnP device UUID per lab router (the daemon wants one)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"qlab:{run_id}:{router}"))
 
 
 def saved_labs() -> list[dict]:

@@ -21,7 +21,13 @@ matches what that lab was measured to do (docs/netns-lab.md):
 - unsolicited inbound packets create nothing (the lab's input `policy drop`, pitfall P1);
 - hairpinning (when `spec.hairpinning`): an inside host sending to the public address reaches the
   inside owner of that public port and is seen from its own public mapping. As in the lab's
-  rulesets, the hairpin path does not apply inbound filtering.
+  rulesets, the hairpin path does not apply inbound filtering;
+- explicit mappings (port mapping protocols, `add_explicit`): a public port redirected to an inside
+  endpoint for a lifetime, as the daemon's DNAT rule in the lab. A packet from anyone to it that no
+  binding admits is let in and opens a flow (a conntrack entry in the lab): the inside endpoint's
+  packets to that remote leave from the redirected port while the flow lives. In the lab the kernel
+  may rewrite the remote's port seen inside when the inside endpoint already has a flow to that
+  remote (a conntrack clash resolved by NAT); the simulator shows the real one.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ PORT_MIN = 1024  # masquerade keeps privileged and unprivileged source ports apa
 PORT_MAX = 65535
 _RANDOM_TRIES = 64  # random picks before falling back to a scan for a free port
 _PURGE_EVERY = 256  # new bindings between sweeps of expired ones
+MAX_FLOWS = 65536  # flows opened through explicit mappings (conntrack's table is bounded too)
 
 
 class Verdict(StrEnum):
@@ -49,6 +56,15 @@ class Verdict(StrEnum):
     PORTS_EXHAUSTED = "nat_ports_exhausted"  # no free public port for a new binding
     PORT_CLASH = "nat_port_clash"  # the sequential counter's port is bound to this remote already
     NO_HAIRPIN = "nat_no_hairpin"  # inside host to the public address of a NAT without hairpinning
+
+
+@dataclass(eq=False)
+class Explicit:
+    """A public port redirected to an inside endpoint until `expires` (a port mapping)."""
+
+    internal: Addr
+    public_port: int
+    expires: float
 
 
 @dataclass(eq=False)
@@ -82,6 +98,8 @@ class NatEngine:
         self._by_key: dict[BindingKey, Binding] = {}
         self._by_port: dict[int, list[Binding]] = {}  # several only for sequential APDM after a wrap
         self._seq_next: dict[str | None, int] = {}  # counter scope (None: the NAT, else inside ip) -> k
+        self._explicit: dict[int, Explicit] = {}  # public port -> explicit mapping
+        self._flows: dict[tuple[Addr, Addr], tuple[int, float]] = {}  # (internal, remote) -> (port, last)
         self._since_purge = 0
         self.bindings_created = 0
         self.bindings_expired = 0
@@ -101,13 +119,18 @@ class NatEngine:
         self._by_key.clear()
         self._by_port.clear()
         self._seq_next.clear()
+        self._flows.clear()
 
     # -- packet translation -------------------------------------------------------------------
     def outbound(self, src: Addr, dst: Addr, now: float) -> Addr | Verdict:
         """Translate an inside source sending to `dst`: the public source to use, or why not.
 
-        Creates the binding if needed and refreshes it and its permission for `dst`.
+        Creates the binding if needed and refreshes it and its permission for `dst`. A flow opened
+        through an explicit mapping answers from the mapped port.
         """
+        flow = self._flow(src, dst, now)
+        if flow is not None:
+            return self.public_ip, flow
         key = self._key(src, dst)
         b = self._by_key.get(key)
         if b is not None and self._expired(b, now):
@@ -134,11 +157,9 @@ class NatEngine:
         Never creates state; refreshes the binding and `src`'s permission when `spec.refresh` is BOTH.
         """
         live = self._live(public_port, now)
-        if not live:
-            return Verdict.NO_MAPPING
         b = next((b for b in live if self._admits(b, src, now)), None)
         if b is None:
-            return Verdict.FILTERED
+            return self._inbound_explicit(src, public_port, now) or (Verdict.FILTERED if live else Verdict.NO_MAPPING)
         if self.spec.refresh is Refresh.BOTH:
             self._refresh(b, src, now)
         b.packets_in += 1
@@ -157,6 +178,52 @@ class NatEngine:
             return mapped
         target.packets_in += 1
         return mapped, target.internal
+
+    # -- explicit mappings (what a port mapping protocol asks for) ------------------------------
+    def add_explicit(self, internal: Addr, public_port: int, lifetime: float, now: float) -> int | None:
+        """Redirect `public_port` to `internal` for `lifetime` seconds (renewing if it already is);
+        None when the port belongs to another inside endpoint."""
+        cur = self._explicit.get(public_port)
+        if cur is not None and cur.internal != internal and cur.expires > now:
+            return None
+        self._explicit[public_port] = Explicit(internal, public_port, now + lifetime)
+        return public_port
+
+    def remove_explicit(self, internal: Addr, public_port: int) -> None:
+        cur = self._explicit.get(public_port)
+        if cur is not None and cur.internal == internal:
+            del self._explicit[public_port]
+
+    def explicit(self, now: float) -> list[Explicit]:
+        """The live explicit mappings."""
+        return [e for e in self._explicit.values() if e.expires > now]
+
+    def _inbound_explicit(self, src: Addr, public_port: int, now: float) -> Addr | None:
+        e = self._explicit.get(public_port)
+        if e is None or e.expires <= now:
+            return None
+        if len(self._flows) >= MAX_FLOWS:
+            self._purge_flows(now)
+            if len(self._flows) >= MAX_FLOWS:
+                return None
+        self._flows[(e.internal, src)] = (public_port, now)
+        return e.internal
+
+    def _flow(self, internal: Addr, remote: Addr, now: float) -> int | None:
+        if not self._flows:
+            return None
+        f = self._flows.get((internal, remote))
+        if f is None:
+            return None
+        if now - f[1] >= self.spec.binding_timeout:
+            del self._flows[(internal, remote)]
+            return None
+        self._flows[(internal, remote)] = (f[0], now)
+        return f[0]
+
+    def _purge_flows(self, now: float) -> None:
+        for k in [k for k, (_, t) in self._flows.items() if now - t >= self.spec.binding_timeout]:
+            del self._flows[k]
 
     # -- inspection ---------------------------------------------------------------------------
     def bindings(self, now: float | None = None) -> list[Binding]:
@@ -220,7 +287,8 @@ class NatEngine:
         return t is not None and now - t < self.spec.binding_timeout
 
     def _free(self, port: int, now: float) -> bool:
-        return not self._live(port, now)
+        e = self._explicit.get(port)
+        return not self._live(port, now) and (e is None or e.expires <= now)
 
     def _allocate(self, src: Addr, dst: Addr, now: float) -> int | Verdict:
         alloc = self.spec.ports
