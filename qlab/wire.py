@@ -114,8 +114,17 @@ def birthday_role(own: NatKind, peer: NatKind) -> BirthdayRole | None:
     return None
 
 
+def lockstep_prediction(own: NatKind, peer: NatKind) -> bool:
+    """The one rule for two-sided port prediction (docs/traversal.md): both NATs map per
+    destination with sequential ports, so each side's k-th new mapping can be aimed at the peer's
+    k-th predicted port while the peer's k-th aims at ours. Every other endpoint-dependent pair
+    stays `both_endpoint_dependent`."""
+    return own == NatKind.EDM_SEQUENTIAL and peer == NatKind.EDM_SEQUENTIAL
+
+
 def both_endpoint_dependent(a: NatKind, b: NatKind) -> bool:
-    """Neither side's mapping can be learned in advance: punching needs luck or a LAN."""
+    """Neither side's mapping can be learned in advance: punching needs luck or a LAN (a pair
+    that `lockstep_prediction` admits is checked for that first)."""
     return a.endpoint_dependent and b.endpoint_dependent
 
 

@@ -26,7 +26,7 @@ from qlab.nat.spec import Filtering
 from qlab.roles import connector as connector_mod
 from qlab.roles import echo
 from tests.test_sim_nat import test_mapping_and_filtering_per_preset as nat_table
-from tests.test_traversal import ENDPOINT_DEPENDENT, assert_received_on_its_path
+from tests.test_traversal import assert_received_on_its_path, skipped_by_policy
 
 
 def trial(agent_nat: str, connector_nat: str, **kw):
@@ -41,7 +41,7 @@ def matrix_cell(agent_nat: str, connector_nat: str, **kw) -> Callable[[], None]:
         r = trial(agent_nat, connector_nat, **kw)
         assert r.outcome != "failed" and r.as_expected, (r.outcome, r.reason, r.expected)
         assert_received_on_its_path(r)
-        skipped = agent_nat in ENDPOINT_DEPENDENT and connector_nat in ENDPOINT_DEPENDENT and not kw.get("punch_anyway")
+        skipped = skipped_by_policy(agent_nat, connector_nat, bool(kw.get("punch_anyway")))
         assert r.punch == ("skipped" if skipped else "attempted")
 
     return check

@@ -6,7 +6,17 @@ from __future__ import annotations
 import pytest
 
 from qlab import wire
-from qlab.traversal.punch import PunchConfig, Puncher, gather, lan_candidates, signal_bytes
+from qlab.backends.sim.nat import NatEngine
+from qlab.nat.spec import PRESETS
+from qlab.traversal.punch import (
+    REQUEST_BYTES,
+    PunchConfig,
+    Puncher,
+    gather,
+    lan_candidates,
+    lockstep_candidates,
+    signal_bytes,
+)
 
 KEY = b"k" * 32
 C = wire.CandidateKind
@@ -198,3 +208,137 @@ def test_the_birthday_spray_goes_only_to_the_given_ip_outside_the_budget():
     sprayed = [a for _, a in out if a in p.sprayed]
     assert len(sprayed) == 300 and {a[0] for _, a in out} == {"198.51.100.2"}
     assert p.budget.spent == sum(len(d) for d, a in out if a not in p.sprayed)
+
+
+# --- lockstep prediction: two sequential-port symmetric NATs (the simulator's NAT engine) ---------
+
+SEQ_SPEC = PRESETS["symmetric_seq"]  # APDM, APDF, sequential ports from 40000, one counter per NAT
+INTERMEDIATE = [("203.0.113.1", 443), ("203.0.113.2", 444), ("203.0.113.1", 444)]  # detection's 3 mappings
+
+
+class SeqSide:
+    """One side behind its own symmetric_seq NAT: the QAD mappings detection made, then a Puncher
+    in lockstep mode towards the peer's predicted ports."""
+
+    def __init__(self, public_ip: str, inside: tuple[str, int], extra_mappings: int = 0) -> None:
+        self.nat = NatEngine(SEQ_SPEC, public_ip)
+        self.inside = inside
+        for dst in INTERMEDIATE:
+            self.nat.outbound(inside, dst, 0.0)
+        last = self.nat.mapped_port(inside, INTERMEDIATE[-1], 0.0)
+        observed = (public_ip, self.nat.mapped_port(inside, INTERMEDIATE[0], 0.0) or 0)
+        self.own = gather([inside[0]], inside[1], observed, wire.NatKind.EDM_SEQUENTIAL, last_port=last)
+        for i in range(extra_mappings):  # flows nobody predicted (another host, another connection)
+            self.nat.outbound(inside, ("198.51.100.50", 1000 + i), 0.0)
+        self.p: Puncher | None = None
+
+    def punch(self, peer: tuple[wire.Candidate, ...], lockstep: bool = True) -> Puncher:
+        self.p = Puncher(7, KEY, self.own, (), PunchConfig(interval=0.02, timeout=1.0))
+        self.p.lockstep = lockstep
+        self.p.set_peer(lockstep_candidates(self.own, peer) if lockstep else peer)
+        return self.p
+
+
+def run_lockstep(a: SeqSide, b: SeqSide, *, lockstep: bool = True, owd: float = 0.01, b_starts: float = 0.0,
+                 lost=lambda t, src, dst: False, until: float = 1.2) -> list[tuple[float, tuple, tuple]]:
+    """Both sides punch through their NATs over a wire of one-way delay `owd`; `lost(t, src, dst)`
+    drops a datagram sent at t. Returns what arrived inside a NAT: (time, public source, public dest)."""
+    pa, pb = a.punch(b.own, lockstep), b.punch(a.own, lockstep)
+    sides = {a.nat.public_ip: (a, pa), b.nat.public_ip: (b, pb)}
+    flight: list[tuple[float, tuple, tuple, bytes]] = []  # (arrival, public src, public dst, data)
+    arrived: list[tuple[float, tuple, tuple]] = []
+
+    def send(side: SeqSide, out: list, t: float) -> None:
+        for data, dst in out:
+            src = side.nat.outbound(side.inside, dst, t)
+            assert isinstance(src, tuple), src
+            if not lost(t, src, dst):
+                flight.append((t + owd, src, dst, data))
+
+    t, step, started_b = 0.0, 0.001, False
+    send(a, pa.start(0.0), 0.0)
+    while t < until and not (pa.success and pb.success):
+        t = round(t + step, 6)
+        if not started_b and t + 1e-9 >= b_starts:
+            started_b = True
+            send(b, pb.start(t), t)
+        for item in [f for f in flight if f[0] <= t + 1e-9]:
+            flight.remove(item)
+            _, src, dst, data = item
+            if dst[0] not in sides:
+                continue  # a private address of another site: nobody there
+            side, p = sides[dst[0]]
+            inside = side.nat.inbound(src, dst[1], t)
+            if isinstance(inside, tuple) and (p is pa or started_b):
+                arrived.append((t, src, dst))
+                send(side, p.receive(data, src, t), t)
+        send(a, pa.poll(t), t)
+        if started_b:
+            send(b, pb.poll(t), t)
+    return arrived
+
+
+def predicted(side: SeqSide) -> list[tuple[str, int]]:
+    return [c.addr for c in side.own if c.kind == C.PREDICTED]
+
+
+def test_lockstep_pairs_the_kth_new_mappings_of_two_sequential_nats():
+    a, b = SeqSide("203.0.113.101", ("10.1.0.2", 5000)), SeqSide("203.0.113.102", ("10.2.0.2", 4434))
+    arrived = run_lockstep(a, b)
+    assert a.p and b.p and a.p.success and b.p.success
+    assert a.p.success.kind == b.p.success.kind == C.PREDICTED
+    assert a.p.success.addr == predicted(b)[0] and b.p.success.addr == predicted(a)[0]
+    # the k-th new mapping of each NAT went to the peer's k-th predicted port, and nothing else did
+    for side, peer in ((a, b), (b, a)):
+        new = [bd for bd in side.nat.bindings() if bd.key[1] not in INTERMEDIATE]
+        assert [(bd.public_port, bd.key[1]) for bd in new] == [(p, q) for (_, p), q in zip(
+            predicted(side), predicted(peer), strict=False)][: len(new)]
+    assert all(src[1] == dst[1] - 40003 + 40003 for _, src, dst in arrived)  # pair k meets pair k
+    assert {(src[1] - 40003, dst[1] - 40003) for _, src, dst in arrived} <= {(k, k) for k in range(8)}
+
+
+def test_lockstep_skips_reflexive_candidates_and_probes_at_once():
+    a, b = SeqSide("203.0.113.101", ("10.1.0.2", 5000)), SeqSide("203.0.113.102", ("10.2.0.2", 4434))
+    p = a.punch(b.own)
+    first = p.start(0.0)
+    assert [dst for _, dst in first] == predicted(b), "all eight at once, in the peer's order, no srflx"
+
+
+def test_lockstep_sends_first_requests_in_order_when_the_budget_holds_some_back():
+    a, b = SeqSide("203.0.113.101", ("10.1.0.2", 5000)), SeqSide("203.0.113.102", ("10.2.0.2", 4434))
+    p = a.punch(b.own)
+    p.budget.cap = 3 * REQUEST_BYTES  # room for three requests towards silent addresses
+    sent = [dst for _, dst in drive(p, 0.2)]
+    assert sent[:3] == predicted(b)[:3] and set(sent) == set(predicted(b)[:3])
+    p.budget.cap = 100 * REQUEST_BYTES  # the budget grows (the peer's probes earn it): the rest follow in turn
+    later = [dst for _, dst in p.poll(0.3)]
+    assert [d for d in later if d not in predicted(b)[:3]] == predicted(b)[3:]
+
+
+def test_lockstep_survives_a_lost_first_round_on_the_same_mappings():
+    """Every datagram of the first round is lost: the retransmissions leave from the mappings the
+    first requests made (same destination, same binding), so the pairs still meet."""
+    a, b = SeqSide("203.0.113.101", ("10.1.0.2", 5000)), SeqSide("203.0.113.102", ("10.2.0.2", 4434))
+    run_lockstep(a, b, lost=lambda t, src, dst: t < 0.015)
+    assert a.p and b.p and a.p.success and b.p.success, (a.p.failed, b.p.failed)
+    assert a.p.success.addr == predicted(b)[0] and a.p.success.at >= 0.02
+    for side in (a, b):  # 3 detection mappings + the 8 predicted pairs: no retransmission made a new one
+        assert side.nat.bindings_created == 3 + 8
+
+
+def test_lockstep_works_when_one_side_starts_later():
+    """The earlier side's requests die at the peer's NAT (no mapping yet); the later side's pass,
+    since its peer's mappings already exist."""
+    a, b = SeqSide("203.0.113.101", ("10.1.0.2", 5000)), SeqSide("203.0.113.102", ("10.2.0.2", 4434))
+    run_lockstep(a, b, b_starts=0.1)
+    assert a.p and b.p and a.p.success and b.p.success
+    assert a.p.success.via == "request" and a.p.success.at >= 0.11
+
+
+def test_an_unpredicted_mapping_or_probing_out_of_turn_breaks_the_pairs():
+    """Why the order matters: one flow nobody predicted shifts a NAT's counter and no pair meets;
+    without lockstep (the reflexive address first, predicted ports later) no pair meets either."""
+    a, b = SeqSide("203.0.113.101", ("10.1.0.2", 5000), extra_mappings=1), SeqSide("203.0.113.102", ("10.2.0.2", 4434))
+    assert run_lockstep(a, b) == [] and a.p and a.p.failed and b.p and b.p.failed
+    a, b = SeqSide("203.0.113.101", ("10.1.0.2", 5000)), SeqSide("203.0.113.102", ("10.2.0.2", 4434))
+    assert run_lockstep(a, b, lockstep=False) == [] and a.p and a.p.failed

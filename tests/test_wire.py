@@ -173,3 +173,11 @@ def test_direct_accept_names_the_connector_and_proves_the_key():
     tag = wire.direct_accept_auth(key, 7, "edge1")
     assert tag != wire.direct_accept_auth(key, 7, "edge2") != wire.direct_accept_auth(b"j" * 32, 7, "edge1")
     assert tag != wire.direct_accept_auth(key, 8, "edge1") and tag != wire.direct_auth(key, 7)
+
+
+def test_lockstep_prediction_is_for_two_sequential_nats_only():
+    K = wire.NatKind
+    pairs = {(a, b) for a in K for b in K if wire.lockstep_prediction(a, b)}
+    assert pairs == {(K.EDM_SEQUENTIAL, K.EDM_SEQUENTIAL)}
+    assert wire.both_endpoint_dependent(K.EDM_SEQUENTIAL, K.EDM_RANDOM)  # still relay (random ports)
+    assert wire.birthday_role(K.EDM_SEQUENTIAL, K.EDM_SEQUENTIAL) is None

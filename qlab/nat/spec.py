@@ -173,7 +173,8 @@ def parse_presets(text: str) -> list[str]:
 
 # Expected outcome per (Agent NAT, Connector NAT), from the project's first design sketch.
 # D = direct by simultaneous open; D> = direct once the endpoint-dependent side sent first and the
-# other answered the observed (peer-reflexive) source; P = direct only with port prediction;
+# other answered the observed (peer-reflexive) source; P = direct only with port prediction
+# (symmetric_seq <-> symmetric_seq: both sides predict, in lockstep; docs/traversal.md);
 # B = relay unless birthday-paradox probing is switched on; R = relay; M = direct through a port
 # mapping that one side's router granted (any cell where a side's NAT offers mapping, `NAME+map`).
 _EXPECTED_ROWS = {
@@ -181,7 +182,7 @@ _EXPECTED_ROWS = {
     "full_cone": "D D D D D> D>",
     "restricted_cone": "D D D D D> D>",
     "port_restricted": "D D D D P B",
-    "symmetric_seq": "D> D> D> P R R",
+    "symmetric_seq": "D> D> D> P P R",
     "symmetric": "D> D> D> B R R",
 }
 _COLS = ("public", "full_cone", "restricted_cone", "port_restricted", "symmetric_seq", "symmetric")

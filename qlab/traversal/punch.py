@@ -73,6 +73,13 @@ def lan_candidates(own: tuple[wire.Candidate, ...], peer: tuple[wire.Candidate, 
     return tuple(c for c in peer if c.kind == wire.CandidateKind.HOST and _prefix(c.addr[0]) in mine)
 
 
+def lockstep_candidates(own: tuple[wire.Candidate, ...], peer: tuple[wire.Candidate, ...]) -> tuple[wire.Candidate, ...]:
+    """What a lockstep punch (`Puncher.lockstep`) probes: the peer's host candidates on a shared
+    LAN (they take no mapping of our NAT), then its predicted ports in the order it signalled them.
+    Any other address would take one of our NAT's mappings out of turn."""
+    return lan_candidates(own, peer) + tuple(c for c in peer if c.kind == wire.CandidateKind.PREDICTED)
+
+
 @dataclass
 class PunchConfig:
     interval: float = 0.02  # Ta: a round of due requests this often; a target's first retransmission gap
@@ -156,7 +163,14 @@ class Puncher:
     Every target gets its first request in the first round it is due, then retransmissions with a
     doubling gap, `max_sends` in all; every datagram toward an address that has not answered is
     paid from `budget` (shared by the session's punchers). The birthday spray is not: it goes only
-    to the IP the Intermediate observed for the peer (its server-reflexive candidate)."""
+    to the IP the Intermediate observed for the peer (its server-reflexive candidate).
+
+    `lockstep` (both NATs sequential, `wire.lockstep_prediction`): the peer's predicted ports are
+    probed from the start, and their first requests leave strictly in the order the peer predicted
+    them, none skipped: our k-th new mapping then goes to the peer's k-th predicted port while its
+    k-th goes to ours, so the two mappings admit each other (APDF on both NATs). Reflexive
+    candidates are not probed: a request to one would take a mapping out of turn, and the peer's
+    NAT admits nothing from it. Retransmissions go to the same address, so they reuse the mapping."""
 
     session: int
     key: bytes
@@ -180,6 +194,7 @@ class Puncher:
     deferred: dict[Addr, wire.CandidateKind] = field(default_factory=dict)  # predicted, not yet probed
     spray: list[Addr] = field(default_factory=list)  # birthday mode: random ports, each probed once
     sprayed: set[Addr] = field(default_factory=set)
+    lockstep: bool = False
     _spray_credit: float = 0.0
     _next_round: float = 0.0
 
@@ -196,9 +211,11 @@ class Puncher:
         for c in sorted(peer, key=lambda c: -c.priority):
             if c.kind == wire.CandidateKind.RELAY or c.addr in own_addrs or c.addr in self.targets:
                 continue
+            if self.lockstep and c.kind in (wire.CandidateKind.SRFLX, wire.CandidateKind.PRFLX):
+                continue  # it would take one of our mappings out of turn
             if len(self.targets) + len(self.deferred) >= self.config.max_targets:
                 break
-            if c.kind == wire.CandidateKind.PREDICTED:
+            if c.kind == wire.CandidateKind.PREDICTED and not self.lockstep:
                 self.deferred.setdefault(c.addr, c.kind)
             else:
                 self.targets[c.addr] = c.kind
@@ -238,12 +255,16 @@ class Puncher:
         if self.deferred and now + TIMER_SLACK - self.started_at >= self.config.predict_after:
             self.targets.update(self.deferred)  # nothing worked yet: try the predicted ports too
             self.deferred.clear()
+        in_turn = True  # lockstep: no first request may overtake one the budget held back
         for addr in self.targets:
             n = self.sends.get(addr, 0)
             if n >= self.config.max_sends or now + TIMER_SLACK < self.due.get(addr, now):
                 continue
+            if n == 0 and not in_turn:
+                continue
             req = self._request(addr)
             if req is None:
+                in_turn = not self.lockstep
                 continue  # the budget is spent: the peer's next probe earns more
             out.append(req)
             self.sends[addr] = n + 1

@@ -27,7 +27,14 @@ from qlab.roles.tasks import Tasks
 from qlab.traversal.birthday import BirthdayPool, MakeEndpoint
 from qlab.traversal.detect import Detection, detect_nat_kind
 from qlab.traversal.path import TraversalConfig
-from qlab.traversal.punch import ProbeBudget, PunchConfig, Puncher, PunchRunner, lan_candidates
+from qlab.traversal.punch import (
+    ProbeBudget,
+    PunchConfig,
+    Puncher,
+    PunchRunner,
+    lan_candidates,
+    lockstep_candidates,
+)
 
 log = logging.getLogger("qlab.traversal")
 
@@ -153,7 +160,10 @@ class PunchSession:
             self.birthday = None
         self.peer_nat, self.peer_candidates = msg.peer_nat, msg.peer_candidates
         peer = msg.peer_candidates
-        if wire.both_endpoint_dependent(self.own_nat, msg.peer_nat) and not self.cfg.punch_anyway:
+        lockstep = wire.lockstep_prediction(self.own_nat, msg.peer_nat)
+        if lockstep:
+            peer = lockstep_candidates(self.candidates, peer)
+        elif wire.both_endpoint_dependent(self.own_nat, msg.peer_nat) and not self.cfg.punch_anyway:
             peer = lan_candidates(self.candidates, peer)  # only a shared LAN can work
             if not peer:
                 self.skip()
@@ -161,6 +171,7 @@ class PunchSession:
         p = self.puncher if self.puncher is not None and self.puncher.started_at is None else self.new_puncher()
         if not p.key and self.key:
             p.key = self.key
+        p.lockstep = lockstep
         p.set_peer(peer)
         p.config = with_prediction_delay(self.cfg.punch, self.link.conn)
         self.punch_started_at = asyncio.get_running_loop().time() + msg.delay_ms / 1000
