@@ -12,8 +12,11 @@ Behaviour follows the daemon as measured in the netns lab (tests/test_portmap.py
 - PCP lifetimes are clamped to [120, 86400] (miniupnpd's min_lifetime/max_lifetime defaults), NAT-PMP
   lifetimes are granted as asked, UPnP lease 0 becomes 604800 s (IGD:2 rule), and NAT-PMP and PCP
   lifetime 0 deletes;
+- a PCP delete of a mapping that does not exist is answered NO_RESOURCES with lifetime 30;
 - the epoch is whole seconds since `started`.
-The model maps UDP only: PCP answers other protocols UNSUPP_PROTOCOL, NAT-PMP TCP UNSUPPORTED_OPCODE.
+The model maps UDP only (PCP answers other protocols UNSUPP_PROTOCOL, NAT-PMP's TCP opcode
+UNSUPPORTED_OPCODE), keeps one mapping per internal endpoint, and does not answer PCP ANNOUNCE
+(miniupnpd does).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ SSDP_PORT = 1900
 HTTP_PORT = 5000  # what the lab configures miniupnpd with
 PCP_MIN_LIFETIME = 120
 PCP_MAX_LIFETIME = 86400
+PCP_NO_MAPPING_LIFETIME = 30  # miniupnpd answers a delete of no mapping NO_RESOURCES, lifetime 30
 UPNP_DEFAULT_LEASE = 604800
 LOW_PORT = 1024
 CONTROL_PATH = "/ctl/IPConn"
@@ -157,6 +161,8 @@ class MappingGateway:
             return pcp.error_response(pcp.ResultCode.MALFORMED_REQUEST, epoch)
         code, entry = self._pcp_result(req, src, now)
         lifetime, port = (_clamp(req.lifetime), entry.external_port) if entry is not None else (0, 0)
+        if code == pcp.ResultCode.NO_RESOURCES and req.lifetime == 0:
+            lifetime = PCP_NO_MAPPING_LIFETIME
         ext_ip = pcp.UNSPECIFIED if code == pcp.ResultCode.ADDRESS_MISMATCH else self.public_ip
         return pcp.MapResponse(code, lifetime, epoch, req.nonce, req.internal_port, port, ext_ip,
                                req.protocol).encode()
@@ -174,7 +180,7 @@ class MappingGateway:
         existing = self._find(internal)
         if req.lifetime == 0:
             if existing is None:
-                return pcp.ResultCode.SUCCESS, None
+                return pcp.ResultCode.NO_RESOURCES, None  # miniupnpd's answer to deleting nothing
             if existing.nonce != req.nonce:
                 return pcp.ResultCode.NOT_AUTHORIZED, None
             self._remove(existing.external_port)
