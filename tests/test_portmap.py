@@ -29,15 +29,31 @@ topology below and by hand:
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
+import shutil
+import socket
 import struct
-from collections.abc import Callable
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from qlab.nat import natpmp, pcp, upnp
 from qlab.nat.gateway import HTTP_PORT, PCP_PORT, SSDP_PORT, MappingGateway
 from qlab.nat.spec import MAPPING_PROTOCOLS, MappingProtocol
-from qlab.net import Addr, Receiver, linux_default_gateway
+from qlab.net import (
+    HTTP_RESPONSE_LIMIT,
+    Addr,
+    RealSocket,
+    Receiver,
+    bind_real,
+    linux_default_gateway,
+    tcp_exchange,
+)
 from qlab.traversal.portmap import (
     GatewayNet,
     MappingChanged,
@@ -48,6 +64,7 @@ from qlab.traversal.portmap import (
 
 PCP_, NATPMP_, UPNP_ = MappingProtocol.PCP, MappingProtocol.NATPMP, MappingProtocol.UPNP
 NONCE = bytes(range(1, 13))
+T = TypeVar("T")
 
 
 # --- codecs: byte layouts from the RFCs and from miniupnpd's answers ---------------------------
@@ -500,3 +517,299 @@ async def test_offered_protocols_creates_nothing():
         net, gw = lan(*offered)
         assert await offered_protocols(net, HOST, timeout=0.1) == offered
         assert gw.redirects.rules == {} and net.sockets == {}
+
+
+# --- against the real miniupnpd, in namespaces ---------------------------------------------------
+
+NS_CLIENT, NS_ROUTER, NS_INET = "qpm-client", "qpm-router", "qpm-inet"
+LAN_IF, WAN_IF = "qpm-lan", "qpm-wan"
+STUN_IP, STUN_IP2 = "203.0.113.10", "203.0.113.11"
+BINARIES = ("ip", "nft", "miniupnpd", "stund")
+DAEMON_START = 20.0  # STUN alone takes about 3 s
+_libc = ctypes.CDLL(None, use_errno=True)
+
+TABLES = f"""
+table inet qpm_pmap {{
+    chain miniupnpd {{}}
+    chain prerouting_miniupnpd {{}}
+    chain postrouting_miniupnpd {{}}
+    chain forward {{ type filter hook forward priority 0; policy accept; jump miniupnpd; }}
+    chain prerouting {{ type nat hook prerouting priority -100; policy accept; jump prerouting_miniupnpd; }}
+    chain postrouting {{ type nat hook postrouting priority 100; policy accept; jump postrouting_miniupnpd; }}
+}}
+table ip qpm_masq {{
+    chain postrouting {{
+        type nat hook postrouting priority 110; policy accept;
+        oifname "{WAN_IF}" ip saddr 10.9.0.0/24 masquerade
+    }}
+}}
+"""
+
+
+def sh(*argv: str, ns: str | None = None, check: bool = True, stdin: str | None = None) -> str:
+    cmd = ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, input=stdin, timeout=20).stdout
+
+
+def in_netns(ns: str, make: Callable[[], T]) -> T:
+    """`make()` run inside namespace `ns` (sockets keep it); this thread comes back."""
+    here = os.open("/proc/self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if _libc.setns(there, 0x40000000) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns} failed")
+        try:
+            return make()
+        finally:
+            _libc.setns(here, 0x40000000)
+    finally:
+        os.close(here)
+        os.close(there)
+
+
+class NsNet:
+    """A GatewayNet whose sockets live in one namespace (as the netns backend's do)."""
+
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+
+    def socket(self, kind: int) -> socket.socket:
+        return in_netns(self.ns, lambda: socket.socket(socket.AF_INET, kind))
+
+    async def bind_udp(self, host: str, port: int, receiver: Receiver) -> RealSocket:
+        return bind_real(self.socket(socket.SOCK_DGRAM), host, port, receiver)
+
+    def default_gateway(self) -> str | None:
+        return in_netns(self.ns, linux_default_gateway)
+
+    async def http_exchange(self, addr: tuple[str, int], request: bytes, timeout: float) -> bytes:
+        return await tcp_exchange(lambda: self.socket(socket.SOCK_STREAM), addr, request, timeout, HTTP_RESPONSE_LIMIT)
+
+
+class MiniupnpdLab:
+    """The three namespaces, stund, and one miniupnpd at a time (restarted when its config changes)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.config: tuple[bool, bool] | None = None
+        self.log = workdir / "miniupnpd.log"
+
+    def up(self) -> None:
+        self.down()
+        for ns in (NS_CLIENT, NS_ROUTER, NS_INET):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "set", "lo", "up", ns=ns)
+        sh("ip", "link", "add", "qpm-c0", "netns", NS_CLIENT, "type", "veth", "peer", LAN_IF, "netns", NS_ROUTER)
+        sh("ip", "link", "add", WAN_IF, "netns", NS_ROUTER, "type", "veth", "peer", "qpm-i0", "netns", NS_INET)
+        for ns, dev, addrs in ((NS_CLIENT, "qpm-c0", ["10.9.0.2/24"]), (NS_ROUTER, LAN_IF, ["10.9.0.1/24"]),
+                               (NS_ROUTER, WAN_IF, [f"{PUBLIC}/24"]), (NS_INET, "qpm-i0", [f"{STUN_IP}/24", f"{STUN_IP2}/24"])):
+            for a in addrs:
+                sh("ip", "addr", "add", a, "dev", dev, ns=ns)
+            sh("ip", "link", "set", dev, "up", ns=ns)
+        sh("ip", "route", "add", "default", "via", GW, ns=NS_CLIENT)
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=NS_ROUTER)
+        sh("nft", "-f", "-", ns=NS_ROUTER, stdin=TABLES)
+        stund_log = open(self.workdir / "stund.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs.append(subprocess.Popen(["ip", "netns", "exec", NS_INET, "stund", "-h", STUN_IP, "-a", STUN_IP2],
+                                           stdout=stund_log, stderr=subprocess.STDOUT))
+
+    def ensure(self, natpmp: bool = True, upnp_: bool = True) -> None:
+        """miniupnpd running with this config, and no mapping left from an earlier test."""
+        if self.config != (natpmp, upnp_):
+            self._stop_daemon()
+            self._start_daemon(natpmp, upnp_)
+        if "dnat" in self.rules():  # a failed test's mapping: not this test's business
+            self._stop_daemon()
+            self._start_daemon(natpmp, upnp_)
+
+    def _start_daemon(self, natpmp: bool, upnp_: bool) -> None:
+        yn = {True: "yes", False: "no"}
+        conf = self.workdir / "miniupnpd.conf"
+        conf.write_text("\n".join([
+            f"ext_ifname={WAN_IF}", f"listening_ip={LAN_IF}", f"http_port={HTTP_PORT}",
+            f"enable_natpmp={yn[natpmp]}", f"enable_upnp={yn[upnp_]}", "secure_mode=yes",
+            "uuid=3e9b7a3c-1f1e-4c59-9b44-7a1c2d3e4f50", f"lease_file={self.workdir / 'leases'}",
+            "ext_perform_stun=yes", f"ext_stun_host={STUN_IP}", "ext_stun_port=3478",
+            "upnp_table_name=qpm_pmap", "upnp_nat_table_name=qpm_pmap", "upnp_forward_chain=miniupnpd",
+            "upnp_nat_chain=prerouting_miniupnpd", "upnp_nat_postrouting_chain=postrouting_miniupnpd",
+            "allow 1024-65535 10.0.0.0/8 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535", ""]))
+        self.log.write_bytes(b"")
+        out = open(self.log, "ab")  # noqa: SIM115 - closed with the process
+        self.daemon = subprocess.Popen(["ip", "netns", "exec", NS_ROUTER, "miniupnpd", "-f", str(conf), "-d",
+                                        "-P", str(self.workdir / "miniupnpd.pid")], stdout=out, stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+        want = ["Port forwarding is now enabled"] + (["Listening for NAT-PMP/PCP"] if natpmp else []) \
+            + (["HTTP listening on port"] if upnp_ else [])
+        deadline = time.monotonic() + DAEMON_START
+        while not all(w in self.log.read_text(errors="replace") for w in want):
+            if self.daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"miniupnpd did not start: {self.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.1)
+        self.config = (natpmp, upnp_)
+
+    def _stop_daemon(self) -> None:
+        if self.daemon is not None:
+            self.daemon.terminate()
+            try:
+                self.daemon.wait(5)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait(5)
+            self.daemon, self.config = None, None
+            for chain in ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"):
+                sh("nft", "flush", "chain", "inet", "qpm_pmap", chain, ns=NS_ROUTER, check=False)
+
+    def rules(self) -> str:
+        return sh("nft", "list", "chain", "inet", "qpm_pmap", "prerouting_miniupnpd", ns=NS_ROUTER)
+
+    def down(self) -> None:
+        self._stop_daemon()
+        for p in self.procs:
+            p.terminate()
+            p.wait(5)
+        self.procs.clear()
+        for ns in (NS_CLIENT, NS_ROUTER, NS_INET):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def _lab_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "not root"
+    missing = [b for b in BINARIES if shutil.which(b) is None]
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+@pytest.fixture(scope="module")
+def mlab(tmp_path_factory) -> Iterator[MiniupnpdLab]:
+    reason = _lab_missing()
+    if reason:
+        if os.environ.get("QLAB_REQUIRE_NETNS", "") not in ("", "0"):
+            pytest.fail(f"QLAB_REQUIRE_NETNS is set but the miniupnpd lab cannot run: {reason}")
+        pytest.skip(f"miniupnpd lab unavailable: {reason}")
+    lab = MiniupnpdLab(tmp_path_factory.mktemp("miniupnpd"))
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+def role_socket(port: int) -> socket.socket:
+    """The role's shared socket in the client namespace, the one the mapping is for."""
+    s = in_netns(NS_CLIENT, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    s.bind((HOST, port))
+    return s
+
+
+def reaches(role: socket.socket, external: tuple[str, int], wait: float = 2.0) -> bool:
+    """A datagram from the internet namespace to the external address arrives at the role's socket."""
+    role.settimeout(wait)
+    sender = in_netns(NS_INET, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    with sender:
+        sender.bind((STUN_IP, 0))
+        sender.sendto(b"hello through the mapping", external)
+        try:
+            data, src = role.recvfrom(2048)
+        except TimeoutError:
+            return False
+        return data == b"hello through the mapping" and src == sender.getsockname()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("protocol, port", [(PCP_, 45001), (NATPMP_, 45002), (UPNP_, 45003)])
+async def test_miniupnpd_maps_forwards_renews_and_deletes(mlab, protocol, port):
+    mlab.ensure()
+    with role_socket(port) as role:
+        mapper = PortMapper(NsNet(NS_CLIENT), HOST, port, protocols=(protocol,), timeout=1.0)
+        m = await mapper.acquire()
+        assert m == PortMapping(protocol, (PUBLIC, port), port, 7200.0, GW)
+        assert f"dport {port} dnat ip to {HOST}:{port}" in mlab.rules()
+        assert reaches(role, m.external)
+        assert await mapper.renew() == m
+        await mapper.close()
+        await mapper.close()
+        assert f"dport {port}" not in mlab.rules()
+        assert not reaches(role, m.external, wait=0.3)
+
+
+@pytest.mark.netns
+async def test_miniupnpd_pcp_lifetime_clamp_and_epoch(mlab):
+    mlab.ensure()
+    net = NsNet(NS_CLIENT)
+    short = PortMapper(net, HOST, 45011, protocols=(PCP_,), lifetime=60)
+    long = PortMapper(net, HOST, 45012, protocols=(PCP_,), lifetime=100000)
+    assert (await short.acquire()).lifetime == 120
+    assert (await long.acquire()).lifetime == 86400
+    epoch, _ = short.epoch.last
+    assert 0 <= epoch <= time.monotonic() - mlab.started + 1  # seconds since the daemon started
+    await asyncio.sleep(1.2)
+    assert (await short.renew()).external == (PUBLIC, 45011)
+    assert short.epoch.last[0] >= epoch + 1 and short.epoch.resets == 0
+    await short.close()
+    await long.close()
+    assert "dnat" not in mlab.rules()
+
+
+class CountingMapper(PortMapper):
+    renewals = 0
+
+    async def renew(self) -> PortMapping | None:
+        self.renewals += 1
+        return await super().renew()
+
+
+@pytest.mark.netns
+async def test_miniupnpd_renewal_keeps_a_short_mapping_alive(mlab):
+    mlab.ensure()
+    net = NsNet(NS_CLIENT)
+    renewed = CountingMapper(net, HOST, 45021, protocols=(NATPMP_,), lifetime=2)  # NAT-PMP: granted as asked
+    left = PortMapper(net, HOST, 45022, protocols=(NATPMP_,), lifetime=2)
+    assert (await renewed.acquire()).lifetime == 2 and (await left.acquire()).lifetime == 2
+    renewed.start_renewal()
+    deadline = time.monotonic() + 6
+    while "dport 45022" in mlab.rules() and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+    assert "dport 45022" not in mlab.rules()  # the daemon removed the unrenewed one after its lifetime
+    assert "dport 45021" in mlab.rules() and renewed.renewals >= 2 and renewed.mapping is not None
+    await renewed.close()
+    await left.close()
+    assert "dnat" not in mlab.rules()
+
+
+@pytest.mark.netns
+async def test_miniupnpd_offers_all_three_and_pcp_comes_first(mlab):
+    mlab.ensure()
+    net = NsNet(NS_CLIENT)
+    assert net.default_gateway() == GW
+    assert await offered_protocols(net, HOST) == MAPPING_PROTOCOLS
+    assert "dnat" not in mlab.rules()  # probing created nothing
+    mapper = PortMapper(net, HOST, 45031)
+    assert (await mapper.acquire()).protocol == PCP_
+    await mapper.close()
+
+
+@pytest.mark.netns
+async def test_miniupnpd_without_natpmp_offers_only_upnp(mlab):
+    mlab.ensure(natpmp=False)
+    net = NsNet(NS_CLIENT)
+    assert await offered_protocols(net, HOST) == (UPNP_,)
+    mapper = PortMapper(net, HOST, 45041)
+    m = await mapper.acquire()
+    assert m is not None and m.protocol == UPNP_ and f"dport {m.external[1]}" in mlab.rules()
+    await mapper.close()
+    assert "dnat" not in mlab.rules()
+
+
+@pytest.mark.netns
+async def test_miniupnpd_without_upnp_offers_pcp_and_natpmp(mlab):
+    mlab.ensure(upnp_=False)
+    net = NsNet(NS_CLIENT)
+    assert await offered_protocols(net, HOST) == (PCP_, NATPMP_)
+    for protocols, expected in ((MAPPING_PROTOCOLS, PCP_), ((NATPMP_, UPNP_), NATPMP_), ((UPNP_,), None)):
+        mapper = PortMapper(net, HOST, 45051, protocols=protocols)
+        m = await mapper.acquire()
+        assert (m.protocol if m else None) == expected
+        await mapper.close()
+    assert "dnat" not in mlab.rules()
