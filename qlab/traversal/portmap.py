@@ -155,18 +155,31 @@ class PortMapper:
 
     # -- the lifecycle ------------------------------------------------------------------------
     async def acquire(self) -> PortMapping | None:
-        """The protocols in order, each bounded; None when the gateway offers none of them."""
+        """The protocols in order, each bounded by `timeout`; None when the gateway offers none of them.
+
+        The steps that create nothing (NAT-PMP's external address request, UPnP's discovery and
+        GetExternalIPAddress) run at once, alongside the PCP request, so a fallback does not wait for
+        the protocols before it to time out: a gateway offering none costs about one timeout."""
         if self._closed:
             return None
         self.gateway = self.net.default_gateway()
         if self.gateway is None:
             return None
-        for protocol in self.protocols:
-            mapping = await self._attempt(protocol, self.internal_port)
-            if mapping is not None:
-                self._set(mapping)
-                return mapping
-        return None
+        probes = {p: asyncio.ensure_future(self._probe(p)) for p in self.protocols if p != MappingProtocol.PCP}
+        try:
+            for protocol in self.protocols:
+                ip = await probes[protocol] if protocol in probes else None
+                if protocol in probes and ip is None:
+                    continue
+                mapping = await self._attempt(protocol, self.internal_port, ip)
+                if mapping is not None:
+                    self._set(mapping)
+                    return mapping
+            return None
+        finally:
+            for task in probes.values():
+                task.cancel()
+            await asyncio.gather(*probes.values(), return_exceptions=True)
 
     async def renew(self) -> PortMapping | None:
         """Refresh the mapping with its protocol; if that fails, the protocols after it, then those before."""
@@ -218,16 +231,41 @@ class PortMapper:
             await asyncio.sleep(delay)
             await self.renew()
 
-    async def _attempt(self, protocol: MappingProtocol, suggested: int) -> PortMapping | None:
+    async def _attempt(self, protocol: MappingProtocol, suggested: int, ip: str | None = None) -> PortMapping | None:
+        """One protocol's mapping; `ip` is the external address when a probe already learned it."""
         try:
             if protocol == MappingProtocol.PCP:
                 return await self._pcp(suggested)
+            ip = ip or await self._external_ip(protocol)
+            if ip is None:
+                return None
             if protocol == MappingProtocol.NATPMP:
-                return await self._natpmp(suggested)
-            return await self._upnp(suggested)
+                return await self._natpmp(suggested, ip)
+            return await self._upnp(suggested, ip)
         except _FAILURES as exc:
             log.info("%s mapping of port %d failed: %s", protocol, self.internal_port, exc)
             return None
+
+    async def _probe(self, protocol: MappingProtocol) -> str | None:
+        try:
+            return await self._external_ip(protocol)
+        except _FAILURES as exc:
+            log.info("%s probe failed: %s", protocol, exc)
+            return None
+
+    async def _external_ip(self, protocol: MappingProtocol) -> str | None:
+        """The external address as NAT-PMP or UPnP reports it, creating nothing; None if no answer."""
+        if protocol == MappingProtocol.NATPMP:
+            ext = await self._natpmp_exchange(natpmp.ExternalAddressRequest())
+            if not isinstance(ext, natpmp.ExternalAddressResponse) or ext.result != natpmp.ResultCode.SUCCESS:
+                return None
+            return usable_external(ext.external_ip)
+        cp = self._control or await self._discover()
+        if cp is None:
+            return None
+        self._control = cp
+        out = await self._soap(cp, "GetExternalIPAddress")
+        return None if isinstance(out, upnp.SoapFault) else upnp.parse_ipv4(out["NewExternalIPAddress"])
 
     async def _delete(self, m: PortMapping) -> None:
         if m.protocol == MappingProtocol.PCP:
@@ -277,11 +315,7 @@ class PortMapper:
         return await udp_exchange(self.net, self.host_ip, (self.gateway, PCP_PORT), request.encode(), accept,
                                   self.timeout)
 
-    async def _natpmp(self, suggested: int) -> PortMapping | None:
-        ext = await self._natpmp_exchange(natpmp.ExternalAddressRequest())
-        if not isinstance(ext, natpmp.ExternalAddressResponse) or ext.result != natpmp.ResultCode.SUCCESS:
-            return None
-        ip = usable_external(ext.external_ip)
+    async def _natpmp(self, suggested: int, ip: str) -> PortMapping | None:
         r = await self._natpmp_exchange(natpmp.MapRequest(self.internal_port, suggested, self.lifetime))
         if not isinstance(r, natpmp.MapResponse) or r.result != natpmp.ResultCode.SUCCESS:
             return None
@@ -327,15 +361,10 @@ class PortMapper:
                                            self.timeout)
         return upnp.parse_soap_response(upnp.parse_http(raw), action)
 
-    async def _upnp(self, suggested: int) -> PortMapping | None:
-        cp = self._control or await self._discover()
+    async def _upnp(self, suggested: int, ip: str) -> PortMapping | None:
+        cp = self._control
         if cp is None:
             return None
-        self._control = cp
-        out = await self._soap(cp, "GetExternalIPAddress")
-        if isinstance(out, upnp.SoapFault):
-            return None
-        ip = upnp.parse_ipv4(out["NewExternalIPAddress"])
         for port in _port_candidates(suggested):
             args = upnp.add_port_mapping_args(port, self.internal_port, self.host_ip, self.lifetime, UPNP_DESCRIPTION)
             result = await self._soap(cp, "AddPortMapping", args)
@@ -370,8 +399,7 @@ async def offered_protocols(net: GatewayNet, host_ip: str, timeout: float = 0.25
         return isinstance(await probe._natpmp_exchange(natpmp.ExternalAddressRequest()), natpmp.ExternalAddressResponse)
 
     async def upnp_answers() -> bool:
-        cp = await probe._discover()
-        return cp is not None and not isinstance(await probe._soap(cp, "GetExternalIPAddress"), upnp.SoapFault)
+        return await probe._external_ip(MappingProtocol.UPNP) is not None
 
     checks = {MappingProtocol.PCP: pcp_answers, MappingProtocol.NATPMP: natpmp_answers,
               MappingProtocol.UPNP: upnp_answers}
