@@ -134,6 +134,13 @@ class RealNet:
     def host_addresses(self) -> list[str]:
         return interface_addresses()
 
+    def default_gateway(self) -> str | None:
+        return linux_default_gateway()
+
+    async def http_exchange(self, addr: Addr, request: bytes, timeout: float) -> bytes:
+        return await tcp_exchange(functools.partial(socket.socket, udp_family(addr[0]), socket.SOCK_STREAM),
+                                  addr, request, timeout, HTTP_RESPONSE_LIMIT)
+
 
 _SIOCGIFADDR = 0x8915
 
@@ -166,3 +173,54 @@ def usable_host_address(host: str) -> bool:
     except ValueError:
         return False
     return not (ip.is_unspecified or ip.is_loopback or ip.is_link_local or ip.is_multicast)
+
+
+# --- reaching the default gateway (port mapping: qlab/traversal/portmap.py) --------------------
+
+HTTP_RESPONSE_LIMIT = 72 * 1024  # a 64 KiB body and its headers
+
+
+def linux_default_gateway(route_file: str = "/proc/net/route") -> str | None:
+    """The IPv4 next hop of this namespace's default route (the first one listed), or None."""
+    try:
+        with open(route_file, encoding="ascii") as f:
+            lines = f.read(64 * 1024).splitlines()[1:]
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        cols = line.split()
+        # Iface Destination Gateway Flags ...: hex, little-endian; flag 0x2 = RTF_GATEWAY
+        if len(cols) >= 4 and cols[1] == "00000000" and int(cols[3], 16) & 0x2:
+            try:
+                return str(ipaddress.IPv4Address(struct.pack("<I", int(cols[2], 16))))
+            except (ValueError, struct.error):
+                continue
+    return None
+
+
+async def tcp_exchange(sock_factory: Callable[[], socket.socket], addr: Addr, request: bytes,
+                       timeout: float, limit: int) -> bytes:
+    """Send `request` on a new TCP connection from `sock_factory()` (an unconnected socket, made where
+    the caller needs it, e.g. inside a namespace) and read the answer until the peer closes or the
+    Content-Length is complete. At most `limit` bytes (ValueError beyond), at most `timeout` seconds
+    (TimeoutError); the socket is always closed."""
+    from qlab.nat.upnp import http_complete  # HTTP framing lives with the UPnP codecs
+
+    loop = asyncio.get_running_loop()
+    sock = sock_factory()
+    try:
+        sock.setblocking(False)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, addr)
+            await loop.sock_sendall(sock, request)
+            buf = bytearray()
+            while not http_complete(bytes(buf)):
+                chunk = await loop.sock_recv(sock, 16 * 1024)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > limit:
+                    raise ValueError(f"response from {addr[0]}:{addr[1]} larger than {limit} bytes")
+            return bytes(buf)
+    finally:
+        sock.close()
