@@ -392,6 +392,16 @@ async def test_each_protocol_maps_and_deletes(protocol):
     assert net.sockets == {}  # every request socket closed
 
 
+async def test_close_during_acquire_leaves_nothing():
+    net, gw = lan(UPNP_)
+    mapper = PortMapper(net, HOST, 40000)
+    pending = asyncio.ensure_future(mapper.acquire())
+    await asyncio.sleep(0)
+    await mapper.close()
+    assert await pending is None
+    assert gw.redirects.rules == {} and mapper.mapping is None
+
+
 @pytest.mark.parametrize("offered, expected", [
     ((PCP_, NATPMP_, UPNP_), PCP_), ((NATPMP_, UPNP_), NATPMP_), ((UPNP_,), UPNP_), ((), None),
 ])
