@@ -3,8 +3,9 @@ against the model over an in-memory LAN, and the client against the real miniupn
 
 What miniupnpd 2.3.1 (Debian, nftables backend, secure_mode=yes) really does, measured in the netns
 topology below and by hand:
-- it starts only after STUN told it the TEST-NET WAN address is not behind a NAT ("Port forwarding is
-  now enabled" about 3 s after start), and it creates no nftables table or chain of its own;
+- it forwards only after STUN told it the TEST-NET WAN address is not behind a NAT ("Port forwarding
+  is now enabled"; with stund answering on the same link that takes well under a second, the 3 s in
+  its log is only the bound), and it creates no nftables table or chain of its own;
 - PCP MAP: the external port is the suggested one, else the internal port; when another internal port
   holds it, the next one up (suggesting 40000 for internal 40001 gave 40001); lifetimes are clamped
   to [120, 86400] (60 -> 120, 100000 -> 86400); a client-IP field other than the sender is
@@ -16,10 +17,14 @@ topology below and by hand:
 - NAT-PMP: lifetimes are granted as asked (30 s and 100000 s alike), lifetime 0 deletes and answers
   external port 0; an unknown opcode gets the 8-byte UNSUPPORTED_OPCODE (5) answer;
 - the epoch (PCP and NAT-PMP) is whole seconds since the daemon started;
-- a request for an internal port below 1024 (outside the `allow 1024-65535` rule) is not refused:
-  the daemon walks all 64 K external ports, busy for seconds, and the client's answer never comes;
-- UPnP: it answers a unicast M-SEARCH for InternetGatewayDevice:1 and for WANIPConnection:1 (the
-  root description it serves is IGD:2 with WANIPConnection:2 at /ctl/IPConn, port http_port);
+- it removes an expired mapping's rule on time: a 2 s NAT-PMP mapping left unrenewed was gone about
+  2 s later, while one renewed every second stayed;
+- NAT-PMP outside the `allow 1024-65535 ... 1024-65535` rule is not refused but searched: suggesting
+  external port 80 (internal 42010) was granted 1024 with the answer later than 1 s; internal port
+  1000 got no answer at all, and the daemon answered nothing else for seconds meanwhile;
+- UPnP: it answers a unicast M-SEARCH (MX: 1) at once, well inside the client's 0.25 s default,
+  for InternetGatewayDevice:1 and for WANIPConnection:1 (the root description it serves is IGD:2
+  with WANIPConnection:2 at /ctl/IPConn on http_port);
   AddPortMapping with another NewInternalClient is 718 ConflictInMappingEntry (not 606), an external
   port below 1024 is 606 Action not authorized, the same client mapping a taken external port again
   replaces the rule, lease 0 becomes 604800 s; SOAPAction with WANIPConnection:1 is accepted too;
@@ -390,6 +395,16 @@ async def test_each_protocol_maps_and_deletes(protocol):
     assert gw.redirects.rules == {} and mapper.mapping is None
     assert events == [MappingChanged(m), MappingChanged(None)]
     assert net.sockets == {}  # every request socket closed
+
+
+async def test_close_during_acquire_leaves_nothing():
+    net, gw = lan(UPNP_)
+    mapper = PortMapper(net, HOST, 40000)
+    pending = asyncio.ensure_future(mapper.acquire())
+    await asyncio.sleep(0)
+    await mapper.close()
+    assert await pending is None
+    assert gw.redirects.rules == {} and mapper.mapping is None
 
 
 @pytest.mark.parametrize("offered, expected", [

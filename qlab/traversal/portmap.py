@@ -173,8 +173,7 @@ class PortMapper:
                     continue
                 mapping = await self._attempt(protocol, self.internal_port, ip)
                 if mapping is not None:
-                    self._set(mapping)
-                    return mapping
+                    return await self._adopt(mapping)
             return None
         finally:
             for task in probes.values():
@@ -190,8 +189,7 @@ class PortMapper:
         for protocol in self.protocols[i:] + self.protocols[:i]:
             mapping = await self._attempt(protocol, current.external[1])
             if mapping is not None:
-                self._set(mapping)
-                return mapping
+                return await self._adopt(mapping)
         self._set(None)
         return None
 
@@ -213,11 +211,15 @@ class PortMapper:
         mapping = self.mapping
         if mapping is not None:
             self._set(None)
-            try:
-                async with asyncio.timeout(2 * self.timeout):
-                    await self._delete(mapping)
-            except _FAILURES as exc:
-                log.info("deleting %s mapping %s failed: %s", mapping.protocol, mapping.external, exc)
+            await self._delete(mapping)
+
+    async def _adopt(self, mapping: PortMapping) -> PortMapping | None:
+        """Make `mapping` current, unless close() ran meanwhile: then it goes again at once."""
+        if self._closed:
+            await self._delete(mapping)
+            return None
+        self._set(mapping)
+        return mapping
 
     def _set(self, mapping: PortMapping | None) -> None:
         if mapping != self.mapping:
@@ -268,12 +270,17 @@ class PortMapper:
         return None if isinstance(out, upnp.SoapFault) else upnp.parse_ipv4(out["NewExternalIPAddress"])
 
     async def _delete(self, m: PortMapping) -> None:
-        if m.protocol == MappingProtocol.PCP:
-            await self._pcp_exchange(0, 0)
-        elif m.protocol == MappingProtocol.NATPMP:
-            await self._natpmp_exchange(natpmp.MapRequest(self.internal_port, 0, 0))
-        elif self._control is not None:
-            await self._soap(self._control, "DeletePortMapping", upnp.delete_port_mapping_args(m.external[1]))
+        """PCP and NAT-PMP lifetime 0, UPnP DeletePortMapping; at most two timeouts, never raises."""
+        try:
+            async with asyncio.timeout(2 * self.timeout):
+                if m.protocol == MappingProtocol.PCP:
+                    await self._pcp_exchange(0, 0)
+                elif m.protocol == MappingProtocol.NATPMP:
+                    await self._natpmp_exchange(natpmp.MapRequest(self.internal_port, 0, 0))
+                elif self._control is not None:
+                    await self._soap(self._control, "DeletePortMapping", upnp.delete_port_mapping_args(m.external[1]))
+        except _FAILURES as exc:
+            log.info("deleting %s mapping %s failed: %s", m.protocol, m.external, exc)
 
     # -- PCP ----------------------------------------------------------------------------------
     async def _pcp_exchange(self, lifetime: int, suggested: int) -> pcp.MapResponse | None:
