@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-SYSDEPS := nft conntrack ip chromium shellcheck
+SYSDEPS := nft conntrack ip chromium shellcheck miniupnpd stund
 
 .PHONY: report test lint bench sysdeps venv clean lab-clean
 
@@ -22,7 +22,7 @@ sysdeps:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages for:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      nftables conntrack iproute2 chromium shellcheck >/dev/null; \
+	      nftables conntrack iproute2 chromium shellcheck miniupnpd-nftables stun-server >/dev/null; \
 	  else echo "note: missing$$missing (netns lab / browser checks need them; install as root)"; fi; \
 	fi
 

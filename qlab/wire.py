@@ -66,6 +66,7 @@ class CandidateKind(IntEnum):
     PRFLX = 2  # peer-reflexive: where a peer's probe actually came from
     PREDICTED = 3  # a guessed port of a sequential-port symmetric NAT
     RELAY = 4
+    MAPPED = 5  # an explicit mapping the side's router granted (PCP, NAT-PMP or UPnP IGD)
 
 
 class NatKind(IntEnum):

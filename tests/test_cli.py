@@ -148,9 +148,9 @@ def test_trial_prints_a_table_and_json_on_request(capsys):
     with pytest.raises(json.JSONDecodeError):
         json.loads(out)
     assert out.startswith("trial ") and "full_cone -> symmetric" in out.splitlines()[0]
-    assert "outcome          direct_wan" in out and "expected         D> (as expected)" in out, out
+    assert "outcome          direct_wan (by peer-reflexive)" in out and "expected         D> (as expected)" in out, out
     # wan-20ms's 20 / 60 ms plus the shipped calibration's processing, which the table names
-    assert "direct RTT p50   21.93 ms (n " in out and "relay RTT p50    64.48 ms (n " in out, out
+    assert "direct RTT p50   21.93 ms (n " in out and "relay RTT p50    63.99 ms (n " in out, out
     from qlab.backends.sim.cost import DEFAULT
 
     assert f"processing       calibration {DEFAULT.label}" in out
@@ -174,8 +174,8 @@ def test_trial_prints_a_table_and_json_on_request(capsys):
 def test_classify_prints_a_table_and_json_on_request(capsys):
     assert cli.main(["classify", "--nat", "symmetric_seq", "--profile", "lan"]) == 0
     out = capsys.readouterr().out
-    assert "preset       symmetric_seq (configured symmetric_seq: correct)" in out, out
-    assert "mapping      " in out and "observed     203.0.113." in out
+    assert "preset        symmetric_seq (configured symmetric_seq: correct)" in out, out
+    assert "mapping       " in out and "observed      203.0.113." in out and "port mapping  none offered" in out
     assert cli.main(["classify", "--nat", "symmetric_seq", "--profile", "lan", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["preset"] == "symmetric_seq"
 

@@ -7,9 +7,11 @@ import os
 import re
 import select
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -488,3 +490,60 @@ def test_tc_itself_parses_the_rendered_arguments(netns_ok):
     finally:
         _run(["ip", "netns", "del", ns], check=False)
 
+
+
+# --- port mapping: a real miniupnpd on the router ------------------------------------------------
+
+
+def test_mapping_rulesets_mark_at_the_gate_and_need_a_stun_server():
+    args = dict(wan_if="wan", lan_if="lan", wan_ip="203.0.113.101", lan_cidr="10.1.0.0/24")
+    stun = ("203.0.113.10", "203.0.113.11")
+    for n in NATTED:
+        plain, mapped = render(preset(n), **args), render(preset(f"{n}+map"), **args, stun_servers=stun)
+        assert plain == render(preset(n), **args, stun_servers=stun)  # a plain preset ignores the servers
+        assert "meta mark" not in plain and "chain late" not in plain
+        assert " drop" not in mapped.split("chain gate")[1].split("}")[0]  # the gate only marks
+        assert "meta mark 0x00000071 ct status dnat accept" in mapped
+        assert 'oifname "wan" ip saddr 203.0.113.101 accept' in mapped  # the daemon's STUN leaves unNATed
+    with pytest.raises(ValueError, match="STUN"):
+        render(preset("symmetric+map"), **args)
+
+
+def _remote(lab: Lab, ip: str, port: int) -> socket.socket:
+    s = lab.socket("intermediate")  # not 3478/3479: the lab's stund holds those
+    s.bind((ip, port))
+    return s
+
+
+@pytest.mark.parametrize("nat", ["port_restricted", "symmetric"])
+def test_the_daemon_maps_and_its_mapping_admits_anyone(netns_ok, nat):
+    """NAT-PMP by hand (RFC 6886 bytes) to the lab's miniupnpd: before the mapping nothing gets in,
+    after it anyone does, and the answer leaves from the mapped port; the filter still holds for
+    every other port; the lab kills the daemons with itself."""
+    with Lab(build(f"{nat}+map", "public")) as lab:
+        assert {"stund", "miniupnpd on nat-a"} <= set(lab.status()["daemons"])
+        pids = list(lab.status()["daemons"].values())
+        r1, r2 = _remote(lab, I1, 7000), _remote(lab, I2, 7001)
+        inside = lab.socket("agent")
+        inside.bind(("0.0.0.0", 4434))
+        r1.sendto(b"in", ("203.0.113.101", 4434))
+        assert recv(inside, 0.4) is None
+        client = lab.socket("agent")
+        client.settimeout(2)
+        client.sendto(struct.pack("!BBHHHI", 0, 1, 0, 4434, 4434, 120), ("10.1.0.1", 5351))
+        data, _ = client.recvfrom(64)
+        _v, op, result, _epoch, internal, external, lifetime = struct.unpack("!BBHIHHI", data)
+        assert (op, result, internal) == (129, 0, 4434) and lifetime > 0
+        r2.sendto(b"in", ("203.0.113.101", external))
+        got = recv(inside, 1.0)
+        assert got is not None and got[1] == (I2, 7001)
+        inside.sendto(b"back", got[1])
+        back = recv(r2, 1.0)
+        assert back is not None and back[1] == ("203.0.113.101", external)
+        other = lab.socket("agent")
+        other.bind(("0.0.0.0", 5001))
+        other.sendto(b"out", (I1, 7000))  # a flow of its own, then an unsolicited source
+        assert recv(r1, 1.0) is not None
+        r2.sendto(b"in", ("203.0.113.101", 5001))
+        assert recv(other, 0.4) is None  # unmapped: the NAT's filter holds
+    assert all(not Path(f"/proc/{p}").exists() for p in pids)

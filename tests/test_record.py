@@ -34,6 +34,7 @@ FIELDS = [
     "verify_sent", "verify_received", "failover_ms", "echo_gap_ms", "path_events", "measured_with", "error",
     "extra", "rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_direct_received",
     "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch", "sim_calibration",
+    "mechanism", "agent_mapping", "connector_mapping",
 ]
 
 
@@ -69,7 +70,7 @@ def test_to_dict_defaults_of_added_fields():
 
 
 def test_enums_keep_the_stored_strings():
-    assert OUTCOMES == ("direct_lan", "direct_wan", "direct_predicted", "relay", "failed")
+    assert OUTCOMES == ("direct_lan", "direct_wan", "direct_predicted", "direct_mapped", "relay", "failed")
     assert FAULTS == ("", "rebind", "idle", "intermediate_restart", "connector_restart")
     assert all(type(o) is str for o in OUTCOMES + FAULTS)
     assert Outcome.RELAY == "relay" and Fault.NONE == ""

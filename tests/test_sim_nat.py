@@ -382,3 +382,35 @@ def test_engine_preserved_port_taken_falls_back_to_random_and_public_is_rejected
     assert eng.inbound(("203.0.113.99", 1), other[1], 0.5) == ("10.0.0.3", 7000)  # EIF
     with pytest.raises(ValueError, match="not a NAT"):
         NatEngine(preset("public"), "198.51.100.1")
+
+
+# -- explicit mappings (what a port mapping protocol asks for; the lab's miniupnpd DNAT) ------------
+
+
+def test_engine_explicit_mapping_admits_anyone_and_answers_from_the_mapped_port() -> None:
+    eng = NatEngine(preset("symmetric"), "203.0.113.101", random.Random(1))
+    inside, peer, other = ("10.1.0.2", 4434), ("203.0.113.50", 7000), ("203.0.113.51", 7001)
+    assert eng.inbound(peer, 4434, 0.0) == Verdict.NO_MAPPING
+    assert eng.add_explicit(inside, 4434, 60.0, 0.0) == 4434
+    assert eng.add_explicit(("10.1.0.3", 4434), 4434, 60.0, 0.0) is None  # another host's port
+    assert eng.inbound(peer, 4434, 1.0) == inside
+    assert eng.outbound(inside, peer, 1.5) == ("203.0.113.101", 4434)  # the flow answers from it
+    out = eng.outbound(inside, other, 1.5)  # a remote that never came in: the NAT's own mapping
+    assert isinstance(out, tuple) and out[1] != 4434
+    assert eng.inbound(peer, 4434, 70.0) == Verdict.NO_MAPPING  # the mapping's lifetime ran out
+    eng.add_explicit(inside, 4434, 60.0, 80.0)
+    eng.remove_explicit(inside, 4434)
+    assert eng.inbound(peer, 4434, 81.0) == Verdict.NO_MAPPING
+    assert eng.explicit(81.0) == []
+
+
+def test_engine_explicit_port_is_not_handed_out_and_flows_are_bounded() -> None:
+    from qlab.backends.sim import nat as simnat
+
+    eng = NatEngine(preset("full_cone"), "203.0.113.101", random.Random(1))
+    eng.add_explicit(("10.1.0.2", 4434), 5000, 600.0, 0.0)
+    out = eng.outbound(("10.1.0.3", 5000), ("203.0.113.50", 1), 0.0)  # port preservation must skip it
+    assert isinstance(out, tuple) and out[1] != 5000
+    for i in range(simnat.MAX_FLOWS + 10):  # a flood of remotes opens at most MAX_FLOWS flows
+        eng.inbound((f"198.51.100.{1 + i // 60000}", 1024 + i % 60000), 5000, 1.0)
+    assert len(eng._flows) <= simnat.MAX_FLOWS

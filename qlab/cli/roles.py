@@ -67,12 +67,15 @@ def trial_table(rec: dict) -> str:
     if rec["verify_sent"]:
         verified += f" ({rec['verify_received']} of {rec['verify_sent']} proof echoes came back direct)"
     rows: list[tuple[str, str | None]] = [
-        ("outcome", rec["outcome"]),
+        ("outcome", rec["outcome"] + (f" (by {rec['mechanism']})" if rec.get("mechanism") else "")),
         ("expected", f"{rec['expected']} ({'as expected' if rec['as_expected'] else 'NOT as expected'})"),
         ("ttd", text(rec["ttd_ms"], " ms")), ("ttfb", text(rec["ttfb_ms"], " ms")),
         ("direct RTT p50", _rtt(rec, "direct")), ("relay RTT p50", _rtt(rec, "relay")),
         ("direct verified", verified), ("reason", rec["reason"]),
     ]
+    for side in ("agent", "connector"):
+        if rec.get(f"{side}_mapping"):  # the address a router granted (PCP, NAT-PMP, UPnP IGD)
+            rows.append((f"{side} mapping", rec[f"{side}_mapping"]))
     if rec.get("sim_calibration"):  # what the simulator charged for the roles' work (docs/sim.md)
         rows.append(("processing", f"calibration {rec['sim_calibration']}"))
     if rec["failover_ms"] is not None or rec["echo_gap_ms"] is not None:  # --blackhole
@@ -113,6 +116,7 @@ def classify_table(out: dict) -> str:
     rows: list[tuple[str, str | None]] = [
         ("preset", preset_line), ("mapping", out.get("mapping")), ("filtering", out.get("filtering")),
         ("ports", out.get("ports")), ("hairpinning", text(out.get("hairpinning"))),
+        ("port mapping", ", ".join(out["port_mapping"]) or "none offered" if "port_mapping" in out else None),
         ("observed", f"{observed[0]}:{observed[1]}" if observed else None),
         ("notes", "; ".join(out.get("notes") or [])), ("backend", out.get("backend")),
     ]

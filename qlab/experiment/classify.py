@@ -10,9 +10,11 @@ from qlab.backends.base import Environment, get_backend
 from qlab.certs import Credentials, default_certs
 from qlab.endpoint import Endpoint
 from qlab.experiment.trial import intermediate_listeners, off_loop
+from qlab.nat.spec import MAPPING_SUFFIXES
 from qlab.roles.intermediate import Intermediate
 from qlab.scenario.topology import build
 from qlab.traversal.detect import classify
+from qlab.traversal.portmap import GatewayNet, offered_protocols
 from qlab.traversal.punch import host_ips_for
 
 
@@ -28,7 +30,13 @@ async def classify_in(env: Environment, creds: Credentials, host: str = "agent")
         await ep.bind("0.0.0.0", 0)
         host_ips = host_ips_for(ep.local_address, net.host_addresses())
         verdict = await classify(ep, creds, listen[0], host_ips)
-        return verdict.to_dict()
+        out = verdict.to_dict()
+        offered = await offered_protocols(net, host_ips[0]) if isinstance(net, GatewayNet) and host_ips else ()
+        out["port_mapping"] = [p.value for p in offered]
+        suffix = next((k for k, v in MAPPING_SUFFIXES.items() if set(v) == set(offered)), None)
+        if out.get("preset") and offered:  # the preset that names this behaviour and these protocols
+            out["preset"] = f"{out['preset']}+{suffix}" if suffix else None
+        return out
     finally:
         ep.close()
         srv.close()

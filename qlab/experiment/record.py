@@ -19,6 +19,7 @@ class Outcome(StrEnum):
     DIRECT_LAN = "direct_lan"  # direct, to a peer's private address on a shared LAN
     DIRECT_WAN = "direct_wan"  # direct, to an observed public address
     DIRECT_PREDICTED = "direct_predicted"  # direct, to a predicted port
+    DIRECT_MAPPED = "direct_mapped"  # direct, to an address a side's router mapped (PCP, NAT-PMP, UPnP)
     RELAY = "relay"  # through the Intermediate only
     FAILED = "failed"  # no echo came back over any path
 
@@ -35,6 +36,18 @@ class Fault(StrEnum):
 
 OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome)
 FAULTS: tuple[str, ...] = tuple(f.value for f in Fault)
+
+
+class Mechanism(StrEnum):
+    """What found a trial's direct path (the record's `mechanism`), from the kinds of the two sides'
+    working pairs."""
+
+    LAN = "lan"  # a peer's private address on a shared LAN
+    SERVER_REFLEXIVE = "server-reflexive"  # both sides' public addresses as the Intermediate saw them
+    PEER_REFLEXIVE = "peer-reflexive"  # an address learned from where the peer's probe came from
+    PREDICTION = "prediction"  # a predicted port of a sequential-port NAT
+    BIRTHDAY = "birthday"  # random ports sprayed against a random-port NAT (birthday mode)
+    MAPPING = "mapping"  # an address a side's router granted by PCP, NAT-PMP or UPnP IGD
 
 
 class PunchState(StrEnum):
@@ -155,6 +168,11 @@ class TrialResult:
     # Added by issue 20: the sim's processing-cost calibration (`name@digest`); None on kernel sockets
     # (and in sim records written before, which charged no processing time).
     sim_calibration: str | None = None
+    # Added by issue 17: how the direct path was found (a Mechanism value; None when not direct), and
+    # each side's port mapping as "protocol external-ip:port" ("" when its router granted none).
+    mechanism: str | None = None
+    agent_mapping: str | None = None
+    connector_mapping: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,7 +180,8 @@ class TrialResult:
 
 # columns older records may lack (loaded as None)
 ADDED_FIELDS = ("rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_direct_received",
-                "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch", "sim_calibration")
+                "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch", "sim_calibration",
+                "mechanism", "agent_mapping", "connector_mapping")
 
 
 def error_text(exc: BaseException) -> str:
@@ -183,7 +202,9 @@ def judge(expected: str, outcome: str, scenario: str, birthday: bool, lan_nat: s
     if scenario == "same_lan":  # two public hosts' own addresses are not a LAN: their pair is WAN
         return outcome == (Outcome.DIRECT_WAN if lan_nat == "public" else Outcome.DIRECT_LAN)
     if expected in ("D", "D>"):
-        return outcome in (Outcome.DIRECT_WAN, Outcome.DIRECT_LAN)
+        return outcome in (Outcome.DIRECT_WAN, Outcome.DIRECT_LAN, Outcome.DIRECT_MAPPED)
+    if expected == "M":
+        return outcome == Outcome.DIRECT_MAPPED
     if expected == "P":
         return outcome == Outcome.DIRECT_PREDICTED
     if expected == "B":

@@ -28,6 +28,7 @@ from qlab.experiment import faults
 from qlab.experiment.record import (
     APP_PORT,
     Fault,
+    Mechanism,
     Outcome,
     TrialResult,
     TrialSpec,
@@ -46,6 +47,7 @@ from qlab.roles.intermediate import Intermediate
 from qlab.scenario.topology import CONNECTOR_PORT, INTERMEDIATE_ALT_PORT, INTERMEDIATE_PORT, build
 from qlab.traversal.agent_side import AgentTraversal, SessionTraversal
 from qlab.traversal.connector_side import ConnectorTraversal
+from qlab.traversal.mapped import MappedAddress
 from qlab.traversal.path import TraversalConfig
 from qlab.traversal.punch import PunchConfig
 from qlab.wire import Path
@@ -267,11 +269,13 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials) -> Trial
 
 
 def trial_traversal_config(spec: TrialSpec) -> TraversalConfig:
+    """The roles' traversal settings for a trial. Port mapping is asked for in the labs, whose
+    gateways are the lab's own routers; elsewhere the gateway is someone's real router."""
     spray_seed = spec.seed if spec.backend == "sim" else None
     return TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout, spray_rate=spec.birthday_rate,
                                              spray_seed=spray_seed),
                            keepalive=spec.keepalive, failover=max(2.0, 3 * spec.keepalive),
-                           punch_anyway=spec.punch_anyway)
+                           punch_anyway=spec.punch_anyway, port_mapping=spec.backend in ("sim", "netns"))
 
 
 def _verified(measure: dict[str, Any], direct: PathStats) -> bool:
@@ -285,15 +289,46 @@ def _verified(measure: dict[str, Any], direct: PathStats) -> bool:
     return bool(measure["verify_sent"] > 0 and measure["verify_received"] >= needed)
 
 
-def _direct_kind(st: SessionTraversal, ct: ConnectorTraversal | None) -> Outcome:
-    """Which direct outcome a verified session's working pair makes."""
+def _working_kinds(st: SessionTraversal, ct: ConnectorTraversal | None) -> set[wire.CandidateKind | None]:
+    """The kinds of the peer candidates that worked, on the Agent's side and (when it ran here) the
+    Connector's: a mapping on the Agent's side shows as the Connector's working kind."""
     conn_res = ct.result(st.session.id) if ct is not None else None
     conn_kind = conn_res.success.kind if conn_res is not None and conn_res.success is not None else None
+    return {st.working_kind, conn_kind}
+
+
+def _direct_kind(st: SessionTraversal, ct: ConnectorTraversal | None) -> Outcome:
+    """Which direct outcome a verified session's working pair makes."""
+    kinds = _working_kinds(st, ct)
     if st.working_kind == wire.CandidateKind.HOST and st.peer_nat != wire.NatKind.NONE:
         return Outcome.DIRECT_LAN  # a private host address of a peer behind a NAT: same LAN
-    if wire.CandidateKind.PREDICTED in (st.working_kind, conn_kind):
+    if wire.CandidateKind.MAPPED in kinds:
+        return Outcome.DIRECT_MAPPED
+    if wire.CandidateKind.PREDICTED in kinds:
         return Outcome.DIRECT_PREDICTED
     return Outcome.DIRECT_WAN
+
+
+def mechanism(outcome: Outcome, st: SessionTraversal | None, ct: ConnectorTraversal | None,
+              birthday: bool) -> Mechanism | None:
+    """What found the direct path (None when the trial ended on the relay)."""
+    if st is None or not is_direct(outcome):
+        return None
+    if outcome == Outcome.DIRECT_LAN:
+        return Mechanism.LAN
+    if outcome == Outcome.DIRECT_MAPPED:
+        return Mechanism.MAPPING
+    if outcome == Outcome.DIRECT_PREDICTED:
+        return Mechanism.BIRTHDAY if birthday and wire.NatKind.EDM_RANDOM in (st.own_nat, st.peer_nat) \
+            else Mechanism.PREDICTION
+    if wire.CandidateKind.PRFLX in _working_kinds(st, ct):
+        return Mechanism.PEER_REFLEXIVE
+    return Mechanism.SERVER_REFLEXIVE
+
+
+def _mapping(mapped: MappedAddress | None) -> str:
+    m = mapped.current if mapped is not None else None
+    return f"{m.protocol.value} {m.external[0]}:{m.external[1]}" if m is not None else ""
 
 
 def _outcome(side: AgentSide | None, ct: ConnectorTraversal | None, probe: EchoProbe, measure: dict[str, Any],
@@ -415,12 +450,19 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
         error=error,
         extra={"fault": measure["fault"]} if "fault" in measure else {},
         punch=punch_state(st.path.events if st is not None else []).value,
+        mechanism=_value(mechanism(outcome, st, ct, spec.birthday > 0)),
+        agent_mapping=_mapping(side.at.mapped) if side is not None else None,
+        connector_mapping=_mapping(ct.mapped) if ct is not None else None,
         **_candidates(side, ct), **_path_fields(probe, st, side.t0 if side is not None else None, outcome),
     )
 
 
 def _left(deadline: float) -> float:
     return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+def _value(m: Mechanism | None) -> str | None:
+    return m.value if m is not None else None
 
 
 def _r(x: float | None) -> float | None:

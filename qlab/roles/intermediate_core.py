@@ -215,7 +215,7 @@ def _implausible(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -
 
 def _screened(c: wire.Candidate, observed: Addr | None) -> wire.Candidate | None:
     """`c` as it may be forwarded, or None. Only what the sender can prove is its own survives:
-    its server-reflexive address is the one we observe (rewritten to it), predicted and
+    its server-reflexive address is the one we observe (rewritten to it), mapped, predicted and
     peer-reflexive ports are on the IP we observe, host addresses are private or link-local, or
     that IP. A RELAY candidate is never forwarded (the Intermediate is the relay)."""
     ip = ipaddress.ip_address(c.addr[0])
@@ -224,7 +224,7 @@ def _screened(c: wire.Candidate, observed: Addr | None) -> wire.Candidate | None
     seen = ipaddress.ip_address(observed[0])
     if c.kind == wire.CandidateKind.SRFLX:
         return c if c.addr == observed else dataclasses.replace(c, addr=observed)
-    if c.kind in (wire.CandidateKind.PREDICTED, wire.CandidateKind.PRFLX):
+    if c.kind in (wire.CandidateKind.PREDICTED, wire.CandidateKind.PRFLX, wire.CandidateKind.MAPPED):
         return c if ip == seen else None
     if c.kind == wire.CandidateKind.HOST:  # loopback is another host's own: never offered by a peer
         return c if ip == seen or not (ip.is_global or ip.is_loopback) else None

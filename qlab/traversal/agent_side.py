@@ -23,6 +23,7 @@ from qlab.roles.agent import (
 )
 from qlab.roles.events import ControlReceived, RawReceived
 from qlab.traversal.detect import Detection
+from qlab.traversal.mapped import MappedAddress
 from qlab.traversal.path import PathManager, TraversalConfig
 from qlab.traversal.punch import Puncher, gather, host_ips_for
 from qlab.traversal.session import PunchSession, deliver_probe, deliver_signal, detect
@@ -197,18 +198,33 @@ class AgentTraversal:
         self.detection = Detection(wire.NatKind.UNKNOWN, [])
         self.candidates: tuple[wire.Candidate, ...] = ()
         self.sessions: dict[int, SessionTraversal] = {}
+        self.host_ips: list[str] = []
+        self.mapped: MappedAddress | None = None
         self._unsubscribe = agent.subscribe(self._on_event)
 
     async def prepare(self) -> Detection:
-        """Run after `agent.start()`: classify the own NAT via QAD and gather candidates."""
+        """Run after `agent.start()`: ask for a port mapping (in the background), classify the own
+        NAT via QAD and gather candidates."""
         agent = self.agent
-        host_ips = host_ips_for(agent.endpoint.local_address, agent.net.host_addresses())
-        self.detection = await detect(agent.link, agent.endpoint, agent.creds, agent.name, host_ips,
+        self.host_ips = host_ips_for(agent.endpoint.local_address, agent.net.host_addresses())
+        if self.cfg.port_mapping and self.mapped is None:
+            self.mapped = MappedAddress(agent.net, agent.endpoint.local_address, self.host_ips,
+                                        lambda _m: self._gather())
+            self.mapped.start()
+        self.detection = await detect(agent.link, agent.endpoint, agent.creds, agent.name, self.host_ips,
                                       self.cfg.detect_timeout)
-        self.candidates = gather(host_ips, agent.endpoint.local_address[1], agent.link.observed,
-                                 self.detection.kind, self.detection.last_port)
-        agent.reopen_offer = (self.detection.kind, self.candidates)
+        if self.mapped is not None:
+            await self.mapped.settled()
+        self._gather()
         return self.detection
+
+    def _gather(self) -> None:
+        """The candidates the next offer carries (a mapping that arrives later joins them)."""
+        agent = self.agent
+        mapped = self.mapped.address if self.mapped is not None else None
+        self.candidates = gather(self.host_ips, agent.endpoint.local_address[1], agent.link.observed,
+                                 self.detection.kind, self.detection.last_port, mapped)
+        agent.reopen_offer = (self.detection.kind, self.candidates)
 
     def begin(self, service: str) -> SessionTraversal:
         session = self.agent.begin_session(service, self.detection.kind, self.candidates)
@@ -243,5 +259,7 @@ class AgentTraversal:
 
     def close(self) -> None:
         self._unsubscribe()
+        if self.mapped is not None:
+            self.mapped.close()
         for st in self.sessions.values():
             st.close()

@@ -16,6 +16,7 @@ from qlab.roles.connector import Connector, ConnectorEvent, ConnectorSession, Se
 from qlab.roles.events import ControlReceived, LinkUp, RawReceived
 from qlab.roles.tasks import Tasks
 from qlab.traversal.detect import Detection
+from qlab.traversal.mapped import MappedAddress
 from qlab.traversal.path import TraversalConfig
 from qlab.traversal.punch import Puncher, gather, host_ips_for
 from qlab.traversal.session import PunchSession, deliver_probe, deliver_signal, detect
@@ -73,20 +74,36 @@ class ConnectorTraversal:
         self.ready = asyncio.Event()
         self.sessions: dict[int, ConnectorSessionTraversal] = {}
         self.announced = False
+        self.host_ips: list[str] = []
+        self.mapped: MappedAddress | None = None
         self.tasks = Tasks()
         self._unsubscribe = connector.subscribe(self._on_event)
 
     async def prepare(self) -> None:
         c = self.c
-        host_ips = host_ips_for(c.endpoint.local_address, c.net.host_addresses())
+        self.host_ips = host_ips_for(c.endpoint.local_address, c.net.host_addresses())
+        if self.cfg.port_mapping and self.mapped is None:  # once: it is renewed across reconnections
+            self.mapped = MappedAddress(c.net, c.endpoint.local_address, self.host_ips, self._mapping_changed)
+            self.mapped.start()
         try:
-            self.detection = await detect(c.link, c.endpoint, c.creds, c.name, host_ips, self.cfg.detect_timeout)
+            self.detection = await detect(c.link, c.endpoint, c.creds, c.name, self.host_ips, self.cfg.detect_timeout)
+            if self.mapped is not None:
+                await self.mapped.settled()
         finally:
-            self.candidates = gather(host_ips, c.endpoint.local_address[1], c.link.observed,
-                                     self.detection.kind, self.detection.last_port)
-            c.link.send(wire.Announce(self.detection.kind, self.candidates))
-            self.announced = True
+            self._announce()
             self.ready.set()
+
+    def _announce(self) -> None:
+        c = self.c
+        mapped = self.mapped.address if self.mapped is not None else None
+        self.candidates = gather(self.host_ips, c.endpoint.local_address[1], c.link.observed,
+                                 self.detection.kind, self.detection.last_port, mapped)
+        c.link.send(wire.Announce(self.detection.kind, self.candidates))
+        self.announced = True
+
+    def _mapping_changed(self, _mapping: object) -> None:
+        if self.announced:  # after the first announcement: tell the Intermediate again
+            self._announce()
 
     def _on_event(self, event: ConnectorEvent) -> bool:
         if isinstance(event, ControlReceived):
@@ -134,5 +151,7 @@ class ConnectorTraversal:
     def close(self) -> None:
         self._unsubscribe()
         self.tasks.cancel_all()
+        if self.mapped is not None:
+            self.mapped.close()
         for st in self.sessions.values():
             st.close()

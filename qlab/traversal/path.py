@@ -32,6 +32,9 @@ class TraversalConfig:
     # punch even when both sides are endpoint-dependent (policy skips it: the table says relay), so
     # those cells are measured rather than decided
     punch_anyway: bool = False
+    # ask the default gateway for a port mapping (PCP, NAT-PMP, UPnP IGD) and offer it: the labs turn
+    # it on (their gateways are inside the lab); a role on a real network only when told to
+    port_mapping: bool = False
 
 
 class PathManager:

@@ -8,8 +8,9 @@ what makes cone <-> symmetric pairs work). A pair works as soon as a valid reque
 arrived from an address we have sent to: our NAT is open towards it, and the peer's is open
 towards us.
 
-Priorities follow RFC 8445 §5.1.2 type preferences, with predicted ports below server-reflexive:
-Direct LAN (host) before Direct WAN (server/peer-reflexive, predicted) before Relay.
+Priorities follow RFC 8445 §5.1.2 type preferences, with a port mapping the router granted above
+server-reflexive (it admits anyone) and predicted ports below it: Direct LAN (host) before Direct
+WAN (peer-reflexive, mapped, server-reflexive, predicted) before Relay.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger("qlab.punch")
 TYPE_PREFERENCE = {
     wire.CandidateKind.HOST: 126,
     wire.CandidateKind.PRFLX: 110,
+    wire.CandidateKind.MAPPED: 105,
     wire.CandidateKind.SRFLX: 100,
     wire.CandidateKind.PREDICTED: 90,
     wire.CandidateKind.RELAY: 0,
@@ -49,13 +51,16 @@ def host_ips_for(bound: Addr, interface_ips: list[str]) -> list[str]:
 
 def gather(
     host_ips: list[str], local_port: int, observed: Addr | None, nat: wire.NatKind, last_port: int | None = None,
+    mapped: Addr | None = None,
 ) -> tuple[wire.Candidate, ...]:
     """A side's candidates: host addresses (never unspecified, loopback or link-local), the
-    server-reflexive address from QAD, and for a sequential-port symmetric NAT the ports its next
-    mappings will most likely get."""
+    address its router mapped for it (a port mapping protocol), the server-reflexive address from
+    QAD, and for a sequential-port symmetric NAT the ports its next mappings will most likely get."""
     out: list[wire.Candidate] = []
     for i, ip in enumerate(h for h in host_ips if usable_host_address(h)):
         out.append(wire.Candidate(wire.CandidateKind.HOST, (ip, local_port), priority(wire.CandidateKind.HOST, 65535 - i)))
+    if mapped is not None and not any(c.addr == mapped for c in out):
+        out.append(wire.Candidate(wire.CandidateKind.MAPPED, mapped, priority(wire.CandidateKind.MAPPED)))
     if observed is not None and not any(c.addr == observed for c in out):
         out.append(wire.Candidate(wire.CandidateKind.SRFLX, observed, priority(wire.CandidateKind.SRFLX)))
     if nat == wire.NatKind.EDM_SEQUENTIAL and observed is not None:

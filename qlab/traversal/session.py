@@ -160,10 +160,12 @@ class PunchSession:
             self.birthday = None
         self.peer_nat, self.peer_candidates = msg.peer_nat, msg.peer_candidates
         peer = msg.peer_candidates
-        lockstep = wire.lockstep_prediction(self.own_nat, msg.peer_nat)
+        # a router's port mapping admits anyone: with one on either side the plain punch works
+        mapped = any(c.kind == wire.CandidateKind.MAPPED for c in (*self.candidates, *peer))
+        lockstep = not mapped and wire.lockstep_prediction(self.own_nat, msg.peer_nat)
         if lockstep:
             peer = lockstep_candidates(self.candidates, peer)
-        elif wire.both_endpoint_dependent(self.own_nat, msg.peer_nat) and not self.cfg.punch_anyway:
+        elif wire.both_endpoint_dependent(self.own_nat, msg.peer_nat) and not self.cfg.punch_anyway and not mapped:
             peer = lan_candidates(self.candidates, peer)  # only a shared LAN can work
             if not peer:
                 self.skip()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from qlab.backends.base import Main
-from qlab.net import RealSocket, Receiver, bind_real, udp_family
+from qlab.net import HTTP_RESPONSE_LIMIT, Addr, RealSocket, Receiver, bind_real, tcp_exchange, udp_family
 from qlab.scenario.topology import Topology
 
 T = TypeVar("T")
@@ -34,6 +34,14 @@ class NetnsNet:
 
     def host_addresses(self) -> list[str]:
         return list(self.lab.topology.host(self.host).ips)
+
+    def default_gateway(self) -> str | None:
+        return self.lab.topology.host(self.host).gateway
+
+    async def http_exchange(self, addr: Addr, request: bytes, timeout: float) -> bytes:
+        """HTTP over a TCP socket made in this host's namespace (a UPnP gateway's service)."""
+        return await tcp_exchange(lambda: self.lab.socket(self.host, socket.AF_INET, socket.SOCK_STREAM),
+                                  addr, request, timeout, HTTP_RESPONSE_LIMIT)
 
 
 class NetnsEnvironment:

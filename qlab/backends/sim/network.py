@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from qlab.backends.sim.clock import CLOCK_RESOLUTION
 from qlab.backends.sim.cost import Classifier, ProcessingCost
 from qlab.backends.sim.nat import NatEngine, Verdict
+from qlab.nat.gateway import HTTP_PORT, PCP_PORT, SSDP_PORT, MappingGateway
 from qlab.scenario.linkmodel import QUEUE_LIMIT, LinkModel, RateQueue
 from qlab.scenario.profiles import IDEAL, LinkProfile
 from qlab.scenario.topology import Host, Router, Topology
@@ -346,6 +347,9 @@ class SimRouter(Node):
         self.lan = Attachment(network, self, lan, (spec.lan_ip,), IDEAL)
         self.upstream = spec.upstream_gateway
         self.engine = NatEngine(spec.nat, spec.wan_ip, network._rng("nat", spec.name)) if spec.nat.nat else None
+        # a router that offers port mapping answers its protocols on the LAN, as miniupnpd does
+        self.gateway = (MappingGateway(spec.nat.port_mapping, spec.lan_ip, spec.wan_ip, ExplicitRedirects(self.engine))
+                        if spec.nat.port_mapping and self.engine is not None else None)
 
     def _attachments(self) -> list[Attachment]:
         return [self.lan, self.wan]
@@ -370,6 +374,9 @@ class SimRouter(Node):
         dst_ip = pkt.dst[0]
         now = self.network.loop.time()
         eng = self.engine
+        if dst_ip == self.lan_ip and self.gateway is not None and pkt.dst[1] in (PCP_PORT, SSDP_PORT):
+            self._serve(pkt, self.gateway)
+            return
         if dst_ip == self.lan_ip or (dst_ip == self.wan_ip and eng is None):
             self.network._drop(self.name, "to_router", pkt)
             return
@@ -398,6 +405,19 @@ class SimRouter(Node):
         pkt.src = mapped
         self._send(pkt)
 
+    def _serve(self, pkt: Packet, gateway: MappingGateway) -> None:
+        """A port mapping request to the router itself: its answers go back on the LAN."""
+        self.network._count(self.name, "mapping_requests")
+        for data, dst in gateway.on_udp(pkt.data, pkt.src, pkt.dst[1], self.network.loop.time()):
+            self._send(Packet((self.lan_ip, pkt.dst[1]), dst, data))
+
+    def http(self, request: bytes, src: Addr) -> bytes:
+        """One HTTP exchange with the router's UPnP service (raises ConnectionRefusedError without one)."""
+        if self.gateway is None:
+            raise ConnectionRefusedError(f"{self.name} has no UPnP service")
+        self.network._count(self.name, "mapping_requests")
+        return self.gateway.on_http(request, src, self.network.loop.time())
+
     def _from_wan(self, pkt: Packet) -> None:
         eng = self.engine
         if eng is None:
@@ -418,6 +438,19 @@ class SimRouter(Node):
             self.network._drop(self.name, "blocked", pkt)
             return
         self._send(pkt)
+
+
+class ExplicitRedirects:
+    """The port mapping model's view of a NAT engine (qlab.nat.gateway.Redirects)."""
+
+    def __init__(self, engine: NatEngine) -> None:
+        self.engine = engine
+
+    def add(self, internal: Addr, external_port: int, lifetime: float, now: float) -> int | None:
+        return self.engine.add_explicit(internal, external_port, lifetime, now)
+
+    def remove(self, internal: Addr, external_port: int) -> None:
+        self.engine.remove_explicit(internal, external_port)
 
 
 class SimSocket:
@@ -514,6 +547,21 @@ class SimNet:
 
     def host_addresses(self) -> list[str]:
         return list(self.host.ips)
+
+    def default_gateway(self) -> str | None:
+        return self.host.gateway
+
+    async def http_exchange(self, addr: Addr, request: bytes, timeout: float) -> bytes:
+        """HTTP to a router on this host's LAN: its UPnP service answers after a TCP handshake and
+        the exchange, two round trips of the host's link (the simulator carries no TCP)."""
+        router = next((r for r in self.network.routers.values() if r.lan_ip == addr[0]), None)
+        if router is None or addr[1] != HTTP_PORT:
+            raise ConnectionRefusedError(f"nothing listens on TCP {addr[0]}:{addr[1]}")
+        rtt = 2 * self.host.spec.link.delay_ms / 1000
+        if 2 * rtt > timeout:
+            raise TimeoutError(f"HTTP to {addr[0]}:{addr[1]} timed out")
+        await asyncio.sleep(2 * rtt)
+        return router.http(request, (self.host.ips[0], self.host._ephemeral(self.host.ips[0])))
 
     def __repr__(self) -> str:
         return f"<SimNet {self.host.name} {','.join(self.host.ips)}>"
