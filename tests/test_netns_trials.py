@@ -133,3 +133,34 @@ def test_birthday_mode_in_the_kernel(netns_ok, agent_nat, connector_nat):
     Asking for 2 of 4 fails by chance with P = q^4 + 4(1-q)q^3 = 2.0e-5."""
     runs = [trial("netns", agent_nat, connector_nat, seed, birthday=256) for seed in (1, 2, 3, 4)]
     assert sum(r.outcome == "direct_predicted" and r.direct_verified for r in runs) >= 2, [(r.outcome, r.reason) for r in runs]
+
+
+# --- port mapping: the lab's routers run miniupnpd ------------------------------------------------
+
+# the hard cells (relay or birthday without a mapping) with the mapping on either side, each protocol
+# once; the full matrix of both backends is measured in docs/traversal.md
+MAPPING_CELLS = [("symmetric+map", "symmetric"), ("symmetric", "symmetric+map"), ("port_restricted+upnp", "symmetric"),
+                 ("symmetric_seq", "symmetric+pcp"), ("symmetric+map", "symmetric_seq"), ("full_cone+map", "port_restricted")]
+
+
+@pytest.mark.parametrize("agent_nat,connector_nat", MAPPING_CELLS, ids=[f"{a}-{c}" for a, c in MAPPING_CELLS])
+def test_a_mapping_side_makes_the_cell_direct_in_the_kernel_as_on_sim(netns_ok, agent_nat, connector_nat):
+    for seed in (1, 2):
+        r, s = trial("netns", agent_nat, connector_nat, seed), trial("sim", agent_nat, connector_nat, seed)
+        assert r.error == "" and r.as_expected, (r.outcome, r.reason, r.expected, r.path_events)
+        assert r.direct_verified and r.outcome == s.outcome, (r.outcome, s.outcome)
+        side = "agent" if "+" in agent_nat else "connector"
+        protocol = {"map": "pcp", "pcp": "pcp", "upnp": "upnp"}[_suffix(agent_nat, connector_nat)]
+        assert getattr(r, f"{side}_mapping").startswith(f"{protocol} 203.0.113.10"), r
+        assert getattr(s, f"{side}_mapping").split(":")[0] == getattr(r, f"{side}_mapping").split(":")[0]
+
+
+def _suffix(*nats: str) -> str:
+    return next(n.partition("+")[2] for n in nats if "+" in n)
+
+
+@pytest.mark.parametrize("nat,offered", [("symmetric+map", ["pcp", "natpmp", "upnp"]),
+                                         ("port_restricted+upnp", ["upnp"]), ("full_cone+pcp", ["pcp", "natpmp"])])
+def test_classify_reports_the_mapping_protocols_in_the_kernel(netns_ok, nat, offered):
+    out = run_classify("netns", nat)
+    assert out["port_mapping"] == offered and out["preset"] == nat, out

@@ -414,3 +414,21 @@ def test_engine_explicit_port_is_not_handed_out_and_flows_are_bounded() -> None:
     for i in range(simnat.MAX_FLOWS + 10):  # a flood of remotes opens at most MAX_FLOWS flows
         eng.inbound((f"198.51.100.{1 + i // 60000}", 1024 + i % 60000), 5000, 1.0)
     assert len(eng._flows) <= simnat.MAX_FLOWS
+
+
+def test_engine_explicit_flow_to_a_remote_already_reached_gets_an_alias_like_the_kernel() -> None:
+    """The inside endpoint sent to the remote first (its own flow, port P); the remote then reaches
+    the explicit port: the kernel's DNAT flow would clash with the first, so the remote is seen
+    inside under another port and both flows keep their public ports (measured in the lab)."""
+    eng = NatEngine(preset("symmetric"), "203.0.113.101", random.Random(3))
+    inside, peer = ("10.1.0.2", 4434), ("203.0.113.50", 7000)
+    eng.add_explicit(inside, 4434, 60.0, 0.0)
+    own = eng.outbound_to(inside, peer, 0.0)
+    assert isinstance(own, tuple) and own[0][1] != 4434 and own[1] == peer
+    res = eng.inbound_from(peer, 4434, 0.1)
+    assert isinstance(res, tuple) and res[0] == inside and res[1][0] == peer[0] and res[1] != peer
+    alias = res[1]
+    assert eng.outbound_to(inside, alias, 0.2) == (("203.0.113.101", 4434), peer)  # the DNAT flow
+    assert eng.outbound_to(inside, peer, 0.2) == own  # the older flow keeps its port
+    assert eng.inbound_from(peer, 4434, 0.3) == (inside, alias)  # the same alias while the flow lives
+    assert eng.inbound_from(peer, own[0][1], 0.3) == (inside, peer)  # through its own flow: the real one

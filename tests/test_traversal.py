@@ -229,3 +229,54 @@ def test_trial_command_punches_anyway_and_proves_with_the_relay_on(capsys):
     rec = json.loads(capsys.readouterr().out)
     assert rec["punch"] == "attempted" and rec["agent_probes"] > 0 and rec["outcome"] == "relay"
     assert "the relay stayed on" in rec["measured_with"]
+
+
+# --- port mapping: a side whose router grants a mapping (PCP, NAT-PMP, UPnP IGD) -------------------
+
+NATTED = [p for p in PRESET_NAMES if p != "public"]
+MAPPING_CELLS = sorted({(f"{m}+map", o) for m in NATTED for o in PRESET_NAMES}
+                       | {(o, f"{m}+map") for m in NATTED for o in PRESET_NAMES})
+
+
+def mapped_cell_outcome(agent_nat: str, connector_nat: str) -> str:
+    """Written out: with a mapping on either side every cell is direct; the cells that were direct
+    without it may use the mapping or not, the others are direct through it."""
+    plain = CELL_OUTCOME[(agent_nat.partition("+")[0], connector_nat.partition("+")[0])]
+    return "direct" if plain == "direct_wan" else "direct_mapped"
+
+
+@pytest.mark.parametrize("agent_nat,connector_nat", MAPPING_CELLS, ids=[f"{a}-{c}" for a, c in MAPPING_CELLS])
+def test_a_mapping_side_makes_every_cell_direct_on_sim(agent_nat, connector_nat):
+    r = run_trial(TrialSpec(backend="sim", agent_nat=agent_nat, connector_nat=connector_nat, profile="wan-20ms",
+                            seed=1, samples=5, verify_echoes=5))
+    assert r.error == "" and r.as_expected, (r.outcome, r.reason, r.expected)
+    want = mapped_cell_outcome(agent_nat, connector_nat)
+    assert r.outcome.startswith(want), (r.outcome, want, r.path_events)
+    assert_received_on_its_path(r)
+    mapped_side = "agent" if "+" in agent_nat else "connector"
+    assert getattr(r, f"{mapped_side}_mapping").startswith("pcp 203.0.113.")  # PCP is asked first
+    assert getattr(r, f"{'connector' if mapped_side == 'agent' else 'agent'}_mapping") == ""
+    if r.outcome == "direct_mapped":
+        assert r.mechanism == "mapping" and r.expected in ("M", "D", "D>")
+
+
+@pytest.mark.parametrize("suffix,protocol", [("pcp", "pcp"), ("upnp", "upnp")])
+def test_each_protocol_alone_gives_the_mapping(suffix, protocol):
+    r = run_trial(TrialSpec(backend="sim", agent_nat="port_restricted", connector_nat=f"symmetric+{suffix}",
+                            profile="wan-20ms", seed=2, samples=5, verify_echoes=5))
+    assert r.outcome == "direct_mapped" and r.connector_mapping.startswith(f"{protocol} 203.0.113.102:"), r
+    assert any(c.startswith("mapped:203.0.113.102:") for c in r.connector_candidates), r.connector_candidates
+
+
+def test_no_mapping_is_asked_for_where_none_is_offered_and_cells_keep_their_outcome():
+    r = run_trial(TrialSpec(backend="sim", agent_nat="port_restricted", connector_nat="symmetric", seed=1,
+                            samples=5, verify_echoes=5))
+    assert r.outcome == "relay" and r.agent_mapping == "" and r.connector_mapping == "" and r.mechanism is None
+
+
+@pytest.mark.parametrize("nat,offered", [("symmetric+map", ["pcp", "natpmp", "upnp"]),
+                                         ("full_cone+pcp", ["pcp", "natpmp"]), ("port_restricted+upnp", ["upnp"]),
+                                         ("symmetric", [])])
+def test_classify_reports_the_mapping_protocols_on_sim(nat, offered):
+    out = run_classify("sim", nat)
+    assert out["port_mapping"] == offered and out["preset"] == nat and out["correct"], out

@@ -25,9 +25,11 @@ matches what that lab was measured to do (docs/netns-lab.md):
 - explicit mappings (port mapping protocols, `add_explicit`): a public port redirected to an inside
   endpoint for a lifetime, as the daemon's DNAT rule in the lab. A packet from anyone to it that no
   binding admits is let in and opens a flow (a conntrack entry in the lab): the inside endpoint's
-  packets to that remote leave from the redirected port while the flow lives. In the lab the kernel
-  may rewrite the remote's port seen inside when the inside endpoint already has a flow to that
-  remote (a conntrack clash resolved by NAT); the simulator shows the real one.
+  packets to that remote leave from the redirected port while the flow lives. When the inside
+  endpoint already has a flow of its own to that remote (its reply tuple would clash), the remote is
+  shown inside under another port, an alias, as the kernel resolves the clash (measured in the lab:
+  the daemon's DNAT flow then carries the alias, the older flow keeps its port); packets to the
+  alias go to the real remote from the redirected port (`inbound_from`, `outbound_to`).
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ class NatEngine:
         self._by_port: dict[int, list[Binding]] = {}  # several only for sequential APDM after a wrap
         self._seq_next: dict[str | None, int] = {}  # counter scope (None: the NAT, else inside ip) -> k
         self._explicit: dict[int, Explicit] = {}  # public port -> explicit mapping
-        self._flows: dict[tuple[Addr, Addr], tuple[int, float]] = {}  # (internal, remote) -> (port, last)
+        self._flows: dict[tuple[Addr, Addr], tuple[int, float]] = {}  # (internal, remote seen) -> (port, last)
+        self._aliases: dict[tuple[Addr, Addr], Addr] = {}  # (internal, alias) -> the real remote
+        self._alias_of: dict[tuple[Addr, Addr], Addr] = {}  # (internal, real remote) -> alias
         self._since_purge = 0
         self.bindings_created = 0
         self.bindings_expired = 0
@@ -120,8 +124,16 @@ class NatEngine:
         self._by_port.clear()
         self._seq_next.clear()
         self._flows.clear()
+        self._aliases.clear()
+        self._alias_of.clear()
 
     # -- packet translation -------------------------------------------------------------------
+    def outbound_to(self, src: Addr, dst: Addr, now: float) -> tuple[Addr, Addr] | Verdict:
+        """`outbound`, and the real destination (`dst` unless it is an alias of a remote)."""
+        real = self._aliases.get((src, dst)) if self._aliases else None
+        mapped = self.outbound(src, dst, now)
+        return mapped if isinstance(mapped, Verdict) else (mapped, real or dst)
+
     def outbound(self, src: Addr, dst: Addr, now: float) -> Addr | Verdict:
         """Translate an inside source sending to `dst`: the public source to use, or why not.
 
@@ -152,9 +164,16 @@ class NatEngine:
         return self.public_ip, b.public_port
 
     def inbound(self, src: Addr, public_port: int, now: float) -> Addr | Verdict:
-        """Translate a packet from outside `src` to our public port: the inside destination, or why not.
+        """Translate a packet from outside `src` to our public port: the inside destination, or why not."""
+        res = self.inbound_from(src, public_port, now)
+        return res if isinstance(res, Verdict) else res[0]
 
-        Never creates state; refreshes the binding and `src`'s permission when `spec.refresh` is BOTH.
+    def inbound_from(self, src: Addr, public_port: int, now: float) -> tuple[Addr, Addr] | Verdict:
+        """Translate a packet from outside `src` to our public port: (inside destination, source as
+        seen inside), or why not.
+
+        Creates no binding (an explicit mapping opens a flow); refreshes the binding and `src`'s
+        permission when `spec.refresh` is BOTH.
         """
         live = self._live(public_port, now)
         b = next((b for b in live if self._admits(b, src, now)), None)
@@ -163,7 +182,7 @@ class NatEngine:
         if self.spec.refresh is Refresh.BOTH:
             self._refresh(b, src, now)
         b.packets_in += 1
-        return b.internal
+        return b.internal, src
 
     def hairpin(self, src: Addr, public_port: int, now: float) -> tuple[Addr, Addr] | Verdict:
         """An inside `src` sending to (public_ip, public_port): (public source, inside destination)."""
@@ -198,16 +217,33 @@ class NatEngine:
         """The live explicit mappings."""
         return [e for e in self._explicit.values() if e.expires > now]
 
-    def _inbound_explicit(self, src: Addr, public_port: int, now: float) -> Addr | None:
+    def _inbound_explicit(self, src: Addr, public_port: int, now: float) -> tuple[Addr, Addr] | None:
         e = self._explicit.get(public_port)
         if e is None or e.expires <= now:
             return None
-        if len(self._flows) >= MAX_FLOWS:
+        seen = self._alias_of.get((e.internal, src), src)
+        if seen == src and self._has_flow_to(e.internal, src, now):
+            seen = self._new_alias(e.internal, src)
+        if (e.internal, seen) not in self._flows and len(self._flows) >= MAX_FLOWS:
             self._purge_flows(now)
             if len(self._flows) >= MAX_FLOWS:
                 return None
-        self._flows[(e.internal, src)] = (public_port, now)
-        return e.internal
+        self._flows[(e.internal, seen)] = (public_port, now)
+        return e.internal, seen
+
+    def _has_flow_to(self, internal: Addr, remote: Addr, now: float) -> bool:
+        """Whether `internal` sent to `remote` within the binding lifetime (a conntrack entry)."""
+        b = self._by_key.get(self._key(internal, remote))
+        t = b.permit_ap.get(remote) if b is not None else None
+        return t is not None and now - t < self.spec.binding_timeout
+
+    def _new_alias(self, internal: Addr, remote: Addr) -> Addr:
+        alias = (remote[0], self.rng.randint(PORT_MIN, PORT_MAX))
+        while (internal, alias) in self._aliases or alias == remote:
+            alias = (remote[0], self.rng.randint(PORT_MIN, PORT_MAX))
+        self._aliases[(internal, alias)] = remote
+        self._alias_of[(internal, remote)] = alias
+        return alias
 
     def _flow(self, internal: Addr, remote: Addr, now: float) -> int | None:
         if not self._flows:
@@ -224,6 +260,9 @@ class NatEngine:
     def _purge_flows(self, now: float) -> None:
         for k in [k for k, (_, t) in self._flows.items() if now - t >= self.spec.binding_timeout]:
             del self._flows[k]
+            real = self._aliases.pop(k, None)
+            if real is not None:
+                self._alias_of.pop((k[0], real), None)
 
     # -- inspection ---------------------------------------------------------------------------
     def bindings(self, now: float | None = None) -> list[Binding]:

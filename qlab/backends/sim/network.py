@@ -398,11 +398,11 @@ class SimRouter(Node):
             self.network._count(self.name, "hairpinned")
             self._send(pkt)
             return
-        mapped = eng.outbound(pkt.src, pkt.dst, now)
-        if isinstance(mapped, Verdict):
-            self.network._drop(self.name, mapped.value, pkt)
+        out = eng.outbound_to(pkt.src, pkt.dst, now)
+        if isinstance(out, Verdict):
+            self.network._drop(self.name, out.value, pkt)
             return
-        pkt.src = mapped
+        pkt.src, pkt.dst = out
         self._send(pkt)
 
     def _serve(self, pkt: Packet, gateway: MappingGateway) -> None:
@@ -429,11 +429,11 @@ class SimRouter(Node):
         if pkt.dst[0] != self.wan_ip:
             self.network._drop(self.name, "not_for_router", pkt)
             return
-        inside = eng.inbound(pkt.src, pkt.dst[1], self.network.loop.time())
+        inside = eng.inbound_from(pkt.src, pkt.dst[1], self.network.loop.time())
         if isinstance(inside, Verdict):
             self.network._drop(self.name, inside.value, pkt)
             return
-        pkt.dst = inside
+        pkt.dst, pkt.src = inside
         if self.is_blocked(pkt.dst):
             self.network._drop(self.name, "blocked", pkt)
             return
