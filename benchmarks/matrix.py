@@ -7,7 +7,13 @@ and time-to-first-byte ratios, and (on sim) the speed target.
   <= 1.25 x (relay RTT + 2 x direct RTT) and the median ttfb <= 1.25 x relay RTT.
 
     .venv/bin/python benchmarks/matrix.py [--backend sim|netns] [--trials 30] [--workers N] [--out FILE.csv]
-                                          [--punch-anyway]
+                                          [--punch-anyway] [--birthday N] [--mapping agent|connector]
+                                          [--ask-mapping-ab]
+
+`--mapping SIDE` gives that side's NATs a router that grants port mappings (`NAME+map`); `--birthday
+N` turns birthday mode on; `--ask-mapping-ab` runs every trial twice, interleaved, with and without
+asking the gateway for a mapping, and compares the endpoint-independent cells' median ttd (asking
+must not make time to direct worse where no mapping is offered).
 
 Cells marked `R-pol` were not punched: both sides are endpoint-dependent and policy keeps them on
 the relay, so "as expected" there is decided, not measured; `--punch-anyway` measures them.
@@ -38,12 +44,16 @@ TARGET_S = 60.0
 EIM = {"public", "full_cone", "restricted_cone", "port_restricted"}
 
 
-def one(job: tuple[str, str, str, str, int, str, bool]) -> dict:
+def one(job: tuple[str, str, str, str, int, str, bool, int, bool]) -> dict:
     logging.disable(logging.CRITICAL)
-    backend, profile, a, c, seed, certs, anyway = job
+    backend, profile, a, c, seed, certs, anyway, birthday, ask = job
     r = run_trial(TrialSpec(backend=backend, agent_nat=a, connector_nat=c, profile=profile, seed=seed,
-                            punch_anyway=anyway), certs_dir=certs)
-    return r.to_dict()
+                            punch_anyway=anyway, birthday=birthday, port_mapping=ask), certs_dir=certs)
+    return {**r.to_dict(), "asked_mapping": ask}
+
+
+def mapped(nat: str) -> str:
+    return f"{nat}+map" if nat != "public" else nat
 
 
 def median(xs: list[float]) -> float | None:
@@ -58,12 +68,19 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="processes (sim: cpu count; netns: 1)")
     ap.add_argument("--out", default=None, help="write every trial record as CSV here")
     ap.add_argument("--punch-anyway", action="store_true", help="punch the cells policy would decide")
+    ap.add_argument("--birthday", type=int, default=0, help="birthday mode: mappings the random-port side opens")
+    ap.add_argument("--mapping", choices=("agent", "connector"), default=None,
+                    help="that side's router grants port mappings (NAME+map)")
+    ap.add_argument("--ask-mapping-ab", action="store_true",
+                    help="each trial with and without asking for a mapping, interleaved; compares ttd")
     args = ap.parse_args()
     workers = args.workers or (os.cpu_count() or 1 if args.backend == "sim" else 1)
     certs = default_certs()
-    cells = [(a, c) for a in PRESET_NAMES for c in PRESET_NAMES]
-    jobs = [(args.backend, args.profile, a, c, 1000 * i + k, certs, args.punch_anyway) for k in range(args.trials)
-            for i, (a, c) in enumerate(cells)]
+    cells = [(mapped(a) if args.mapping == "agent" else a, mapped(c) if args.mapping == "connector" else c)
+             for a in PRESET_NAMES for c in PRESET_NAMES]
+    asks = (True, False) if args.ask_mapping_ab else (True,)
+    jobs = [(args.backend, args.profile, a, c, 1000 * i + k, certs, args.punch_anyway, args.birthday, ask)
+            for k in range(args.trials) for i, (a, c) in enumerate(cells) for ask in asks]
     t0 = time.perf_counter()
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -71,22 +88,25 @@ def main() -> None:
     else:
         results = [one(j) for j in jobs]
     wall = time.perf_counter() - t0
+    if args.ask_mapping_ab:
+        compare_asking(results)
+        results = [r for r in results if r["asked_mapping"]]
     by_cell: dict[tuple[str, str], list[dict]] = {cell: [] for cell in cells}
     for r in results:
         by_cell[(r["agent_nat"], r["connector_nat"])].append(r)
     print(f"backend {args.backend}, profile {args.profile}, {args.trials} trials per cell, {workers} worker(s)"
           + (", punch anyway" if args.punch_anyway else ""))
     print("cells: as-expected/N and the most frequent outcome")
-    print(f"{'agent/connector':<18}" + "".join(f"{c[:12]:>14}" for c in PRESET_NAMES))
-    short = {"direct_wan": "wan", "direct_lan": "lan", "direct_predicted": "pred"}
-    for a in PRESET_NAMES:
+    print(f"{'agent/connector':<18}" + "".join(f"{c[:13]:>14}" for _a, c in cells[:6]))
+    short = {"direct_wan": "wan", "direct_lan": "lan", "direct_predicted": "pred", "direct_mapped": "map"}
+    for i in range(len(PRESET_NAMES)):
         row = []
-        for c in PRESET_NAMES:
-            rs = by_cell[(a, c)]
+        for j in range(len(PRESET_NAMES)):
+            rs = by_cell[cells[6 * i + j]]
             top = Counter(r["outcome"] for r in rs).most_common(1)[0][0]
             label = "R-pol" if all(r["punch"] == "skipped" for r in rs) else short.get(top, top)
             row.append(f"{sum(r['as_expected'] for r in rs):>3}/{len(rs)} {label:>5}")
-        print(f"{a:<18}" + "".join(f"{x:>14}" for x in row))
+        print(f"{cells[6 * i][0]:<18}" + "".join(f"{x:>14}" for x in row))
     n = len(results)
     good = sum(r["as_expected"] for r in results)
     connected = sum(r["outcome"] != "failed" for r in results)
@@ -100,6 +120,8 @@ def main() -> None:
           f"({100 * connected / n:.1f}%); {len(direct)} direct, {no_reply} of them without replies over the direct "
           f"path; {crossed} replies came back over the other path than sent")
     print(f"relay outcomes: {failed_punch} punched and failed, {skipped} not punched (policy decided, not measured)")
+    mechanisms = Counter(r["mechanism"] for r in direct)
+    print("direct trials by mechanism: " + ", ".join(f"{k} {v}" for k, v in mechanisms.most_common()))
     easy = [r for r in results if r["agent_nat"] in EIM and r["connector_nat"] in EIM and r["ttd_ms"] is not None]
     if easy:
         ttd = median([r["ttd_ms"] for r in easy])
@@ -123,6 +145,19 @@ def main() -> None:
             w.writeheader()
             w.writerows(results)
         print(f"records: {args.out}")
+
+
+def compare_asking(results: list[dict]) -> None:
+    """Median ttd of the endpoint-independent cells with and without asking for a mapping, same run."""
+    meds = {}
+    for ask in (True, False):
+        ttd = [r["ttd_ms"] for r in results if r["asked_mapping"] is ask and r["agent_nat"] in EIM
+               and r["connector_nat"] in EIM and r["ttd_ms"] is not None]
+        meds[ask] = (median(ttd), len(ttd))
+    (on, n_on), (off, n_off) = meds[True], meds[False]
+    if on is not None and off is not None:
+        print(f"endpoint-independent cells, median ttd: asking for a mapping {on:.1f} ms (N={n_on}), not asking "
+              f"{off:.1f} ms (N={n_off}) -> ratio {on / off:.3f}")
 
 
 if __name__ == "__main__":

@@ -384,7 +384,9 @@ def test_report_pages_exist_and_reference_nothing_outside(published_report):
     names = {p.name for p in pages}
     # the default report: two real-path profiles, the first one's pages unsuffixed
     assert {"index.html", "matrix_report.html", "nat_full_cone.html", "nat_symmetric.html", "explore.html",
-            "nat_full_cone_mobile-lte.html", "nat_symmetric_mobile-lte.html"} <= names
+            "nat_full_cone_mobile-lte.html", "nat_symmetric_mobile-lte.html", "reachable.html"} <= names
+    reachable = (published_report.parent / "reachable.html").read_text()
+    assert "How each cell went direct" in reachable and "mapping" in reachable and "birthday" in reachable
     for p in pages:
         assert external_references(p.read_text()) == [], p.name
     for p in pages:
@@ -429,7 +431,10 @@ def test_index_links_each_campaigns_data_and_the_executed_notebooks(published_re
     for link in links:
         assert (published_report.parent / link).is_file(), link
     facts = json.loads(re.search(r'id="qlab-summary">([^<]*)<', index).group(1))
-    assert facts["trials"] == 2 * 2 * 6 and len(facts["campaigns"]) == 4  # two profiles x two presets
+    assert facts["trials"] == 2 * 2 * 6 and len(facts["campaigns"]) == 4 + 2  # two profiles x two presets
+    # and what is reachable, on the first profile: birthday mode (symmetric against port_restricted and
+    # symmetric) and a Connector whose router maps (both Agent NATs against the five NATs +map)
+    assert facts["reachable_trials"] == 1 * 2 + 2 * 5
     from qlab.backends.sim.cost import DEFAULT
     from qlab.scenario.profiles import PROFILES
 

@@ -84,6 +84,7 @@ class TrialSpec:
     birthday_probes: int = 1024  # random ports the other side probes
     birthday_rate: float = 1000.0  # of those, per second
     punch_anyway: bool = False  # punch even when both sides are endpoint-dependent (policy would skip)
+    port_mapping: bool = True  # in the labs, ask the gateway for a port mapping (a NAT `+map` grants one)
     relay_off_proof: bool = True  # False: prove the direct path as in the field, with the relay left on
     agents: int = 1
     carrier_nat: str = "port_restricted"

@@ -275,7 +275,8 @@ def trial_traversal_config(spec: TrialSpec) -> TraversalConfig:
     return TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout, spray_rate=spec.birthday_rate,
                                              spray_seed=spray_seed),
                            keepalive=spec.keepalive, failover=max(2.0, 3 * spec.keepalive),
-                           punch_anyway=spec.punch_anyway, port_mapping=spec.backend in ("sim", "netns"))
+                           punch_anyway=spec.punch_anyway,
+                           port_mapping=spec.port_mapping and spec.backend in ("sim", "netns"))
 
 
 def _verified(measure: dict[str, Any], direct: PathStats) -> bool:

@@ -108,8 +108,18 @@ def _cell_row(row: dict, g: pd.DataFrame) -> dict:
     rd, rr = row["rtt_direct_p50_ms"], row["rtt_relay_p50_ms"]
     row.update(direct_relay_ratio=rd / rr if rr and not math.isnan(rd) else math.nan,
                ttfb_p50_ms=float(g["ttfb_ms"].median()), ttd_p50_ms=float(g["ttd_ms"].median()),
-               top_reason=_top_reason(g))
+               top_reason=_top_reason(g), top_mechanism=_top_mechanism(g))
     return row
+
+
+def _top_mechanism(g: pd.DataFrame) -> str:
+    """What found the cell's direct paths most often (`mechanism`: mapping, prediction, ...); "" when
+    none went direct or the records predate the column."""
+    if "mechanism" not in g:
+        return ""
+    found = g["mechanism"].dropna().astype(str)
+    found = found[found != ""]
+    return str(found.mode().iat[0]) if len(found) else ""
 
 
 def _top_reason(g: pd.DataFrame) -> str:
@@ -135,6 +145,13 @@ def matrix(summary: pd.DataFrame, value: str, backend: str | None = None, profil
     m = s.pivot_table(index="agent_nat", columns="connector_nat", values=value, aggfunc="first", dropna=False)
     order = list(PRESET_NAMES) + sorted({*m.index, *m.columns} - set(PRESET_NAMES))  # field NATs last
     return m.reindex(index=[p for p in order if p in m.index], columns=[p for p in order if p in m.columns])
+
+
+def mechanism_matrix(summary: pd.DataFrame) -> pd.DataFrame:
+    """One backend and profile's cells as a table (Agent NAT rows, Connector NAT columns) of the
+    mechanism that found most of each cell's direct paths."""
+    m = matrix(summary, "top_mechanism").fillna("")
+    return m.reset_index().rename(columns={"agent_nat": "Agent NAT \\ Connector NAT"})
 
 
 def rtt_samples(df: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -214,6 +231,7 @@ def readable(summary: pd.DataFrame) -> pd.DataFrame:
             summary[f"rtt_{path}_p50_ms"], summary[f"rtt_{path}_ci_low"], summary[f"rtt_{path}_ci_high"],
             strict=True)]
     out["ttd ms, median"] = [_ms(v) for v in summary["ttd_p50_ms"]]
+    out["how direct (most common)"] = summary.get("top_mechanism", "")
     out["reason (most common, non-direct)"] = summary["top_reason"]
     return out
 
@@ -255,7 +273,8 @@ def settings(manifest: dict) -> str:
     return (f"**Campaign `{manifest.get('campaign_id')}`**: backend {manifest.get('backend')}, profile "
             f"{manifest.get('profile')}, Agent NAT {', '.join(agents)} × Connector NAT {', '.join(connectors)}, "
             f"{manifest.get('trials')} trials per cell, seed {manifest.get('seed')}, {p.get('samples')} echo samples "
-            f"per path{', punch_anyway' if p.get('punch_anyway') else ''}; started "
+            f"per path{', punch_anyway' if p.get('punch_anyway') else ''}"
+            f"{', birthday mode ' + str(p['birthday']) if p.get('birthday') else ''}; started "
             f"{str(manifest.get('started_at'))[:19]}, {state}.")
 
 

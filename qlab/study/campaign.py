@@ -52,6 +52,7 @@ class CampaignSpec:
     campaign_id: str = ""
     samples: int = 20
     punch_anyway: bool = False  # measure the cells policy decides (both sides endpoint-dependent)
+    birthday: int = 0  # birthday mode: mappings the random-port side opens (0: off)
 
     def __post_init__(self) -> None:
         if isinstance(self.agent_nats, str):
@@ -63,7 +64,7 @@ class CampaignSpec:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
         if self.backend == "loopback":
             check_loopback([*self.agent_nats, *self.connector_nats], self.profile)
-        for name, lo, hi in (("trials", 1, 10000), ("samples", 1, 10000)):
+        for name, lo, hi in (("trials", 1, 10000), ("samples", 1, 10000), ("birthday", 0, 4096)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
@@ -85,6 +86,7 @@ class CampaignSpec:
                 out.append(TrialSpec(
                     backend=self.backend, agent_nat=a, connector_nat=c, profile=self.profile,
                     seed=int.from_bytes(h[:4], "big"), samples=self.samples, punch_anyway=self.punch_anyway,
+                    birthday=self.birthday,
                     trial_id=f"{a}.{c}.{i:04d}", campaign_id=self.campaign_id,
                 ))
         return out

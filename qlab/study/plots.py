@@ -221,7 +221,7 @@ def heatmap(summary: pd.DataFrame, value: str, title: str, *, backend: str | Non
                     color="white" if not np.isnan(v) and v < ((vmin or 0) + (vmax or 1)) / 2 else "black")
     where = _label(s)
     ax.set_title(f"{title} ({where}, N={int(s['n'].sum())} trials)\n"
-                 "in each cell: value, direct/relay/failed counts, expected (D, D>, P, B, R, ? unknown NAT);\n"
+                 "in each cell: value, direct/relay/failed counts, expected (D, D>, P, B, R, M, ? unknown NAT);\n"
                  "✗ = not as expected; * = not punched, decided by policy (punch_anyway measures it)", fontsize=9)
     bar = plt.colorbar(im, ax=ax, fraction=0.046)
     bar.set_label(colorbar or title)

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlab.nat.spec import PRESET_NAMES, parse_presets
+from qlab.nat.spec import PRESET_NAMES, parse_presets, preset
 from qlab.scenario.profiles import REPORT_PROFILES
 from qlab.study import campaign, results
 from qlab.study.analysis import cell_summary, processing_text, profile_text
@@ -177,20 +177,46 @@ def run_report(*, backend: str = "sim", trials: int = 30, presets: str = "all", 
                                          trials=trials, campaign_id=f"report-{stamp}-{backend}-{prof}-{a}")
             campaign.run(spec, root=root, progress=progress)
             runs.append((a, prof, spec.campaign_id))
+    hard = _hard_cells(backend, agents, profiles[0], trials, stamp, root, progress)
     t_campaigns = time.monotonic() - t0
     ids = [cid for _, _, cid in runs]
     jobs = [("nat_campaign", f"nat_{a}" if prof == profiles[0] else f"nat_{a}_{prof}", f"Agent behind {a}, {prof}", cid,
              {"campaign_id": cid, "results_root": str(root), "progress": False}) for a, prof, cid in runs]
     jobs.insert(0, ("matrix_report", "matrix_report", "The NAT matrix", ",".join(ids),
                     {"campaign_ids": ",".join(ids), "results_root": str(root)}))
+    jobs.insert(1, ("matrix_report", "reachable", f"What is reachable: birthday mode and port mapping, {profiles[0]}",
+                    ",".join(hard), {"campaign_ids": ",".join(hard), "results_root": str(root)}))
     jobs.append(("explore", "explore", "Explore (static snapshot)", "",
                  {"backend": backend, "profile": profiles[0], "progress": False}))
     pages = []
     for name, page, title, cid, params in _progress(jobs, progress):
         nb = execute(name, out / "notebooks" / f"{page}.ipynb", params)
         pages.append((title, to_html(nb, out / f"{page}.html"), cid))
-    return write_index(out, pages, results.load(ids, root=root), {cid: root / cid for cid in ids},
-                       seconds=time.monotonic() - t0, campaign_seconds=t_campaigns)
+    return write_index(out, pages, results.load(ids, root=root), {cid: root / cid for cid in ids + hard},
+                       seconds=time.monotonic() - t0, campaign_seconds=t_campaigns,
+                       reachable=results.load(hard, root=root))
+
+
+# birthday mode's budget in the report: the mappings the random-port side opens (Tailscale's figure)
+REPORT_BIRTHDAY = 256
+
+
+def _hard_cells(backend: str, agents: list[str], prof: str, trials: int, stamp: str, root: Path,
+                progress: bool) -> list[str]:
+    """The campaigns that turn on what the plain matrix leaves off, where it applies: birthday mode on
+    the cells a random-port NAT makes hard, and a Connector whose router grants port mappings
+    (`NAME+map`) against the report's Agent NATs. Returns their ids."""
+    natted = [p for p in PRESET_NAMES if preset(p).nat]
+    hard = ["port_restricted", "symmetric"]  # birthday mode's cells: a random-port NAT and a cone
+    specs = [campaign.CampaignSpec(backend=backend, agent_nats=agents, connector_nats=[f"{c}+map" for c in natted],
+                                   profile=prof, trials=trials, campaign_id=f"report-{stamp}-{backend}-{prof}-mapping")]
+    if any(a in hard for a in agents):
+        specs.insert(0, campaign.CampaignSpec(
+            backend=backend, agent_nats=[a for a in agents if a in hard], connector_nats=hard, profile=prof,
+            trials=trials, birthday=REPORT_BIRTHDAY, campaign_id=f"report-{stamp}-{backend}-{prof}-birthday"))
+    for spec in specs:
+        campaign.run(spec, root=root, progress=progress)
+    return [s.campaign_id for s in specs]
 
 
 def _progress(jobs: list, enabled: bool):
@@ -236,8 +262,16 @@ def write_index(out: Path, pages: list[tuple[str, Path, str]], df, folders: dict
         data = "".join(f" · {_link(f, out)}" for f in copies.get(cid, []))
         rows.append(f"<li>{_link(p, out, title)}{' — campaign <code>' + html.escape(cid) + '</code>' if cid in copies else ''}"
                     f" · notebook {_link(executed, out)}{data}</li>")
+    reach = info.get("reachable")
+    if reach is not None and len(reach):
+        r = cell_summary(reach)
+        facts.append(f"<li>what is reachable ({html.escape(str(r['profile'].iat[0]))}): birthday mode "
+                     f"({REPORT_BIRTHDAY} mappings) and a Connector whose router grants port mappings, "
+                     f"{len(reach)} trials over {len(r)} NAT pairs; {int((r['direct_rate'] == 1).sum())} pairs "
+                     f"direct in every trial.</li>")
     summary = {"trials": len(df), "pairs": len(s), "as_expected_pairs": int((s.as_expected_rate == 1).sum()),
-               "failed_trials": int(s["failed"].sum()), "campaigns": sorted(copies)}
+               "failed_trials": int(s["failed"].sum()), "campaigns": sorted(copies),
+               "reachable_trials": len(reach) if reach is not None else 0}
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>qlab report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.5}}code{{background:#eee}}</style>
 </head><body><h1>qlab report</h1>
