@@ -73,11 +73,16 @@ def main() -> None:
                     help="that side's router grants port mappings (NAME+map)")
     ap.add_argument("--ask-mapping-ab", action="store_true",
                     help="each trial with and without asking for a mapping, interleaved; compares ttd")
+    ap.add_argument("--eim-only", action="store_true", help="only the 4 x 4 endpoint-independent cells")
+    ap.add_argument("--markdown", action="store_true",
+                    help="also print the direct rate per cell with its 95%% Wilson interval as a Markdown table")
     args = ap.parse_args()
     workers = args.workers or (os.cpu_count() or 1 if args.backend == "sim" else 1)
     certs = default_certs()
     cells = [(mapped(a) if args.mapping == "agent" else a, mapped(c) if args.mapping == "connector" else c)
              for a in PRESET_NAMES for c in PRESET_NAMES]
+    if args.eim_only:
+        cells = [(a, c) for a, c in cells if a.partition("+")[0] in EIM and c.partition("+")[0] in EIM]
     asks = (True, False) if args.ask_mapping_ab else (True,)
     jobs = [(args.backend, args.profile, a, c, 1000 * i + k, certs, args.punch_anyway, args.birthday, ask)
             for k in range(args.trials) for i, (a, c) in enumerate(cells) for ask in asks]
@@ -96,8 +101,13 @@ def main() -> None:
         by_cell[(r["agent_nat"], r["connector_nat"])].append(r)
     print(f"backend {args.backend}, profile {args.profile}, {args.trials} trials per cell, {workers} worker(s)"
           + (", punch anyway" if args.punch_anyway else ""))
+    if args.markdown:
+        markdown(cells, by_cell)
+    if len(cells) != 36:
+        summary(args, results, wall)
+        return
     print("cells: as-expected/N and the most frequent outcome")
-    print(f"{'agent/connector':<18}" + "".join(f"{c[:13]:>14}" for _a, c in cells[:6]))
+    print(f"{'agent/connector':<22}" + "".join(f"{c:>19}" for _a, c in cells[:6]))
     short = {"direct_wan": "wan", "direct_lan": "lan", "direct_predicted": "pred", "direct_mapped": "map"}
     for i in range(len(PRESET_NAMES)):
         row = []
@@ -106,7 +116,29 @@ def main() -> None:
             top = Counter(r["outcome"] for r in rs).most_common(1)[0][0]
             label = "R-pol" if all(r["punch"] == "skipped" for r in rs) else short.get(top, top)
             row.append(f"{sum(r['as_expected'] for r in rs):>3}/{len(rs)} {label:>5}")
-        print(f"{cells[6 * i][0]:<18}" + "".join(f"{x:>14}" for x in row))
+        print(f"{cells[6 * i][0]:<22}" + "".join(f"{x:>19}" for x in row))
+    summary(args, results, wall)
+
+
+def markdown(cells: list[tuple[str, str]], by_cell: dict[tuple[str, str], list[dict]]) -> None:
+    """Direct k/N per cell with its 95% Wilson interval (rows: Agent NAT, columns: Connector NAT)."""
+    from qlab.study.analysis import wilson
+
+    agents = list(dict.fromkeys(a for a, _ in cells))
+    conns = list(dict.fromkeys(c for _, c in cells))
+    print("| Agent \\ Connector | " + " | ".join(conns) + " |")
+    print("|---" * (len(conns) + 1) + "|")
+    for a in agents:
+        row = []
+        for c in conns:
+            rs = by_cell.get((a, c), [])
+            k = sum(r["outcome"].startswith("direct") for r in rs)
+            lo, hi = wilson(k, len(rs)) if rs else (float("nan"), float("nan"))
+            row.append(f"{k}/{len(rs)} ({100 * lo:.0f}–{100 * hi:.0f} %)" if rs else "–")
+        print(f"| {a} | " + " | ".join(row) + " |")
+
+
+def summary(args: argparse.Namespace, results: list[dict], wall: float) -> None:
     n = len(results)
     good = sum(r["as_expected"] for r in results)
     connected = sum(r["outcome"] != "failed" for r in results)
