@@ -150,3 +150,14 @@ def test_probe_through_kernel_nats(netns_ok, certs_dir, tmp_path, agent_nat, con
     rec = load("k", root=tmp_path).iloc[0]
     assert rec["backend"] == "field" and rec["agent_nat"] == agent_nat, rec.to_dict()  # classified in the kernel
     assert rec["outcome"] == outcome and rec["as_expected"], rec.to_dict()
+
+
+def test_classify_here_asks_no_gateway_when_the_intermediate_is_on_loopback():
+    """Field classification asks the default gateway for its mapping protocols only from a real
+    interface; on loopback there is no gateway in the way and nothing may leave the machine."""
+    import asyncio
+
+    from qlab.net import RealNet
+    from qlab.traversal.portmap import protocols_towards
+
+    assert asyncio.run(protocols_towards(RealNet(), ("127.0.0.1", 4433))) is None

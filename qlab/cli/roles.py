@@ -116,11 +116,17 @@ def classify_table(out: dict) -> str:
     rows: list[tuple[str, str | None]] = [
         ("preset", preset_line), ("mapping", out.get("mapping")), ("filtering", out.get("filtering")),
         ("ports", out.get("ports")), ("hairpinning", text(out.get("hairpinning"))),
-        ("port mapping", ", ".join(out["port_mapping"]) or "none offered" if "port_mapping" in out else None),
+        ("port mapping", _offered(out["port_mapping"]) if "port_mapping" in out else None),
         ("observed", f"{observed[0]}:{observed[1]}" if observed else None),
         ("notes", "; ".join(out.get("notes") or [])), ("backend", out.get("backend")),
     ]
     return pairs(rows)
+
+
+def _offered(protocols: list[str] | None) -> str:
+    if protocols is None:
+        return "not asked (the Intermediate is reached over loopback)"
+    return ", ".join(protocols) or "none offered"
 
 
 def _certs_needed(args: argparse.Namespace) -> str:

@@ -98,6 +98,7 @@ async def classify_here(intermediate: tuple[str, int], creds: Credentials, bind:
     from qlab.endpoint import Endpoint
     from qlab.net import RealNet
     from qlab.traversal.detect import classify
+    from qlab.traversal.portmap import protocols_towards
     from qlab.traversal.punch import host_ips_for
 
     net = RealNet()
@@ -107,7 +108,7 @@ async def classify_here(intermediate: tuple[str, int], creds: Credentials, bind:
         v = await classify(ep, creds, intermediate, host_ips_for(ep.local_address, net.host_addresses()))
     finally:
         ep.close()
-    return v.to_dict()
+    return {**v.to_dict(), "port_mapping": await protocols_towards(net, intermediate)}
 
 
 async def field_trial(spec: TrialSpec, creds: Credentials, intermediate: tuple[str, int], service: str,

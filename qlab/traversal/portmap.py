@@ -18,6 +18,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 from qlab.nat import natpmp, pcp, upnp
 from qlab.nat.gateway import PCP_PORT, SSDP_PORT
 from qlab.nat.spec import MAPPING_PROTOCOLS, MappingProtocol
-from qlab.net import Addr, DatagramSocket, Receiver
+from qlab.net import Addr, DatagramSocket, Receiver, udp_family
 from qlab.roles.events import Observers
 
 log = logging.getLogger(__name__)
@@ -419,3 +420,15 @@ async def offered_protocols(net: GatewayNet, host_ip: str, timeout: float = 0.25
 
     answers = await asyncio.gather(*(safely(checks[p]) for p in MAPPING_PROTOCOLS))
     return tuple(p for p, ok in zip(MAPPING_PROTOCOLS, answers, strict=True) if ok)
+
+
+async def protocols_towards(net: GatewayNet, remote: Addr, timeout: float = 0.25) -> list[str] | None:
+    """The protocols (their names) the default gateway answers, asked from the address this process's
+    network namespace routes towards `remote` (`qlab classify --intermediate`: the user's own
+    gateway); None when that address is loopback (no gateway on the way to ask, nothing is sent)."""
+    with socket.socket(udp_family(remote[0]), socket.SOCK_DGRAM) as s:
+        s.connect(remote)  # the route's source address; sends nothing
+        source = s.getsockname()[0]
+    if ipaddress.ip_address(source).is_loopback:
+        return None
+    return [p.value for p in await offered_protocols(net, source, timeout)]
