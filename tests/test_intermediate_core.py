@@ -646,6 +646,8 @@ def cand(kind: wire.CandidateKind, ip: str, port: int) -> wire.Candidate:
     (cand(K.PREDICTED, "198.51.100.1", 40002), cand(K.PREDICTED, "198.51.100.1", 40002)),
     (cand(K.PREDICTED, "198.51.100.66", 40002), None),  # not the observed IP
     (cand(K.PRFLX, "198.51.100.66", 40002), None),
+    (cand(K.MAPPED, "198.51.100.1", 4434), cand(K.MAPPED, "198.51.100.1", 4434)),  # its router's mapping
+    (cand(K.MAPPED, "203.0.113.66", 4434), None),  # a "mapping" on someone else's address
     (cand(K.HOST, "10.1.2.3", 5000), cand(K.HOST, "10.1.2.3", 5000)),  # private: a LAN peer may reach it
     (cand(K.HOST, "198.51.100.1", 5000), cand(K.HOST, "198.51.100.1", 5000)),  # no NAT: its own public IP
     (cand(K.HOST, "8.8.8.8", 53), None),  # someone else's public address

@@ -87,6 +87,7 @@ def cmd_connector(args: argparse.Namespace) -> int:
     from qlab.net import RealNet
     from qlab.roles.connector import Connector
     from qlab.traversal.connector_side import ConnectorTraversal
+    from qlab.traversal.path import TraversalConfig
 
     creds = _creds(args)
 
@@ -95,7 +96,8 @@ def cmd_connector(args: argparse.Namespace) -> int:
             RealNet(), creds, args.intermediate, service=args.service, forward=args.forward, name=args.name,
             host=args.bind, p2p_port=args.p2p_port,
         )
-        traversal = ConnectorTraversal(c)  # answers offers and punches: direct P2P on the same socket
+        # answers offers and punches: direct P2P on the same socket
+        traversal = ConnectorTraversal(c, TraversalConfig(port_mapping=args.port_mapping))
         await c.start()
         http = None
         if args.metrics is not None:
@@ -237,6 +239,9 @@ def _connector_agent_echo(sub: argparse._SubParsersAction) -> None:
     cn.add_argument("--bind", default="0.0.0.0", help="local address (0.0.0.0: any)")
     cn.add_argument("--name", default="connector", help="this Connector's name (in its certificate's role)")
     cn.add_argument("--metrics", type=parse_addr, default=None, help="HOST:PORT for /metrics and /healthz")
+    cn.add_argument("--port-mapping", action="store_true",
+                    help="ask the default gateway for a port mapping of the one socket (PCP, NAT-PMP, UPnP IGD), "
+                         "renew it while running, delete it on exit, and offer it to Agents")
     cn.set_defaults(func=cmd_connector)
 
     a = sub.add_parser("agent", help="run an Agent: open a session and send echo probes through it",
