@@ -107,7 +107,7 @@ def main() -> None:
         summary(args, results, wall)
         return
     print("cells: as-expected/N and the most frequent outcome")
-    print(f"{'agent/connector':<22}" + "".join(f"{c:>19}" for _a, c in cells[:6]))
+    print(f"{'agent/connector':<22}" + "".join(f"{c:>21}" for _a, c in cells[:6]))
     short = {"direct_wan": "wan", "direct_lan": "lan", "direct_predicted": "pred", "direct_mapped": "map"}
     for i in range(len(PRESET_NAMES)):
         row = []
@@ -116,7 +116,7 @@ def main() -> None:
             top = Counter(r["outcome"] for r in rs).most_common(1)[0][0]
             label = "R-pol" if all(r["punch"] == "skipped" for r in rs) else short.get(top, top)
             row.append(f"{sum(r['as_expected'] for r in rs):>3}/{len(rs)} {label:>5}")
-        print(f"{cells[6 * i][0]:<22}" + "".join(f"{x:>19}" for x in row))
+        print(f"{cells[6 * i][0]:<22}" + "".join(f"{x:>21}" for x in row))
     summary(args, results, wall)
 
 
