@@ -17,7 +17,7 @@ from qlab.experiment.trial import intermediate_listeners, run_trial
 from qlab.nat.firewall6 import PRESET6_NAMES, Firewall6Spec, firewall6, render
 from qlab.roles.intermediate_core import screen_candidates
 from qlab.scenario.topology import build
-from qlab.traversal.punch import Puncher, gather, lockstep_candidates, without_nat
+from qlab.traversal.punch import Puncher, gather, host_ips_for, lockstep_candidates, without_nat
 
 Addr = tuple[str, int]
 K = wire.CandidateKind
@@ -162,6 +162,13 @@ def test_gather_offers_both_families_ipv6_first() -> None:
     assert cands[0].priority > cands[1].priority > cands[2].priority
 
 
+def test_a_socket_offers_the_addresses_of_the_families_it_serves() -> None:
+    ips = ["10.1.0.2", "2001:db8:1::2"]
+    assert host_ips_for(("::", 5000), ips) == ips  # dual-stack
+    assert host_ips_for(("0.0.0.0", 5000), ips) == ["10.1.0.2"]
+    assert host_ips_for(("2001:db8:1::2", 5000), ips) == ["2001:db8:1::2"]
+
+
 def test_endpoint_dependent_pairs_still_probe_ipv6() -> None:
     own = (cand(K.HOST, "2001:db8:1::2", 1), cand(K.HOST, "10.1.0.2", 1), cand(K.SRFLX, "203.0.113.101", 2))
     peer = (cand(K.HOST, "2001:db8:2::2", 3), cand(K.HOST, "10.2.0.2", 3), cand(K.SRFLX, "203.0.113.102", 4),
@@ -237,6 +244,19 @@ def test_ipv6_on_one_side_only_leaves_the_ipv4_outcome() -> None:
 def test_an_ipv4_direct_cell_prefers_ipv6_when_both_work() -> None:
     rec = _trial("full_cone", "full_cone", "stateful", "stateful")
     assert rec["path_family"] == "ipv6" and rec["outcome"] == "direct_wan"
+
+
+def test_faults_keep_working_over_ipv6() -> None:
+    """A blackholed IPv6 path falls back to the relay; a restarted Connector (bound dual-stack like
+    the first) gets the session direct over IPv6 again."""
+    rec = run_trial(TrialSpec(agent_nat="symmetric", connector_nat="symmetric", agent_ipv6="stateful",
+                              connector_ipv6="stateful", seed=2, samples=5, verify_echoes=5, blackhole=True)).to_dict()
+    assert rec["path_family"] == "ipv6" and rec["failover_ms"] is not None and rec["failover_ms"] <= 2000
+    rec = run_trial(TrialSpec(agent_nat="symmetric", connector_nat="symmetric", agent_ipv6="stateful",
+                              connector_ipv6="stateful", seed=2, samples=5, verify_echoes=5,
+                              fault="connector_restart")).to_dict()
+    fault = rec["extra"]["fault"]
+    assert fault["session_reopened"] and fault["path_after"] == "direct" and "punch_ok" in fault["events"]
 
 
 def test_dual_stack_trials_repeat_exactly_with_one_seed() -> None:

@@ -70,11 +70,15 @@ def test_stateful_firewall_and_nat_side_by_side_on_netns(netns_ok: None) -> None
 
 
 def test_symmetric_nats_go_direct_over_ipv6_on_netns(netns_ok: None) -> None:
+    """...and when the IPv6 path is blackholed in the Agent's router (the `ip6` block table), traffic
+    is back on the relay within the failover bound."""
     r = run_trial(TrialSpec(backend="netns", agent_nat="symmetric", connector_nat="symmetric", profile="wan-20ms",
-                            agent_ipv6="stateful", connector_ipv6="stateful", seed=1, samples=5, verify_echoes=5))
+                            agent_ipv6="stateful", connector_ipv6="stateful", seed=1, samples=5, verify_echoes=5,
+                            blackhole=True))
     assert r.error == "", r.error
     assert r.outcome == "direct_wan" and r.direct_verified and r.as_expected, (r.reason, r.path_events)
     assert r.path_family == "ipv6" and r.mechanism == "ipv6" and r.working_pair == "2001:db8:2::2:4434"
+    assert r.failover_ms is not None and r.failover_ms <= 2000, r.path_events
 
 
 @pytest.mark.parametrize("fws", [("stateful", "")])

@@ -52,8 +52,12 @@ def priority(kind: wire.CandidateKind, local_pref: int = 65535) -> int:
 
 def host_ips_for(bound: Addr, interface_ips: list[str]) -> list[str]:
     """A socket bound to one address can only be reached there; one bound to the wildcard on
-    every interface address."""
-    return list(interface_ips) if bound[0] in ("0.0.0.0", "::") else [bound[0]]
+    every interface address of its family (`::`, dual-stack: of both)."""
+    if bound[0] == "::":
+        return list(interface_ips)
+    if bound[0] == "0.0.0.0":
+        return [ip for ip in interface_ips if ":" not in ip]
+    return [bound[0]]
 
 
 def gather(
