@@ -185,12 +185,7 @@ def build(
     if scenario != "multi_agent" and agents != 1:
         raise ValueError("several agents need scenario 'multi_agent'")
 
-    for fw in (agent_ipv6, connector_ipv6):
-        if fw:
-            firewall6(fw)
-    dual = bool(agent_ipv6 or connector_ipv6)
-    if dual and scenario == "double_nat":
-        raise ValueError("IPv6 is not modelled behind a carrier NAT (scenario double_nat)")
+    dual = _dual_stack(scenario, agent_ipv6, connector_ipv6)
     segments: list[Segment] = [Segment(INTERNET, INTERNET_CIDR, cidr6=INTERNET6_CIDR if dual else None)]
     routers: list[Router] = []
     hosts: list[Host] = [Host("intermediate", INTERNET, INTERMEDIATE_IPS, link=prof.intermediate,
@@ -220,6 +215,17 @@ def build(
         meta={"carrier_nat": carrier_nat if scenario == "double_nat" else None,
               **({"ipv6": {"agent": agent_ipv6 or None, "connector": connector_ipv6 or None}} if dual else {})},
     )
+
+
+def _dual_stack(scenario: str, agent_ipv6: str, connector_ipv6: str) -> bool:
+    """Whether the lab is dual-stack; the firewall names are checked here."""
+    for fw in (agent_ipv6, connector_ipv6):
+        if fw:
+            firewall6(fw)
+    dual = bool(agent_ipv6 or connector_ipv6)
+    if dual and scenario == "double_nat":
+        raise ValueError("IPv6 is not modelled behind a carrier NAT (scenario double_nat)")
+    return dual
 
 
 def _double_nat(agent_nat: str, connector_nat: str, carrier_nat: str, prof: NetProfile) -> list[_Site]:

@@ -51,7 +51,7 @@ class LabUnavailable(RuntimeError):
     """The lab cannot run on this machine; the message says exactly what is missing."""
 
 
-def check_requirements(need_tun: bool = True, port_mapping: bool = False) -> None:
+def check_requirements(need_tun: bool = True, port_mapping: bool = False, ipv6: bool = False) -> None:
     missing = [tool for tool in ("ip", "nft", "conntrack") if shutil.which(tool) is None]
     if missing:
         raise LabUnavailable(
@@ -67,6 +67,8 @@ def check_requirements(need_tun: bool = True, port_mapping: bool = False) -> Non
             f"{hint}; or use --backend sim, which needs no privilege")
     if not os.path.isdir("/proc/self/ns") or not os.path.exists("/proc/self/ns/net"):
         raise LabUnavailable("this kernel has no network namespaces (/proc/self/ns/net is missing)")
+    if ipv6 and not os.path.isdir("/proc/sys/net/ipv6"):
+        raise LabUnavailable("a dual-stack lab needs IPv6 in the kernel (/proc/sys/net/ipv6 is missing)")
     if need_tun and not os.access("/dev/net/tun", os.R_OK | os.W_OK):
         raise LabUnavailable("link profiles with delay or loss need /dev/net/tun (read/write) for the TAP wires")
 
@@ -221,7 +223,8 @@ class Lab:
         shaped = any(not link.ideal for link in self._links().values())
         self.link_mechanism = "netem" if shaped and shutil.which("tc") and netem_available() else "tapwire"
         mapping = any(r.nat.port_mapping for r in topo.routers)
-        check_requirements(need_tun=shaped and self.link_mechanism == "tapwire", port_mapping=mapping)
+        check_requirements(need_tun=shaped and self.link_mechanism == "tapwire", port_mapping=mapping,
+                           ipv6=topo.ipv6)
         for ns in [self.hub, *self.namespaces.values()]:
             _run(["ip", "netns", "add", ns])
         cmds: dict[str, list[str]] = {ns: ["link set lo up"] for ns in [self.hub, *self.namespaces.values()]}
