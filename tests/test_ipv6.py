@@ -6,6 +6,7 @@ dual-stack trials in the simulator (deterministic: one seed, one outcome)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -263,3 +264,22 @@ def test_dual_stack_trials_repeat_exactly_with_one_seed() -> None:
     keep = ("outcome", "working_pair", "ttd_ms", "rtt_direct_p50_ms", "agent_candidates", "path_events")
     a, b = (_trial("symmetric", "symmetric", "stateful", "stateful", seed=9) for _ in range(2))
     assert {k: a[k] for k in keep} == {k: b[k] for k in keep}
+
+
+# -- the command line -------------------------------------------------------------------------------
+def test_cli_ipv6_for_both_sides_or_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from qlab.cli import main as cli
+
+    argv = ["trial", "--agent-nat", "symmetric", "--connector-nat", "symmetric", "--samples", "5"]
+    assert cli.main([*argv, "--ipv6", "stateful", "--connector-ipv6", "open"]) == 0
+    out = capsys.readouterr().out
+    assert "outcome          direct_wan (by ipv6)" in out, out
+    assert "IPv6 firewalls   agent stateful, connector open; direct path over ipv6" in out, out
+    assert cli.main([*argv, "--agent-ipv6", "stateful", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["extra"] == {"ipv6": {"agent": "stateful", "connector": None}} and rec["outcome"] == "relay"
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--ipv6", "nat66"])
+    loopback = ["--backend", "loopback", "--profile", "lan", "--agent-nat", "public", "--connector-nat", "public"]
+    with pytest.raises(SystemExit, match="IPv6 .* needs --backend sim or netns"):  # one line, before any work
+        cli.main([*argv, "--ipv6", "open", *loopback])
