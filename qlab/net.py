@@ -70,6 +70,7 @@ class RealSocket:
         self._receiver = receiver
         self._loop = loop
         self._closed = False
+        self._v6 = sock.family == socket.AF_INET6
         self.send_errors = 0
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -94,6 +95,8 @@ class RealSocket:
     def sendto(self, data: bytes, addr: Addr) -> None:
         if self._closed:
             return
+        if self._v6 and ":" not in addr[0]:
+            addr = (f"::ffff:{addr[0]}", addr[1])  # a dual-stack socket reaches IPv4 as IPv4-mapped
         try:
             self._sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError, OSError):
@@ -117,6 +120,9 @@ def bind_real(sock: socket.socket, host: str, port: int, receiver: Receiver, whe
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
     sock.setblocking(False)
+    if sock.family == socket.AF_INET6 and host == "::":  # dual-stack: IPv4 arrives IPv4-mapped
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:
         sock.bind((host, port))
     except OSError as exc:

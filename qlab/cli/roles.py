@@ -9,6 +9,7 @@ import json
 from qlab.backends.base import BACKENDS, check_loopback
 from qlab.cli.table import pairs, text
 from qlab.cli.util import RESULTS_HELP, example, nat_preset, non_negative_float, parse_addr, positive_int
+from qlab.nat.firewall6 import PRESET6_NAMES
 from qlab.nat.spec import PRESET_NAMES
 from qlab.scenario.profiles import PROFILE_NAMES
 from qlab.scenario.topology import SCENARIOS
@@ -44,12 +45,15 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
     if args.backend == "loopback":  # refused before any work, in one line
         check_loopback([args.agent_nat, args.connector_nat], args.profile)
+    agent_ipv6, connector_ipv6 = args.agent_ipv6 or args.ipv6 or "", args.connector_ipv6 or args.ipv6 or ""
+    if (agent_ipv6 or connector_ipv6) and args.backend not in ("sim", "netns"):
+        raise SystemExit("qlab trial: IPv6 (--ipv6, --agent-ipv6, --connector-ipv6) needs --backend sim or netns")
     spec = TrialSpec(
         backend=args.backend, agent_nat=args.agent_nat, connector_nat=args.connector_nat, profile=args.profile,
         scenario=args.scenario, seed=args.seed, samples=args.samples, echo_interval=args.echo_interval / 1000,
         punch_timeout=args.punch_timeout, blackhole=args.blackhole, birthday=args.birthday,
         punch_anyway=args.punch_anyway, fault=args.fault, outage_s=args.outage, idle_s=args.idle,
-        relay_off_proof=not args.relay_stays_on,
+        relay_off_proof=not args.relay_stays_on, agent_ipv6=agent_ipv6, connector_ipv6=connector_ipv6,
     )
     rec = run_trial(spec, certs_dir=args.certs).to_dict()
     print(json.dumps(rec) if args.json else trial_table(rec))
@@ -76,6 +80,10 @@ def trial_table(rec: dict) -> str:
     for side in ("agent", "connector"):
         if rec.get(f"{side}_mapping"):  # the address a router granted (PCP, NAT-PMP, UPnP IGD)
             rows.append((f"{side} mapping", rec[f"{side}_mapping"]))
+    ipv6 = (rec.get("extra") or {}).get("ipv6")
+    if ipv6:  # a dual-stack trial: each side's IPv6 firewall, and the family of the direct path
+        fw = ", ".join(f"{side} {ipv6.get(side) or 'none'}" for side in ("agent", "connector"))
+        rows.append(("IPv6 firewalls", f"{fw}; direct path over {rec.get('path_family') or '-'}"))
     if rec.get("sim_calibration"):  # what the simulator charged for the roles' work (docs/sim.md)
         rows.append(("processing", f"calibration {rec['sim_calibration']}"))
     if rec["failover_ms"] is not None or rec["echo_gap_ms"] is not None:  # --blackhole
@@ -196,6 +204,14 @@ def _register_trial(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--connector-nat", type=nat_preset, metavar="PRESET", default="port_restricted",
                    help=f"the Connector's {PRESETS_HELP}")
     t.add_argument("--json", action="store_true", help=JSON_HELP)
+    fws = ", ".join(PRESET6_NAMES)
+    t.add_argument("--ipv6", choices=PRESET6_NAMES, metavar="FIREWALL", default=None,
+                   help=f"make the lab dual-stack; both sides' routers filter IPv6 as FIREWALL ({fws}; "
+                        "docs/traversal.md, IPv6). Default: IPv4 only")
+    t.add_argument("--agent-ipv6", choices=PRESET6_NAMES, metavar="FIREWALL", default=None,
+                   help="the Agent side's IPv6 firewall (overrides --ipv6; alone: only the Agent side has IPv6)")
+    t.add_argument("--connector-ipv6", choices=PRESET6_NAMES, metavar="FIREWALL", default=None,
+                   help="the Connector side's IPv6 firewall (overrides --ipv6)")
     t.add_argument("--compact", dest="json", action="store_true", help=argparse.SUPPRESS)  # the old name of --json
     t.add_argument("--blackhole", action="store_true", help="drop the direct path mid-trial (fallback test)")
     t.add_argument("--punch-anyway", action="store_true",

@@ -173,7 +173,8 @@ async def connector_restart(ctx: FaultContext) -> FaultResult:
         ctx.connector.close()
         await ctx.echo_until(t_stop + ctx.spec.outage_s)
         new = Connector(ctx.env.net("connector"), ctx.creds, ctx.listen[0], service="echo",
-                        forward=(ctx.connector_ip, APP_PORT), name="connector", p2p_port=CONNECTOR_PORT)
+                        forward=(ctx.connector_ip, APP_PORT), name="connector", p2p_port=CONNECTOR_PORT,
+                        host="::" if ctx.cfg.qad6 else "0.0.0.0")  # dual-stack labs: as the first one
         new_ct = ConnectorTraversal(new, ctx.cfg)
         await new.start()
         t_back = ctx.now()

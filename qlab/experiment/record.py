@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 APP_PORT = 9999  # the Connector host's echo app, the service every lab trial reaches
+IPV6_FIREWALLS = ("open", "stateful")  # qlab.nat.firewall6.PRESET6_NAMES (this module imports no networking)
 
 
 class Outcome(StrEnum):
@@ -48,6 +49,7 @@ class Mechanism(StrEnum):
     PREDICTION = "prediction"  # a predicted port of a sequential-port NAT
     BIRTHDAY = "birthday"  # random ports sprayed against a random-port NAT (birthday mode)
     MAPPING = "mapping"  # an address a side's router granted by PCP, NAT-PMP or UPnP IGD
+    IPV6 = "ipv6"  # a peer's global IPv6 host address (no NAT; a stateful firewall opened by both sides' probes)
 
 
 class PunchState(StrEnum):
@@ -88,6 +90,10 @@ class TrialSpec:
     relay_off_proof: bool = True  # False: prove the direct path as in the field, with the relay left on
     agents: int = 1
     carrier_nat: str = "port_restricted"
+    # each side's IPv6 firewall preset (qlab.nat.firewall6: open, stateful); "" = no IPv6 on that
+    # side. Either one makes the lab dual-stack (the Intermediate gets IPv6 too)
+    agent_ipv6: str = ""
+    connector_ipv6: str = ""
     trial_id: str = ""
     campaign_id: str = ""
 
@@ -104,6 +110,16 @@ class TrialSpec:
             raise ValueError("punch_timeout must be between 0.1 and 60 s")
         if self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; choose one of: {', '.join(f for f in FAULTS if f)}")
+        for fw in (self.agent_ipv6, self.connector_ipv6):
+            if fw and fw not in IPV6_FIREWALLS:
+                raise ValueError(f"unknown IPv6 firewall {fw!r}; choose one of: {', '.join(IPV6_FIREWALLS)}")
+
+    @property
+    def ipv6(self) -> dict[str, str | None] | None:
+        """Each side's IPv6 firewall in a dual-stack trial (None: an IPv4-only trial)."""
+        if not (self.agent_ipv6 or self.connector_ipv6):
+            return None
+        return {"agent": self.agent_ipv6 or None, "connector": self.connector_ipv6 or None}
 
 
 @dataclass
@@ -174,6 +190,9 @@ class TrialResult:
     mechanism: str | None = None
     agent_mapping: str | None = None
     connector_mapping: str | None = None
+    # Added by issue 17 (IPv6): the address family of the verified direct path, "ipv4" or "ipv6";
+    # None when not direct. A dual-stack trial's IPv6 firewalls are in `extra["ipv6"]`.
+    path_family: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,7 +201,7 @@ class TrialResult:
 # columns older records may lack (loaded as None)
 ADDED_FIELDS = ("rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_direct_received",
                 "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch", "sim_calibration",
-                "mechanism", "agent_mapping", "connector_mapping")
+                "mechanism", "agent_mapping", "connector_mapping", "path_family")
 
 
 def error_text(exc: BaseException) -> str:

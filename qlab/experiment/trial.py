@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -49,7 +50,7 @@ from qlab.traversal.agent_side import AgentTraversal, SessionTraversal
 from qlab.traversal.connector_side import ConnectorTraversal
 from qlab.traversal.mapped import MappedAddress
 from qlab.traversal.path import TraversalConfig
-from qlab.traversal.punch import PunchConfig
+from qlab.traversal.punch import PunchConfig, lan_candidates
 from qlab.wire import Path
 
 log = logging.getLogger("qlab.experiment.trial")
@@ -210,8 +211,19 @@ class AgentSide:
 
 
 def intermediate_listeners(inter_ips: list[str]) -> list[tuple[str, int]]:
-    """The Intermediate's listeners: both ports on its first address, and on its second if it has one."""
-    return [(ip, port) for ip in inter_ips[:2] for port in (INTERMEDIATE_PORT, INTERMEDIATE_ALT_PORT)]
+    """The Intermediate's listeners: both ports on its first address, and on its second if it has
+    one; IPv4 first (the primary and the classification listeners), then the same for IPv6."""
+    v4 = [ip for ip in inter_ips if ":" not in ip][:2]
+    v6 = [ip for ip in inter_ips if ":" in ip][:2]
+    return [(ip, port) for ip in v4 + v6 for port in (INTERMEDIATE_PORT, INTERMEDIATE_ALT_PORT)]
+
+
+def _dual_stack(env: Environment, cfg: TraversalConfig, listen: list[tuple[str, int]]) -> tuple[str, TraversalConfig]:
+    """A dual-stack lab: the roles bind `::` (one socket for both families) and QAD over IPv6 too."""
+    qad6 = next((a for a in listen if ":" in a[0]), None)
+    if qad6 is None:
+        return "0.0.0.0", cfg
+    return "::", dataclasses.replace(cfg, qad6=qad6)
 
 
 async def run_in(env: Environment, spec: TrialSpec, creds: Credentials) -> TrialResult:
@@ -221,7 +233,7 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials) -> Trial
     w0 = loop.time()
     listen = intermediate_listeners(env.addresses("intermediate"))
     connector_ip = env.addresses("connector")[0]
-    cfg = trial_traversal_config(spec)
+    bind, cfg = _dual_stack(env, trial_traversal_config(spec), listen)
     if spec.binding_timeout is not None:
         for router in env.topology.routers:
             env.set_binding_timeout(router.name, spec.binding_timeout)
@@ -240,13 +252,13 @@ async def run_in(env: Environment, spec: TrialSpec, creds: Credentials) -> Trial
         await srv.listen(listen)
         await echo.start(connector_ip, APP_PORT)
         connector = Connector(env.net("connector"), creds, listen[0], service="echo", forward=(connector_ip, APP_PORT),
-                              name="connector", p2p_port=CONNECTOR_PORT)
+                              name="connector", p2p_port=CONNECTOR_PORT, host=bind)
         ct = ConnectorTraversal(connector, cfg)
         await connector.start()
         await connector.wait_registered(_left(setup_by))
         await asyncio.wait_for(ct.ready.wait(), _left(setup_by))
         side = AgentSide(env.net("agent"), creds, listen[0], spec, cfg,
-                         relay_switch=relay_switch if spec.relay_off_proof else None)
+                         relay_switch=relay_switch if spec.relay_off_proof else None, bind=bind)
         await side.run()
         ctx = faults.FaultContext(env, spec, creds, listen, connector_ip, cfg, srv, connector, ct, side.agent,
                                   side.session_traversal, side.probe, side.send_echo)
@@ -301,6 +313,8 @@ def _working_kinds(st: SessionTraversal, ct: ConnectorTraversal | None) -> set[w
 def _direct_kind(st: SessionTraversal, ct: ConnectorTraversal | None) -> Outcome:
     """Which direct outcome a verified session's working pair makes."""
     kinds = _working_kinds(st, ct)
+    if _family(st.working) == "ipv6" and st.working_kind == wire.CandidateKind.HOST and not _lan_pair(st):
+        return Outcome.DIRECT_WAN  # a global IPv6 address: reachable through the firewalls, not a LAN
     if st.working_kind == wire.CandidateKind.HOST and st.peer_nat != wire.NatKind.NONE:
         return Outcome.DIRECT_LAN  # a private host address of a peer behind a NAT: same LAN
     if wire.CandidateKind.MAPPED in kinds:
@@ -308,6 +322,16 @@ def _direct_kind(st: SessionTraversal, ct: ConnectorTraversal | None) -> Outcome
     if wire.CandidateKind.PREDICTED in kinds:
         return Outcome.DIRECT_PREDICTED
     return Outcome.DIRECT_WAN
+
+
+def _family(addr: tuple[str, int] | None) -> str | None:
+    return None if addr is None else ("ipv6" if ":" in addr[0] else "ipv4")
+
+
+def _lan_pair(st: SessionTraversal) -> bool:
+    """Whether the working IPv6 host address is on one of our own LAN prefixes (same_lan)."""
+    own = tuple(c for c in st.candidates if c.kind == wire.CandidateKind.HOST)
+    return st.working is not None and bool(lan_candidates(own, (wire.Candidate(wire.CandidateKind.HOST, st.working),)))
 
 
 def mechanism(outcome: Outcome, st: SessionTraversal | None, ct: ConnectorTraversal | None,
@@ -319,6 +343,8 @@ def mechanism(outcome: Outcome, st: SessionTraversal | None, ct: ConnectorTraver
         return Mechanism.LAN
     if outcome == Outcome.DIRECT_MAPPED:
         return Mechanism.MAPPING
+    if _family(st.working) == "ipv6" and st.working_kind == wire.CandidateKind.HOST:
+        return Mechanism.IPV6
     if outcome == Outcome.DIRECT_PREDICTED:
         return Mechanism.BIRTHDAY if birthday and wire.NatKind.EDM_RANDOM in (st.own_nat, st.peer_nat) \
             else Mechanism.PREDICTION
@@ -428,7 +454,7 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
     probe = side.probe if side is not None else EchoProbe(time.monotonic, spec.echo_size)
     measure = side.measure if side is not None else _nothing_measured()
     if expected is None:
-        expected = expected_outcome(spec.agent_nat, spec.connector_nat)
+        expected = "D" if spec.agent_ipv6 and spec.connector_ipv6 else expected_outcome(spec.agent_nat, spec.connector_nat)
     verified = _verified(measure, probe.paths[Path.DIRECT])
     outcome, reason = _outcome(side, ct, probe, measure, verified, error)
     working = f"{st.working[0]}:{st.working[1]}" if st is not None and verified and st.working else ""
@@ -449,11 +475,13 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
                        f"backend {spec.backend}, profile {spec.profile}{measured_where}; "
                        f"{_proof(side, measure, probe)}"),
         error=error,
-        extra={"fault": measure["fault"]} if "fault" in measure else {},
+        extra={**({"fault": measure["fault"]} if "fault" in measure else {}),
+               **({"ipv6": spec.ipv6} if spec.ipv6 else {})},
         punch=punch_state(st.path.events if st is not None else []).value,
         mechanism=_value(mechanism(outcome, st, ct, spec.birthday > 0)),
         agent_mapping=_mapping(side.at.mapped) if side is not None else None,
         connector_mapping=_mapping(ct.mapped) if ct is not None else None,
+        path_family=_family(st.working) if st is not None and verified and st.working else None,
         **_candidates(side, ct), **_path_fields(probe, st, side.t0 if side is not None else None, outcome),
     )
 
@@ -491,7 +519,8 @@ def run_trial(spec: TrialSpec, *, certs_dir: str | None = None, backend: Backend
 
 def _run_trial(spec: TrialSpec, *, certs_dir: str | None = None, backend: Backend[Any] | None = None) -> TrialResult:
     topo = build(spec.agent_nat, spec.connector_nat, scenario=spec.scenario, profile_name=spec.profile,
-                 agents=spec.agents, carrier_nat=spec.carrier_nat)
+                 agents=spec.agents, carrier_nat=spec.carrier_nat, agent_ipv6=spec.agent_ipv6,
+                 connector_ipv6=spec.connector_ipv6)
     backend = backend or get_backend(spec.backend)
     creds = Credentials.load(certs_dir or default_certs())
     with backend.environment(topo, spec.seed) as env:

@@ -39,6 +39,7 @@ PUNCH_MARGIN_MS = 2  # slack for RTT estimates when timing the common punch star
 MAX_PUNCH_DELAY_MS = 5000
 DEFAULT_RTT = 0.1  # seconds, for a peer whose RTT QUIC has not measured yet
 SESSION_ID_REFUSED = "session id refused; pick another"
+SEEN_ADDRESSES = 4  # per identity: its link and its QAD connections of both families
 MAX_FORWARDED_CANDIDATES = 16  # host(s) + server-reflexive + 8 predicted ports fit
 
 
@@ -160,6 +161,12 @@ class Identity:
     limits: ClientLimits
     connections: int = 0
     sessions: int = 0  # open sessions this identity opened (as an Agent)
+    # where its authenticated connections came from, newest last: the addresses it proved its own
+    seen_at: deque[Addr] = field(default_factory=lambda: deque(maxlen=SEEN_ADDRESSES))
+
+    def saw(self, addr: Addr | None) -> None:
+        if addr is not None and addr not in self.seen_at:
+            self.seen_at.append(addr)
 
 
 @dataclass(eq=False)
@@ -213,30 +220,57 @@ def _implausible(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -
     return port == 0 or ip.is_multicast or ip.is_unspecified or ip.is_reserved
 
 
-def _screened(c: wire.Candidate, observed: Addr | None) -> wire.Candidate | None:
+def _screened(c: wire.Candidate, observed: Addr | None, proven: tuple[Addr, ...] = ()) -> wire.Candidate | None:
     """`c` as it may be forwarded, or None. Only what the sender can prove is its own survives:
     its server-reflexive address is the one we observe (rewritten to it), mapped, predicted and
     peer-reflexive ports are on the IP we observe, host addresses are private or link-local, or
-    that IP. A RELAY candidate is never forwarded (the Intermediate is the relay)."""
+    that IP. `proven`: addresses other authenticated connections of the sender's identity came
+    from (its IPv6 QAD): a global IPv6 address is reachable by anyone, so an IPv6 candidate is
+    forwarded only when it is exactly one of those (or ULA), else a peer could make the other side
+    probe any host. A RELAY candidate is never forwarded (the Intermediate is the relay)."""
     ip = ipaddress.ip_address(c.addr[0])
     if _implausible(ip, c.addr[1]) or observed is None:
         return None
     seen = ipaddress.ip_address(observed[0])
+    if ip.version != seen.version:
+        return _screened_other_family(c, ip, proven)
     if c.kind == wire.CandidateKind.SRFLX:
         return c if c.addr == observed else dataclasses.replace(c, addr=observed)
     if c.kind in (wire.CandidateKind.PREDICTED, wire.CandidateKind.PRFLX, wire.CandidateKind.MAPPED):
         return c if ip == seen else None
     if c.kind == wire.CandidateKind.HOST:  # loopback is another host's own: never offered by a peer
+        if ip.version == 6 and ip != seen:
+            return c if c.addr in proven or _ula(ip) else None
         return c if ip == seen or not (ip.is_global or ip.is_loopback) else None
     return None
 
 
-def screen_candidates(candidates: tuple[wire.Candidate, ...], observed: Addr | None) -> tuple[wire.Candidate, ...]:
+def _ula(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """IPv6 unique local (fc00::/7), the IPv6 counterpart of a private IPv4 LAN."""
+    return ip in _ULA
+
+
+_ULA = ipaddress.ip_network("fc00::/7")
+
+
+def _screened_other_family(c: wire.Candidate, ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                           proven: tuple[Addr, ...]) -> wire.Candidate | None:
+    """A candidate of the family the sender's link does not use: only an address it proved, or a
+    private one (ULA, RFC 1918) offered as a host candidate."""
+    if c.addr in proven:
+        return c
+    if c.kind != wire.CandidateKind.HOST or ip.is_loopback or ip.is_link_local:
+        return None
+    return c if (_ula(ip) if ip.version == 6 else not ip.is_global) else None
+
+
+def screen_candidates(candidates: tuple[wire.Candidate, ...], observed: Addr | None,
+                      proven: tuple[Addr, ...] = ()) -> tuple[wire.Candidate, ...]:
     """The candidates of an offer, answer or announcement that the Intermediate forwards: screened
     (`_screened`), without duplicates, at most MAX_FORWARDED_CANDIDATES, in the sender's order."""
     out: list[wire.Candidate] = []
     for c in candidates:
-        kept = _screened(c, observed)
+        kept = _screened(c, observed, proven)
         if kept is not None and all(k.addr != kept.addr for k in out):
             out.append(kept)
             if len(out) == MAX_FORWARDED_CANDIDATES:
@@ -410,6 +444,7 @@ class IntermediateCore:
             identity = self.identities[msg.role, msg.name] = Identity(ClientLimits(now, self.rate_limits))
         identity.connections += 1
         c = Client(self._new_id(self.clients), peer, msg.role, msg.name, identity)
+        self._note_address(c)
         self.clients[c.id] = c
         self.by_peer[peer] = c
         self.metrics.inc("hellos_total", role=msg.role.name.lower())
@@ -426,6 +461,17 @@ class IntermediateCore:
         if hello.role == wire.Role.PROBE:
             return list(self.role_secrets.values())
         return [self.role_secrets[hello.role]]
+
+    def _note_address(self, c: Client) -> None:
+        """Remember where an authenticated connection came from (the handshake validated it). A
+        probe connection (QAD) counts for the Agent and Connector identities of the same name:
+        that is how a side proves its IPv6 address while its link runs over IPv4."""
+        c.identity.saw(c.peer.address)
+        if c.role == wire.Role.PROBE:
+            for role in (wire.Role.AGENT, wire.Role.CONNECTOR):
+                ident = self.identities.get((role, c.name))
+                if ident is not None:
+                    ident.saw(c.peer.address)
 
     @staticmethod
     def _new_id(taken: dict[int, Any]) -> int:
@@ -576,7 +622,7 @@ class IntermediateCore:
 
     def _screen(self, c: Client, candidates: tuple[wire.Candidate, ...]) -> tuple[wire.Candidate, ...]:
         """`screen_candidates` against the address we observe `c` at, counting what it removed."""
-        kept = screen_candidates(candidates, c.peer.address)
+        kept = screen_candidates(candidates, c.peer.address, tuple(c.identity.seen_at))
         changed = len(candidates) - sum(1 for k in kept if k in candidates)
         if changed:
             self.metrics.inc("candidates_screened_total", changed)

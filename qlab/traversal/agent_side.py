@@ -212,7 +212,8 @@ class AgentTraversal:
                                         lambda _m: self._gather())
             self.mapped.start()
         self.detection = await detect(agent.link, agent.endpoint, agent.creds, agent.name, self.host_ips,
-                                      self.cfg.detect_timeout)
+                                      self.cfg.detect_timeout,
+                                      self.cfg.qad6)
         if self.mapped is not None:
             await self.mapped.settled()
         self._gather()

@@ -86,7 +86,8 @@ class ConnectorTraversal:
             self.mapped = MappedAddress(c.net, c.endpoint.local_address, self.host_ips, self._mapping_changed)
             self.mapped.start()
         try:
-            self.detection = await detect(c.link, c.endpoint, c.creds, c.name, self.host_ips, self.cfg.detect_timeout)
+            self.detection = await detect(c.link, c.endpoint, c.creds, c.name, self.host_ips, self.cfg.detect_timeout,
+                                         self.cfg.qad6)
             if self.mapped is not None:
                 await self.mapped.settled()
         finally:

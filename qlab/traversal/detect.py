@@ -137,10 +137,22 @@ def nat_kind_from(local: Addr, host_ips: list[str], observed: list[Addr]) -> wir
 class Detection:
     kind: wire.NatKind
     observed: list[Addr]
+    observed6: Addr | None = None  # QAD over IPv6 (no NAT: the host's own address), when asked
 
     @property
     def last_port(self) -> int | None:
         return self.observed[-1][1] if self.observed else None
+
+
+async def observe_ipv6(endpoint: Endpoint, creds: Credentials, name: str, target: Addr, timeout: float) -> Addr | None:
+    """QAD from the shared socket to the Intermediate's IPv6 listener, under the side's own name:
+    the Intermediate then knows this IPv6 address is the side's and forwards it as a candidate."""
+    try:
+        async with QadSession(endpoint, target, creds, name) as q:
+            return await q.observed(timeout)
+    except (TimeoutError, ConnectionError) as exc:
+        log.info("IPv6 QAD towards [%s]:%d failed: %s", *target, exc)
+        return None
 
 
 async def detect_nat_kind(

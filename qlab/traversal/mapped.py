@@ -89,11 +89,12 @@ class MappedAddress:
 
 
 def _mapping_source(local: Addr, host_ips: list[str]) -> str | None:
-    """The address a mapping is asked for from: the socket's own, or its host's first when it is
-    bound to the wildcard; None on loopback (nothing there to map)."""
+    """The address a mapping is asked for from: the socket's own, or its host's first IPv4 address
+    when it is bound to a wildcard (the NAT, and so the mapping, is IPv4's); None on loopback
+    (nothing there to map)."""
     ip = local[0]
     if ip in ("0.0.0.0", "::", ""):
-        ip = next(iter(host_ips), "")
+        ip = next((h for h in host_ips if ":" not in h), "")
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

@@ -35,6 +35,8 @@ class TraversalConfig:
     # ask the default gateway for a port mapping (PCP, NAT-PMP, UPnP IGD) and offer it: the labs turn
     # it on (their gateways are inside the lab); a role on a real network only when told to
     port_mapping: bool = False
+    # the Intermediate's IPv6 listener for QAD over IPv6 (dual-stack labs; None: IPv4 only)
+    qad6: tuple[str, int] | None = None
 
 
 class PathManager:

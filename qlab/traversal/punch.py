@@ -11,6 +11,13 @@ towards us.
 Priorities follow RFC 8445 §5.1.2 type preferences, with a port mapping the router granted above
 server-reflexive (it admits anyone) and predicted ports below it: Direct LAN (host) before Direct
 WAN (peer-reflexive, mapped, server-reflexive, predicted) before Relay.
+
+IPv6 (dual-stack labs): a global IPv6 host address is a host candidate reachable from anywhere (no
+NAT; a stateful firewall opens to the remote ip:port its host sent to, so simultaneous open
+works). Both families are probed. IPv6 is preferred, as RFC 8421 recommends for dual-stack ICE:
+IPv6 host candidates come first (higher local preference) and an IPv4 pair that works first is
+nominated only if no IPv6 pair works within `family_wait` (50 ms, RFC 8305's Resolution Delay),
+so IPv6 wins unless it is measurably slower.
 """
 
 from __future__ import annotations
@@ -45,8 +52,12 @@ def priority(kind: wire.CandidateKind, local_pref: int = 65535) -> int:
 
 def host_ips_for(bound: Addr, interface_ips: list[str]) -> list[str]:
     """A socket bound to one address can only be reached there; one bound to the wildcard on
-    every interface address."""
-    return list(interface_ips) if bound[0] in ("0.0.0.0", "::") else [bound[0]]
+    every interface address of its family (`::`, dual-stack: of both)."""
+    if bound[0] == "::":
+        return list(interface_ips)
+    if bound[0] == "0.0.0.0":
+        return [ip for ip in interface_ips if ":" not in ip]
+    return [bound[0]]
 
 
 def gather(
@@ -57,7 +68,8 @@ def gather(
     address its router mapped for it (a port mapping protocol), the server-reflexive address from
     QAD, and for a sequential-port symmetric NAT the ports its next mappings will most likely get."""
     out: list[wire.Candidate] = []
-    for i, ip in enumerate(h for h in host_ips if usable_host_address(h)):
+    hosts = sorted((h for h in host_ips if usable_host_address(h)), key=lambda h: ":" not in h)  # IPv6 first
+    for i, ip in enumerate(hosts):
         out.append(wire.Candidate(wire.CandidateKind.HOST, (ip, local_port), priority(wire.CandidateKind.HOST, 65535 - i)))
     if mapped is not None and not any(c.addr == mapped for c in out):
         out.append(wire.Candidate(wire.CandidateKind.MAPPED, mapped, priority(wire.CandidateKind.MAPPED)))
@@ -78,11 +90,29 @@ def lan_candidates(own: tuple[wire.Candidate, ...], peer: tuple[wire.Candidate, 
     return tuple(c for c in peer if c.kind == wire.CandidateKind.HOST and _prefix(c.addr[0]) in mine)
 
 
+def ipv6_candidates(own: tuple[wire.Candidate, ...], peer: tuple[wire.Candidate, ...]) -> tuple[wire.Candidate, ...]:
+    """The peer's IPv6 host candidates, when we have an IPv6 host address too: IPv6 takes no
+    mapping of an IPv4 NAT, so these are worth probing whatever the NATs are."""
+    if not any(_ipv6_host(c) for c in own):
+        return ()
+    return tuple(c for c in peer if _ipv6_host(c))
+
+
+def _ipv6_host(c: wire.Candidate) -> bool:
+    return c.kind == wire.CandidateKind.HOST and ":" in c.addr[0]
+
+
+def without_nat(own: tuple[wire.Candidate, ...], peer: tuple[wire.Candidate, ...]) -> tuple[wire.Candidate, ...]:
+    """The peer's candidates that no IPv4 NAT stands in front of: a shared LAN, and IPv6."""
+    lan = lan_candidates(own, peer)
+    return lan + tuple(c for c in ipv6_candidates(own, peer) if c not in lan)
+
+
 def lockstep_candidates(own: tuple[wire.Candidate, ...], peer: tuple[wire.Candidate, ...]) -> tuple[wire.Candidate, ...]:
     """What a lockstep punch (`Puncher.lockstep`) probes: the peer's host candidates on a shared
-    LAN (they take no mapping of our NAT), then its predicted ports in the order it signalled them.
-    Any other address would take one of our NAT's mappings out of turn."""
-    return lan_candidates(own, peer) + tuple(c for c in peer if c.kind == wire.CandidateKind.PREDICTED)
+    LAN and its IPv6 ones (they take no mapping of our NAT), then its predicted ports in the order
+    it signalled them. Any other address would take one of our NAT's mappings out of turn."""
+    return without_nat(own, peer) + tuple(c for c in peer if c.kind == wire.CandidateKind.PREDICTED)
 
 
 @dataclass
@@ -90,6 +120,7 @@ class PunchConfig:
     interval: float = 0.02  # Ta: a round of due requests this often; a target's first retransmission gap
     timeout: float = 3.0  # give up after this long without a working pair
     nominate_wait: float = 0.01  # after a WAN success, how long a same-LAN host pair may still win
+    family_wait: float = 0.05  # after an IPv4 success, how long an IPv6 pair may still win (RFC 8305)
     predict_after: float = 0.06  # predicted ports are a fallback: probed only if nothing worked by then
     spray_rate: float = 1000.0  # birthday mode: random-port probes per second (each sent once)
     # birthday mode: seed of the random ports sprayed; None draws fresh ones each session. The
@@ -250,7 +281,7 @@ class Puncher:
         """Requests due now, until success or timeout."""
         if self.started_at is None or self.failed is not None or self.success is not None:
             return []
-        if self.best is not None and now + TIMER_SLACK >= self.best.at + self.config.nominate_wait:
+        if self.best is not None and now + TIMER_SLACK >= self.nominate_at():
             self.success = self.best
             return []
         if now + TIMER_SLACK - self.started_at >= self.config.timeout:
@@ -355,6 +386,17 @@ class Puncher:
                 self.sends[addr] = 1
                 self.due[addr] = now + self._gap(1)
 
+    def nominate_at(self) -> float:
+        """When `best` is nominated unless something better works first."""
+        assert self.best is not None
+        return self.best.at + (self.config.family_wait if self._ipv6_possible() else self.config.nominate_wait)
+
+    def _ipv6_possible(self) -> bool:
+        """Whether `best` is IPv4 and an IPv6 pair is still being tried."""
+        if self.best is None or ":" in self.best.addr[0] or not any(_ipv6_host(c) for c in self.own):
+            return False
+        return any(k == wire.CandidateKind.HOST and ":" in a[0] for a, k in self.targets.items())
+
     def _lan_possible(self) -> bool:
         """Whether a peer host candidate shares a LAN prefix with one of ours: only then is a LAN
         pair worth waiting for after a WAN pair worked."""
@@ -370,7 +412,7 @@ class Puncher:
         cand = Success(addr, kind, now, via)
         if self.best is None or TYPE_PREFERENCE[kind] > TYPE_PREFERENCE[self.best.kind]:
             self.best = cand
-        if kind == wire.CandidateKind.HOST or not self._lan_possible():
+        if kind == wire.CandidateKind.HOST or not (self._lan_possible() or self._ipv6_possible()):
             self.success = self.best  # nothing better can come
         # otherwise poll() nominates `best` after nominate_wait, unless a LAN pair wins first
 
@@ -417,7 +459,7 @@ class PunchRunner:
             return
         at = self.p.next_timer()
         if at is not None:
-            nxt = min(at, (self.p.best.at + self.p.config.nominate_wait) if self.p.best else at)
+            nxt = min(at, self.p.nominate_at() if self.p.best else at)
             self._timer = self._loop.call_at(nxt, self._tick)
 
     def _tick(self) -> None:

@@ -25,23 +25,32 @@ from qlab.net import Addr
 from qlab.roles.link import IntermediateLink
 from qlab.roles.tasks import Tasks
 from qlab.traversal.birthday import BirthdayPool, MakeEndpoint
-from qlab.traversal.detect import Detection, detect_nat_kind
+from qlab.traversal.detect import Detection, detect_nat_kind, observe_ipv6
 from qlab.traversal.path import TraversalConfig
 from qlab.traversal.punch import (
     ProbeBudget,
     PunchConfig,
     Puncher,
     PunchRunner,
-    lan_candidates,
     lockstep_candidates,
+    without_nat,
 )
 
 log = logging.getLogger("qlab.traversal")
 
 
 async def detect(link: IntermediateLink, endpoint: Endpoint, creds: Credentials, name: str, host_ips: list[str],
-                 timeout: float) -> Detection:
-    """Ask the Intermediate for its listeners and compare QAD answers from the shared socket."""
+                 timeout: float, qad6: Addr | None = None) -> Detection:
+    """Ask the Intermediate for its listeners and compare QAD answers from the shared socket; with
+    an IPv6 address of our own and the Intermediate's IPv6 listener `qad6`, QAD over IPv6 too."""
+    det = await _detect4(link, endpoint, creds, name, host_ips, timeout)
+    if qad6 is not None and any(":" in ip for ip in host_ips):
+        det.observed6 = await observe_ipv6(endpoint, creds, name, qad6, timeout)
+    return det
+
+
+async def _detect4(link: IntermediateLink, endpoint: Endpoint, creds: Credentials, name: str, host_ips: list[str],
+                   timeout: float) -> Detection:
     observed = link.observed
     if observed is None:
         return Detection(wire.NatKind.UNKNOWN, [])
@@ -166,7 +175,7 @@ class PunchSession:
         if lockstep:
             peer = lockstep_candidates(self.candidates, peer)
         elif wire.both_endpoint_dependent(self.own_nat, msg.peer_nat) and not self.cfg.punch_anyway and not mapped:
-            peer = lan_candidates(self.candidates, peer)  # only a shared LAN can work
+            peer = without_nat(self.candidates, peer)  # only a shared LAN or IPv6 can work
             if not peer:
                 self.skip()
                 return

@@ -33,7 +33,7 @@ class NetnsNet:
         return bind_real(sock, host, port, receiver, where=self.host)
 
     def host_addresses(self) -> list[str]:
-        return list(self.lab.topology.host(self.host).ips)
+        return list(self.lab.topology.host(self.host).addresses)
 
     def default_gateway(self) -> str | None:
         return self.lab.topology.host(self.host).gateway
@@ -55,7 +55,7 @@ class NetnsEnvironment:
         return NetnsNet(self.lab, host)
 
     def addresses(self, host: str) -> list[str]:
-        return list(self.topology.host(host).ips)
+        return list(self.topology.host(host).addresses)
 
     def block(self, router: str, ip: str, port: int | None = None) -> None:
         self.lab.block(router, ip, port)

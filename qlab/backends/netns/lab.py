@@ -35,6 +35,7 @@ from pathlib import Path
 
 from qlab.backends.netns import daemons
 from qlab.backends.netns.tapwire import link_args
+from qlab.nat.firewall6 import render as render6
 from qlab.nat.nftables import conntrack_sysctls, daemon_table, render
 from qlab.nat.spec import NatSpec
 from qlab.scenario.profiles import LinkProfile
@@ -50,7 +51,7 @@ class LabUnavailable(RuntimeError):
     """The lab cannot run on this machine; the message says exactly what is missing."""
 
 
-def check_requirements(need_tun: bool = True, port_mapping: bool = False) -> None:
+def check_requirements(need_tun: bool = True, port_mapping: bool = False, ipv6: bool = False) -> None:
     missing = [tool for tool in ("ip", "nft", "conntrack") if shutil.which(tool) is None]
     if missing:
         raise LabUnavailable(
@@ -66,6 +67,8 @@ def check_requirements(need_tun: bool = True, port_mapping: bool = False) -> Non
             f"{hint}; or use --backend sim, which needs no privilege")
     if not os.path.isdir("/proc/self/ns") or not os.path.exists("/proc/self/ns/net"):
         raise LabUnavailable("this kernel has no network namespaces (/proc/self/ns/net is missing)")
+    if ipv6 and not os.path.isdir("/proc/sys/net/ipv6"):
+        raise LabUnavailable("a dual-stack lab needs IPv6 in the kernel (/proc/sys/net/ipv6 is missing)")
     if need_tun and not os.access("/dev/net/tun", os.R_OK | os.W_OK):
         raise LabUnavailable("link profiles with delay or loss need /dev/net/tun (read/write) for the TAP wires")
 
@@ -220,7 +223,8 @@ class Lab:
         shaped = any(not link.ideal for link in self._links().values())
         self.link_mechanism = "netem" if shaped and shutil.which("tc") and netem_available() else "tapwire"
         mapping = any(r.nat.port_mapping for r in topo.routers)
-        check_requirements(need_tun=shaped and self.link_mechanism == "tapwire", port_mapping=mapping)
+        check_requirements(need_tun=shaped and self.link_mechanism == "tapwire", port_mapping=mapping,
+                           ipv6=topo.ipv6)
         for ns in [self.hub, *self.namespaces.values()]:
             _run(["ip", "netns", "add", ns])
         cmds: dict[str, list[str]] = {ns: ["link set lo up"] for ns in [self.hub, *self.namespaces.values()]}
@@ -262,17 +266,53 @@ class Lab:
             _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", *netem_args(link)])
             if link.in_order:  # a pfifo child replaces netem's time-sorted queue: no overtaking
                 _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "parent", "1:1", "pfifo", "limit", "1000"])
-        for r in topo.routers:
-            ns = self.netns(r.name)
-            _sysctl(ns, {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.send_redirects": "0",
-                         "net.ipv4.conf.lan.send_redirects": "0", **_routed_lan()})
-            self._load_nat(r.name)
+        self._configure()
         self._pin_neighbours()
         if mapping:
             self._start_port_mapping()
         self.up_seconds = time.monotonic() - t0
         self._save_state()
         return self
+
+    def _configure(self) -> None:
+        """Routers forward and NAT; a dual-stack lab gets its IPv6 addresses, routes and firewalls."""
+        v6 = self.topology.ipv6
+        for r in self.topology.routers:
+            ns = self.netns(r.name)
+            _sysctl(ns, {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.send_redirects": "0",
+                         "net.ipv4.conf.lan.send_redirects": "0", **_routed_lan(),
+                         **({"net.ipv6.conf.all.forwarding": "1"} if v6 else {})})
+            self._load_nat(r.name)
+        if v6:
+            self._setup_ipv6()
+
+    def _setup_ipv6(self) -> None:
+        """IPv6 addresses (no duplicate address detection: the lab plans them), each host's default
+        route, the internet's routes to each site's /64, and each router's `ip6` firewall."""
+        topo = self.topology
+        plen6 = {s.name: int(s.cidr6.split("/")[1]) for s in topo.segments if s.cidr6}
+        cmds: dict[str, list[str]] = {}
+        for r in topo.routers:
+            if r.wan_ip6 and r.lan_ip6:
+                cmds.setdefault(self.netns(r.name), []).extend([
+                    f"addr add {r.wan_ip6}/{plen6[r.wan_segment]} dev wan nodad",
+                    f"addr add {r.lan_ip6}/{plen6[r.lan_segment]} dev lan nodad"])
+        for h in topo.hosts:
+            c = cmds.setdefault(self.netns(h.name), [])
+            c += [f"addr add {ip}/{plen6[h.segment]} dev eth0 nodad" for ip in h.ips6]
+            if h.gateway6:
+                c.append(f"route add ::/0 via {h.gateway6}")
+        on_internet = [r.name for r in topo.routers if r.wan_segment == INTERNET and r.wan_ip6] + \
+                      [h.name for h in topo.hosts if h.segment == INTERNET and h.ips6]
+        own = self._addresses6()
+        for node in on_internet:
+            cmds[self.netns(node)] += [f"route add {cidr} via {via}" for cidr, via in topo.routes6()
+                                       if via not in own[node]]
+        for ns, c in cmds.items():
+            _batch(ns, c)
+        for r in topo.routers:
+            if r.fw6 is not None:
+                _run(self._exec(r.name, ["nft", "-f", "-"]), input=render6(r.fw6, wan_if="wan", lan_if="lan"))
 
     def _start_port_mapping(self) -> None:
         """stund on the Intermediate, then miniupnpd on every router that offers mapping."""
@@ -338,10 +378,12 @@ class Lab:
         between them would wait for an ARP exchange across both delayed links (measured: +10 ms to
         the first punch at `wan-20ms`), which no real path pays."""
         members: dict[str, list[tuple[str, str, str]]] = {}  # segment -> (namespace, device, address)
+        v6 = self._addresses6()
         for node, (segment, ifname, ips, _plen, _link) in self._attachments().items():
-            members.setdefault(segment, []).extend((self.netns(node), ifname, ip) for ip in ips)
+            members.setdefault(segment, []).extend((self.netns(node), ifname, ip) for ip in ips + v6.get(node, ()))
         for r in self.topology.routers:
-            members.setdefault(r.lan_segment, []).append((self.netns(r.name), "lan", r.lan_ip))
+            lan = (r.lan_ip, *filter(None, [r.lan_ip6]))
+            members.setdefault(r.lan_segment, []).extend((self.netns(r.name), "lan", ip) for ip in lan)
         mac = {(ns, dev): json.loads(_run(["ip", "-n", ns, "-j", "link", "show", "dev", dev]))[0]["address"]
                for group in members.values() for ns, dev, _ip in group}
         cmds: dict[str, list[str]] = {}
@@ -352,6 +394,12 @@ class Lab:
                     for other, odev, ip in group if other != ns)
         for ns, c in cmds.items():
             _batch(ns, c)
+
+    def _addresses6(self) -> dict[str, tuple[str, ...]]:
+        """node -> its IPv6 addresses on its uplink (routers' WAN, hosts' interface)."""
+        out: dict[str, tuple[str, ...]] = {r.name: (r.wan_ip6,) for r in self.topology.routers if r.wan_ip6}
+        out.update({h.name: h.ips6 for h in self.topology.hosts if h.ips6})
+        return out
 
     def _links(self) -> dict[str, LinkProfile]:
         return {node: a[4] for node, a in self._attachments().items()}
@@ -434,23 +482,18 @@ class Lab:
         """Blackhole forwarded traffic to or from ip[:port] in a router."""
         ns = self.netns(router)
         if router not in self._blocking:  # once: re-adding the table would duplicate its rules
-            _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=_BLOCK_TABLE)
+            _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=_block_table("ip") + _block_table("ip6"))
             self._blocking.add(router)
-        if port is None:
-            elem = f"add element ip qlab_block hosts {{ {ip} }}"
-        else:
-            elem = f"add element ip qlab_block endpoints {{ {ip} . {port} }}"
-        _run(["ip", "netns", "exec", ns, "nft", elem])
+        _run(["ip", "netns", "exec", ns, "nft", _block_element("add", ip, port)])
 
     def unblock(self, router: str, ip: str | None = None, port: int | None = None) -> None:
         ns = self.netns(router)
         if ip is None:
-            _run(["ip", "netns", "exec", ns, "nft", "delete", "table", "ip", "qlab_block"], check=False)
+            for family in ("ip", "ip6"):
+                _run(["ip", "netns", "exec", ns, "nft", "delete", "table", family, "qlab_block"], check=False)
             self._blocking.discard(router)
             return
-        elem = (f"delete element ip qlab_block hosts {{ {ip} }}" if port is None
-                else f"delete element ip qlab_block endpoints {{ {ip} . {port} }}")
-        _run(["ip", "netns", "exec", ns, "nft", elem], check=False)
+        _run(["ip", "netns", "exec", ns, "nft", _block_element("delete", ip, port)], check=False)
 
     # -- using the lab --------------------------------------------------------------------------
     def socket(self, host: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM,
@@ -483,7 +526,7 @@ class Lab:
             "rootless": os.environ.get(IN_USERNS_ENV) == "1",
             "namespaces": dict(self.namespaces), "wires": [w.proc.pid for w in self.wires],
             "daemons": {d.name: d.proc.pid for d in self.services},
-            "hosts": {h.name: list(h.ips) for h in t.hosts},
+            "hosts": {h.name: list(h.addresses) for h in t.hosts},
             "routers": {r.name: {"nat": r.nat.name, "wan": r.wan_ip, "lan": r.lan_ip} for r in t.routers},
         }
 
@@ -500,18 +543,28 @@ class Lab:
             os.replace(tmp, STATE_DIR / f"{self.run_id}.json")
 
 
-_BLOCK_TABLE = """table ip qlab_block {
-  set hosts { type ipv4_addr; }
-  set endpoints { type ipv4_addr . inet_service; }
-  chain block_f {
+def _block_table(family: str) -> str:
+    """The fault-injection table of one address family (`ip` or `ip6`)."""
+    addr = "ipv4_addr" if family == "ip" else "ipv6_addr"
+    return f"""table {family} qlab_block {{
+  set hosts {{ type {addr}; }}
+  set endpoints {{ type {addr} . inet_service; }}
+  chain block_f {{
     type filter hook forward priority -10; policy accept;
-    ip daddr @hosts drop
-    ip saddr @hosts drop
-    ip daddr . udp dport @endpoints drop
-    ip saddr . udp sport @endpoints drop
-  }
-}
+    {family} daddr @hosts drop
+    {family} saddr @hosts drop
+    {family} daddr . udp dport @endpoints drop
+    {family} saddr . udp sport @endpoints drop
+  }}
+}}
 """
+
+
+def _block_element(verb: str, ip: str, port: int | None) -> str:
+    family = "ip6" if ":" in ip else "ip"
+    if port is None:
+        return f"{verb} element {family} qlab_block hosts {{ {ip} }}"
+    return f"{verb} element {family} qlab_block endpoints {{ {ip} . {port} }}"
 
 
 def lab_namespaces() -> list[str]:

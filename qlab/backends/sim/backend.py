@@ -29,7 +29,7 @@ class SimEnvironment:
         return self.network.net(host)
 
     def addresses(self, host: str) -> list[str]:
-        return list(self.topology.host(host).ips)
+        return list(self.topology.host(host).addresses)
 
     def block(self, router: str, ip: str, port: int | None = None) -> None:
         self.network.block(router, ip, port)

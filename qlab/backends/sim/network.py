@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from qlab.backends.sim.clock import CLOCK_RESOLUTION
 from qlab.backends.sim.cost import Classifier, ProcessingCost
+from qlab.backends.sim.firewall6 import FirewallEngine
 from qlab.backends.sim.nat import NatEngine, Verdict
 from qlab.nat.gateway import HTTP_PORT, PCP_PORT, SSDP_PORT, MappingGateway
 from qlab.scenario.linkmodel import QUEUE_LIMIT, LinkModel, RateQueue
@@ -41,6 +42,7 @@ Tracer = Callable[[str, str, "Packet"], None]
 
 RECV_BATCH = 256  # datagrams handed to a receiver per call, as qlab.net.RealSocket does
 UDP_IP_OVERHEAD = 28  # IPv4 + UDP header bytes, counted in serialization delay
+UDP_IP6_OVERHEAD = 48  # IPv6 + UDP
 MAX_UDP_PAYLOAD = 65507
 EPHEMERAL_PORTS = (32768, 60999)  # Linux ip_local_port_range
 DEFAULT_TTL = 16
@@ -116,7 +118,8 @@ class Wire:
         t = loop.time()
         if p.rate_mbit is not None:
             assert self._rate is not None  # the profile setter made it
-            serialized = self._rate.admit(t, len(pkt.data) + UDP_IP_OVERHEAD)
+            overhead = UDP_IP6_OVERHEAD if ":" in pkt.dst[0] else UDP_IP_OVERHEAD
+            serialized = self._rate.admit(t, len(pkt.data) + overhead)
             if serialized is None:
                 self.network._drop(self.name, "queue", pkt)
                 return
@@ -170,10 +173,11 @@ class Attachment:
 class Segment:
     """A broadcast domain: delivers a packet to the attachment that owns its next hop."""
 
-    def __init__(self, network: SimNetwork, name: str, cidr: str) -> None:
+    def __init__(self, network: SimNetwork, name: str, cidr: str, cidr6: str | None = None) -> None:
         self.network = network
         self.name = name
         self.net = ipaddress.ip_network(cidr)
+        self.nets = [self.net] + ([ipaddress.ip_network(cidr6)] if cidr6 else [])
         self.owners: dict[str, Attachment] = {}
         self._on_link: dict[str, bool] = {}
 
@@ -188,7 +192,8 @@ class Segment:
         try:
             return self._on_link[ip]
         except KeyError:
-            on = self._on_link[ip] = ipaddress.ip_address(ip) in self.net
+            addr = ipaddress.ip_address(ip)
+            on = self._on_link[ip] = any(addr in net for net in self.nets)
             return on
 
     def forward(self, pkt: Packet) -> None:
@@ -231,7 +236,7 @@ class Node:
                     result = (att, dst_ip)
                     break
             else:
-                gw = self._gateway()
+                gw = self._gateway(dst_ip)
                 if gw is not None:
                     result = gw
         except ValueError:  # not an IP address: nothing routes it
@@ -242,8 +247,16 @@ class Node:
     def _attachments(self) -> list[Attachment]:
         raise NotImplementedError
 
-    def _gateway(self) -> tuple[Attachment, str] | None:
+    def _gateway(self, dst_ip: str) -> tuple[Attachment, str] | None:
         raise NotImplementedError
+
+    def _route6(self, att: Attachment, dst_ip: str) -> tuple[Attachment, str] | None:
+        """An internet node's route to an IPv6 site: via that site's router."""
+        addr = ipaddress.ip_address(dst_ip)
+        for net, via in self.network.routes6:
+            if addr in net:
+                return att, via
+        return None
 
     def _send(self, pkt: Packet) -> None:
         r = self.route(pkt.dst[0])
@@ -260,16 +273,24 @@ class SimHost(Node):
     def __init__(self, network: SimNetwork, spec: Host, segment: Segment) -> None:
         super().__init__(network, spec.name)
         self.spec = spec
-        self.ips = tuple(spec.ips)
+        self.ips = tuple(spec.addresses)
         self.iface = Attachment(network, self, segment, self.ips, spec.link)
         self.gateway = spec.gateway
+        self.gateway6 = spec.gateway6
         self.sockets: dict[tuple[str, int], SimSocket] = {}  # (ip or "0.0.0.0", port) -> socket
         self.port_rng = network._rng("ephemeral", spec.name)
 
     def _attachments(self) -> list[Attachment]:
         return [self.iface]
 
-    def _gateway(self) -> tuple[Attachment, str] | None:
+    def source_for(self, dst_ip: str) -> str:
+        """A wildcard socket's source address towards `dst_ip`: the first of the same family."""
+        v6 = ":" in dst_ip
+        return next((ip for ip in self.ips if (":" in ip) == v6), self.ips[0])
+
+    def _gateway(self, dst_ip: str) -> tuple[Attachment, str] | None:
+        if ":" in dst_ip:
+            return (self.iface, self.gateway6) if self.gateway6 else self._route6(self.iface, dst_ip)
         return (self.iface, self.gateway) if self.gateway else None
 
     # -- sockets ------------------------------------------------------------------------------
@@ -343,10 +364,12 @@ class SimRouter(Node):
         self.spec = spec
         self.wan_ip = spec.wan_ip
         self.lan_ip = spec.lan_ip
-        self.wan = Attachment(network, self, wan, (spec.wan_ip,), spec.uplink)
-        self.lan = Attachment(network, self, lan, (spec.lan_ip,), IDEAL)
+        self.wan_ip6, self.lan_ip6 = spec.wan_ip6, spec.lan_ip6
+        self.wan = Attachment(network, self, wan, (spec.wan_ip, *filter(None, [spec.wan_ip6])), spec.uplink)
+        self.lan = Attachment(network, self, lan, (spec.lan_ip, *filter(None, [spec.lan_ip6])), IDEAL)
         self.upstream = spec.upstream_gateway
         self.engine = NatEngine(spec.nat, spec.wan_ip, network._rng("nat", spec.name)) if spec.nat.nat else None
+        self.fw6 = FirewallEngine(spec.fw6) if spec.fw6 is not None else None
         # a router that offers port mapping answers its protocols on the LAN, as miniupnpd does
         self.gateway = (MappingGateway(spec.nat.port_mapping, spec.lan_ip, spec.wan_ip, ExplicitRedirects(self.engine))
                         if spec.nat.port_mapping and self.engine is not None else None)
@@ -354,7 +377,9 @@ class SimRouter(Node):
     def _attachments(self) -> list[Attachment]:
         return [self.lan, self.wan]
 
-    def _gateway(self) -> tuple[Attachment, str] | None:
+    def _gateway(self, dst_ip: str) -> tuple[Attachment, str] | None:
+        if ":" in dst_ip:
+            return self._route6(self.wan, dst_ip)
         return (self.wan, self.upstream) if self.upstream else None
 
     def receive(self, pkt: Packet, att: Attachment) -> None:
@@ -365,10 +390,31 @@ class SimRouter(Node):
         if self.is_blocked(pkt.src, pkt.dst):
             self.network._drop(self.name, "blocked", pkt)
             return
-        if att is self.lan:
+        if ":" in pkt.dst[0]:
+            self._forward6(pkt, att)
+        elif att is self.lan:
             self._from_lan(pkt)
         else:
             self._from_wan(pkt)
+
+    def _forward6(self, pkt: Packet, att: Attachment) -> None:
+        """IPv6 is routed, not translated: only the firewall decides (qlab.nat.firewall6)."""
+        fw, dst_ip = self.fw6, pkt.dst[0]
+        if fw is None or dst_ip in (self.wan_ip6, self.lan_ip6):
+            self.network._drop(self.name, "no_route" if fw is None else "to_router", pkt)
+            return
+        now = self.network.loop.time()
+        if att is self.lan:
+            ok = self.lan.segment.on_link(dst_ip) or fw.outbound(pkt.src, pkt.dst, now)
+        elif not self.lan.segment.on_link(dst_ip):
+            self.network._drop(self.name, "no_route", pkt)
+            return
+        else:
+            ok = fw.inbound(pkt.src, pkt.dst, now)
+        if not ok:
+            self.network._drop(self.name, "fw6_filtered", pkt)
+            return
+        self._send(pkt)
 
     def _from_lan(self, pkt: Packet) -> None:
         dst_ip = pkt.dst[0]
@@ -481,8 +527,8 @@ class SimSocket:
             self.send_errors += 1  # EMSGSIZE on a kernel socket; RealSocket counts and drops it too
             return
         host = self._host
-        src_ip = self._ip if self._ip != "0.0.0.0" else host.ips[0]
         dst = (str(addr[0]), int(addr[1]))
+        src_ip = self._ip if self._ip != "0.0.0.0" else host.source_for(dst[0])
         if dst[0] in host.ips or dst[0].startswith("127."):
             src_ip = dst[0] if self._ip == "0.0.0.0" else src_ip
         self.sent += 1
@@ -583,7 +629,8 @@ class SimNetwork:
         self.counters: Counter[str] = Counter()
         self.trace: Tracer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.segments: dict[str, Segment] = {s.name: Segment(self, s.name, s.cidr) for s in topology.segments}
+        self.segments: dict[str, Segment] = {s.name: Segment(self, s.name, s.cidr, s.cidr6) for s in topology.segments}
+        self.routes6 = [(ipaddress.ip_network(cidr), via) for cidr, via in topology.routes6()]
         self.routers: dict[str, SimRouter] = {}
         self.hosts: dict[str, SimHost] = {}
         for r in topology.routers:
