@@ -283,3 +283,21 @@ def test_cli_ipv6_for_both_sides_or_one(capsys: pytest.CaptureFixture[str]) -> N
     loopback = ["--backend", "loopback", "--profile", "lan", "--agent-nat", "public", "--connector-nat", "public"]
     with pytest.raises(SystemExit, match="IPv6 .* needs --backend sim or netns"):  # one line, before any work
         cli.main([*argv, "--ipv6", "open", *loopback])
+
+
+def test_a_dual_stack_campaign_expects_and_summarises_direct(tmp_path):
+    """`qlab campaign run --ipv6 stateful`: every trial dual-stack, the manifest's, the records' and
+    the summary's expected code D (not the IPv4 pair's R), and direct over IPv6."""
+    from qlab.study import analysis, campaign, results
+
+    spec = campaign.CampaignSpec(backend="sim", agent_nats=["symmetric"], connector_nats=["symmetric"], trials=2,
+                                 samples=5, ipv6="stateful", campaign_id="dual-stack")
+    campaign.run(spec, root=tmp_path, progress=False)
+    store = results.CampaignStore(results.campaign_dir("dual-stack", tmp_path))
+    assert store.manifest()["expected"] == {"symmetric|symmetric": "D"}
+    df = results.load("dual-stack", root=tmp_path)
+    assert set(df["path_family"]) == {"ipv6"} and set(df["expected"]) == {"D"} and df["as_expected"].all()
+    s = analysis.cell_summary(df)
+    assert list(s["expected"]) == ["D"] and list(s["top_mechanism"]) == ["ipv6"]
+    with pytest.raises(ValueError, match="ipv6 must be one of"):
+        campaign.CampaignSpec(backend="sim", ipv6="nope")

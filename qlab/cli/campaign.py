@@ -34,7 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = campaign.CampaignSpec(backend=args.backend, agent_nats=args.agent_nat, connector_nats=args.connector_nat,
                                  profile=args.profile, trials=args.trials, seed=args.seed,
                                  campaign_id=args.id or "", samples=args.samples, punch_anyway=args.punch_anyway,
-                                 birthday=args.birthday)
+                                 birthday=args.birthday, ipv6=args.ipv6 or "")
     folder = results.campaign_dir(spec.campaign_id, args.results)
     if (folder / "manifest.json").is_file():  # refused before the size line promises a run
         campaign.check_contract(spec, results.CampaignStore(folder).manifest())
@@ -209,6 +209,8 @@ def _register_run(cs: argparse._SubParsersAction) -> None:
     r.add_argument("--samples", type=positive_int, default=20, help="echo samples per path per trial")
     r.add_argument("--birthday", type=int, default=0, metavar="N",
                    help="birthday mode: the random-port side opens N mappings (0: off; Tailscale uses 256)")
+    r.add_argument("--ipv6", default=None, metavar="FIREWALL",
+                   help="a dual-stack lab: both sides' IPv6 firewall (open or stateful; default: IPv4 only)")
     r.add_argument("--punch-anyway", action="store_true",
                    help="punch even when both sides are endpoint-dependent (policy skips it; the table says relay)")
     r.add_argument("--id", default=None,

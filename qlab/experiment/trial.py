@@ -39,7 +39,7 @@ from qlab.experiment.record import (
     punch_state,
 )
 from qlab.experiment.replies import drain
-from qlab.nat.spec import expected_outcome
+from qlab.nat.spec import cell_expected
 from qlab.net import Net
 from qlab.roles.agent import Agent, AgentEvent, DirectHandshake
 from qlab.roles.connector import Connector
@@ -454,7 +454,7 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
     probe = side.probe if side is not None else EchoProbe(time.monotonic, spec.echo_size)
     measure = side.measure if side is not None else _nothing_measured()
     if expected is None:
-        expected = "D" if spec.agent_ipv6 and spec.connector_ipv6 else expected_outcome(spec.agent_nat, spec.connector_nat)
+        expected = cell_expected(spec.agent_nat, spec.connector_nat, ipv6_both=bool(spec.agent_ipv6 and spec.connector_ipv6))
     verified = _verified(measure, probe.paths[Path.DIRECT])
     outcome, reason = _outcome(side, ct, probe, measure, verified, error)
     working = f"{st.working[0]}:{st.working[1]}" if st is not None and verified and st.working else ""

@@ -208,3 +208,9 @@ def expected_or_unknown(agent_nat: str, connector_nat: str) -> str:
         return expected_outcome(agent_nat, connector_nat)
     except ValueError:
         return "?"
+
+
+def cell_expected(agent_nat: str, connector_nat: str, *, ipv6_both: bool = False) -> str:
+    """A trial's expected code: with IPv6 on both sides (any firewall preset) D, the stateful
+    firewalls opened by simultaneous open as the IPv4 cones are; else the NAT pair's code."""
+    return "D" if ipv6_both else expected_or_unknown(agent_nat, connector_nat)

@@ -90,7 +90,7 @@ def _cell_row(row: dict, g: pd.DataFrame) -> dict:
     counts = {"direct": int(g["outcome"].isin(DIRECT).sum()), "relay": int((g["outcome"] == "relay").sum()),
               "failed": int((g["outcome"] == "failed").sum())}
     row.update(n=n, campaigns=int(g["campaign_id"].nunique()) if "campaign_id" in g else 1,
-               expected=expected_or_unknown(str(row["agent_nat"]), str(row["connector_nat"])),
+               expected=_expected(row, g),
                as_expected_rate=float(g["as_expected"].astype(float).mean()), **counts)
     for outcome, prefix in FAMILIES:
         lo, hi = wilson(counts[outcome], n)
@@ -110,6 +110,13 @@ def _cell_row(row: dict, g: pd.DataFrame) -> dict:
                ttfb_p50_ms=float(g["ttfb_ms"].median()), ttd_p50_ms=float(g["ttd_ms"].median()),
                top_reason=_top_reason(g), top_mechanism=_top_mechanism(g))
     return row
+
+
+def _expected(row: dict, g: pd.DataFrame) -> str:
+    """The cell's expected code as its records state it (a dual-stack trial expects D), or the NAT
+    pair's where no record says."""
+    codes = g["expected"].dropna().astype(str) if "expected" in g else pd.Series([], dtype=str)
+    return str(codes.mode().iat[0]) if len(codes) else expected_or_unknown(str(row["agent_nat"]), str(row["connector_nat"]))
 
 
 def _top_mechanism(g: pd.DataFrame) -> str:
@@ -274,7 +281,8 @@ def settings(manifest: dict) -> str:
             f"{manifest.get('profile')}, Agent NAT {', '.join(agents)} × Connector NAT {', '.join(connectors)}, "
             f"{manifest.get('trials')} trials per cell, seed {manifest.get('seed')}, {p.get('samples')} echo samples "
             f"per path{', punch_anyway' if p.get('punch_anyway') else ''}"
-            f"{', birthday mode ' + str(p['birthday']) if p.get('birthday') else ''}; started "
+            f"{', birthday mode ' + str(p['birthday']) if p.get('birthday') else ''}"
+            f"{', dual-stack with IPv6 firewall ' + str(p['ipv6']) if p.get('ipv6') else ''}; started "
             f"{str(manifest.get('started_at'))[:19]}, {state}.")
 
 

@@ -30,7 +30,8 @@ from qlab.backends.base import BACKENDS, check_loopback
 from qlab.certs import default_certs
 from qlab.experiment.record import TrialResult, TrialSpec, error_text
 from qlab.experiment.trial import run_trial
-from qlab.nat.spec import expected_outcome, parse_presets
+from qlab.nat.firewall6 import PRESET6_NAMES
+from qlab.nat.spec import cell_expected, parse_presets
 from qlab.scenario.profiles import profile as get_profile
 from qlab.study.results import CampaignStore, campaign_dir, check_id, find_campaign
 
@@ -53,6 +54,7 @@ class CampaignSpec:
     samples: int = 20
     punch_anyway: bool = False  # measure the cells policy decides (both sides endpoint-dependent)
     birthday: int = 0  # birthday mode: mappings the random-port side opens (0: off)
+    ipv6: str = ""  # a dual-stack lab: both sides' IPv6 firewall preset ("": IPv4 only)
 
     def __post_init__(self) -> None:
         if isinstance(self.agent_nats, str):
@@ -64,6 +66,9 @@ class CampaignSpec:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
         if self.backend == "loopback":
             check_loopback([*self.agent_nats, *self.connector_nats], self.profile)
+        if self.ipv6 and (self.ipv6 not in PRESET6_NAMES or self.backend not in ("sim", "netns")):
+            raise ValueError(f"ipv6 must be one of {', '.join(PRESET6_NAMES)} (firewall presets), on backend sim "
+                             f"or netns; got {self.ipv6!r} on {self.backend}")
         for name, lo, hi in (("trials", 1, 10000), ("samples", 1, 10000), ("birthday", 0, 4096)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -86,7 +91,7 @@ class CampaignSpec:
                 out.append(TrialSpec(
                     backend=self.backend, agent_nat=a, connector_nat=c, profile=self.profile,
                     seed=int.from_bytes(h[:4], "big"), samples=self.samples, punch_anyway=self.punch_anyway,
-                    birthday=self.birthday,
+                    birthday=self.birthday, agent_ipv6=self.ipv6, connector_ipv6=self.ipv6,
                     trial_id=f"{a}.{c}.{i:04d}", campaign_id=self.campaign_id,
                 ))
         return out
@@ -114,7 +119,8 @@ def manifest_for(spec: CampaignSpec) -> dict:
     return {
         "campaign_id": spec.campaign_id, "backend": spec.backend, "parameters": asdict(spec),
         "cells": [list(c) for c in spec.cells], "trials": spec.trials, "seed": spec.seed, "profile": spec.profile,
-        "expected": {f"{a}|{c}": expected_outcome(a, c) for a, c in spec.cells}, **provenance(),
+        "expected": {f"{a}|{c}": cell_expected(a, c, ipv6_both=bool(spec.ipv6)) for a, c in spec.cells},
+        **provenance(),
     }
 
 
@@ -138,7 +144,8 @@ def failed_record(spec: TrialSpec, exc: BaseException) -> dict:
         trial_id=spec.trial_id, campaign_id=spec.campaign_id, backend=spec.backend, scenario=spec.scenario,
         agent_nat=spec.agent_nat, connector_nat=spec.connector_nat, profile=spec.profile, seed=spec.seed,
         qlab_version=__version__, started_at=time.time(), duration_s=0.0,
-        expected=expected_outcome(spec.agent_nat, spec.connector_nat), outcome="failed",
+        expected=cell_expected(spec.agent_nat, spec.connector_nat, ipv6_both=bool(spec.agent_ipv6 and spec.connector_ipv6)),
+        outcome="failed",
         reason=f"the trial raised {type(exc).__name__}", as_expected=False, direct_verified=False,
         agent_nat_detected="UNKNOWN", connector_nat_detected="UNKNOWN", agent_candidates=[],
         connector_candidates=[], agent_probes=0, connector_probes=0, predicted_ports=[], working_pair="",

@@ -201,6 +201,7 @@ def heatmap(summary: pd.DataFrame, value: str, title: str, *, backend: str | Non
     m = matrix(s, value)
     grid = {k: matrix(s, k).reindex(index=m.index, columns=m.columns).to_numpy(dtype=float)
             for k in ("as_expected_rate", "direct", "relay", "failed", "decided")}
+    codes = matrix(s, "expected").reindex(index=m.index, columns=m.columns)
     ax = ax or plt.subplots(figsize=(9, 7))[1]
     values = m.to_numpy(dtype=float)
     im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax)
@@ -211,7 +212,8 @@ def heatmap(summary: pd.DataFrame, value: str, title: str, *, backend: str | Non
     for i, a in enumerate(m.index):
         for j, c in enumerate(m.columns):
             v, good = values[i, j], grid["as_expected_rate"][i, j]
-            code = expected_or_unknown(a, c)  # "?": a NAT of unknown behaviour expects nothing
+            stated = codes.at[a, c]  # as the records state it (a dual-stack trial expects D)
+            code = stated if isinstance(stated, str) else expected_or_unknown(a, c)  # "?": unknown NAT
             mark = "" if code == "?" or np.isnan(good) or good == 1 else " ✗"
             mark += " *" if grid["decided"][i, j] == 1 else ""  # not punched: policy decided this cell
             counts = "" if np.isnan(grid["direct"][i, j]) else \
