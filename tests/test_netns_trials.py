@@ -116,12 +116,13 @@ def test_simulator_agrees_with_the_kernel_on_a_real_path(netns_ok):
 
 
 def test_two_sequential_nats_go_direct_by_lockstep_prediction_in_the_kernel(netns_ok):
-    """symmetric_seq x symmetric_seq on the kernel's NATs (nftables `numgen inc` ports), 30 trials
-    (~40 s): at least 27 direct by prediction, each proven by echoes back over the direct path.
-    30/30 measured (docs/traversal.md)."""
-    runs = [trial("netns", "symmetric_seq", "symmetric_seq", seed) for seed in range(1, 31)]
+    """symmetric_seq x symmetric_seq on the kernel's NATs (nftables `numgen inc` ports), 20 trials
+    (~30 s): at least 16 direct by prediction, each proven by echoes back over the direct path. The
+    rate is measured at N = 30 in docs/traversal.md (30/30 and 28/30); at a true rate of 95 % this
+    bound fails by chance in 0.3 % of runs (binomial), 30 trials with >= 27 would in 6 %."""
+    runs = [trial("netns", "symmetric_seq", "symmetric_seq", seed) for seed in range(1, 21)]
     direct = [r for r in runs if r.outcome == "direct_predicted" and r.direct_verified and r.as_expected]
-    assert len(direct) >= 27, [(r.seed, r.outcome, r.reason) for r in runs if r not in direct]
+    assert len(direct) >= 16, [(r.seed, r.outcome, r.reason) for r in runs if r not in direct]
     assert all(r.punch == "attempted" and r.error == "" for r in runs)
     assert all(r.rtt_direct_received > 0 and r.echo_direct_answered_on_relay == 0 for r in direct)
 
