@@ -102,6 +102,15 @@ def test_is_direct(outcome, direct):
     ("B", "relay", "pair", True, "", False),
     ("B", "relay", "pair", False, "", True),
     ("B", "direct_wan", "pair", False, "", False),
+    # D and D> with birthday mode on: its spray may win the race, any direct path is as expected
+    ("D>", "direct_predicted", "pair", True, "", True),
+    ("D>", "direct_predicted", "pair", False, "", False),
+    ("D>", "relay", "pair", True, "", False),
+    # M: only through a mapping
+    ("M", "direct_mapped", "pair", False, "", True),
+    ("M", "direct_wan", "pair", False, "", False),
+    ("M", "relay", "pair", False, "", False),
+    ("D", "direct_mapped", "pair", False, "", True),
     # R: the relay
     ("R", "relay", "pair", False, "", True),
     ("R", "direct_wan", "pair", False, "", False),
