@@ -280,3 +280,15 @@ def test_no_mapping_is_asked_for_where_none_is_offered_and_cells_keep_their_outc
 def test_classify_reports_the_mapping_protocols_on_sim(nat, offered):
     out = run_classify("sim", nat)
     assert out["port_mapping"] == offered and out["preset"] == nat and out["correct"], out
+
+
+def test_birthday_mode_costs_nothing_where_the_plain_punch_works():
+    """With birthday mode on, a D> cell (a cone Agent, a symmetric Connector) still goes direct by
+    the peer-reflexive pair, as fast as without it: the hard side's pool opens only if the plain
+    punch found nothing (measured before: 29/30 direct, median ttd 290 ms; after: 30/30, 103 ms)."""
+    import statistics
+
+    runs = [run_trial(TrialSpec(backend="sim", agent_nat="full_cone", connector_nat="symmetric", profile="wan-20ms",
+                                seed=s, samples=5, verify_echoes=5, birthday=256)) for s in range(1, 11)]
+    assert all(r.outcome == "direct_wan" and r.as_expected for r in runs), [(r.seed, r.outcome) for r in runs]
+    assert statistics.median(r.ttd_ms for r in runs) < 150
