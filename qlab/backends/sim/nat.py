@@ -222,12 +222,12 @@ class NatEngine:
         if e is None or e.expires <= now:
             return None
         seen = self._alias_of.get((e.internal, src), src)
-        if seen == src and self._has_flow_to(e.internal, src, now):
-            seen = self._new_alias(e.internal, src)
         if (e.internal, seen) not in self._flows and len(self._flows) >= MAX_FLOWS:
             self._purge_flows(now)
             if len(self._flows) >= MAX_FLOWS:
-                return None
+                return None  # full: no flow, and no alias that no flow would ever release
+        if seen == src and self._has_flow_to(e.internal, src, now):
+            seen = self._new_alias(e.internal, src)
         self._flows[(e.internal, seen)] = (public_port, now)
         return e.internal, seen
 
