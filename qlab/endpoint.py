@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections import defaultdict
@@ -48,6 +49,9 @@ log = logging.getLogger("qlab.endpoint")
 CID_LENGTH = 8  # every connection on a socket shares it: short headers carry no CID length
 MAX_DATAGRAM_SIZE = 1350  # UDP payload of QUIC packets; fits any path with a 1400+ MTU
 DATAGRAM_OVERHEAD = 40  # short header, packet number, AEAD tag and DATAGRAM frame header, with margin
+# a sealed session's end-to-end packets: the smallest QUIC allows, so that one rides in a relayed
+# DATAGRAM frame of the control connections (MAX_DATAGRAM_SIZE less DATAGRAM_OVERHEAD and the header)
+SEALED_DATAGRAM_SIZE = 1200
 MAX_PENDING_DATAGRAMS = 1024  # per connection: aioquic's queue is unbounded, ours is not
 # Receive windows. A connection carries one stream, the control stream, whose framer holds at most
 # 4 x 16 KiB (wire.ControlFramer), so one window of that size per stream and per connection: at most
@@ -175,6 +179,7 @@ class Connection:
         self.closed = False
         self.close_reason = ""
         self.peer_addr: Addr | None = None
+        self.rx_addr: Addr | None = None  # where the packets whose events are being dispatched came from
         self.handshake_done = asyncio.get_running_loop().create_future()
         # server role: unproven until the role says otherwise; `source` is the IP it is counted under
         self.proven = is_client
@@ -285,6 +290,9 @@ class Endpoint:
         self.closed_for_cause: dict[str, int] = defaultdict(int, dict.fromkeys(
             ("handshake_timeout", "unproven_timeout", *VIOLATIONS.values()), 0))
         self._retry_tokens = QuicRetryTokenHandler()
+        # addresses that are not the socket's: packets to one go to its sender (a sealed session's
+        # relay path); packets from one come in through `tunnel_receive`
+        self.tunnels: dict[Addr, Callable[[bytes], object]] = {}
 
     def claim_raw(self, handler: Callable[[bytes, Addr], bool]) -> Callable[[], None]:
         """Offer non-QUIC datagrams to `handler` before the owner's `raw_handler` (the latest claim
@@ -345,52 +353,80 @@ class Endpoint:
         loop = self._loop
         assert loop is not None
         now = loop.time()
-        fresh = False
         for data, addr in batch:
             self.stats["rx"] += 1
-            first = data[0] if data else 0
-            is_vn = len(data) >= 5 and first & 0x80 and data[1:5] == b"\0\0\0\0"
-            if not data or (wire.is_raw(first) and not is_vn):
-                self.stats["raw_rx"] += 1
-                if data:
-                    self._raw(data, addr)
-                continue
-            if not first & 0x80:  # short header: the DCID is the next CID_LENGTH bytes (hot path)
-                conn = self.by_cid.get(data[1 : 1 + CID_LENGTH])
-            else:
-                try:
-                    header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
-                except ValueError:
-                    self.stats["dropped_malformed"] += 1
-                    continue
-                conn = self.by_cid.get(header.destination_cid)
-                if (
-                    conn is None
-                    and self.server_config is not None
-                    and header.packet_type == QuicPacketType.INITIAL
-                    and len(data) >= 1200
-                    and len(header.destination_cid) >= 8
-                    and header.version in self.server_config.supported_versions
-                ):
-                    conn = self._admit(header, addr, now)
-                    if conn is None:
-                        continue
-                    fresh = True
-            if conn is None:
-                self.stats["dropped_unknown"] += 1
-                continue
-            try:
-                conn.quic.receive_datagram(data, addr, now=now)
-            except Exception:  # aioquic should not raise here; never let one peer break the rest
-                log.exception("receive_datagram failed")
-                self.stats["dropped_malformed"] += 1
-                continue
-            if fresh:
-                fresh = False
-                if not self._keep_fresh(conn):
-                    continue
-            self._dirty[conn] = None
+            conn = self._receive(data, addr, now)
+            if conn is not None:
+                self._dirty[conn] = None
         self._flush()
+
+    def _receive(self, data: bytes, addr: Addr, now: float) -> Connection | None:
+        """Route one datagram: raw probes to their handler, QUIC to its connection (a new server
+        connection for an admitted Initial). Returns the connection that took it."""
+        first = data[0] if data else 0
+        is_vn = len(data) >= 5 and first & 0x80 and data[1:5] == b"\0\0\0\0"
+        if not data or (wire.is_raw(first) and not is_vn):
+            self.stats["raw_rx"] += 1
+            if data:
+                self._raw(data, addr)
+            return None
+        fresh = False
+        if not first & 0x80:  # short header: the DCID is the next CID_LENGTH bytes (hot path)
+            conn = self.by_cid.get(data[1 : 1 + CID_LENGTH])
+        else:
+            try:
+                header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+            except ValueError:
+                self.stats["dropped_malformed"] += 1
+                return None
+            conn = self.by_cid.get(header.destination_cid)
+            if (
+                conn is None
+                and self.server_config is not None
+                and header.packet_type == QuicPacketType.INITIAL
+                and len(data) >= 1200
+                and len(header.destination_cid) >= 8
+                and header.version in self.server_config.supported_versions
+            ):
+                conn = self._admit(header, addr, now)
+                fresh = conn is not None
+        if conn is None:
+            self.stats["dropped_unknown"] += 1
+            return None
+        conn.rx_addr = addr
+        try:
+            conn.quic.receive_datagram(data, addr, now=now)
+        except Exception:  # aioquic should not raise here; never let one peer break the rest
+            log.exception("receive_datagram failed")
+            self.stats["dropped_malformed"] += 1
+            return None
+        if fresh and not self._keep_fresh(conn):
+            return None
+        return conn
+
+    # -- tunnels (a sealed session's relay path) --------------------------------------------------
+    def open_tunnel(self, addr: Addr, send: Callable[[bytes], object]) -> None:
+        """Packets a connection sends to `addr` go to `send` instead of the socket."""
+        self.tunnels[addr] = send
+
+    def close_tunnel(self, addr: Addr) -> None:
+        self.tunnels.pop(addr, None)
+
+    def tunnel_receive(self, data: bytes, addr: Addr) -> None:
+        """A packet that came through the tunnel `addr`, handled as one from the socket. Its events
+        are dispatched at once, so that handlers read `conn.rx_addr` right; events still pending
+        from socket packets go first, under their own address."""
+        if addr not in self.tunnels or self._loop is None:
+            self.stats["dropped_unknown"] += 1
+            return
+        self.stats["rx"] += 1
+        conn = self.by_cid.get(data[1 : 1 + CID_LENGTH]) if data and not data[0] & 0x80 else None
+        if conn is not None and conn in self._dirty:
+            self._process(conn)
+        conn = self._receive(data, addr, self._loop.time())
+        if conn is not None:
+            self._process(conn)
+            self.mark(conn)
 
     def _keep_fresh(self, conn: Connection) -> bool:
         """Whether a server connection made by the Initial it just received is worth keeping."""
@@ -421,10 +457,11 @@ class Endpoint:
                 self.stats["dropped_bad_token"] += 1
                 return None
             retry_scid = header.destination_cid
-        elif self.half_open >= self.retry_threshold or from_source >= self.source_retry_threshold:
+        elif addr not in self.tunnels and (self.half_open >= self.retry_threshold
+                                           or from_source >= self.source_retry_threshold):
             self._send_retry(header, addr, now)
             return None
-        if from_source >= self.max_unproven_per_source:
+        if from_source >= self.max_unproven_per_source and addr not in self.tunnels:  # one tunnel per session
             self.stats["dropped_source_cap"] += 1
             return None
         if self.unproven >= self.max_unproven:
@@ -445,7 +482,10 @@ class Endpoint:
 
     def _accept(self, dcid: bytes, original_dcid: bytes, retry_scid: bytes | None, addr: Addr) -> Connection:
         assert self.server_config is not None and self.server_handler is not None and self._loop is not None
-        quic = qi.BoundedQuicConnection(configuration=self.server_config, peer_bidi_streams=1,
+        config = self.server_config
+        if addr in self.tunnels:  # its packets must fit the relay's frames
+            config = dataclasses.replace(config, max_datagram_size=SEALED_DATAGRAM_SIZE)
+        quic = qi.BoundedQuicConnection(configuration=config, peer_bidi_streams=1,
                                         original_destination_connection_id=original_dcid,
                                         retry_source_connection_id=retry_scid)
         conn = Connection(self, quic, False, Handler())
@@ -625,9 +665,13 @@ class Endpoint:
         if not conn.close_noted:
             self._note_close(conn)
         sendto = self.sock.sendto
+        tunnels = self.tunnels
         n = 0
         for data, addr in conn.quic.datagrams_to_send(now=loop.time()):
-            sendto(data, addr)
+            if tunnels and addr in tunnels:
+                tunnels[addr](data)
+            else:
+                sendto(data, addr)
             n += 1
         self.stats["tx"] += n
         at = conn.quic.get_timer()

@@ -150,3 +150,36 @@ def validated_peer_address(quic: QuicConnection) -> tuple[str, int] | None:
             host, port = path.addr[0], path.addr[1]
             return str(host), int(port)
     return None
+
+
+def migrate(quic: QuicConnection, addr: Any) -> None:
+    """Client: send to `addr` from now on (RFC 9000 section 9), treating its path as validated: the
+    caller proved it by other means (a punch's probes authenticated by the session key, or the
+    relay's authenticated connection). The server validates the move with its own PATH_CHALLENGE.
+    A spare connection ID of the peer's is used when there is one, so the paths share no CID."""
+    # private: aioquic migrates a client only to a server's preferred address; the paths, the
+    # current peer CID and the spare ones are not exposed
+    from aioquic.quic.connection import MAX_NETWORK_PATHS, QuicNetworkPath
+
+    paths = quic._network_paths
+    if paths and paths[0].addr == addr:
+        return
+    path = next((p for p in paths if p.addr == addr), None)
+    if path is None:
+        path = QuicNetworkPath(addr)
+    else:
+        paths.remove(path)
+    path.is_validated = True
+    paths.insert(0, path)
+    del paths[MAX_NETWORK_PATHS:]
+    if quic._peer_cid_available:
+        quic._retire_peer_cid(quic._peer_cid)
+        quic._peer_cid = quic._peer_cid_available.pop(0)
+        quic._spin_bit = False
+
+
+def handshake_confirmed(quic: QuicConnection) -> bool:
+    """Whether the handshake is confirmed (RFC 9001 section 4.1.2: a client has received
+    HANDSHAKE_DONE); no migration before it (RFC 9000 section 9)."""
+    # private: the confirmation state is not exposed
+    return bool(quic._handshake_confirmed)

@@ -97,6 +97,17 @@ class Path(StrEnum):
     DIRECT = "direct"  # the peer-to-peer QUIC connection
 
 
+class SessionMode(StrEnum):
+    """How a session's traffic is secured: two architectures, measured side by side."""
+
+    # the Agent's QUIC connection ends at the Intermediate, which decrypts every relayed datagram and
+    # encrypts it again; the direct path is a second QUIC connection with its own handshake
+    TERMINATED = "terminated"
+    # one QUIC connection end to end (Agent to Connector), its packets relayed sealed inside the
+    # control connections, migrated to the punched path (RFC 9000 section 9) without a new handshake
+    SEALED = "sealed"
+
+
 class BirthdayRole(StrEnum):
     """A side's part in birthday mode (docs/traversal.md): the random-port
     endpoint-dependent side opens many mappings (HARD), the endpoint-independent side sprays probes
@@ -638,6 +649,20 @@ DGRAM_APP = 0x30  # application payload within a session (relay or direct)
 DGRAM_HEADER = 5
 
 
+# a packet of a sealed session's end-to-end QUIC connection, relayed as it is: the Intermediate
+# reads the session id and nothing else (it holds none of that connection's keys)
+DGRAM_SEALED = 0x31
+# filler a receiver drops: the first datagram on a path a sealed connection migrated to carries it,
+# so that the peer's anti-amplification budget on that path (3x what it received, RFC 9000
+# section 8.1) covers its padded PATH_CHALLENGE and the replies, rather than holding the replies
+# until the challenge is answered
+DGRAM_PAD = 0x32
+
+
+def padding(size: int) -> bytes:
+    return bytes([DGRAM_PAD]) + bytes(max(0, size - 1))
+
+
 def encode_app(session: int, payload: bytes) -> bytes:
     return struct.pack("!BI", DGRAM_APP, session) + payload
 
@@ -647,6 +672,30 @@ def decode_app(data: bytes) -> tuple[int, bytes]:
         raise WireError("not an application datagram")
     (session,) = struct.unpack_from("!I", data, 1)
     return session, data[DGRAM_HEADER:]
+
+
+def encode_sealed(session: int, packet: bytes) -> bytes:
+    return struct.pack("!BI", DGRAM_SEALED, session) + packet
+
+
+def decode_sealed(data: bytes) -> tuple[int, bytes]:
+    if len(data) < DGRAM_HEADER or data[0] != DGRAM_SEALED:
+        raise WireError("not a sealed datagram")
+    (session,) = struct.unpack_from("!I", data, 1)
+    return session, data[DGRAM_HEADER:]
+
+
+def relayed_session(data: bytes) -> int:
+    """The session a relayed DATAGRAM belongs to, of either kind: all the relay reads of it."""
+    if len(data) < DGRAM_HEADER or data[0] not in (DGRAM_APP, DGRAM_SEALED):
+        raise WireError("not a relayed datagram")
+    return int.from_bytes(data[1:DGRAM_HEADER], "big")
+
+
+def relay_tunnel(session: int) -> tuple[str, int]:
+    """The peer address a sealed session's QUIC connection gives its relay path: not an IP, so it
+    is never a socket's; the endpoint hands packets to or from it to the session's relay frames."""
+    return ("relay", session)
 
 
 # --- raw probes (QUIC fixed bit clear) ---------------------------------------------------------

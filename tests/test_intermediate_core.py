@@ -59,7 +59,10 @@ class FakePeer:
         if len(data) > self.max_app_payload + wire.DGRAM_HEADER:
             raise DatagramTooLarge(f"datagram of {len(data)} bytes exceeds this connection's limit")
         if self.accepts:
-            self.got.append(("dgram", *wire.decode_app(data)))
+            if data[0] == wire.DGRAM_SEALED:
+                self.got.append(("sealed", *wire.decode_sealed(data)))
+            else:
+                self.got.append(("dgram", *wire.decode_app(data)))
         return self.accepts
 
     def close(self, code: int, reason: str) -> None:
@@ -436,6 +439,13 @@ RELAY = [
     pytest.param(Row([*ECHO, Relay("alice", payload=b"up"), Relay("edge1", payload=b"down")],
                      echo_then({"edge1": [("dgram", SID, b"up")], "alice": [("dgram", SID, b"down")]})),
                  id="both ways, to the other party only"),
+    pytest.param(Row([*ECHO, Relay("alice", raw=wire.encode_sealed(SID, b"\xc3opaque")),
+                      Relay("edge1", raw=wire.encode_sealed(SID, b"\x43back"))],
+                     echo_then({"edge1": [("sealed", SID, b"\xc3opaque")], "alice": [("sealed", SID, b"\x43back")]})),
+                 id="a sealed session's packets both ways, as they are"),
+    pytest.param(Row([*ECHO, Relay("bob", raw=wire.encode_sealed(SID, b"x"))], ECHO_GOT,
+                     counters={("errors_total", "kind", "datagram_foreign_session"): 1}),
+                 id="sealed packets only from the session's parties"),
     pytest.param(Row([*ECHO, Relay("bob"), Relay("edge2")], ECHO_GOT,
                      counters={("errors_total", "kind", "datagram_foreign_session"): 2}), id="foreign clients relay nothing"),
     pytest.param(Row([Relay("alice"), *ECHO], echo_then({"edge1": [("dgram", SID, b"hi")]})),
@@ -444,7 +454,7 @@ RELAY = [
     pytest.param(Row([Relay("edge1"), *ECHO], ECHO_GOT), id="only agents' datagrams are held"),
     pytest.param(Row([Relay("alice")], {}, connected=(), counters={("errors_total", "kind", "datagram_unauthenticated"): 1}),
                  id="nothing before hello"),
-    pytest.param(Row([*ECHO, Relay("alice", raw=b"\x31junk")], ECHO_GOT,
+    pytest.param(Row([*ECHO, Relay("alice", raw=b"\x3fjunk")], ECHO_GOT,
                      counters={("errors_total", "kind", "datagram_malformed"): 1}), id="malformed"),
     pytest.param(Row([*ECHO, BlockRelay(), Relay("alice"), Relay("edge1")], ECHO_GOT,
                      counters={("relay_blocked_total", "", ""): 2}), id="relay switched off for a session"),

@@ -37,6 +37,11 @@ def add_trial_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--echo-interval", type=non_negative_float, default=20.0, help="ms between echo probes")
     p.add_argument("--punch-timeout", type=non_negative_float, default=3.0, help="seconds")
     p.add_argument("--birthday", type=int, default=0, help="birthday-mode mappings (0 = off)")
+    p.add_argument("--punch-delay", type=non_negative_float, default=0.0,
+                   help="seconds both sides wait before punching: the upgrade of a session already on the relay")
+    p.add_argument("--mode", default="terminated", choices=("terminated", "sealed"),
+                   help="terminated: the Intermediate opens relayed traffic, the direct path is a second "
+                        "connection; sealed: one end-to-end connection, relayed sealed, migrated to the direct path")
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
@@ -54,6 +59,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
         punch_timeout=args.punch_timeout, blackhole=args.blackhole, birthday=args.birthday,
         punch_anyway=args.punch_anyway, fault=args.fault, outage_s=args.outage, idle_s=args.idle,
         relay_off_proof=not args.relay_stays_on, agent_ipv6=agent_ipv6, connector_ipv6=connector_ipv6,
+        mode=args.mode, punch_delay=args.punch_delay,
     )
     rec = run_trial(spec, certs_dir=args.certs).to_dict()
     print(json.dumps(rec) if args.json else trial_table(rec))
@@ -72,8 +78,10 @@ def trial_table(rec: dict) -> str:
         verified += f" ({rec['verify_received']} of {rec['verify_sent']} proof echoes came back direct)"
     rows: list[tuple[str, str | None]] = [
         ("outcome", rec["outcome"] + (f" (by {rec['mechanism']})" if rec.get("mechanism") else "")),
+        ("mode", rec.get("mode") or "terminated"),
         ("expected", f"{rec['expected']} ({'as expected' if rec['as_expected'] else 'NOT as expected'})"),
         ("ttd", text(rec["ttd_ms"], " ms")), ("ttfb", text(rec["ttfb_ms"], " ms")),
+        ("upgrade", text(rec.get("upgrade_ms"), " ms")),
         ("direct RTT p50", _rtt(rec, "direct")), ("relay RTT p50", _rtt(rec, "relay")),
         ("direct verified", verified), ("reason", rec["reason"]),
     ]

@@ -61,6 +61,10 @@ class PunchState(StrEnum):
     NONE = "none"  # the trial never reached a punch (it failed before)
 
 
+MODES = ("terminated", "sealed")  # wire.SessionMode's values (this module imports no networking)
+SEALED_MAX_PAYLOAD = 1155  # endpoint.SEALED_DATAGRAM_SIZE less DATAGRAM_OVERHEAD and wire.DGRAM_HEADER (tested)
+
+
 @dataclass
 class TrialSpec:
     """Everything that defines a trial (and nothing measured)."""
@@ -94,6 +98,8 @@ class TrialSpec:
     # side. Either one makes the lab dual-stack (the Intermediate gets IPv6 too)
     agent_ipv6: str = ""
     connector_ipv6: str = ""
+    mode: str = "terminated"  # a wire.SessionMode value: terminated (the seed's design) or sealed
+    punch_delay: float = 0.0  # both sides punch this much later: the upgrade of an established session
     trial_id: str = ""
     campaign_id: str = ""
 
@@ -106,10 +112,20 @@ class TrialSpec:
                 raise ValueError(f"{name} must be between {lo} and {hi}, got {v}")
         if not 0.001 <= self.echo_interval <= 5:
             raise ValueError("echo_interval must be between 1 ms and 5 s")
+        if not 0 <= self.punch_delay <= 30:
+            raise ValueError("punch_delay must be between 0 and 30 s")
         if not 0.1 <= self.punch_timeout <= 60:
             raise ValueError("punch_timeout must be between 0.1 and 60 s")
         if self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; choose one of: {', '.join(f for f in FAULTS if f)}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        if self.mode == "sealed" and self.echo_size > SEALED_MAX_PAYLOAD:
+            raise ValueError(f"echo_size must be at most {SEALED_MAX_PAYLOAD} in sealed mode (its packets ride in "
+                             f"relayed frames), got {self.echo_size}")
+        if self.mode == "sealed" and self.birthday:
+            raise ValueError("birthday mode needs mode terminated: a sealed session's connection lives on the "
+                             "shared socket, and birthday mode wins on a socket of its own")
         for fw in (self.agent_ipv6, self.connector_ipv6):
             if fw and fw not in IPV6_FIREWALLS:
                 raise ValueError(f"unknown IPv6 firewall {fw!r}; choose one of: {', '.join(IPV6_FIREWALLS)}")
@@ -193,6 +209,13 @@ class TrialResult:
     # Added by issue 17 (IPv6): the address family of the verified direct path, "ipv4" or "ipv6";
     # None when not direct. A dual-stack trial's IPv6 firewalls are in `extra["ipv6"]`.
     path_family: str | None = None
+    # Added by issue 19: the session's architecture, "terminated" or "sealed" (None in older records:
+    # terminated, the only one then).
+    mode: str | None = None
+    # Added by issue 19: from the punch proving the pair to the first echo back over the direct path
+    # (the upgrade's own cost: a handshake and a round trip in terminated mode, a migration and a round
+    # trip in sealed mode once its connection is up); None when not direct.
+    upgrade_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,7 +224,7 @@ class TrialResult:
 # columns older records may lack (loaded as None)
 ADDED_FIELDS = ("rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_direct_received",
                 "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch", "sim_calibration",
-                "mechanism", "agent_mapping", "connector_mapping", "path_family")
+                "mechanism", "agent_mapping", "connector_mapping", "path_family", "mode", "upgrade_ms")
 
 
 def error_text(exc: BaseException) -> str:

@@ -88,6 +88,7 @@ class AgentSide:
         self.spec, self.cfg, self.service = spec, cfg, service
         self.relay_switch = relay_switch
         self.probe = EchoProbe(self.loop.time, spec.echo_size)
+        self.mode = wire.SessionMode(spec.mode)
         self.agent = Agent(net, creds, intermediate, name="agent", host=bind)
         self.at = AgentTraversal(self.agent, cfg)
         self.st: SessionTraversal | None = None
@@ -129,8 +130,10 @@ class AgentSide:
         # stragglers over the relay so ttfb exists even when the punch settled at once
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.session_traversal.session.opened, 5)
-        await self._prove_relay()
         direct_up = self._direct_up()
+        if self.mode == wire.SessionMode.SEALED:
+            self.session_traversal.session.use(Path.RELAY)  # one connection, one path at a time
+        await self._prove_relay()
         await self._measure([Path.RELAY, Path.DIRECT] if direct_up else [Path.RELAY])
         if direct_up and self.session_traversal.session.active_path == Path.DIRECT:
             await self._prove_direct()
@@ -139,21 +142,21 @@ class AgentSide:
         """t0: the session opens; echoes go out over the active path from now on."""
         probe = self.probe
         self.t0 = self.loop.time()
-        st = self.st = self.at.begin(self.service)
+        st = self.st = self.at.begin(self.service, self.mode)
         st.session.subscribe(lambda e: probe.receive(e.payload, e.path))
 
         def rtt_sample(e: EchoEvent) -> None:
             if isinstance(e, EchoReplied):
                 st.observe_rtt(e.path, e.rtt)
 
-        def first_direct_echo(e: AgentEvent) -> None:
+        def first_echo(e: AgentEvent) -> None:  # a path opened: an echo on it in the same flight
             if isinstance(e, DirectHandshake):
-                payload = probe.make(Path.DIRECT)
-                if e.session.send(payload, Path.DIRECT) is None:
+                payload = probe.make(e.path)
+                if e.session.send(payload, e.path) is None:
                     probe.unsend(payload)
 
         probe.subscribe(rtt_sample)
-        self.agent.subscribe(first_direct_echo)
+        self.agent.subscribe(first_echo)
 
     async def _settle(self) -> None:
         """Echoes on the active path until the direct path is verified or the punch settled."""
@@ -179,11 +182,20 @@ class AgentSide:
             await asyncio.sleep(self.spec.echo_interval)
 
     async def _measure(self, paths: list[Path]) -> None:
-        """The same probe, interleaved on the paths that are up."""
-        for _ in range(self.spec.samples):
+        """The same probe, interleaved on the paths that are up. A sealed session's one connection
+        has one active path: the paths in turn (relay, then direct), each at the same rate."""
+        if self.mode == wire.SessionMode.SEALED:
+            session = self.session_traversal.session
             for p in paths:
-                self.send_echo(p)
-                await asyncio.sleep(self.spec.echo_interval / len(paths))
+                session.use(p)
+                for _ in range(self.spec.samples):
+                    self.send_echo(p)
+                    await asyncio.sleep(self.spec.echo_interval)
+        else:
+            for _ in range(self.spec.samples):
+                for p in paths:
+                    self.send_echo(p)
+                    await asyncio.sleep(self.spec.echo_interval / len(paths))
         await drain(self.probe, 1.0 + 4 * (self.session_traversal.path.median(Path.RELAY) or 0.2))
 
     async def _prove_direct(self) -> None:
@@ -287,7 +299,7 @@ def trial_traversal_config(spec: TrialSpec) -> TraversalConfig:
     return TraversalConfig(punch=PunchConfig(timeout=spec.punch_timeout, spray_rate=spec.birthday_rate,
                                              spray_seed=spray_seed),
                            keepalive=spec.keepalive, failover=max(2.0, 3 * spec.keepalive),
-                           punch_anyway=spec.punch_anyway,
+                           punch_anyway=spec.punch_anyway, punch_delay=spec.punch_delay,
                            port_mapping=spec.port_mapping and spec.backend in ("sim", "netns"))
 
 
@@ -470,7 +482,10 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
         failover_ms=_r(measure["failover_ms"]), echo_gap_ms=_r(measure["echo_gap_ms"]),
         path_events=st.path.events if st is not None else [],
         measured_with=(f"echo probe, {spec.echo_size} B payload through the Connector to a UDP echo app, "
-                       f"{spec.samples} measurement echoes per path interleaved every "
+                       f"{spec.samples} measurement echoes per path "
+                       + ("interleaved" if spec.mode == "terminated" else "in turn, relay then direct (sealed mode: "
+                          "one connection, one active path),")
+                       + f" every "
                        f"{spec.echo_interval * 1000:g} ms (RTT percentiles over every echo the path answered), "
                        f"backend {spec.backend}, profile {spec.profile}{measured_where}; "
                        f"{_proof(side, measure, probe)}"),
@@ -482,8 +497,16 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
         agent_mapping=_mapping(side.at.mapped) if side is not None else None,
         connector_mapping=_mapping(ct.mapped) if ct is not None else None,
         path_family=_family(st.working) if st is not None and verified and st.working else None,
+        mode=spec.mode, upgrade_ms=_upgrade_ms(probe, st, outcome),
         **_candidates(side, ct), **_path_fields(probe, st, side.t0 if side is not None else None, outcome),
     )
+
+
+def _upgrade_ms(probe: EchoProbe, st: SessionTraversal | None, outcome: Outcome) -> float | None:
+    first = probe.paths[Path.DIRECT].first_reply_at
+    if st is None or st.punch_ok_at is None or first is None or not is_direct(outcome):
+        return None
+    return _r((first - st.punch_ok_at) * 1000)
 
 
 def _left(deadline: float) -> float:

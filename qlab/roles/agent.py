@@ -3,6 +3,11 @@
 ONE socket carries everything: the connection to the Intermediate (QAD, signaling, relay), the
 punch probes, and the direct QUIC connection to the Connector. An `AgentSession` sends application
 payloads over its active path; the traversal layer (`qlab.traversal`) upgrades it to direct.
+
+A session runs in one of two modes (`wire.SessionMode`). `terminated`: relayed payloads ride the
+Agent's connection to the Intermediate, which opens them; the direct path is a second QUIC
+connection. `sealed`: one QUIC connection to the Connector from the start (`sealed`), its packets
+relayed as opaque frames until it migrates to the punched path; its active path is the session's.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from qlab import quic_internals as qi
 from qlab import wire
 from qlab.certs import Credentials
-from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
+from qlab.endpoint import SEALED_DATAGRAM_SIZE, Connection, DatagramTooLarge, Endpoint, Handler
 from qlab.net import Addr, Net
 from qlab.roles.echo import EchoProbe
 from qlab.roles.events import ControlReceived, EventHandler, LinkUp, Observers, PayloadReceived, RawReceived
@@ -32,11 +38,14 @@ EARLY_DATAGRAMS = 16  # direct datagrams held until the Connector's DirectAccept
 # -- events (see qlab.roles.events) --------------------------------------------------------------
 @dataclass(frozen=True)
 class DirectHandshake:
-    """The direct connection of `session` finished its handshake and the DirectHello is queued:
-    datagrams sent now ride the same flight (the Connector holds them until the hello is verified)."""
+    """A connection of `session` to the Connector can carry datagrams on `path`: the direct
+    connection finished its handshake and its DirectHello is queued (datagrams sent now ride the
+    same flight; the Connector holds them until the hello is verified), or a sealed session's
+    connection did so through the relay (`path` relay) or moved to the punched path (direct)."""
 
     session: AgentSession
     conn: Connection
+    path: Path = Path.DIRECT
 
 
 @dataclass(frozen=True)
@@ -69,16 +78,23 @@ class AgentSession:
     """One session to a service. Usable on the relay at once: the Agent proposes the session id,
     so application datagrams may follow the OpenSession in the same flight."""
 
-    def __init__(self, agent: Agent, session_id: int, service: str) -> None:
+    def __init__(self, agent: Agent, session_id: int, service: str,
+                 mode: wire.SessionMode = wire.SessionMode.TERMINATED) -> None:
         self.agent = agent
         self.id = session_id
         self.service = service
+        self.mode = mode
+        self.tunnel = wire.relay_tunnel(session_id)
+        # sealed mode: the end-to-end connection (once its DirectHello is queued), and the punched
+        # address it moves to; `direct` is that connection while a direct path is known
+        self.sealed: Connection | None = None
+        self.direct_addr: Addr | None = None
         self.key: bytes | None = None
         self.connector: str | None = None
         self.relay_max_payload = agent.link.max_relay_payload
         self.opened: asyncio.Future = asyncio.get_running_loop().create_future()
         self.direct: Connection | None = None
-        self.active_path = Path.RELAY
+        self._active = Path.RELAY
         self.payloads: Observers[PayloadReceived] = Observers()
         self.counters = {"relay_out": 0, "relay_in": 0, "direct_out": 0, "direct_in": 0}
         self.bytes = {"relay_out": 0, "relay_in": 0, "direct_out": 0, "direct_in": 0}
@@ -102,8 +118,37 @@ class AgentSession:
         await asyncio.wait_for(asyncio.shield(self.opened), timeout)
         return self
 
+    @property
+    def active_path(self) -> Path:
+        """The path traffic takes now: chosen in terminated mode, the sealed connection's in sealed mode."""
+        if self.mode == wire.SessionMode.SEALED:
+            conn = self.sealed
+            return Path.RELAY if conn is None or conn.quic.get_peer_address() == self.tunnel else Path.DIRECT
+        return self._active
+
+    def use(self, path: Path) -> None:
+        """Carry traffic on `path` from now on. Sealed mode migrates the connection (RFC 9000
+        section 9): to the relay, or to the punched address (`direct_addr`); no handshake."""
+        if self.mode != wire.SessionMode.SEALED:
+            self._active = path
+            return
+        conn = self.sealed
+        addr = self.tunnel if path == Path.RELAY else self.direct_addr
+        if conn is None or conn.closed or addr is None or path == self.active_path:
+            return
+        qi.migrate(conn.quic, addr)
+        conn.endpoint.mark(conn)
+
+    def _carrier(self, path: Path) -> Connection | None:
+        if self.mode == wire.SessionMode.SEALED:
+            return self.sealed if self.active_path == path else None
+        return self.direct if path == Path.DIRECT else self.agent.link.conn
+
     def limit(self, path: Path) -> int | None:
         """Largest application payload `path` carries now, or None while that path is down."""
+        if self.mode == wire.SessionMode.SEALED:
+            c = self._carrier(path)
+            return c.max_app_payload if c is not None and not c.closed and c.established else None
         if path == Path.DIRECT:
             d = self.direct
             return d.max_app_payload if d is not None and not d.closed and d.established else None
@@ -129,7 +174,7 @@ class AgentSession:
         if len(payload) > limit:
             raise DatagramTooLarge(f"payload of {len(payload)} bytes exceeds the session limit of {limit}")
         data = wire.encode_app(self.id, payload)
-        conn = self.direct if path == Path.DIRECT else self.agent.link.conn
+        conn = self._carrier(path)
         if conn is None or not conn.send_datagram(data):
             return None
         self.counters[f"{path}_out"] += 1
@@ -141,8 +186,17 @@ class AgentSession:
 
     def on_direct_lost(self, reason: str) -> None:
         """The direct connection is gone: traffic goes to the relay (observers are told)."""
-        self.active_path = Path.RELAY
+        self.use(Path.RELAY)
         self.agent.events.emit(DirectLost(self, reason))
+
+    def send_sealed(self, packet: bytes) -> None:
+        """A packet of the sealed connection bound for the relay path: one relayed frame."""
+        conn = self.agent.link.conn
+        if conn is not None:
+            try:
+                conn.send_datagram(wire.encode_sealed(self.id, packet))
+            except DatagramTooLarge:
+                log.warning("session %08x: a sealed packet of %d bytes does not fit the relay", self.id, len(packet))
 
     def deliver(self, payload: bytes, path: Path) -> None:
         self.counters[f"{path}_in"] += 1
@@ -269,14 +323,16 @@ class Agent:
         return False
 
     def begin_session(
-        self, service: str, nat: wire.NatKind = wire.NatKind.UNKNOWN, candidates: tuple[wire.Candidate, ...] = ()
+        self, service: str, nat: wire.NatKind = wire.NatKind.UNKNOWN, candidates: tuple[wire.Candidate, ...] = (),
+        mode: wire.SessionMode = wire.SessionMode.TERMINATED,
     ) -> AgentSession:
-        """Open a session without waiting: relay sends work immediately; `session.opened`
-        completes (or fails with Refused) when the Intermediate answers."""
+        """Open a session without waiting: relay sends work immediately (sealed mode: once its
+        connection is up, see `connect_sealed`); `session.opened` completes (or fails with
+        Refused) when the Intermediate answers."""
         sid = 0
         while sid == 0 or sid in self.sessions:
             sid = secrets.randbits(32)
-        s = AgentSession(self, sid, service)
+        s = AgentSession(self, sid, service, mode)
         self.sessions[sid] = s
         msg = wire.OpenSession(self.link.next_req(), sid, service, nat, candidates)
 
@@ -318,24 +374,56 @@ class Agent:
         """Open the direct QUIC connection to the Connector at `addr` from the shared socket and
         prove the session key; the session's `direct` path is set once the Connector accepts.
         `DirectHandshake` is emitted right after the DirectHello is queued."""
+        return await self._dial(session, addr, timeout, endpoint or self.endpoint, sealed=False)
+
+    async def connect_sealed(self, session: AgentSession, timeout: float = 5.0) -> Connection:
+        """Open a sealed session's end-to-end connection to the Connector through the relay: the
+        same TLS (the qlab CA, the Connector's certificate) and session-key proof as a direct
+        connection, its packets relayed as sealed frames (the Intermediate holds none of its keys)."""
+        self.endpoint.open_tunnel(session.tunnel, session.send_sealed)
+        return await self._dial(session, session.tunnel, timeout, self.endpoint, sealed=True)
+
+    def migrate_sealed(self, session: AgentSession, addr: Addr) -> Connection | None:
+        """Move a sealed session's connection to the punched `addr` (the punch's probes, which
+        carry the session key, validated the pair). None while the connection is not up."""
+        conn = session.sealed
+        if conn is None or conn.closed:
+            return None
+        session.direct_addr = addr
+        session.direct = conn
+        session.use(Path.DIRECT)
+        conn.send_datagram(wire.padding(conn.max_datagram_payload))
+        self.events.emit(DirectHandshake(session, conn, Path.DIRECT))
+        return conn
+
+    async def _dial(self, session: AgentSession, addr: Addr, timeout: float, ep: Endpoint, *, sealed: bool) -> Connection:
         from qlab.certs import CONNECTOR_NAME
 
         loop = asyncio.get_running_loop()
         accepted = loop.create_future()
         handler = _DirectClient(session, accepted)
-        ep = endpoint or self.endpoint  # a birthday-mode socket, or the shared one
-        conn = ep.connect(addr, self.creds.client_config(CONNECTOR_NAME), handler)
+        config = self.creds.client_config(CONNECTOR_NAME)
+        if sealed:
+            config.max_datagram_size = SEALED_DATAGRAM_SIZE  # a packet rides in one relayed frame
+        conn = ep.connect(addr, config, handler)
         try:
             async with asyncio.timeout(timeout):
                 await conn.handshake_done
+                if sealed:  # dialled in the OpenSession's flight: the key proves the session
+                    await asyncio.shield(session.opened)
                 assert session.key is not None, "the session is not open yet"
                 conn.send_control(wire.DirectHello(session.id, wire.direct_auth(session.key, session.id)))
-                session.direct = conn
-                self.events.emit(DirectHandshake(session, conn))
+                if sealed:
+                    session.sealed = conn
+                else:
+                    session.direct = conn
+                self.events.emit(DirectHandshake(session, conn, Path.RELAY if sealed else Path.DIRECT))
                 await accepted
         except BaseException:
             if session.direct is conn:
                 session.direct = None
+            if session.sealed is conn:
+                session.sealed = None
             ep.abandon(conn, "direct connection attempt failed")
             raise
         return conn
@@ -343,12 +431,18 @@ class Agent:
     def close(self) -> None:
         self.tasks.cancel_all()
         for s in self.sessions.values():
-            if s.direct is not None:
-                s.direct.close(reason="agent closing")
+            for conn in {s.direct, s.sealed} - {None}:
+                assert conn is not None
+                conn.close(reason="agent closing")
         self.link.close()
         self.endpoint.close()
 
     def link_datagram(self, data: bytes) -> None:
+        if data[:1] == bytes([wire.DGRAM_SEALED]):
+            sid, packet = wire.decode_sealed(data)
+            if sid in self.sessions:
+                self.endpoint.tunnel_receive(packet, wire.relay_tunnel(sid))
+            return
         try:
             sid, payload = wire.decode_app(data)
         except wire.WireError:
@@ -431,12 +525,15 @@ class _DirectClient(Handler):
         except wire.WireError:
             return
         if sid == self.session.id:
-            self.session.deliver(payload, Path.DIRECT)
+            self.session.deliver(payload, Path.RELAY if conn.rx_addr == self.session.tunnel else Path.DIRECT)
 
     def on_closed(self, conn: Connection, reason: str) -> None:
         if not self.accepted.done():
             self.accepted.set_exception(ConnectionError(f"direct connection closed: {reason}"))
             self.accepted.exception()
+        if self.session.sealed is conn:
+            self.session.sealed = None
+            conn.endpoint.close_tunnel(self.session.tunnel)
         if self.session.direct is conn:
             self.session.direct = None
             self.session.on_direct_lost(reason)

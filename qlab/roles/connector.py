@@ -36,6 +36,7 @@ class ConnectorSession:
     service: str
     max_payload: int
     direct: Connection | None = None
+    sealed: Connection | None = None  # sealed mode: the Agent's end-to-end connection (relay, then direct)
     app_socks: dict[Path, DatagramSocket] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"relay_in": 0, "relay_out": 0, "direct_in": 0, "direct_out": 0})
     agent_nat: wire.NatKind = wire.NatKind.UNKNOWN
@@ -256,8 +257,10 @@ class Connector:
             self._close_app_socket(s, path)
         self.app_sockets -= len(s.app_opening)  # their tasks see `closed` and close what they open
         s.app_opening.clear()
-        if s.direct is not None:
-            s.direct.close(reason="session closed")
+        for conn in {s.direct, s.sealed} - {None}:
+            assert conn is not None
+            conn.close(reason="session closed")
+        self.endpoint.close_tunnel(wire.relay_tunnel(s.id))
 
     def _on_raw(self, data: bytes, addr: Addr) -> None:
         self.events.offer(RawReceived(data, addr))
@@ -268,16 +271,36 @@ class Connector:
 
     def link_datagram(self, data: bytes) -> None:
         try:
-            sid, payload = wire.decode_app(data)
+            sid = wire.relayed_session(data)
         except wire.WireError:
             return
         s = self.sessions.get(sid)
         if s is None:
             self.held.hold(asyncio.get_running_loop().time(), sid, data)  # SessionNew may follow in this packet
             return
+        if data[0] == wire.DGRAM_SEALED:
+            self._sealed_in(s, data[wire.DGRAM_HEADER:])
+            return
+        payload = data[wire.DGRAM_HEADER:]
         s.counters["relay_in"] += 1
         self.metrics.inc("datagrams_in_total", path=Path.RELAY)
         self._spawn_or_send(s, Path.RELAY, payload)
+
+    def _sealed_in(self, s: ConnectorSession, packet: bytes) -> None:
+        """A packet of the session's sealed connection, relayed: into the endpoint through the
+        session's tunnel (opened by the first one; one connection per session at most)."""
+        tunnel = wire.relay_tunnel(s.id)
+        if tunnel not in self.endpoint.tunnels:
+            link = self.link
+
+            def send(packet: bytes, sid: int = s.id) -> None:
+                if link.conn is not None:
+                    try:
+                        link.conn.send_datagram(wire.encode_sealed(sid, packet))
+                    except DatagramTooLarge:
+                        log.warning("session %08x: a sealed packet of %d bytes does not fit the relay", sid, len(packet))
+            self.endpoint.open_tunnel(tunnel, send)
+        self.endpoint.tunnel_receive(packet, tunnel)
 
     def to_app(self, s: ConnectorSession, path: Path, payload: bytes) -> None:
         self._spawn_or_send(s, path, payload)
@@ -362,6 +385,12 @@ class Connector:
         """Reply on `path`; a dead direct path falls back to the relay."""
         data = wire.encode_app(s.id, payload)
         try:
+            if s.sealed is not None and not s.sealed.closed:  # sealed: its connection's active path
+                if s.sealed.send_datagram(data):
+                    on = Path.RELAY if s.sealed.quic.get_peer_address() == wire.relay_tunnel(s.id) else Path.DIRECT
+                    s.counters[f"{on}_out"] += 1
+                    self.metrics.inc("datagrams_out_total", path=on)
+                return
             if path == Path.DIRECT and s.direct is not None and not s.direct.closed:
                 s.direct.send_datagram(data)
                 s.counters["direct_out"] += 1
@@ -392,12 +421,18 @@ class _DirectConn(Handler):
                 conn.send_control(wire.Nack(0, wire.NackCode.UNAUTHENTICATED, "unknown session or bad proof"))
                 conn.close_soon(wire.CLOSE_UNAUTHENTICATED, "unauthenticated")
                 return
-            if s.direct is not None and s.direct is not conn:
-                s.direct.close(reason="replaced by a newer direct connection")
-            s.direct = conn
+            sealed = conn.peer_addr == wire.relay_tunnel(s.id)
+            old = s.sealed if sealed else s.direct
+            if old is not None and old is not conn:
+                old.close(reason="replaced by a newer direct connection")
+            if sealed:
+                s.sealed = conn
+            else:
+                s.direct = conn
             self.session = s
             conn.mark_proven()
             conn.send_control(wire.DirectAccept(s.id, self.c.name, wire.direct_accept_auth(s.key, s.id, self.c.name)))
+
             log.info("session %08x: direct connection from %s:%d", s.id, *(conn.peer_addr or ("?", 0)))
         elif isinstance(msg, wire.Ping):
             conn.send_control(wire.Pong(msg.nonce))
@@ -409,15 +444,19 @@ class _DirectConn(Handler):
         if s is None:
             self._until_end_of_pass(data)
             return
+        self._deliver(s, data, conn.rx_addr)
+
+    def _deliver(self, s: ConnectorSession, data: bytes, rx_addr: Addr | None) -> None:
         try:
             sid, payload = wire.decode_app(data)
         except wire.WireError:
             return
         if sid != s.id:
             return
-        s.counters["direct_in"] += 1
-        self.c.metrics.inc("datagrams_in_total", path=Path.DIRECT)
-        self.c.to_app(s, Path.DIRECT, payload)
+        path = Path.RELAY if rx_addr == wire.relay_tunnel(s.id) else Path.DIRECT
+        s.counters[f"{path}_in"] += 1
+        self.c.metrics.inc("datagrams_in_total", path=path)
+        self.c.to_app(s, path, payload)
 
     def _until_end_of_pass(self, data: bytes) -> None:
         """aioquic puts DATAGRAM frames before STREAM frames in a packet, so the Agent's first
@@ -439,3 +478,5 @@ class _DirectConn(Handler):
     def on_closed(self, conn: Connection, reason: str) -> None:
         if self.session is not None and self.session.direct is conn:
             self.session.direct = None
+        if self.session is not None and self.session.sealed is conn:
+            self.session.sealed = None

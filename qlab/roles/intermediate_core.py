@@ -740,7 +740,7 @@ class IntermediateCore:
             self.error("datagram_unauthenticated")
             return
         try:
-            sid, _ = wire.decode_app(data)
+            sid = wire.relayed_session(data)  # sealed or not, the relay reads no further
         except wire.WireError:
             self.error("datagram_malformed")
             return

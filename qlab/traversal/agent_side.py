@@ -1,6 +1,10 @@
 """The Agent's traversal: detects its NAT once, offers candidates with every session, punches on
 StartPunch, connects directly and keeps each session on its best verified path.
 
+A sealed session (`wire.SessionMode.SEALED`) dials its end-to-end connection through the relay at
+once; on a punched pair that connection migrates instead of a new one being opened, and a lost
+direct path migrates it back to the relay.
+
 `AgentTraversal` observes the Agent's events (`qlab.roles.agent.AgentEvent`); the Agent stays
 usable without it (relay only).
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from qlab import quic_internals as qi
 from qlab import wire
 from qlab.endpoint import Connection, Endpoint
 from qlab.net import Addr
@@ -47,9 +52,13 @@ class SessionTraversal(PunchSession):
         self.working_kind: wire.CandidateKind | None = None
         self.probes_sent = 0
         self.punch_ms: float | None = None
+        self.punch_ok_at: float | None = None  # loop time the punch proved the working pair
         self.settled = asyncio.Event()  # direct verified, or given up on this attempt
         self._direct_since = 0.0
         self._watch: asyncio.Task[None] | None = None
+        self.sealed_ready = asyncio.Event()  # sealed mode: the end-to-end connection is up
+        if session.mode == wire.SessionMode.SEALED:
+            self.tasks.spawn(self._open_sealed())
 
     async def _birthday_endpoint(self, raw_handler: Callable[[bytes, Addr], None]) -> Endpoint:
         agent = self.owner.agent
@@ -64,11 +73,13 @@ class SessionTraversal(PunchSession):
         direct = self.session.direct
         switch = self.path.observe_rtt(path, rtt, now, direct is not None and not direct.closed)
         if switch is not None:
-            self.session.active_path = switch
+            self.session.use(switch)
 
     def _direct_up(self, conn: Connection) -> None:
         self._direct_since = self.loop.time()
-        self.path.direct_connected(self._direct_since, conn.peer_addr)
+        sealed = self.session.mode == wire.SessionMode.SEALED
+        self.path.direct_connected(self._direct_since, self.session.direct_addr if sealed else conn.peer_addr,
+                                   "migrated the end-to-end connection to" if sealed else "QUIC to")
         if self._watch is None or self._watch.done():
             self._watch = self.tasks.spawn(self._keep_alive(conn))
 
@@ -77,13 +88,18 @@ class SessionTraversal(PunchSession):
         dead_after = self.path.dead_after
         step = min(self.cfg.keepalive, dead_after) / 4  # detection within dead_after + step
         last_ping = 0.0
+        sealed = self.session.mode == wire.SessionMode.SEALED
         while not conn.closed and self.session.direct is conn:
             await asyncio.sleep(step)
             now = self.loop.time()
+            if sealed and self.session.active_path != Path.DIRECT:
+                self._direct_since = now  # moved to the relay for now: the direct path is not being heard
+                continue
             last_rx = max(self._direct_since, self.session.last_direct_rx)
             if now - last_rx > dead_after:
                 self.lose(f"no answer on the direct path for {now - last_rx:.2f}s")
-                self.owner.agent.endpoint.abandon(conn, "direct path lost")
+                if not sealed:  # a sealed connection lives on, on the relay
+                    self.owner.agent.endpoint.abandon(conn, "direct path lost")
                 return
             if now - last_ping >= self.cfg.keepalive:
                 nonce = (nonce + 1) & 0xFFFFFFFF
@@ -92,10 +108,11 @@ class SessionTraversal(PunchSession):
 
     def lose(self, reason: str) -> None:
         """The direct path is gone: back to the relay, and another upgrade later."""
-        self.session.active_path = Path.RELAY
+        self.session.use(Path.RELAY)
         if self.path.closed:
             return
         self.session.direct = None
+        self.session.direct_addr = None
         self.path.lost(self.loop.time(), reason)
         self.reason = f"direct path lost: {reason}"
         self._retry_later()
@@ -127,6 +144,7 @@ class SessionTraversal(PunchSession):
         if self.working is not None:
             return
         self.working, self.working_kind = addr, wire.CandidateKind.PREDICTED
+        self.punch_ok_at = self.loop.time()
         self.note("punch_ok", f"birthday socket {ep.local_address[1]} reached {addr[0]}:{addr[1]}")
         if self.runner is not None:
             self.runner.cancel()
@@ -144,6 +162,7 @@ class SessionTraversal(PunchSession):
             self._retry_later()
             return
         self.working, self.working_kind = p.success.addr, p.success.kind
+        self.punch_ok_at = p.success.at
         self.punch_ms = (p.success.at - (self.punch_started_at or p.success.at)) * 1000
         self.note("punch_ok", f"{p.success.kind.name.lower()} {p.success.addr[0]}:{p.success.addr[1]} via "
                   f"{p.success.via} after {self.punch_ms:.1f} ms")
@@ -151,6 +170,9 @@ class SessionTraversal(PunchSession):
         self.tasks.spawn(self._connect(p.success.addr))
 
     async def _connect(self, addr: Addr, endpoint: Endpoint | None = None) -> None:
+        if self.session.mode == wire.SessionMode.SEALED:
+            await self._migrate(addr, endpoint)
+            return
         try:
             conn = await self.owner.agent.connect_direct(self.session, addr, self.cfg.direct_timeout,
                                                          endpoint=endpoint)
@@ -159,6 +181,56 @@ class SessionTraversal(PunchSession):
             self.note("direct_failed", self.reason)
             self.settled.set()
             self._retry_later()
+            return
+        self.reason = None
+        self._direct_up(conn)
+
+    # -- sealed mode -------------------------------------------------------------------------------
+    async def _open_sealed(self) -> None:
+        """Dial the end-to-end connection through the relay; again after it is lost, with backoff."""
+        from qlab.roles.control import Backoff
+
+        backoff = Backoff(0.2, 5.0)
+        while not self.session.closed and not self.path.closed:
+            try:
+                conn = await self.owner.agent.connect_sealed(self.session, self.cfg.direct_timeout + 2.0)
+            except (TimeoutError, ConnectionError, OSError) as exc:
+                self.note("sealed_failed", f"end-to-end connection through the relay: {str(exc) or type(exc).__name__}")
+                await asyncio.sleep(backoff.next())
+                continue
+            await self._until_confirmed(conn)
+            self.note("sealed_connected", "end-to-end QUIC connection through the relay, the Connector proven")
+            self.sealed_ready.set()
+            if self.working is not None and self.session.direct is None:
+                await self._migrate(self.working)  # the punch won while the connection was coming up
+            return
+
+    async def _until_confirmed(self, conn: Connection) -> None:
+        """RFC 9000 section 9: no migration before the handshake is confirmed (HANDSHAKE_DONE
+        comes in the flight of the DirectAccept, so this rarely waits)."""
+        end = self.loop.time() + self.cfg.direct_timeout
+        while not qi.handshake_confirmed(conn.quic) and not conn.closed and self.loop.time() < end:
+            await asyncio.sleep(0.005)
+
+    def redial_sealed(self, reason: str) -> None:
+        """The sealed connection is gone (the Connector restarted, say): a new one, through the relay."""
+        old = self.session.sealed
+        if old is not None:
+            self.owner.agent.endpoint.abandon(old, reason)
+        self.sealed_ready.clear()
+        self.tasks.spawn(self._open_sealed())
+
+    async def _migrate(self, addr: Addr, endpoint: Endpoint | None = None) -> None:
+        agent = self.owner.agent
+        if endpoint is not None and endpoint is not agent.endpoint:
+            self.reason = "a birthday socket won, but a sealed connection lives on the shared socket"
+            self.note("direct_failed", self.reason)
+            self.settled.set()
+            return
+        if not self.sealed_ready.is_set():
+            return  # `_open_sealed` migrates once the connection is up (`working` is kept)
+        conn = agent.migrate_sealed(self.session, addr)
+        if conn is None:
             return
         self.reason = None
         self._direct_up(conn)
@@ -227,8 +299,8 @@ class AgentTraversal:
                                  self.detection.kind, self.detection.last_port, mapped)
         agent.reopen_offer = (self.detection.kind, self.candidates)
 
-    def begin(self, service: str) -> SessionTraversal:
-        session = self.agent.begin_session(service, self.detection.kind, self.candidates)
+    def begin(self, service: str, mode: wire.SessionMode = wire.SessionMode.TERMINATED) -> SessionTraversal:
+        session = self.agent.begin_session(service, self.detection.kind, self.candidates, mode)
         st = SessionTraversal(self, session)
         self.sessions[session.id] = st
         return st
@@ -242,10 +314,14 @@ class AgentTraversal:
             st = self.sessions.get(event.session.id)
             if st is not None:
                 st.lose(event.reason)
+                if event.session.mode == wire.SessionMode.SEALED and event.session.sealed is None:
+                    st.redial_sealed(event.reason)
         elif isinstance(event, SessionReopened):
             st = self.sessions.get(event.session.id)
             if st is not None:
                 st.note("session_reopened", "the Connector is back")
+                if event.session.mode == wire.SessionMode.SEALED:  # a new Connector knows no connection
+                    st.redial_sealed("the Connector restarted")
         elif isinstance(event, SessionEnded):
             st = self.sessions.pop(event.session.id, None)
             if st is not None:

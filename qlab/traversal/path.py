@@ -37,6 +37,9 @@ class TraversalConfig:
     port_mapping: bool = False
     # the Intermediate's IPv6 listener for QAD over IPv6 (dual-stack labs; None: IPv4 only)
     qad6: tuple[str, int] | None = None
+    # both sides punch this much later than StartPunch says, so the session runs on the relay first:
+    # the labs measure the upgrade of an established session with it (0: punch at once)
+    punch_delay: float = 0.0
 
 
 class PathManager:
@@ -100,8 +103,8 @@ class PathManager:
             return Path.RELAY
         return None
 
-    def direct_connected(self, now: float, peer: tuple[str, int] | None) -> None:
-        self.event(now, "direct_connected", f"QUIC to {peer[0]}:{peer[1]}" if peer else "")
+    def direct_connected(self, now: float, peer: tuple[str, int] | None, how: str = "QUIC to") -> None:
+        self.event(now, "direct_connected", f"{how} {peer[0]}:{peer[1]}" if peer else "")
 
     @property
     def dead_after(self) -> float:

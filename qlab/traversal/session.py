@@ -185,7 +185,8 @@ class PunchSession:
         p.lockstep = lockstep
         p.set_peer(peer)
         p.config = with_prediction_delay(self.cfg.punch, self.link.conn)
-        self.punch_started_at = asyncio.get_running_loop().time() + msg.delay_ms / 1000
+        delay = msg.delay_ms / 1000 + self.cfg.punch_delay
+        self.punch_started_at = asyncio.get_running_loop().time() + delay
         self.note("punch_start", f"{len(p.targets)} targets, start in {msg.delay_ms} ms, peer NAT {msg.peer_nat.name}")
         role = wire.birthday_role(self.own_nat, msg.peer_nat) if msg.birthday else None
         reflexive = peer_reflexive(msg.peer_candidates)
@@ -193,11 +194,11 @@ class PunchSession:
             p.birthday_spray(reflexive[0], msg.birthday, random.Random(self.cfg.punch.spray_seed))
             self.note("birthday", f"spraying {msg.birthday} random ports of the peer")
         elif role == wire.BirthdayRole.HARD and reflexive is not None and self.key:
-            self.tasks.spawn(self._birthday_hard(reflexive, msg.birthday, msg.delay_ms / 1000 + p.config.predict_after))
+            self.tasks.spawn(self._birthday_hard(reflexive, msg.birthday, delay + p.config.predict_after))
         if self.runner is not None:
             self.runner.cancel()
         self.runner = PunchRunner(p, self.send_raw, self.punch_done)
-        self.runner.start(msg.delay_ms / 1000)
+        self.runner.start(delay)
 
     async def _birthday_hard(self, peer: Addr, n: int, after: float) -> None:
         """The hard side's pool, as a fallback: only if the plain punch found nothing within `after`
