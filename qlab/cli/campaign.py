@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qlab.backends.base import BACKENDS
 from qlab.cli.table import pairs, table, text
-from qlab.cli.util import RESULTS_HELP, example, positive_int
+from qlab.cli.util import RESULTS_HELP, example, non_negative_float, positive_int
 from qlab.scenario.profiles import PROFILE_NAMES, REPORT_PROFILES
 
 NATS_HELP = "NAT preset, comma list, or all (required: all x all is 36 cells, 1,080 trials at --trials 30)"
@@ -34,7 +34,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = campaign.CampaignSpec(backend=args.backend, agent_nats=args.agent_nat, connector_nats=args.connector_nat,
                                  profile=args.profile, trials=args.trials, seed=args.seed,
                                  campaign_id=args.id or "", samples=args.samples, punch_anyway=args.punch_anyway,
-                                 birthday=args.birthday, ipv6=args.ipv6 or "")
+                                 birthday=args.birthday, ipv6=args.ipv6 or "", mode=args.mode,
+                                 punch_delay=args.punch_delay)
     folder = results.campaign_dir(spec.campaign_id, args.results)
     if (folder / "manifest.json").is_file():  # refused before the size line promises a run
         campaign.check_contract(spec, results.CampaignStore(folder).manifest())
@@ -211,6 +212,11 @@ def _register_run(cs: argparse._SubParsersAction) -> None:
                    help="birthday mode: the random-port side opens N mappings (0: off; Tailscale uses 256)")
     r.add_argument("--ipv6", default=None, metavar="FIREWALL",
                    help="a dual-stack lab: both sides' IPv6 firewall (open or stateful; default: IPv4 only)")
+    r.add_argument("--mode", default="terminated", choices=("terminated", "sealed"),
+                   help="the sessions' architecture: terminated (the relay opens traffic) or sealed (one "
+                        "end-to-end connection, relayed sealed, migrated to the direct path)")
+    r.add_argument("--punch-delay", type=non_negative_float, default=0.0, metavar="S",
+                   help="both sides punch S seconds after the session opens: the upgrade of an established session")
     r.add_argument("--punch-anyway", action="store_true",
                    help="punch even when both sides are endpoint-dependent (policy skips it; the table says relay)")
     r.add_argument("--id", default=None,

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from qlab import wire
 from qlab.backends.base import Environment
 from qlab.certs import Credentials
 from qlab.experiment.record import APP_PORT, Fault, TrialSpec
@@ -125,8 +126,11 @@ async def rebind(ctx: FaultContext) -> FaultResult:
 async def intermediate_restart(ctx: FaultContext) -> FaultResult:
     """The Intermediate vanishes (as with kill -9) for `outage_s`, then a fresh one starts on the
     same addresses. The direct path must keep carrying echoes meanwhile; Agent and Connector must
-    reconnect with backoff and the session must work over the relay again."""
+    reconnect with backoff and the session must work over the relay again (a sealed session's one
+    connection moves to the relay once the session is re-opened, and back afterwards)."""
     st, probe, spec = ctx.st, ctx.probe, ctx.spec
+    sealed = st.session.mode == wire.SessionMode.SEALED
+    reopened_before = st.session.reopened
     with recording(probe, ctx.now) as replies:
         had_direct = st.session.active_path == Path.DIRECT
         t_kill = ctx.now()
@@ -139,6 +143,8 @@ async def intermediate_restart(ctx: FaultContext) -> FaultResult:
         t_restart = ctx.now()
         recovered_at = None
         while ctx.now() < t_restart + 30:
+            if sealed and st.session.reopened > reopened_before:
+                st.session.use(Path.RELAY)
             ctx.send_echo()
             ctx.send_echo(Path.RELAY)
             await asyncio.sleep(spec.echo_interval * 5)
@@ -146,6 +152,8 @@ async def intermediate_restart(ctx: FaultContext) -> FaultResult:
             if relay_after:
                 recovered_at = relay_after[0]
                 break
+        if sealed and had_direct:
+            st.session.use(Path.DIRECT)
         await drain(probe, 1.0)
     during = [r for r in replies if r.path == Path.DIRECT and t_kill <= r.at <= t_kill + spec.outage_s]
     # the outage's own echoes: sent on the direct path while the Intermediate was down, and those of

@@ -28,7 +28,7 @@ from typing import Any
 from qlab import __version__
 from qlab.backends.base import BACKENDS, check_loopback
 from qlab.certs import default_certs
-from qlab.experiment.record import TrialResult, TrialSpec, error_text
+from qlab.experiment.record import MODES, TrialResult, TrialSpec, error_text
 from qlab.experiment.trial import run_trial
 from qlab.nat.firewall6 import PRESET6_NAMES
 from qlab.nat.spec import cell_expected, parse_presets
@@ -55,6 +55,8 @@ class CampaignSpec:
     punch_anyway: bool = False  # measure the cells policy decides (both sides endpoint-dependent)
     birthday: int = 0  # birthday mode: mappings the random-port side opens (0: off)
     ipv6: str = ""  # a dual-stack lab: both sides' IPv6 firewall preset ("": IPv4 only)
+    mode: str = "terminated"  # the sessions' architecture: terminated or sealed (TrialSpec.mode)
+    punch_delay: float = 0.0  # seconds on the relay before punching: the upgrade of an established session
 
     def __post_init__(self) -> None:
         if isinstance(self.agent_nats, str):
@@ -69,6 +71,13 @@ class CampaignSpec:
         if self.ipv6 and (self.ipv6 not in PRESET6_NAMES or self.backend not in ("sim", "netns")):
             raise ValueError(f"ipv6 must be one of {', '.join(PRESET6_NAMES)} (firewall presets), on backend sim "
                              f"or netns; got {self.ipv6!r} on {self.backend}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "sealed" and self.birthday:
+            raise ValueError("birthday mode needs mode terminated (a sealed connection lives on the shared socket)")
+        if isinstance(self.punch_delay, bool) or not isinstance(self.punch_delay, int | float) \
+                or not 0 <= self.punch_delay <= 30:
+            raise ValueError(f"punch_delay must be from 0 to 30 seconds, got {self.punch_delay!r}")
         for name, lo, hi in (("trials", 1, 10000), ("samples", 1, 10000), ("birthday", 0, 4096)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -92,6 +101,7 @@ class CampaignSpec:
                     backend=self.backend, agent_nat=a, connector_nat=c, profile=self.profile,
                     seed=int.from_bytes(h[:4], "big"), samples=self.samples, punch_anyway=self.punch_anyway,
                     birthday=self.birthday, agent_ipv6=self.ipv6, connector_ipv6=self.ipv6,
+                    mode=self.mode, punch_delay=self.punch_delay,
                     trial_id=f"{a}.{c}.{i:04d}", campaign_id=self.campaign_id,
                 ))
         return out

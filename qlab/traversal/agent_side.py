@@ -57,8 +57,9 @@ class SessionTraversal(PunchSession):
         self._direct_since = 0.0
         self._watch: asyncio.Task[None] | None = None
         self.sealed_ready = asyncio.Event()  # sealed mode: the end-to-end connection is up
+        self._dialing: asyncio.Task[None] | None = None
         if session.mode == wire.SessionMode.SEALED:
-            self.tasks.spawn(self._open_sealed())
+            self._dialing = self.tasks.spawn(self._open_sealed())
 
     async def _birthday_endpoint(self, raw_handler: Callable[[bytes, Addr], None]) -> Endpoint:
         agent = self.owner.agent
@@ -218,7 +219,8 @@ class SessionTraversal(PunchSession):
         if old is not None:
             self.owner.agent.endpoint.abandon(old, reason)
         self.sealed_ready.clear()
-        self.tasks.spawn(self._open_sealed())
+        if self._dialing is None or self._dialing.done():  # one dial at a time
+            self._dialing = self.tasks.spawn(self._open_sealed())
 
     async def _migrate(self, addr: Addr, endpoint: Endpoint | None = None) -> None:
         agent = self.owner.agent
