@@ -68,6 +68,7 @@ RETRY_THRESHOLD = 64  # half-open handshakes beyond which a new one must answer 
 SOURCE_RETRY_THRESHOLD = 8  # ... and unproven connections from its source IP beyond which it must too
 MAX_UNPROVEN_PER_SOURCE = 32  # unproven server connections per source IP, validated ones included
 MAX_UNPROVEN = 1024  # unproven server connections per socket
+MAX_UNPROVEN_PER_TUNNEL = 2  # a sealed session has one connection; a redial may overlap it
 # closes for cause, by the transport error aioquic raised on a peer's violation
 VIOLATIONS: dict[int, str] = {
     QuicErrorCode.FLOW_CONTROL_ERROR: "flow_control",
@@ -283,6 +284,7 @@ class Endpoint:
         self.retry_threshold = RETRY_THRESHOLD
         self.source_retry_threshold = SOURCE_RETRY_THRESHOLD
         self.max_unproven_per_source = MAX_UNPROVEN_PER_SOURCE
+        self.max_unproven_per_tunnel = MAX_UNPROVEN_PER_TUNNEL
         self.max_unproven = MAX_UNPROVEN
         self.half_open = 0  # server connections in their handshake
         self.unproven = 0  # server connections not yet proven (the half-open included)
@@ -447,7 +449,7 @@ class Endpoint:
     def _admit(self, header: QuicHeader, addr: Addr, now: float) -> Connection | None:
         """A server connection for the first Initial of a handshake, or None: answered with a
         Retry (stateless) while many handshakes are open, or dropped by a cap or an invalid token."""
-        from_source = self.unproven_by_source.get(addr[0], 0)
+        from_source = self.unproven_by_source.get(self._source(addr), 0)
         original_dcid, retry_scid = header.destination_cid, None
         if header.token:  # qlab issues no NEW_TOKEN: any token is one of our Retry tokens
             try:
@@ -461,13 +463,18 @@ class Endpoint:
                                            or from_source >= self.source_retry_threshold):
             self._send_retry(header, addr, now)
             return None
-        if from_source >= self.max_unproven_per_source and addr not in self.tunnels:  # one tunnel per session
+        if from_source >= (self.max_unproven_per_tunnel if addr in self.tunnels else self.max_unproven_per_source):
             self.stats["dropped_source_cap"] += 1
             return None
         if self.unproven >= self.max_unproven:
             self.stats["dropped_unproven_cap"] += 1
             return None
         return self._accept(header.destination_cid, original_dcid, retry_scid, addr)
+
+    def _source(self, addr: Addr) -> str:
+        """Who an unproven connection is counted against: its IP, or its tunnel (each sealed
+        session's relay path is a source of its own)."""
+        return f"{addr[0]}:{addr[1]}" if addr in self.tunnels else addr[0]
 
     def _send_retry(self, header: QuicHeader, addr: Addr, now: float) -> None:
         assert self.sock is not None and header.version is not None
@@ -496,7 +503,7 @@ class Endpoint:
         self.connections.add(conn)
         conn.half_open = True
         self.half_open += 1
-        conn.source = addr[0]
+        conn.source = self._source(addr)
         self.unproven_by_source[conn.source] = self.unproven_by_source.get(conn.source, 0) + 1
         self.unproven += 1
         conn.accepted_at = self._loop.time()

@@ -75,7 +75,8 @@ def _private_names(owner: str, source: ModuleType | type = qi) -> set[str]:
 
 def test_every_private_attribute_the_adapter_reads_exists(creds: Credentials) -> None:
     names = _private_names("quic")
-    assert names >= {"_close_event", "_state", "_spaces", "_remote_max_datagram_frame_size",
+    assert names >= {"_close_event", "_state", "_spaces", "_remote_max_datagram_frame_size", "_network_paths",
+                     "_peer_cid_available", "_handshake_confirmed",
                      "_max_datagram_size", "_datagrams_pending", "_loss"}
     overridden = _private_names("self", qi.BoundedQuicConnection)
     assert overridden == {"_local_max_streams_bidi", "_local_max_streams_uni", "_local_max_data", "_streams"}
@@ -246,3 +247,79 @@ def test_peer_cid_is_the_servers_own_cid_and_the_validated_address_follows_valid
         pair.server.receive_datagram(data, ("10.0.0.66", 9), now=pair.now)
     assert pair.server.get_peer_address() == ("10.0.0.66", 9)
     assert qi.validated_peer_address(pair.server) == CLIENT
+
+
+class Routed:
+    """A client and a server whose datagrams go where each sends them: the server sees the client
+    from the address its path maps to (`paths`: where the client sends -> where the server sees it
+    from), as a relay tunnel and a punched pair look to a sealed connection."""
+
+    def __init__(self, creds: Credentials, first: tuple[str, int], paths: dict) -> None:
+        self.now, self.paths = 0.0, paths
+        config = creds.client_config(CONNECTOR_NAME)
+        self.client = QuicConnection(configuration=config)
+        self.client.connect(first, now=self.now)
+        self.server_config = creds.server_config("connector")
+        self.server: QuicConnection | None = None
+        self.sent: list[tuple[str, int, object]] = []  # (who, size, to)
+
+    def step(self) -> list[bytes]:
+        """Carry one round; returns the DATAGRAM frames the client received."""
+        self.now += ONE_WAY
+        for data, to in self.client.datagrams_to_send(now=self.now):
+            self.sent.append(("client", len(data), to))
+            if self.server is None:
+                header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+                self.server = QuicConnection(configuration=self.server_config,
+                                             original_destination_connection_id=header.destination_cid)
+            self.server.receive_datagram(data, self.paths[to][0], now=self.now)
+        assert self.server is not None
+        self.now += ONE_WAY
+        for data, to in self.server.datagrams_to_send(now=self.now):
+            self.sent.append(("server", len(data), to))
+            self.client.receive_datagram(data, next(k for k, v in self.paths.items() if v[0] == to), now=self.now)
+        got = []
+        while (ev := self.client.next_event()) is not None:
+            if isinstance(ev, events.DatagramFrameReceived):
+                got.append(ev.data)
+        return got
+
+    def server_datagrams(self) -> list[bytes]:
+        assert self.server is not None
+        return [ev.data for ev in iter(self.server.next_event, None) if isinstance(ev, events.DatagramFrameReceived)]
+
+
+def test_migrate_moves_a_confirmed_client_at_once_and_back(creds: Credentials) -> None:
+    """A sealed connection: handshake through a tunnel address, then `migrate` to the punched pair.
+    The first packet on the new path is the client's (no PATH_CHALLENGE round trip first); the server
+    follows it, validates the path with its own PATH_CHALLENGE, and a fresh CID is used."""
+    tunnel, punched, client_seen = ("relay", 7), ("10.0.0.2", 4434), ("10.0.0.1", 5555)
+    r = Routed(creds, tunnel, {tunnel: (tunnel,), punched: (client_seen,)})
+    for _ in range(6):
+        r.step()
+    assert qi.handshake_confirmed(r.client) and r.server is not None and r.server.get_peer_address() == tunnel
+    cid_before = qi.peer_cid(r.client)
+    qi.migrate(r.client, punched)
+    assert r.client.get_peer_address() == punched and qi.peer_cid(r.client) != cid_before
+    r.client.send_datagram_frame(b"x" * 1100)  # the padding a sealed migration sends: room for the server's challenge
+    r.client.send_datagram_frame(b"echo")
+    r.sent.clear()
+    r.step()
+    assert {to for who, _, to in r.sent if who == "client"} == {punched}
+    assert r.server.get_peer_address() == client_seen and r.server_datagrams() == [b"x" * 1100, b"echo"]
+    r.server.send_datagram_frame(b"reply")
+    assert r.step() == [b"reply"]  # within the amplification budget: no wait for the path's validation
+    r.step()
+    assert qi.validated_peer_address(r.server) == client_seen  # the server's challenge was answered
+    qi.migrate(r.client, tunnel)  # back to the relay: a path the server validated at the handshake
+    r.client.send_datagram_frame(b"again")
+    r.step()
+    assert r.server.get_peer_address() == tunnel and r.server_datagrams() == [b"again"]
+
+
+def test_handshake_confirmed_only_after_handshake_done(creds: Credentials) -> None:
+    pair = Pair(creds)
+    pair.step()
+    assert not qi.handshake_confirmed(pair.client)
+    pair.handshake()
+    assert qi.handshake_confirmed(pair.client)
