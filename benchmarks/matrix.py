@@ -8,7 +8,14 @@ and time-to-first-byte ratios, and (on sim) the speed target.
 
     .venv/bin/python benchmarks/matrix.py [--backend sim|netns] [--trials 30] [--workers N] [--out FILE.csv]
                                           [--punch-anyway] [--birthday N] [--mapping agent|connector]
-                                          [--ask-mapping-ab]
+                                          [--ask-mapping-ab] [--mode terminated|sealed|both]
+                                          [--punch-delay S]
+
+`--mode terminated|sealed|both` picks the sessions' architecture; `both` runs every trial in both
+modes, interleaved (same seed), prints the matrix per mode and compares the endpoint-independent
+cells: median ttfb, ttd and upgrade (from the punch's success to the first direct echo) per mode
+and their differences in direct RTTs. `--punch-delay S`: both sides punch S seconds after the
+session opened, so the upgrade is that of an established session.
 
 `--mapping SIDE` gives that side's NATs a router that grants port mappings (`NAME+map`); `--birthday
 N` turns birthday mode on; `--ask-mapping-ab` runs every trial twice, interleaved, with and without
@@ -44,11 +51,12 @@ TARGET_S = 60.0
 EIM = {"public", "full_cone", "restricted_cone", "port_restricted"}
 
 
-def one(job: tuple[str, str, str, str, int, str, bool, int, bool]) -> dict:
+def one(job: tuple[str, str, str, str, int, str, bool, int, bool, str, float]) -> dict:
     logging.disable(logging.CRITICAL)
-    backend, profile, a, c, seed, certs, anyway, birthday, ask = job
+    backend, profile, a, c, seed, certs, anyway, birthday, ask, mode, delay = job
     r = run_trial(TrialSpec(backend=backend, agent_nat=a, connector_nat=c, profile=profile, seed=seed,
-                            punch_anyway=anyway, birthday=birthday, port_mapping=ask), certs_dir=certs)
+                            punch_anyway=anyway, birthday=birthday, port_mapping=ask, mode=mode,
+                            punch_delay=delay), certs_dir=certs)
     return {**r.to_dict(), "asked_mapping": ask}
 
 
@@ -74,6 +82,9 @@ def main() -> None:
     ap.add_argument("--ask-mapping-ab", action="store_true",
                     help="each trial with and without asking for a mapping, interleaved; compares ttd")
     ap.add_argument("--eim-only", action="store_true", help="only the 4 x 4 endpoint-independent cells")
+    ap.add_argument("--mode", choices=("terminated", "sealed", "both"), default="terminated",
+                    help="the sessions' architecture; both: every trial in both, interleaved, compared")
+    ap.add_argument("--punch-delay", type=float, default=0.0, help="seconds on the relay before punching")
     ap.add_argument("--markdown", action="store_true",
                     help="also print the direct rate per cell with its 95%% Wilson interval as a Markdown table")
     args = ap.parse_args()
@@ -84,8 +95,10 @@ def main() -> None:
     if args.eim_only:
         cells = [(a, c) for a, c in cells if a.partition("+")[0] in EIM and c.partition("+")[0] in EIM]
     asks = (True, False) if args.ask_mapping_ab else (True,)
-    jobs = [(args.backend, args.profile, a, c, 1000 * i + k, certs, args.punch_anyway, args.birthday, ask)
-            for k in range(args.trials) for i, (a, c) in enumerate(cells) for ask in asks]
+    modes = ("terminated", "sealed") if args.mode == "both" else (args.mode,)
+    jobs = [(args.backend, args.profile, a, c, 1000 * i + k, certs, args.punch_anyway, args.birthday, ask, mode,
+             args.punch_delay)
+            for k in range(args.trials) for i, (a, c) in enumerate(cells) for ask in asks for mode in modes]
     t0 = time.perf_counter()
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -96,6 +109,17 @@ def main() -> None:
     if args.ask_mapping_ab:
         compare_asking(results)
         results = [r for r in results if r["asked_mapping"]]
+    if args.mode == "both":
+        for mode in modes:
+            print(f"\n== mode {mode}")
+            report(args, cells, [r for r in results if r["mode"] == mode], workers, wall)
+        compare_modes(results, args.punch_delay)
+        return
+    report(args, cells, results, workers, wall)
+
+
+def report(args: argparse.Namespace, cells: list[tuple[str, str]], results: list[dict], workers: int,
+           wall: float) -> None:
     by_cell: dict[tuple[str, str], list[dict]] = {cell: [] for cell in cells}
     for r in results:
         by_cell[(r["agent_nat"], r["connector_nat"])].append(r)
@@ -177,6 +201,25 @@ def summary(args: argparse.Namespace, results: list[dict], wall: float) -> None:
             w.writeheader()
             w.writerows(results)
         print(f"records: {args.out}")
+
+
+def compare_modes(results: list[dict], delay: float) -> None:
+    """The endpoint-independent cells' medians per mode, same run, and sealed minus terminated in ms
+    and in direct RTTs (the issue's target: ttd lower by at least one direct RTT)."""
+    easy = [r for r in results if r["agent_nat"] in EIM and r["connector_nat"] in EIM and r["ttd_ms"] is not None]
+    if not easy:
+        return
+    rtt = median([r["rtt_direct_p50_ms"] for r in easy]) or 1.0
+    print(f"\nendpoint-independent cells, punch delay {delay:g} s, direct RTT p50 {rtt:.2f} ms:")
+    print(f"{'':<18}{'terminated':>12}{'sealed':>12}{'sealed-term':>13}{'in RTTs':>9}")
+    for field in ("ttfb_ms", "ttd_ms", "upgrade_ms", "rtt_direct_p50_ms", "rtt_relay_p50_ms"):
+        t = median([r[field] for r in easy if r["mode"] == "terminated" and r[field] is not None])
+        s = median([r[field] for r in easy if r["mode"] == "sealed" and r[field] is not None])
+        if t is None or s is None:
+            continue
+        print(f"{field:<18}{t:>12.1f}{s:>12.1f}{s - t:>+13.1f}{(s - t) / rtt:>+9.2f}")
+    n = Counter(r["mode"] for r in easy)
+    print(f"N per mode: {dict(n)}; target (sealed ttd <= terminated ttd - 1 direct RTT): see the ttd row")
 
 
 def compare_asking(results: list[dict]) -> None:
