@@ -102,6 +102,18 @@ def test_payload_integrity_up_to_the_largest_allowed(deployment):
                                                           for s in sizes if s > limit]
 
 
+def test_a_sealed_session_between_separate_processes(deployment):
+    """`qlab agent --mode sealed`: one end-to-end connection to the Connector through the relay; the
+    Intermediate relays its packets as they are (counted, sizes and all) and opens none of them."""
+    before = deployment.metric("relayed_datagrams_total")
+    r = run_agent(deployment, "--mode", "sealed", "--ping", "40", "--interval", "5", "--sizes", "16,1155,max")
+    relay = r["paths"]["relay"]
+    assert relay["received"] == relay["n"] == 3 and r["corrupt"] == 0 and r["max_payload"] == 1155
+    assert r["errors"] == []
+    relayed = deployment.metric("relayed_datagrams_total") - before
+    assert relayed >= 6  # the echoes and the connection's own packets (handshake, acknowledgements), both ways
+
+
 def test_two_agents_on_one_service_get_only_their_own_replies(deployment):
     agents = [deployment.agent("--ping", "150", "--interval", "2", name=f"agent{i}") for i in (1, 2)]
     results = []

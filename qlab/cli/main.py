@@ -133,7 +133,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
                       expect_connector=args.expect_connector)
         try:
             await agent.start(timeout=args.timeout)
-            session = await agent.open_session(args.service, timeout=args.timeout)
+            if args.mode == "sealed":  # one end-to-end connection to the Connector, relayed sealed
+                session = agent.begin_session(args.service, mode=wire.SessionMode.SEALED)
+                await session.wait_open(args.timeout)
+                await agent.connect_sealed(session, timeout=args.timeout)
+            else:
+                session = await agent.open_session(args.service, timeout=args.timeout)
             sizes = None
             if args.sizes:
                 sizes = [session.max_payload if s == "max" else int(s) for s in args.sizes.split(",")]
@@ -257,6 +262,9 @@ def _connector_agent_echo(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--bind", default="0.0.0.0", help="local address (0.0.0.0: any)")
     a.add_argument("--port", type=int, default=0, help="local UDP port (0: any)")
     a.add_argument("--name", default="agent", help="this Agent's name")
+    a.add_argument("--mode", default="terminated", choices=("terminated", "sealed"),
+                   help="sealed: one end-to-end QUIC connection to the Connector, relayed without the "
+                        "Intermediate reading it (docs/architecture.md, 'Two architectures')")
     a.add_argument("--expect-connector", default=None, metavar="NAME",
                    help="refuse a session (and a direct path) served by any other Connector")
     a.set_defaults(func=cmd_agent)
