@@ -123,3 +123,13 @@ def test_a_tunnel_admits_two_unproven_connections_and_junk_leaves_nothing(creds:
         ep.close()
 
     asyncio.run(main())
+
+
+def test_a_sealed_session_quiet_on_the_relay_outlives_the_idle_timeout() -> None:
+    """40 s without application traffic on a relay cell (QUIC's idle timeout is 30 s): the same
+    connection carries the echoes after the pause (its pings kept it), as after a 1 s pause."""
+    short, long = (sealed(agent_nat="symmetric", connector_nat="symmetric", fault="idle", idle_s=s, seed=6)
+                   for s in (1.0, 40.0))
+    events = [e["event"] for e in long["path_events"]]
+    assert long["outcome"] == "relay" and events.count("sealed_connected") == 1 and "sealed_lost" not in events
+    assert long["rtt_relay_sent"] == short["rtt_relay_sent"] == long["rtt_relay_received"]  # the 5 after it too

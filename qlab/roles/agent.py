@@ -33,6 +33,9 @@ from qlab.wire import Path
 log = logging.getLogger("qlab.roles.agent")
 
 EARLY_DATAGRAMS = 16  # direct datagrams held until the Connector's DirectAccept (same flight)
+# a sealed connection's ping, whatever its path: a session quiet on the relay must outlive QUIC's
+# idle timeout (30 s); on the direct path the traversal's keepalive pings far more often
+SEALED_KEEPALIVE = 10.0
 
 
 # -- events (see qlab.roles.events) --------------------------------------------------------------
@@ -57,6 +60,15 @@ class DirectLost:
 
 
 @dataclass(frozen=True)
+class SealedLost:
+    """A sealed session's connection closed (an idle timeout, a Connector that restarted): the
+    session has no path until a new one is dialled."""
+
+    session: AgentSession
+    reason: str
+
+
+@dataclass(frozen=True)
 class SessionReopened:
     """An interrupted session is open again: a Connector is back."""
 
@@ -71,7 +83,8 @@ class SessionEnded:
     reason: str
 
 
-AgentEvent = ControlReceived | RawReceived | LinkUp | DirectHandshake | DirectLost | SessionReopened | SessionEnded
+AgentEvent = (ControlReceived | RawReceived | LinkUp | DirectHandshake | DirectLost | SealedLost | SessionReopened
+              | SessionEnded)
 
 
 class AgentSession:
@@ -381,7 +394,16 @@ class Agent:
         same TLS (the qlab CA, the Connector's certificate) and session-key proof as a direct
         connection, its packets relayed as sealed frames (the Intermediate holds none of its keys)."""
         self.endpoint.open_tunnel(session.tunnel, session.send_sealed)
-        return await self._dial(session, session.tunnel, timeout, self.endpoint, sealed=True)
+        conn = await self._dial(session, session.tunnel, timeout, self.endpoint, sealed=True)
+        self.tasks.spawn(self._keep_sealed_alive(session, conn))
+        return conn
+
+    async def _keep_sealed_alive(self, session: AgentSession, conn: Connection) -> None:
+        nonce = 0
+        while not conn.closed and session.sealed is conn:
+            await asyncio.sleep(SEALED_KEEPALIVE)
+            nonce = (nonce + 1) & 0xFFFFFFFF
+            conn.send_control(wire.Ping(nonce))
 
     def migrate_sealed(self, session: AgentSession, addr: Addr) -> Connection | None:
         """Move a sealed session's connection to the punched `addr` (the punch's probes, which
@@ -531,12 +553,15 @@ class _DirectClient(Handler):
         if not self.accepted.done():
             self.accepted.set_exception(ConnectionError(f"direct connection closed: {reason}"))
             self.accepted.exception()
-        if self.session.sealed is conn:
+        sealed = self.session.sealed is conn
+        if sealed:
             self.session.sealed = None
             conn.endpoint.close_tunnel(self.session.tunnel)
         if self.session.direct is conn:
             self.session.direct = None
             self.session.on_direct_lost(reason)
+        if sealed:
+            self.session.agent.events.emit(SealedLost(self.session, reason))
 
 
 async def ping(

@@ -132,7 +132,8 @@ class Connector:
         self.metrics.gauge("sessions", lambda: len(self.sessions), "open sessions")
         self.metrics.counter_source("udp_datagrams_total", "what", lambda: dict(self.endpoint.stats))
         watch_endpoints(self.metrics, lambda: [self.endpoint])
-        self.metrics.gauge("direct_sessions", lambda: sum(1 for s in self.sessions.values() if s.direct), "sessions with a direct path")
+        self.metrics.gauge("direct_sessions", lambda: sum(1 for s in self.sessions.values() if s.direct or (
+            s.sealed and s.sealed.peer_addr != wire.relay_tunnel(s.id))), "sessions with a direct path")
         self.metrics.gauge("app_sockets", lambda: self.app_sockets, "per-session sockets towards the application")
         self.failed = asyncio.Event()  # set with `fatal` when the Intermediate refuses us for good
 

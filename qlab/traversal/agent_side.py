@@ -23,6 +23,7 @@ from qlab.roles.agent import (
     AgentEvent,
     AgentSession,
     DirectLost,
+    SealedLost,
     SessionEnded,
     SessionReopened,
 )
@@ -316,8 +317,11 @@ class AgentTraversal:
             st = self.sessions.get(event.session.id)
             if st is not None:
                 st.lose(event.reason)
-                if event.session.mode == wire.SessionMode.SEALED and event.session.sealed is None:
-                    st.redial_sealed(event.reason)
+        elif isinstance(event, SealedLost):
+            st = self.sessions.get(event.session.id)
+            if st is not None and not event.session.closed:
+                st.note("sealed_lost", event.reason)
+                st.redial_sealed(event.reason)
         elif isinstance(event, SessionReopened):
             st = self.sessions.get(event.session.id)
             if st is not None:
