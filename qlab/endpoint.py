@@ -675,8 +675,11 @@ class Endpoint:
         tunnels = self.tunnels
         n = 0
         for data, addr in conn.quic.datagrams_to_send(now=loop.time()):
-            if tunnels and addr in tunnels:
-                tunnels[addr](data)
+            if addr[0] == wire.TUNNEL_HOST:  # never to the socket, also once the tunnel is closed
+                send = tunnels.get(addr)
+                if send is None:
+                    continue
+                send(data)
             else:
                 sendto(data, addr)
             n += 1

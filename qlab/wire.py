@@ -692,10 +692,13 @@ def relayed_session(data: bytes) -> int:
     return int.from_bytes(data[1:DGRAM_HEADER], "big")
 
 
+TUNNEL_HOST = "relay"  # not an IP address: a tunnel address is never a socket's
+
+
 def relay_tunnel(session: int) -> tuple[str, int]:
     """The peer address a sealed session's QUIC connection gives its relay path: not an IP, so it
     is never a socket's; the endpoint hands packets to or from it to the session's relay frames."""
-    return ("relay", session)
+    return (TUNNEL_HOST, session)
 
 
 # --- raw probes (QUIC fixed bit clear) ---------------------------------------------------------

@@ -120,7 +120,10 @@ def test_a_tunnel_admits_two_unproven_connections_and_junk_leaves_nothing(creds:
         assert out and all(len(p) <= SEALED_DATAGRAM_SIZE for p in out)  # answered through the tunnel, sized for it
         ep.tunnel_receive(initials.make(), wire.relay_tunnel(43))  # a tunnel that was never opened
         assert ep.unproven == 2
+        ep.close_tunnel(tunnel)  # the session ended: its connections' last packets go nowhere, not to the socket
+        sent = len(out)
         ep.close()
+        assert len(out) == sent and ep.stats["tx"] >= 0
 
     asyncio.run(main())
 
