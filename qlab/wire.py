@@ -663,26 +663,31 @@ def padding(size: int) -> bytes:
     return bytes([DGRAM_PAD]) + bytes(max(0, size - 1))
 
 
+def _encode(kind: int, session: int, body: bytes) -> bytes:
+    return struct.pack("!BI", kind, session) + body
+
+
+def _decode(kind: int, data: bytes) -> tuple[int, bytes]:
+    if len(data) < DGRAM_HEADER or data[0] != kind:
+        raise WireError(f"not a datagram of type 0x{kind:02x}")
+    (session,) = struct.unpack_from("!I", data, 1)
+    return session, data[DGRAM_HEADER:]
+
+
 def encode_app(session: int, payload: bytes) -> bytes:
-    return struct.pack("!BI", DGRAM_APP, session) + payload
+    return _encode(DGRAM_APP, session, payload)
 
 
 def decode_app(data: bytes) -> tuple[int, bytes]:
-    if len(data) < DGRAM_HEADER or data[0] != DGRAM_APP:
-        raise WireError("not an application datagram")
-    (session,) = struct.unpack_from("!I", data, 1)
-    return session, data[DGRAM_HEADER:]
+    return _decode(DGRAM_APP, data)
 
 
 def encode_sealed(session: int, packet: bytes) -> bytes:
-    return struct.pack("!BI", DGRAM_SEALED, session) + packet
+    return _encode(DGRAM_SEALED, session, packet)
 
 
 def decode_sealed(data: bytes) -> tuple[int, bytes]:
-    if len(data) < DGRAM_HEADER or data[0] != DGRAM_SEALED:
-        raise WireError("not a sealed datagram")
-    (session,) = struct.unpack_from("!I", data, 1)
-    return session, data[DGRAM_HEADER:]
+    return _decode(DGRAM_SEALED, data)
 
 
 def relayed_session(data: bytes) -> int:

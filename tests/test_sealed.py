@@ -123,7 +123,7 @@ def test_a_tunnel_admits_two_unproven_connections_and_junk_leaves_nothing(creds:
         ep.close_tunnel(tunnel)  # the session ended: its connections' last packets go nowhere, not to the socket
         sent = len(out)
         ep.close()
-        assert len(out) == sent and ep.stats["tx"] >= 0
+        assert len(out) == sent
 
     asyncio.run(main())
 
