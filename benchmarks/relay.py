@@ -11,7 +11,23 @@ One measure for every path: echo replies that came back over the path they were 
 Agent's EchoProbe), with a window of requests in flight; a reply is two datagrams carried, so the
 rate is 2 x replies per second. The Intermediate's own /metrics count is printed as a cross-check.
 
+Session modes side by side (issue 19), against the same Intermediate, Connector and echo processes
+and the same Agent, one session per mode: TERMINATED (the payloads ride DATAGRAM frames of the Agent's
+connection to the Intermediate, which opens each one and seals it again towards the Connector) and
+SEALED (one end-to-end QUIC connection Agent -> Connector whose packets the Intermediate forwards as
+opaque relay frames). Per mode and payload size, the same relay blast: application datagrams carried
+per second (2 x replies/s), the Intermediate's relayed frames per second (its /metrics
+`qlab_relayed_datagrams_total`, both directions), application datagrams per relayed frame, and the
+Intermediate process's CPU time (utime + stime from /proc/PID/stat) per relayed frame and per
+application datagram; the CPU each process used during the blast (share of one core) and the CPU of
+all four processes (Intermediate, Connector, echo app, the Agent here) per application datagram say
+where the bottleneck is. Also the echo RTT over the relay (sequential), and the relayed frames per
+echo it took. `--rounds N` repeats the pair with
+the order alternating (T S, S T, T S, ...) so that drift favours neither; the table shows medians
+over the rounds and the ratio sealed/terminated beside them.
+
     .venv/bin/python benchmarks/relay.py [--seconds 3] [--window 256] [--rtt-samples 500]
+                                         [--rounds 3] [--sizes 1100,100]
 """
 
 from __future__ import annotations
@@ -19,6 +35,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,11 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import contextlib  # noqa: E402
 
 from benchmarks import naive_relay  # noqa: E402
+from qlab import wire  # noqa: E402
 from qlab.certs import Credentials, init_dir  # noqa: E402
 from qlab.net import RealNet  # noqa: E402
 from qlab.roles.agent import Agent  # noqa: E402
 from qlab.roles.echo import EchoProbe, percentile  # noqa: E402
+from qlab.wire import Path as QPath  # noqa: E402
 from tests.procs import QLAB, Proc, free_tcp_port, free_udp_port  # noqa: E402
+
+MODES = (wire.SessionMode.TERMINATED, wire.SessionMode.SEALED)
 
 
 def scrape(port: int, name: str) -> float:
@@ -90,7 +112,7 @@ async def measure(session, path: str, args: argparse.Namespace, out: dict, key: 
     await sequential_rtt(session, path, 50, 64)  # warm up
     rtts = await sequential_rtt(session, path, args.rtt_samples, 64)
     out["rtt"][key] = {"n": len(rtts), "p50_ms": percentile(rtts, 50), "p95_ms": percentile(rtts, 95)}
-    for size in (1100, 100):
+    for size in args.sizes:
         r0 = scrape(metrics_port, "relayed_datagrams_total") if metrics_port else 0.0
         t0 = time.monotonic()
         res = await blast(session, path, args.seconds, size, args.window)
@@ -100,6 +122,83 @@ async def measure(session, path: str, args: argparse.Namespace, out: dict, key: 
         if metrics_port:
             out["rate"][f"{key}_{size}"]["relay_metrics_per_s"] = (scrape(metrics_port, "relayed_datagrams_total")
                                                                     - r0) / dt
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` so far, in seconds (Linux /proc/PID/stat, fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def mode_round(session, args: argparse.Namespace, metrics_port: int, pids: dict[str, int]) -> dict:
+    """One mode's measures over the relay: sequential RTT, then a blast per payload size with the
+    Intermediate's relayed frames and every process's CPU time read before and after."""
+    path = QPath.RELAY
+    await sequential_rtt(session, path, 50, 64)  # warm up
+    r0 = scrape(metrics_port, "relayed_datagrams_total")
+    rtts = await sequential_rtt(session, path, args.rtt_samples, 64)
+    frames_per_echo = (scrape(metrics_port, "relayed_datagrams_total") - r0) / args.rtt_samples
+    out: dict = {"rtt": {"n": len(rtts), "p50_ms": percentile(rtts, 50), "p95_ms": percentile(rtts, 95),
+                         "frames_per_echo": frames_per_echo}}
+    limit = session.limit(path) or 0
+    for size in args.sizes:
+        if size > limit:
+            out[size] = {"skipped": f"{size} B exceeds this session's relay limit of {limit} B"}
+            continue
+        r0 = scrape(metrics_port, "relayed_datagrams_total")
+        c0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        t0 = time.monotonic()
+        res = await blast(session, path, args.seconds, size, args.window)
+        dt = time.monotonic() - t0
+        cpu = {k: cpu_seconds(pid) - c0[k] for k, pid in pids.items()}
+        frames = scrape(metrics_port, "relayed_datagrams_total") - r0
+        carried = 2 * res["replies"]
+        out[size] = {
+            **res, "wall_s": dt, "frames": frames, "cpu_s": cpu,
+            "datagrams_per_s": carried / dt,
+            "frames_per_s": frames / dt,
+            "datagrams_per_frame": carried / frames if frames else None,
+            "inter_cpu_us_per_frame": 1e6 * cpu["intermediate"] / frames if frames else None,
+            "inter_cpu_us_per_datagram": 1e6 * cpu["intermediate"] / carried if carried else None,
+            "all_cpu_us_per_datagram": 1e6 * sum(cpu.values()) / carried if carried else None,
+            "cpu_share": {k: v / dt for k, v in cpu.items()},
+        }
+    return out
+
+
+async def modes(sessions: dict, args: argparse.Namespace, metrics_port: int, pids: dict[str, int]) -> dict:
+    """`args.rounds` rounds of both modes, the order alternating (T S, S T, ...)."""
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        order = MODES if r % 2 == 0 else MODES[::-1]
+        rounds.append({"order": [str(m) for m in order]})
+        for mode in order:
+            rounds[-1][str(mode)] = await mode_round(sessions[mode], args, metrics_port, pids)
+    return {"rounds": rounds, "median": {str(m): _medians([x[str(m)] for x in rounds]) for m in MODES}}
+
+
+def _medians(runs: list) -> object:
+    """The median of each number over the rounds, keeping the structure of one round."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: _medians([r[k] for r in runs if isinstance(r, dict) and k in r]) for k in first}
+    if isinstance(first, bool) or not isinstance(first, int | float):
+        return first
+    values = [r for r in runs if isinstance(r, int | float)]
+    return statistics.median(values) if values else None
+
+
+async def close_sealed(session) -> None:
+    """Close the sealed connection while the link still carries its CONNECTION_CLOSE (Agent.close()
+    closes the link first, and a Connector stopped with a sealed connection open logs a traceback)."""
+    conn = session.sealed
+    if conn is None:
+        return
+    conn.close(reason="benchmark done")
+    end = time.monotonic() + 3.0
+    while not conn.closed and time.monotonic() < end:
+        await asyncio.sleep(0.01)
 
 
 async def naive(args: argparse.Namespace, certs: Path, out: dict) -> None:
@@ -138,9 +237,17 @@ async def main(args: argparse.Namespace) -> dict:
         await agent.start()
         session = await agent.open_session("echo")
         await agent.connect_direct(session, ("127.0.0.1", cport))
-        out: dict = {"rtt": {}, "rate": {}}
+        out: dict = {"rtt": {}, "rate": {}, "sizes": args.sizes}
         await measure(session, "relay", args, out, "relay", mport)
         await measure(session, "direct", args, out, "direct")
+        sealed = agent.begin_session("echo", mode=wire.SessionMode.SEALED)
+        await agent.connect_sealed(sealed, timeout=5.0)
+        pids = {"intermediate": procs[1].p.pid, "connector": procs[2].p.pid, "agent": os.getpid(),
+                "echo": procs[0].p.pid}
+        out["modes"] = await modes({wire.SessionMode.TERMINATED: session, wire.SessionMode.SEALED: sealed},
+                                   args, mport, pids)
+        out["modes"]["limits"] = {"terminated": session.limit(QPath.RELAY), "sealed": sealed.limit(QPath.RELAY)}
+        await close_sealed(sealed)
         agent.close()
     finally:
         for p in procs:
@@ -157,13 +264,63 @@ def report(out: dict) -> None:
     for k in ("p50_ms", "p95_ms"):
         print(f"{'echo RTT ' + k + ' (64 B, sequential)':<34}{rr[k]:>11.3f}{rd[k]:>11.3f}{rn[k]:>11.3f}"
               f"{rr[k] / rd[k]:>14.2f}{rr[k] / rn[k]:>13.2f}")
-    for size in (1100, 100):
+    for size in out["sizes"]:
         a, b, c = (out["rate"][f"{k}_{size}"] for k in ("relay", "direct", "naive"))
         print(f"{f'datagrams/s carried, {size} B':<34}{a['datagrams_per_s']:>11.0f}{b['datagrams_per_s']:>11.0f}"
               f"{c['datagrams_per_s']:>11.0f}{a['datagrams_per_s'] / b['datagrams_per_s']:>14.2f}"
               f"{a['datagrams_per_s'] / c['datagrams_per_s']:>13.2f}")
         print(f"{f'  Mbit/s, {size} B':<34}{a['mbit_per_s']:>11.1f}{b['mbit_per_s']:>11.1f}{c['mbit_per_s']:>11.1f}")
         print(f"{'  the relay own /metrics count':<34}{a['relay_metrics_per_s']:>11.0f}")
+    report_modes(out)
+
+
+def _fmt(x: object, digits: int) -> str:
+    return "-" if not isinstance(x, int | float) else f"{x:,.{digits}f}"
+
+
+def report_modes(out: dict) -> None:
+    m = out["modes"]
+    t, s = m["median"]["terminated"], m["median"]["sealed"]
+    orders = " | ".join(" ".join(x[0].upper() for x in r["order"]) for r in m["rounds"])
+    print(f"\nsession modes over the same relay, same processes and Agent, one session each; medians of "
+          f"{len(m['rounds'])} rounds (order: {orders}); largest relayed payload: terminated "
+          f"{m['limits']['terminated']} B, sealed {m['limits']['sealed']} B")
+    print(f"{'metric':<50}{'terminated':>13}{'sealed':>13}{'sealed/term':>13}")
+
+    def row(label: str, pair: tuple, digits: int, ratio: bool = True) -> None:
+        a, b = pair
+        r = b / a if ratio and isinstance(a, int | float) and isinstance(b, int | float) and a else None
+        print(f"{label:<50}{_fmt(a, digits):>13}{_fmt(b, digits):>13}{_fmt(r, 2):>13}")
+
+    for k in ("p50_ms", "p95_ms"):
+        row(f"echo RTT {k} over the relay (64 B, sequential)", (t["rtt"][k], s["rtt"][k]), 3)
+    row("relayed frames per sequential echo (/metrics)", (t["rtt"]["frames_per_echo"], s["rtt"]["frames_per_echo"]), 2)
+    for size in out["sizes"]:
+        a, b = t.get(size, {}), s.get(size, {})
+        for x in (a, b):
+            if "skipped" in x:
+                print(f"{size} B: {x['skipped']}")
+
+        def both(f, a=a, b=b) -> tuple:
+            return tuple(f(x) if "datagrams_per_s" in x else None for x in (a, b))
+
+        row(f"{size} B: app datagrams/s carried (2 x replies/s)", both(lambda x: x["datagrams_per_s"]), 0)
+        row(f"{size} B:   Mbit/s of payload", both(lambda x, size=size: x["datagrams_per_s"] * size * 8 / 1e6), 1)
+        row(f"{size} B: relayed frames/s (Intermediate /metrics)", both(lambda x: x["frames_per_s"]), 0)
+        row(f"{size} B: app datagrams per relayed frame", both(lambda x: x["datagrams_per_frame"]), 2)
+        row(f"{size} B: Intermediate CPU us per relayed frame", both(lambda x: x["inter_cpu_us_per_frame"]), 1)
+        row(f"{size} B: Intermediate CPU us per app datagram", both(lambda x: x["inter_cpu_us_per_datagram"]), 1)
+        row(f"{size} B:   app datagrams per Intermediate CPU-second",
+            both(lambda x: 1e6 / x["inter_cpu_us_per_datagram"] if x["inter_cpu_us_per_datagram"] else None), 0)
+        row(f"{size} B: CPU us per app datagram, all four processes", both(lambda x: x["all_cpu_us_per_datagram"]), 1)
+        for proc in ("intermediate", "connector", "agent", "echo"):
+            row(f"{size} B:   CPU busy, {proc} (% of one core)",
+                both(lambda x, proc=proc: 100 * x["cpu_share"][proc]), 0)
+        row(f"{size} B:   requests not queued (send returned None)", both(lambda x: x["not_queued"]), 0, ratio=False)
+    print("per round, app datagrams/s (terminated / sealed): " + "; ".join(
+        " ".join(f"{size} B {_fmt(r['terminated'].get(size, {}).get('datagrams_per_s'), 0)} / "
+                 f"{_fmt(r['sealed'].get(size, {}).get('datagrams_per_s'), 0)}" for size in out["sizes"])
+        for r in m["rounds"]))
 
 
 if __name__ == "__main__":
@@ -171,6 +328,9 @@ if __name__ == "__main__":
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--rtt-samples", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of both session modes, order alternating")
+    ap.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1100, 100],
+                    help="payload sizes in bytes, comma-separated (sealed mode carries up to about 1,155)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     result = asyncio.run(main(a))
