@@ -56,7 +56,9 @@ from qlab.roles.echo import EchoProbe, percentile  # noqa: E402
 from qlab.wire import Path as QPath  # noqa: E402
 from tests.procs import QLAB, Proc, free_tcp_port, free_udp_port  # noqa: E402
 
-MODES = (wire.SessionMode.TERMINATED, wire.SessionMode.SEALED)
+# the variants measured: terminated; sealed with raw relay frames (the default); sealed with its
+# packets inside the control connections (DATAGRAM frames whose outer layer the relay decrypts)
+MODES = ("terminated", "sealed", "sealed-framed")
 
 
 def scrape(port: int, name: str) -> float:
@@ -168,14 +170,14 @@ async def mode_round(session, args: argparse.Namespace, metrics_port: int, pids:
 
 
 async def modes(sessions: dict, args: argparse.Namespace, metrics_port: int, pids: dict[str, int]) -> dict:
-    """`args.rounds` rounds of both modes, the order alternating (T S, S T, ...)."""
+    """`args.rounds` rounds of every variant, the order alternating (T S F, F S T, ...)."""
     rounds: list[dict] = []
     for r in range(args.rounds):
         order = MODES if r % 2 == 0 else MODES[::-1]
-        rounds.append({"order": [str(m) for m in order]})
+        rounds.append({"order": list(order)})
         for mode in order:
-            rounds[-1][str(mode)] = await mode_round(sessions[mode], args, metrics_port, pids)
-    return {"rounds": rounds, "median": {str(m): _medians([x[str(m)] for x in rounds]) for m in MODES}}
+            rounds[-1][mode] = await mode_round(sessions[mode], args, metrics_port, pids)
+    return {"rounds": rounds, "median": {m: _medians([x[m] for x in rounds]) for m in MODES}}
 
 
 def _medians(runs: list) -> object:
@@ -187,6 +189,43 @@ def _medians(runs: list) -> object:
         return first
     values = [r for r in runs if isinstance(r, int | float)]
     return statistics.median(values) if values else None
+
+
+@contextlib.contextmanager
+def cpu_cap(pid: int, fraction: float):
+    """Hold process `pid` to `fraction` of one core (a cgroup's CFS quota, v1 or v2), so that the
+    relay is what limits the rate; yields whether the cap is in place. Removed on exit."""
+    if fraction <= 0:
+        yield False
+        return
+    period = 100_000
+    v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+    if (v1 / "cpu.cfs_quota_us").exists():
+        group, limit = v1 / f"qlab-relay-{pid}", {"cpu.cfs_period_us": str(period),
+                                                  "cpu.cfs_quota_us": str(int(fraction * period))}
+    elif "cpu" in (v2 / "cgroup.controllers").read_text(errors="replace") if (v2 / "cgroup.controllers").exists() else False:
+        group, limit = v2 / f"qlab-relay-{pid}", {"cpu.max": f"{int(fraction * period)} {period}"}
+    else:
+        yield False
+        return
+    try:
+        group.mkdir()
+        for name, value in limit.items():
+            (group / name).write_text(value)
+        (group / "cgroup.procs").write_text(str(pid))
+    except OSError as exc:
+        print(f"note: the relay's CPU was not capped ({exc})", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            group.rmdir()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(OSError):
+            (group.parent / "cgroup.procs").write_text(str(pid))
+        with contextlib.suppress(OSError):
+            group.rmdir()
 
 
 async def close_sealed(session) -> None:
@@ -242,12 +281,18 @@ async def main(args: argparse.Namespace) -> dict:
         await measure(session, "direct", args, out, "direct")
         sealed = agent.begin_session("echo", mode=wire.SessionMode.SEALED)
         await agent.connect_sealed(sealed, timeout=5.0)
+        framed = agent.begin_session("echo", mode=wire.SessionMode.SEALED)
+        framed.sealed_raw = False
+        await agent.connect_sealed(framed, timeout=5.0)
         pids = {"intermediate": procs[1].p.pid, "connector": procs[2].p.pid, "agent": os.getpid(),
                 "echo": procs[0].p.pid}
-        out["modes"] = await modes({wire.SessionMode.TERMINATED: session, wire.SessionMode.SEALED: sealed},
-                                   args, mport, pids)
+        with cpu_cap(procs[1].p.pid, args.relay_cpu) as capped:
+            out["modes"] = await modes({"terminated": session, "sealed": sealed, "sealed-framed": framed},
+                                       args, mport, pids)
+        out["modes"]["relay_cpu"] = args.relay_cpu if capped else None
         out["modes"]["limits"] = {"terminated": session.limit(QPath.RELAY), "sealed": sealed.limit(QPath.RELAY)}
-        await close_sealed(sealed)
+        for s in (sealed, framed):
+            await close_sealed(s)
         agent.close()
     finally:
         for p in procs:
@@ -280,29 +325,39 @@ def _fmt(x: object, digits: int) -> str:
 
 def report_modes(out: dict) -> None:
     m = out["modes"]
-    t, s = m["median"]["terminated"], m["median"]["sealed"]
+    t, s, f = m["median"]["terminated"], m["median"]["sealed"], m["median"]["sealed-framed"]
     orders = " | ".join(" ".join(x[0].upper() for x in r["order"]) for r in m["rounds"])
     print(f"\nsession modes over the same relay, same processes and Agent, one session each; medians of "
           f"{len(m['rounds'])} rounds (order: {orders}); largest relayed payload: terminated "
           f"{m['limits']['terminated']} B, sealed {m['limits']['sealed']} B")
-    print(f"{'metric':<50}{'terminated':>13}{'sealed':>13}{'sealed/term':>13}")
+    cap = m.get("relay_cpu")
+    print(f"the Intermediate held to {cap:g} of one core (a cgroup quota), so that the relay limits the rate"
+          if cap else "the Intermediate not capped: the rate is whatever process is slowest on this machine")
+    print("sealed: its packets as raw frames the relay forwards without cryptography (the default); "
+          "sealed-framed: inside the control connections, as DATAGRAM frames")
+    print(f"{'metric':<50}{'terminated':>13}{'sealed':>13}{'sealed/term':>13}{'framed':>13}{'framed/term':>13}")
 
-    def row(label: str, pair: tuple, digits: int, ratio: bool = True) -> None:
-        a, b = pair
-        r = b / a if ratio and isinstance(a, int | float) and isinstance(b, int | float) and a else None
-        print(f"{label:<50}{_fmt(a, digits):>13}{_fmt(b, digits):>13}{_fmt(r, 2):>13}")
+    def ratio(a: object, b: object) -> float | None:
+        return b / a if isinstance(a, int | float) and isinstance(b, int | float) and a else None
+
+    def row(label: str, triple: tuple, digits: int, ratios: bool = True) -> None:
+        a, b, c = triple
+        rb, rc = (ratio(a, b), ratio(a, c)) if ratios else (None, None)
+        print(f"{label:<50}{_fmt(a, digits):>13}{_fmt(b, digits):>13}{_fmt(rb, 2):>13}{_fmt(c, digits):>13}"
+              f"{_fmt(rc, 2):>13}")
 
     for k in ("p50_ms", "p95_ms"):
-        row(f"echo RTT {k} over the relay (64 B, sequential)", (t["rtt"][k], s["rtt"][k]), 3)
-    row("relayed frames per sequential echo (/metrics)", (t["rtt"]["frames_per_echo"], s["rtt"]["frames_per_echo"]), 2)
+        row(f"echo RTT {k} over the relay (64 B, sequential)", (t["rtt"][k], s["rtt"][k], f["rtt"][k]), 3)
+    row("relayed frames per sequential echo (/metrics)",
+        (t["rtt"]["frames_per_echo"], s["rtt"]["frames_per_echo"], f["rtt"]["frames_per_echo"]), 2)
     for size in out["sizes"]:
-        a, b = t.get(size, {}), s.get(size, {})
-        for x in (a, b):
+        a, b, c = t.get(size, {}), s.get(size, {}), f.get(size, {})
+        for x in (a, b, c):
             if "skipped" in x:
                 print(f"{size} B: {x['skipped']}")
 
-        def both(f, a=a, b=b) -> tuple:
-            return tuple(f(x) if "datagrams_per_s" in x else None for x in (a, b))
+        def both(fn, a=a, b=b, c=c) -> tuple:
+            return tuple(fn(x) if "datagrams_per_s" in x else None for x in (a, b, c))
 
         row(f"{size} B: app datagrams/s carried (2 x replies/s)", both(lambda x: x["datagrams_per_s"]), 0)
         row(f"{size} B:   Mbit/s of payload", both(lambda x, size=size: x["datagrams_per_s"] * size * 8 / 1e6), 1)
@@ -316,10 +371,10 @@ def report_modes(out: dict) -> None:
         for proc in ("intermediate", "connector", "agent", "echo"):
             row(f"{size} B:   CPU busy, {proc} (% of one core)",
                 both(lambda x, proc=proc: 100 * x["cpu_share"][proc]), 0)
-        row(f"{size} B:   requests not queued (send returned None)", both(lambda x: x["not_queued"]), 0, ratio=False)
-    print("per round, app datagrams/s (terminated / sealed): " + "; ".join(
-        " ".join(f"{size} B {_fmt(r['terminated'].get(size, {}).get('datagrams_per_s'), 0)} / "
-                 f"{_fmt(r['sealed'].get(size, {}).get('datagrams_per_s'), 0)}" for size in out["sizes"])
+        row(f"{size} B:   requests not queued (send returned None)", both(lambda x: x["not_queued"]), 0, ratios=False)
+    print("per round, app datagrams/s (terminated / sealed / framed): " + "; ".join(
+        " ".join(f"{size} B " + " / ".join(_fmt(r[v].get(size, {}).get('datagrams_per_s'), 0) for v in MODES)
+                 for size in out["sizes"])
         for r in m["rounds"]))
 
 
@@ -329,6 +384,9 @@ if __name__ == "__main__":
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--rtt-samples", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of both session modes, order alternating")
+    ap.add_argument("--relay-cpu", type=float, default=0.25, metavar="CORES",
+                    help="hold the Intermediate to this share of one core during the mode comparison, so the "
+                         "relay is the bottleneck (root and a cgroup cpu controller; 0: no cap)")
     ap.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1100, 100],
                     help="payload sizes in bytes, comma-separated (sealed mode carries up to about 1,155)")
     ap.add_argument("--json", action="store_true")

@@ -663,6 +663,42 @@ def padding(size: int) -> bytes:
     return bytes([DGRAM_PAD]) + bytes(max(0, size - 1))
 
 
+# Sealed packets as raw UDP (QUIC fixed bit clear), once the sender knows the session key: to the
+# Intermediate's primary listener with the sender's relay tag, forwarded without the tag to the
+# other party. The relay then spends no cryptography on them (a TURN-style forwarder): a tag and
+# an address compared, one datagram sent.
+RAW_SEALED = 0x33  # a party to the Intermediate: type, session, tag, packet
+RAW_SEALED_RELAYED = 0x34  # the Intermediate to the other party: type, session, packet
+RELAY_TAG_LEN = 8
+
+
+def relay_tag(key: bytes, session: int, role: Role) -> bytes:
+    """What proves a raw sealed frame is the session party's (`role`): derived from the session
+    key, which only the Intermediate and the two parties hold."""
+    msg = b"qlab/1 relay tag" + bytes([role.value]) + session.to_bytes(4, "big")
+    return hmac.new(key, msg, hashlib.sha256).digest()[:RELAY_TAG_LEN]
+
+
+def encode_raw_sealed(session: int, tag: bytes, packet: bytes) -> bytes:
+    return _encode(RAW_SEALED, session, tag + packet)
+
+
+def decode_raw_sealed(data: bytes) -> tuple[int, bytes, bytes]:
+    """(session, tag, packet); WireError when it is not one."""
+    session, body = _decode(RAW_SEALED, data)
+    if len(body) <= RELAY_TAG_LEN:
+        raise WireError("raw sealed frame without a packet")
+    return session, body[:RELAY_TAG_LEN], body[RELAY_TAG_LEN:]
+
+
+def encode_raw_relayed(session: int, packet: bytes) -> bytes:
+    return _encode(RAW_SEALED_RELAYED, session, packet)
+
+
+def decode_raw_relayed(data: bytes) -> tuple[int, bytes]:
+    return _decode(RAW_SEALED_RELAYED, data)
+
+
 def _encode(kind: int, session: int, body: bytes) -> bytes:
     return struct.pack("!BI", kind, session) + body
 

@@ -65,6 +65,9 @@ class FakePeer:
                 self.got.append(("dgram", *wire.decode_app(data)))
         return self.accepts
 
+    def send_raw(self, data: bytes) -> None:
+        self.got.append(("raw", *wire.decode_raw_relayed(data), self.validated_address))
+
     def close(self, code: int, reason: str) -> None:
         self.got.append(("close", code))
 
@@ -138,6 +141,26 @@ class Relay:
     def apply(self, w: World) -> None:
         data = self.raw if self.raw is not None else wire.encode_app(self.sid, self.payload)
         w.core.datagram(w.peers[self.who], data, w.now)
+
+
+@dataclass
+class RawRelay:
+    """A raw sealed frame from `who`'s address (or `src`) for session `sid`, with the relay tag of
+    the party `tag_of` (default: `who`'s role in the session), or `raw` bytes as they came."""
+
+    who: str
+    tag_of: wire.Role | None = None
+    src: Addr | None = None
+    sid: int = SID
+    packet: bytes = b"\x40sealed"
+    raw: bytes | None = None
+
+    def apply(self, w: World) -> None:
+        sess = w.core.sessions.get(SID)
+        role = self.tag_of or (wire.Role.AGENT if self.who == "alice" else wire.Role.CONNECTOR)
+        tag = wire.relay_tag(sess.key, SID, role) if sess is not None else bytes(8)
+        data = self.raw if self.raw is not None else wire.encode_raw_sealed(self.sid, tag, self.packet)
+        w.core.raw_datagram(data, self.src or w.peers[self.who].address, w.now)
 
 
 @dataclass
@@ -443,6 +466,20 @@ RELAY = [
                       Relay("edge1", raw=wire.encode_sealed(SID, b"\x43back"))],
                      echo_then({"edge1": [("sealed", SID, b"\xc3opaque")], "alice": [("sealed", SID, b"\x43back")]})),
                  id="a sealed session's packets both ways, as they are"),
+    pytest.param(Row([*ECHO, RawRelay("alice"), RawRelay("edge1", packet=b"\x40back")],
+                     echo_then({"edge1": [("raw", SID, b"\x40sealed", ("198.51.100.3", 40003))],
+                                "alice": [("raw", SID, b"\x40back", ("198.51.100.1", 40001))]})),
+                 id="raw sealed frames both ways, to the other party's validated address, without the tag"),
+    pytest.param(Row([*ECHO, RawRelay("alice", src=("203.0.113.66", 40001)),
+                      RawRelay("alice", tag_of=wire.Role.PROBE), RawRelay("alice", sid=SID + 1),
+                      RawRelay("alice", raw=b"\x33\x00"), RawRelay("bob", tag_of=wire.Role.AGENT)], ECHO_GOT,
+                     counters={("relay_raw_dropped_total", "why", "address"): 2,
+                               ("relay_raw_dropped_total", "why", "bad_tag"): 1,
+                               ("relay_raw_dropped_total", "why", "unknown_session"): 1,
+                               ("relay_raw_dropped_total", "why", "malformed"): 1}),
+                 id="raw frames: a copied tag from another address, a wrong tag, an unknown session, junk: nothing sent"),
+    pytest.param(Row([*ECHO, BlockRelay(), RawRelay("alice")], ECHO_GOT, counters={("relay_blocked_total", "", ""): 1}),
+                 id="raw frames obey the relay switch"),
     pytest.param(Row([*ECHO, Relay("bob", raw=wire.encode_sealed(SID, b"x"))], ECHO_GOT,
                      counters={("errors_total", "kind", "datagram_foreign_session"): 1}),
                  id="sealed packets only from the session's parties"),

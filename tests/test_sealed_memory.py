@@ -94,16 +94,19 @@ async def close_sealed(s) -> None:
         await asyncio.sleep(0.01)
 
 
-@pytest.mark.parametrize("mode", [wire.SessionMode.TERMINATED, wire.SessionMode.SEALED])
+@pytest.mark.parametrize("mode", ["terminated", "sealed", "sealed-framed"])
 async def test_the_intermediate_holds_no_application_byte_of_a_sealed_session(deployment, creds, mode):
+    """sealed: its packets as raw frames (the default); sealed-framed: as DATAGRAM frames of the
+    control connections, whose outer layer the Intermediate decrypts (the inner one it cannot)."""
     marker = os.urandom(16)
     intermediate = deployment.procs[0]
     assert intermediate.name == "intermediate"
     agent = Agent(RealNet(), creds, ("127.0.0.1", deployment.port), host="127.0.0.1")
     await agent.start()
-    s = agent.begin_session("echo", mode=mode)
+    s = agent.begin_session("echo", mode=wire.SessionMode.TERMINATED if mode == "terminated" else wire.SessionMode.SEALED)
+    s.sealed_raw = mode != "sealed-framed"
     try:
-        if mode == wire.SessionMode.SEALED:
+        if s.mode == wire.SessionMode.SEALED:
             await agent.connect_sealed(s, timeout=5.0)
         else:
             await s.wait_open(5.0)

@@ -23,7 +23,7 @@ from qlab import quic_internals as qi
 from qlab import wire
 from qlab.certs import Credentials
 from qlab.endpoint import SEALED_DATAGRAM_SIZE, Connection, DatagramTooLarge, Endpoint, Handler
-from qlab.net import Addr, Net
+from qlab.net import Addr, Net, normalize_addr
 from qlab.roles.echo import EchoProbe
 from qlab.roles.events import ControlReceived, EventHandler, LinkUp, Observers, PayloadReceived, RawReceived
 from qlab.roles.link import IntermediateLink, Refused
@@ -102,6 +102,9 @@ class AgentSession:
         # address it moves to; `direct` is that connection while a direct path is known
         self.sealed: Connection | None = None
         self.direct_addr: Addr | None = None
+        # its relayed packets as raw frames once the key is known (False: always as DATAGRAM frames
+        # of the control connection, whose outer layer the Intermediate still decrypts)
+        self.sealed_raw = True
         self.key: bytes | None = None
         self.connector: str | None = None
         self.relay_max_payload = agent.link.max_relay_payload
@@ -203,8 +206,15 @@ class AgentSession:
         self.agent.events.emit(DirectLost(self, reason))
 
     def send_sealed(self, packet: bytes) -> None:
-        """A packet of the sealed connection bound for the relay path: one relayed frame."""
-        conn = self.agent.link.conn
+        """A packet of the sealed connection bound for the relay path: a raw frame to the
+        Intermediate once the key is known (its tag proves the session), else a DATAGRAM frame of
+        the control connection (the first flight rides with OpenSession)."""
+        agent = self.agent
+        if self.key is not None and self.sealed_raw:
+            tag = wire.relay_tag(self.key, self.id, wire.Role.AGENT)
+            agent.endpoint.send_raw(wire.encode_raw_sealed(self.id, tag, packet), agent.link.intermediate)
+            return
+        conn = agent.link.conn
         if conn is not None:
             try:
                 conn.send_datagram(wire.encode_sealed(self.id, packet))
@@ -456,6 +466,7 @@ class Agent:
             for conn in {s.direct, s.sealed} - {None}:
                 assert conn is not None
                 conn.close(reason="agent closing")
+        self.endpoint.flush()  # their CONNECTION_CLOSE leaves before the link's (a sealed one through the relay)
         self.link.close()
         self.endpoint.close()
 
@@ -497,6 +508,14 @@ class Agent:
                 s.error = f"{msg.code.name.lower()}: {msg.message}"
 
     def _on_raw(self, data: bytes, addr: Addr) -> None:
+        if data[0] == wire.RAW_SEALED_RELAYED and normalize_addr(addr) == self.link.intermediate:
+            try:
+                sid, packet = wire.decode_raw_relayed(data)
+            except wire.WireError:
+                return
+            if sid in self.sessions:
+                self.endpoint.tunnel_receive(packet, wire.relay_tunnel(sid))
+            return
         self.events.offer(RawReceived(data, addr))
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from qlab import wire
 from qlab.certs import Credentials
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler, HeldDatagrams
-from qlab.net import Addr, DatagramSocket, Net
+from qlab.net import Addr, DatagramSocket, Net, normalize_addr
 from qlab.roles.events import ControlReceived, EventHandler, LinkUp, Observers, RawReceived
 from qlab.roles.link import IntermediateLink, Refused
 from qlab.roles.metrics import Metrics, watch_endpoints
@@ -37,6 +37,7 @@ class ConnectorSession:
     max_payload: int
     direct: Connection | None = None
     sealed: Connection | None = None  # sealed mode: the Agent's end-to-end connection (relay, then direct)
+    sealed_raw: bool = False  # its relayed packets come as raw frames: answer the same way
     app_socks: dict[Path, DatagramSocket] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"relay_in": 0, "relay_out": 0, "direct_in": 0, "direct_out": 0})
     agent_nat: wire.NatKind = wire.NatKind.UNKNOWN
@@ -264,6 +265,14 @@ class Connector:
         self.endpoint.close_tunnel(wire.relay_tunnel(s.id))
 
     def _on_raw(self, data: bytes, addr: Addr) -> None:
+        if data[0] == wire.RAW_SEALED_RELAYED and normalize_addr(addr) == self.link.intermediate:
+            try:
+                sid, packet = wire.decode_raw_relayed(data)
+            except wire.WireError:
+                return
+            if (s := self.sessions.get(sid)) is not None:
+                self._sealed_in(s, packet, raw=True)
+            return
         self.events.offer(RawReceived(data, addr))
 
     # -- application forwarding -----------------------------------------------------------------
@@ -280,28 +289,32 @@ class Connector:
             self.held.hold(asyncio.get_running_loop().time(), sid, data)  # SessionNew may follow in this packet
             return
         if data[0] == wire.DGRAM_SEALED:
-            self._sealed_in(s, data[wire.DGRAM_HEADER:])
+            self._sealed_in(s, data[wire.DGRAM_HEADER:], raw=False)
             return
         payload = data[wire.DGRAM_HEADER:]
         s.counters["relay_in"] += 1
         self.metrics.inc("datagrams_in_total", path=Path.RELAY)
         self._spawn_or_send(s, Path.RELAY, payload)
 
-    def _sealed_in(self, s: ConnectorSession, packet: bytes) -> None:
+    def _sealed_in(self, s: ConnectorSession, packet: bytes, raw: bool) -> None:
         """A packet of the session's sealed connection, relayed: into the endpoint through the
-        session's tunnel (opened by the first one; one connection per session at most)."""
+        session's tunnel (opened by the first one). Answered the way the last one came."""
+        s.sealed_raw = raw
         tunnel = wire.relay_tunnel(s.id)
         if tunnel not in self.endpoint.tunnels:
-            link = self.link
-
-            def send(packet: bytes, sid: int = s.id) -> None:
-                if link.conn is not None:
-                    try:
-                        link.conn.send_datagram(wire.encode_sealed(sid, packet))
-                    except DatagramTooLarge:
-                        log.warning("session %08x: a sealed packet of %d bytes does not fit the relay", sid, len(packet))
-            self.endpoint.open_tunnel(tunnel, send)
+            self.endpoint.open_tunnel(tunnel, lambda packet: self._send_sealed(s, packet))
         self.endpoint.tunnel_receive(packet, tunnel)
+
+    def _send_sealed(self, s: ConnectorSession, packet: bytes) -> None:
+        if s.sealed_raw:
+            tag = wire.relay_tag(s.key, s.id, wire.Role.CONNECTOR)
+            self.endpoint.send_raw(wire.encode_raw_sealed(s.id, tag, packet), self.link.intermediate)
+            return
+        if self.link.conn is not None:
+            try:
+                self.link.conn.send_datagram(wire.encode_sealed(s.id, packet))
+            except DatagramTooLarge:
+                log.warning("session %08x: a sealed packet of %d bytes does not fit the relay", s.id, len(packet))
 
     def to_app(self, s: ConnectorSession, path: Path, payload: bytes) -> None:
         self._spawn_or_send(s, path, payload)

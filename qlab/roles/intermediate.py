@@ -80,7 +80,8 @@ class Intermediate:
         """Bind one endpoint per address; the first is the primary, the rest serve classification."""
         cfg = self.creds.server_config("intermediate")
         for i, (host, port) in enumerate(addrs):
-            ep = Endpoint(self.net, server_config=cfg, server_handler=functools.partial(_PeerConn, self, listener=i))
+            ep = Endpoint(self.net, server_config=cfg, server_handler=functools.partial(_PeerConn, self, listener=i),
+                          raw_handler=self._on_raw)
             bound = await ep.bind(host, port)
             self.listeners.append(ep)
             self.core.listeners.append(bound)
@@ -111,6 +112,10 @@ class Intermediate:
         self.core.reset()
         self.tasks.cancel_all()
         self._expiry = None
+
+    def _on_raw(self, data: bytes, addr: Addr) -> None:
+        if data[0] == wire.RAW_SEALED:  # anything else raw is nobody's business here
+            self.core.raw_datagram(data, normalize_addr(addr), asyncio.get_running_loop().time())
 
     def drain(self) -> None:
         """Carry out what the core asked for besides sends to its peers."""
@@ -169,6 +174,11 @@ class _PeerConn(Handler):
 
     def send_datagram(self, data: bytes) -> bool:
         return self.conn.send_datagram(data)
+
+    def send_raw(self, data: bytes) -> None:
+        addr = self.validated_address
+        if addr is not None:
+            self.conn.endpoint.send_raw(data, addr)
 
     def close(self, code: int, reason: str) -> None:
         self.conn.close_soon(code, reason)

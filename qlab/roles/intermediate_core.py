@@ -17,6 +17,7 @@ peer); rate limits and session caps are per identity (role and name), not per co
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import ipaddress
 import logging
 import secrets
@@ -90,6 +91,9 @@ class Peer(Protocol):
 
     def send_datagram(self, data: bytes) -> bool:
         """Queue one DATAGRAM; False when dropped. Raises DatagramTooLarge."""
+
+    def send_raw(self, data: bytes) -> None:
+        """Send a raw (non-QUIC) datagram to the client's validated address, from its listener."""
 
     def close(self, code: int, reason: str) -> None:
         """Close once the control messages already sent have had time to leave (a NACK first)."""
@@ -194,6 +198,12 @@ class Session:
     last_active: float
     offer: wire.Offer | None = None
     answer: wire.Answer | None = None
+    # the parties' relay tags (raw sealed frames), derived from the key when the session opens
+    tags: tuple[bytes, bytes] = (b"", b"")
+
+    def __post_init__(self) -> None:
+        self.tags = (wire.relay_tag(self.key, self.id, wire.Role.AGENT),
+                     wire.relay_tag(self.key, self.id, wire.Role.CONNECTOR))
 
     def other(self, client_id: int) -> int:
         """The other party's client id."""
@@ -755,6 +765,43 @@ class IntermediateCore:
             self.metrics.inc("relay_blocked_total")
             return
         self._relay(c, sess, data)
+
+    def raw_datagram(self, data: bytes, src: Addr, now: float) -> None:
+        """A sealed packet as a raw frame (`wire.RAW_SEALED`) from `src`: forwarded to the session's
+        other party when it carries a party's relay tag and comes from that party's validated
+        address; otherwise dropped, with no state kept and nothing sent."""
+        try:
+            sid, tag, packet = wire.decode_raw_sealed(data)
+        except wire.WireError:
+            self.metrics.inc("relay_raw_dropped_total", why="malformed")
+            return
+        sess = self.sessions.get(sid)
+        if sess is None:
+            self.metrics.inc("relay_raw_dropped_total", why="unknown_session")
+            return
+        if hmac.compare_digest(tag, sess.tags[0]):
+            sender = self.clients.get(sess.agent)
+        elif hmac.compare_digest(tag, sess.tags[1]):
+            sender = self.clients.get(sess.connector)
+        else:
+            self.metrics.inc("relay_raw_dropped_total", why="bad_tag")
+            return
+        if sender is None or sender.peer.validated_address != src:  # a copied tag from elsewhere
+            self.metrics.inc("relay_raw_dropped_total", why="address")
+            return
+        sess.last_active = now
+        if not self.relay_enabled or sid in self.relay_blocked:
+            self.metrics.inc("relay_blocked_total")
+            return
+        to_connector = sender.id == sess.agent
+        other = self.clients.get(sess.other(sender.id))
+        if other is None:
+            self.error("relay_peer_gone")
+            return
+        other.peer.send_raw(wire.encode_raw_relayed(sid, packet))
+        direction = Direction.TO_CONNECTOR if to_connector else Direction.TO_AGENT
+        self.relayed[direction] += 1
+        self.relayed_bytes[direction] += len(packet)
 
     def _relay(self, c: Client, sess: Session, data: bytes) -> None:
         to_connector = c.id == sess.agent
