@@ -69,11 +69,6 @@ SOURCE_RETRY_THRESHOLD = 8  # ... and unproven connections from its source IP be
 MAX_UNPROVEN_PER_SOURCE = 32  # unproven server connections per source IP, validated ones included
 MAX_UNPROVEN = 1024  # unproven server connections per socket
 MAX_UNPROVEN_PER_TUNNEL = 2  # a sealed session has one connection; a redial may overlap it
-# a connection ID the peer retired still routes this long (the newest RETIRING_CIDS of them): a
-# migration retires the old path's CID while packets sent on it are still in flight (the relay is
-# the slower path), and their DATAGRAM frames would be lost, never retransmitted
-CID_GRACE = 2.0
-RETIRING_CIDS = 8
 # closes for cause, by the transport error aioquic raised on a peer's violation
 VIOLATIONS: dict[int, str] = {
     QuicErrorCode.FLOW_CONTROL_ERROR: "flow_control",
@@ -186,7 +181,6 @@ class Connection:
         self.close_reason = ""
         self.peer_addr: Addr | None = None
         self.rx_addr: Addr | None = None  # where the packets whose events are being dispatched came from
-        self.retiring: list[bytes] = []  # CIDs the peer retired, still routed for CID_GRACE
         self.handshake_done = asyncio.get_running_loop().create_future()
         # server role: unproven until the role says otherwise; `source` is the IP it is counted under
         self.proven = is_client
@@ -538,21 +532,6 @@ class Endpoint:
             log.info("closing %s: not proven within %.1fs", conn, self.proof_timeout)
             self.abandon(conn, "not proven in time", error_code=wire.CLOSE_UNAUTHENTICATED)
 
-    def _retire_cid(self, conn: Connection, cid: bytes) -> None:
-        """Keep routing a retired CID for CID_GRACE (packets sent with it may still arrive)."""
-        conn.retiring.append(cid)
-        if len(conn.retiring) > RETIRING_CIDS:
-            self._drop_cid(conn, conn.retiring[0])
-        assert self._loop is not None
-        self._loop.call_later(CID_GRACE, self._drop_cid, conn, cid)
-
-    def _drop_cid(self, conn: Connection, cid: bytes) -> None:
-        if cid in conn.retiring:
-            conn.retiring.remove(cid)
-            conn.cids.discard(cid)
-            if self.by_cid.get(cid) is conn:
-                del self.by_cid[cid]
-
     def _handshake_done(self, conn: Connection) -> None:
         """A server connection finished its handshake: it now has until `proof_timeout`."""
         assert self._loop is not None
@@ -660,7 +639,8 @@ class Endpoint:
         elif isinstance(ev, events.ConnectionIdIssued):
             self._add_cid(conn, ev.connection_id)
         elif isinstance(ev, events.ConnectionIdRetired):
-            self._retire_cid(conn, ev.connection_id)
+            self.by_cid.pop(ev.connection_id, None)
+            conn.cids.discard(ev.connection_id)
         elif isinstance(ev, events.HandshakeCompleted):
             conn.established = True
             if conn.half_open:
