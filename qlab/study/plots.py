@@ -336,4 +336,9 @@ def modes_cdf(df: pd.DataFrame, column: str = "upgrade_ms", ax=None):
     what = {"upgrade_ms": "upgrade (punch proved → first echo over direct)",
             "ttfb_ms": "time to first byte over the relay", "ttd_ms": "time to direct"}.get(column, column)
     _cdf(ax, series, f"{what} (ms)", f"{what[:1].upper() + what[1:]}, CDF ({_label(df)})")
+    drawn = [label for label, xs in series.items() if len(xs)]
+    for line, label in zip(ax.get_lines(), drawn, strict=True):  # colour by mode, dashed once delayed
+        line.set_color(MODE_COLORS.get(label.split(",")[0], "grey"))
+        line.set_linestyle("-" if "punch delay" not in label or "delay 0 s" in label else "--")
+    ax.legend()
     return _say(ax, f"CDFs of the {what} per architecture ({_label(df)}): {', '.join(said)}.")
