@@ -109,7 +109,7 @@ def test_bad_input_is_refused_clearly(tmp_path):
         results.load("nope", root=tmp_path)
 
 
-NOTEBOOK_NAMES = ("nat_campaign", "matrix_report", "explore", "cloud_campaign")
+NOTEBOOK_NAMES = ("nat_campaign", "matrix_report", "explore", "cloud_campaign", "architectures")
 
 
 def _execute(name, tmp_path, **params):
@@ -333,6 +333,56 @@ def test_compare_puts_two_campaigns_side_by_side():
         analysis.compare(a, b.iloc[0:0])
 
 
+def test_compare_modes_puts_the_two_architectures_side_by_side(tmp_path):
+    """Per NAT pair and punch delay: each mode's N, direct rate (Wilson), timing medians, and sealed −
+    terminated; a record with no mode is terminated; punch_delay and a failed trial's missing mode
+    come from the campaign's manifest; the figure says its numbers."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from qlab.study import analysis, plots
+
+    cell = ("sim", "wan-20ms", "port_restricted", "port_restricted")
+    term = _frame({cell: ["direct_wan"] * 3 + ["relay"]}).assign(mode=[None, "terminated", None, None], upgrade_ms=57.0)
+    sealed = _frame({cell: ["direct_wan"] * 2}).assign(mode="sealed", ttfb_ms=[120.0, 130.0], upgrade_ms=[25.0, 27.0])
+    term.loc[3, "upgrade_ms"] = None  # not direct: no upgrade
+    df = pd.concat([term, sealed], ignore_index=True)
+    assert analysis.session_modes(df).tolist() == ["terminated"] * 4 + ["sealed"] * 2
+    cmp = analysis.compare_modes(df)
+    assert len(cmp) == 1 and "punch_delay" not in cmp  # the records do not carry it: not a key
+    r = cmp.iloc[0]
+    assert (r.n_terminated, r.direct_terminated, r.n_sealed, r.direct_sealed) == (4, 3, 2, 2)
+    assert (r.direct_ci_low_terminated, r.direct_ci_high_terminated) == pytest.approx(analysis.wilson(3, 4))
+    assert r.direct_rate_diff == pytest.approx(0.25)
+    assert (r.direct_diff_ci_low, r.direct_diff_ci_high) == pytest.approx(analysis.newcombe(3, 4, 2, 2)[1:])
+    assert r.direct_diff_ci_low < 0 < r.direct_diff_ci_high  # 4 and 2 trials: no difference shown
+    assert r.ttfb_p50_ms_terminated == 60.0 and r.ttfb_p50_ms_sealed == 125.0 and r.ttfb_p50_ms_diff == 65.0
+    assert r.upgrade_p50_ms_diff == pytest.approx(26.0 - 57.0) and r.upgrade_n_terminated == 3
+    assert r.ttd_p50_ms_diff == pytest.approx(80.5 - 81.0)  # ttd 80, 81, 82 terminated; 80, 81 sealed
+    shown = analysis.readable_modes(cmp).iloc[0]
+    assert shown["ttfb ms, terminated → sealed (Δ)"] == "60.0 → 125.0 (+65.0 ms)"
+    assert shown["direct terminated"] == "75% (30%–95%)" and shown["direct sealed − terminated"].startswith("+25 pp (")
+    # the campaign settings the records lack come from the manifests
+    for cid, mode, delay in (("c-t", "terminated", 1.0), ("c-s", "sealed", 1.0)):
+        results.CampaignStore(tmp_path / cid).write_manifest({"campaign_id": cid, "parameters": {"mode": mode,
+                                                                                                  "punch_delay": delay}})
+    df["campaign_id"] = ["c-t"] * 4 + ["c-s"] * 2
+    df.loc[5, ["mode", "outcome", "ttd_ms", "upgrade_ms"]] = [None, "failed", None, None]  # raised: no mode recorded
+    full = analysis.with_campaign_settings(df, tmp_path)
+    assert full["mode"].tolist() == ["terminated"] * 4 + ["sealed"] * 2 and set(full.punch_delay) == {1.0}
+    cmp = analysis.compare_modes(full)
+    assert cmp.punch_delay.tolist() == [1.0] and cmp.direct_rate_diff.iat[0] == pytest.approx(0.5 - 0.75)
+    totals = analysis.mode_totals(full)
+    assert totals.set_index("mode").loc["sealed", "upgrade_p50_ms"] == 25.0
+    fig = plots.modes_by_cell(cmp)
+    alt = plots.alt_text(fig)
+    assert "backend sim, profile wan-20ms, punch delay 1 s: an established session" in alt
+    assert "port_restricted to port_restricted: direct 75% terminated, 50% sealed; ttfb 60.0 ms vs 125.0 ms" in alt
+    assert "upgrade 57.0 ms vs 25.0 ms" in alt
+    assert "sealed, punch delay 1 s median 25.0 ms over 1 trials" in plots.alt_text(plots.modes_cdf(full).figure)
+    plt.close("all")
+
+
 def test_plots_describe_themselves_and_label_their_scales():
     """Every figure's alt text says what it shows with the numbers drawn; the heatmap's colour bar
     is labelled, its title names backend and profile; the outcome legend sits outside the bars."""
@@ -400,6 +450,9 @@ def test_report_pages_exist_and_reference_nothing_outside(published_report):
                 "matrix") else {f"backend sim, profile {profile}"}
             assert all(any(s in a for s in shown) for a in alts), p.name
     assert (published_report.parent / "explore.html").read_text().count("interactive controls") == 1
+    arch = (published_report.parent / "architectures.html").read_text()
+    assert "Two architectures: terminated vs sealed" in arch and "punch delay 1 s: an established session" in arch
+    assert "upgrade ms, terminated → sealed (Δ)" in arch
 
 
 def test_nat_pages_give_every_reason_in_full(published_report):
@@ -431,10 +484,14 @@ def test_index_links_each_campaigns_data_and_the_executed_notebooks(published_re
     for link in links:
         assert (published_report.parent / link).is_file(), link
     facts = json.loads(re.search(r'id="qlab-summary">([^<]*)<', index).group(1))
-    assert facts["trials"] == 2 * 2 * 6 and len(facts["campaigns"]) == 4 + 2  # two profiles x two presets
+    assert facts["trials"] == 2 * 2 * 6 and len(facts["campaigns"]) == 4 + 2 + 4  # two profiles x two presets
     # and what is reachable, on the first profile: birthday mode (symmetric against port_restricted and
     # symmetric) and a Connector whose router maps (both Agent NATs against the five NATs +map)
     assert facts["reachable_trials"] == 1 * 2 + 2 * 5
+    # and the two architectures, on the first profile, terminated and sealed: both Agent NATs against full_cone,
+    # port_restricted and symmetric punching at once, full_cone's row again punching after 1 s
+    assert facts["architectures_trials"] == (2 * 3 + 3) * 2 and "architectures.html" in links
+    assert "two architectures (home-broadband): terminated vs sealed on 6 NAT pairs, 18 trials" in index
     from qlab.backends.sim.cost import DEFAULT
     from qlab.scenario.profiles import PROFILES
 

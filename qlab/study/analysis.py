@@ -303,3 +303,186 @@ def readable_compare(cmp: pd.DataFrame) -> pd.DataFrame:
         out[f"{name} ms a → b"] = [f"{_ms(a)} → {_ms(b)}" for a, b in zip(cmp[f"{col}_a"], cmp[f"{col}_b"],
                                                                             strict=True)]
     return out
+
+
+# --- Two architectures (issue 19): terminated vs sealed, per NAT pair --------------------------------
+
+MODES = ("terminated", "sealed")
+# per mode: the medians compared, as (record column, summary prefix)
+MODE_METRICS = (("ttfb_ms", "ttfb"), ("ttd_ms", "ttd"), ("upgrade_ms", "upgrade"),
+                ("rtt_direct_p50_ms", "rtt_direct"), ("rtt_relay_p50_ms", "rtt_relay"))
+MODE_NAMES = {"ttfb": "ttfb", "ttd": "ttd", "upgrade": "upgrade", "rtt_direct": "direct RTT", "rtt_relay": "relay RTT"}
+
+
+def session_modes(df: pd.DataFrame) -> pd.Series:
+    """Each trial's architecture: its `mode`, and "terminated" where the record has none (records
+    from before issue 19, when it was the only one)."""
+    if "mode" not in df:
+        return pd.Series(["terminated"] * len(df), index=df.index, dtype=object)
+    return df["mode"].astype(object).where(df["mode"].notna(), "terminated")
+
+
+def with_campaign_settings(df: pd.DataFrame, root=None) -> pd.DataFrame:
+    """The trials with `mode` and `punch_delay` filled in from each campaign's manifest where the
+    records do not say: a record with no `mode` (written before issue 19, or a trial that raised and
+    was recorded as failed) takes its campaign's mode, and `punch_delay` (a campaign setting the
+    records do not carry) its campaign's; a manifest from before either setting means terminated and
+    0 s. Campaigns are looked up by id under `root` (results.find_campaign)."""
+    from qlab.study.results import CampaignStore, find_campaign
+
+    out = df.copy()
+    settings: dict[str, dict] = {}
+    for cid in out["campaign_id"].dropna().unique():
+        try:
+            settings[str(cid)] = CampaignStore(find_campaign(str(cid), root)).manifest().get("parameters", {})
+        except (FileNotFoundError, ValueError):
+            settings[str(cid)] = {}
+    cids = out["campaign_id"].astype(str)
+    campaign_mode = cids.map(lambda c: settings.get(c, {}).get("mode") or "terminated")
+    mode = out["mode"].astype(object) if "mode" in out else pd.Series([None] * len(out), index=out.index, dtype=object)
+    out["mode"] = mode.where(mode.notna(), campaign_mode)
+    delay = cids.map(lambda c: float(settings.get(c, {}).get("punch_delay") or 0.0))
+    out["punch_delay"] = out["punch_delay"].astype(float).fillna(delay) if "punch_delay" in out else delay
+    return out
+
+
+def newcombe(s1: int, n1: int, s2: int, n2: int, z: float = 1.96) -> tuple[float, float, float]:
+    """The difference of two rates p2 − p1 and its 95% interval by Newcombe's hybrid score method
+    (built from each rate's Wilson interval; sane for small N and rates of 0 or 1)."""
+    if n1 == 0 or n2 == 0:
+        return (math.nan, math.nan, math.nan)
+    p1, p2 = s1 / n1, s2 / n2
+    (l1, u1), (l2, u2) = wilson(s1, n1, z), wilson(s2, n2, z)
+    d = p2 - p1
+    return (d, d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2))
+
+
+def _mode_keys(df: pd.DataFrame) -> list[str]:
+    return [*CELL, "punch_delay"] if "punch_delay" in df else list(CELL)
+
+
+def mode_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per NAT pair (backend, profile, Agent NAT, Connector NAT, and `punch_delay` when the
+    trials carry it: with_campaign_settings) and mode: N, direct count and rate with its 95% Wilson
+    interval, and the medians of ttfb, ttd, upgrade, direct RTT and relay RTT with their 95%
+    order-statistic intervals (`<name>_p50_ms`, `<name>_ci_low`, `<name>_ci_high`; `<name>_n`
+    trials had a value: ttd and upgrade only direct ones). A record with no mode is terminated."""
+    d = df.assign(mode=session_modes(df))
+    keys = _mode_keys(d)
+    rows = []
+    for key, g in d.groupby([*keys, "mode"], sort=True):
+        row = dict(zip([*keys, "mode"], key, strict=True))
+        n, direct = len(g), int(g["outcome"].isin(DIRECT).sum())
+        lo, hi = wilson(direct, n)
+        row.update(n=n, direct=direct, direct_rate=direct / n, direct_ci_low=lo, direct_ci_high=hi)
+        for col, name in MODE_METRICS:
+            values = g[col].astype(float) if col in g else pd.Series([math.nan] * n)
+            med, lo, hi = median_ci(values)
+            row.update({f"{name}_p50_ms": med, f"{name}_ci_low": lo, f"{name}_ci_high": hi,
+                        f"{name}_n": int(values.notna().sum())})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+MODE_COLUMNS = ("n", "direct", "direct_rate", "direct_ci_low", "direct_ci_high",
+                *[f"{name}_{s}" for _, name in MODE_METRICS for s in ("p50_ms", "ci_low", "ci_high", "n")])
+
+
+def compare_modes(df: pd.DataFrame) -> pd.DataFrame:
+    """The two architectures per NAT pair, from trials holding both: one row per (backend, profile,
+    Agent NAT, Connector NAT[, punch_delay]) with mode_summary's columns for each mode (suffixes
+    `_terminated`, `_sealed`; NaN where a pair ran in one mode only) and sealed − terminated:
+    `direct_rate_diff` with its 95% Newcombe interval (`direct_diff_ci_low`/`_high`) and
+    `<name>_p50_ms_diff` for ttfb, ttd, upgrade, direct RTT and relay RTT (a difference of medians;
+    each median's own interval is in its side's columns)."""
+    s = mode_summary(df)
+    if s.empty:
+        raise ValueError("nothing to compare: no trials")
+    keys = _mode_keys(df)
+    sides = []
+    for mode in MODES:
+        side = s[s["mode"] == mode].drop(columns="mode")
+        sides.append(side.rename(columns={c: f"{c}_{mode}" for c in MODE_COLUMNS}).set_index(keys))
+    out = sides[0].join(sides[1], how="outer").reset_index()
+    for col in MODE_COLUMNS:  # a pair that ran in one mode only: NaN on the other side
+        for mode in MODES:
+            if f"{col}_{mode}" not in out:
+                out[f"{col}_{mode}"] = math.nan
+    diffs = [newcombe(*(int(v) if not pd.isna(v) else 0 for v in vals)) for vals in zip(
+        out["direct_terminated"], out["n_terminated"], out["direct_sealed"], out["n_sealed"], strict=True)]
+    out["direct_rate_diff"] = [d[0] for d in diffs]
+    out["direct_diff_ci_low"] = [d[1] for d in diffs]
+    out["direct_diff_ci_high"] = [d[2] for d in diffs]
+    for _, name in MODE_METRICS:
+        out[f"{name}_p50_ms_diff"] = out[f"{name}_p50_ms_sealed"] - out[f"{name}_p50_ms_terminated"]
+    return out.sort_values(keys, key=_preset_order).reset_index(drop=True)
+
+
+def _preset_order(col: pd.Series) -> pd.Series:
+    """Sort key: NAT presets in their documented order (field NATs last), other columns as they are."""
+    if col.name not in ("agent_nat", "connector_nat"):
+        return col
+    order = {p: i for i, p in enumerate(PRESET_NAMES)}
+    return col.map(lambda v: order.get(v, len(order)))
+
+
+def mode_totals(df: pd.DataFrame) -> pd.DataFrame:
+    """Per backend, profile, mode and punch_delay (when carried), pooled over the NAT pairs: trials,
+    NAT pairs, direct rate with its Wilson interval, and the medians of ttfb, ttd and upgrade over
+    the trials that have them (the facts a report's index states in one line)."""
+    d = df.assign(mode=session_modes(df))
+    keys = [*GROUP, "mode", *(["punch_delay"] if "punch_delay" in d else [])]
+    rows = []
+    for key, g in d.groupby(keys, sort=True):
+        n, direct = len(g), int(g["outcome"].isin(DIRECT).sum())
+        lo, hi = wilson(direct, n)
+        row = dict(zip(keys, key, strict=True))
+        row.update(n=n, pairs=int(g.groupby(["agent_nat", "connector_nat"]).ngroups), direct=direct,
+                   direct_rate=direct / n, direct_ci_low=lo, direct_ci_high=hi,
+                   **{f"{name}_p50_ms": float(g[col].astype(float).median()) if col in g else math.nan
+                      for col, name in MODE_METRICS[:3]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _delta(v: float, unit: str = " ms") -> str:
+    return "–" if v is None or math.isnan(v) else f"{v:+.1f}{unit}"
+
+
+def readable_modes(cmp: pd.DataFrame) -> pd.DataFrame:
+    """compare_modes' table for people: per NAT pair (and punch delay) each mode's N and direct rate
+    with its interval, the difference in percentage points with its interval, and per timing the
+    medians terminated → sealed (95% intervals) and sealed − terminated."""
+    out = pd.DataFrame({"backend": cmp["backend"], "profile": cmp["profile"], "Agent NAT": cmp["agent_nat"],
+                        "Connector NAT": cmp["connector_nat"]})
+    if "punch_delay" in cmp:
+        out["punch delay s"] = [f"{v:g}" for v in cmp["punch_delay"]]
+    out["N terminated / sealed"] = [f"{'–' if pd.isna(a) else int(a)} / {'–' if pd.isna(b) else int(b)}"
+                                    for a, b in zip(cmp["n_terminated"], cmp["n_sealed"], strict=True)]
+    for mode in MODES:
+        out[f"direct {mode}"] = [percent(*v) for v in zip(
+            cmp[f"direct_rate_{mode}"], cmp[f"direct_ci_low_{mode}"], cmp[f"direct_ci_high_{mode}"], strict=True)]
+    out["direct sealed − terminated"] = [
+        "–" if math.isnan(d) else f"{d * 100:+.0f} pp ({lo * 100:+.0f} to {hi * 100:+.0f})"
+        for d, lo, hi in zip(cmp["direct_rate_diff"], cmp["direct_diff_ci_low"], cmp["direct_diff_ci_high"], strict=True)]
+    for _, name in MODE_METRICS:
+        sides = [[_ms(*v) for v in zip(cmp[f"{name}_p50_ms_{m}"], cmp[f"{name}_ci_low_{m}"], cmp[f"{name}_ci_high_{m}"],
+                                       strict=True)] for m in MODES]
+        out[f"{MODE_NAMES[name]} ms, terminated → sealed (Δ)"] = [
+            f"{a} → {b} ({_delta(d)})" for a, b, d in zip(*sides, cmp[f"{name}_p50_ms_diff"], strict=True)]
+    return out
+
+
+def readable_mode_totals(totals: pd.DataFrame) -> pd.DataFrame:
+    """mode_totals for people: per backend, profile, mode and punch delay, trials and NAT pairs, the
+    direct rate with its interval and the pooled medians."""
+    out = totals[[c for c in ("backend", "profile", "mode", "punch_delay") if c in totals]].copy()
+    if "punch_delay" in out:
+        out["punch_delay"] = [f"{v:g} s" for v in out["punch_delay"]]
+    out = out.rename(columns={"punch_delay": "punch delay"})
+    out["trials"], out["NAT pairs"] = totals["n"], totals["pairs"]
+    out["direct (95% CI)"] = [percent(*v) for v in zip(totals["direct_rate"], totals["direct_ci_low"],
+                                                       totals["direct_ci_high"], strict=True)]
+    for _, name in MODE_METRICS[:3]:
+        out[f"{MODE_NAMES[name]} ms, median"] = [_ms(v) for v in totals[f"{name}_p50_ms"]]
+    return out

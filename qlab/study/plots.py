@@ -245,3 +245,100 @@ def table(frame: pd.DataFrame) -> None:
 
     with pd.option_context("display.max_colwidth", None):
         display(HTML(frame.to_html(index=False, na_rep="–")))
+
+
+MODE_COLORS = {"terminated": "#7570b3", "sealed": "#e7298a"}
+# the panels of modes_by_cell: (summary prefix, axis label)
+MODE_PANELS = (("direct", "direct rate; bars: 95% Wilson interval"),
+               ("ttfb", "ttfb: session start → first echo over the relay (ms)"),
+               ("ttd", "ttd: session start → first echo over direct (ms)"),
+               ("upgrade", "upgrade: punch proved → first echo over direct (ms)"))
+
+
+def _delay_text(cmp: pd.DataFrame) -> str:
+    if "punch_delay" not in cmp:
+        return ""
+    delays = sorted({float(v) for v in cmp["punch_delay"].dropna()})
+    said = ", ".join(f"{d:g} s" for d in delays)
+    return f", punch delay {said}" + (": a fresh session" if delays == [0.0] else ": an established session")
+
+
+def modes_by_cell(cmp: pd.DataFrame, fig=None):
+    """The two architectures per NAT pair, from analysis.compare_modes for one backend, profile and
+    punch delay: direct rate with its Wilson interval, and the ttfb, ttd and upgrade medians with
+    their order-statistic intervals (none below 6 trials), terminated and sealed side by side."""
+    from qlab.study.analysis import MODES
+
+    fig = fig or plt.figure(figsize=(16, 1.4 + 0.45 * len(cmp)))
+    axes = fig.subplots(1, len(MODE_PANELS), sharey=True)
+    y = np.arange(len(cmp))
+    where = f"{_label(cmp)}{_delay_text(cmp)}"
+    for ax, (name, xlabel) in zip(axes, MODE_PANELS, strict=True):
+        for offset, mode in zip((-0.15, 0.15), MODES, strict=True):
+            value = "direct_rate" if name == "direct" else f"{name}_p50_ms"
+            v = cmp[f"{value}_{mode}"].to_numpy(dtype=float)
+            err = np.vstack([v - cmp[f"{name}_ci_low_{mode}"].to_numpy(dtype=float),
+                             cmp[f"{name}_ci_high_{mode}"].to_numpy(dtype=float) - v])
+            ax.errorbar(v, y + offset, xerr=np.clip(np.nan_to_num(err), 0, None), fmt="o", capsize=3,
+                        color=MODE_COLORS[mode], label=mode)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
+        if name == "direct":
+            ax.set_xlim(-0.02, 1.02)
+            ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    labels = [f"{r['agent_nat']} → {r['connector_nat']} (N={_count(r['n_terminated'])}/{_count(r['n_sealed'])})"
+              for r in cmp.to_dict("records")]
+    axes[0].set_yticks(y, labels)
+    axes[0].invert_yaxis()
+    axes[-1].legend(title="architecture", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.suptitle(f"Terminated vs sealed per NAT pair ({where}); medians with 95% intervals; N = terminated/sealed",
+                 fontsize=10)
+    parts = "; ".join(
+        f"{r['agent_nat']} to {r['connector_nat']}: direct {percent(r['direct_rate_terminated'])} terminated, "
+        f"{percent(r['direct_rate_sealed'])} sealed; "
+        + ", ".join(f"{name} {_ms_pair(r, name)}" for name, _ in MODE_PANELS[1:])
+        for r in cmp.to_dict("records"))
+    _say(axes[0], f"Terminated vs sealed per NAT pair ({where}), medians terminated then sealed: {parts}.")
+    return fig
+
+
+def _count(v: object) -> str:
+    n = float(str(v))  # NaN: the pair did not run in that mode
+    return "–" if math.isnan(n) else str(int(n))
+
+
+def _ms_pair(r: dict, name: str) -> str:
+    a, b = (float(r[f"{name}_p50_ms_{m}"]) for m in ("terminated", "sealed"))
+    if math.isnan(a) and math.isnan(b):
+        return "none (no direct trial)" if name != "ttfb" else "none"
+    return f"{_ms_text(a)} vs {_ms_text(b)}"
+
+
+def _ms_text(v: float) -> str:
+    return "–" if math.isnan(v) else f"{v:.1f} ms"
+
+
+def modes_cdf(df: pd.DataFrame, column: str = "upgrade_ms", ax=None):
+    """CDF of one timing per architecture and punch delay (trials from
+    analysis.with_campaign_settings; a record with no mode is terminated)."""
+    from qlab.study.analysis import session_modes
+
+    ax = ax or plt.subplots(figsize=(7, 4))[1]
+    d = df.assign(mode=session_modes(df))
+    keys = ["mode", "punch_delay"] if "punch_delay" in d else ["mode"]
+    series, said = {}, []
+    for key, g in d.groupby(keys, sort=True):
+        mode, delay = (key[0], key[1]) if len(keys) == 2 else (key[0], None)
+        name = f"{mode}" + ("" if delay is None else f", punch delay {float(str(delay)):g} s")
+        xs = g[column].dropna().to_numpy(dtype=float)
+        series[f"{name}, N={len(xs)}"] = xs
+        said.append(f"{name} median {_median(xs)} over {len(xs)} trials")
+    what = {"upgrade_ms": "upgrade (punch proved → first echo over direct)",
+            "ttfb_ms": "time to first byte over the relay", "ttd_ms": "time to direct"}.get(column, column)
+    _cdf(ax, series, f"{what} (ms)", f"{what[:1].upper() + what[1:]}, CDF ({_label(df)})")
+    drawn = [label for label, xs in series.items() if len(xs)]
+    for line, label in zip(ax.get_lines(), drawn, strict=True):  # colour by mode, dashed once delayed
+        line.set_color(MODE_COLORS.get(label.split(",")[0], "grey"))
+        line.set_linestyle("-" if "punch delay" not in label or "delay 0 s" in label else "--")
+    ax.legend()
+    return _say(ax, f"CDFs of the {what} per architecture ({_label(df)}): {', '.join(said)}.")

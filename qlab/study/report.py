@@ -19,6 +19,7 @@ import datetime as dt
 import html
 import json
 import logging
+import math
 import re
 import shutil
 import tempfile
@@ -28,7 +29,13 @@ from pathlib import Path
 from qlab.nat.spec import PRESET_NAMES, parse_presets, preset
 from qlab.scenario.profiles import REPORT_PROFILES
 from qlab.study import campaign, results
-from qlab.study.analysis import cell_summary, processing_text, profile_text
+from qlab.study.analysis import (
+    cell_summary,
+    mode_totals,
+    processing_text,
+    profile_text,
+    with_campaign_settings,
+)
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -163,8 +170,9 @@ def parse_profiles(profiles: str) -> list[str]:
 
 def run_report(*, backend: str = "sim", trials: int = 30, presets: str = "all", profile: str = ",".join(REPORT_PROFILES),
                root: str | Path | None = None, out: str | Path | None = None, progress: bool = True) -> Path:
-    """The default campaigns (per link profile, one per Agent NAT against every Connector NAT), their
-    notebooks and the index. `profile`: one or several profiles, comma-separated. Returns the index.html path."""
+    """The default campaigns (per link profile, one per Agent NAT against every Connector NAT; on the
+    first profile also what is reachable and the two session architectures), their notebooks and the
+    index. `profile`: one or several profiles, comma-separated. Returns the index.html path."""
     root = results.results_root(root).resolve()  # absolute: the kernels run in notebooks/
     out = Path(out).resolve() if out else root / "reports"
     agents, profiles = parse_presets(presets), parse_profiles(profile)
@@ -178,6 +186,7 @@ def run_report(*, backend: str = "sim", trials: int = 30, presets: str = "all", 
             campaign.run(spec, root=root, progress=progress)
             runs.append((a, prof, spec.campaign_id))
     hard = _hard_cells(backend, agents, profiles[0], trials, stamp, root, progress)
+    arch = _architecture_cells(backend, agents, profiles[0], trials, stamp, root, progress)
     t_campaigns = time.monotonic() - t0
     ids = [cid for _, _, cid in runs]
     jobs = [("nat_campaign", f"nat_{a}" if prof == profiles[0] else f"nat_{a}_{prof}", f"Agent behind {a}, {prof}", cid,
@@ -186,15 +195,19 @@ def run_report(*, backend: str = "sim", trials: int = 30, presets: str = "all", 
                     {"campaign_ids": ",".join(ids), "results_root": str(root)}))
     jobs.insert(1, ("matrix_report", "reachable", f"What is reachable: birthday mode and port mapping, {profiles[0]}",
                     ",".join(hard), {"campaign_ids": ",".join(hard), "results_root": str(root)}))
+    if arch:
+        jobs.insert(2, ("architectures", "architectures", f"Two architectures: terminated vs sealed, {profiles[0]}",
+                        ",".join(arch), {"campaign_ids": ",".join(arch), "results_root": str(root)}))
     jobs.append(("explore", "explore", "Explore (static snapshot)", "",
                  {"backend": backend, "profile": profiles[0], "progress": False}))
     pages = []
     for name, page, title, cid, params in _progress(jobs, progress):
         nb = execute(name, out / "notebooks" / f"{page}.ipynb", params)
         pages.append((title, to_html(nb, out / f"{page}.html"), cid))
-    return write_index(out, pages, results.load(ids, root=root), {cid: root / cid for cid in ids + hard},
+    return write_index(out, pages, results.load(ids, root=root), {cid: root / cid for cid in ids + hard + arch},
                        seconds=time.monotonic() - t0, campaign_seconds=t_campaigns,
-                       reachable=results.load(hard, root=root))
+                       reachable=results.load(hard, root=root),
+                       architectures=with_campaign_settings(results.load(arch, root=root), root) if arch else None)
 
 
 # birthday mode's budget in the report: the mappings the random-port side opens (Tailscale's figure)
@@ -214,6 +227,34 @@ def _hard_cells(backend: str, agents: list[str], prof: str, trials: int, stamp: 
         specs.insert(0, campaign.CampaignSpec(
             backend=backend, agent_nats=[a for a in agents if a in hard], connector_nats=hard, profile=prof,
             trials=trials, birthday=REPORT_BIRTHDAY, campaign_id=f"report-{stamp}-{backend}-{prof}-birthday"))
+    for spec in specs:
+        campaign.run(spec, root=root, progress=progress)
+    return [s.campaign_id for s in specs]
+
+
+# the architectures page: the report's Agent NATs among these against all of them, in both modes, punching
+# at once (a fresh session); and the Agent NATs whose rows go direct somewhere, punching after
+# ARCHITECTURE_DELAY seconds (the upgrade of a session already running on the relay: a row that only
+# relays has no upgrade to measure, and a delayed trial costs the most)
+ARCHITECTURE_NATS = ("full_cone", "port_restricted", "symmetric")
+ARCHITECTURE_UPGRADE_NATS = ("full_cone", "port_restricted")
+ARCHITECTURE_DELAY = 1.0
+
+
+def _architecture_cells(backend: str, agents: list[str], prof: str, trials: int, stamp: str, root: Path,
+                        progress: bool) -> list[str]:
+    """The campaigns of the architectures page, terminated and sealed side by side: the report's
+    Agent NATs among ARCHITECTURE_NATS against all three (endpoint-independent cells, a hard one
+    direct by prediction, cells that only relay) with punch delay 0, and those among
+    ARCHITECTURE_UPGRADE_NATS against the same three with ARCHITECTURE_DELAY. Returns their ids
+    (none when no Agent NAT of the report is among them)."""
+    specs = []
+    for delay, nats in ((0.0, ARCHITECTURE_NATS), (ARCHITECTURE_DELAY, ARCHITECTURE_UPGRADE_NATS)):
+        chosen = [a for a in agents if a in nats]
+        specs += [campaign.CampaignSpec(backend=backend, agent_nats=chosen, connector_nats=list(ARCHITECTURE_NATS),
+                                        profile=prof, trials=trials, mode=mode, punch_delay=delay,
+                                        campaign_id=f"report-{stamp}-{backend}-{prof}-{mode}-delay{delay:g}")
+                  for mode in ("terminated", "sealed") if chosen]
     for spec in specs:
         campaign.run(spec, root=root, progress=progress)
     return [s.campaign_id for s in specs]
@@ -239,6 +280,32 @@ def copy_data(out: Path, folders: dict[str, Path]) -> dict[str, list[Path]]:
 def _link(path: Path, out: Path, text: str | None = None) -> str:
     rel = path.relative_to(out).as_posix()
     return f'<a href="{html.escape(rel)}">{html.escape(text or path.name)}</a>'
+
+
+def _architectures_fact(arch) -> str:
+    """The index's line on the architectures page: its trials, and per mode the direct rate, the
+    fresh session's ttfb and ttd and the established session's upgrade (medians over every pair's
+    trials)."""
+    t = mode_totals(arch)
+    by = {(str(r["mode"]), float(r.get("punch_delay", 0.0))): r for r in t.to_dict("records")}
+    said = []
+    for mode in ("terminated", "sealed"):
+        fresh, later = by.get((mode, 0.0)), [r for (m, d), r in sorted(by.items()) if m == mode and d > 0]
+        parts = []
+        if fresh:
+            parts.append(f"direct {fresh['direct_rate']:.0%}, ttfb {_ms(fresh['ttfb_p50_ms'])}, ttd "
+                         f"{_ms(fresh['ttd_p50_ms'])} (fresh session)")
+        for r in later:
+            parts.append(f"upgrade {_ms(r['upgrade_p50_ms'])} (punch after {r['punch_delay']:g} s)")
+        if parts:
+            said.append(f"{mode}: {', '.join(parts)}")
+    return (f"two architectures ({html.escape(str(arch['profile'].iat[0]))}): terminated vs sealed on "
+            f"{arch.groupby(['agent_nat', 'connector_nat']).ngroups} NAT pairs, {len(arch)} trials; medians over the "
+            f"pairs' trials: {html.escape('; '.join(said))}.")
+
+
+def _ms(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.0f} ms"  # NaN: no trial had it
 
 
 def write_index(out: Path, pages: list[tuple[str, Path, str]], df, folders: dict[str, Path], **info) -> Path:
@@ -269,9 +336,13 @@ def write_index(out: Path, pages: list[tuple[str, Path, str]], df, folders: dict
                      f"({REPORT_BIRTHDAY} mappings) and a Connector whose router grants port mappings, "
                      f"{len(reach)} trials over {len(r)} NAT pairs; {int((r['direct_rate'] == 1).sum())} pairs "
                      f"direct in every trial.</li>")
+    arch = info.get("architectures")
+    if arch is not None and len(arch):
+        facts.append(f"<li>{_architectures_fact(arch)}</li>")
     summary = {"trials": len(df), "pairs": len(s), "as_expected_pairs": int((s.as_expected_rate == 1).sum()),
                "failed_trials": int(s["failed"].sum()), "campaigns": sorted(copies),
-               "reachable_trials": len(reach) if reach is not None else 0}
+               "reachable_trials": len(reach) if reach is not None else 0,
+               "architectures_trials": len(arch) if arch is not None else 0}
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>qlab report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.5}}code{{background:#eee}}</style>
 </head><body><h1>qlab report</h1>
