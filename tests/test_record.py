@@ -34,7 +34,7 @@ FIELDS = [
     "verify_sent", "verify_received", "failover_ms", "echo_gap_ms", "path_events", "measured_with", "error",
     "extra", "rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_direct_received",
     "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch", "sim_calibration",
-    "mechanism", "agent_mapping", "connector_mapping", "path_family", "mode", "upgrade_ms",
+    "mechanism", "agent_mapping", "connector_mapping", "path_family", "mode", "upgrade_ms", "punch_delay",
 ]
 
 

@@ -216,6 +216,9 @@ class TrialResult:
     # (the upgrade's own cost: a handshake and a round trip in terminated mode, a migration and a round
     # trip in sealed mode once its connection is up); None when not direct.
     upgrade_ms: float | None = None
+    # Added by issue 19: seconds both sides waited before punching (TrialSpec.punch_delay; None in
+    # older records: 0, punching at once).
+    punch_delay: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -224,7 +227,7 @@ class TrialResult:
 # columns older records may lack (loaded as None)
 ADDED_FIELDS = ("rtt_relay_sent", "rtt_relay_received", "rtt_direct_sent", "rtt_direct_received",
                 "echo_direct_answered_on_relay", "echo_relay_answered_on_direct", "punch", "sim_calibration",
-                "mechanism", "agent_mapping", "connector_mapping", "path_family", "mode", "upgrade_ms")
+                "mechanism", "agent_mapping", "connector_mapping", "path_family", "mode", "upgrade_ms", "punch_delay")
 
 
 def error_text(exc: BaseException) -> str:

@@ -506,7 +506,7 @@ def side_result(spec: TrialSpec, side: AgentSide | None, started: float, duratio
         agent_mapping=_mapping(side.at.mapped) if side is not None else None,
         connector_mapping=_mapping(ct.mapped) if ct is not None else None,
         path_family=_family(st.working) if st is not None and verified and st.working else None,
-        mode=spec.mode, upgrade_ms=_upgrade_ms(probe, st, outcome),
+        mode=spec.mode, upgrade_ms=_upgrade_ms(probe, st, outcome), punch_delay=spec.punch_delay,
         **_candidates(side, ct), **_path_fields(probe, st, side.t0 if side is not None else None, outcome),
     )
 

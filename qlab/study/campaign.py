@@ -163,7 +163,7 @@ def failed_record(spec: TrialSpec, exc: BaseException) -> dict:
         direct_bytes_in=0, verify_sent=0, verify_received=0, path_events=[], measured_with="",
         error=error_text(exc), extra={}, rtt_relay_sent=0, rtt_relay_received=0,
         rtt_direct_sent=0, rtt_direct_received=0, echo_direct_answered_on_relay=0,
-        echo_relay_answered_on_direct=0, punch="none",
+        echo_relay_answered_on_direct=0, punch="none", mode=spec.mode, punch_delay=spec.punch_delay,
     )
     return rec
 

@@ -239,6 +239,7 @@ def _hard_cells(backend: str, agents: list[str], prof: str, trials: int, stamp: 
 ARCHITECTURE_NATS = ("full_cone", "port_restricted", "symmetric")
 ARCHITECTURE_UPGRADE_NATS = ("full_cone", "port_restricted")
 ARCHITECTURE_DELAY = 1.0
+ARCHITECTURE_TRIALS = 10  # per cell at most: the page compares medians, and the report's other pages hold the rates
 
 
 def _architecture_cells(backend: str, agents: list[str], prof: str, trials: int, stamp: str, root: Path,
@@ -252,7 +253,8 @@ def _architecture_cells(backend: str, agents: list[str], prof: str, trials: int,
     for delay, nats in ((0.0, ARCHITECTURE_NATS), (ARCHITECTURE_DELAY, ARCHITECTURE_UPGRADE_NATS)):
         chosen = [a for a in agents if a in nats]
         specs += [campaign.CampaignSpec(backend=backend, agent_nats=chosen, connector_nats=list(ARCHITECTURE_NATS),
-                                        profile=prof, trials=trials, mode=mode, punch_delay=delay,
+                                        profile=prof, trials=min(trials, ARCHITECTURE_TRIALS), mode=mode,
+                                        punch_delay=delay,
                                         campaign_id=f"report-{stamp}-{backend}-{prof}-{mode}-delay{delay:g}")
                   for mode in ("terminated", "sealed") if chosen]
     for spec in specs:
