@@ -27,6 +27,7 @@ from qlab.roles.agent import (
     SessionEnded,
     SessionReopened,
 )
+from qlab.roles.control import Backoff
 from qlab.roles.events import ControlReceived, RawReceived
 from qlab.traversal.detect import Detection
 from qlab.traversal.mapped import MappedAddress
@@ -190,8 +191,6 @@ class SessionTraversal(PunchSession):
     # -- sealed mode -------------------------------------------------------------------------------
     async def _open_sealed(self) -> None:
         """Dial the end-to-end connection through the relay; again after it is lost, with backoff."""
-        from qlab.roles.control import Backoff
-
         backoff = Backoff(0.2, 5.0)
         while not self.session.closed and not self.path.closed:
             try:
