@@ -49,10 +49,12 @@ def test_same_lan_is_direct_lan_on_netns(netns_ok):
         assert r.outcome == "direct_lan", (nat, r.reason)
 
 
-def test_blackhole_falls_back_to_relay_within_two_seconds_on_netns(netns_ok):
+@pytest.mark.parametrize("mode", ["terminated", "sealed"])
+def test_blackhole_falls_back_to_relay_within_two_seconds_on_netns(netns_ok, mode):
+    """Sealed mode: the one connection migrates back to the relay within the same bound."""
     r = run_trial(TrialSpec(backend="netns", agent_nat="port_restricted", connector_nat="full_cone",
-                            profile="wan-20ms", blackhole=True, samples=5, verify_echoes=5))
-    assert r.direct_verified
+                            profile="wan-20ms", blackhole=True, samples=5, verify_echoes=5, mode=mode))
+    assert r.direct_verified and r.mode == mode
     assert r.failover_ms is not None and r.failover_ms <= 2000, r.path_events
     assert r.echo_gap_ms is not None and r.echo_gap_ms <= 2500
 
