@@ -49,7 +49,7 @@ log = logging.getLogger("qlab.endpoint")
 CID_LENGTH = 8  # every connection on a socket shares it: short headers carry no CID length
 MAX_DATAGRAM_SIZE = 1350  # UDP payload of QUIC packets; fits any path with a 1400+ MTU
 DATAGRAM_OVERHEAD = 40  # short header, packet number, AEAD tag and DATAGRAM frame header, with margin
-# a sealed session's end-to-end packets: the smallest QUIC allows, so that one rides in a relayed
+# a sealed session's end-to-end packets: the smallest QUIC allows, so that one also fits a relayed
 # DATAGRAM frame of the control connections (MAX_DATAGRAM_SIZE less DATAGRAM_OVERHEAD and the header)
 SEALED_DATAGRAM_SIZE = 1200
 MAX_PENDING_DATAGRAMS = 1024  # per connection: aioquic's queue is unbounded, ours is not
@@ -676,10 +676,10 @@ class Endpoint:
         if not conn.close_noted:
             self._note_close(conn)
         sendto = self.sock.sendto
-        tunnels = self.tunnels
+        tunnels, tunnel_host = self.tunnels, wire.TUNNEL_HOST
         n = 0
         for data, addr in conn.quic.datagrams_to_send(now=loop.time()):
-            if addr[0] == wire.TUNNEL_HOST:  # never to the socket, also once the tunnel is closed
+            if addr[0] == tunnel_host:  # never to the socket, also once the tunnel is closed
                 send = tunnels.get(addr)
                 if send is None:
                     continue

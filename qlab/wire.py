@@ -12,6 +12,7 @@ Every decoder raises `WireError` (and only that) on malformed input.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -103,8 +104,8 @@ class SessionMode(StrEnum):
     # the Agent's QUIC connection ends at the Intermediate, which decrypts every relayed datagram and
     # encrypts it again; the direct path is a second QUIC connection with its own handshake
     TERMINATED = "terminated"
-    # one QUIC connection end to end (Agent to Connector), its packets relayed sealed inside the
-    # control connections, migrated to the punched path (RFC 9000 section 9) without a new handshake
+    # one QUIC connection end to end (Agent to Connector), its packets relayed unopened (raw frames
+    # the Intermediate forwards), migrated to the punched path (RFC 9000 section 9) without a handshake
     SEALED = "sealed"
 
 
@@ -672,6 +673,7 @@ RAW_SEALED_RELAYED = 0x34  # the Intermediate to the other party: type, session,
 RELAY_TAG_LEN = 8
 
 
+@functools.lru_cache(maxsize=1024)  # a party sends every packet with it: one HMAC per session, not per packet
 def relay_tag(key: bytes, session: int, role: Role) -> bytes:
     """What proves a raw sealed frame is the session party's (`role`): derived from the session
     key, which only the Intermediate and the two parties hold."""

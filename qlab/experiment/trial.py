@@ -132,8 +132,7 @@ class AgentSide:
             await asyncio.wait_for(self.session_traversal.session.opened, 5)
         direct_up = self._direct_up()
         if self.mode == wire.SessionMode.SEALED:  # one connection, one path at a time
-            await self.probe.wait_for_replies(self._in_flight_bound())
-            self.session_traversal.session.use(Path.RELAY)
+            await self._move_to(Path.RELAY)
         await self._prove_relay()
         await self._measure([Path.RELAY, Path.DIRECT] if direct_up else [Path.RELAY])
         if direct_up and self.session_traversal.session.active_path == Path.DIRECT:
@@ -174,10 +173,12 @@ class AgentSide:
                 break
             await asyncio.sleep(spec.echo_interval)
 
-    def _in_flight_bound(self) -> float:
-        """How long the replies to what is in flight take at most (three relay RTTs), before a
-        sealed session migrates: what is in flight on the old path is lost when it does."""
-        return max(0.1, 3 * (self.session_traversal.path.median(Path.RELAY) or 0.2))
+    async def _move_to(self, path: Path) -> None:
+        """Move a sealed session's connection to `path`, once the replies in flight came back (or
+        three relay RTTs passed): a migration loses what is in flight on the old path (aioquic
+        forgets a retired connection ID at once)."""
+        await self.probe.wait_for_replies(max(0.1, 3 * (self.session_traversal.path.median(Path.RELAY) or 0.2)))
+        self.session_traversal.session.use(path)
 
     async def _prove_relay(self) -> None:
         """The relay is proven by an echo that came back over it: under loss (a relayed echo crosses
@@ -191,12 +192,8 @@ class AgentSide:
         """The same probe, interleaved on the paths that are up. A sealed session's one connection
         has one active path: the paths in turn (relay, then direct), each at the same rate."""
         if self.mode == wire.SessionMode.SEALED:
-            session = self.session_traversal.session
             for p in paths:
-                # a migration loses what is in flight on the old path (aioquic forgets a retired
-                # connection ID at once): the replies come back first
-                await self.probe.wait_for_replies(self._in_flight_bound())
-                session.use(p)
+                await self._move_to(p)
                 for _ in range(self.spec.samples):
                     self.send_echo(p)
                     await asyncio.sleep(self.spec.echo_interval)

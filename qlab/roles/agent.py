@@ -23,7 +23,7 @@ from qlab import quic_internals as qi
 from qlab import wire
 from qlab.certs import Credentials
 from qlab.endpoint import SEALED_DATAGRAM_SIZE, Connection, DatagramTooLarge, Endpoint, Handler
-from qlab.net import Addr, Net, normalize_addr
+from qlab.net import Addr, Net
 from qlab.roles.echo import EchoProbe
 from qlab.roles.events import ControlReceived, EventHandler, LinkUp, Observers, PayloadReceived, RawReceived
 from qlab.roles.link import IntermediateLink, Refused
@@ -209,17 +209,7 @@ class AgentSession:
         """A packet of the sealed connection bound for the relay path: a raw frame to the
         Intermediate once the key is known (its tag proves the session), else a DATAGRAM frame of
         the control connection (the first flight rides with OpenSession)."""
-        agent = self.agent
-        if self.key is not None and self.sealed_raw:
-            tag = wire.relay_tag(self.key, self.id, wire.Role.AGENT)
-            agent.endpoint.send_raw(wire.encode_raw_sealed(self.id, tag, packet), agent.link.intermediate)
-            return
-        conn = agent.link.conn
-        if conn is not None:
-            try:
-                conn.send_datagram(wire.encode_sealed(self.id, packet))
-            except DatagramTooLarge:
-                log.warning("session %08x: a sealed packet of %d bytes does not fit the relay", self.id, len(packet))
+        self.agent.link.send_sealed(self.id, packet, self.key if self.sealed_raw else None)
 
     def deliver(self, payload: bytes, path: Path) -> None:
         self.counters[f"{path}_in"] += 1
@@ -508,15 +498,11 @@ class Agent:
                 s.error = f"{msg.code.name.lower()}: {msg.message}"
 
     def _on_raw(self, data: bytes, addr: Addr) -> None:
-        if data[0] == wire.RAW_SEALED_RELAYED and normalize_addr(addr) == self.link.intermediate:
-            try:
-                sid, packet = wire.decode_raw_relayed(data)
-            except wire.WireError:
-                return
-            if sid in self.sessions:
-                self.endpoint.tunnel_receive(packet, wire.relay_tunnel(sid))
-            return
-        self.events.offer(RawReceived(data, addr))
+        sealed = self.link.sealed_from(data, addr)
+        if sealed is None:
+            self.events.offer(RawReceived(data, addr))
+        elif sealed[0] in self.sessions:
+            self.endpoint.tunnel_receive(sealed[1], wire.relay_tunnel(sealed[0]))
 
 
 class _DirectClient(Handler):

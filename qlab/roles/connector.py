@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from qlab import wire
 from qlab.certs import Credentials
 from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler, HeldDatagrams
-from qlab.net import Addr, DatagramSocket, Net, normalize_addr
+from qlab.net import Addr, DatagramSocket, Net
 from qlab.roles.events import ControlReceived, EventHandler, LinkUp, Observers, RawReceived
 from qlab.roles.link import IntermediateLink, Refused
 from qlab.roles.metrics import Metrics, watch_endpoints
@@ -38,6 +38,13 @@ class ConnectorSession:
     direct: Connection | None = None
     sealed: Connection | None = None  # sealed mode: the Agent's end-to-end connection (relay, then direct)
     sealed_raw: bool = False  # its relayed packets come as raw frames: answer the same way
+
+    @property
+    def sealed_path(self) -> Path | None:
+        """Where the sealed connection sends now (None without one)."""
+        if self.sealed is None:
+            return None
+        return Path.RELAY if self.sealed.quic.get_peer_address() == wire.relay_tunnel(self.id) else Path.DIRECT
     app_socks: dict[Path, DatagramSocket] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"relay_in": 0, "relay_out": 0, "direct_in": 0, "direct_out": 0})
     agent_nat: wire.NatKind = wire.NatKind.UNKNOWN
@@ -133,8 +140,9 @@ class Connector:
         self.metrics.gauge("sessions", lambda: len(self.sessions), "open sessions")
         self.metrics.counter_source("udp_datagrams_total", "what", lambda: dict(self.endpoint.stats))
         watch_endpoints(self.metrics, lambda: [self.endpoint])
-        self.metrics.gauge("direct_sessions", lambda: sum(1 for s in self.sessions.values() if s.direct or (
-            s.sealed and s.sealed.peer_addr != wire.relay_tunnel(s.id))), "sessions with a direct path")
+        self.metrics.gauge("direct_sessions", lambda: sum(1 for s in self.sessions.values()
+                                                          if s.direct or s.sealed_path == Path.DIRECT),
+                           "sessions with a direct path")
         self.metrics.gauge("app_sockets", lambda: self.app_sockets, "per-session sockets towards the application")
         self.failed = asyncio.Event()  # set with `fatal` when the Intermediate refuses us for good
 
@@ -265,15 +273,11 @@ class Connector:
         self.endpoint.close_tunnel(wire.relay_tunnel(s.id))
 
     def _on_raw(self, data: bytes, addr: Addr) -> None:
-        if data[0] == wire.RAW_SEALED_RELAYED and normalize_addr(addr) == self.link.intermediate:
-            try:
-                sid, packet = wire.decode_raw_relayed(data)
-            except wire.WireError:
-                return
-            if (s := self.sessions.get(sid)) is not None:
-                self._sealed_in(s, packet, raw=True)
-            return
-        self.events.offer(RawReceived(data, addr))
+        sealed = self.link.sealed_from(data, addr)
+        if sealed is None:
+            self.events.offer(RawReceived(data, addr))
+        elif (s := self.sessions.get(sealed[0])) is not None:
+            self._sealed_in(s, sealed[1], raw=True)
 
     # -- application forwarding -----------------------------------------------------------------
     def link_reply(self, msg: wire.Message) -> None:
@@ -306,15 +310,7 @@ class Connector:
         self.endpoint.tunnel_receive(packet, tunnel)
 
     def _send_sealed(self, s: ConnectorSession, packet: bytes) -> None:
-        if s.sealed_raw:
-            tag = wire.relay_tag(s.key, s.id, wire.Role.CONNECTOR)
-            self.endpoint.send_raw(wire.encode_raw_sealed(s.id, tag, packet), self.link.intermediate)
-            return
-        if self.link.conn is not None:
-            try:
-                self.link.conn.send_datagram(wire.encode_sealed(s.id, packet))
-            except DatagramTooLarge:
-                log.warning("session %08x: a sealed packet of %d bytes does not fit the relay", s.id, len(packet))
+        self.link.send_sealed(s.id, packet, s.key if s.sealed_raw else None)
 
     def to_app(self, s: ConnectorSession, path: Path, payload: bytes) -> None:
         self._spawn_or_send(s, path, payload)
@@ -401,7 +397,8 @@ class Connector:
         try:
             if s.sealed is not None and not s.sealed.closed:  # sealed: its connection's active path
                 if s.sealed.send_datagram(data):
-                    on = Path.RELAY if s.sealed.quic.get_peer_address() == wire.relay_tunnel(s.id) else Path.DIRECT
+                    on = s.sealed_path
+                    assert on is not None
                     s.counters[f"{on}_out"] += 1
                     self.metrics.inc("datagrams_out_total", path=on)
                 return

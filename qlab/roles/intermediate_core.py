@@ -799,9 +799,11 @@ class IntermediateCore:
             self.error("relay_peer_gone")
             return
         other.peer.send_raw(wire.encode_raw_relayed(sid, packet))
-        direction = Direction.TO_CONNECTOR if to_connector else Direction.TO_AGENT
+        self._count(Direction.TO_CONNECTOR if to_connector else Direction.TO_AGENT, len(packet))
+
+    def _count(self, direction: Direction, nbytes: int) -> None:
         self.relayed[direction] += 1
-        self.relayed_bytes[direction] += len(packet)
+        self.relayed_bytes[direction] += nbytes
 
     def _relay(self, c: Client, sess: Session, data: bytes) -> None:
         to_connector = c.id == sess.agent
@@ -817,7 +819,6 @@ class IntermediateCore:
             return
         direction = Direction.TO_CONNECTOR if to_connector else Direction.TO_AGENT
         if ok:
-            self.relayed[direction] += 1
-            self.relayed_bytes[direction] += len(data) - wire.DGRAM_HEADER
+            self._count(direction, len(data) - wire.DGRAM_HEADER)
         else:
             self.metrics.inc("relay_dropped_total", direction=direction)

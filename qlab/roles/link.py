@@ -15,8 +15,8 @@ from typing import Protocol
 from qlab import quic_internals as qi
 from qlab import wire
 from qlab.certs import INTERMEDIATE_NAME, Credentials
-from qlab.endpoint import Connection, Endpoint, Handler
-from qlab.net import Addr
+from qlab.endpoint import Connection, DatagramTooLarge, Endpoint, Handler
+from qlab.net import Addr, normalize_addr
 from qlab.roles.control import (
     AddressObserved,
     Backoff,
@@ -266,6 +266,31 @@ class IntermediateLink(Handler):
     def send(self, msg: wire.Message) -> None:
         if self.conn is not None and not self.conn.closed:
             self.conn.send_control(msg)
+
+    # -- a sealed session's relayed packets (both parties alike) ----------------------------------
+    def send_sealed(self, session: int, packet: bytes, key: bytes | None) -> None:
+        """One packet of a sealed session's connection, to the relay: a raw frame with this side's
+        relay tag when `key` is given (the Intermediate forwards it without cryptography), else a
+        DATAGRAM frame of this connection (before the key is known, or when asked for)."""
+        if key is not None:
+            tag = wire.relay_tag(key, session, self.role)
+            self.endpoint.send_raw(wire.encode_raw_sealed(session, tag, packet), self.intermediate)
+            return
+        if self.conn is not None:
+            try:
+                self.conn.send_datagram(wire.encode_sealed(session, packet))
+            except DatagramTooLarge:
+                log.warning("session %08x: a sealed packet of %d bytes does not fit the relay", session, len(packet))
+
+    def sealed_from(self, data: bytes, addr: Addr) -> tuple[int, bytes] | None:
+        """(session, packet) of a raw datagram that is a sealed packet the Intermediate relayed to
+        us; None for anything else (from elsewhere, or malformed)."""
+        if data[0] != wire.RAW_SEALED_RELAYED or normalize_addr(addr) != self.intermediate:
+            return None
+        try:
+            return wire.decode_raw_relayed(data)
+        except wire.WireError:
+            return None
 
     # -- Handler --------------------------------------------------------------------------------
     def on_handshake(self, conn: Connection) -> None:

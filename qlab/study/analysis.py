@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from qlab.experiment.record import MODES
 from qlab.nat.spec import PRESET_NAMES, expected_or_unknown
 
 DIRECT = ("direct_lan", "direct_wan", "direct_predicted")
@@ -307,7 +308,6 @@ def readable_compare(cmp: pd.DataFrame) -> pd.DataFrame:
 
 # --- Two architectures (issue 19): terminated vs sealed, per NAT pair --------------------------------
 
-MODES = ("terminated", "sealed")
 # per mode: the medians compared, as (record column, summary prefix)
 MODE_METRICS = (("ttfb_ms", "ttfb"), ("ttd_ms", "ttd"), ("upgrade_ms", "upgrade"),
                 ("rtt_direct_p50_ms", "rtt_direct"), ("rtt_relay_p50_ms", "rtt_relay"))
