@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{len(spec.cells) * spec.trials} trial(s) on {spec.backend}, profile {spec.profile} -> {folder}",
           flush=True)  # stdout: stderr is for the progress bar and errors
     try:
-        campaign.run(spec, root=args.results, workers=args.workers)
+        campaign.run(spec, root=args.results, workers=args.workers, cluster=args.cluster)
     except KeyboardInterrupt:
         return _interrupted(spec.campaign_id)
     print(campaign_table(campaign_summary(folder)))
@@ -54,7 +54,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from qlab.study import campaign
 
     try:
-        folder = campaign.resume(args.id, root=args.results, workers=args.workers)
+        folder = campaign.resume(args.id, root=args.results, workers=args.workers, cluster=args.cluster)
     except KeyboardInterrupt:
         return _interrupted(args.id)
     print(campaign_table(campaign_summary(folder)))
@@ -165,8 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rs = cs.add_parser("resume", help="complete an interrupted campaign with its manifest's settings",
                        epilog=example("qlab campaign resume 20261128-042000-sim-full_cone-1a2b"))
     rs.add_argument("id", help="the campaign id (qlab campaign ls)")
-    rs.add_argument("--workers", type=positive_int, default=None,
-                    help="trial processes (default: one per CPU on sim, 1 otherwise)")
+    _add_executor_args(rs)
     rs.add_argument("--results", default=None, help=RESULTS_HELP)
     rs.set_defaults(func=cmd_resume)
     ls = cs.add_parser("ls", help="the campaigns under the results folder, as a table",
@@ -222,7 +221,15 @@ def _register_run(cs: argparse._SubParsersAction) -> None:
     r.add_argument("--id", default=None,
                    help="campaign id (default: date-backend-nat-random); an existing id continues that campaign "
                         "if the settings match")
-    r.add_argument("--workers", type=positive_int, default=None,
-                   help="trial processes (default: one per CPU on sim, 1 otherwise)")
+    _add_executor_args(r)
     r.add_argument("--results", default=None, help=RESULTS_HELP)
     r.set_defaults(func=cmd_run)
+
+
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="trial processes (default: one per CPU on sim, 1 otherwise); with --cluster local, "
+                        "its workers")
+    p.add_argument("--cluster", default=None, metavar="tcp://HOST:8786|local",
+                   help="run the trials on a Dask cluster: a scheduler's address, or local for a LocalCluster "
+                        "here (dashboard on 127.0.0.1:8787); this process still writes the results (docs/scale.md)")

@@ -281,6 +281,8 @@ _EXTENSIONS = (roles_cli.register, campaign_cli.register, lab_cli.register, sim_
 
 
 def _uses_netns(args: argparse.Namespace) -> bool:
+    if getattr(args, "cluster", None):  # the cluster's workers run the labs; the driver only writes records
+        return False
     return args.command == "lab" or getattr(args, "backend", None) == "netns"
 
 

@@ -4,7 +4,8 @@ and a seed; run with progress, durably, resumable.
 Every trial has a fixed index and seed (derived from the campaign seed, the cell and the index), so
 `resume` runs exactly the missing ones. A campaign's manifest is its contract: running an existing id
 with other settings is refused (`ManifestMismatch`), and `resume` runs the manifest's settings. A trial that raises is recorded as `failed` with its error,
-never dropped. Trials run in worker processes where the backend allows (sim), in order otherwise.
+never dropped. Trials run in worker processes where the backend allows (sim), in order otherwise,
+or on a Dask cluster (`executors`); this process alone writes the store.
 """
 
 from __future__ import annotations
@@ -12,28 +13,28 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import os
 import platform
 import secrets
-import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from qlab import __version__
 from qlab.backends.base import BACKENDS, check_loopback
-from qlab.certs import default_certs
-from qlab.experiment.record import MODES, TrialResult, TrialSpec, error_text
-from qlab.experiment.trial import run_trial
+from qlab.experiment.record import MODES, TrialSpec
 from qlab.nat.firewall6 import PRESET6_NAMES
 from qlab.nat.spec import cell_expected, parse_presets
 from qlab.scenario.profiles import profile as get_profile
+from qlab.study.executors import TrialKit, failed_record, make_executor
 from qlab.study.results import CampaignStore, campaign_dir, check_id, find_campaign
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["CampaignSpec", "ManifestMismatch", "check_contract", "failed_record", "resume", "run"]
 
 log = logging.getLogger("qlab.study.campaign")
 
@@ -134,89 +135,73 @@ def manifest_for(spec: CampaignSpec) -> dict:
     }
 
 
-def _ignore_sigint() -> None:
-    """Ctrl-C is the driver's to handle (it keeps what finished); a worker interrupted mid-trial
-    only prints warnings about its half-closed event loop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _run_one(spec: TrialSpec, certs: str) -> dict:
-    logging.disable(logging.CRITICAL)
-    try:
-        return run_trial(spec, certs_dir=certs).to_dict()
-    except Exception as exc:  # a failing trial is a record, not a hole
-        return failed_record(spec, exc)
-
-
-def failed_record(spec: TrialSpec, exc: BaseException) -> dict:
-    rec: dict[str, Any] = {f: None for f in TrialResult.__dataclass_fields__}
-    rec.update(
-        trial_id=spec.trial_id, campaign_id=spec.campaign_id, backend=spec.backend, scenario=spec.scenario,
-        agent_nat=spec.agent_nat, connector_nat=spec.connector_nat, profile=spec.profile, seed=spec.seed,
-        qlab_version=__version__, started_at=time.time(), duration_s=0.0,
-        expected=cell_expected(spec.agent_nat, spec.connector_nat, ipv6_both=bool(spec.agent_ipv6 and spec.connector_ipv6)),
-        outcome="failed",
-        reason=f"the trial raised {type(exc).__name__}", as_expected=False, direct_verified=False,
-        agent_nat_detected="UNKNOWN", connector_nat_detected="UNKNOWN", agent_candidates=[],
-        connector_candidates=[], agent_probes=0, connector_probes=0, predicted_ports=[], working_pair="",
-        rtt_relay_n=0, rtt_direct_n=0, relay_bytes_out=0, relay_bytes_in=0, direct_bytes_out=0,
-        direct_bytes_in=0, verify_sent=0, verify_received=0, path_events=[], measured_with="",
-        error=error_text(exc), extra={}, rtt_relay_sent=0, rtt_relay_received=0,
-        rtt_direct_sent=0, rtt_direct_received=0, echo_direct_answered_on_relay=0,
-        echo_relay_answered_on_direct=0, punch="none", mode=spec.mode, punch_delay=spec.punch_delay,
-    )
-    return rec
-
-
 def run(spec: CampaignSpec, *, root: Path | str | None = None, workers: int | None = None, progress: bool = True,
-        on_result: Callable[[dict], None] | None = None) -> Path:
-    """Run (or continue) a campaign; returns its folder. Ctrl-C keeps every finished trial."""
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a whole number of at least 1, got {workers!r}")
+        on_result: Callable[[dict], None] | None = None, cluster: str | Client | None = None) -> Path:
+    """Run (or continue) a campaign; returns its folder. Ctrl-C keeps every finished trial.
+
+    `cluster`: run the trials on Dask (a scheduler's address, `local`, or a Client) instead of this
+    machine's worker processes. Wherever they run, this process alone writes the store, in the
+    trials' own order, so the same seeds give the same trials.jsonl on every executor."""
     d = campaign_dir(spec.campaign_id, root)
-    store = CampaignStore(d)
-    if (d / "manifest.json").exists():
-        check_contract(spec, store.manifest())
-    else:
-        store.write_manifest(manifest_for(spec))
-    done = {r["trial_id"] for r in store.records()}
-    todo = [t for t in spec.trial_specs() if t.trial_id not in done]
-    certs = default_certs()
-    parallel = spec.backend == "sim"
-    workers = workers or (os.cpu_count() or 1 if parallel else 1)
-    bars = _Progress(spec, len(done), progress)
-    for r in store.records():
-        bars.update(r)
+    executor = make_executor(spec.backend == "sim", workers=workers, cluster=cluster)
     try:
-        if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(workers, initializer=_ignore_sigint) as pool:
-                pending = {pool.submit(_run_one, t, certs) for t in todo[: workers * 2]}
-                queue = list(todo[workers * 2:])
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        rec = f.result()
-                        store.append(rec)
-                        bars.update(rec)
-                        if on_result:
-                            on_result(rec)
-                        if queue:
-                            pending.add(pool.submit(_run_one, queue.pop(0), certs))
+        executor.check(spec.backend)
+        store = CampaignStore(d)
+        if (d / "manifest.json").exists():
+            check_contract(spec, store.manifest())
         else:
-            for t in todo:
-                rec = _run_one(t, certs)
-                store.append(rec)
-                bars.update(rec)
-                if on_result:
-                    on_result(rec)
+            store.write_manifest(manifest_for(spec))
+        done = {r["trial_id"] for r in store.records()}
+        todo = [t for t in spec.trial_specs() if t.trial_id not in done]
+        bars = _Progress(spec, len(done), progress)
+        for r in store.records():
+            bars.update(r)
+        try:
+            if todo:
+                _record_in_order(executor.run(todo, TrialKit.from_here(spec.backend)), todo, store, bars, on_result)
+        finally:
+            bars.close()
+            store.write_tables()
     finally:
-        bars.close()
-        store.write_tables()
+        executor.close()
     m = store.manifest()
     if len(store.records()) >= len(spec.trial_specs()):
         m["finished_at"] = dt.datetime.now(dt.UTC).isoformat()
         store.write_manifest(m)
     return d
+
+
+def _record_in_order(records: Iterator[dict], todo: list[TrialSpec], store: CampaignStore, bars: _Progress,
+                     on_result: Callable[[dict], None] | None) -> None:
+    """Append records in the trials' order as they come in (a trial that finished early waits in
+    memory for those before it); whatever waits when the run stops is appended anyway, so nothing
+    that finished is lost, and a trial id is never written twice."""
+    order = [t.trial_id for t in todo]
+    waiting: dict[str, dict] = {}
+    written: set[str] = set()
+    nxt = 0
+
+    def append(rec: dict) -> None:
+        if rec["trial_id"] in written:
+            return
+        written.add(rec["trial_id"])
+        store.append(rec)
+
+    try:
+        for rec in records:
+            waiting[rec["trial_id"]] = rec
+            bars.update(rec)
+            if on_result:
+                on_result(rec)
+            while nxt < len(order) and order[nxt] in waiting:
+                append(waiting.pop(order[nxt]))
+                nxt += 1
+    finally:
+        if isinstance(records, Generator):
+            records.close()  # cancels what has not run
+        for tid in order[nxt:]:
+            if tid in waiting:
+                append(waiting.pop(tid))
 
 
 def check_contract(spec: CampaignSpec, manifest: dict) -> None:
@@ -246,11 +231,11 @@ def _show(v: object) -> str:
 
 
 def resume(campaign_id: str, *, root: Path | str | None = None, progress: bool = True,
-           workers: int | None = None) -> Path:
+           workers: int | None = None, cluster: str | Client | None = None) -> Path:
     """Complete a campaign with exactly its manifest's settings."""
     d = find_campaign(campaign_id, root)
     spec = CampaignSpec(**_manifest_spec(CampaignStore(d).manifest()))
-    return run(spec, root=root, progress=progress, workers=workers)
+    return run(spec, root=root, progress=progress, workers=workers, cluster=cluster)
 
 
 class _Progress:
