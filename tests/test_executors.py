@@ -180,3 +180,15 @@ def test_a_kit_carries_the_drivers_certificates_and_calibration():
     from qlab.backends.sim.calibrate import active
 
     assert backend.calibration is not None and backend.calibration.label == active().label
+
+
+def test_the_campaign_notebook_runs_its_trials_on_a_local_cluster(tmp_path):
+    """What a JupyterLab user does: the notebook's `cluster` parameter, under papermill's kernel."""
+    from qlab.study.report import execute
+
+    root = tmp_path / "results"
+    execute("nat_campaign", tmp_path / "nb.ipynb", dict(
+        agent_nats="full_cone", connector_nats="port_restricted,symmetric", trials=2, results_root=str(root),
+        new_campaign_id="nb-dask", progress=False, cluster="local"))
+    recs = _records(root / "nb-dask")
+    assert len(recs) == 4 and all(r["as_expected"] for r in recs)

@@ -17,6 +17,7 @@ import platform
 import secrets
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -146,6 +147,8 @@ def run(spec: CampaignSpec, *, root: Path | str | None = None, workers: int | No
     executor = make_executor(spec.backend == "sim", workers=workers, cluster=cluster)
     try:
         executor.check(spec.backend)
+        if progress and executor.where:
+            print(f"trials run on {executor.where}", file=sys.stderr, flush=True)
         store = CampaignStore(d)
         if (d / "manifest.json").exists():
             check_contract(spec, store.manifest())

@@ -128,6 +128,10 @@ class Executor(Protocol):
     """Runs trials and yields each one's record as it finishes (any order). Closing the generator
     early cancels what has not run; `close()` releases what the executor started."""
 
+    @property
+    def where(self) -> str:
+        """For people: the cluster and its dashboard ("" for this machine)."""
+
     def check(self, backend: str) -> None:
         """Raise ExecutorError, before anything is written, if no worker can run this backend's trials."""
 
@@ -137,6 +141,8 @@ class Executor(Protocol):
 
 
 class InlineExecutor:
+    where = ""  # this machine
+
     def check(self, backend: str) -> None:
         pass
 
@@ -157,6 +163,8 @@ def _ignore_sigint() -> None:
 class PoolExecutor:
     """Worker processes on this machine; two trials per worker are queued at a time, so an
     interrupted campaign leaves little half-run."""
+
+    where = ""
 
     def __init__(self, workers: int) -> None:
         self.pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint)
@@ -209,8 +217,9 @@ class DaskExecutor:
                 raise ExecutorError(f"cannot reach the Dask scheduler at {cluster}: {exc}") from None
 
     @property
-    def dashboard(self) -> str:
-        return str(self.client.dashboard_link or "")
+    def where(self) -> str:
+        link = self.client.dashboard_link if self.client.scheduler_info().get("services", {}).get("dashboard") else ""
+        return f"the Dask cluster {self.client.scheduler.address}" + (f" (dashboard {link})" if link else "")
 
     def check(self, backend: str) -> None:
         self._require_capable(_needs(backend), grace=WORKER_WAIT_S)
@@ -285,6 +294,7 @@ def _local_cluster(workers: int | None) -> LocalCluster:
         resources = {NETNS_RESOURCE: 1}
     except LabUnavailable:
         resources = {}
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its start-up chatter is not the campaign's
     return LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
                         host="127.0.0.1", dashboard_address="127.0.0.1:8787", resources=resources)
 
