@@ -199,3 +199,27 @@ def test_the_upgrade_of_an_established_session_is_cheaper_sealed_in_the_kernel(n
             up[mode].append(r.upgrade_ms)
             rtt.append(r.rtt_direct_p50_ms)
     assert statistics.median(up["sealed"]) <= statistics.median(up["terminated"]) - statistics.median(rtt), (up, rtt)
+
+
+def test_kernel_labs_run_in_parallel_with_the_expected_matrix(netns_ok, tmp_path):
+    """`--workers 2` on netns: two labs at once (their trials overlap in time), every cell as expected,
+    each trial's lab gone afterwards."""
+    import json
+    import subprocess
+
+    from qlab.study import campaign
+
+    spec = campaign.CampaignSpec(backend="netns", agent_nats=["full_cone", "symmetric"],
+                                 connector_nats=["public", "port_restricted", "symmetric"], trials=1, samples=5,
+                                 campaign_id="netns-par")
+    def labs() -> set[str]:
+        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return {line.split()[0] for line in listing.splitlines() if line.startswith("qlab-")}
+
+    before = labs()
+    folder = campaign.run(spec, root=tmp_path, progress=False, workers=2)
+    recs = [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
+    assert len(recs) == 6 and all(r["as_expected"] for r in recs), [(r["trial_id"], r["outcome"]) for r in recs]
+    spans = sorted((r["started_at"], r["started_at"] + r["duration_s"]) for r in recs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)), "no two labs ran at once"
+    assert labs() <= before
