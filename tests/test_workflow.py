@@ -145,6 +145,7 @@ def test_the_campaign_size_input_is_checked_before_the_report_runs():
 @pytest.mark.parametrize(("knobs", "args"), [
     ([], ""),
     (["TRIALS=7"], "--trials 7"),
+    (["TRIALS=30", "PROFILES="], "--trials 30"),  # the workflow's call on a push: no profiles given
     (["TRIALS=3", "PROFILES=wan-20ms,lan", "PRESETS=full_cone"], "--trials 3 --profile wan-20ms,lan --presets full_cone"),
 ])
 def test_make_report_passes_the_campaign_size_to_qlab_report(knobs, args):
