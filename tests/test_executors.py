@@ -4,6 +4,7 @@ trials' order; the same seeds give the same records wherever the trials ran."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -125,6 +126,18 @@ def test_kernel_lab_trials_fail_fast_on_a_cluster_without_the_netns_resource(clu
     assert err[0].startswith("qlab: no worker of the Dask cluster declares the netns resource")
     assert "--resources netns=1" in err[0]
     assert not (tmp_path / "k").exists()  # refused before anything was written
+
+
+def test_a_worker_running_other_qlab_code_stops_the_campaign_recording_nothing(cluster, tmp_path, monkeypatch):
+    address, _ = cluster
+    real = executors.TrialKit.from_here
+    monkeypatch.setattr(executors.TrialKit, "from_here",
+                        lambda backend: dataclasses.replace(real(backend), code="0" * 16))
+    s = campaign.CampaignSpec(agent_nats=["full_cone"], connector_nats=["full_cone"], trials=2, campaign_id="other")
+    with pytest.raises(executors.ExecutorError, match="runs other qlab code"):
+        campaign.run(s, root=tmp_path, progress=False, cluster=address)
+    jsonl = tmp_path / "other" / "trials.jsonl"
+    assert not jsonl.exists() or jsonl.read_text() == ""
 
 
 def test_an_unreachable_scheduler_is_one_line(tmp_path, capsys, monkeypatch):

@@ -50,6 +50,7 @@ class TrialKit:
 
     certs: tuple[tuple[str, bytes], ...]
     calibration: dict[str, Any]
+    code: str = ""  # the driver's qlab (code_digest): a worker running other code would give other records
 
     @classmethod
     def from_here(cls, backend: str) -> TrialKit:
@@ -58,7 +59,7 @@ class TrialKit:
 
         folder = Path(default_certs())
         files = tuple((p.name, p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file())
-        return cls(certs=files, calibration=active().to_dict() if backend == "sim" else {})
+        return cls(certs=files, calibration=active().to_dict() if backend == "sim" else {}, code=code_digest())
 
     def certs_dir(self) -> str:
         return _materialise(self.certs)
@@ -71,6 +72,16 @@ class TrialKit:
         from qlab.backends.sim.cost import Calibration
 
         return SimBackend(Calibration.from_dict(self.calibration))
+
+
+@cache
+def code_digest() -> str:
+    """A digest of this process's qlab sources: equal on two machines when they run the same qlab."""
+    package = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(package.rglob("*.py")):
+        h.update(p.relative_to(package).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @cache
@@ -98,6 +109,9 @@ def run_one(spec: TrialSpec, kit: TrialKit) -> dict:
 
     for name in ("qlab", "quic"):  # a worker's logs would only interleave; the record says what happened
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    if kit.code and kit.code != code_digest():
+        raise ExecutorError(f"this worker runs other qlab code ({code_digest()}) than the driver ({kit.code}); "
+                            "install the driver's qlab on every worker")
     try:
         return run_trial(spec, certs_dir=kit.certs_dir(), backend=kit.backend(spec.backend)).to_dict()
     except Exception as exc:  # a failing trial is a record, not a hole
@@ -223,6 +237,11 @@ class DaskExecutor:
 
     def check(self, backend: str) -> None:
         self._require_capable(_needs(backend), grace=WORKER_WAIT_S)
+        other = {addr: code for addr, code in self.client.run(code_digest).items() if code != code_digest()}
+        if other:
+            addr, code = next(iter(other.items()))
+            raise ExecutorError(f"{len(other)} worker(s) of the Dask cluster run other qlab code than this driver "
+                                f"(e.g. {addr}: {code}, here {code_digest()}); install the same qlab on every worker")
 
     def run(self, specs: Sequence[TrialSpec], kit: TrialKit) -> Iterator[dict]:
         from distributed import wait as dask_wait
@@ -278,6 +297,8 @@ def _needs(backend: str) -> dict[str, int]:
 def _result(future: Any, spec: TrialSpec) -> dict:
     try:
         return dict(future.result())
+    except ExecutorError:  # the worker cannot run the campaign's trials at all: stop, record nothing
+        raise
     except Exception as exc:  # e.g. KilledWorker: the trial took down every worker that tried it
         return failed_record(spec, exc)
 
