@@ -59,14 +59,15 @@ class Cluster:
             c.wait_for_workers(workers, timeout=60)
 
     def close(self) -> None:
-        for p in self.procs:
+        """Workers first: a worker whose scheduler is gone waits for it instead of exiting."""
+        for p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
         self.log.close()
 
 
