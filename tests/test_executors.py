@@ -205,3 +205,30 @@ def test_the_campaign_notebook_runs_its_trials_on_a_local_cluster(tmp_path):
         new_campaign_id="nb-dask", progress=False, cluster="local"))
     recs = _records(root / "nb-dask")
     assert len(recs) == 4 and all(r["as_expected"] for r in recs)
+
+
+def test_ctrl_c_on_a_local_cluster_keeps_what_finished_and_resume_completes_it(tmp_path):
+    """Ctrl-C reaches the whole process group, as in a terminal: exit 130 and one line, no worker's
+    traceback, no process left; `resume` on the cluster runs exactly the rest."""
+    jsonl = tmp_path / "cc" / "trials.jsonl"
+    qlab = [sys.executable, "-m", "qlab.cli"]
+    p = subprocess.Popen([*qlab, "campaign", "run", "--agent-nat", "all", "--connector-nat", "all", "--trials", "2",
+                          "--samples", "3", "--id", "cc", "--cluster", "local", "--results", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        _wait_for(lambda: jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 3, "three records", 60)
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("interrupted: every finished trial is kept")
+    _wait_for(lambda: subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True).returncode == 1,
+              "the cluster's processes to end", 30)
+    kept = len(jsonl.read_text().splitlines())
+    assert kept < 72
+    assert qlab_main(["campaign", "resume", "cc", "--cluster", "local", "--results", str(tmp_path)]) == 0
+    ids = [r["trial_id"] for r in _records(tmp_path / "cc")]
+    assert len(ids) == 72 == len(set(ids))

@@ -18,9 +18,11 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -316,8 +318,23 @@ def _local_cluster(workers: int | None) -> LocalCluster:
     except LabUnavailable:
         resources = {}
     logging.getLogger("distributed").setLevel(logging.WARNING)  # its start-up chatter is not the campaign's
-    return LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                        host="127.0.0.1", dashboard_address="127.0.0.1:8787", resources=resources)
+    with _sigint_ignored_by_children():
+        return LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                            host="127.0.0.1", dashboard_address="127.0.0.1:8787", resources=resources)
+
+
+@contextmanager
+def _sigint_ignored_by_children() -> Iterator[None]:
+    """Processes started inside inherit an ignored SIGINT: Ctrl-C is the driver's (it keeps what
+    finished and closes the cluster), not a traceback from every worker."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def make_executor(backend_parallel: bool, *, workers: int | None = None,
