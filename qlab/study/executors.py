@@ -109,8 +109,7 @@ def run_one(spec: TrialSpec, kit: TrialKit) -> dict:
     """One trial, in whichever process runs it; a trial that raises is a `failed` record."""
     from qlab.experiment.trial import run_trial
 
-    for name in ("qlab", "quic"):  # a worker's logs would only interleave; the record says what happened
-        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    logging.disable(logging.CRITICAL)  # the record says what happened; logs (asyncio's at teardown too) would interleave
     if kit.code and kit.code != code_digest():
         raise ExecutorError(f"this worker runs other qlab code ({code_digest()}) than the driver ({kit.code}); "
                             "install the driver's qlab on every worker")
