@@ -279,14 +279,16 @@ class SimHost(Node):
         self.gateway6 = spec.gateway6
         self.sockets: dict[tuple[str, int], SimSocket] = {}  # (ip or "0.0.0.0", port) -> socket
         self.port_rng = network._rng("ephemeral", spec.name)
+        # a wildcard socket's source address per destination family (IPv6 or not): the first of that
+        # family, else the first address (every datagram asks)
+        self._source = {v6: next((ip for ip in self.ips if (":" in ip) == v6), self.ips[0]) for v6 in (False, True)}
 
     def _attachments(self) -> list[Attachment]:
         return [self.iface]
 
     def source_for(self, dst_ip: str) -> str:
         """A wildcard socket's source address towards `dst_ip`: the first of the same family."""
-        v6 = ":" in dst_ip
-        return next((ip for ip in self.ips if (":" in ip) == v6), self.ips[0])
+        return self._source[":" in dst_ip]
 
     def _gateway(self, dst_ip: str) -> tuple[Attachment, str] | None:
         if ":" in dst_ip:
@@ -533,14 +535,15 @@ class SimSocket:
             src_ip = dst[0] if self._ip == "0.0.0.0" else src_ip
         self.sent += 1
         network = host.network
-        now = network.loop.time()
-        pkt = Packet((src_ip, self._port), dst, bytes(data), sent_at=now)
+        loop = network.loop
+        now = loop.time()
+        pkt = Packet((src_ip, self._port), dst, bytes(data), DEFAULT_TTL, "", now)
         leaves = now if network.cost is None else network.cost.send(now, host.name, self._classifier, pkt.data)
         if leaves <= now:
             host.output(pkt)
         else:  # the CPU protects it first
             pkt.sent_at = leaves
-            network.loop.call_at(leaves, host.output, pkt)
+            loop.call_at(leaves, host.output, pkt)
 
     def close(self) -> None:
         if not self.closed:
