@@ -94,6 +94,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     _stopping: bool
     _timer_cancelled_count: int
     _current_handle: asyncio.Handle | None
+    _closed: bool
+    _debug: bool
     _check_closed: Callable[[], None]
     _check_thread: Callable[[], None]
     _check_callback: Callable[[Callable[..., object], str], None]
@@ -121,30 +123,46 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._idle: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
     # -- one iteration: asyncio's, with waiting replaced by a jump of the clock -------------------
+    def call_soon(self, callback: Callable[[*Ts], object], *args: *Ts,
+                  context: contextvars.Context | None = None) -> asyncio.Handle:
+        if self._debug:
+            return super().call_soon(callback, *args, context=context)
+        if self._closed:  # asyncio's check and Handle, in fewer calls (every callback comes here)
+            raise RuntimeError("Event loop is closed")
+        handle = asyncio.Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
     def call_at(self, when: float, callback: Callable[[*Ts], object], *args: *Ts,
                 context: contextvars.Context | None = None) -> asyncio.TimerHandle:
         if when is None:
             raise TypeError("when cannot be None")
-        self._check_closed()
-        if self.get_debug():
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        if self._debug:
             self._check_thread()
             self._check_callback(callback, "call_at")
         timer = _Timer(when, callback, args, self, context)
-        if timer._source_traceback:
+        if self._debug and timer._source_traceback:
             del timer._source_traceback[-1]
         heapq.heappush(self._scheduled, (when, timer))
         timer._scheduled = True
         return timer
 
     def _run_once(self) -> None:
-        self._drop_cancelled()
-        scheduled, ready = self._scheduled, self._ready
+        scheduled = self._scheduled
+        if scheduled and (scheduled[0][1]._cancelled or self._timer_cancelled_count > MIN_SCHEDULED_TIMER_HANDLES / 2):
+            self._drop_cancelled()
+            scheduled = self._scheduled
+        ready = self._ready
         timeout: float | None = None
         if ready or self._stopping:
             timeout = 0
         elif scheduled:
             timeout = min(max(0, scheduled[0][0] - self._now), MAXIMUM_SELECT_TIMEOUT)
-        n = self._count_iteration()
+        n = self.iterations = self.iterations + 1
+        if self.max_iterations is not None and n > self.max_iterations:
+            raise SimulationLimitExceeded(self._too_many())
         if timeout == 0:  # busy: callbacks are ready; look at real fds only now and then
             if not n % REAL_POLL_EVERY:
                 self._poll_real(0)
@@ -155,7 +173,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             timer = heapq.heappop(scheduled)[1]
             timer._scheduled = False
             ready.append(timer)
-        debug = self.get_debug()
+        debug = self._debug
         for _ in range(len(ready)):
             handle = ready.popleft()
             if handle._cancelled:
@@ -223,14 +241,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             )
         self._now = now
 
-    def _count_iteration(self) -> int:
-        self.iterations += 1
-        if self.max_iterations is not None and self.iterations > self.max_iterations:
-            raise SimulationLimitExceeded(
-                f"more than max_iterations={self.max_iterations} loop iterations at t={self._now:.6f} "
-                "(virtual time stopped advancing: something is spinning, e.g. a loop over sleep(0))"
-            )
-        return self.iterations
+    def _too_many(self) -> str:
+        return (f"more than max_iterations={self.max_iterations} loop iterations at t={self._now:.6f} "
+                "(virtual time stopped advancing: something is spinning, e.g. a loop over sleep(0))")
 
     def _deadlock_report(self) -> str:
         tasks = [t for t in asyncio.all_tasks(self) if not t.done()]
