@@ -85,6 +85,9 @@ class BoundedQuicConnection(QuicConnection):
         for stream in self._streams.values():  # less what is received but not yet delivered in order
             consumed -= stream.receiver.highest_offset - stream.receiver.starting_offset()
         credit.value = _slid(credit.value, consumed, self._qlab_connection_window)
+        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
+        if credit.value == credit.sent and bidi.value == bidi.sent and uni.value == uni.sent:
+            return  # no limit to raise: aioquic would write no frame (and its doubling is disabled below)
         credit.used = 0  # aioquic doubles when used > value / 2: show it none
         try:
             super()._write_connection_limits(builder, space)
@@ -96,6 +99,8 @@ class BoundedQuicConnection(QuicConnection):
         if stream.max_stream_data_local and not receiver.is_finished:  # 0: a send-only stream
             stream.max_stream_data_local = _slid(
                 stream.max_stream_data_local, receiver.starting_offset(), self._qlab_stream_window)
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return  # nothing new to grant: aioquic would write no frame (and its doubling is disabled below)
         highest = receiver.highest_offset
         receiver.highest_offset = 0  # as above: no doubling
         try:
