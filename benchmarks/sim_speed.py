@@ -11,9 +11,11 @@ record (canonical JSON, without the fields that measure real time: `WALL_FIELDS`
 equal across every round of both sides.
 
     .venv/bin/python benchmarks/sim_speed.py --base /work/wt-simspeed-base [--trials 30] [--rounds 2]
+                                             [--profile wan-20ms] [--mode terminated|sealed]
 
 `--base PATH`: the old checkout (e.g. `git worktree add PATH 1f762d8`); `--new PATH`: the new one
-(default: this file's checkout). `--child ROOT` is the subprocess's own mode.
+(default: this file's checkout). `--profile` and `--mode` run the matrix on another link profile or
+in sealed mode (more paths for the identity check). `--child ROOT` is the subprocess's own mode.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def child(root: str, trials: int) -> None:
+def child(root: str, trials: int, profile: str, mode: str) -> None:
     """Run the matrix's trials here, on the qlab under `root`; print one JSON line."""
     sys.path.insert(0, root)
     import qlab
@@ -67,7 +69,7 @@ def child(root: str, trials: int) -> None:
     logging.disable(logging.CRITICAL)  # as benchmarks/matrix.py's workers
     certs = default_certs()
     cells = [(a, c) for a in PRESET_NAMES for c in PRESET_NAMES]
-    specs = [TrialSpec(backend="sim", agent_nat=a, connector_nat=c, profile="wan-20ms", seed=1000 * i + k)
+    specs = [TrialSpec(backend="sim", agent_nat=a, connector_nat=c, profile=profile, mode=mode, seed=1000 * i + k)
              for k in range(trials) for i, (a, c) in enumerate(cells)]
     wall, cpu = time.perf_counter(), time.process_time()
     records = [run_trial(s, certs_dir=certs).to_dict() for s in specs]
@@ -76,9 +78,10 @@ def child(root: str, trials: int) -> None:
                       "records": digest(canonical(records))}))
 
 
-def run_side(root: Path, trials: int) -> dict:
+def run_side(root: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(root)}
-    out = subprocess.run([sys.executable, __file__, "--child", str(root), "--trials", str(trials)], env=env,
+    out = subprocess.run([sys.executable, __file__, "--child", str(root), "--trials", str(args.trials),
+                          "--profile", args.profile, "--mode", args.mode], env=env,
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -89,10 +92,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds per side, alternating the order")
     ap.add_argument("--base", default=None, help="the old checkout")
     ap.add_argument("--new", default=str(HERE), help="the new checkout (default: this one)")
+    ap.add_argument("--profile", default="wan-20ms", help="the link profile (the matrix's: wan-20ms)")
+    ap.add_argument("--mode", default="terminated", choices=("terminated", "sealed"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.trials)
+        child(args.child, args.trials, args.profile, args.mode)
         return
     if not args.base:
         ap.error("--base PATH (the old checkout) is required")
@@ -100,15 +105,16 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"old": [], "new": []}
     for r in range(args.rounds):
         for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
-            res = run_side(sides[side], args.trials)
+            res = run_side(sides[side], args)
             runs[side].append(res)
             print(f"round {r + 1} {side}: {res['trials']} trials, wall {res['wall']:.1f} s, cpu {res['cpu']:.1f} s, "
                   f"table {res['table']}, records {res['records']}", flush=True)
-    report(runs, sides)
+    report(runs, sides, args)
 
 
-def report(runs: dict[str, list[dict]], sides: dict[str, Path]) -> None:
+def report(runs: dict[str, list[dict]], sides: dict[str, Path], args: argparse.Namespace) -> None:
     print(f"\nold: {sides['old']}\nnew: {sides['new']}")
+    print(f"36 cells x {args.trials} trials, profile {args.profile}, mode {args.mode}, one process per side and round")
     print(f"{'':<5}{'trials':>8}{'wall s':>9}{'trials/s':>10}{'cpu s':>9}{'cpu ms/trial':>14}")
     rate = {}
     for side, rs in runs.items():
