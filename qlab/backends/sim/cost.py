@@ -272,10 +272,10 @@ class ProcessingCost:
                 deliver: Callable[[], None]) -> None:
         seconds, counter = self._rx[classifier.received(data)]
         self.charged[counter] += 1
-        self.cpu(host).take_in(loop, seconds, deliver)
+        (self.cpu(host) if self.per_host else self._shared).take_in(loop, seconds, deliver)
 
     def send(self, now: float, host: str, classifier: Classifier, data: bytes) -> float:
         """When a datagram sent at `now` leaves its host."""
         seconds, counter = self._tx[classifier.sent(data)]
         self.charged[counter] += 1
-        return self.cpu(host).protect(now, seconds)
+        return (self.cpu(host) if self.per_host else self._shared).protect(now, seconds)
