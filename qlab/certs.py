@@ -216,6 +216,7 @@ class Credentials:
 # configurations (the simulator's trials: two per trial) parses each pair once. A file replaced on
 # disk has another (inode, mtime, size) and is parsed again; the cached objects are immutable.
 _CHAINS: dict[tuple[tuple[str, int, int, int, int], ...], tuple[Any, list[Any], Any]] = {}
+CHAIN_CACHE = 64
 
 
 def _load_cert_chain(cfg: QuicConfiguration, certfile: Path, keyfile: Path) -> None:
@@ -224,6 +225,8 @@ def _load_cert_chain(cfg: QuicConfiguration, certfile: Path, keyfile: Path) -> N
                 for st in (p.stat(),))
     cached = _CHAINS.get(key)
     if cached is None:
+        if len(_CHAINS) >= CHAIN_CACHE:  # many certs dirs in one process (a test suite): start over
+            _CHAINS.clear()
         cfg.load_cert_chain(certfile, keyfile)
         _CHAINS[key] = (cfg.certificate, list(cfg.certificate_chain), cfg.private_key)
         return

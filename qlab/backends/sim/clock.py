@@ -3,8 +3,8 @@
 A trial on the simulator is mostly waiting (link delays, retransmission and keepalive timers, NAT
 binding timeouts). `VirtualTimeLoop` makes that waiting free: its `time()` is a number it owns, and
 where asyncio would block in its selector for `timeout` seconds, it advances that number by
-`timeout` and goes on at once. A 30 s idle timeout then costs microseconds of wall time, and what happens depends
-only on the order of events, never on machine load. aioquic gets `now` from `loop.time()` through
+`timeout` and goes on at once. A 30 s idle timeout then costs microseconds of wall time, and what
+happens depends only on the order of events, never on machine load. aioquic gets `now` from `loop.time()` through
 its caller, so QUIC timers follow the virtual clock too.
 
 Two ways a simulation can go wrong are reported instead of hanging:
@@ -16,9 +16,10 @@ Two ways a simulation can go wrong are reported instead of hanging:
 The loop is a `SelectorEventLoop` on every OS (Windows' default Proactor loop cannot be driven this
 way). It polls its real selector (the self-pipe) with a zero timeout every `REAL_POLL_EVERY`
 iterations, and on every one while an executor job is pending, so `call_soon_threadsafe` callbacks
-(which go to the ready queue at once) and executor results still arrive. Work in an executor (`run_in_executor`) takes no virtual time: while a job is
-outstanding and nothing is ready, the loop waits for it in real time with the clock frozen. Other
-threads are not tracked: virtual time runs on without them.
+(which go to the ready queue at once) and executor results still arrive. Work in an executor
+(`run_in_executor`) takes no virtual time: while a job is outstanding and nothing is ready, the loop
+waits for it in real time with the clock frozen. Other threads are not tracked: virtual time runs
+on without them.
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def _run_once(self) -> None:
         scheduled = self._scheduled
+        # asyncio purges the heap only when over half of more than 100 timers are cancelled (so never
+        # with 50 or fewer), else pops cancelled ones off its head: nothing to do in the usual case
         if scheduled and (scheduled[0][1]._cancelled or self._timer_cancelled_count > MIN_SCHEDULED_TIMER_HANDLES / 2):
             self._drop_cancelled()
             scheduled = self._scheduled

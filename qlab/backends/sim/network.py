@@ -541,7 +541,7 @@ class SimSocket:
         if loop is None:
             loop = network.loop  # raises: no socket of this network was bound from inside a loop
         now = loop.time()
-        pkt = Packet((src_ip, self._port), dst, bytes(data), DEFAULT_TTL, "", now)
+        pkt = Packet((src_ip, self._port), dst, bytes(data), sent_at=now)
         leaves = now if network.cost is None else network.cost.send(now, host.name, self._classifier, pkt.data)
         if leaves <= now:
             host.output(pkt)
