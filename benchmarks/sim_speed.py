@@ -10,7 +10,7 @@ hash of the outcome table (agent_nat, connector_nat, outcome counts per cell) an
 record (canonical JSON, without the fields that measure real time: `WALL_FIELDS`), which must be
 equal across every round of both sides.
 
-    .venv/bin/python benchmarks/sim_speed.py --base /work/wt-simspeed-base [--trials 30] [--rounds 2]
+    .venv/bin/python benchmarks/sim_speed.py --base OLD [--trials 30] [--rounds 2]
                                              [--profile wan-20ms] [--mode terminated|sealed]
 
 `--base PATH`: the old checkout (e.g. `git worktree add PATH 1f762d8`); `--new PATH`: the new one
