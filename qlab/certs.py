@@ -21,6 +21,7 @@ import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
@@ -196,9 +197,9 @@ class Credentials:
         """A server configuration with the `leaf` certificate (intermediate or connector)."""
         cfg = quic_config(is_client=False, **kw)
         if leaf == "intermediate" and self.intermediate_tls:
-            cfg.load_cert_chain(*self.intermediate_tls)
+            _load_cert_chain(cfg, *map(Path, self.intermediate_tls))
         else:
-            cfg.load_cert_chain(self.directory / f"{leaf}.pem", self.directory / f"{leaf}.key")
+            _load_cert_chain(cfg, self.directory / f"{leaf}.pem", self.directory / f"{leaf}.key")
         return cfg
 
     def client_config(self, server_name: str, **kw) -> QuicConfiguration:
@@ -209,6 +210,28 @@ class Credentials:
             cfg.server_name = server_name
             cfg.load_verify_locations(cadata=self.ca_pem)
         return cfg
+
+
+# Parsed certificate chains and keys, by their files' identity: a process that builds many server
+# configurations (the simulator's trials: two per trial) parses each pair once. A file replaced on
+# disk has another (inode, mtime, size) and is parsed again; the cached objects are immutable.
+_CHAINS: dict[tuple[tuple[str, int, int, int, int], ...], tuple[Any, list[Any], Any]] = {}
+CHAIN_CACHE = 64
+
+
+def _load_cert_chain(cfg: QuicConfiguration, certfile: Path, keyfile: Path) -> None:
+    """`cfg.load_cert_chain(certfile, keyfile)`, from the cache when the files are unchanged."""
+    key = tuple((str(p), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size) for p in (certfile, keyfile)
+                for st in (p.stat(),))
+    cached = _CHAINS.get(key)
+    if cached is None:
+        if len(_CHAINS) >= CHAIN_CACHE:  # many certs dirs in one process (a test suite): start over
+            _CHAINS.clear()
+        cfg.load_cert_chain(certfile, keyfile)
+        _CHAINS[key] = (cfg.certificate, list(cfg.certificate_chain), cfg.private_key)
+        return
+    cfg.certificate, chain, cfg.private_key = cached
+    cfg.certificate_chain = list(chain)
 
 
 def _read_secret(path: Path) -> bytes:

@@ -19,6 +19,7 @@ from aioquic.quic.events import ConnectionTerminated
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
+from aioquic.tls import Epoch
 
 _ENDING = frozenset({QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED})
 
@@ -85,6 +86,9 @@ class BoundedQuicConnection(QuicConnection):
         for stream in self._streams.values():  # less what is received but not yet delivered in order
             consumed -= stream.receiver.highest_offset - stream.receiver.starting_offset()
         credit.value = _slid(credit.value, consumed, self._qlab_connection_window)
+        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
+        if credit.value == credit.sent and bidi.value == bidi.sent and uni.value == uni.sent:
+            return  # no limit to raise: aioquic would write no frame (and its doubling is disabled below)
         credit.used = 0  # aioquic doubles when used > value / 2: show it none
         try:
             super()._write_connection_limits(builder, space)
@@ -96,12 +100,77 @@ class BoundedQuicConnection(QuicConnection):
         if stream.max_stream_data_local and not receiver.is_finished:  # 0: a send-only stream
             stream.max_stream_data_local = _slid(
                 stream.max_stream_data_local, receiver.starting_offset(), self._qlab_stream_window)
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return  # nothing new to grant: aioquic would write no frame (and its doubling is disabled below)
         highest = receiver.highest_offset
         receiver.highest_offset = 0  # as above: no doubling
         try:
             super()._write_stream_limits(builder, space, stream)
         finally:
             receiver.highest_offset = highest
+
+
+def skip_empty_send(quic: BoundedQuicConnection, now: float) -> bool:
+    """If `quic.datagrams_to_send(now)` would build no packet, do instead the one thing it would do
+    (its pacing bookkeeping) and return True; else False, and the caller calls it. About half of an
+    endpoint's transmits follow a packet that needs no answer yet (an ACK, a DATAGRAM whose ACK is
+    delayed): this costs them a few reads instead of a packet build."""
+    if not sends_nothing(quic, now):
+        return False
+    # datagrams_to_send resets the pacing time to what the pacer says (no ACK is due: see sends_nothing)
+    quic._pacing_at = quic._loss._pacer.next_send_time(now=now)
+    return True
+
+
+def sends_nothing(quic: BoundedQuicConnection, now: float) -> bool:
+    """Whether `quic.datagrams_to_send(now)` would build no packet and change nothing but its pacing
+    bookkeeping; False when unsure. What it checks is everything aioquic's builder writes on a
+    confirmed connection (`_write_application`, then the probes of other paths), with the limits as
+    `BoundedQuicConnection` grants them: nothing due, pending or to grant, no stream to discard.
+    tests/test_sim_speed_identity.py checks it against `datagrams_to_send` in whole trials."""
+    # private: none of this state is exposed. The usual reasons to send come first (a DATAGRAM
+    # queued, an ACK due): most transmits that do send are told in two reads.
+    if quic._datagrams_pending or quic._state != QuicConnectionState.CONNECTED:
+        return False
+    ack_at = quic._spaces[Epoch.ONE_RTT].ack_at
+    paths = quic._network_paths
+    if ((ack_at is not None and ack_at <= now) or not paths or quic._close_pending
+            or not (quic._handshake_complete and quic._handshake_confirmed)
+            or quic._handshake_done_pending or quic._ping_pending or quic._probe_pending
+            or quic._retire_connection_ids or quic._streams_blocked_pending
+            or (quic._is_client and quic._remote_preferred_address is not None)
+            or not quic._cryptos[Epoch.ONE_RTT].send.is_valid()
+            or not quic._crypto_streams[Epoch.ONE_RTT].sender.buffer_is_empty):
+        return False
+    for path in paths:  # a PATH_CHALLENGE or PATH_RESPONSE to send, on the active path or a probed one
+        if path.remote_challenges or not (path.is_validated or path.local_challenge_sent):
+            return False
+    for cid in quic._host_cids:
+        if not cid.was_sent:
+            return False
+    for stream in quic._streams_queue:
+        if (stream.is_finished or stream.receiver.stop_pending or stream.sender.reset_pending
+                or not (stream.is_blocked or stream.sender.buffer_is_empty)):
+            return False
+    return _grants_nothing(quic)
+
+
+def _grants_nothing(quic: BoundedQuicConnection) -> bool:
+    """Whether `BoundedQuicConnection` would raise no limit (and so change none) in the next packet."""
+    credit, bidi, uni = quic._local_max_data, quic._local_max_streams_bidi, quic._local_max_streams_uni
+    consumed = credit.used
+    for stream in quic._streams.values():
+        consumed -= stream.receiver.highest_offset - stream.receiver.starting_offset()
+    if not (credit.sent == credit.value == _slid(credit.value, consumed, quic._qlab_connection_window)
+            and bidi.value == bidi.sent and uni.value == uni.sent):
+        return False
+    for stream in quic._streams.values():
+        local = stream.max_stream_data_local
+        if local and not stream.receiver.is_finished:
+            local = _slid(local, stream.receiver.starting_offset(), quic._qlab_stream_window)
+        if not stream.max_stream_data_local_sent == stream.max_stream_data_local == local:
+            return False
+    return True
 
 
 def _slid(granted: int, consumed: int, window: int) -> int:

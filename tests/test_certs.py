@@ -86,3 +86,22 @@ def test_a_failed_init_replaces_nothing_and_leaves_no_temp_file(tmp_path, monkey
     with pytest.raises(OSError, match="No space"):
         init_dir(d, force=True)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before, "the old CA, keys and secrets are intact"
+
+
+def test_server_configs_share_a_parsed_chain_until_the_files_change(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    from qlab.certs import Credentials, init_dir
+
+    d = init_dir(tmp_path / "c")
+    creds = Credentials.load(d)
+    first, second = creds.server_config("connector"), creds.server_config("connector")
+    assert first is not second and first.certificate is second.certificate
+    assert first.certificate_chain is not second.certificate_chain  # a list each: nothing shared to mutate
+
+    def pem(cfg) -> bytes:
+        return cfg.certificate.public_bytes(serialization.Encoding.PEM)
+
+    assert pem(first) == (d / "connector.pem").read_bytes()
+    init_dir(d, force=True)  # new files in their place: parsed again
+    assert pem(creds.server_config("connector")) == (d / "connector.pem").read_bytes() != pem(first)

@@ -2,9 +2,9 @@
 
 A trial on the simulator is mostly waiting (link delays, retransmission and keepalive timers, NAT
 binding timeouts). `VirtualTimeLoop` makes that waiting free: its `time()` is a number it owns, and
-its selector, instead of blocking for `timeout` seconds, advances that number by `timeout` and
-returns at once. A 30 s idle timeout then costs microseconds of wall time, and what happens depends
-only on the order of events, never on machine load. aioquic gets `now` from `loop.time()` through
+where asyncio would block in its selector for `timeout` seconds, it advances that number by
+`timeout` and goes on at once. A 30 s idle timeout then costs microseconds of wall time, and what
+happens depends only on the order of events, never on machine load. aioquic gets `now` from `loop.time()` through
 its caller, so QUIC timers follow the virtual clock too.
 
 Two ways a simulation can go wrong are reported instead of hanging:
@@ -14,20 +14,26 @@ Two ways a simulation can go wrong are reported instead of hanging:
   iterations (a livelock such as a task spinning on `sleep(0)`, or a timer that keeps rescheduling).
 
 The loop is a `SelectorEventLoop` on every OS (Windows' default Proactor loop cannot be driven this
-way). Its selector polls a real selector with a zero timeout, so `call_soon_threadsafe` and executor
-results still arrive. Work in an executor (`run_in_executor`) takes no virtual time: while a job is
-outstanding and nothing is ready, the loop waits for it in real time with the clock frozen. Other
-threads are not tracked: virtual time runs on without them.
+way). It polls its real selector (the self-pipe) with a zero timeout every `REAL_POLL_EVERY`
+iterations, and on every one while an executor job is pending, so `call_soon_threadsafe` callbacks
+(which go to the ready queue at once) and executor results still arrive. Work in an executor
+(`run_in_executor`) takes no virtual time: while a job is outstanding and nothing is ready, the loop
+waits for it in real time with the clock frozen. Other threads are not tracked: virtual time runs
+on without them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextvars
+import heapq
 import random
 import selectors
 import threading
-from collections.abc import Callable, Coroutine, Mapping
+import traceback
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, TypeVarTuple
 
 T = TypeVar("T")
@@ -36,8 +42,12 @@ Ts = TypeVarTuple("Ts")
 DEFAULT_MAX_TIME = 7 * 24 * 3600.0  # virtual seconds per loop; a week is far beyond any trial
 DEFAULT_MAX_ITERATIONS = 50_000_000  # loop iterations per loop; ~minutes of wall time
 EXTERNAL_WAIT = 60.0  # wall seconds the clock stays frozen waiting for an executor job
-REAL_POLL_EVERY = 64  # while callbacks are ready, poll real fds (self-pipe) every this many iterations
+REAL_POLL_EVERY = 64  # with no executor job pending, poll real fds (self-pipe) every this many iterations
 CLOCK_RESOLUTION = 1e-9  # timers within 1 ns of "now" are due (absorbs float rounding of jumps)
+# asyncio's own (base_events): the longest select() wait, and when its timer heap drops cancelled timers
+MAXIMUM_SELECT_TIMEOUT = 24 * 3600
+MIN_SCHEDULED_TIMER_HANDLES = 100
+MIN_CANCELLED_FRACTION = 0.5
 
 
 class SimulationError(RuntimeError):
@@ -52,53 +62,18 @@ class SimulationLimitExceeded(SimulationError):
     """The run passed its bound on virtual time or loop iterations."""
 
 
-class _VirtualSelector(selectors.BaseSelector):
-    """A selector that never blocks: a wait of `timeout` becomes a jump of the virtual clock.
+class _Timer(asyncio.TimerHandle):
+    """A timer of the virtual loop. Its heap entry is `(when, timer)`: tuples compare their floats in
+    C, and on a tie compare the timers, whose identity equality (not TimerHandle's, which compares
+    callbacks and arguments) sends the tuple to `__lt__`, false on equal times. So the heap orders
+    exactly as asyncio's heap of TimerHandles does, ties included, at a fraction of the cost."""
 
-    Registrations go to a real selector (the loop's self-pipe lives there), which is polled with a
-    zero timeout on every iteration.
-    """
-
-    def __init__(self) -> None:
-        self._real = selectors.DefaultSelector()
-        self.loop: VirtualTimeLoop | None = None
-
-    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self._real.register(fileobj, events, data)
-
-    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._real.unregister(fileobj)
-
-    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self._real.modify(fileobj, events, data)
-
-    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
-        return self._real.get_map()
-
-    def close(self) -> None:
-        self._real.close()
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        loop = self.loop
-        assert loop is not None, "selector used before its loop was attached"
-        n = loop._count_iteration()
-        if timeout == 0 and n % REAL_POLL_EVERY:
-            return []  # busy: callbacks are ready; look at real fds only now and then
-        ready = self._real.select(0)
-        if ready or timeout == 0:
-            return ready
-        if loop._idle:  # this instant is done: its idle callbacks run before the clock moves
-            loop._run_idle()
-            return []
-        if loop._external_jobs:
-            # An executor job runs in real time and takes no virtual time: wait for it, clock frozen.
-            ready = self._real.select(EXTERNAL_WAIT)
-            if ready:
-                return ready
-        if timeout is None:
-            raise SimulationDeadlock(loop._deadlock_report())
-        loop._advance(timeout)
-        return []
+    __slots__ = ()
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+    # TimerHandle's own, which typeshed does not declare
+    _scheduled: bool
+    _source_traceback: traceback.StackSummary | None
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
@@ -107,7 +82,25 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     `start` is the clock's value at creation. `max_time` bounds how far the clock may run past
     `start` and `max_iterations` how many loop iterations may run; `None` disables a bound. `seed`
     feeds `self.rng`, a `random.Random` for simulation code that has no seed of its own.
+
+    It runs asyncio's own iteration (`BaseEventLoop._run_once`, same order of callbacks and timers)
+    with the waiting replaced by a jump of the clock, written out here so that an iteration costs
+    little: timers sit in a heap of `(when, timer)` tuples (see `_Timer`) and the real selector (the
+    self-pipe, executor results) is polled only now and then while nothing outside is pending.
     """
+
+    # asyncio's own, which typeshed does not declare
+    _scheduled: list[tuple[float, _Timer]]  # the timer heap, here of (when, timer) entries
+    _ready: collections.deque[asyncio.Handle]
+    _stopping: bool
+    _timer_cancelled_count: int
+    _current_handle: asyncio.Handle | None
+    _closed: bool
+    _debug: bool
+    _check_closed: Callable[[], None]
+    _check_thread: Callable[[], None]
+    _check_callback: Callable[[Callable[..., object], str], None]
+    _process_events: Callable[[list[tuple[selectors.SelectorKey, int]]], None]
 
     def __init__(
         self,
@@ -117,9 +110,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         max_iterations: int | None = DEFAULT_MAX_ITERATIONS,
         seed: int | str | None = 0,
     ) -> None:
-        selector = _VirtualSelector()
-        super().__init__(selector)
-        selector.loop = self
+        self._real = selectors.DefaultSelector()  # the self-pipe lives here
+        super().__init__(self._real)
         self._clock_resolution = CLOCK_RESOLUTION
         self._now = float(start)
         self._start = float(start)
@@ -130,6 +122,109 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._external_jobs = 0
         self._external_lock = threading.Lock()
         self._idle: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    # -- one iteration: asyncio's, with waiting replaced by a jump of the clock -------------------
+    def call_soon(self, callback: Callable[[*Ts], object], *args: *Ts,
+                  context: contextvars.Context | None = None) -> asyncio.Handle:
+        if self._debug:
+            return super().call_soon(callback, *args, context=context)
+        if self._closed:  # asyncio's check and Handle, in fewer calls (every callback comes here)
+            raise RuntimeError("Event loop is closed")
+        handle = asyncio.Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
+    def call_at(self, when: float, callback: Callable[[*Ts], object], *args: *Ts,
+                context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+        if when is None:
+            raise TypeError("when cannot be None")
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        if self._debug:
+            self._check_thread()
+            self._check_callback(callback, "call_at")
+        timer = _Timer(when, callback, args, self, context)
+        if self._debug and timer._source_traceback:
+            del timer._source_traceback[-1]
+        heapq.heappush(self._scheduled, (when, timer))
+        timer._scheduled = True
+        return timer
+
+    def _run_once(self) -> None:
+        scheduled = self._scheduled
+        # asyncio purges the heap only when over half of more than 100 timers are cancelled (so never
+        # with 50 or fewer), else pops cancelled ones off its head: nothing to do in the usual case
+        if scheduled and (scheduled[0][1]._cancelled or self._timer_cancelled_count > MIN_SCHEDULED_TIMER_HANDLES / 2):
+            self._drop_cancelled()
+            scheduled = self._scheduled
+        ready = self._ready
+        timeout: float | None = None
+        if ready or self._stopping:
+            timeout = 0
+        elif scheduled:
+            timeout = min(max(0, scheduled[0][0] - self._now), MAXIMUM_SELECT_TIMEOUT)
+        n = self.iterations = self.iterations + 1
+        if self.max_iterations is not None and n > self.max_iterations:
+            raise SimulationLimitExceeded(self._too_many())
+        if timeout == 0:  # busy: callbacks are ready; look at real fds only now and then
+            if not n % REAL_POLL_EVERY:
+                self._poll_real(0)
+        else:
+            self._wait(timeout, n)
+        end_time = self._now + self._clock_resolution
+        while scheduled and scheduled[0][0] < end_time:
+            timer = heapq.heappop(scheduled)[1]
+            timer._scheduled = False
+            ready.append(timer)
+        debug = self._debug
+        for _ in range(len(ready)):
+            handle = ready.popleft()
+            if handle._cancelled:
+                continue
+            if debug:  # a callback takes no virtual time: asyncio's slow-callback warning cannot fire
+                self._current_handle = handle
+            handle._run()
+        self._current_handle = None
+
+    def _drop_cancelled(self) -> None:
+        """asyncio's clean-up of cancelled timers, at the same moments (the heap's shape decides the
+        order of equal times)."""
+        scheduled = self._scheduled
+        count = len(scheduled)
+        if count > MIN_SCHEDULED_TIMER_HANDLES and self._timer_cancelled_count / count > MIN_CANCELLED_FRACTION:
+            kept = []
+            for entry in scheduled:
+                if entry[1]._cancelled:
+                    entry[1]._scheduled = False
+                else:
+                    kept.append(entry)
+            heapq.heapify(kept)
+            self._scheduled = kept
+            self._timer_cancelled_count = 0
+            return
+        while scheduled and scheduled[0][1]._cancelled:
+            self._timer_cancelled_count -= 1
+            heapq.heappop(scheduled)[1]._scheduled = False
+
+    def _wait(self, timeout: float | None, n: int) -> None:
+        """Nothing is ready: outside events, then this instant's idle callbacks, then an executor
+        job (waited for in real time, the clock frozen), else the clock jumps to the next timer."""
+        if (self._external_jobs or not n % REAL_POLL_EVERY) and self._poll_real(0):
+            return
+        if self._idle:  # this instant is done: its idle callbacks run before the clock moves
+            self._run_idle()
+            return
+        if self._external_jobs and self._poll_real(EXTERNAL_WAIT):
+            return
+        if timeout is None:
+            raise SimulationDeadlock(self._deadlock_report())
+        self._advance(timeout)
+
+    def _poll_real(self, timeout: float) -> bool:
+        events = self._real.select(timeout)
+        if events:
+            self._process_events(events)
+        return bool(events)
 
     # -- the clock ----------------------------------------------------------------------------
     def time(self) -> float:
@@ -149,14 +244,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             )
         self._now = now
 
-    def _count_iteration(self) -> int:
-        self.iterations += 1
-        if self.max_iterations is not None and self.iterations > self.max_iterations:
-            raise SimulationLimitExceeded(
-                f"more than max_iterations={self.max_iterations} loop iterations at t={self._now:.6f} "
-                "(virtual time stopped advancing: something is spinning, e.g. a loop over sleep(0))"
-            )
-        return self.iterations
+    def _too_many(self) -> str:
+        return (f"more than max_iterations={self.max_iterations} loop iterations at t={self._now:.6f} "
+                "(virtual time stopped advancing: something is spinning, e.g. a loop over sleep(0))")
 
     def _deadlock_report(self) -> str:
         tasks = [t for t in asyncio.all_tasks(self) if not t.done()]

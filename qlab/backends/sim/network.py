@@ -114,7 +114,8 @@ class Wire:
         if p.delay_ms == 0 and p.jitter_ms == 0 and p.rate_mbit is None:
             self.sink(pkt)
             return
-        loop = self.network.loop
+        loop = self.network._loop  # set: a packet exists only once a socket was bound
+        assert loop is not None
         t = loop.time()
         if p.rate_mbit is not None:
             assert self._rate is not None  # the profile setter made it
@@ -139,7 +140,8 @@ class Wire:
             self._timer_at = arrival
 
     def _fire(self) -> None:
-        loop = self.network.loop
+        loop = self.network._loop
+        assert loop is not None
         due_by = loop.time() + CLOCK_RESOLUTION
         heap = self._heap
         due: list[Packet] = []
@@ -279,14 +281,16 @@ class SimHost(Node):
         self.gateway6 = spec.gateway6
         self.sockets: dict[tuple[str, int], SimSocket] = {}  # (ip or "0.0.0.0", port) -> socket
         self.port_rng = network._rng("ephemeral", spec.name)
+        # a wildcard socket's source address per destination family (IPv6 or not): the first of that
+        # family, else the first address (every datagram asks)
+        self._source = {v6: next((ip for ip in self.ips if (":" in ip) == v6), self.ips[0]) for v6 in (False, True)}
 
     def _attachments(self) -> list[Attachment]:
         return [self.iface]
 
     def source_for(self, dst_ip: str) -> str:
         """A wildcard socket's source address towards `dst_ip`: the first of the same family."""
-        v6 = ":" in dst_ip
-        return next((ip for ip in self.ips if (":" in ip) == v6), self.ips[0])
+        return self._source[":" in dst_ip]
 
     def _gateway(self, dst_ip: str) -> tuple[Attachment, str] | None:
         if ":" in dst_ip:
@@ -327,7 +331,7 @@ class SimHost(Node):
     # -- packets ------------------------------------------------------------------------------
     def output(self, pkt: Packet) -> None:
         self.network._count_send(self.name, pkt)
-        if self.is_blocked(pkt.dst):
+        if self.blocked and self.is_blocked(pkt.dst):
             self.network._drop(self.name, "blocked", pkt)
             return
         dst_ip = pkt.dst[0]
@@ -346,7 +350,7 @@ class SimHost(Node):
         if ip not in self.ips:
             self.network._drop(self.name, "not_for_host", pkt)
             return
-        if self.is_blocked(pkt.src):
+        if self.blocked and self.is_blocked(pkt.src):
             self.network._drop(self.name, "blocked", pkt)
             return
         sock = self.sockets.get((ip, port)) or self.sockets.get(("0.0.0.0", port))
@@ -387,7 +391,7 @@ class SimRouter(Node):
         if pkt.ttl <= 0:
             self.network._drop(self.name, "ttl", pkt)
             return
-        if self.is_blocked(pkt.src, pkt.dst):
+        if self.blocked and self.is_blocked(pkt.src, pkt.dst):
             self.network._drop(self.name, "blocked", pkt)
             return
         if ":" in pkt.dst[0]:
@@ -438,7 +442,7 @@ class SimRouter(Node):
                 self.network._drop(self.name, res.value, pkt)
                 return
             pkt.src, pkt.dst = res
-            if self.is_blocked(pkt.src, pkt.dst):
+            if self.blocked and self.is_blocked(pkt.src, pkt.dst):
                 self.network._drop(self.name, "blocked", pkt)
                 return
             self.network._count(self.name, "hairpinned")
@@ -480,7 +484,7 @@ class SimRouter(Node):
             self.network._drop(self.name, inside.value, pkt)
             return
         pkt.dst, pkt.src = inside
-        if self.is_blocked(pkt.dst):
+        if self.blocked and self.is_blocked(pkt.dst):
             self.network._drop(self.name, "blocked", pkt)
             return
         self._send(pkt)
@@ -533,14 +537,17 @@ class SimSocket:
             src_ip = dst[0] if self._ip == "0.0.0.0" else src_ip
         self.sent += 1
         network = host.network
-        now = network.loop.time()
+        loop = network._loop
+        if loop is None:
+            loop = network.loop  # raises: no socket of this network was bound from inside a loop
+        now = loop.time()
         pkt = Packet((src_ip, self._port), dst, bytes(data), sent_at=now)
         leaves = now if network.cost is None else network.cost.send(now, host.name, self._classifier, pkt.data)
         if leaves <= now:
             host.output(pkt)
         else:  # the CPU protects it first
             pkt.sent_at = leaves
-            network.loop.call_at(leaves, host.output, pkt)
+            loop.call_at(leaves, host.output, pkt)
 
     def close(self) -> None:
         if not self.closed:
