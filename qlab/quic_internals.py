@@ -128,26 +128,23 @@ def sends_nothing(quic: BoundedQuicConnection, now: float) -> bool:
     confirmed connection (`_write_application`, then the probes of other paths), with the limits as
     `BoundedQuicConnection` grants them: nothing due, pending or to grant, no stream to discard.
     tests/test_sim_speed_identity.py checks it against `datagrams_to_send` in whole trials."""
-    # private: none of this state is exposed. The usual reasons to send come first (a DATAGRAM
-    # queued, an ACK due): most transmits that do send are told in two reads.
-    if quic._datagrams_pending or quic._state != QuicConnectionState.CONNECTED:
-        return False
-    ack_at = quic._spaces[Epoch.ONE_RTT].ack_at
+    # private: none of this state is exposed
     paths = quic._network_paths
-    if ((ack_at is not None and ack_at <= now) or not paths or quic._close_pending
+    if (quic._state != QuicConnectionState.CONNECTED or not paths or quic._close_pending
             or not (quic._handshake_complete and quic._handshake_confirmed)
-            or quic._handshake_done_pending or quic._ping_pending or quic._probe_pending
+            or quic._handshake_done_pending or quic._ping_pending or quic._probe_pending or quic._datagrams_pending
             or quic._retire_connection_ids or quic._streams_blocked_pending
             or (quic._is_client and quic._remote_preferred_address is not None)
             or not quic._cryptos[Epoch.ONE_RTT].send.is_valid()
             or not quic._crypto_streams[Epoch.ONE_RTT].sender.buffer_is_empty):
         return False
-    for path in paths:  # a PATH_CHALLENGE or PATH_RESPONSE to send, on the active path or a probed one
-        if path.remote_challenges or not (path.is_validated or path.local_challenge_sent):
-            return False
-    for cid in quic._host_cids:
-        if not cid.was_sent:
-            return False
+    ack_at = quic._spaces[Epoch.ONE_RTT].ack_at
+    if ack_at is not None and ack_at <= now:
+        return False
+    if any(p.remote_challenges or not (p.is_validated or p.local_challenge_sent) for p in paths):
+        return False  # a PATH_CHALLENGE or PATH_RESPONSE to send, on the active path or a probed one
+    if any(not cid.was_sent for cid in quic._host_cids):
+        return False
     for stream in quic._streams_queue:
         if (stream.is_finished or stream.receiver.stop_pending or stream.sender.reset_pending
                 or not (stream.is_blocked or stream.sender.buffer_is_empty)):
