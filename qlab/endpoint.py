@@ -678,10 +678,7 @@ class Endpoint:
         sendto = self.sock.sendto
         tunnels, tunnel_host = self.tunnels, wire.TUNNEL_HOST
         n = 0
-        now = loop.time()
-        quic = conn.quic
-        empty = isinstance(quic, qi.BoundedQuicConnection) and qi.skip_empty_send(quic, now)
-        for data, addr in () if empty else quic.datagrams_to_send(now=now):
+        for data, addr in conn.quic.datagrams_to_send(now=loop.time()):
             if addr[0] == tunnel_host:  # never to the socket, also once the tunnel is closed
                 send = tunnels.get(addr)
                 if send is None:

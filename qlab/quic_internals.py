@@ -19,7 +19,6 @@ from aioquic.quic.events import ConnectionTerminated
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
-from aioquic.tls import Epoch
 
 _ENDING = frozenset({QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED})
 
@@ -108,66 +107,6 @@ class BoundedQuicConnection(QuicConnection):
             super()._write_stream_limits(builder, space, stream)
         finally:
             receiver.highest_offset = highest
-
-
-def skip_empty_send(quic: BoundedQuicConnection, now: float) -> bool:
-    """If `quic.datagrams_to_send(now)` would build no packet, do instead the one thing it would do
-    (its pacing bookkeeping) and return True; else False, and the caller calls it. About half of an
-    endpoint's transmits follow a packet that needs no answer yet (an ACK, a DATAGRAM whose ACK is
-    delayed): this costs them a few reads instead of a packet build."""
-    if not sends_nothing(quic, now):
-        return False
-    # datagrams_to_send resets the pacing time to what the pacer says (no ACK is due: see sends_nothing)
-    quic._pacing_at = quic._loss._pacer.next_send_time(now=now)
-    return True
-
-
-def sends_nothing(quic: BoundedQuicConnection, now: float) -> bool:
-    """Whether `quic.datagrams_to_send(now)` would build no packet and change nothing but its pacing
-    bookkeeping; False when unsure. What it checks is everything aioquic's builder writes on a
-    confirmed connection (`_write_application`, then the probes of other paths), with the limits as
-    `BoundedQuicConnection` grants them: nothing due, pending or to grant, no stream to discard.
-    tests/test_sim_speed_identity.py checks it against `datagrams_to_send` in whole trials."""
-    # private: none of this state is exposed
-    paths = quic._network_paths
-    if (quic._state != QuicConnectionState.CONNECTED or not paths or quic._close_pending
-            or not (quic._handshake_complete and quic._handshake_confirmed)
-            or quic._handshake_done_pending or quic._ping_pending or quic._probe_pending or quic._datagrams_pending
-            or quic._retire_connection_ids or quic._streams_blocked_pending
-            or (quic._is_client and quic._remote_preferred_address is not None)
-            or not quic._cryptos[Epoch.ONE_RTT].send.is_valid()
-            or not quic._crypto_streams[Epoch.ONE_RTT].sender.buffer_is_empty):
-        return False
-    ack_at = quic._spaces[Epoch.ONE_RTT].ack_at
-    if ack_at is not None and ack_at <= now:
-        return False
-    if any(p.remote_challenges or not (p.is_validated or p.local_challenge_sent) for p in paths):
-        return False  # a PATH_CHALLENGE or PATH_RESPONSE to send, on the active path or a probed one
-    if any(not cid.was_sent for cid in quic._host_cids):
-        return False
-    for stream in quic._streams_queue:
-        if (stream.is_finished or stream.receiver.stop_pending or stream.sender.reset_pending
-                or not (stream.is_blocked or stream.sender.buffer_is_empty)):
-            return False
-    return _grants_nothing(quic)
-
-
-def _grants_nothing(quic: BoundedQuicConnection) -> bool:
-    """Whether `BoundedQuicConnection` would raise no limit (and so change none) in the next packet."""
-    credit, bidi, uni = quic._local_max_data, quic._local_max_streams_bidi, quic._local_max_streams_uni
-    consumed = credit.used
-    for stream in quic._streams.values():
-        consumed -= stream.receiver.highest_offset - stream.receiver.starting_offset()
-    if not (credit.sent == credit.value == _slid(credit.value, consumed, quic._qlab_connection_window)
-            and bidi.value == bidi.sent and uni.value == uni.sent):
-        return False
-    for stream in quic._streams.values():
-        local = stream.max_stream_data_local
-        if local and not stream.receiver.is_finished:
-            local = _slid(local, stream.receiver.starting_offset(), quic._qlab_stream_window)
-        if not stream.max_stream_data_local_sent == stream.max_stream_data_local == local:
-            return False
-    return True
 
 
 def _slid(granted: int, consumed: int, window: int) -> int:
