@@ -11,6 +11,7 @@ broken input, so a check that passes means something.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -151,8 +152,11 @@ def test_the_campaign_size_input_is_checked_before_the_report_runs():
 def test_make_report_passes_the_campaign_size_to_qlab_report(knobs, args):
     """`make report TRIALS=N` is `qlab report --trials N`: the campaigns run N trials per cell and
     the notebooks (papermill parameters: the campaigns' ids) read N from their manifests."""
-    proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", "report", *knobs], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    # as a make of its own: under `make test` the inherited MAKEFLAGS/MAKELEVEL would add
+    # "make[1]: Entering directory" lines and the parent's variables
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "report", *knobs], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [".venv/bin/qlab", "report", *args.split()], proc.stdout
 
