@@ -264,9 +264,23 @@ def new_session_key() -> bytes:
     return secrets.token_bytes(wire.KEY_LEN)
 
 
+def cache_dir() -> Path:
+    """qlab's folder in the user's cache directory."""
+    return Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "qlab"
+
+
+def copy_dir(directory: str | os.PathLike, files: dict[str, bytes]) -> Path:
+    """A copy of a certificate folder's files (from another machine) in `directory`, private to
+    this user: keys and secrets 0600, certificates 0644, each written atomically."""
+    d = Path(directory)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write(d, {name: (data, 0o644 if name.endswith(".pem") else 0o600) for name, data in files.items()})
+    return d
+
+
 def default_certs() -> str:
     """The lab's own CA for trials (created once under the user's cache directory)."""
-    d = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qlab", "lab-certs")
+    d = str(cache_dir() / "lab-certs")
     if not os.path.exists(os.path.join(d, "secret")):
         with contextlib.suppress(FileExistsError):
             init_dir(d)

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -88,20 +87,13 @@ def code_digest() -> str:
 
 @cache
 def _materialise(certs: tuple[tuple[str, bytes], ...]) -> str:
-    """The kit's certificates as a private folder of this machine, written once per process."""
-    digest = hashlib.sha256(repr(certs).encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / f"qlab-certs-{os.getuid()}-{digest}"
-    if not (folder / ".complete").exists():
-        staging = Path(tempfile.mkdtemp(prefix="qlab-certs-"))
-        for name, data in certs:
-            (staging / name).write_bytes(data)
-        (staging / ".complete").touch()
-        try:
-            staging.rename(folder)
-        except OSError:  # another worker of this machine wrote it first
-            for p in staging.iterdir():
-                p.unlink()
-            staging.rmdir()
+    """The kit's certificates as a folder of this user's cache, named by their digest (so a copy
+    already there is the same), written once per process."""
+    from qlab.certs import cache_dir, copy_dir
+
+    folder = cache_dir() / f"kit-certs-{hashlib.sha256(repr(certs).encode()).hexdigest()[:16]}"
+    if not all((folder / name).is_file() for name, _ in certs):
+        copy_dir(folder, dict(certs))
     return str(folder)
 
 

@@ -40,8 +40,9 @@ Samples = dict[str, list[float]]
 
 def calibration_file() -> Path:
     """Where `qlab sim calibrate` stores this user's calibration."""
-    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-    return Path(cache) / "qlab" / "sim-calibration.json"
+    from qlab.certs import cache_dir
+
+    return cache_dir() / "sim-calibration.json"
 
 
 def load(path: str | os.PathLike) -> Calibration:
