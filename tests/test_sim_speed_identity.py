@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+
+import pytest
 
 from qlab.experiment.record import TrialSpec
 from qlab.experiment.trial import run_trial
@@ -41,5 +44,8 @@ def digest() -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:16]
 
 
+# measured: the same seeds give other records on Python 3.12 (asyncio orders some events otherwise),
+# with the code before the speed-ups as with the code after
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the hash was taken on Python 3.11")
 def test_records_equal_those_before_the_speed_ups() -> None:
     assert digest() == GOLDEN

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -77,9 +78,13 @@ class TrialKit:
 
 @cache
 def code_digest() -> str:
-    """A digest of this process's qlab sources: equal on two machines when they run the same qlab."""
+    """A digest of this process's qlab sources, Python minor version and aioquic version: equal on
+    two machines when they give the same sim records (the same seed on Python 3.11 and 3.12 does not:
+    asyncio orders some events differently)."""
+    import aioquic
+
     package = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"python {sys.version_info[0]}.{sys.version_info[1]}, aioquic {aioquic.__version__}\0".encode())
     for p in sorted(package.rglob("*.py")):
         h.update(p.relative_to(package).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
@@ -104,7 +109,7 @@ def run_one(spec: TrialSpec, kit: TrialKit) -> dict:
     logging.disable(logging.CRITICAL)  # the record says what happened; logs (asyncio's at teardown too) would interleave
     if kit.code and kit.code != code_digest():
         raise ExecutorError(f"this worker runs other qlab code ({code_digest()}) than the driver ({kit.code}); "
-                            "install the driver's qlab on every worker")
+                            "install the driver's qlab, Python minor version and aioquic on every worker")
     try:
         return run_trial(spec, certs_dir=kit.certs_dir(), backend=kit.backend(spec.backend)).to_dict()
     except Exception as exc:  # a failing trial is a record, not a hole
@@ -234,7 +239,8 @@ class DaskExecutor:
         if other:
             addr, code = next(iter(other.items()))
             raise ExecutorError(f"{len(other)} worker(s) of the Dask cluster run other qlab code than this driver "
-                                f"(e.g. {addr}: {code}, here {code_digest()}); install the same qlab on every worker")
+                                f"(e.g. {addr}: {code}, here {code_digest()}); install the same qlab, Python minor version and "
+                                f"aioquic on every worker")
 
     def run(self, specs: Sequence[TrialSpec], kit: TrialKit) -> Iterator[dict]:
         from distributed import wait as dask_wait
