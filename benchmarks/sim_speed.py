@@ -10,7 +10,13 @@ hash of the outcome table (agent_nat, connector_nat, outcome counts per cell) an
 record (canonical JSON, without the fields that measure real time: `WALL_FIELDS`), which must be
 equal across every round of both sides.
 
-    .venv/bin/python benchmarks/sim_speed.py --base OLD [--trials 30] [--rounds 2]
+`--share N` also measures, after each side's timed rounds, how much of a trial's CPU is aioquic's own
+work: N trials per cell again, with process-time clocks around every call into `QuicConnection`'s
+API (less the clocks' own cost, measured on an empty method). That work is the same on both sides
+(the same packets, built and read by the same aioquic), so it bounds what any change outside aioquic
+can reach: if everything else cost nothing, old CPU / aioquic CPU.
+
+    .venv/bin/python benchmarks/sim_speed.py --base OLD [--trials 30] [--rounds 2] [--share 1]
                                              [--profile wan-20ms] [--mode terminated|sealed]
 
 `--base PATH`: the old checkout (e.g. `git worktree add PATH 1f762d8`); `--new PATH`: the new one
@@ -29,7 +35,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parents[1]
 # what differs between two runs of one seed on the same code: when it ran and its random id
@@ -55,7 +63,44 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def child(root: str, trials: int, profile: str, mode: str) -> None:
+# every QuicConnection method qlab calls (tests/test_sim_speed_identity.py does not depend on them)
+AIOQUIC_API = ("receive_datagram", "datagrams_to_send", "connect", "handle_timer", "get_timer", "send_datagram_frame",
+               "send_stream_data", "next_event", "close", "change_connection_id", "get_next_available_stream_id",
+               "get_peer_address")
+
+
+def clock_aioquic() -> dict[str, float]:
+    """Wrap QuicConnection's API in process-time clocks; returns the running total (`cpu`, `calls`)
+    and the clocks' own cost per call (`bias`, measured on an empty method wrapped the same way)."""
+    from aioquic.quic.connection import QuicConnection
+
+    total = {"cpu": 0.0, "calls": 0.0, "bias": 0.0}
+    inside = [False]  # a call from inside another is already on the clock
+
+    def clocked(f: Callable[..., Any]) -> Callable[..., Any]:
+        def call(self: object, *args: Any, **kwargs: Any) -> Any:
+            if inside[0]:
+                return f(self, *args, **kwargs)
+            inside[0], t = True, time.process_time()
+            try:
+                return f(self, *args, **kwargs)
+            finally:
+                total["cpu"] += time.process_time() - t
+                total["calls"] += 1
+                inside[0] = False
+        return call
+
+    empty = clocked(lambda self: None)
+    n = 200_000
+    for _ in range(n):
+        empty(None)
+    total["bias"], total["cpu"], total["calls"] = total["cpu"] / n, 0.0, 0.0
+    for name in AIOQUIC_API:
+        setattr(QuicConnection, name, clocked(getattr(QuicConnection, name)))
+    return total
+
+
+def child(root: str, trials: int, profile: str, mode: str, share: int) -> None:
     """Run the matrix's trials here, on the qlab under `root`; print one JSON line."""
     sys.path.insert(0, root)
     import qlab
@@ -74,14 +119,21 @@ def child(root: str, trials: int, profile: str, mode: str) -> None:
     wall, cpu = time.perf_counter(), time.process_time()
     records = [run_trial(s, certs_dir=certs).to_dict() for s in specs]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(json.dumps({"trials": len(records), "wall": wall, "cpu": cpu, "table": digest(outcome_table(records)),
-                      "records": digest(canonical(records))}))
+    out = {"trials": len(records), "wall": wall, "cpu": cpu, "table": digest(outcome_table(records)),
+           "records": digest(canonical(records))}
+    if share:
+        clocked = clock_aioquic()
+        again = [s for s in specs if s.seed % 1000 < share]
+        for s in again:
+            run_trial(s, certs_dir=certs)
+        out["aioquic_ms"] = 1000 * (clocked["cpu"] - clocked["calls"] * clocked["bias"]) / len(again)
+    print(json.dumps(out))
 
 
 def run_side(root: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, __file__, "--child", str(root), "--trials", str(args.trials),
-                          "--profile", args.profile, "--mode", args.mode], env=env,
+                          "--profile", args.profile, "--mode", args.mode, "--share", str(args.share)], env=env,
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -94,10 +146,11 @@ def main() -> None:
     ap.add_argument("--new", default=str(HERE), help="the new checkout (default: this one)")
     ap.add_argument("--profile", default="wan-20ms", help="the link profile (the matrix's: wan-20ms)")
     ap.add_argument("--mode", default="terminated", choices=("terminated", "sealed"))
+    ap.add_argument("--share", type=int, default=0, help="also measure aioquic's CPU per trial on N trials per cell")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.trials, args.profile, args.mode)
+        child(args.child, args.trials, args.profile, args.mode, args.share)
         return
     if not args.base:
         ap.error("--base PATH (the old checkout) is required")
@@ -123,6 +176,8 @@ def report(runs: dict[str, list[dict]], sides: dict[str, Path], args: argparse.N
         print(f"{side:<5}{n:>8}{wall:>9.1f}{n / wall:>10.2f}{cpu:>9.1f}{1000 * cpu / n:>14.1f}")
     print(f"new/old trials/s: {rate['new'][0] / rate['old'][0]:.2f} x (wall), "
           f"{rate['new'][1] / rate['old'][1]:.2f} x (cpu)")
+    if args.share:
+        report_share(runs)
     all_runs = runs["old"] + runs["new"]
     same_table = len({r["table"] for r in all_runs}) == 1
     same_records = len({r["records"] for r in all_runs}) == 1
@@ -130,6 +185,17 @@ def report(runs: dict[str, list[dict]], sides: dict[str, Path], args: argparse.N
           f"{', '.join(WALL_FIELDS)} byte-identical: {'yes' if same_records else 'NO'}")
     if not (same_table and same_records):
         raise SystemExit(1)
+
+
+def report_share(runs: dict[str, list[dict]]) -> None:
+    """aioquic's CPU per trial on each side, and the most any change outside aioquic could give."""
+    inside = {side: sum(r["aioquic_ms"] for r in rs) / len(rs) for side, rs in runs.items()}
+    per_trial = {side: 1000 * sum(r["cpu"] for r in rs) / sum(r["trials"] for r in rs) for side, rs in runs.items()}
+    for side in runs:
+        print(f"{side}: aioquic's own CPU {inside[side]:.1f} ms of {per_trial[side]:.1f} ms per trial "
+              f"({inside[side] / per_trial[side]:.0%})")
+    print(f"bound, everything but aioquic at zero cost: old cpu / aioquic cpu = "
+          f"{per_trial['old'] / inside['new']:.2f} x; 2x needs <= {per_trial['old'] / 2:.1f} ms per trial")
 
 
 if __name__ == "__main__":

@@ -62,16 +62,19 @@ def test_probe_on_loopback_records_field_trials(loopback_deployment, certs_dir, 
 
 
 def test_probe_against_nothing_records_a_failed_trial(certs_dir, tmp_path):
-    """No Intermediate listening: the trial is a `failed` record with the reason, within bounds."""
+    """No Intermediate listening: the trial is a `failed` record with the reason, within the setup
+    window (2 s here, the probe's `--setup-window`) and a little."""
     from qlab.study.field import ProbeSpec, Target, probe
     from qlab.study.results import load
 
     d = probe(ProbeSpec(intermediate=("127.0.0.1", free_udp_port()), certs=str(certs_dir), classify=False,
-                        targets=[Target("echo", "symmetric")], agent_nat="full_cone", trials=1, campaign_id="dead"),
+                        targets=[Target("echo", "symmetric")], agent_nat="full_cone", trials=1, campaign_id="dead",
+                        setup_window=2.0),
               root=tmp_path)
     df = load(d.name, root=tmp_path)
     assert list(df["outcome"]) == ["failed"] and df["error"][0], df.to_dict("records")
     assert df["expected"][0] == "D>" and not df["as_expected"][0]
+    assert 2.0 <= df["duration_s"][0] < 6.0, df["duration_s"][0]
 
 
 def test_probe_mirrors_results_to_s3(loopback_deployment, certs_dir, tmp_path, monkeypatch):

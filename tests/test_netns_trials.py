@@ -15,6 +15,9 @@ from tests.test_traversal import CELL_OUTCOME, skipped_by_policy
 
 CELLS = [(a, c) for a in PRESET_NAMES for c in PRESET_NAMES]
 EIM = {"public", "full_cone", "restricted_cone", "port_restricted"}
+# kernel trials per cell: a cell's outcome does not depend on the seed (the simulator's matrix test
+# runs three per cell, the parallel-labs test six more in the kernel)
+SEEDS = (1, 2)
 RESULTS: dict[str, dict[tuple[str, str], list]] = {"netns": {}, "sim": {}}
 
 
@@ -26,7 +29,7 @@ def trial(backend: str, a: str, c: str, seed: int, **kw):
 @pytest.mark.parametrize("agent_nat,connector_nat", CELLS, ids=[f"{a}-{c}" for a, c in CELLS])
 def test_matrix_cell_on_netns(netns_ok, agent_nat, connector_nat):
     runs = []
-    for seed in (1, 2, 3):
+    for seed in SEEDS:
         r = trial("netns", agent_nat, connector_nat, seed)
         assert r.error == "", r.error
         assert r.outcome != "failed", f"every trial must end connected: {r.reason}"
@@ -80,11 +83,11 @@ def test_simulator_agrees_with_the_kernel(netns_ok):
     (20-60 ms at wan-20ms) or a lost punch round (hundreds of ms) still lands outside."""
     for a, c in CELLS:  # the matrix test's results when it ran in this session, else measured here
         if (a, c) not in RESULTS["netns"]:
-            RESULTS["netns"][(a, c)] = [trial("netns", a, c, seed) for seed in (1, 2, 3)]
+            RESULTS["netns"][(a, c)] = [trial("netns", a, c, seed) for seed in SEEDS]
     mismatch = []
     figures: dict[str, dict[str, list[float]]] = {"sim": {}, "netns": {}}
     for a, c in CELLS:
-        runs = {"sim": [trial("sim", a, c, seed) for seed in (1, 2, 3)], "netns": RESULTS["netns"][(a, c)]}
+        runs = {"sim": [trial("sim", a, c, seed) for seed in SEEDS], "netns": RESULTS["netns"][(a, c)]}
         if {r.outcome for r in runs["sim"]} != {r.outcome for r in runs["netns"]}:
             mismatch.append((a, c, sorted({r.outcome for r in runs["sim"]}), sorted({r.outcome for r in runs["netns"]})))
         if a in EIM and c in EIM:

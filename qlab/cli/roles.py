@@ -169,6 +169,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         echo_interval=args.echo_interval / 1000, punch_timeout=args.punch_timeout, campaign_id=args.campaign or "",
         label=args.label, host=args.host or "", upload=args.upload or "", region=args.region or "", bind=args.bind,
         intermediate_name=args.intermediate_name or "",
+        **({"setup_window": args.setup_window} if args.setup_window is not None else {}),
     )
     counts: dict[str, int] = {}
 
@@ -251,6 +252,8 @@ def _register_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=positive_int, default=20, help="echo samples per path")
     p.add_argument("--echo-interval", type=non_negative_float, default=20.0, help="ms between echo probes")
     p.add_argument("--punch-timeout", type=non_negative_float, default=3.0, help="seconds")
+    p.add_argument("--setup-window", type=non_negative_float, default=None,
+                   help="seconds to reach the Intermediate before a trial is recorded as failed (default 20)")
     p.add_argument("--campaign", default=None, help="campaign id (default: time, label and host)")
     p.add_argument("--results", default=None, help=RESULTS_HELP)
     p.add_argument("--label", default="field", choices=("field", "aws"), help="the backend recorded")

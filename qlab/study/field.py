@@ -23,7 +23,7 @@ from pathlib import Path
 
 from qlab.certs import Credentials
 from qlab.experiment.record import TrialResult, TrialSpec, error_text
-from qlab.experiment.trial import AgentSide, side_result, trial_traversal_config
+from qlab.experiment.trial import SETUP_WINDOW, AgentSide, side_result, trial_traversal_config
 from qlab.experiment.trial import off_loop as _off_loop
 from qlab.nat.spec import PRESET_NAMES
 from qlab.nat.spec import expected_or_unknown as expected_for
@@ -68,6 +68,7 @@ class ProbeSpec:
     samples: int = 20
     echo_interval: float = 0.02
     punch_timeout: float = 3.0
+    setup_window: float = SETUP_WINDOW  # seconds to reach the Intermediate (handshakes retried within it)
     campaign_id: str = ""
     label: str = "field"
     host: str = ""  # who ran it; trial ids start with it, so several hosts can share a campaign
@@ -83,6 +84,8 @@ class ProbeSpec:
             raise ValueError("at least one target (Connector service) is needed")
         if not 1 <= self.trials <= 10000:
             raise ValueError("trials per target must be between 1 and 10000")
+        if not 1.0 <= self.setup_window <= 600.0:
+            raise ValueError("the setup window must be between 1 and 600 seconds")
         if self.agent_nat and self.agent_nat not in (*PRESET_NAMES, *FIELD_NATS):
             raise ValueError(f"unknown agent NAT {self.agent_nat!r}")
         if self.upload and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?$", self.upload):
@@ -112,7 +115,7 @@ async def classify_here(intermediate: tuple[str, int], creds: Credentials, bind:
 
 
 async def field_trial(spec: TrialSpec, creds: Credentials, intermediate: tuple[str, int], service: str,
-                      bind: str = "0.0.0.0") -> TrialResult:
+                      bind: str = "0.0.0.0", setup_window: float = SETUP_WINDOW) -> TrialResult:
     """One trial from this machine: the same Agent side as in the labs, on a real socket."""
     from qlab.net import RealNet
 
@@ -121,7 +124,7 @@ async def field_trial(spec: TrialSpec, creds: Credentials, intermediate: tuple[s
     side, error = None, ""
     try:
         side = AgentSide(RealNet(), creds, intermediate, spec, trial_traversal_config(spec), service=service,
-                         bind=bind)
+                         bind=bind, connect_window=setup_window)
         await side.run()
     except Exception as exc:  # a failing trial is a result too
         log.warning("trial %s failed: %s", spec.trial_id, exc)
@@ -178,7 +181,7 @@ async def _probe(ps: ProbeSpec, root, on_result) -> Path:
             spec = TrialSpec(backend=ps.label, agent_nat=agent_nat, connector_nat=t.connector_nat, profile="internet",
                              scenario=t.scenario, samples=ps.samples, echo_interval=ps.echo_interval,
                              punch_timeout=ps.punch_timeout, trial_id=tid, campaign_id=ps.campaign_id)
-            rec = (await field_trial(spec, creds, ps.intermediate, t.service, ps.bind)).to_dict()
+            rec = (await field_trial(spec, creds, ps.intermediate, t.service, ps.bind, ps.setup_window)).to_dict()
             rec["extra"] = {**rec["extra"], "host": ps.host, "service": t.service,
                             "agent_nat_source": manifest["agent_nat_source"]}
             store.append(rec)
