@@ -90,8 +90,9 @@ def test_interrupted_campaign_keeps_finished_trials_and_resumes(tmp_path):
 
 def test_a_failing_trial_is_recorded_not_dropped(tmp_path):
     from qlab.experiment.record import TrialSpec
+    from qlab.study.executors import failed_record
 
-    rec = campaign.failed_record(TrialSpec(trial_id="x", campaign_id="c"), RuntimeError("lab exploded"))
+    rec = failed_record(TrialSpec(trial_id="x", campaign_id="c"), RuntimeError("lab exploded"))
     store = results.CampaignStore(tmp_path / "c")
     store.append(rec)
     df = store.write_tables()

@@ -29,13 +29,11 @@ from qlab.experiment.record import MODES, TrialSpec
 from qlab.nat.firewall6 import PRESET6_NAMES
 from qlab.nat.spec import cell_expected, parse_presets
 from qlab.scenario.profiles import profile as get_profile
-from qlab.study.executors import TrialKit, failed_record, make_executor
+from qlab.study.executors import TrialKit, make_executor
 from qlab.study.results import CampaignStore, campaign_dir, check_id, find_campaign
 
 if TYPE_CHECKING:
     from distributed import Client
-
-__all__ = ["CampaignSpec", "ManifestMismatch", "check_contract", "failed_record", "resume", "run"]
 
 log = logging.getLogger("qlab.study.campaign")
 
@@ -178,18 +176,11 @@ def _record_in_order(records: Iterator[dict], todo: list[TrialSpec], store: Camp
                      on_result: Callable[[dict], None] | None) -> None:
     """Append records in the trials' order as they come in (a trial that finished early waits in
     memory for those before it); whatever waits when the run stops is appended anyway, so nothing
-    that finished is lost, and a trial id is never written twice."""
+    that finished is lost. Each trial id is appended once: it leaves `waiting` when written, and
+    `order` holds it once."""
     order = [t.trial_id for t in todo]
     waiting: dict[str, dict] = {}
-    written: set[str] = set()
     nxt = 0
-
-    def append(rec: dict) -> None:
-        if rec["trial_id"] in written:
-            return
-        written.add(rec["trial_id"])
-        store.append(rec)
-
     try:
         for rec in records:
             waiting[rec["trial_id"]] = rec
@@ -197,14 +188,14 @@ def _record_in_order(records: Iterator[dict], todo: list[TrialSpec], store: Camp
             if on_result:
                 on_result(rec)
             while nxt < len(order) and order[nxt] in waiting:
-                append(waiting.pop(order[nxt]))
+                store.append(waiting.pop(order[nxt]))
                 nxt += 1
     finally:
         if isinstance(records, Generator):
             records.close()  # cancels what has not run
         for tid in order[nxt:]:
             if tid in waiting:
-                append(waiting.pop(tid))
+                store.append(waiting.pop(tid))
 
 
 def check_contract(spec: CampaignSpec, manifest: dict) -> None:
