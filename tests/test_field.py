@@ -63,7 +63,8 @@ def test_probe_on_loopback_records_field_trials(loopback_deployment, certs_dir, 
 
 def test_probe_against_nothing_records_a_failed_trial(certs_dir, tmp_path):
     """No Intermediate listening: the trial is a `failed` record with the reason, within the setup
-    window (2 s here, the probe's `--setup-window`) and a little."""
+    window (2 s here, the probe's `--setup-window`), well before the default window's 20 s (the
+    slack is for a loaded machine)."""
     from qlab.study.field import ProbeSpec, Target, probe
     from qlab.study.results import load
 
@@ -74,7 +75,7 @@ def test_probe_against_nothing_records_a_failed_trial(certs_dir, tmp_path):
     df = load(d.name, root=tmp_path)
     assert list(df["outcome"]) == ["failed"] and df["error"][0], df.to_dict("records")
     assert df["expected"][0] == "D>" and not df["as_expected"][0]
-    assert 2.0 <= df["duration_s"][0] < 6.0, df["duration_s"][0]
+    assert 2.0 <= df["duration_s"][0] < 12.0, df["duration_s"][0]
 
 
 def test_probe_mirrors_results_to_s3(loopback_deployment, certs_dir, tmp_path, monkeypatch):
